@@ -1,0 +1,3 @@
+"""qru: quantization-robust LLM unlearning."""
+
+__version__ = "0.1.0"
