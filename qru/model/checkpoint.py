@@ -1,0 +1,272 @@
+"""Hugging Face checkpoint layout: ``config.json`` plus ``model.safetensors`` or shards with
+``model.safetensors.index.json``.
+
+Reading memory-maps each file and validates its header against the file size, so a
+truncated or corrupt file is named in the error instead of crashing later. Writing goes
+to a staging directory and is renamed into place.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import mmap
+import os
+import re
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import save_file
+
+from qru.model.config import DTYPES, LlamaConfig, atomic_write_text
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+             "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read as asked. The message names the file or tensor."""
+
+
+# -- safetensors reading ------------------------------------------------------------------
+
+def read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """The parsed JSON header and the byte offset where tensor data starts."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100_000_000:
+            raise CheckpointError(f"{path}: corrupt safetensors header (header length {n}, file {size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    start = 8 + n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = ST_DTYPES[info["dtype"]]
+            begin, end = info["data_offsets"]
+            shape = info["shape"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
+        need = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        if end - begin != need:
+            raise CheckpointError(f"{path}: tensor {name!r} spans {end - begin} bytes, its shape "
+                                  f"{shape} and dtype {info['dtype']} need {need}")
+        if start + end > size:
+            raise CheckpointError(f"{path}: truncated file: tensor {name!r} ends at byte {start + end} "
+                                  f"but the file has {size} bytes")
+    return header, start
+
+
+def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Memory-map a safetensors file: the tensors share pages with the file (copy-on-write)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"safetensors file not found: {path}")
+    header, start = read_safetensors_header(path)
+    out: dict[str, torch.Tensor] = {}
+    if len(header) == (1 if "__metadata__" in header else 0):
+        return out
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype, (begin, end) = ST_DTYPES[info["dtype"]], info["data_offsets"]
+        n = math.prod(info["shape"])
+        if n == 0:
+            out[name] = torch.empty(info["shape"], dtype=dtype)
+            continue
+        t = torch.frombuffer(mm, dtype=dtype, count=n, offset=start + begin)
+        out[name] = t.view(info["shape"])
+    return out
+
+
+def checkpoint_files(path: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a checkpoint directory, in index order."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {path}")
+    index = path / INDEX
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: malformed index ({e})") from None
+        files = list(dict.fromkeys(weight_map.values()))
+        for f in files:
+            if not (path / f).exists():
+                raise CheckpointError(f"{index}: lists shard {f!r}, which is missing from {path}")
+        return [path / f for f in files]
+    if (path / SINGLE).exists():
+        return [path / SINGLE]
+    raise FileNotFoundError(f"{path}: no {SINGLE} or {INDEX}")
+
+
+def iter_shards(path: str | os.PathLike) -> Iterator[tuple[Path, dict[str, torch.Tensor]]]:
+    """Yield ``(file, tensors)`` one shard at a time (memory-mapped), for streaming transforms."""
+    for f in checkpoint_files(path):
+        yield f, load_safetensors(f)
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory, memory-mapped."""
+    sd: dict[str, torch.Tensor] = {}
+    for f, tensors in iter_shards(path):
+        dup = sd.keys() & tensors.keys()
+        if dup:
+            raise CheckpointError(f"{f}: tensor {sorted(dup)[0]!r} also appears in another shard")
+        sd.update(tensors)
+    return sd
+
+
+# -- writing ------------------------------------------------------------------------------
+
+def parse_size(size: int | str) -> int:
+    """``"2GB"``, ``"500MB"``, ``"10KiB"`` or an int, in bytes."""
+    if isinstance(size, int):
+        if size <= 0:
+            raise ValueError(f"max_shard_size must be positive, got {size}")
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", str(size).upper())
+    if not m:
+        raise ValueError(f"cannot parse size {size!r} (expected e.g. '2GB', '500MB')")
+    unit = m.group(2) or "B"
+    base = 1024 if "I" in unit else 1000
+    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0] if unit != "B" else "B"]
+    return int(float(m.group(1)) * base ** power)
+
+
+@contextlib.contextmanager
+def staged_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a staging directory beside ``final``; on success its files replace those in
+    ``final`` (a fresh ``final`` is renamed into place whole); on failure it is removed and
+    ``final`` is untouched."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    try:
+        yield stage
+        if not final.exists():
+            os.replace(stage, final)
+            return
+        new = {p.name for p in stage.iterdir()}
+        # Shards left from an earlier save with another shard count would shadow the index.
+        if any(n.startswith("model") and n.endswith(".safetensors") for n in new):
+            for old in final.glob("model*.safetensors"):
+                if old.name not in new:
+                    old.unlink()
+            if INDEX not in new and (final / INDEX).exists():
+                (final / INDEX).unlink()
+        for p in sorted(stage.iterdir(), key=lambda p: p.name == INDEX):  # index last
+            os.replace(p, final / p.name)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def save_state_dict(sd: dict[str, torch.Tensor], path: str | os.PathLike, max_shard_size: int | str = "2GB",
+                    metadata: dict[str, str] | None = None, extra_files: dict[str, str] | None = None) -> None:
+    """Write tensors in HF's (sharded) safetensors layout, atomically."""
+    limit = parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    used = 0
+    for name, t in sd.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and used + nbytes > limit:
+            shards.append({})
+            used = 0
+        shards[-1][name] = t.detach().to("cpu").contiguous()
+        used += nbytes
+    meta = {"format": "pt", **(metadata or {})}
+    with staged_dir(path) as stage:
+        if len(shards) == 1:
+            save_file(shards[0], str(stage / SINGLE), metadata=meta)
+        else:
+            n = len(shards)
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                fname = f"model-{i:05d}-of-{n:05d}.safetensors"
+                save_file(shard, str(stage / fname), metadata=meta)
+                weight_map.update({k: fname for k in shard})
+            total = sum(t.numel() * t.element_size() for t in sd.values())
+            (stage / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
+                                                   "weight_map": weight_map}, indent=2))
+        for fname, text in (extra_files or {}).items():
+            (stage / fname).write_text(text)
+
+
+def save_pretrained(model, path: str | os.PathLike, max_shard_size: int | str = "2GB") -> None:
+    """``config.json`` plus safetensors, tied ``lm_head.weight`` omitted as HF does."""
+    sd = dict(model.state_dict())
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    dtype = next(iter(sd.values())).dtype
+    name = {v: k for k, v in DTYPES.items()}.get(dtype, model.config.torch_dtype)
+    cfg = model.config.replace(torch_dtype=name)
+    save_state_dict(sd, path, max_shard_size,
+                    extra_files={"config.json": json.dumps(cfg.to_dict(), indent=2) + "\n"})
+
+
+# -- model loading ------------------------------------------------------------------------
+
+def _names(keys, k=5) -> str:
+    keys = sorted(keys)
+    return ", ".join(map(repr, keys[:k])) + (f" and {len(keys) - k} more" if len(keys) > k else "")
+
+
+def assert_finite(name: str, t: torch.Tensor, where: str = "") -> None:
+    """Raise naming the tensor if it holds NaN or Inf."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise CheckpointError(f"{where}tensor {name!r} has {bad} non-finite value(s) (NaN or Inf)")
+
+
+def load_pretrained(cls, path, dtype=None, device="cpu", check_finite: bool = True):
+    """Build ``cls`` on the meta device and assign the checkpoint's tensors to it."""
+    path = Path(path)
+    config = LlamaConfig.from_json(path / "config.json") if path.is_dir() else None
+    if config is None:
+        raise FileNotFoundError(f"checkpoint directory not found: {path}")
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {list(DTYPES)}")
+        dtype = DTYPES[dtype]
+    dtype = dtype or config.dtype
+    sd = load_state_dict(path)
+    with torch.device("meta"):
+        model = cls(config)
+    expected = model.state_dict()
+    if config.tie_word_embeddings and "lm_head.weight" not in sd:
+        sd["lm_head.weight"] = sd.get("model.embed_tokens.weight")
+    missing = expected.keys() - sd.keys()
+    unexpected = sd.keys() - expected.keys()
+    if missing:
+        raise CheckpointError(f"{path}: missing tensor(s) {_names(missing)}")
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected tensor(s) {_names(unexpected)}")
+    for name, ref in expected.items():
+        t = sd[name]
+        if tuple(t.shape) != tuple(ref.shape):
+            raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, the config "
+                                  f"expects {tuple(ref.shape)}")
+        if check_finite:
+            assert_finite(name, t, f"{path}: ")
+        sd[name] = t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
+    model.load_state_dict(sd, assign=True, strict=True)
+    model.tie_weights()
+    model.config = config.replace(torch_dtype={v: k for k, v in DTYPES.items()}[dtype])
+    return model

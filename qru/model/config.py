@@ -1,0 +1,234 @@
+"""``LlamaConfig``: a dataclass whose field names are Hugging Face ``config.json`` keys.
+
+Reads both the transformers v4 layout (``torch_dtype``, ``rope_theta``, ``rope_scaling``)
+and the v5 layout (``dtype``, ``rope_parameters``); writes the v4 layout, which both read.
+Unknown keys are kept in ``extra``, reported with a warning, and written back.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+ROPE_TYPES = ("default", "linear", "llama3")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Keys HF writes that carry no meaning for this implementation; accepted silently.
+_KNOWN_INERT = {"architectures", "model_type", "transformers_version", "use_cache", "pretraining_tp",
+                "initializer_range", "attention_dropout", "hidden_act", "_name_or_path", "output_attentions",
+                "output_hidden_states", "return_dict", "dtype", "rope_parameters"}
+
+
+class ConfigError(ValueError):
+    """A malformed or inconsistent model config. The message names the field."""
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = None
+    torch_dtype: str | None = "float32"
+    initializer_range: float = 0.02
+    quantization_config: dict | None = None
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None and self.num_attention_heads:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        self.validate()
+
+    # -- checks ------------------------------------------------------------------------
+    def validate(self) -> None:
+        for name in REQUIRED + ("num_key_value_heads", "head_dim", "max_position_embeddings"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"config field {name!r} must be a positive integer, got {v!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"config field 'num_key_value_heads'={self.num_key_value_heads} does not divide "
+                f"'num_attention_heads'={self.num_attention_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(f"config field 'head_dim'={self.head_dim} must be even for RoPE")
+        if not (isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0):
+            raise ConfigError(f"config field 'rms_norm_eps' must be > 0, got {self.rms_norm_eps!r}")
+        if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
+            raise ConfigError(f"config field 'rope_theta' must be > 0, got {self.rope_theta!r}")
+        if self.hidden_act != "silu":
+            raise ConfigError(f"config field 'hidden_act'={self.hidden_act!r} is not supported (only 'silu')")
+        if self.torch_dtype is not None and self.torch_dtype not in DTYPES:
+            raise ConfigError(f"config field 'torch_dtype'={self.torch_dtype!r} is not one of {list(DTYPES)}")
+        if self.rope_scaling is not None:
+            self._validate_rope_scaling()
+
+    def _validate_rope_scaling(self) -> None:
+        rs = self.rope_scaling
+        if not isinstance(rs, dict):
+            raise ConfigError(f"config field 'rope_scaling' must be an object, got {rs!r}")
+        kind = rs.get("rope_type", rs.get("type"))
+        if kind not in ROPE_TYPES:
+            raise ConfigError(f"config field 'rope_scaling': unknown rope type {kind!r} "
+                              f"(supported: {', '.join(ROPE_TYPES)})")
+        needs = {"linear": ("factor",),
+                 "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+        for k in needs.get(kind, ()):
+            if k not in rs:
+                raise ConfigError(f"config field 'rope_scaling' of type {kind!r} is missing {k!r}")
+
+    # -- derived -----------------------------------------------------------------------
+    @property
+    def rope_type(self) -> str:
+        if not self.rope_scaling:
+            return "default"
+        return self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.torch_dtype or "float32"]
+
+    def num_parameters(self) -> int:
+        h, i, L, v = self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.vocab_size
+        q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        per_layer = h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h
+        return v * h * (1 if self.tie_word_embeddings else 2) + L * per_layer + h
+
+    # -- I/O ---------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "LlamaConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
+        d = dict(d)
+        missing = [k for k in REQUIRED if k not in d]
+        if missing:
+            raise ConfigError(f"{source}: missing required key(s) {', '.join(map(repr, missing))}")
+        if d.get("model_type", "llama") != "llama":
+            raise ConfigError(f"{source}: 'model_type'={d['model_type']!r}, expected 'llama'")
+        # transformers v5 layout
+        rp = d.pop("rope_parameters", None)
+        if isinstance(rp, dict):
+            rp = dict(rp)
+            if "rope_theta" in rp:
+                d.setdefault("rope_theta", rp.pop("rope_theta"))
+            if rp.get("rope_type", rp.get("type", "default")) != "default" and d.get("rope_scaling") is None:
+                d["rope_scaling"] = rp
+        if "dtype" in d and "torch_dtype" not in d:
+            d["torch_dtype"] = d["dtype"]
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kwargs = {k: v for k, v in d.items() if k in names}
+        unknown = {k: v for k, v in d.items() if k not in names and k not in _KNOWN_INERT}
+        if unknown:
+            warnings.warn(f"{source}: unknown key(s) kept but not used: {', '.join(sorted(unknown))}")
+        try:
+            return cls(**kwargs, extra=unknown)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+        except TypeError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "LlamaConfig":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.exists():
+            raise FileNotFoundError(f"model config not found: {path}")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: malformed JSON ({e})") from None
+        return cls.from_dict(d, source=str(path))
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        if d["quantization_config"] is None:
+            del d["quantization_config"]
+        d.update(self.extra)
+        d.update(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu")
+        return dict(sorted(d.items()))
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def replace(self, **changes) -> "LlamaConfig":
+        return dataclasses.replace(self, **changes)
+
+    # -- presets -----------------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "LlamaConfig":
+        """Named sizes: ``tiny`` (tests), ``small`` (demo), ``llama2-7b`` (shapes only)."""
+        presets = {
+            "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
+            "small": dict(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                          num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024),
+            "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                              num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                              max_position_embeddings=4096, rms_norm_eps=1e-5, torch_dtype="bfloat16"),
+        }
+        if name not in presets:
+            raise ConfigError(f"unknown config preset {name!r} (known: {', '.join(presets)})")
+        return cls(**{**presets[name], **overrides})
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file in the same directory and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
+    """Inverse frequencies (fp32, head_dim/2) with HF's rope_scaling rules."""
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    kind = cfg.rope_type
+    if kind == "linear":
+        inv = inv / cfg.rope_scaling["factor"]
+    elif kind == "llama3":
+        rs = cfg.rope_scaling
+        factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+        old = rs["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old / lo, old / hi
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv = torch.where(medium, smoothed, scaled)
+    return inv

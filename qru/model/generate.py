@@ -1,0 +1,135 @@
+"""Batched generation with a static KV cache: greedy or sampled (temperature, top-p), left
+padding, early exit on EOS and on stop strings."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+
+def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits (B, V). Top-p follows HF: keep the
+    smallest set of most likely tokens whose probability mass reaches ``top_p``."""
+    if not do_sample:
+        return logits.argmax(-1)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    logits = logits.float() / temperature
+    if top_p < 1.0:
+        sorted_logits, idx = logits.sort(dim=-1, descending=False)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cum <= 1 - top_p
+        remove[:, -1] = False
+        logits = logits.masked_fill(remove.scatter(1, idx, remove), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
+                 top_p: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
+                 pad_token_id: int | None = None, generator: torch.Generator | None = None,
+                 use_cache: bool = True,
+                 should_stop: Callable[[int, torch.Tensor], bool] | None = None) -> torch.Tensor:
+    """Return (B, T + n) ids: the prompt followed by up to ``max_new_tokens`` new tokens.
+
+    Rows that finished (EOS, or ``should_stop(row, new_ids)`` true) are filled with
+    ``pad_token_id`` (default: the first EOS id, else 0). Without the cache every step
+    re-runs the whole sequence (slow; used as the oracle in tests).
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    B, T = input_ids.shape
+    dev = input_ids.device
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(dev).long()
+    eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    eos_t = torch.tensor(eos, device=dev, dtype=torch.long)
+    out = input_ids.new_full((B, max_new_tokens), pad)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    cache = model.new_cache(B, T + max_new_tokens) if use_cache else None
+    ids, cur_mask = input_ids, mask
+    n = 0
+    for step in range(max_new_tokens):
+        if cache is not None:
+            logits = model(ids, attention_mask=cur_mask, cache=cache, num_logits=1)[:, -1]
+        else:
+            full = torch.cat([input_ids, out[:, :step]], dim=1)
+            logits = model(full, attention_mask=cur_mask, num_logits=1)[:, -1]
+        nxt = sample_next(logits, do_sample, temperature, top_p, generator)
+        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        out[:, step] = nxt
+        n = step + 1
+        if eos:
+            done |= torch.isin(nxt, eos_t)
+        if should_stop is not None:
+            for r in (~done).nonzero().flatten().tolist():
+                if should_stop(r, out[r, :n]):
+                    done[r] = True
+        if bool(done.all()):
+            break
+        ids = nxt[:, None]
+        cur_mask = torch.cat([cur_mask, torch.ones_like(nxt)[:, None]], dim=1)
+    return torch.cat([input_ids, out[:, :n]], dim=1)
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """``text`` up to the earliest occurrence of any stop string."""
+    cut = len(text)
+    for s in stop:
+        i = text.find(s)
+        if i != -1:
+            cut = min(cut, i)
+    return text[:cut]
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32,
+             stop: Sequence[str] = (), batch_size: int = 16, add_bos: bool = True,
+             max_prompt_len: int | None = None, progress: bool = False, **sampling) -> list[str]:
+    """Decoded continuations (prompt excluded) for each prompt, cut at the first stop string.
+
+    Prompts are sorted by length so each batch pads little, then returned in input order.
+    """
+    if len(prompts) == 0:
+        return []
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    encoded = [tokenizer.encode(p, bos=add_bos, eos=False) for p in prompts]
+    limit = max_prompt_len or (model.config.max_position_embeddings - max_new_tokens)
+    encoded = [e[-limit:] if limit > 0 else e for e in encoded]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    results: list[str] = [""] * len(prompts)
+    eos = sampling.pop("eos_token_id", tokenizer.eos_id)
+    batches = range(0, len(order), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="generate", unit="batch")
+    dev = model.device
+    for start in batches:
+        idx = order[start:start + batch_size]
+        width = max(len(encoded[i]) for i in idx)
+        ids = torch.full((len(idx), width), tokenizer.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, i in enumerate(idx):
+            e = encoded[i]
+            ids[r, width - len(e):] = torch.tensor(e, dtype=torch.long)
+            mask[r, width - len(e):] = 1
+        stopper = None
+        if stop:
+            def stopper(row, new_ids, _stop=tuple(stop)):
+                text = tokenizer.decode(new_ids.tolist())
+                return any(s in text for s in _stop)
+        out = generate_ids(model, ids.to(dev), mask.to(dev), max_new_tokens=max_new_tokens,
+                           eos_token_id=eos, pad_token_id=tokenizer.pad_id, should_stop=stopper, **sampling)
+        for r, i in enumerate(idx):
+            new = [t for t in out[r, width:].tolist() if t != tokenizer.pad_id]
+            if eos is not None and eos in new:
+                new = new[:new.index(eos)]
+            results[i] = cut_at_stop(tokenizer.decode(new), stop)
+    return results

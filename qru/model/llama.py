@@ -1,0 +1,250 @@
+"""A from-scratch Llama with Hugging Face module names, so HF checkpoints load with no key map.
+
+RMSNorm in fp32, RoPE in HF's rotate-half convention (with rope_scaling), GQA attention
+through ``scaled_dot_product_attention``, SwiGLU MLP, a static KV cache. Linear layers are
+plain ``nn.Linear`` so LoRA and quantized modules plug in by module swap.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from qru.model.config import LlamaConfig, rope_inv_freq
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(q, k, cos, sin):
+    """q, k: (B, H, T, D); cos, sin: (B, T, D) in the activations' dtype."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+@dataclass
+class KVCache:
+    """Static per-layer key/value buffers of shape (B, kv_heads, max_len, head_dim)."""
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    seen: int = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.keys[0].shape[2]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        t = k.shape[2]
+        end = self.seen + t
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} positions > cache length {self.max_len}")
+        self.keys[layer][:, :, self.seen:end] = k
+        self.values[layer][:, :, self.seen:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep only the batch rows in ``index`` (drop finished sequences)."""
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        b = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=b)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=b)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=b)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=b)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        gqa = self.n_kv != self.n_heads
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        b = cfg.mlp_bias
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=b)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=b)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=b)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer_idx)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Llama(nn.Module):
+    """Causal LM. ``forward(input_ids, attention_mask, position_ids, cache) -> logits``."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False
+        self._inv_freq: torch.Tensor | None = None
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    # -- set-up --------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """HF's initialisation: normal(0, initializer_range) for linears and embeddings."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.config.initializer_range
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                w = torch.empty(m.weight.shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
+                m.weight.copy_(w)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+            elif isinstance(m, RMSNorm):
+                m.weight.fill_(1.0)
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        cfg = self.config
+        ref = self.model.embed_tokens.weight
+        dtype = dtype or (ref.dtype if ref.is_floating_point() else torch.float32)
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        n = cfg.num_hidden_layers
+        return KVCache([torch.zeros(shape, dtype=dtype, device=ref.device) for _ in range(n)],
+                       [torch.zeros(shape, dtype=dtype, device=ref.device) for _ in range(n)])
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    # -- forward -------------------------------------------------------------------------
+    def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        dev = position_ids.device
+        if self._inv_freq is None or self._inv_freq.device != dev:
+            self._inv_freq = rope_inv_freq(self.config).to(dev)
+        freqs = position_ids[:, :, None].float() * self._inv_freq[None, None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                num_logits: int | None = None, return_hidden: bool = False) -> torch.Tensor:
+        """Logits (B, T, V), or (B, num_logits, V) for the last positions only.
+
+        ``attention_mask`` (B, past+T) marks real tokens with 1 and padding with 0 and
+        covers the cached positions too. Without ``position_ids`` positions count real
+        tokens only, so a left-padded row sees the same positions as it would alone.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        past = cache.seen if cache is not None else 0
+        if attention_mask is not None and attention_mask.shape != (B, past + T):
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != (batch, past+seq) "
+                             f"= {(B, past + T)}")
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            else:
+                position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self._rope(position_ids, x.dtype)
+        mask = self._mask(attention_mask, B, T, past, input_ids.device)
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.seen = past + T
+        x = self.model.norm(x)
+        if num_logits is not None:
+            x = x[:, -num_logits:]
+        if return_hidden:
+            return x
+        return self.lm_head(x)
+
+    @staticmethod
+    def _mask(attention_mask, B, T, past, device):
+        """Boolean (B, 1, T, past+T) mask, or None when plain causal attention suffices."""
+        if attention_mask is None and past == 0:
+            return None
+        S = past + T
+        q_pos = torch.arange(past, S, device=device)[:, None]
+        k_pos = torch.arange(S, device=device)[None, :]
+        m = (k_pos <= q_pos)[None, None]
+        if attention_mask is not None:
+            m = m & attention_mask.bool()[:, None, None, :]
+            # A padding query would see no key at all; let it see itself so SDPA stays finite.
+            m = m | (k_pos == q_pos)[None, None]
+        return m.expand(B, 1, T, S)
+
+    # -- checkpoints ---------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | str | None = None,
+                        device: str | torch.device = "cpu", check_finite: bool = True) -> "Llama":
+        from qru.model.checkpoint import load_pretrained
+
+        return load_pretrained(cls, path, dtype=dtype, device=device, check_finite=check_finite)
+
+    def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "2GB") -> None:
+        from qru.model.checkpoint import save_pretrained
+
+        save_pretrained(self, path, max_shard_size=max_shard_size)
