@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/qru demo --preset quick
+	$(BIN)/qru smoke
 
 smoke: $(STAMP)
 	$(BIN)/qru smoke

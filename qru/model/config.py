@@ -22,9 +22,13 @@ REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers
 ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Keys HF writes that carry no meaning for this implementation; accepted silently.
+# Kept in ``extra`` and written back, but not warned about.
 _KNOWN_INERT = {"architectures", "model_type", "transformers_version", "use_cache", "pretraining_tp",
-                "initializer_range", "attention_dropout", "hidden_act", "_name_or_path", "output_attentions",
-                "output_hidden_states", "return_dict", "dtype", "rope_parameters"}
+                "attention_dropout", "_name_or_path", "output_attentions", "output_hidden_states",
+                "return_dict", "id2label", "label2id", "chunk_size_feed_forward", "is_encoder_decoder",
+                "problem_type", "tokenizer_class", "tie_encoder_decoder", "torchscript"}
+# Converted to their v4 equivalents on read.
+_CONSUMED = {"dtype", "rope_parameters"}
 
 
 class ConfigError(ValueError):
@@ -140,11 +144,12 @@ class LlamaConfig:
             d["torch_dtype"] = d["dtype"]
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in d.items() if k in names}
-        unknown = {k: v for k, v in d.items() if k not in names and k not in _KNOWN_INERT}
+        extra = {k: v for k, v in d.items() if k not in names and k not in _CONSUMED}
+        unknown = sorted(k for k in extra if k not in _KNOWN_INERT)
         if unknown:
-            warnings.warn(f"{source}: unknown key(s) kept but not used: {', '.join(sorted(unknown))}")
+            warnings.warn(f"{source}: unknown key(s) kept but not used: {', '.join(unknown)}")
         try:
-            return cls(**kwargs, extra=unknown)
+            return cls(**kwargs, extra=extra)
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
         except TypeError as e:
@@ -167,8 +172,8 @@ class LlamaConfig:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         if d["quantization_config"] is None:
             del d["quantization_config"]
-        d.update(self.extra)
-        d.update(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu")
+        d.update({k: v for k, v in self.extra.items() if k not in ("architectures", "model_type")})
+        d.update(architectures=["LlamaForCausalLM"], model_type="llama")
         return dict(sorted(d.items()))
 
     def to_json(self, path: str | os.PathLike) -> None:

@@ -58,7 +58,7 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
         if cache is not None:
             logits = model(ids, attention_mask=cur_mask, cache=cache, num_logits=1)[:, -1]
         else:
-            full = torch.cat([input_ids, out[:, :step]], dim=1)
+            full = torch.cat([input_ids, out[:, :step].clamp(min=0)], dim=1)
             logits = model(full, attention_mask=cur_mask, num_logits=1)[:, -1]
         nxt = sample_next(logits, do_sample, temperature, top_p, generator)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
@@ -72,7 +72,7 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
                     done[r] = True
         if bool(done.all()):
             break
-        ids = nxt[:, None]
+        ids = torch.where(done, torch.zeros_like(nxt), nxt)[:, None]  # finished rows feed a valid id
         cur_mask = torch.cat([cur_mask, torch.ones_like(nxt)[:, None]], dim=1)
     return torch.cat([input_ids, out[:, :n]], dim=1)
 
