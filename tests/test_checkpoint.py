@@ -197,3 +197,16 @@ def test_parse_size(s, n):
 def test_parse_size_bad():
     with pytest.raises(ValueError, match="2 parsecs"):
         parse_size("2 parsecs")
+
+
+def test_shard_reader_equals_mmap_load(saved):
+    from qru.model.checkpoint import ShardReader
+
+    path, m = saved
+    r = ShardReader(path / "model.safetensors")
+    sd = m.state_dict()
+    assert set(r.keys()) == set(sd) - {"lm_head.weight"} or set(r.keys()) == set(sd)
+    for k in r.keys():
+        assert torch.equal(r.get(k), sd[k]), k
+    with pytest.raises(KeyError, match="nope"):
+        r.get("nope")

@@ -95,6 +95,37 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return out
 
 
+class ShardReader:
+    """Read one tensor at a time from a safetensors file with ``pread`` (no mmap), so a
+    streaming pass over a large checkpoint holds about one tensor in memory."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.header, self.start = read_safetensors_header(self.path)
+        self.metadata = self.header.pop("__metadata__", None) or {}
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.header[name]["shape"])
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.header:
+            raise KeyError(f"{self.path}: no tensor {name!r}")
+        info = self.header[name]
+        begin, end = info["data_offsets"]
+        buf = bytearray(end - begin)
+        with open(self.path, "rb") as f:
+            f.seek(self.start + begin)
+            if f.readinto(buf) != len(buf):
+                raise CheckpointError(f"{self.path}: truncated file while reading tensor {name!r}")
+        dtype = ST_DTYPES[info["dtype"]]
+        if not buf:
+            return torch.empty(info["shape"], dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).view(info["shape"])
+
+
 def checkpoint_files(path: str | os.PathLike) -> list[Path]:
     """The safetensors files of a checkpoint directory, in index order."""
     path = Path(path)
