@@ -1,0 +1,329 @@
+"""Shared evaluation machinery: data loading with clear errors, ROUGE-L, batched per-token
+log-probs (``score_sequences``) and the membership scores derived from them.
+
+Membership scores follow the MUSE reference (``metrics/privleak.py``): every score is
+oriented so that LOWER means "more likely a training member":
+
+- ``PPL``      mean token NLL (the reference's ``loss``; its name is historical),
+- ``PPL/zlib`` mean token NLL / zlib-compressed byte length of the text,
+- ``Min-k%``   -mean of the lowest k% token log-probs (Shi et al., 2024),
+- ``Min-k%++`` -mean of the lowest k% of ``(log p(x_t) - mu_t) / sigma_t`` where
+  ``mu_t = E_p[log p]`` and ``sigma_t^2 = E_p[(log p)^2] - mu_t^2`` over the next-token
+  distribution (Zhang et al., 2024).
+
+The number of tokens kept is ``max(1, int(n * k))`` (the reference's ``int(n * k)`` would
+average an empty set for texts shorter than ``1/k`` tokens).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+import zlib
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+class EvalDataError(ValueError):
+    """Malformed evaluation data. The message names the file, the item and the field."""
+
+
+# -- data -----------------------------------------------------------------------------------
+
+def load_records(path: str | Path, keys: Sequence[str] = (), *, allow_str: bool = False,
+                 what: str = "items") -> list:
+    """Read a JSON list (``[...]``) or JSON Lines file and check it.
+
+    Each item must be an object holding ``keys`` (or, with ``allow_str``, a plain string).
+    Raises FileNotFoundError for a missing file and EvalDataError for an empty list, a
+    malformed line, a missing key or a non-string value; messages name the file and item.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"evaluation data file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if not stripped:
+        raise EvalDataError(f"{path}: empty file (expected a non-empty list of {what})")
+    if stripped[0] == "[":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise EvalDataError(f"{path}: invalid JSON ({e})") from None
+    else:
+        data = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                data.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise EvalDataError(f"{path}: line {n} is not valid JSON ({e})") from None
+    if not isinstance(data, list):
+        raise EvalDataError(f"{path}: expected a JSON list of {what}, got {type(data).__name__}")
+    if not data:
+        raise EvalDataError(f"{path}: empty list (expected at least one of {what})")
+    for i, item in enumerate(data):
+        if allow_str and isinstance(item, str):
+            continue
+        if not isinstance(item, dict):
+            raise EvalDataError(f"{path}: item {i} is a {type(item).__name__}, expected an object"
+                                + (" or a string" if allow_str else "") + f" with keys {list(keys)}")
+        for k in keys:
+            if k not in item:
+                raise EvalDataError(f"{path}: item {i} has no field {k!r} (fields: {sorted(item)})")
+            v = item[k]
+            if not isinstance(v, str) and not (isinstance(v, list) and all(isinstance(s, str) for s in v)):
+                raise EvalDataError(f"{path}: item {i} field {k!r} must be a string, got {type(v).__name__}")
+    return data
+
+
+def take(items: list, limit: int | None) -> list:
+    """The first ``limit`` items (all when None)."""
+    if limit is None:
+        return items
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+    return items[:limit]
+
+
+# -- ROUGE ----------------------------------------------------------------------------------
+
+@lru_cache(maxsize=None)
+def _scorer(use_stemmer: bool):
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=use_stemmer)
+
+
+def rouge_l(reference: str, prediction: str, use_stemmer: bool = False) -> tuple[float, float]:
+    """ROUGE-L ``(F1, recall)`` of ``prediction`` against ``reference`` (rouge-score package)."""
+    s = _scorer(use_stemmer).score(reference, prediction)["rougeL"]
+    return float(s.fmeasure), float(s.recall)
+
+
+# -- scoring --------------------------------------------------------------------------------
+
+@dataclass
+class SequenceScore:
+    """Per-token log-probs of the scored tokens of one sequence (and Min-K%++ z-scores)."""
+    logprobs: np.ndarray
+    zscores: np.ndarray | None = None
+    n_tokens: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.n_tokens = int(self.logprobs.shape[0])
+
+    @property
+    def loss(self) -> float:
+        """Mean negative log-likelihood per scored token."""
+        return float(-self.logprobs.mean()) if self.n_tokens else float("nan")
+
+    def min_k(self, k: float) -> float:
+        return min_k(self.logprobs, k)
+
+    def min_k_pp(self, k: float) -> float:
+        if self.zscores is None:
+            raise ValueError("Min-K%++ needs zscores: score with stats=True")
+        return min_k(self.zscores, k)
+
+
+def min_k(values: np.ndarray | Sequence[float], k: float) -> float:
+    """``-mean`` of the ``max(1, int(n*k))`` smallest values (MUSE's ``Min-k%``)."""
+    if not 0 < k <= 1:
+        raise ValueError(f"k must be in (0, 1], got {k}")
+    v = np.sort(np.asarray(values, dtype=np.float64))
+    if v.size == 0:
+        raise ValueError("Min-K% of an empty sequence (no scored tokens)")
+    m = max(1, int(v.size * k))
+    return float(-v[:m].mean())
+
+
+def zlib_length(text: str) -> int:
+    """Byte length of the zlib-compressed UTF-8 text (the reference's 'zlib entropy')."""
+    return len(zlib.compress(text.encode("utf-8")))
+
+
+def token_stats(logits: torch.Tensor, targets: torch.Tensor, stats: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-prob of each target under ``logits`` (T, V) in fp32, and its Min-K%++ z-score.
+
+    z_t = (log p(x_t) - mu_t) / sigma_t, mu_t = sum_v p_v log p_v,
+    sigma_t^2 = sum_v p_v (log p_v)^2 - mu_t^2 (floored at 1e-12 so a flat distribution stays finite).
+    """
+    lsm = torch.log_softmax(logits.float(), dim=-1)
+    lp = lsm.gather(-1, targets[:, None]).squeeze(-1)
+    if not stats:
+        return lp, None
+    p = lsm.exp()
+    mu = (p * lsm).sum(-1)
+    var = ((p * lsm * lsm).sum(-1) - mu * mu).clamp_min(1e-12)
+    return lp, (lp - mu) / var.sqrt()
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@torch.no_grad()
+def score_ids(model, rows: Sequence[Sequence[int]], starts: Sequence[int], batch_size: int = 8,
+              pad_id: int = 0, stats: bool = True) -> list[SequenceScore]:
+    """Score tokens ``rows[i][starts[i]:]`` (each given its prefix) in right-padded batches.
+
+    One forward per batch (rows sorted by length so batches pad little); the LM head and an
+    fp32 log-softmax run per row over the scored positions only, so memory is O(T*V) per row.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if len(rows) != len(starts):
+        raise ValueError(f"rows ({len(rows)}) and starts ({len(starts)}) differ in length")
+    for i, (r, s) in enumerate(zip(rows, starts)):
+        if not 1 <= s <= len(r):
+            raise ValueError(f"sequence {i}: start {s} out of range for {len(r)} tokens (need 1 <= start <= len)")
+    out: list[SequenceScore | None] = [None] * len(rows)
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+    dev = model.device
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        width = max(len(rows[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, i in enumerate(idx):
+            ids[r, :len(rows[i])] = torch.tensor(rows[i], dtype=torch.long)
+            mask[r, :len(rows[i])] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        full = bool(mask.all())
+        hidden = model(ids, attention_mask=None if full else mask, return_hidden=True)
+        for r, i in enumerate(idx):
+            n, s = len(rows[i]), starts[i]
+            if s == n:
+                out[i] = SequenceScore(np.zeros(0), np.zeros(0) if stats else None)
+                continue
+            logits = model.lm_head(hidden[r, s - 1:n - 1])
+            lp, z = token_stats(logits, ids[r, s:n], stats=stats)
+            out[i] = SequenceScore(lp.double().cpu().numpy(), None if z is None else z.double().cpu().numpy())
+    return out  # type: ignore[return-value]
+
+
+def score_sequences(model, tokenizer, texts: Sequence[str], batch_size: int = 8, max_len: int | None = None,
+                    prompts: Sequence[str] | None = None, stats: bool = True) -> list[SequenceScore]:
+    """Per-token log-probs of each text (BOS prepended, first ``max_len`` tokens kept).
+
+    Without ``prompts`` every token after BOS is scored. With ``prompts`` (``texts[i]`` must
+    start with ``prompts[i]``) only the tokens of ``texts[i]`` past the longest common token
+    prefix with ``prompts[i]`` are scored, so a token straddling the boundary counts as answer.
+    ``max_len`` defaults to the model's ``max_position_embeddings``.
+    """
+    if isinstance(texts, str):
+        raise TypeError("texts must be a sequence of str, not a str")
+    limit = max_len or model.config.max_position_embeddings
+    rows, starts = [], []
+    for i, t in enumerate(texts):
+        ids = tokenizer.encode(t, bos=True)[:limit]
+        if prompts is None:
+            start = 1
+        else:
+            p = prompts[i]
+            if not t.startswith(p):
+                raise ValueError(f"text {i} does not start with its prompt")
+            start = max(1, _common_prefix(tokenizer.encode(p, bos=True), ids))
+        if start >= len(ids):
+            raise EvalDataError(f"text {i} has no tokens to score ({len(ids)} tokens, scoring from {start}"
+                                f"{', after truncation to max_len=%d' % limit if len(ids) == limit else ''})")
+        rows.append(ids)
+        starts.append(start)
+    return score_ids(model, rows, starts, batch_size=batch_size, pad_id=tokenizer.pad_id, stats=stats)
+
+
+def membership_scores(score: SequenceScore, text: str, k: float = 0.4) -> dict[str, float]:
+    """MUSE-oriented scores (lower = more member-like) for one scored text."""
+    pct = int(round(k * 100))
+    out = {"PPL": score.loss, "PPL/zlib": score.loss / zlib_length(text), f"Min-{pct}%": score.min_k(k)}
+    if score.zscores is not None:
+        out[f"Min-{pct}%++"] = score.min_k_pp(k)
+    out["n_tokens"] = score.n_tokens
+    return out
+
+
+def auc_forget_holdout(forget: Sequence[float], holdout: Sequence[float]) -> float:
+    """ROC AUC as MUSE computes ``forget_holdout_<score>``: forget labelled 0, holdout 1, and
+    the classifier score is ``-score`` (scores are lower for members).
+
+    So AUC = P(holdout looks more member-like than forget). A model that memorised the forget
+    set gives AUC near 0; a model that never saw it gives about AUC_retrain (about 0.5).
+    """
+    from sklearn.metrics import roc_auc_score
+
+    if len(forget) == 0 or len(holdout) == 0:
+        raise ValueError(f"AUC needs both sets non-empty (forget={len(forget)}, holdout={len(holdout)})")
+    y = np.r_[np.zeros(len(forget)), np.ones(len(holdout))]
+    s = -np.r_[np.asarray(forget, dtype=np.float64), np.asarray(holdout, dtype=np.float64)]
+    if not np.all(np.isfinite(s)):
+        raise ValueError("membership scores contain NaN/inf")
+    return float(roc_auc_score(y, s))
+
+
+# -- throughput -----------------------------------------------------------------------------
+
+class Meter:
+    """Counts tokens processed and wall time per named stage."""
+
+    def __init__(self) -> None:
+        self.tokens: dict[str, int] = {}
+        self.seconds: dict[str, float] = {}
+
+    def add(self, stage: str, tokens: int, seconds: float) -> None:
+        self.tokens[stage] = self.tokens.get(stage, 0) + int(tokens)
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + float(seconds)
+
+    def timer(self, stage: str):
+        meter = self
+
+        class _T:
+            tokens = 0
+
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+                return self
+
+            def __exit__(self, *exc):
+                if exc[0] is None:
+                    meter.add(stage, self.tokens, time.perf_counter() - self.t0)
+                return False
+
+        return _T()
+
+    def summary(self) -> dict:
+        tot_t, tot_s = sum(self.tokens.values()), sum(self.seconds.values())
+        per = {k: {"tokens": self.tokens[k], "seconds": round(self.seconds[k], 4),
+                   "tokens_per_s": _rate(self.tokens[k], self.seconds[k])} for k in self.tokens}
+        return {"tokens": tot_t, "seconds": round(tot_s, 4), "tokens_per_s": _rate(tot_t, tot_s), "stages": per}
+
+
+def _rate(tokens: int, seconds: float) -> float:
+    return float(tokens / seconds) if seconds > 0 else float("nan")
+
+
+def nan_to_none(x):
+    """JSON-safe floats: NaN/inf become None (recursively through dicts and lists)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [nan_to_none(v) for v in x]
+    if isinstance(x, np.floating):
+        return nan_to_none(float(x))
+    if isinstance(x, np.integer):
+        return int(x)
+    return x

@@ -1,0 +1,124 @@
+"""Build one checkpoint at several precisions and evaluate each (merge-then-quantize).
+
+``fp32``/``bf16``/``fp16`` cast the weights. ``int8``, ``nf4``, ``fp4``, ``int4`` and
+``int4_sym`` quantize in memory through ``qru.quant.quantize_model(model, fmt, block_size)``,
+looked up at call time; if that function is not available the precision is reported as
+unavailable (nothing is faked). With an adapter, the LoRA weights are merged into the fp32
+base first (``qru.model.lora``) and the merged model is then cast or quantized.
+"""
+from __future__ import annotations
+
+import gc
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+FLOAT_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+QUANT_PRECISIONS = ("int8", "nf4", "fp4", "int4", "int4_sym")
+PRECISIONS = tuple(FLOAT_PRECISIONS) + QUANT_PRECISIONS
+_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+class PrecisionUnavailable(RuntimeError):
+    """A requested precision cannot be built in this installation. The message says why."""
+
+
+def parse_precisions(spec: str | Sequence[str]) -> list[str]:
+    """``"bf16,int8"`` or a list -> validated, de-duplicated names (order kept)."""
+    items = [p.strip() for p in spec.split(",")] if isinstance(spec, str) else [str(p).strip() for p in spec]
+    items = [_ALIASES.get(p.lower(), p.lower()) for p in items if p]
+    if not items:
+        raise ValueError("no precision given (expected e.g. 'bf16,int8,nf4')")
+    bad = [p for p in items if p not in PRECISIONS]
+    if bad:
+        raise ValueError(f"unknown precision(s) {bad} (known: {', '.join(PRECISIONS)})")
+    return list(dict.fromkeys(items))
+
+
+def _quantize_fn():
+    try:
+        import qru.quant as quant
+    except ImportError as e:  # pragma: no cover - qru.quant is part of the package
+        raise PrecisionUnavailable(f"qru.quant cannot be imported: {e}") from e
+    fn = getattr(quant, "quantize_model", None)
+    if fn is None:
+        raise PrecisionUnavailable(
+            "in-memory quantization is unavailable: qru.quant.quantize_model(model, fmt, block_size) is not "
+            "provided by this version of qru; evaluate at fp32/bf16/fp16 only")
+    return fn
+
+
+def check_available(precisions: Sequence[str], adapter: str | Path | None = None) -> None:
+    """Fail fast (before loading anything) if a precision or the adapter merge is unavailable."""
+    quant = [p for p in precisions if p in QUANT_PRECISIONS]
+    if quant:
+        try:
+            _quantize_fn()
+        except PrecisionUnavailable as e:
+            raise PrecisionUnavailable(f"precision(s) {', '.join(quant)} unavailable: {e}") from None
+    if adapter is not None:
+        _lora()
+        if not Path(adapter).is_dir():
+            raise FileNotFoundError(f"adapter directory not found: {adapter}")
+
+
+def _lora():
+    try:
+        from qru.model import lora
+    except ImportError as e:
+        raise PrecisionUnavailable(f"--adapter needs qru.model.lora (load_adapter, merge_lora), which cannot be "
+                                   f"imported: {e}") from None
+    missing = [n for n in ("load_adapter", "merge_lora") if not hasattr(lora, n)]
+    if missing:
+        raise PrecisionUnavailable(f"--adapter needs qru.model.lora.{', '.join(missing)}, not available")
+    return lora
+
+
+def merge_adapter(model, adapter: str | Path):
+    """Attach the LoRA adapter in ``adapter`` to the fp32 ``model`` and merge it into the weights."""
+    lora = _lora()
+    attached = lora.load_adapter(model, adapter)
+    merged = lora.merge_lora(attached if attached is not None else model)
+    return merged if merged is not None else (attached if attached is not None else model)
+
+
+def build_model(model_dir: str | Path, precision: str, adapter: str | Path | None = None, *,
+                block_size: int = 64, device: str | torch.device = "cpu"):
+    """Load ``model_dir`` in fp32, merge ``adapter`` if given, then cast or quantize to ``precision``."""
+    from qru.model.llama import Llama
+
+    (precision,) = parse_precisions([precision])
+    model = Llama.from_pretrained(model_dir, dtype=torch.float32, device=device)
+    if adapter is not None:
+        model = merge_adapter(model, adapter)
+    if precision in FLOAT_PRECISIONS:
+        model = model.to(FLOAT_PRECISIONS[precision])
+        model.config = model.config.replace(torch_dtype={"fp32": "float32", "bf16": "bfloat16",
+                                                         "fp16": "float16"}[precision])
+    else:
+        q = _quantize_fn()(model, precision, block_size)
+        model = q if q is not None else model
+    return model.eval()
+
+
+def eval_at_precisions(model_dir: str | Path, adapter: str | Path | None, precisions: Sequence[str] | str,
+                       fn: Callable[[object, str], dict], *, block_size: int = 64,
+                       device: str | torch.device = "cpu") -> list[dict]:
+    """For each precision: build the model, call ``fn(model, precision) -> dict``, free it.
+
+    Returns one record per precision with ``precision`` and ``build_seconds`` added.
+    """
+    precisions = parse_precisions(precisions)
+    check_available(precisions, adapter)
+    records = []
+    for p in precisions:
+        t0 = time.perf_counter()
+        model = build_model(model_dir, p, adapter, block_size=block_size, device=device)
+        built = time.perf_counter() - t0
+        rec = fn(model, p)
+        records.append({"precision": p, **rec, "build_seconds": round(built, 4)})
+        del model
+        gc.collect()
+    return records

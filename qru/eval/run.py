@@ -1,0 +1,169 @@
+"""``qru eval`` behind the CLI: evaluate one checkpoint at several precisions, print a table,
+write a JSON file with one self-contained record per precision."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from qru.eval.common import load_records, nan_to_none
+from qru.eval.precision import build_model, check_available, eval_at_precisions, parse_precisions
+
+BENCHMARKS = ("muse", "tofu")
+_COLUMNS = {
+    "muse": [("verbmem_f", "VerbMem_f"), ("knowmem_f", "KnowMem_f"), ("knowmem_r", "KnowMem_r"),
+             ("auc", "AUC"), ("privleak", "PrivLeak")],
+    "tofu": [("forget_prob", "F.Prob"), ("forget_rouge", "F.ROUGE"), ("forget_truth_ratio", "F.TR"),
+             ("forget_quality", "ForgetQ"), ("retain_prob", "R.Prob"), ("retain_rouge", "R.ROUGE"),
+             ("retain_truth_ratio", "R.TR"), ("model_utility", "Utility")],
+}
+
+
+def _load_tokenizer(model_dir: Path, fallback=None):
+    from qru.model.tokenizer import Tokenizer
+
+    path = Path(model_dir) / Tokenizer.FILE_NAME
+    if path.is_file():
+        return Tokenizer(path)
+    if fallback is not None:
+        return fallback
+    raise FileNotFoundError(f"no {Tokenizer.FILE_NAME} beside the checkpoint: {path} does not exist")
+
+
+def _atomic_write_json(path: Path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1, ensure_ascii=False, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def format_table(records: Sequence[dict], benchmark: str) -> str:
+    """A plain-text table: one row per precision, the benchmark's headline metrics and tokens/s."""
+    cols = [("precision", "precision")] + _COLUMNS[benchmark] + [("tokens_per_s", "tok/s")]
+    rows = []
+    for r in records:
+        row = []
+        for key, _ in cols:
+            v = r.get(key)
+            if key == "tokens_per_s":
+                v = (r.get("throughput") or {}).get("tokens_per_s")
+            if v is None:
+                row.append("-")
+            elif isinstance(v, float):
+                row.append(f"{v:.3g}" if key in ("forget_quality",) else f"{v:.4f}" if abs(v) < 1.5
+                           else f"{v:.2f}")
+            else:
+                row.append(str(v))
+        rows.append(row)
+    head = [h for _, h in cols]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+    lines = [" | ".join(h.rjust(w) for h, w in zip(head, widths)), "-+-".join("-" * w for w in widths)]
+    lines += [" | ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def run_eval(model_dir: str | Path, benchmark: str, data_dir: str | Path, *, out: str | Path | None = None,
+             adapter: str | Path | None = None, retrain_model: str | Path | None = None,
+             retrain_auc: float | None = None, precisions: str | Sequence[str] = "fp32",
+             limit: int | None = None, seed: int = 0, batch_size: int = 16, score_batch_size: int = 8,
+             max_len: int | None = None, block_size: int = 64, forget_split: str = "forget10",
+             retain_split: str = "retain_perturbed", device: str = "cpu", progress: bool = False,
+             log=print) -> dict:
+    """Evaluate ``model_dir`` (plus ``adapter``) on ``benchmark`` at each precision.
+
+    MUSE: ``retrain_auc`` or ``retrain_model`` (its forget/holdout AUC at fp32) gives PrivLeak.
+    TOFU: ``retrain_model`` is the retain model whose forget-set truth ratios give forget quality.
+    Everything is validated before the first model is built. Returns the JSON payload
+    (also written to ``out`` when given).
+    """
+    from qru import __version__
+    from qru.eval import muse, tofu
+
+    if benchmark not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {benchmark!r} (choose from {', '.join(BENCHMARKS)})")
+    model_dir, data_dir = Path(model_dir), Path(data_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"model checkpoint not found: {model_dir / 'config.json'} does not exist")
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"data directory not found: {data_dir}")
+    if retrain_model is not None and retrain_auc is not None:
+        raise ValueError("give either retrain_model or retrain_auc, not both")
+    if retrain_auc is not None:
+        if benchmark != "muse":
+            raise ValueError("retrain_auc applies to MUSE PrivLeak only")
+        muse.check_retrain_auc(retrain_auc)
+    if retrain_model is not None and not (Path(retrain_model) / "config.json").is_file():
+        raise FileNotFoundError(f"retrain model checkpoint not found: {Path(retrain_model) / 'config.json'}")
+    precisions = parse_precisions(precisions)
+    check_available(precisions, adapter)
+    tok = _load_tokenizer(model_dir)
+    # Fail on bad data before any model work.
+    if benchmark == "muse":
+        for key, p in muse.resolve_files(data_dir).items():
+            load_records(p, allow_str=key.startswith("privleak"))
+    else:
+        tofu.load_split(data_dir, forget_split)
+        tofu.load_split(data_dir, retain_split)
+
+    ref_info: dict = {}
+    if retrain_model is not None:
+        t0 = time.perf_counter()
+        ref = build_model(retrain_model, "fp32", device=device)
+        ref_tok = _load_tokenizer(Path(retrain_model), fallback=tok)
+        torch.manual_seed(seed)
+        if benchmark == "muse":
+            retrain_auc = muse.muse_auc(ref, ref_tok, data_dir, limit=limit, batch_size=score_batch_size,
+                                        max_len=max_len)
+            ref_info = {"retrain_auc": retrain_auc}
+            log(f"retrain model {retrain_model}: forget/holdout AUC = {retrain_auc:.4f}")
+            muse.check_retrain_auc(retrain_auc)
+        else:
+            ref_info = {"retain_truth_ratios": tofu.forget_truth_ratios(
+                ref, ref_tok, data_dir, forget_split=forget_split, limit=limit, score_batch_size=score_batch_size)}
+            log(f"retain model {retrain_model}: {len(ref_info['retain_truth_ratios'])} forget-set truth ratios")
+        ref_info["retrain_seconds"] = round(time.perf_counter() - t0, 4)
+        del ref
+
+    def fn(model, precision):
+        torch.manual_seed(seed)
+        t0 = time.perf_counter()
+        if benchmark == "muse":
+            rec = muse.evaluate_muse(model, tok, data_dir, retrain_auc=retrain_auc, limit=limit,
+                                     batch_size=batch_size, score_batch_size=score_batch_size,
+                                     max_len=max_len, progress=progress)
+        else:
+            rec = tofu.evaluate_tofu(model, tok, data_dir, forget_split=forget_split, retain_split=retain_split,
+                                     retain_truth_ratios=ref_info.get("retain_truth_ratios"), limit=limit,
+                                     batch_size=batch_size, score_batch_size=score_batch_size, progress=progress)
+        rec["eval_seconds"] = round(time.perf_counter() - t0, 4)
+        th = rec["throughput"]
+        log(f"[{precision}] done in {rec['eval_seconds']:.1f}s, {th['tokens']} tokens, "
+            f"{th['tokens_per_s']:.1f} tokens/s")
+        return rec
+
+    meta = {"benchmark": benchmark, "model": str(model_dir), "adapter": None if adapter is None else str(adapter),
+            "data": str(data_dir), "qru_version": __version__, "seed": seed, "limit": limit,
+            "retrain_model": None if retrain_model is None else str(retrain_model), "device": str(device)}
+    records = eval_at_precisions(model_dir, adapter, precisions, fn, block_size=block_size, device=device)
+    records = [{**r, **meta, **({"block_size": block_size} if r["precision"] not in ("fp32", "bf16", "fp16")
+                               else {})} for r in records]
+    payload = nan_to_none({**meta, "precisions": precisions, "retrain": {k: v for k, v in ref_info.items()},
+                           "records": records})
+    log(format_table(records, benchmark))
+    if out is not None:
+        _atomic_write_json(Path(out), payload)
+        log(f"wrote {out}")
+    return payload
