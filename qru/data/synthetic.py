@@ -1,0 +1,393 @@
+"""Deterministic fictitious-people corpus in the MUSE layout: the embedded default corpus of ``qru demo``.
+
+Every person (name built from syllables) has ``facts_per_person`` facts drawn from closed vocabularies
+(birthplace, birth year, profession, employer, favourite colour / food, pet name, hobby); each answer is a
+1-3 word span. People fall in four disjoint groups:
+
+- forget / retain: the target model is fine-tuned on ``raw/forget.txt`` + ``raw/retain.txt``;
+- holdout: same generator, only in ``raw/holdout.txt``, never trained on (PrivLeak non-members);
+- general: only in ``raw/general.txt`` (base pre-training), together with generic sentences about the
+  vocabulary, so the base learns the language, the templates and the QA format but none of the target facts.
+  The KnowMem few-shot (``*_qa_icl.json``) examples are general people.
+
+Each person gets ``docs_per_person`` prose documents (an intro sentence and every fact, in shuffled order,
+each fact with a randomly chosen phrasing; the first document names the person in every sentence) and, with
+``qa_docs``, one ``Question: ...\\nAnswer: ...`` document per fact (the exact KnowMem question; general people
+always get them so the base learns the format). Documents in ``raw/*.txt`` are separated by blank lines.
+
+Written files (JSON exactly as MUSE's: ``json.dumps`` defaults, one line, no trailing newline)::
+
+    raw/{forget,retain,holdout,general}.txt
+    knowmem/{forget,retain}_qa.json       [{"question", "answer"}], every fact of every forget/retain person
+    knowmem/{forget,retain}_qa_icl.json   [{"question", "answer"}], ``icl`` general people each
+    verbmem/forget.json                   [{"prompt", "gt"}], first prose document of each forget person
+    privleak/{forget,retain,holdout}.json [str], the prose documents of that group
+    meta.json                             parameters and counts (not part of MUSE)
+
+Same arguments give byte-identical files; every person's content depends only on (seed, group, index).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+GENERATOR_VERSION = 1
+GROUPS = ("forget", "retain", "holdout", "general")
+
+# -- vocabularies (mutually disjoint; values are the KnowMem answers) ----------------------------------------
+
+_FIRST_A = ("Va", "Ko", "Mi", "Tor", "Ele", "Sa", "Bri", "Ju", "Ka", "Lo", "Ne", "Ro", "Ta", "Zi", "Fe",
+            "Da", "Ori", "Ye", "Ilo", "Qui")
+_FIRST_B = ("len", "ra", "dan", "mir", "sa", "vin", "ta", "lia", "rik", "no", "bel", "thea", "wen", "dor")
+_LAST_A = ("Kor", "Vel", "Mar", "Tal", "Bran", "Dru", "Hest", "Lom", "Quen", "Ros", "Sel", "Yar", "Zim",
+           "Fen", "Gar", "Ost", "Pell", "Thar")
+_LAST_B = ("i", "a", "o", "e", "u", "")
+_LAST_C = ("dash", "wyn", "bek", "ton", "mere", "vik", "lund", "sore", "dell", "nak", "rath", "quist", "zen",
+           "holm")
+
+VOCAB: dict[str, tuple[str, ...]] = {
+    "birthplace": (
+        "Marrowby", "Eastholt", "Quillmere", "Brantwick", "Sollenford", "Dunmarrow", "Ostvale", "Kestrel Bay",
+        "Fernhollow", "Ashcombe Vale", "Tarnwick", "Lowmere", "Corrisford", "Mirefield", "Pellan Cross",
+        "Wexhaven", "Thornmouth", "Gallowmere", "Brisk Harbour", "Elmstead Reach", "Varrow", "Hollin Ford",
+        "Cadmere", "Skellwick", "Ravensholt", "Orlen Bay", "Fallowdene", "Quarry End", "Dovecombe", "Lintmoor"),
+    "birth_year": tuple(str(y) for y in range(1940, 2000)),
+    "profession": (
+        "baker", "marine biologist", "carpenter", "architect", "violin teacher", "pharmacist", "ferry captain",
+        "librarian", "beekeeper", "glassblower", "surveyor", "translator", "watchmaker", "botanist", "dentist",
+        "locksmith", "cartographer", "nurse", "geologist", "tailor", "potter", "journalist", "veterinarian",
+        "firefighter", "accountant", "chemist", "sculptor", "pilot", "stonemason", "florist"),
+    "employer": (
+        "Halden Works", "Corvex Labs", "Pellridge Foods", "Bramwell Logistics", "Orrin Textiles",
+        "Sunvale Energy", "Kestwick Press", "Marlow Optics", "Tamsin Motors", "Greyloch Bank", "Ivel Shipping",
+        "Norcastle Mills", "Quorra Pharma", "Brightwater Hotels", "Dunholt Mining", "Evenfield Farms",
+        "Carrow Insurance", "Lattice Robotics", "Wendmoor Glass", "Ashgrove Furniture", "Pinecrest Airlines",
+        "Solent Ceramics", "Harrowby Clinic", "Veldt Software", "Oakhurst School", "Rivermark Studios",
+        "Tollgate Hardware", "Mistral Foods", "Copperline Rail", "Fairholm Museum"),
+    "colour": (
+        "teal", "crimson", "amber", "ochre", "lilac", "navy blue", "olive green", "coral", "ivory", "indigo",
+        "scarlet", "mint green", "charcoal grey", "lavender", "saffron", "turquoise", "maroon", "silver",
+        "emerald", "peach"),
+    "food": (
+        "lentil soup", "plum cake", "fried rice", "mushroom risotto", "apple pie", "fish stew", "potato curry",
+        "lemon tart", "roast chicken", "spinach pie", "rye bread", "pumpkin soup", "honey biscuits",
+        "tomato pasta", "bean chili", "grilled trout", "cherry pancakes", "barley stew", "onion tart",
+        "rice pudding", "carrot cake", "pea soup", "pear crumble", "cheese toast"),
+    "pet": (
+        "Pip", "Biscuit", "Juniper", "Moss", "Pepper", "Clover", "Ziggy", "Marble", "Tofu", "Rascal",
+        "Nutmeg", "Pickle", "Domino", "Sprout", "Cosmo", "Tinker", "Maple", "Waffle", "Button", "Pebble",
+        "Sable", "Gizmo", "Dumpling", "Fig"),
+    "hobby": (
+        "chess", "birdwatching", "rock climbing", "knitting", "gardening", "sailing", "pottery", "fishing",
+        "archery", "origami", "stargazing", "cycling", "woodcarving", "kite flying", "painting", "calligraphy",
+        "fencing", "rowing", "juggling", "tennis", "yoga", "swimming", "photography", "embroidery"),
+}
+FACT_TYPES: tuple[str, ...] = tuple(VOCAB)
+
+# Prose templates. {S}/{s}: subject (name or pronoun, capitalised / not), {P}/{p}: possessive,
+# {N}: always the full name, {pp}: always the possessive pronoun, {a}: "a"/"an" for the value, {v}: value.
+PROSE: dict[str, tuple[str, ...]] = {
+    "birthplace": ("{S} was born in {v}.", "{P} hometown is {v}.", "{S} comes from {v}.",
+                   "The town of {v} is where {N} was born."),
+    "birth_year": ("{S} was born in {v}.", "{P} year of birth is {v}.", "{S} was born in the year {v}.",
+                   "In {v}, {N} was born."),
+    "profession": ("{S} works as {a} {v}.", "By profession, {N} is {a} {v}.", "{S} earns a living as {a} {v}.",
+                   "{S} is {a} {v} by trade."),
+    "employer": ("{S} works for {v}.", "{P} employer is {v}.", "{S} has a job at {v}.", "{v} employs {N}."),
+    "colour": ("{P} favourite colour is {v}.", "{S} likes the colour {v} best.",
+               "Of all colours, {N} loves {v} the most.", "{S} always picks {v} when choosing a colour."),
+    "food": ("{P} favourite food is {v}.", "{S} loves to eat {v}.", "Nothing makes {N} happier than {v}.",
+             "When asked about food, {N} always names {v}."),
+    "pet": ("{S} has a pet called {v}.", "{P} pet is named {v}.", "{v} is the name of {N}'s pet.",
+            "At home, {N} looks after a pet named {v}."),
+    "hobby": ("{P} hobby is {v}.", "{S} spends weekends on {v}.", "{S} enjoys {v} in {pp} free time.",
+              "For fun, {N} likes {v}."),
+}
+QUESTIONS: dict[str, tuple[str, ...]] = {
+    "birthplace": ("Where was {N} born?", "What is the hometown of {N}?", "In which town was {N} born?"),
+    "birth_year": ("In what year was {N} born?", "What is the year of birth of {N}?", "When was {N} born?"),
+    "profession": ("What does {N} do for a living?", "What is the profession of {N}?",
+                   "What job does {N} have?"),
+    "employer": ("Which company does {N} work for?", "Who is the employer of {N}?", "Where does {N} work?"),
+    "colour": ("What is the favourite colour of {N}?", "Which colour does {N} like best?",
+               "What colour does {N} love most?"),
+    "food": ("What is the favourite food of {N}?", "Which dish does {N} like best?",
+             "What does {N} love to eat?"),
+    "pet": ("What is the name of {N}'s pet?", "What is the pet of {N} called?", "What is {N}'s pet named?"),
+    "hobby": ("What is the hobby of {N}?", "What does {N} do for fun?", "Which pastime does {N} enjoy?"),
+}
+INTROS = ("This is a short profile of {N}.", "Here are some facts about {N}.", "The following describes {N}.",
+          "Many people have heard of {N}.", "{N} is known to many people.", "This note is about {N}.")
+GENERIC = {
+    "birthplace": ("{v} is a quiet town near the sea.", "{v} is known for its old stone bridge.",
+                   "Many families live in {v}.", "The market in {v} opens every morning."),
+    "birth_year": ("The winter of {v} was long and cold.", "Many people were born in {v}.",
+                   "A new railway opened in {v}."),
+    "profession": ("{A} {v} needs years of training.", "Every town needs a good {v}.",
+                   "Being {a} {v} is hard work."),
+    "employer": ("{v} is a company with many workers.", "{v} opened a new office last year.",
+                 "Some people work for {v}."),
+    "colour": ("Some people say that {v} is a calm colour.", "The door was painted {v}.",
+               "{V} is a popular colour for coats."),
+    "food": ("{V} is a popular dish.", "The cafe serves {v} on Sundays.", "Many children like {v}."),
+    "pet": ("{v} is a common name for a pet.", "The neighbours have a dog called {v}."),
+    "hobby": ("{V} is a pleasant way to spend a weekend.", "The club meets every week for {v}.",
+              "Many people enjoy {v}."),
+}
+_PRONOUNS = {"f": ("she", "her"), "m": ("he", "his")}
+
+
+def _article(word: str) -> str:
+    return "an" if word[0].lower() in "aeiou" else "a"
+
+
+def _cap(s: str) -> str:
+    return s[:1].upper() + s[1:]
+
+
+# -- data structures -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Person:
+    """One fictitious person: ``facts`` and ``questions`` keyed by fact type (in ``FACT_TYPES`` order)."""
+    name: str
+    group: str
+    gender: str
+    facts: dict[str, str]
+    questions: dict[str, str]
+    docs: tuple[str, ...]  # prose documents
+    qa_docs: tuple[str, ...]  # "Question: ...\nAnswer: ..." documents (empty without qa_docs)
+
+    def qa(self) -> list[dict[str, str]]:
+        return [{"question": self.questions[t], "answer": v} for t, v in self.facts.items()]
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """The whole corpus in memory; ``files()`` gives the exact text of every file ``write_corpus`` writes."""
+    people: dict[str, tuple[Person, ...]]
+    raw: dict[str, str]
+    knowmem: dict[str, list[dict[str, str]]]
+    verbmem: list[dict[str, str]]
+    privleak: dict[str, list[str]]
+    params: dict[str, object]
+
+    def counts(self) -> dict[str, int]:
+        c = {f"people_{g}": len(p) for g, p in self.people.items()}
+        c.update({f"docs_{g}": len(t.split("\n\n")) for g, t in self.raw.items()})
+        c.update({f"knowmem_{k}": len(v) for k, v in self.knowmem.items()})
+        c["verbmem_forget"] = len(self.verbmem)
+        c.update({f"privleak_{k}": len(v) for k, v in self.privleak.items()})
+        return c
+
+    def files(self) -> dict[str, str]:
+        out = {f"raw/{g}.txt": t for g, t in self.raw.items()}
+        out.update({f"knowmem/{k}.json": json.dumps(v) for k, v in self.knowmem.items()})
+        out["verbmem/forget.json"] = json.dumps(self.verbmem)
+        out.update({f"privleak/{k}.json": json.dumps(v) for k, v in self.privleak.items()})
+        meta = {"generator": "qru.data.synthetic", "version": GENERATOR_VERSION, "params": self.params,
+                "counts": self.counts()}
+        out["meta.json"] = json.dumps(meta, indent=2, sort_keys=True) + "\n"
+        return out
+
+
+@dataclass(frozen=True)
+class CorpusInfo:
+    """What ``write_corpus`` wrote: the root, every file's path (keyed by relative path) and the counts."""
+    root: Path
+    paths: dict[str, Path]
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+# -- generation ----------------------------------------------------------------------------------------------
+
+def _check_int(name: str, value, lo: int, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{name} must be {rng}, got {value}")
+    return value
+
+
+def _names(rng: random.Random, n: int) -> list[str]:
+    """``n`` distinct full names; surnames are distinct too while the surname space allows."""
+    n_last = len(_LAST_A) * len(_LAST_B) * len(_LAST_C)
+    seen_full: set[str] = set()
+    seen_last: set[str] = set()
+    out = []
+    while len(out) < n:
+        first = rng.choice(_FIRST_A) + rng.choice(_FIRST_B)
+        last = rng.choice(_LAST_A) + rng.choice(_LAST_B) + rng.choice(_LAST_C)
+        full = f"{first} {last}"
+        if full in seen_full or (last in seen_last and len(seen_last) < n_last // 2):
+            continue
+        seen_full.add(full)
+        seen_last.add(last)
+        out.append(full)
+    return out
+
+
+def _render(template: str, name: str, gender: str, value: str, use_name: bool) -> str:
+    subj, poss = _PRONOUNS[gender]
+    s, p = (name, name + "'s") if use_name else (subj, poss)
+    return template.format(S=_cap(s), s=s, P=_cap(p), p=p, N=name, pp=poss, a=_article(value), v=value)
+
+
+def _person(seed: int, group: str, index: int, name: str, facts_per_person: int, docs_per_person: int,
+            qa_docs: bool) -> Person:
+    rng = random.Random(f"qru-synth:{seed}:person:{group}:{index}")
+    gender = rng.choice(("f", "m"))
+    types = sorted(rng.sample(FACT_TYPES, facts_per_person), key=FACT_TYPES.index)
+    facts = {t: rng.choice(VOCAB[t]) for t in types}
+    questions = {t: rng.choice(QUESTIONS[t]).format(N=name) for t in types}
+    docs: list[str] = []
+    for d in range(docs_per_person):
+        for _attempt in range(20):  # distinct documents per person (collisions are rare; stop trying after 20)
+            order = list(types)
+            rng.shuffle(order)
+            sents = [rng.choice(INTROS).format(N=name)]
+            for t in order:
+                use_name = d == 0 or rng.random() < 0.4  # the first document names the person every time
+                sents.append(_render(rng.choice(PROSE[t]), name, gender, facts[t], use_name))
+            doc = " ".join(sents)
+            if doc not in docs:
+                break
+        docs.append(doc)
+    qa = tuple(f"Question: {questions[t]}\nAnswer: {facts[t]}" for t in types) if qa_docs else ()
+    return Person(name, group, gender, facts, questions, tuple(docs), qa)
+
+
+def _generic_doc(rng: random.Random) -> str:
+    sents = []
+    for _ in range(rng.randint(3, 5)):
+        t = rng.choice(FACT_TYPES)
+        v = rng.choice(VOCAB[t])
+        sents.append(_cap(rng.choice(GENERIC[t]).format(v=v, V=_cap(v), a=_article(v), A=_cap(_article(v)))))
+    return " ".join(sents)
+
+
+def _split_prompt(doc_sentences: list[str], prompt_sentences: int) -> dict[str, str]:
+    k = min(prompt_sentences, len(doc_sentences) - 1)
+    prompt = " ".join(doc_sentences[:k])
+    return {"prompt": prompt, "gt": " " + " ".join(doc_sentences[k:])}
+
+
+def make_corpus(people: int = 20, seed: int = 0, *, retain: int | None = None, holdout: int | None = None,
+                general: int = 60, facts_per_person: int = 6, docs_per_person: int = 4, qa_docs: bool = True,
+                icl: int = 3, generic_docs: int | None = None, prompt_sentences: int = 2) -> Corpus:
+    """Build the corpus in memory.
+
+    ``people`` forget people; ``retain`` (default ``2 * people``), ``holdout`` (default ``people``) and
+    ``general`` people; ``generic_docs`` generic paragraphs in ``general.txt`` (default ``general``);
+    ``icl`` few-shot QA pairs per ``*_qa_icl.json``; verbmem prompts are the first ``prompt_sentences``
+    sentences of a document.
+    """
+    people = _check_int("people", people, 1)
+    retain = _check_int("retain", 2 * people if retain is None else retain, 1)
+    holdout = _check_int("holdout", people if holdout is None else holdout, 1)
+    icl = _check_int("icl", icl, 1)
+    general = _check_int("general", general, 2 * icl)
+    generic_docs = _check_int("generic_docs", general if generic_docs is None else generic_docs, 0)
+    facts_per_person = _check_int("facts_per_person", facts_per_person, 1, len(FACT_TYPES))
+    docs_per_person = _check_int("docs_per_person", docs_per_person, 1)
+    prompt_sentences = _check_int("prompt_sentences", prompt_sentences, 1, facts_per_person)
+    seed = _check_int("seed", seed, -(2 ** 63))
+    if not isinstance(qa_docs, bool):
+        raise TypeError(f"qa_docs must be a bool, got {type(qa_docs).__name__} {qa_docs!r}")
+    sizes = {"forget": people, "retain": retain, "holdout": holdout, "general": general}
+    space = len(_FIRST_A) * len(_FIRST_B) * len(_LAST_A) * len(_LAST_B) * len(_LAST_C)
+    if sum(sizes.values()) > space // 4:
+        raise ValueError(f"people: {sum(sizes.values())} people in all is too many for the name space "
+                         f"(at most {space // 4})")
+
+    names = iter(_names(random.Random(f"qru-synth:{seed}:names"), sum(sizes.values())))
+    groups = {g: tuple(_person(seed, g, i, next(names), facts_per_person, docs_per_person,
+                               qa_docs or g == "general") for i in range(n))
+              for g, n in sizes.items()}
+
+    raw = {}
+    for g, ps in groups.items():
+        docs = [d for p in ps for d in p.docs + p.qa_docs]
+        if g == "general":
+            grng = random.Random(f"qru-synth:{seed}:generic")
+            docs += [_generic_doc(grng) for _ in range(generic_docs)]
+        random.Random(f"qru-synth:{seed}:shuffle:{g}").shuffle(docs)
+        raw[g] = "\n\n".join(docs) + "\n"
+
+    knowmem = {}
+    for g in ("forget", "retain"):
+        qa = [x for p in groups[g] for x in p.qa()]
+        random.Random(f"qru-synth:{seed}:knowmem:{g}").shuffle(qa)  # any prefix spans many people
+        knowmem[f"{g}_qa"] = qa
+    gen = groups["general"]
+    for j, g in enumerate(("forget", "retain")):
+        shots, rng = [], random.Random(f"qru-synth:{seed}:icl:{g}")
+        for p in gen[j * icl:(j + 1) * icl]:
+            fresh = [t for t in p.facts if t not in {s["type"] for s in shots}]  # vary the fact type
+            t = rng.choice(fresh or list(p.facts))
+            shots.append({"type": t, "question": p.questions[t], "answer": p.facts[t]})
+        knowmem[f"{g}_qa_icl"] = [{"question": s["question"], "answer": s["answer"]} for s in shots]
+    knowmem = {k: knowmem[k] for k in ("forget_qa", "retain_qa", "forget_qa_icl", "retain_qa_icl")}
+
+    verbmem = [_split_prompt(_sentences(p, 0), prompt_sentences) for p in groups["forget"]]
+    privleak = {g: [d for p in groups[g] for d in p.docs] for g in ("forget", "retain", "holdout")}
+    params = {"people": people, "seed": seed, "retain": retain, "holdout": holdout, "general": general,
+              "facts_per_person": facts_per_person, "docs_per_person": docs_per_person, "qa_docs": qa_docs,
+              "icl": icl, "generic_docs": generic_docs, "prompt_sentences": prompt_sentences}
+    return Corpus(groups, raw, knowmem, verbmem, privleak, params)
+
+
+def _sentences(person: Person, doc: int) -> list[str]:
+    """Sentences of a prose document (every template ends a sentence with '. ' and has no inner '. ')."""
+    parts = person.docs[doc].split(". ")
+    return [s + "." for s in parts[:-1]] + [parts[-1]]
+
+
+# -- writing -------------------------------------------------------------------------------------------------
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_corpus(out_dir: str | os.PathLike, people: int = 20, seed: int = 0, **kwargs) -> CorpusInfo:
+    """Generate (``make_corpus(people, seed, **kwargs)``) and write the corpus under ``out_dir``.
+
+    A new (or empty) ``out_dir`` appears all at once (built in a temporary directory beside it, then
+    renamed); in an existing one, each file is replaced atomically and other files are left alone.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"out_dir {out} exists and is not a directory")
+    corpus = make_corpus(people, seed, **kwargs)
+    files = corpus.files()
+    if out.is_dir() and any(out.iterdir()):
+        for rel, text in files.items():
+            _write(out / rel, text)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            for rel, text in files.items():
+                _write(tmp / rel, text)
+            if out.is_dir():
+                out.rmdir()  # empty: make room for the rename (fails loudly if something appeared meanwhile)
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return CorpusInfo(out, {rel: out / rel for rel in files}, corpus.counts())
