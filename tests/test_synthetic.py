@@ -203,3 +203,15 @@ def test_cli_writes_layout(tmp_path, capsys):
                           for k, v in make_corpus(people=3, seed=4, general=8).files().items()}
     assert main(["data", "synth", "--out", str(tmp_path / "bad"), "--people", "0"]) == 2
     assert "people" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_identical_across_processes_with_different_hash_seeds(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = "import sys; from qru.data.synthetic import write_corpus; write_corpus(sys.argv[1], people=3, seed=9)"
+    for i, hs in enumerate(("1", "2")):
+        env = {**os.environ, "PYTHONHASHSEED": hs}
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / str(i))], check=True, env=env)
+    assert _tree(tmp_path / "0") == _tree(tmp_path / "1")
