@@ -1,0 +1,660 @@
+"""Fused LoRA linear: ``y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ`` with a frozen base ``W``.
+
+Shapes: ``x`` (..., in), ``W`` (out, in), ``A`` (r, in), ``B`` (out, r), ``s`` the scale
+(alpha/r, or alpha/sqrt(r) for rsLoRA). Dropout acts on ``x`` on the LoRA path only, as in
+peft. ``W`` may be dense or NF4-packed (:class:`NF4Weight`, QLoRA style); it never gets a
+gradient.
+
+One public entry, :func:`lora_linear`, picks the backend at call time:
+
+* ``"triton"`` (CUDA, or ``QRU_BACKEND=triton`` with ``TRITON_INTERPRET=1``): a shrink kernel
+  computes ``u = drop(x) Aᵀ`` (M × r, fp32); the base GEMM kernel adds ``s·u Bᵀ`` to its
+  accumulator tile before the single store of ``y``. The backward reuses the two kernels for
+  ``g = dY B`` and ``dX = dY W + s·(g A)⊙mask``, and an outer-product kernel reduces over
+  tokens for ``dA`` and ``dB``. The NF4 base is decoded tile by tile inside the GEMM.
+* ``"torch"`` (CPU): the same math as a custom autograd Function over ``addmm`` with
+  ``beta``/``out`` accumulation, never materialising ``W + s·B A``.
+
+:func:`lora_linear_reference` is the plain-autograd oracle the tests compare against.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from qru.kernels._backend import backend_for
+
+# Dropout draws 16-bit uniforms: the drop probability is rounded to a multiple of 1/65536.
+_DROP_LEVELS = 65536
+
+
+# ----------------------------------------------------------------------------------------
+# NF4 base weight
+# ----------------------------------------------------------------------------------------
+@dataclass
+class NF4Weight:
+    """A frozen (out, in) weight in qru's NF4 format.
+
+    The row-major flattened weight is cut into ``block_size`` consecutive elements, each
+    with an fp32 absmax; codes are 4-bit, two per byte, the even element in the high
+    nibble; ``value = code[c] * absmax[block]``. ``code`` (16 fp32 values) defaults to
+    ``qru.kernels.quant4.NF4_CODE``.
+    """
+    data: torch.Tensor
+    absmax: torch.Tensor
+    shape: tuple[int, int]
+    block_size: int = 64
+    code: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.shape = tuple(int(s) for s in self.shape)
+        if len(self.shape) != 2:
+            raise ValueError(f"NF4Weight.shape must be (out, in), got {self.shape}")
+        n = self.shape[0] * self.shape[1]
+        if self.data.dtype != torch.uint8 or self.data.numel() != (n + 1) // 2:
+            raise ValueError(f"NF4Weight.data must hold {(n + 1) // 2} uint8 bytes for shape {self.shape}, "
+                             f"got {self.data.numel()} of {self.data.dtype}")
+        nblocks = -(-n // self.block_size)
+        if self.absmax.numel() != nblocks:
+            raise ValueError(f"NF4Weight.absmax must hold {nblocks} values (block_size {self.block_size}), "
+                             f"got {self.absmax.numel()}")
+        self.data = self.data.reshape(-1)
+        self.absmax = self.absmax.reshape(-1).float()
+        if self.code is None:
+            self.code = _default_nf4_code()
+        self.code = self.code.reshape(-1).float().to(self.data.device)
+        if self.code.numel() != 16:
+            raise ValueError(f"NF4Weight.code must hold 16 values, got {self.code.numel()}")
+
+    @classmethod
+    def from_qtensor(cls, q) -> "NF4Weight":
+        """Wrap any object with ``data``, ``absmax``, ``shape`` and optional ``block_size``/``code``."""
+        if isinstance(q, cls):
+            return q
+        for name in ("data", "absmax", "shape"):
+            if not hasattr(q, name):
+                raise TypeError(f"NF4 base weight {type(q).__name__} has no attribute {name!r}")
+        return cls(q.data, q.absmax, tuple(q.shape), int(getattr(q, "block_size", 64)),
+                   getattr(q, "code", None))
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def to(self, device) -> "NF4Weight":
+        return NF4Weight(self.data.to(device), self.absmax.to(device), self.shape, self.block_size,
+                         self.code.to(device))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return nf4_dequantize_reference(self, dtype)
+
+
+def _default_nf4_code() -> torch.Tensor:
+    try:
+        from qru.kernels.quant4 import NF4_CODE
+    except ImportError as exc:
+        raise ImportError("NF4Weight needs a codebook: pass code=..., or provide qru.kernels.quant4.NF4_CODE") from exc
+    return torch.as_tensor(NF4_CODE, dtype=torch.float32)
+
+
+def nf4_dequantize_reference(w: NF4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Decode the whole (out, in) matrix: ``code[nibble] * absmax[block]`` in fp32, then cast."""
+    n = w.shape[0] * w.shape[1]
+    b = w.data.to(torch.int64)
+    idx = torch.stack((b >> 4, b & 15), dim=1).reshape(-1)[:n]
+    blocks = torch.arange(n, device=w.data.device) // w.block_size
+    return (w.code[idx] * w.absmax[blocks]).reshape(w.shape).to(dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# Dropout mask and the reference
+# ----------------------------------------------------------------------------------------
+def make_dropout_mask(shape, p: float, device, generator: torch.Generator | None = None):
+    """A keep-mask (bool, ``shape``) and its rescale ``1/(1-p')``.
+
+    Draws 64 random bits per four elements and compares 16-bit lanes with a threshold
+    (several times cheaper than ``bernoulli_`` on CPU); ``p' = round(p·65536)/65536``.
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    n = math.prod(shape)
+    drop = int(round(p * _DROP_LEVELS))
+    if drop == 0:
+        return torch.ones(shape, dtype=torch.bool, device=device), 1.0
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
+    bits.random_(-(2 ** 63), None, generator=generator)
+    lanes = bits.view(torch.int16)[:n]
+    mask = (lanes >= (drop - _DROP_LEVELS // 2)).view(shape)
+    return mask, _DROP_LEVELS / (_DROP_LEVELS - drop)
+
+
+def lora_linear_reference(x, weight, bias, lora_A, lora_B, scale, *, dropout_mask=None,
+                          keep_scale: float = 1.0, nf4: NF4Weight | None = None) -> torch.Tensor:
+    """Plain autograd composition (the peft math), used as the oracle in tests."""
+    W = nf4.dequantize(x.dtype) if nf4 is not None else weight
+    y = F.linear(x, W, bias)
+    if lora_A is None:
+        return y
+    xd = x if dropout_mask is None else x * dropout_mask.to(x.dtype) * keep_scale
+    return y + scale * F.linear(F.linear(xd, lora_A.to(x.dtype)), lora_B.to(x.dtype))
+
+
+# ----------------------------------------------------------------------------------------
+# CPU path: reference math in a custom autograd Function
+# ----------------------------------------------------------------------------------------
+def _dense_base(weight, nf4: NF4Weight | None, dtype):
+    return nf4.dequantize(dtype) if nf4 is not None else weight
+
+
+class LoRALinearTorchFn(torch.autograd.Function):
+    """Fused LoRA linear on 2-D ``x`` (M, in) with torch ops.
+
+    Forward, with ``m`` the keep-mask, ``k`` its rescale and ``x̃ = k·(m⊙x)``::
+
+        u = x̃ Aᵀ                      (M, r)   computed once, saved
+        y = b + s·u Bᵀ, then y += x Wᵀ (addmm with beta=1: y is written once by the big GEMM)
+
+    Backward, ``G = dL/dy``::
+
+        g  = G B                       (M, r)   computed once, reused
+        dB = s·Gᵀ u                    (out, r)
+        dA = s·gᵀ x̃                    (r, in)
+        dX = G W + k·m ⊙ (s·g A)       (the small product first, the big GEMM accumulates)
+        db = Σ_rows G ;  no gradient for the frozen W.
+
+    Saves ``x`` (or ``m⊙x`` and ``m`` under dropout), ``u`` and the weights: never ``x Wᵀ``
+    nor a dropout copy of ``x`` beside ``x``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, scale, mask, keep, nf4):
+        dtype = x.dtype
+        W = _dense_base(weight, nf4, dtype)
+        Ac, Bc = A.to(dtype), B.to(dtype)
+        xd = x if mask is None else torch.where(mask, x, 0)
+        u = torch.mm(xd, Ac.t())
+        if keep != 1.0:
+            u.mul_(keep)
+        if bias is not None:
+            y = torch.addmm(bias.to(dtype), u, Bc.t(), alpha=scale)
+        else:
+            y = torch.mm(u, Bc.t())
+            y.mul_(scale)
+        y.addmm_(x, W.t())
+        ctx.save_for_backward(xd, mask, u, weight, A, B)
+        ctx.scale, ctx.keep, ctx.nf4 = scale, keep, nf4
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        xd, mask, u, weight, A, B = ctx.saved_tensors
+        s, keep, nf4 = ctx.scale, ctx.keep, ctx.nf4
+        gy = gy.contiguous()
+        dtype = gy.dtype
+        Ac, Bc = A.to(dtype), B.to(dtype)
+        g = torch.mm(gy, Bc)
+        dx = dA = dB = db = None
+        if ctx.needs_input_grad[0]:
+            W = _dense_base(weight, nf4, dtype)
+            dx = torch.mm(g, Ac)
+            dx.mul_(s * keep)
+            if mask is not None:
+                dx.mul_(mask)
+            dx.addmm_(gy, W)
+        if ctx.needs_input_grad[3]:
+            dA = torch.mm(g.t(), xd)
+            dA.mul_(s * keep)
+            dA = dA.to(A.dtype)
+        if ctx.needs_input_grad[4]:
+            dB = torch.mm(gy.t(), u)
+            dB.mul_(s)
+            dB = dB.to(B.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = gy.sum(0)
+        return dx, None, db, dA, dB, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _nf4_decode(data_ptr, absmax_ptr, code_ptr, flat, valid, NF4_BLOCK: tl.constexpr):
+    """fp32 values of the NF4 elements at flat indices ``flat`` (int64), zero where not ``valid``."""
+    byte = tl.load(data_ptr + flat // 2, mask=valid, other=0).to(tl.int32)
+    nib = tl.where((flat % 2) == 0, byte >> 4, byte & 15)
+    val = tl.load(code_ptr + nib, mask=valid, other=0.0)
+    amax = tl.load(absmax_ptr + flat // NF4_BLOCK, mask=valid, other=0.0)
+    return val * amax
+
+
+@triton.jit
+def _lora_gemm_kernel(
+    x_ptr, w_ptr, wd_ptr, wa_ptr, code_ptr, u_ptr, v_ptr, m_ptr, b_ptr, c_ptr,
+    M, N, K, R,
+    sxm, sxk, swk, swn, fk, fn, sum_, sur, svr, svn, smm, smn, scm, scn,
+    scale,
+    NF4: tl.constexpr, NF4_BLOCK: tl.constexpr, HAS_LORA: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """C[M,N] = X[M,K]·Wop[K,N] + scale·(U[M,R]·V[R,N]) (⊙ mask) + bias[N].
+
+    ``Wop[k, n]`` lives at ``w + k·swk + n·swn`` (dense) or at flat NF4 index ``k·fk + n·fn``.
+    The low-rank product is added to the fp32 accumulator before the one store of C.
+    """
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    gsize = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % gsize
+    pid_n = (pid % group) // gsize
+
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K).to(tl.int64)
+    in_m = rm < M
+    in_n = rn < N
+    cdt = tl.float32 if UPCAST else x_ptr.dtype.element_ty
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        in_k = kk < K
+        a = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :] * sxk, mask=in_m[:, None] & in_k[None, :], other=0.0)
+        wmask = in_k[:, None] & in_n[None, :]
+        if NF4:
+            w = _nf4_decode(wd_ptr, wa_ptr, code_ptr, kk[:, None] * fk + rn[None, :] * fn, wmask, NF4_BLOCK)
+        else:
+            w = tl.load(w_ptr + kk[:, None] * swk + rn[None, :] * swn, mask=wmask, other=0.0)
+        acc = tl.dot(a.to(cdt), w.to(cdt), acc, input_precision=DOT_PREC)
+
+    if HAS_LORA:
+        rr = tl.arange(0, BLOCK_R)
+        in_r = rr < R
+        u = tl.load(u_ptr + rm[:, None] * sum_ + rr[None, :] * sur, mask=in_m[:, None] & in_r[None, :], other=0.0)
+        v = tl.load(v_ptr + rr[:, None] * svr + rn[None, :] * svn, mask=in_r[:, None] & in_n[None, :], other=0.0)
+        low = tl.dot(u.to(cdt), v.to(cdt), input_precision=DOT_PREC) * scale
+        if HAS_MASK:
+            keep = tl.load(m_ptr + rm[:, None] * smm + rn[None, :] * smn, mask=in_m[:, None] & in_n[None, :], other=0)
+            low = tl.where(keep != 0, low, 0.0)
+        acc += low
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=in_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(c_ptr + rm[:, None] * scm + rn[None, :] * scn, acc.to(c_ptr.dtype.element_ty),
+             mask=in_m[:, None] & in_n[None, :])
+
+
+@triton.jit
+def _lora_shrink_kernel(
+    x_ptr, v_ptr, m_ptr, o_ptr,
+    M, K, R, K_PER_SPLIT,
+    sxm, sxk, svk, svr, smm, smk, sos, som, sor,
+    alpha,
+    HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """O[split, M, R] = alpha · (X[M, Kslice] (⊙ mask)) · V[Kslice, R], fp32; split-K over axis 1."""
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rr = tl.arange(0, BLOCK_R)
+    rk = tl.arange(0, BLOCK_K).to(tl.int64)
+    in_m = rm < M
+    in_r = rr < R
+    cdt = tl.float32 if UPCAST else x_ptr.dtype.element_ty
+    k_lo = pid_s * K_PER_SPLIT
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K_PER_SPLIT, BLOCK_K):
+        kk = k_lo + k0 + rk
+        in_k = (kk < K) & (k0 + rk < K_PER_SPLIT)
+        xm = in_m[:, None] & in_k[None, :]
+        a = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :] * sxk, mask=xm, other=0.0)
+        if HAS_MASK:
+            keep = tl.load(m_ptr + rm[:, None] * smm + kk[None, :] * smk, mask=xm, other=0)
+            a = tl.where(keep != 0, a, 0.0)
+        v = tl.load(v_ptr + kk[:, None] * svk + rr[None, :] * svr, mask=in_k[:, None] & in_r[None, :], other=0.0)
+        acc = tl.dot(a.to(cdt), v.to(cdt), acc, input_precision=DOT_PREC)
+    tl.store(o_ptr + pid_s * sos + rm[:, None] * som + rr[None, :] * sor, acc * alpha,
+             mask=in_m[:, None] & in_r[None, :])
+
+
+@triton.jit
+def _lora_outer_kernel(
+    l_ptr, r_ptr, m_ptr, o_ptr,
+    M, P, Q, M_PER_SPLIT,
+    slm, slp, srm, srq, smm, smq, sos, sop, soq,
+    alpha,
+    HAS_MASK: tl.constexpr, COMPUTE_FROM_L: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """O[split, P, Q] = alpha · Σ_m L[m, P] · (R[m, Q] (⊙ mask)), fp32; split over tokens on axis 2."""
+    pid_p = tl.program_id(0)
+    pid_q = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    rp = (pid_p * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
+    rq = (pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)).to(tl.int64)
+    rb = tl.arange(0, BLOCK_M).to(tl.int64)
+    in_p = rp < P
+    in_q = rq < Q
+    if UPCAST:
+        cdt = tl.float32
+    elif COMPUTE_FROM_L:
+        cdt = l_ptr.dtype.element_ty
+    else:
+        cdt = r_ptr.dtype.element_ty
+    m_lo = pid_s * M_PER_SPLIT
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    for m0 in range(0, M_PER_SPLIT, BLOCK_M):
+        mm = m_lo + m0 + rb
+        in_t = (mm < M) & (m0 + rb < M_PER_SPLIT)
+        lt = tl.load(l_ptr + mm[None, :] * slm + rp[:, None] * slp, mask=in_p[:, None] & in_t[None, :], other=0.0)
+        rmask = in_t[:, None] & in_q[None, :]
+        r = tl.load(r_ptr + mm[:, None] * srm + rq[None, :] * srq, mask=rmask, other=0.0)
+        if HAS_MASK:
+            keep = tl.load(m_ptr + mm[:, None] * smm + rq[None, :] * smq, mask=rmask, other=0)
+            r = tl.where(keep != 0, r, 0.0)
+        acc = tl.dot(lt.to(cdt), r.to(cdt), acc, input_precision=DOT_PREC)
+    tl.store(o_ptr + pid_s * sos + rp[:, None] * sop + rq[None, :] * soq, acc * alpha,
+             mask=in_p[:, None] & in_q[None, :])
+
+
+# ----------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# Tile sizes under the interpreter: small, so test shapes span several (partial) tiles,
+# and a split of 2 so the split reductions are exercised too.
+INTERPRET_BLOCK = 16
+INTERPRET_SPLIT = 2
+
+
+def _dot_prec(dtype: torch.dtype, device: torch.device) -> str:
+    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _upcast(dtype: torch.dtype, device: torch.device) -> bool:
+    """The CPU interpreter's ``tl.dot`` mishandles bf16: feed it the (exact) fp32 upcast."""
+    return dtype == torch.bfloat16 and device.type != "cuda"
+
+
+def _block_r(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _gemm(x, w, nf4, w_kn, u, v_rn, mask, bias, scale, out):
+    """out[M,N] = x[M,K]·Wop[K,N] + scale·u·v (⊙mask) + bias. ``w_kn`` = (swk, swn, fk, fn)."""
+    M, K = x.shape
+    N = out.shape[1]
+    R = u.shape[1] if u is not None else 0
+    dt = x.dtype
+    if _interpreting() and not x.is_cuda:
+        bm = bn = bk = INTERPRET_BLOCK
+        warps, stages, group = 1, 1, 2
+    else:
+        bm, bn = 128, 128
+        bk = 32 if dt == torch.float32 else 64
+        warps, stages, group = 8, 3, 8
+    swk, swn, fk, fn = w_kn
+    dummy = out
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    _lora_gemm_kernel[grid](
+        x, w if w is not None else dummy,
+        nf4.data if nf4 is not None else dummy, nf4.absmax if nf4 is not None else dummy,
+        nf4.code if nf4 is not None else dummy,
+        u if u is not None else dummy, v_rn[0] if v_rn is not None else dummy,
+        mask if mask is not None else dummy, bias if bias is not None else dummy, out,
+        M, N, K, R,
+        x.stride(0), x.stride(1), swk, swn, fk, fn,
+        u.stride(0) if u is not None else 0, u.stride(1) if u is not None else 0,
+        v_rn[1] if v_rn is not None else 0, v_rn[2] if v_rn is not None else 0,
+        mask.stride(0) if mask is not None else 0, mask.stride(1) if mask is not None else 0,
+        out.stride(0), out.stride(1),
+        float(scale),
+        NF4=nf4 is not None, NF4_BLOCK=nf4.block_size if nf4 is not None else 1,
+        HAS_LORA=u is not None, HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=_block_r(R), GROUP_M=group,
+        DOT_PREC=_dot_prec(dt, x.device), UPCAST=_upcast(dt, x.device), num_warps=warps, num_stages=stages,
+    )
+    return out
+
+
+def _shrink(x, v, v_kr, mask, alpha):
+    """fp32 (M, R) = alpha·(x ⊙ mask)·Vop with ``Vop[k, r]`` at ``v + k·v_kr[0] + r·v_kr[1]``."""
+    M, K = x.shape
+    R = v_kr[2]
+    if _interpreting() and not x.is_cuda:
+        bm = bk = INTERPRET_BLOCK
+        split = min(INTERPRET_SPLIT, triton.cdiv(K, bk))
+        warps = 1
+    else:
+        bm, bk, warps = 64, 64, 4
+        target = 2 * _sm_count(x.device)
+        split = max(1, min(triton.cdiv(K, 4 * bk), target // max(1, triton.cdiv(M, bm))))
+    k_per = triton.cdiv(triton.cdiv(K, split), bk) * bk
+    split = triton.cdiv(K, k_per)
+    ws = torch.empty((split, M, R), device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(M, bm), split)
+    _lora_shrink_kernel[grid](
+        x, v, mask if mask is not None else x, ws,
+        M, K, R, k_per,
+        x.stride(0), x.stride(1), v_kr[0], v_kr[1],
+        mask.stride(0) if mask is not None else 0, mask.stride(1) if mask is not None else 0,
+        ws.stride(0), ws.stride(1), ws.stride(2),
+        float(alpha),
+        HAS_MASK=mask is not None, BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=_block_r(R),
+        DOT_PREC=_dot_prec(x.dtype, x.device), UPCAST=_upcast(x.dtype, x.device), num_warps=warps,
+    )
+    return ws[0] if split == 1 else ws.sum(0)
+
+
+def _outer(lhs, rhs, mask, alpha, compute_from_l, out_dtype):
+    """(P, Q) = alpha·lhsᵀ·(rhs ⊙ mask), reducing over the M rows both share."""
+    M, P = lhs.shape
+    Q = rhs.shape[1]
+    cdt = lhs.dtype if compute_from_l else rhs.dtype
+    if _interpreting() and not lhs.is_cuda:
+        bm = bp = bq = INTERPRET_BLOCK
+        split = min(INTERPRET_SPLIT, triton.cdiv(M, bm))
+        warps = 1
+    else:
+        bm = 64
+        bp = _block_r(P) if P <= 128 else 128
+        bq = _block_r(Q) if Q <= 128 else 128
+        warps = 4
+        tiles = triton.cdiv(P, bp) * triton.cdiv(Q, bq)
+        split = max(1, min(triton.cdiv(M, 4 * bm), 2 * _sm_count(lhs.device) // tiles))
+    m_per = triton.cdiv(triton.cdiv(M, split), bm) * bm
+    split = triton.cdiv(M, m_per)
+    ws = torch.empty((split, P, Q), device=lhs.device, dtype=torch.float32)
+    grid = (triton.cdiv(P, bp), triton.cdiv(Q, bq), split)
+    _lora_outer_kernel[grid](
+        lhs, rhs, mask if mask is not None else rhs, ws,
+        M, P, Q, m_per,
+        lhs.stride(0), lhs.stride(1), rhs.stride(0), rhs.stride(1),
+        mask.stride(0) if mask is not None else 0, mask.stride(1) if mask is not None else 0,
+        ws.stride(0), ws.stride(1), ws.stride(2),
+        float(alpha),
+        HAS_MASK=mask is not None, COMPUTE_FROM_L=compute_from_l,
+        BLOCK_M=bm, BLOCK_P=bp, BLOCK_Q=bq,
+        DOT_PREC=_dot_prec(cdt, lhs.device), UPCAST=_upcast(cdt, lhs.device), num_warps=warps,
+    )
+    res = ws[0] if split == 1 else ws.sum(0)
+    return res.to(out_dtype)
+
+
+def _w_strides(weight, nf4, transposed: bool):
+    """(swk, swn, fk, fn) for Wop = Wᵀ (forward, ``transposed``) or W (backward)."""
+    if nf4 is not None:
+        n_in = nf4.shape[1]
+        return (0, 0, 1, n_in) if transposed else (0, 0, n_in, 1)
+    s0, s1 = weight.stride()
+    return (s1, s0, 0, 0) if transposed else (s0, s1, 0, 0)
+
+
+class LoRALinearTritonFn(torch.autograd.Function):
+    """Fused LoRA linear on 2-D ``x`` (M, in) with Triton kernels.
+
+    Forward (``x̃ = k·(m⊙x)``, ``m`` the keep-mask, ``k`` its rescale)::
+
+        u = x̃ Aᵀ                   shrink kernel, fp32 (M, r), split-K
+        y = x Wᵀ + b + s·u Bᵀ       GEMM kernel: the expand is added to the accumulator tile
+
+    Backward, ``G = dL/dy``. Since ``y`` depends on ``A, B`` only through ``s·u Bᵀ``::
+
+        ∂L/∂u = s·G B = s·g          g = G B by the shrink kernel (fp32, reused twice)
+        dB = s·Gᵀ u                  outer kernel, reduce over tokens
+        dA = (s·g)ᵀ x̃ = s·k·gᵀ(m⊙x)  outer kernel, the mask applied on load
+        dX = G W + k·m⊙(s·g A)       GEMM kernel with Wop = W and the masked expand
+        db = Σ_rows G;               W is frozen: no dW.
+
+    Only ``x``, the bool mask and the small ``u`` are saved.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, scale, mask, keep, nf4):
+        M, _ = x.shape
+        N = B.shape[0]
+        mask_u8 = mask.view(torch.uint8) if mask is not None else None
+        # V[k, r] = A[r, k]
+        u = _shrink(x, A, (A.stride(1), A.stride(0), A.shape[0]), mask_u8, keep)
+        y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+        _gemm(x, weight, nf4, _w_strides(weight, nf4, True), u, (B, B.stride(1), B.stride(0)),
+              None, bias, scale, y)
+        ctx.save_for_backward(x, mask, u, weight, A, B)
+        ctx.scale, ctx.keep, ctx.nf4 = scale, keep, nf4
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, mask, u, weight, A, B = ctx.saved_tensors
+        s, keep, nf4 = ctx.scale, ctx.keep, ctx.nf4
+        gy = gy.contiguous()
+        mask_u8 = mask.view(torch.uint8) if mask is not None else None
+        g = _shrink(gy, B, (B.stride(0), B.stride(1), B.shape[1]), None, 1.0)
+        dx = dA = dB = db = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.empty_like(x)
+            _gemm(gy, weight, nf4, _w_strides(weight, nf4, False), g, (A, A.stride(0), A.stride(1)),
+                  mask_u8, None, s * keep, dx)
+        if ctx.needs_input_grad[3]:
+            dA = _outer(g, x, mask_u8, s * keep, False, A.dtype)
+        if ctx.needs_input_grad[4]:
+            dB = _outer(gy, u, None, s, True, B.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = gy.sum(0)
+        return dx, None, db, dA, dB, None, None, None, None
+
+
+class _BaseTritonFn(torch.autograd.Function):
+    """``y = x Wᵀ + b`` with the frozen (dense or NF4) W; ``dX = G W``, ``db = Σ_rows G``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, nf4):
+        y = torch.empty((x.shape[0], nf4.shape[0] if nf4 is not None else weight.shape[0]),
+                        device=x.device, dtype=x.dtype)
+        _gemm(x, weight, nf4, _w_strides(weight, nf4, True), None, None, None, bias, 0.0, y)
+        ctx.save_for_backward(weight)
+        ctx.nf4, ctx.has_bias = nf4, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        (weight,) = ctx.saved_tensors
+        gy = gy.contiguous()
+        dx = db = None
+        if ctx.needs_input_grad[0]:
+            n_in = ctx.nf4.shape[1] if ctx.nf4 is not None else weight.shape[1]
+            dx = torch.empty((gy.shape[0], n_in), device=gy.device, dtype=gy.dtype)
+            _gemm(gy, weight, ctx.nf4, _w_strides(weight, ctx.nf4, False), None, None, None, None, 0.0, dx)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = gy.sum(0)
+        return dx, None, db, None
+
+
+# ----------------------------------------------------------------------------------------
+# Public entry
+# ----------------------------------------------------------------------------------------
+def _check(x, weight, bias, A, B, nf4):
+    if nf4 is None and weight is None:
+        raise ValueError("lora_linear needs a base: `weight` or `nf4`")
+    out_f, in_f = nf4.shape if nf4 is not None else tuple(weight.shape)
+    if x.shape[-1] != in_f:
+        raise ValueError(f"lora_linear: x has {x.shape[-1]} features but the base weight expects {in_f}")
+    if weight is not None:
+        if weight.dim() != 2:
+            raise ValueError(f"lora_linear: weight must be 2-D, got shape {tuple(weight.shape)}")
+        if weight.dtype != x.dtype:
+            raise TypeError(f"lora_linear: x is {x.dtype} but weight is {weight.dtype}")
+        if weight.requires_grad and torch.is_grad_enabled():
+            raise ValueError("lora_linear: the base `weight` is frozen (no gradient); set requires_grad=False")
+    if bias is not None and tuple(bias.shape) != (out_f,):
+        raise ValueError(f"lora_linear: bias shape {tuple(bias.shape)} != ({out_f},)")
+    if (A is None) != (B is None):
+        raise ValueError("lora_linear: pass both lora_A and lora_B, or neither")
+    if A is not None:
+        if A.dim() != 2 or A.shape[1] != in_f:
+            raise ValueError(f"lora_linear: lora_A shape {tuple(A.shape)} != (r, {in_f})")
+        if B.dim() != 2 or tuple(B.shape) != (out_f, A.shape[0]):
+            raise ValueError(f"lora_linear: lora_B shape {tuple(B.shape)} != ({out_f}, {A.shape[0]})")
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                lora_A: torch.Tensor | None, lora_B: torch.Tensor | None, scale: float, *,
+                dropout_p: float = 0.0, training: bool = True, dropout_mask: torch.Tensor | None = None,
+                generator: torch.Generator | None = None, nf4: NF4Weight | None = None) -> torch.Tensor:
+    """``y = x Wᵀ + b + scale·(drop(x) lora_Aᵀ) lora_Bᵀ`` over the last dim of ``x``.
+
+    ``weight`` (out, in) is frozen; pass ``nf4`` (and ``weight=None``) for an NF4 base.
+    ``lora_A=lora_B=None`` gives the base linear alone. Dropout (prob ``dropout_p``, when
+    ``training``) masks ``x`` on the LoRA path only; ``dropout_mask`` (bool, x's shape) fixes
+    the mask, rescaled by ``1/(1-dropout_p)``. A and B may be in another dtype than ``x``:
+    products run in x's dtype with fp32 accumulation; their gradients come back in their own.
+    """
+    _check(x, weight, bias, lora_A, lora_B, nf4)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"lora_linear: dropout_p must be in [0, 1), got {dropout_p}")
+    backend = backend_for(x, cpp=None)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if nf4 is not None and nf4.device != x.device:
+        raise ValueError(f"lora_linear: nf4 weight is on {nf4.device} but x is on {x.device}")
+    if lora_A is None:
+        if backend == "triton":
+            y = _BaseTritonFn.apply(x2, weight, bias, nf4)
+        else:
+            y = F.linear(x2, _dense_base(weight, nf4, x.dtype), bias)
+        return y.reshape(*lead, y.shape[-1])
+    mask, keep = None, 1.0
+    if dropout_mask is not None:
+        if tuple(dropout_mask.shape) != tuple(x.shape):
+            raise ValueError(f"lora_linear: dropout_mask shape {tuple(dropout_mask.shape)} != x shape {tuple(x.shape)}")
+        mask = dropout_mask.reshape(x2.shape).to(torch.bool).contiguous()
+        keep = 1.0 / (1.0 - dropout_p)
+    elif dropout_p > 0.0 and training:
+        mask, keep = make_dropout_mask(tuple(x2.shape), dropout_p, x.device, generator)
+    fn = LoRALinearTritonFn if backend == "triton" else LoRALinearTorchFn
+    y = fn.apply(x2, weight, bias, lora_A, lora_B, float(scale), mask, keep, nf4)
+    return y.reshape(*lead, y.shape[-1])
