@@ -1,0 +1,226 @@
+"""MUSE evaluation on the shared data with a tiny random model: batched scoring against an
+unbatched oracle, metric aggregation against rouge-score / sklearn on the logged items,
+precisions, and the ``qru eval`` command end to end."""
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from rouge_score import rouge_scorer
+from sklearn.metrics import roc_auc_score
+
+from eval_helpers import tiny_checkpoint
+from qru.eval import muse
+from qru.eval.common import score_ids, score_sequences
+from qru.eval.precision import PrecisionUnavailable, build_model, eval_at_precisions
+from qru.model.llama import Llama
+from qru.model.tokenizer import Tokenizer
+
+LIMIT = 3
+MAX_LEN = 160
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(shared_data, tmp_path_factory):
+    return tiny_checkpoint(shared_data, tmp_path_factory.getbasetemp() / "eval_tiny")
+
+
+@pytest.fixture(scope="module")
+def model_tok(tiny_dir):
+    return Llama.from_pretrained(tiny_dir).eval(), Tokenizer.from_dir(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def muse_result(model_tok, shared_data):
+    model, tok = model_tok
+    return muse.evaluate_muse(model, tok, shared_data / "muse-news", retrain_auc=0.4772, limit=LIMIT,
+                              batch_size=4, score_batch_size=4, max_len=MAX_LEN)
+
+
+def _oracle_logprobs(model, ids, start):
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]))[0].float()
+    lsm = torch.log_softmax(logits, -1)
+    lp = lsm[start - 1:-1].gather(-1, torch.tensor(ids[start:])[:, None]).squeeze(-1)
+    p = lsm.exp()
+    mu = (p * lsm).sum(-1)[start - 1:-1]
+    sd = ((p * lsm ** 2).sum(-1)[start - 1:-1] - mu ** 2).sqrt()
+    return lp.double().numpy(), ((lp - mu) / sd).double().numpy()
+
+
+def test_score_sequences_matches_unbatched_oracle(model_tok, shared_data):
+    model, tok = model_tok
+    texts = json.load(open(shared_data / "muse-news" / "privleak" / "holdout.json"))[:3]
+    texts = [texts[0][:300], texts[1][:50], texts[2][:900], "Short one."]  # awkward, unequal lengths
+    got = score_sequences(model, tok, texts, batch_size=3, max_len=MAX_LEN)
+    for t, s in zip(texts, got):
+        ids = tok.encode(t, bos=True)[:MAX_LEN]
+        lp, z = _oracle_logprobs(model, ids, 1)
+        assert s.n_tokens == len(ids) - 1
+        np.testing.assert_allclose(s.logprobs, lp, atol=2e-5, rtol=1e-5)
+        np.testing.assert_allclose(s.zscores, z, atol=2e-4, rtol=1e-4)
+        assert s.loss == pytest.approx(-lp.mean(), abs=1e-5)
+
+
+def test_score_with_prompts_scores_only_the_answer(model_tok):
+    model, tok = model_tok
+    prompts = ["Question: Who wrote it?\nAnswer: ", "Question: When?\nAnswer: "]
+    answers = ["The author is Basil Mahfouz Al-Kuwaiti.", "In 1956"]
+    texts = [p + a for p, a in zip(prompts, answers)]
+    got = score_sequences(model, tok, texts, batch_size=2, prompts=prompts, stats=False)
+    for p, t, s in zip(prompts, texts, got):
+        ids, pids = tok.encode(t), tok.encode(p)
+        start = next(i for i, (a, b) in enumerate(zip(ids, pids + [-1])) if a != b)
+        lp, _ = _oracle_logprobs(model, ids, start)
+        assert s.zscores is None and s.n_tokens == len(ids) - start
+        np.testing.assert_allclose(s.logprobs, lp, atol=2e-5, rtol=1e-5)
+        assert tok.decode(ids[start:]).strip() == t[len(p):].strip()[:len(tok.decode(ids[start:]).strip())]
+    with pytest.raises(ValueError, match="start"):
+        score_ids(model, [[1, 5, 6]], [0])
+
+
+def test_muse_on_shared_data(muse_result, model_tok, shared_data):
+    r = muse_result
+    _, tok = model_tok
+    assert r["n_items"] == {"verbmem_f": LIMIT, "knowmem_f": LIMIT, "knowmem_r": LIMIT, "privleak": 2 * LIMIT}
+    ref = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    # VerbMem: mean ROUGE-L F1 x100 against gt cut to 128 tokens (BOS counted, as the reference)
+    data = json.load(open(shared_data / "muse-news" / "verbmem" / "forget.json"))[:LIMIT]
+    f1 = []
+    for d, it in zip(data, r["items"]["verbmem_f"]):
+        gt = tok.decode(tok.encode(d["gt"], bos=True)[:128])
+        assert it["gt"] == gt and d["gt"].startswith(gt[:20])
+        f1.append(ref.score(gt, it["output"])["rougeL"].fmeasure)
+    assert r["verbmem_f"] == pytest.approx(100 * np.mean(f1))
+    # KnowMem: ROUGE-L recall x100 of the cut answer
+    for key, name in (("knowmem_f", "forget_qa"), ("knowmem_r", "retain_qa")):
+        qa = json.load(open(shared_data / "muse-news" / "knowmem" / f"{name}.json"))[:LIMIT]
+        items = r["items"][key]
+        assert [it["answer"] for it in items] == [d["answer"] for d in qa]
+        rec = []
+        for it in items:
+            assert not any(s in it["output"] for s in muse.KNOWMEM_STOP)
+            rec.append(ref.score(it["answer"], it["output"])["rougeL"].recall)
+        assert r[key] == pytest.approx(100 * np.mean(rec))
+        assert 0 <= r[key] <= 100
+    # PrivLeak: sklearn AUC on the logged Min-40% scores, MUSE orientation, then the formula
+    f = [d["Min-40%"] for d in r["items"]["privleak"]["forget"]]
+    h = [d["Min-40%"] for d in r["items"]["privleak"]["holdout"]]
+    y = [0] * len(f) + [1] * len(h)
+    assert r["auc"] == pytest.approx(roc_auc_score(y, -np.array(f + h)))
+    assert r["privleak"] == pytest.approx((r["auc"] - 0.4772) / 0.4772 * 100)
+    assert set(r["aucs"]) == {"PPL", "PPL/zlib", "Min-40%", "Min-40%++"}
+    assert all(d["n_tokens"] == MAX_LEN - 1 for d in r["items"]["privleak"]["forget"])
+    th = r["throughput"]
+    assert th["tokens"] > 0 and th["tokens_per_s"] > 0
+    assert set(th["stages"]) == {"verbmem_f", "knowmem_f", "knowmem_r", "privleak"}
+
+
+def test_batched_generation_equals_one_by_one(model_tok, shared_data, muse_result):
+    model, tok = model_tok
+    r1 = muse.evaluate_muse(model, tok, shared_data / "muse-news", limit=LIMIT, batch_size=1,
+                            metrics=["knowmem_f", "verbmem_f"])
+    for key in ("knowmem_f", "verbmem_f"):
+        assert [x["output"] for x in r1["items"][key]] == [x["output"] for x in muse_result["items"][key]]
+    assert r1["privleak"] is None and r1["auc"] is None
+
+
+def test_muse_synthetic_corpus_text_objects(model_tok, tmp_path):
+    """The demo writes its own corpus in MUSE layout; privleak items may be {"text": ...}."""
+    model, tok = model_tok
+    qa = [{"question": f"What is item {i}?", "answer": f"Item {i} is a thing."} for i in range(3)]
+    files = {"verbmem/forget.json": [{"prompt": "Once upon a time", "gt": "there was a model."}] * 2,
+             "knowmem/forget_qa.json": qa, "knowmem/forget_qa_icl.json": qa[:1],
+             "knowmem/retain_qa.json": qa, "knowmem/retain_qa_icl.json": qa[:2],
+             "privleak/forget.json": [{"text": "alpha beta gamma delta"}, "epsilon zeta eta theta"],
+             "privleak/holdout.json": ["one two three four five", "six seven eight"],
+             "privleak/retain.json": ["unused"]}
+    for name, obj in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(json.dumps(obj))
+    r = muse.evaluate_muse(model, tok, tmp_path, retrain_auc=0.5, verbmem_max_new_tokens=8,
+                           knowmem_max_new_tokens=8)
+    assert r["n_items"]["privleak"] == 4 and 0 <= r["auc"] <= 1
+    (tmp_path / "privleak/holdout.json").write_text(json.dumps(["ok", ""]))
+    with pytest.raises(ValueError, match=r"holdout\.json: item 1 is an empty text"):
+        muse.evaluate_muse(model, tok, tmp_path, metrics=["privleak"])
+    (tmp_path / "knowmem/forget_qa.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"forget_qa\.json: empty list"):
+        muse.evaluate_muse(model, tok, tmp_path, metrics=["knowmem_f"])
+    with pytest.raises(ValueError, match="retrain AUC"):
+        muse.evaluate_muse(model, tok, tmp_path, retrain_auc=1.2)
+
+
+def test_precisions_fp32_bf16(tiny_dir, shared_data):
+    def fn(model, precision):
+        assert model.model.embed_tokens.weight.dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+        return muse.evaluate_muse(model, Tokenizer.from_dir(tiny_dir), shared_data / "muse-news", limit=2,
+                                  metrics=["knowmem_f", "privleak"], max_len=64, knowmem_max_new_tokens=8)
+    recs = eval_at_precisions(tiny_dir, None, "fp32,bf16", fn)
+    assert [r["precision"] for r in recs] == ["fp32", "bf16"]
+    for r in recs:
+        assert 0 <= r["auc"] <= 1 and math.isfinite(r["knowmem_f"])
+    # bf16 scores are close to fp32 ones on the same texts
+    a = [d["PPL"] for d in recs[0]["items"]["privleak"]["forget"]]
+    b = [d["PPL"] for d in recs[1]["items"]["privleak"]["forget"]]
+    np.testing.assert_allclose(a, b, rtol=0.05)
+
+
+def test_quantized_precision_or_clear_error(tiny_dir, shared_data):
+    import qru.quant as quant
+
+    if not hasattr(quant, "quantize_model"):
+        with pytest.raises(PrecisionUnavailable, match="quantize_model"):
+            build_model(tiny_dir, "nf4")
+        with pytest.raises(PrecisionUnavailable, match="int8"):
+            eval_at_precisions(tiny_dir, None, "fp32,int8", lambda m, p: {})
+        return
+    tok = Tokenizer.from_dir(tiny_dir)
+    recs = eval_at_precisions(tiny_dir, None, "int8,nf4", lambda m, p: muse.evaluate_muse(
+        m, tok, shared_data / "muse-news", limit=2, metrics=["privleak"], max_len=64))
+    assert all(0 <= r["auc"] <= 1 for r in recs)
+
+
+# -- CLI ----------------------------------------------------------------------------------------
+
+def _run_cli(argv):
+    from qru.cli import main
+
+    return main(argv)
+
+
+def test_cli_eval_muse(tiny_dir, shared_data, tmp_path, capsys):
+    out = tmp_path / "res" / "muse.json"
+    rc = _run_cli(["eval", str(tiny_dir), "--benchmark", "muse", "--data", str(shared_data / "muse-news"),
+                   "--retrain-model", str(tiny_dir), "--limit", "2", "--max-len", "96", "--out", str(out),
+                   "--seed", "3"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "VerbMem_f" in printed and "PrivLeak" in printed and "tok/s" in printed and "fp32" in printed
+    res = json.loads(out.read_text())
+    (rec,) = res["records"]
+    for k in ("precision", "verbmem_f", "knowmem_f", "knowmem_r", "privleak", "auc", "items", "model", "data",
+              "qru_version", "seed", "throughput"):
+        assert k in rec, k
+    assert rec["precision"] == "fp32" and rec["seed"] == 3 and rec["model"] == str(tiny_dir)
+    # the retrain model is the model itself: same AUC, PrivLeak exactly 0
+    assert res["retrain"]["retrain_auc"] == pytest.approx(rec["auc"]) and rec["privleak"] == pytest.approx(0.0)
+    assert rec["throughput"]["tokens_per_s"] > 0
+    assert not list(out.parent.glob(".*.tmp"))
+
+
+def test_cli_eval_errors(tiny_dir, shared_data, tmp_path, capsys):
+    data = tmp_path / "muse"
+    shutil.copytree(shared_data / "muse-news" / "knowmem", data / "knowmem")
+    base = ["eval", str(tiny_dir), "--benchmark", "muse", "--out", str(tmp_path / "r.json")]
+    assert _run_cli(base + ["--data", str(data)]) == 2
+    assert "verbmem/forget.json" in capsys.readouterr().err
+    assert _run_cli(base + ["--data", str(shared_data / "muse-news"), "--retrain-auc", "1.5"]) == 2
+    assert "retrain AUC must be a number in (0, 1)" in capsys.readouterr().err
+    assert _run_cli(base + ["--data", str(shared_data / "muse-news"), "--precision", "int3"]) == 2
+    assert "unknown precision" in capsys.readouterr().err
+    assert _run_cli(base + ["--data", str(shared_data / "muse-news"), "--adapter", str(tmp_path / "nope")]) == 2
+    assert "adapter" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
