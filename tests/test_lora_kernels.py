@@ -1,0 +1,208 @@
+"""Fused LoRA linear kernels vs the plain-autograd reference (fp32 oracle on the same inputs).
+
+Triton runs under TRITON_INTERPRET=1 on CPU (conftest), so shapes stay small; they are
+chosen awkward on purpose: odd token counts, in/out not multiples of 16, ranks that do not
+fill (or exceed) the 16-wide rank tile.
+"""
+import pytest
+import torch
+
+from qru.kernels import lora as K
+from qru.kernels._backend import backend_for
+
+# max|got - ref| / max|ref| per dtype, for outputs and gradients.
+TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+SHAPES = [  # (tokens, in, out, r)
+    (7, 24, 20, 3),
+    (33, 40, 56, 8),
+    (5, 17, 19, 20),
+]
+
+
+def rel_err(got, ref):
+    return ((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12)).item()
+
+
+def make(M, n_in, n_out, r, dtype, bias=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, n_in, generator=g).to(dtype)
+    W = (torch.randn(n_out, n_in, generator=g) / n_in ** 0.5).to(dtype)
+    A = (torch.randn(r, n_in, generator=g) / n_in ** 0.5)
+    B = torch.randn(n_out, r, generator=g) / r ** 0.5
+    b = torch.randn(n_out, generator=g).to(dtype) if bias else None
+    return x, W, b, A, B
+
+
+def nf4_of(W: torch.Tensor, block_size: int = 64) -> K.NF4Weight:
+    """Quantize with bitsandbytes (test-only peer) into qru's NF4 layout."""
+    bnbF = pytest.importorskip("bitsandbytes.functional")
+    q, st = bnbF.quantize_4bit(W.float().contiguous(), blocksize=block_size, quant_type="nf4")
+    return K.NF4Weight(q.reshape(-1), st.absmax, tuple(W.shape), block_size,
+                       bnbF.get_4bit_type("nf4", device="cpu"))
+
+
+def run_and_grads(x, W, b, A, B, scale, **kw):
+    x = x.clone().requires_grad_()
+    A = A.clone().requires_grad_()
+    B = B.clone().requires_grad_()
+    y = K.lora_linear(x, W, b, A, B, scale, **kw)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
+    dx, dA, dB = torch.autograd.grad(y, (x, A, B), gy)
+    return y, dx, dA, dB, gy
+
+
+def reference(x, W, b, A, B, scale, gy, mask=None, keep=1.0, nf4=None):
+    """fp32 oracle on the same (rounded) inputs."""
+    x = x.float().clone().requires_grad_()
+    A = A.float().clone().requires_grad_()
+    B = B.float().clone().requires_grad_()
+    Wf = nf4.dequantize(torch.float32) if nf4 is not None else W.float()
+    y = K.lora_linear_reference(x, Wf, None if b is None else b.float(), A, B, scale,
+                                dropout_mask=mask, keep_scale=keep)
+    return (y,) + torch.autograd.grad(y, (x, A, B), gy.float())
+
+
+@pytest.fixture(params=["triton", "torch"])
+def backend(request, monkeypatch):
+    monkeypatch.setenv("QRU_BACKEND", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_reference(backend, shape, dtype):
+    M, n_in, n_out, r = shape
+    x, W, b, A, B = make(M, n_in, n_out, r, dtype, bias=(r == 8))
+    y, dx, dA, dB, gy = run_and_grads(x, W, b, A, B, 0.75)
+    ref = reference(x, W, b, A, B, 0.75, gy)
+    assert y.dtype == dtype and dx.dtype == dtype and dA.dtype == torch.float32
+    for name, got, want in zip(("y", "dX", "dA", "dB"), (y, dx, dA, dB), ref):
+        assert rel_err(got, want) <= TOL[dtype], f"{backend} {name} {dtype} {shape}: {rel_err(got, want):.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES[:2], ids=lambda s: "x".join(map(str, s)))
+def test_dropout_mask(backend, shape, dtype):
+    M, n_in, n_out, r = shape
+    x, W, b, A, B = make(M, n_in, n_out, r, dtype)
+    p = 0.3
+    mask = torch.rand(M, n_in, generator=torch.Generator().manual_seed(5)) >= p
+    y, dx, dA, dB, gy = run_and_grads(x, W, b, A, B, 1.5, dropout_p=p, dropout_mask=mask)
+    ref = reference(x, W, b, A, B, 1.5, gy, mask=mask, keep=1 / (1 - p))
+    for name, got, want in zip(("y", "dX", "dA", "dB"), (y, dx, dA, dB), ref):
+        assert rel_err(got, want) <= TOL[dtype], f"{backend} {name}: {rel_err(got, want):.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(7, 25, 21, 3), (33, 40, 56, 8)], ids=lambda s: "x".join(map(str, s)))
+def test_nf4_base(backend, shape, dtype):
+    M, n_in, n_out, r = shape
+    x, W, b, A, B = make(M, n_in, n_out, r, dtype)
+    nf4 = nf4_of(W)
+    mask = torch.rand(M, n_in, generator=torch.Generator().manual_seed(2)) >= 0.2 if r == 8 else None
+    p = 0.2 if mask is not None else 0.0
+    y, dx, dA, dB, gy = run_and_grads(x, None, b, A, B, 0.5, nf4=nf4, dropout_p=p, dropout_mask=mask)
+    ref = reference(x, None, b, A, B, 0.5, gy, mask=mask, keep=1 / (1 - p), nf4=nf4)
+    for name, got, want in zip(("y", "dX", "dA", "dB"), (y, dx, dA, dB), ref):
+        assert rel_err(got, want) <= TOL[dtype], f"{backend} nf4 {name}: {rel_err(got, want):.2e}"
+
+
+def test_nf4_decode_matches_bitsandbytes():
+    bnbF = pytest.importorskip("bitsandbytes.functional")
+    W = torch.randn(13, 27)  # 351 elements: odd count, partial last block
+    q, st = bnbF.quantize_4bit(W, blocksize=64, quant_type="nf4")
+    nf4 = K.NF4Weight(q.reshape(-1), st.absmax, (13, 27), 64, bnbF.get_4bit_type("nf4", device="cpu"))
+    assert torch.equal(nf4.dequantize(), bnbF.dequantize_4bit(q, st))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_base_only_and_3d_input(backend, bias):
+    x, W, b, _, _ = make(10, 24, 20, 3, torch.float32, bias=bias)
+    x3 = x.reshape(2, 5, 24).clone().requires_grad_()
+    y = K.lora_linear(x3, W, b, None, None, 0.0)
+    assert y.shape == (2, 5, 20)
+    (dx,) = torch.autograd.grad(y, x3, torch.ones_like(y))
+    ref = torch.nn.functional.linear(x3, W, b)
+    assert rel_err(y, ref) <= TOL[torch.float32]
+    assert rel_err(dx, torch.ones(2, 5, 20) @ W) <= TOL[torch.float32]
+
+
+def test_3d_input_with_lora(backend):
+    x, W, b, A, B = make(12, 24, 20, 8, torch.float32, bias=True)
+    y2, dx2, dA2, dB2, gy = run_and_grads(x, W, b, A, B, 2.0)
+    x3 = x.reshape(3, 4, 24).clone().requires_grad_()
+    A3, B3 = A.clone().requires_grad_(), B.clone().requires_grad_()
+    y3 = K.lora_linear(x3, W, b, A3, B3, 2.0)
+    dx3, dA3, dB3 = torch.autograd.grad(y3, (x3, A3, B3), gy.reshape(3, 4, 20))
+    assert torch.allclose(y3.reshape(12, 20), y2, atol=1e-6)
+    assert torch.allclose(dx3.reshape(12, 24), dx2, atol=1e-6)
+    assert torch.allclose(dA3, dA2, atol=1e-5) and torch.allclose(dB3, dB2, atol=1e-5)
+
+
+def test_bias_gradient(backend):
+    x, W, b, A, B = make(9, 24, 20, 3, torch.float32, bias=True)
+    b = b.clone().requires_grad_()
+    y = K.lora_linear(x, W, b, A, B, 1.0)
+    (db,) = torch.autograd.grad(y, b, torch.ones_like(y))
+    assert torch.allclose(db, torch.full((20,), 9.0))
+
+
+def test_no_input_grad_skips_dx(backend):
+    x, W, b, A, B = make(9, 24, 20, 3, torch.float32)
+    A = A.requires_grad_()
+    y = K.lora_linear(x, W, b, A, B, 1.0)
+    (dA,) = torch.autograd.grad(y.sum(), A)
+    ref = reference(x, W, b, A.detach(), B, 1.0, torch.ones_like(y))
+    assert rel_err(dA, ref[2]) <= TOL[torch.float32]
+
+
+def test_dropout_training_uses_generator_mask(backend):
+    x, W, b, A, B = make(16, 24, 20, 4, torch.float32)
+    p = 0.25
+    mask, keep = K.make_dropout_mask((16, 24), p, "cpu", torch.Generator().manual_seed(7))
+    y = K.lora_linear(x, W, b, A, B, 1.0, dropout_p=p, training=True,
+                      generator=torch.Generator().manual_seed(7))
+    ref = K.lora_linear_reference(x, W, b, A, B, 1.0, dropout_mask=mask, keep_scale=keep)
+    assert rel_err(y, ref) <= TOL[torch.float32]
+    # eval: no dropout
+    y_eval = K.lora_linear(x, W, b, A, B, 1.0, dropout_p=p, training=False)
+    assert rel_err(y_eval, K.lora_linear_reference(x, W, b, A, B, 1.0)) <= TOL[torch.float32]
+
+
+def test_dropout_mask_rate_and_scale():
+    n = 400_000
+    for p in (0.05, 0.1, 0.5):
+        mask, keep = K.make_dropout_mask((n,), p, "cpu", torch.Generator().manual_seed(0))
+        rate = 1 - mask.float().mean().item()
+        assert abs(rate - p) < 5 * (p * (1 - p) / n) ** 0.5 + 1 / 65536
+        assert keep == pytest.approx(1 / (1 - p), rel=1e-4)
+    mask, keep = K.make_dropout_mask((3, 5), 0.0, "cpu")
+    assert mask.all() and keep == 1.0
+    with pytest.raises(ValueError, match="dropout"):
+        K.make_dropout_mask((3,), 1.0, "cpu")
+
+
+def test_backend_dispatch(monkeypatch):
+    monkeypatch.delenv("QRU_BACKEND", raising=False)
+    assert backend_for(torch.zeros(1), cpp=None) == "torch"
+    monkeypatch.setenv("QRU_BACKEND", "triton")
+    assert backend_for(torch.zeros(1), cpp=None) == "triton"  # TRITON_INTERPRET=1 under tests
+
+
+def test_bad_inputs_name_the_culprit():
+    x, W, b, A, B = make(4, 24, 20, 3, torch.float32)
+    with pytest.raises(ValueError, match="lora_A"):
+        K.lora_linear(x, W, b, A[:, :10], B, 1.0)
+    with pytest.raises(ValueError, match="lora_B"):
+        K.lora_linear(x, W, b, A, B[:5], 1.0)
+    with pytest.raises(ValueError, match="features"):
+        K.lora_linear(x[:, :10], W, b, A, B, 1.0)
+    with pytest.raises(ValueError, match="frozen"):
+        K.lora_linear(x, W.clone().requires_grad_(), b, A, B, 1.0)
+    with pytest.raises(TypeError, match="weight"):
+        K.lora_linear(x, W.double(), b, A, B, 1.0)
+    with pytest.raises(ValueError, match="dropout_mask"):
+        K.lora_linear(x, W, b, A, B, 1.0, dropout_p=0.1, dropout_mask=torch.ones(3, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="absmax"):
+        K.NF4Weight(torch.zeros(240, dtype=torch.uint8), torch.ones(3), (20, 24), 64, torch.zeros(16))
