@@ -1,0 +1,465 @@
+// CPU kernels for qru.kernels.quant4 (NF4 / FP4) and qru.kernels.quant_int (int4, int4_sym, int8).
+//
+// Bit-identical to the torch references: every element goes through the same IEEE fp32
+// operations in the same order (no fast-math; no multiply feeds an add, so FMA
+// contraction cannot change a result). The AVX-512 paths and
+// the portable scalar paths compute the same thing; ``scalar=true`` forces the latter
+// (tests compare both). OpenMP over blocks / rows, thread count = torch's.
+#include <torch/extension.h>
+
+#include <omp.h>
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define QRU_AVX512 1
+#else
+#define QRU_AVX512 0
+#endif
+
+namespace {
+
+enum DType { F32 = 0, BF16 = 1, F16 = 2 };
+constexpr uint32_t kTinyBits = 0x006CE3EEu;  // fp32(1e-38), bitsandbytes' divisor clamp
+constexpr uint32_t kAbsMask = 0x7FFFFFFFu;
+constexpr uint32_t kInfBits = 0x7F800000u;
+
+inline uint32_t f2u(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+inline float u2f(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+
+inline float half_to_f32(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
+
+template <int DT>
+inline float load_f32(const void* p, int64_t i) {
+  if constexpr (DT == F32) return static_cast<const float*>(p)[i];
+  if constexpr (DT == BF16) return u2f(uint32_t(static_cast<const uint16_t*>(p)[i]) << 16);
+  return half_to_f32(static_cast<const uint16_t*>(p)[i]);
+}
+
+// torch's fp32 -> bf16: round to nearest even, NaN -> 0x7FC0.
+inline uint16_t f32_to_bf16_bits(float f) {
+  if (std::isnan(f)) return 0x7FC0;
+  uint32_t u = f2u(f);
+  return uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+template <int DT>
+inline void store_f32(void* p, int64_t i, float v) {
+  if constexpr (DT == F32) static_cast<float*>(p)[i] = v;
+  if constexpr (DT == BF16) static_cast<uint16_t*>(p)[i] = f32_to_bf16_bits(v);
+  if constexpr (DT == F16) static_cast<uint16_t*>(p)[i] = c10::Half(v).x;
+}
+
+int dtype_code(at::ScalarType t, const char* what) {
+  switch (t) {
+    case at::kFloat: return F32;
+    case at::kBFloat16: return BF16;
+    case at::kHalf: return F16;
+    default: TORCH_CHECK(false, what, " must be float32, bfloat16 or float16, got ", t);
+  }
+  return F32;
+}
+
+int num_threads() { return std::max(1, at::get_num_threads()); }
+
+// A flat output tensor. Large ones are 2 MiB aligned and advised as transparent huge
+// pages (what c10 does under THP_MEM_ALLOC_ENABLE=1, here only for our outputs): a fresh
+// 32 MiB buffer otherwise costs more in 4 KiB page faults than the kernel that fills it.
+at::Tensor empty_out(int64_t n, at::ScalarType dtype) {
+  constexpr size_t kHuge = size_t(2) << 20;
+  const size_t bytes = size_t(n) * c10::elementSize(dtype);
+  if (bytes < 2 * kHuge) return at::empty({n}, at::TensorOptions().dtype(dtype));
+  const size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
+  void* p = nullptr;
+  if (posix_memalign(&p, kHuge, rounded) != 0) return at::empty({n}, at::TensorOptions().dtype(dtype));
+  madvise(p, rounded, MADV_HUGEPAGE);
+  return at::from_blob(p, {n}, [](void* q) { std::free(q); }, at::TensorOptions().dtype(dtype));
+}
+
+// ================================================================ NF4 / FP4
+
+struct Q4Tables {
+  float bounds[16];  // 15 midpoints (+ unused pad)
+  int32_t order[16];
+  float code[16];
+};
+
+inline int q4_index(float s, const Q4Tables& t) {
+  int idx = 0;
+  for (int k = 0; k < 15; ++k) idx += s > t.bounds[k];
+  return t.order[idx];
+}
+
+inline float clamp1(float s) { return std::min(std::max(s, -1.0f), 1.0f); }
+
+template <int DT>
+uint32_t absmax_bits_scalar(const void* x, int64_t start, int64_t len) {
+  uint32_t m = 0;
+  for (int64_t i = 0; i < len; ++i) m = std::max(m, f2u(load_f32<DT>(x, start + i)) & kAbsMask);
+  return m;
+}
+
+// One block, scalar. ``partial`` selects bitsandbytes' tail arithmetic (x / clamped absmax,
+// clamped absmax stored) over the full-block one (x * (1 / clamped absmax), raw absmax stored).
+template <int DT>
+void q4_block_scalar(const void* x, int64_t start, int64_t len, bool partial, const Q4Tables& t,
+                     uint8_t* packed, float* absmax_out) {
+  const uint32_t m = absmax_bits_scalar<DT>(x, start, len);
+  const float amc = u2f(std::max(m, kTinyBits));
+  *absmax_out = partial ? amc : u2f(m);
+  const float recip = 1.0f / amc;
+  for (int64_t i = 0; i < len; i += 2) {
+    const float x0 = load_f32<DT>(x, start + i);
+    const float x1 = (i + 1 < len) ? load_f32<DT>(x, start + i + 1) : 0.0f;
+    const float s0 = partial ? x0 / amc : x0 * recip;
+    const float s1 = partial ? x1 / amc : x1 * recip;
+    packed[(start + i) >> 1] = uint8_t((q4_index(clamp1(s0), t) << 4) | q4_index(clamp1(s1), t));
+  }
+}
+
+#if QRU_AVX512
+template <int DT>
+inline __m512 load16(const void* p, int64_t i) {
+  if constexpr (DT == F32) return _mm512_loadu_ps(static_cast<const float*>(p) + i);
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i));
+  if constexpr (DT == BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  return _mm512_cvtph_ps(h);
+}
+
+// Max of |x| bits over a full block (block_size >= 32, a multiple of 32).
+template <int DT>
+inline uint32_t absmax_bits_avx512(const void* x, int64_t start, int64_t len) {
+  if constexpr (DT == F32) {
+    const __m512i mask = _mm512_set1_epi32(int(kAbsMask));
+    __m512i m = _mm512_setzero_si512();
+    const float* p = static_cast<const float*>(x) + start;
+    for (int64_t i = 0; i < len; i += 16)
+      m = _mm512_max_epu32(m, _mm512_and_si512(_mm512_loadu_si512(p + i), mask));
+    return _mm512_reduce_max_epu32(m);
+  } else {
+    // 16-bit formats: |x| bit patterns order like the values, so reduce on 16 bits.
+    const __m512i mask = _mm512_set1_epi16(0x7FFF);
+    __m512i m = _mm512_setzero_si512();
+    const uint16_t* p = static_cast<const uint16_t*>(x) + start;
+    for (int64_t i = 0; i < len; i += 32)
+      m = _mm512_max_epu16(m, _mm512_and_si512(_mm512_loadu_si512(p + i), mask));
+    const __m512i lo = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(m));
+    const __m512i hi = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(m, 1));
+    const uint32_t h = _mm512_reduce_max_epu32(_mm512_max_epu32(lo, hi));
+    if constexpr (DT == BF16) return h << 16;
+    return f2u(half_to_f32(uint16_t(h)));
+  }
+}
+
+// 16 normalized values -> 16 codes (int32 lanes): branchless lower bound over the 15
+// midpoints (= count of midpoints < s, torch.bucketize semantics), then the order map.
+inline __m512i q4_index16(__m512 s, __m512 bounds, __m512i order) {
+  const __m512i one = _mm512_set1_epi32(1);
+  __m512i pos = _mm512_setzero_si512();
+  __mmask16 m = _mm512_cmp_ps_mask(s, _mm512_permutexvar_ps(_mm512_set1_epi32(7), bounds), _CMP_GT_OQ);
+  pos = _mm512_mask_add_epi32(pos, m, pos, _mm512_set1_epi32(8));
+  m = _mm512_cmp_ps_mask(s, _mm512_permutexvar_ps(_mm512_add_epi32(pos, _mm512_set1_epi32(3)), bounds), _CMP_GT_OQ);
+  pos = _mm512_mask_add_epi32(pos, m, pos, _mm512_set1_epi32(4));
+  m = _mm512_cmp_ps_mask(s, _mm512_permutexvar_ps(_mm512_add_epi32(pos, one), bounds), _CMP_GT_OQ);
+  pos = _mm512_mask_add_epi32(pos, m, pos, _mm512_set1_epi32(2));
+  m = _mm512_cmp_ps_mask(s, _mm512_permutexvar_ps(pos, bounds), _CMP_GT_OQ);
+  pos = _mm512_mask_add_epi32(pos, m, pos, one);
+  return _mm512_permutexvar_epi32(pos, order);
+}
+
+// 16 codes (bytes c0..c15) -> 8 bytes (c0 << 4 | c1, ...) in the low half of the result.
+inline __m128i pack_pairs(__m128i c) {
+  const __m128i lo8 = _mm_set1_epi16(0x00FF);
+  return _mm_or_si128(_mm_slli_epi16(_mm_and_si128(c, lo8), 4), _mm_srli_epi16(c, 8));
+}
+
+template <int DT>
+void q4_block_avx512(const void* x, int64_t start, int64_t len, const Q4Tables& t, __m512 bounds,
+                     __m512i order, uint8_t* packed, float* absmax_out) {
+  const uint32_t m = absmax_bits_avx512<DT>(x, start, len);
+  *absmax_out = u2f(m);
+  const __m512 recip = _mm512_set1_ps(1.0f / u2f(std::max(m, kTinyBits)));
+  const __m512 lo = _mm512_set1_ps(-1.0f), hi = _mm512_set1_ps(1.0f);
+  for (int64_t i = 0; i < len; i += 32) {
+    const __m512 s0 = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(load16<DT>(x, start + i), recip), lo), hi);
+    const __m512 s1 = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(load16<DT>(x, start + i + 16), recip), lo), hi);
+    const __m128i c0 = _mm512_cvtepi32_epi8(q4_index16(s0, bounds, order));
+    const __m128i c1 = _mm512_cvtepi32_epi8(q4_index16(s1, bounds, order));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(packed + ((start + i) >> 1)),
+                     _mm_packus_epi16(pack_pairs(c0), pack_pairs(c1)));
+  }
+}
+#endif
+
+Q4Tables make_tables(const at::Tensor& bounds, const at::Tensor& order, const at::Tensor& code) {
+  Q4Tables t{};
+  if (bounds.defined()) {
+    TORCH_CHECK(bounds.dtype() == at::kFloat && bounds.numel() == 16, "bounds must be float32[16]");
+    TORCH_CHECK(order.dtype() == at::kInt && order.numel() == 16, "order must be int32[16]");
+    std::memcpy(t.bounds, bounds.contiguous().data_ptr<float>(), sizeof(t.bounds));
+    std::memcpy(t.order, order.contiguous().data_ptr<int32_t>(), sizeof(t.order));
+  }
+  if (code.defined()) {
+    TORCH_CHECK(code.dtype() == at::kFloat && code.numel() == 16, "code must be float32[16]");
+    std::memcpy(t.code, code.contiguous().data_ptr<float>(), sizeof(t.code));
+  }
+  return t;
+}
+
+template <int DT>
+void q4_quantize_impl(const void* x, int64_t n, int64_t bs, const Q4Tables& t, uint8_t* packed, float* absmax,
+                      bool scalar) {
+  const int64_t n_blocks = (n + bs - 1) / bs, n_full = n / bs;
+#if QRU_AVX512
+  const __m512 bounds = _mm512_loadu_ps(t.bounds);
+  const __m512i order = _mm512_loadu_si512(t.order);
+#endif
+#pragma omp parallel for schedule(static) num_threads(num_threads())
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    const int64_t start = b * bs, len = std::min(bs, n - start);
+#if QRU_AVX512
+    if (!scalar && b < n_full) {
+      q4_block_avx512<DT>(x, start, len, t, bounds, order, packed, absmax + b);
+      continue;
+    }
+#endif
+    q4_block_scalar<DT>(x, start, len, b >= n_full, t, packed, absmax + b);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> q4_quantize(const at::Tensor& x, const at::Tensor& bounds,
+                                               const at::Tensor& order, int64_t block_size, bool scalar) {
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "x must be a contiguous CPU tensor");
+  TORCH_CHECK(block_size >= 32 && block_size <= 4096 && (block_size & (block_size - 1)) == 0,
+              "block_size must be a power of two between 32 and 4096, got ", block_size);
+  const int dt = dtype_code(x.scalar_type(), "x");
+  const int64_t n = x.numel();
+  auto packed = empty_out((n + 1) / 2, at::kByte);
+  auto absmax = at::empty({(n + block_size - 1) / block_size}, x.options().dtype(at::kFloat));
+  const Q4Tables t = make_tables(bounds, order, at::Tensor());
+  const void* src = x.data_ptr();
+  uint8_t* pk = packed.data_ptr<uint8_t>();
+  float* am = absmax.data_ptr<float>();
+  if (dt == F32) q4_quantize_impl<F32>(src, n, block_size, t, pk, am, scalar);
+  else if (dt == BF16) q4_quantize_impl<BF16>(src, n, block_size, t, pk, am, scalar);
+  else q4_quantize_impl<F16>(src, n, block_size, t, pk, am, scalar);
+  return {packed, absmax};
+}
+
+#if QRU_AVX512
+template <int DT>
+inline void store16(void* out, int64_t i, __m512 v) {
+  if constexpr (DT == F32) {
+    _mm512_storeu_ps(static_cast<float*>(out) + i, v);
+  } else if constexpr (DT == BF16) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i bias = _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + i), _mm512_cvtepi32_epi16(r));
+  } else {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + i),
+                        _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+}
+#endif
+
+template <int DT>
+void q4_dequantize_impl(const uint8_t* packed, const float* absmax, int64_t n, int64_t bs, const Q4Tables& t,
+                        void* out, bool scalar) {
+  const int64_t n_blocks = (n + bs - 1) / bs;
+#if QRU_AVX512
+  const __m512 code = _mm512_loadu_ps(t.code);
+  const __m128i nib = _mm_set1_epi8(0x0F);
+#endif
+#pragma omp parallel for schedule(static) num_threads(num_threads())
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    const int64_t start = b * bs, len = std::min(bs, n - start);
+    const float a = absmax[b];
+    int64_t i = 0;
+#if QRU_AVX512
+    if (!scalar) {
+      const __m512 va = _mm512_set1_ps(a);
+      for (; i + 32 <= len; i += 32) {
+        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + ((start + i) >> 1)));
+        const __m128i h = _mm_and_si128(_mm_srli_epi16(bytes, 4), nib), l = _mm_and_si128(bytes, nib);
+        const __m512 v0 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(h, l)), code), va);
+        const __m512 v1 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(h, l)), code), va);
+        store16<DT>(out, start + i, v0);
+        store16<DT>(out, start + i + 16, v1);
+      }
+    }
+#endif
+    for (; i < len; ++i) {
+      const uint8_t byte = packed[(start + i) >> 1];
+      const int q = (i & 1) ? (byte & 0xF) : (byte >> 4);
+      store_f32<DT>(out, start + i, t.code[q] * a);
+    }
+  }
+}
+
+at::Tensor q4_dequantize(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
+                         int64_t block_size, int64_t n, at::ScalarType dtype, bool scalar) {
+  TORCH_CHECK(packed.device().is_cpu() && packed.is_contiguous() && packed.scalar_type() == at::kByte,
+              "packed must be a contiguous CPU uint8 tensor");
+  TORCH_CHECK(absmax.is_contiguous() && absmax.scalar_type() == at::kFloat, "absmax must be contiguous float32");
+  TORCH_CHECK(block_size >= 32 && block_size <= 4096 && (block_size & (block_size - 1)) == 0,
+              "block_size must be a power of two between 32 and 4096, got ", block_size);
+  TORCH_CHECK(packed.numel() == (n + 1) / 2, "packed has ", packed.numel(), " bytes, expected ", (n + 1) / 2);
+  TORCH_CHECK(absmax.numel() == (n + block_size - 1) / block_size, "absmax has ", absmax.numel(),
+              " entries, expected ", (n + block_size - 1) / block_size);
+  const int dt = dtype_code(dtype, "dtype");
+  auto out = empty_out(n, dtype);
+  const Q4Tables t = make_tables(at::Tensor(), at::Tensor(), code);
+  const uint8_t* pk = packed.data_ptr<uint8_t>();
+  const float* am = absmax.data_ptr<float>();
+  if (dt == F32) q4_dequantize_impl<F32>(pk, am, n, block_size, t, out.data_ptr(), scalar);
+  else if (dt == BF16) q4_dequantize_impl<BF16>(pk, am, n, block_size, t, out.data_ptr(), scalar);
+  else q4_dequantize_impl<F16>(pk, am, n, block_size, t, out.data_ptr(), scalar);
+  return out;
+}
+
+// ================================================================ int4 / int4_sym / int8
+
+enum IntKind { INT4 = 0, INT4_SYM = 1, INT8 = 2 };
+
+// Group statistics and codes for one group of ``len`` fp32 values in ``buf``.
+// Writes the codes (int4: 0..15; int4_sym: q + 8; int8: q as two's complement byte) to ``codes``.
+inline void int_group(const float* buf, int64_t len, int kind, float eps, uint8_t* codes, float* scale_out,
+                      uint8_t* zero_out) {
+  uint32_t am_bits = 0;
+  bool nonfinite = false;
+  for (int64_t i = 0; i < len; ++i) {
+    const uint32_t a = f2u(buf[i]) & kAbsMask;
+    am_bits = std::max(am_bits, a);
+    nonfinite |= a >= kInfBits;
+  }
+  float scale;
+  if (kind == INT4) {
+    float mx = -INFINITY, mn = INFINITY;
+    for (int64_t i = 0; i < len; ++i) {
+      mx = std::max(mx, buf[i]);
+      mn = std::min(mn, buf[i]);
+    }
+    scale = std::max(mx - mn, eps) / 15.0f;
+    const float z = std::min(std::max(std::rint(-mn / scale), 0.0f), 15.0f);
+    for (int64_t i = 0; i < len; ++i)
+      codes[i] = uint8_t(std::min(std::max(std::rint(buf[i] / scale) + z, 0.0f), 15.0f));
+    *zero_out = uint8_t(z);
+  } else {
+    const float qmax = kind == INT4_SYM ? 7.0f : 127.0f;
+    scale = u2f(am_bits) / qmax;
+    for (int64_t i = 0; i < len; ++i) {
+      const float q = scale > 0.0f ? std::min(std::max(std::rint(buf[i] / scale), -qmax), qmax) : 0.0f;
+      codes[i] = kind == INT4_SYM ? uint8_t(int(q) + 8) : uint8_t(int8_t(int(q)));
+    }
+  }
+  *scale_out = nonfinite ? NAN : scale;
+}
+
+template <int DT>
+void int_quantize_impl(const void* x, int64_t rows, int64_t cols, int64_t g, int kind, float eps, uint8_t* data,
+                       float* scales, uint8_t* zeros) {
+  const int64_t groups = (cols + g - 1) / g;
+#pragma omp parallel num_threads(num_threads())
+  {
+    std::vector<float> buf(g);
+    std::vector<uint8_t> codes(g);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t k = 0; k < groups; ++k) {
+        const int64_t c0 = k * g, len = std::min(g, cols - c0), base = r * cols + c0;
+        for (int64_t i = 0; i < len; ++i) buf[i] = load_f32<DT>(x, base + i);
+        uint8_t z = 0;
+        int_group(buf.data(), len, kind, eps, codes.data(), scales + r * groups + k, &z);
+        if (kind == INT8) {
+          std::memcpy(data + base, codes.data(), len);
+        } else {
+          if (kind == INT4) zeros[r * groups + k] = z;
+          for (int64_t i = 0; i < len; i += 2) data[(base + i) >> 1] = uint8_t((codes[i] << 4) | codes[i + 1]);
+        }
+      }
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> int_quantize(const at::Tensor& x, int64_t cols, int64_t group,
+                                                           int64_t kind, double eps) {
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "x must be a contiguous CPU tensor");
+  TORCH_CHECK(kind >= INT4 && kind <= INT8, "unknown integer format ", kind);
+  TORCH_CHECK(cols > 0 && x.numel() % cols == 0, "cols must divide numel");
+  TORCH_CHECK(group > 0, "group must be positive (got ", group, ")");
+  TORCH_CHECK(kind == INT8 || (cols % 2 == 0 && group % 2 == 0), "int4 needs even cols and group");
+  const int dt = dtype_code(x.scalar_type(), "x");
+  const int64_t rows = x.numel() / cols, groups = (cols + group - 1) / group;
+  auto data = empty_out(kind == INT8 ? x.numel() : x.numel() / 2, at::kByte);
+  auto scales = at::empty({rows, groups}, x.options().dtype(at::kFloat));
+  auto zeros = at::empty({kind == INT4 ? rows : 0, groups}, x.options().dtype(at::kByte));
+  uint8_t* z = kind == INT4 ? zeros.data_ptr<uint8_t>() : nullptr;
+  const float e = static_cast<float>(eps);
+  if (dt == F32) int_quantize_impl<F32>(x.data_ptr(), rows, cols, group, int(kind), e, data.data_ptr<uint8_t>(), scales.data_ptr<float>(), z);
+  else if (dt == BF16) int_quantize_impl<BF16>(x.data_ptr(), rows, cols, group, int(kind), e, data.data_ptr<uint8_t>(), scales.data_ptr<float>(), z);
+  else int_quantize_impl<F16>(x.data_ptr(), rows, cols, group, int(kind), e, data.data_ptr<uint8_t>(), scales.data_ptr<float>(), z);
+  return {data, scales, zeros};
+}
+
+template <int DT>
+void int_dequantize_impl(const uint8_t* data, const float* scales, const uint8_t* zeros, int64_t rows, int64_t cols,
+                         int64_t g, int kind, void* out) {
+  const int64_t groups = (cols + g - 1) / g;
+#pragma omp parallel for schedule(static) num_threads(num_threads())
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t k = 0; k < groups; ++k) {
+      const int64_t c0 = k * g, len = std::min(g, cols - c0), base = r * cols + c0;
+      const float s = scales[r * groups + k];
+      if (kind == INT8) {
+        for (int64_t i = 0; i < len; ++i) store_f32<DT>(out, base + i, float(int8_t(data[base + i])) * s);
+      } else {
+        const int z = kind == INT4 ? zeros[r * groups + k] : 8;
+        for (int64_t i = 0; i < len; i += 2) {
+          const uint8_t byte = data[(base + i) >> 1];
+          store_f32<DT>(out, base + i, float(int(byte >> 4) - z) * s);
+          store_f32<DT>(out, base + i + 1, float(int(byte & 0xF) - z) * s);
+        }
+      }
+    }
+  }
+}
+
+at::Tensor int_dequantize(const at::Tensor& data, const at::Tensor& scales, const at::Tensor& zeros, int64_t cols,
+                          int64_t group, int64_t kind, at::ScalarType dtype) {
+  TORCH_CHECK(data.device().is_cpu() && data.is_contiguous() && data.scalar_type() == at::kByte,
+              "data must be a contiguous CPU uint8 tensor");
+  TORCH_CHECK(scales.is_contiguous() && scales.scalar_type() == at::kFloat, "scales must be contiguous float32");
+  TORCH_CHECK(kind >= INT4 && kind <= INT8, "unknown integer format ", kind);
+  const int64_t n = kind == INT8 ? data.numel() : data.numel() * 2;
+  TORCH_CHECK(cols > 0 && n % cols == 0, "cols must divide the element count");
+  const int64_t rows = n / cols, groups = (cols + group - 1) / group;
+  TORCH_CHECK(scales.numel() == rows * groups, "scales has ", scales.numel(), " entries, expected ", rows * groups);
+  TORCH_CHECK(kind != INT4 || (zeros.is_contiguous() && zeros.scalar_type() == at::kByte && zeros.numel() == rows * groups),
+              "zeros must be contiguous uint8 with one entry per group");
+  const int dt = dtype_code(dtype, "dtype");
+  auto out = empty_out(n, dtype);
+  const uint8_t* z = kind == INT4 ? zeros.data_ptr<uint8_t>() : nullptr;
+  if (dt == F32) int_dequantize_impl<F32>(data.data_ptr<uint8_t>(), scales.data_ptr<float>(), z, rows, cols, group, int(kind), out.data_ptr());
+  else if (dt == BF16) int_dequantize_impl<BF16>(data.data_ptr<uint8_t>(), scales.data_ptr<float>(), z, rows, cols, group, int(kind), out.data_ptr());
+  else int_dequantize_impl<F16>(data.data_ptr<uint8_t>(), scales.data_ptr<float>(), z, rows, cols, group, int(kind), out.data_ptr());
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "qru quantization CPU kernels (NF4/FP4 blockwise, int4/int4_sym/int8)";
+  m.def("q4_quantize", &q4_quantize, "NF4/FP4 blockwise quantize -> (packed uint8, absmax fp32)");
+  m.def("q4_dequantize", &q4_dequantize, "NF4/FP4 blockwise dequantize -> flat tensor");
+  m.def("int_quantize", &int_quantize, "int4/int4_sym/int8 quantize -> (data, scales, zeros)");
+  m.def("int_dequantize", &int_dequantize, "int4/int4_sym/int8 dequantize -> flat tensor");
+  m.attr("has_avx512") = bool(QRU_AVX512);
+}
