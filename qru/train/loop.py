@@ -1,0 +1,796 @@
+"""The training loop: unlearning (GA / NPO / SimNPO with GDR / KLR, full fine-tuning or LoRA)
+and pre-training, written out by hand in one function, ``train_loop``.
+
+Python API (the CLI is a thin wrapper): ``unlearn(UnlearnConfig) -> TrainResult`` and
+``pretrain(PretrainConfig) -> TrainResult``.
+
+One optimizer step = ``grad_accum`` micro-batches of the main set (forget set, or the training
+set), each paired with the next retain batch (an independent, endlessly reshuffled stream). An
+epoch is one pass over the main set; the last step of an epoch may use fewer micro-batches.
+
+The reference model is never forwarded needlessly: NPO's reference sequence log-probs are computed
+once for the whole forget set before the first step (the model *is* the reference then, in both
+modes) and stored in the checkpoint; only KLR needs a per-batch reference forward (adapters
+disabled in LoRA mode, a frozen copy loaded from the model directory in full mode).
+
+Outputs in ``out``: ``metrics.jsonl`` (one row per logged step; eval rows carry ``forget_nll`` /
+``retain_nll``), ``run.json``, the model (HF checkpoint, or a PEFT adapter in LoRA mode),
+``tokenizer.model``, and ``checkpoint/`` while a run is unfinished (every ``save_every`` steps, at
+``stop_after``, and on Ctrl-C). ``resume=True`` continues from it bit-identically: trainable
+parameters, AdamW state, step, data positions and RNG states are all restored.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import signal
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from qru.model.checkpoint import staged_dir
+from qru.model.config import LlamaConfig, atomic_write_text
+from qru.model.llama import Llama
+from qru.model.tokenizer import Tokenizer
+from qru.train import losses as L
+from qru.train.data import (Batch, BatchStream, DataError, TokenizedSet, collate, detect_format, fixed_sample,
+                            format_qa, load_sets, read_records)
+
+METHODS = ("ga", "npo", "simnpo")
+REGS = ("none", "gdr", "klr")
+MODES = ("full", "lora")
+SCHEDULERS = ("constant", "cosine")
+PRECISIONS = ("bf16", "fp32")
+MASTER_DTYPES = ("fp32", "bf16")
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CKPT_DIR = "checkpoint"
+METRICS = "metrics.jsonl"
+RUN_JSON = "run.json"
+TOKENIZER_FILE = "tokenizer.model"
+# Options that may differ between a run and its resumption.
+_RESUME_FREE = {"resume", "stop_after", "progress", "save_every", "log_every", "keep_checkpoint", "cache_dir",
+                "device"}
+
+
+class TrainConfigError(ValueError):
+    """An invalid training option. The message names the option."""
+
+
+# -- configs ------------------------------------------------------------------------------
+
+@dataclass(kw_only=True)
+class TrainOptions:
+    """Options shared by pre-training and unlearning."""
+    out: str
+    lr: float = 1e-5
+    epochs: int = 5
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_len: int = 256
+    scheduler: str = "constant"  # "constant" | "cosine" (after linear warmup)
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    seed: int = 0
+    precision: str = "bf16"  # autocast dtype of the compute: "bf16" | "fp32" (no autocast)
+    master_dtype: str = "fp32"  # "fp32" weights (+ fp32 optimizer state) | "bf16" (no fp32 master copy)
+    gradient_checkpointing: bool = False
+    device: str = "auto"
+    fmt: str = "auto"  # data format: "auto" | "text" | "qa"
+    eval_samples: int = 32  # size of the held-fixed eval samples
+    eval_batch_size: int = 16
+    log_every: int = 1
+    save_every: int = 0  # checkpoint every N steps (0: only at stop_after / Ctrl-C)
+    resume: bool = False
+    stop_after: int | None = None  # stop (with a checkpoint) after this many steps, as if interrupted
+    keep_checkpoint: bool = False  # keep ``checkpoint/`` after a finished run
+    progress: bool = True
+    cache_dir: str | None = None  # token cache (default $QRU_CACHE/tokens or ~/.cache/qru/tokens)
+
+
+@dataclass(kw_only=True)
+class UnlearnConfig(TrainOptions):
+    model: str
+    forget: list[str]
+    retain: list[str] = field(default_factory=list)
+    method: str = "npo"
+    reg: str = "gdr"
+    mode: str = "lora"
+    rank: int = 8
+    alpha: float = 16.0
+    lora_dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    beta: float | None = None  # None: 0.1 for NPO, 2.5 for SimNPO
+    delta: float = L.SIMNPO_DELTA
+    forget_weight: float = 1.0  # gamma
+    retain_weight: float = 1.0  # alpha
+    tokenizer: str | None = None  # default: tokenizer.model beside the model
+    qa_loss: str = "answer"
+
+    @property
+    def effective_beta(self) -> float:
+        if self.beta is not None:
+            return self.beta
+        return L.SIMNPO_BETA if self.method == "simnpo" else L.NPO_BETA
+
+
+@dataclass(kw_only=True)
+class PretrainConfig(TrainOptions):
+    data: list[str]
+    config: str = "tiny"  # preset name or a config.json path
+    tokenizer: str | None = None  # tokenizer.model file or a directory holding one
+    train_tokenizer: int | None = None  # train a BPE tokenizer of this vocab size on the data
+    init: str | None = None  # fine-tune this checkpoint instead of training from scratch
+    lr: float = 1e-3
+    epochs: int = 10
+    batch_size: int = 16
+    scheduler: str = "cosine"
+    warmup_steps: int = 10
+    weight_decay: float = 0.01
+    qa_loss: str = "all"
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    status: str  # "done" | "stopped"
+    steps: int
+    total_steps: int
+    trainable_params: int
+    total_params: int
+    metrics: list[dict]  # every row of metrics.jsonl
+    seconds: float
+    model: torch.nn.Module = field(repr=False, default=None)
+
+    @property
+    def evals(self) -> list[dict]:
+        return [r for r in self.metrics if any(k.endswith("_nll") for k in r)]
+
+
+def _check(cond: bool, name: str, value, need: str) -> None:
+    if not cond:
+        raise TrainConfigError(f"{name} must be {need}, got {value!r}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _validate_common(c: TrainOptions) -> None:
+    _check(isinstance(c.lr, (int, float)) and math.isfinite(c.lr) and c.lr > 0, "lr", c.lr, "a positive number")
+    for name in ("epochs", "batch_size", "grad_accum", "eval_samples", "eval_batch_size", "log_every"):
+        v = getattr(c, name)
+        _check(_is_int(v) and v > 0, name, v, "a positive integer")
+    _check(_is_int(c.max_len) and c.max_len >= 2, "max_len", c.max_len, "an integer >= 2")
+    for name in ("warmup_steps", "save_every", "seed"):
+        v = getattr(c, name)
+        _check(_is_int(v) and v >= 0, name, v, "a non-negative integer")
+    _check(c.stop_after is None or (_is_int(c.stop_after) and c.stop_after > 0), "stop_after", c.stop_after,
+           "None or a positive integer")
+    _check(c.weight_decay >= 0, "weight_decay", c.weight_decay, ">= 0")
+    _check(c.max_grad_norm >= 0, "max_grad_norm", c.max_grad_norm, ">= 0")
+    _check(c.scheduler in SCHEDULERS, "scheduler", c.scheduler, f"one of {SCHEDULERS}")
+    _check(c.precision in PRECISIONS, "precision", c.precision, f"one of {PRECISIONS}")
+    _check(c.master_dtype in MASTER_DTYPES, "master_dtype", c.master_dtype, f"one of {MASTER_DTYPES}")
+    _check(c.fmt in ("auto", "text", "qa"), "fmt", c.fmt, "one of ('auto', 'text', 'qa')")
+    _check(c.qa_loss in ("answer", "all"), "qa_loss", c.qa_loss, "one of ('answer', 'all')")
+    _check(bool(c.out), "out", c.out, "an output directory")
+
+
+def validate_unlearn(c: UnlearnConfig) -> None:
+    _validate_common(c)
+    _check(c.method in METHODS, "method", c.method, f"one of {METHODS}")
+    _check(c.reg in REGS, "reg", c.reg, f"one of {REGS}")
+    _check(c.mode in MODES, "mode", c.mode, f"one of {MODES}")
+    _check(_is_int(c.rank) and c.rank > 0, "rank", c.rank, "a positive integer")
+    _check(c.alpha > 0, "alpha", c.alpha, "> 0")
+    _check(0 <= c.lora_dropout < 1, "lora_dropout", c.lora_dropout, "in [0, 1)")
+    _check(bool(c.targets), "targets", c.targets, "a non-empty list of module names")
+    _check(c.beta is None or (math.isfinite(c.beta) and c.beta > 0), "beta", c.beta, "None or > 0")
+    _check(c.forget_weight >= 0, "forget_weight", c.forget_weight, ">= 0")
+    _check(c.retain_weight >= 0, "retain_weight", c.retain_weight, ">= 0")
+    if isinstance(c.forget, (str, os.PathLike)):
+        c.forget = [str(c.forget)]
+    if isinstance(c.retain, (str, os.PathLike)):
+        c.retain = [str(c.retain)]
+    _check(bool(c.forget), "forget", c.forget, "at least one data path")
+    if c.reg != "none" and not c.retain:
+        raise TrainConfigError(f"reg={c.reg!r} needs retain data (retain is empty)")
+
+
+def validate_pretrain(c: PretrainConfig) -> None:
+    _validate_common(c)
+    if isinstance(c.data, (str, os.PathLike)):
+        c.data = [str(c.data)]
+    _check(bool(c.data), "data", c.data, "at least one data path")
+    _check(c.train_tokenizer is None or (_is_int(c.train_tokenizer) and c.train_tokenizer > 0), "train_tokenizer",
+           c.train_tokenizer, "None or a positive vocabulary size")
+    given = [n for n in ("tokenizer", "train_tokenizer") if getattr(c, n) is not None]
+    if len(given) > 1:
+        raise TrainConfigError("give only one of tokenizer and train_tokenizer")
+
+
+# -- small helpers ------------------------------------------------------------------------
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TrainConfigError(f"device={name!r} but CUDA is not available")
+    return dev
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+
+
+def lr_at(step: int, total: int, base: float, scheduler: str, warmup: int) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then constant or cosine to 0."""
+    if warmup and step < warmup:
+        return base * (step + 1) / warmup
+    if scheduler == "constant":
+        return base
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def autocast(device: torch.device, precision: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def load_tokenizer(path: str | os.PathLike) -> tuple[Tokenizer, Path]:
+    """A tokenizer from a ``tokenizer.model`` file or a directory holding one."""
+    p = Path(path)
+    f = p / TOKENIZER_FILE if p.is_dir() else p
+    if not f.is_file():
+        raise FileNotFoundError(f"tokenizer not found: {f}")
+    return Tokenizer(f), f
+
+
+def check_vocab(model_vocab: int, tok: Tokenizer, model_src, tok_src) -> None:
+    if tok.vocab_size > model_vocab:
+        raise TrainConfigError(
+            f"vocabulary mismatch: tokenizer {tok_src} has {tok.vocab_size} pieces but the model {model_src} has "
+            f"vocab_size={model_vocab}; use the tokenizer the model was trained with")
+    if tok.vocab_size < model_vocab:
+        warnings.warn(f"model {model_src} has vocab_size={model_vocab} > tokenizer {tok_src} ({tok.vocab_size} "
+                      "pieces); the extra embedding rows are unused")
+
+
+def versions() -> dict:
+    import qru
+
+    v = {"qru": qru.__version__, "torch": torch.__version__, "python": platform.python_version(),
+         "platform": platform.platform()}
+    from importlib import metadata
+
+    for dist in ("transformers", "peft", "datasets", "sentencepiece", "safetensors", "triton"):
+        try:
+            v[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return v
+
+
+def count_params(model: torch.nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts (shared tensors counted once)."""
+    ps = list(model.parameters())
+    return sum(p.numel() for p in ps if p.requires_grad), sum(p.numel() for p in ps)
+
+
+def _batches(ts: TokenizedSet, bs: int):
+    for s in range(0, len(ts), bs):
+        yield list(range(s, min(s + bs, len(ts))))
+
+
+@torch.no_grad()
+def eval_nll(model, ts: TokenizedSet, batch_size: int, pad_id: int, device, precision: str) -> float:
+    """Plain mean token NLL over the targets of ``ts`` (model in eval mode, no gradient)."""
+    was = model.training
+    model.eval()
+    tot, n = 0.0, 0.0
+    for idx in _batches(ts, batch_size):
+        b = collate(ts, idx, pad_id).to(device)
+        with autocast(device, precision):
+            logits = model(b.input_ids)
+        s, c = L.sequence_logprobs(logits, b.input_ids, b.loss_mask)
+        tot -= float(s.sum())
+        n += float(c.sum())
+    model.train(was)
+    return tot / n
+
+
+@torch.no_grad()
+def sequence_logp_table(model, ts: TokenizedSet, batch_size: int, pad_id: int, device, precision: str
+                        ) -> torch.Tensor:
+    """Per-example sequence log-probs (sum over targets) of every example of ``ts``, fp32 on CPU."""
+    was = model.training
+    model.eval()
+    out = torch.empty(len(ts), dtype=torch.float32)
+    for idx in _batches(ts, batch_size):
+        b = collate(ts, idx, pad_id).to(device)
+        with autocast(device, precision):
+            logits = model(b.input_ids)
+        out[idx] = L.sequence_logprobs(logits, b.input_ids, b.loss_mask)[0].cpu()
+    model.train(was)
+    return out
+
+
+# -- checkpoints ----------------------------------------------------------------------------
+
+def _rng_state() -> dict:
+    st = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _trainable_named(model) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(out: Path, model, optimizer, state: dict) -> Path:
+    """Atomically write ``out/checkpoint``: trainable tensors, optimizer, loop state (step, data
+    positions, RNG, extras)."""
+    ckpt = out / CKPT_DIR
+    with staged_dir(ckpt) as stage:
+        save_file({n: p.detach().cpu().contiguous() for n, p in _trainable_named(model).items()},
+                  str(stage / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), stage / "optimizer.pt")
+        torch.save({**state, "rng": _rng_state()}, stage / "state.pt")
+    return ckpt
+
+
+def read_checkpoint_state(out: Path) -> dict:
+    f = Path(out) / CKPT_DIR / "state.pt"
+    if not f.is_file():
+        raise FileNotFoundError(f"resume: no checkpoint at {f.parent} (run without resume first)")
+    return torch.load(f, map_location="cpu", weights_only=True)
+
+
+def load_checkpoint(out: Path, model, optimizer) -> dict:
+    ckpt = Path(out) / CKPT_DIR
+    state = read_checkpoint_state(out)
+    saved = load_file(str(ckpt / "trainable.safetensors"))
+    params = _trainable_named(model)
+    if saved.keys() != params.keys():
+        diff = sorted(saved.keys() ^ params.keys())
+        raise TrainConfigError(f"resume: checkpoint {ckpt} does not match the model's trainable parameters "
+                               f"(differ: {diff[:5]})")
+    with torch.no_grad():
+        for n, p in params.items():
+            if saved[n].shape != p.shape or saved[n].dtype != p.dtype:
+                raise TrainConfigError(f"resume: {ckpt}: tensor {n!r} is {saved[n].dtype}{tuple(saved[n].shape)}, "
+                                       f"the model has {p.dtype}{tuple(p.shape)}")
+            p.copy_(saved[n])
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
+    return state
+
+
+def _check_resume_config(saved: dict, current: dict) -> None:
+    diff = sorted(k for k in set(saved) | set(current)
+                  if k not in _RESUME_FREE and saved.get(k) != current.get(k))
+    if diff:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in diff[:5])
+        raise TrainConfigError(f"resume: options differ from the checkpointed run ({detail})")
+
+
+class _SigintGuard:
+    """First Ctrl-C sets a flag the loop checks after each step (it then checkpoints and stops);
+    a second one interrupts at once."""
+
+    def __init__(self):
+        self.hit = False
+        self._old = None
+
+    def _handler(self, signum, frame):
+        if self.hit:
+            raise KeyboardInterrupt
+        self.hit = True
+        print("\nqru: Ctrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to abort)",
+              file=sys.stderr)
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread: no handler, plain KeyboardInterrupt semantics
+            self._old = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+def _write_metrics(path: Path, rows: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# -- the loop ------------------------------------------------------------------------------
+
+StepFn = Callable[[Batch, "Batch | None"], dict]
+
+
+def train_loop(model: torch.nn.Module, step_fn: StepFn, main: TokenizedSet, aux: TokenizedSet | None,
+               evals: dict[str, TokenizedSet], opts: TrainOptions, out: Path, pad_id: int,
+               device: torch.device, loss_names: tuple[str, ...], extra_state: dict | None = None,
+               config_dict: dict | None = None, desc: str = "train") -> tuple[int, int, str, list[dict]]:
+    """Run the optimisation. ``step_fn(main_batch, aux_batch)`` returns a dict of scalar losses with
+    ``"loss"`` (the one differentiated) and the other ``loss_names``. Returns
+    ``(steps_done, total_steps, status, metrics_rows)``; status is ``"done"`` or ``"stopped"``.
+    Raises KeyboardInterrupt after checkpointing on Ctrl-C."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise TrainConfigError("no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    stream = BatchStream(len(main), opts.batch_size, opts.seed)
+    aux_stream = BatchStream(len(aux), opts.batch_size, opts.seed + 1) if aux is not None else None
+    nb = stream.batches_per_epoch
+    steps_per_epoch = -(-nb // opts.grad_accum)
+    total = steps_per_epoch * opts.epochs
+    metrics_path = out / METRICS
+    config_dict = config_dict or {}
+
+    def run_evals() -> dict:
+        return {f"{k}_nll": eval_nll(model, v, opts.eval_batch_size, pad_id, device, opts.precision)
+                for k, v in evals.items()}
+
+    step = 0
+    if opts.resume:
+        state = load_checkpoint(out, model, optimizer)
+        _check_resume_config(state.get("config", {}), config_dict)
+        step = int(state["step"])
+        stream.load_state_dict(state["stream"])
+        if aux_stream is not None:
+            aux_stream.load_state_dict(state["aux_stream"])
+        _set_rng_state(state["rng"])
+        rows = [r for r in _read_metrics(metrics_path) if r["step"] <= step]
+        _write_metrics(metrics_path, rows)
+    else:
+        shutil.rmtree(out / CKPT_DIR, ignore_errors=True)
+        empty = {k: None for k in loss_names}
+        rows = [{"step": 0, "epoch": 0.0, **empty, "lr": lr_at(0, total, opts.lr, opts.scheduler, opts.warmup_steps),
+                 "tokens_per_s": None, **run_evals()}]
+        _write_metrics(metrics_path, rows)
+
+    def checkpoint():
+        save_checkpoint(out, model, optimizer, {
+            "step": step, "stream": stream.state_dict(),
+            "aux_stream": aux_stream.state_dict() if aux_stream is not None else None,
+            "config": config_dict, "extra": extra_state or {}})
+
+    model.train()
+    status = "done"
+    acc: dict = {}
+    n_acc, tokens, t_log = 0, 0, time.perf_counter()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        tqdm = None
+    bar = tqdm(total=total, initial=step, desc=desc, disable=not opts.progress or tqdm is None, dynamic_ncols=True,
+               file=sys.stderr) if tqdm else None
+    with _SigintGuard() as guard, (bar if bar is not None else contextlib.nullcontext()):
+        while step < total:
+            in_epoch = step % steps_per_epoch
+            n_micro = min(opts.grad_accum, nb - in_epoch * opts.grad_accum)
+            lr = lr_at(step, total, opts.lr, opts.scheduler, opts.warmup_steps)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            for _ in range(n_micro):
+                mb = collate(main, stream.next(), pad_id)
+                ab = collate(aux, aux_stream.next(), pad_id) if aux_stream is not None else None
+                tokens += mb.num_tokens + (ab.num_tokens if ab is not None else 0)
+                with autocast(device, opts.precision):
+                    losses = step_fn(mb.to(device), ab.to(device) if ab is not None else None)
+                (losses["loss"] / n_micro).backward()
+                for k in loss_names:
+                    if losses.get(k) is not None:
+                        acc[k] = acc.get(k, 0.0) + losses[k].detach().float() / n_micro
+            if opts.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            n_acc += 1
+            end_of_epoch = step % steps_per_epoch == 0
+            if step % opts.log_every == 0 or end_of_epoch or step == total:
+                now = time.perf_counter()
+                row = {"step": step, "epoch": round(step / steps_per_epoch, 6),
+                       **{k: float(acc[k]) / n_acc if k in acc else None for k in loss_names}, "lr": lr,
+                       "tokens_per_s": tokens / max(now - t_log, 1e-9)}
+                if end_of_epoch:
+                    row.update(run_evals())
+                rows.append(row)
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                if bar is not None:
+                    bar.set_postfix({k: f"{row[k]:.3f}" for k in loss_names if row[k] is not None}
+                                    | {"tok/s": f"{row['tokens_per_s']:.0f}"}, refresh=False)
+                acc = {}
+                n_acc, tokens, t_log = 0, 0, time.perf_counter()
+            if bar is not None:
+                bar.update(1)
+            if step < total and (guard.hit or (opts.save_every and step % opts.save_every == 0)
+                                 or (opts.stop_after and step >= opts.stop_after)):
+                checkpoint()
+                if guard.hit:
+                    raise KeyboardInterrupt(f"interrupted at step {step}/{total}; resume from {out / CKPT_DIR}")
+                if opts.stop_after and step >= opts.stop_after:
+                    status = "stopped"
+                    break
+    return step, total, status, rows
+
+
+# -- shared set-up ---------------------------------------------------------------------------
+
+def _model_dtype(master_dtype: str) -> torch.dtype:
+    return torch.bfloat16 if master_dtype == "bf16" else torch.float32
+
+
+def _write_run_json(out: Path, command: str, cfg, extra: dict) -> None:
+    atomic_write_text(out / RUN_JSON, json.dumps({"command": command, "config": asdict(cfg), "seed": cfg.seed,
+                                                  "versions": versions(), **extra}, indent=2, default=str) + "\n")
+
+
+def _finish(out: Path, cfg, keep: bool) -> None:
+    if not keep:
+        shutil.rmtree(out / CKPT_DIR, ignore_errors=True)
+
+
+# -- unlearning -----------------------------------------------------------------------------
+
+def _lora():
+    from qru.model import lora
+
+    return lora
+
+
+def _lora_outside_autocast(model, lora) -> list:
+    """Run every LoRALinear with autocast off, its input cast to the base weight's dtype.
+
+    The fused LoRA op (``qru.kernels.lora.lora_linear``) expects ``x`` in the base weight's dtype
+    and mixes in-place GEMMs that autocast does not cast; autocast stays on for the rest of the
+    model (attention, norms, lm_head, and the untargeted linears)."""
+    handles = []
+
+    def pre(m, args):
+        x = args[0]
+        dev = x.device.type
+        m._qru_autocast = torch.is_autocast_enabled(dev)
+        if not m._qru_autocast:
+            return None
+        torch.set_autocast_enabled(dev, False)
+        dt = m.weight.dtype if m.weight is not None else m.compute_dtype
+        return (x.to(dt),) + tuple(args[1:])
+
+    def post(m, args, out):
+        if getattr(m, "_qru_autocast", False):
+            torch.set_autocast_enabled(args[0].device.type, True)
+            m._qru_autocast = False
+
+    for _, m in lora.lora_modules(model):
+        handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    return handles
+
+
+def unlearn(cfg: UnlearnConfig) -> TrainResult:
+    """Unlearn ``cfg.forget`` from ``cfg.model``; see the module docstring for the outputs."""
+    t0 = time.perf_counter()
+    validate_unlearn(cfg)
+    model_dir = Path(cfg.model)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"model checkpoint not found: {model_dir / 'config.json'} does not exist")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    seed_all(cfg.seed)
+    tok, tok_file = load_tokenizer(cfg.tokenizer or model_dir)
+    model_cfg = LlamaConfig.from_json(model_dir)
+    check_vocab(model_cfg.vocab_size, tok, model_dir, tok_file)
+    kw = dict(max_len=cfg.max_len, fmt=cfg.fmt, qa_loss=cfg.qa_loss, cache_dir=cfg.cache_dir)
+    forget = load_sets(cfg.forget, tok, role="forget", **kw)
+    retain = load_sets(cfg.retain, tok, role="retain", **kw) if cfg.retain else None
+    pad = tok.pad_id
+
+    dtype = _model_dtype(cfg.master_dtype)
+    model = Llama.from_pretrained(model_dir, dtype=dtype, device=device)
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    beta = cfg.effective_beta
+    config_dict = asdict(cfg)
+
+    # NPO's reference log-probs: the model is the reference before any update (LoRA's B = 0).
+    ref_logp = None
+    if cfg.method == "npo":
+        if cfg.resume:
+            ref_logp = read_checkpoint_state(out)["extra"]["ref_logp"]
+        else:
+            ref_logp = sequence_logp_table(model, forget, cfg.eval_batch_size, pad, device, cfg.precision)
+
+    if cfg.mode == "lora":
+        lora = _lora()
+        # freezes the base; adapters in the master dtype (bf16: no fp32 copy anywhere)
+        lora.apply_lora(model, targets=list(cfg.targets), r=cfg.rank, alpha=cfg.alpha, dropout=cfg.lora_dropout,
+                        lora_dtype=dtype, seed=cfg.seed)
+        if cfg.precision == "bf16":
+            _lora_outside_autocast(model, lora)
+        ref_ctx = lambda: lora.disable_adapters(model)  # noqa: E731
+        ref_model = model
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        ref_ctx = contextlib.nullcontext
+        ref_model = None
+        if cfg.reg == "klr":
+            ref_model = Llama.from_pretrained(model_dir, dtype=dtype, device=device).eval()
+            for p in ref_model.parameters():
+                p.requires_grad_(False)
+    trainable, total = count_params(model)
+
+    def step_fn(fb: Batch, rb: Batch | None) -> dict:
+        logits = model(fb.input_ids)
+        s, n = L.sequence_logprobs(logits, fb.input_ids, fb.loss_mask)
+        if cfg.method == "ga":
+            f_loss = L.ga(s, n)
+        elif cfg.method == "npo":
+            f_loss = L.npo(s, ref_logp[fb.index].to(s.device), beta)
+        else:
+            f_loss = L.simnpo(s, n, beta, cfg.delta)
+        r_loss = None
+        if cfg.reg == "gdr":
+            r_loss = L.gdr(*L.sequence_logprobs(model(rb.input_ids), rb.input_ids, rb.loss_mask))
+        elif cfg.reg == "klr":
+            with torch.no_grad(), ref_ctx():
+                ref_logits = ref_model(rb.input_ids)
+            r_logits = model(rb.input_ids)
+            r_loss = L.klr(r_logits[:, :-1], ref_logits[:, :-1], rb.loss_mask[:, 1:])
+        loss = L.combine(f_loss, r_loss, cfg.forget_weight, cfg.retain_weight)
+        return {"loss": loss, "forget_loss": f_loss, "retain_loss": r_loss}
+
+    evals = {"forget": forget.subset(fixed_sample(len(forget), cfg.eval_samples, cfg.seed))}
+    if retain is not None:
+        evals["retain"] = retain.subset(fixed_sample(len(retain), cfg.eval_samples, cfg.seed))
+    aux = retain if cfg.reg != "none" else None
+    info = {"mode": cfg.mode, "trainable_params": trainable, "total_params": total, "beta": beta,
+            "forget_examples": len(forget), "retain_examples": len(retain) if retain is not None else 0,
+            "device": str(device)}
+    print(f"qru unlearn: {cfg.method}+{cfg.reg} ({cfg.mode}) trainable params {trainable:,} / {total:,}",
+          file=sys.stderr)
+    _write_run_json(out, "unlearn", cfg, {**info, "status": "running"})
+    try:
+        steps, total_steps, status, rows = train_loop(
+            model, step_fn, forget, aux, evals, cfg, out, pad, device, ("loss", "forget_loss", "retain_loss"),
+            extra_state={"ref_logp": ref_logp} if ref_logp is not None else None, config_dict=config_dict,
+            desc=f"unlearn {cfg.method}+{cfg.reg}")
+    except KeyboardInterrupt:
+        _write_run_json(out, "unlearn", cfg, {**info, "status": "interrupted"})
+        raise
+    if status == "done":
+        if cfg.mode == "lora":
+            _lora().save_adapter(model, out, base_model_name_or_path=str(model_dir))
+        else:
+            model.save_pretrained(out)
+        shutil.copyfile(tok_file, out / TOKENIZER_FILE)
+        _finish(out, cfg, cfg.keep_checkpoint)
+    secs = time.perf_counter() - t0
+    _write_run_json(out, "unlearn", cfg, {**info, "status": status, "steps": steps, "total_steps": total_steps,
+                                          "seconds": secs, "final": rows[-1]})
+    return TrainResult(out, status, steps, total_steps, trainable, total, rows, secs, model)
+
+
+# -- pre-training --------------------------------------------------------------------------
+
+def corpus_texts(paths, fmt: str = "auto") -> list[str]:
+    """The training texts of the data sources, as the model will see them (QA records formatted)."""
+    texts = []
+    for p in paths:
+        recs = read_records(p)
+        kind = detect_format(recs, p) if fmt == "auto" else fmt
+        if kind == "qa":
+            texts += [format_qa(r["question"], r["answer"]) for r in recs]
+        else:
+            texts += [r["text"] for r in recs]
+    return texts
+
+
+def _model_config(spec: str, tok: Tokenizer, max_len: int) -> LlamaConfig:
+    ids = dict(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    p = Path(spec)
+    if p.suffix == ".json" or p.is_dir():
+        cfg = LlamaConfig.from_json(p)
+        check_vocab(cfg.vocab_size, tok, p, "tokenizer")
+        return cfg.replace(**ids)
+    base = LlamaConfig.preset(spec)
+    return base.replace(vocab_size=tok.vocab_size, max_position_embeddings=max(base.max_position_embeddings, max_len),
+                        **ids)
+
+
+def pretrain(cfg: PretrainConfig) -> TrainResult:
+    """Train a model from scratch (``config``) or fine-tune one (``init``) on text / QA data."""
+    t0 = time.perf_counter()
+    validate_pretrain(cfg)
+    for p in cfg.data:
+        if not Path(p).exists():
+            raise FileNotFoundError(f"training data not found: {p}")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    seed_all(cfg.seed)
+    if cfg.tokenizer is not None:
+        tok, tok_file = load_tokenizer(cfg.tokenizer)
+    elif cfg.train_tokenizer is not None:
+        tok_file = out / TOKENIZER_FILE
+        if not (cfg.resume and tok_file.is_file()):
+            Tokenizer.train(corpus_texts(cfg.data, cfg.fmt), cfg.train_tokenizer, tok_file, seed=cfg.seed)
+        tok = Tokenizer(tok_file)
+    elif cfg.init is not None:
+        tok, tok_file = load_tokenizer(cfg.init)
+    else:
+        raise TrainConfigError("pretrain needs a tokenizer: give tokenizer, train_tokenizer or init")
+    dtype = _model_dtype(cfg.master_dtype)
+    if cfg.init is not None:
+        if not (Path(cfg.init) / "config.json").is_file():
+            raise FileNotFoundError(f"init checkpoint not found: {Path(cfg.init) / 'config.json'} does not exist")
+        check_vocab(LlamaConfig.from_json(cfg.init).vocab_size, tok, cfg.init, tok_file)
+        model = Llama.from_pretrained(cfg.init, dtype=dtype, device=device)
+    else:
+        model = Llama(_model_config(cfg.config, tok, cfg.max_len)).to(device=device, dtype=dtype)
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    data = load_sets(cfg.data, tok, cfg.max_len, cfg.fmt, cfg.qa_loss, cfg.cache_dir, role="training")
+    trainable, total = count_params(model)
+
+    def step_fn(b: Batch, _unused) -> dict:
+        return {"loss": L.mean_nll(*L.sequence_logprobs(model(b.input_ids), b.input_ids, b.loss_mask))}
+
+    evals = {"train": data.subset(fixed_sample(len(data), cfg.eval_samples, cfg.seed))}
+    info = {"trainable_params": trainable, "total_params": total, "examples": len(data),
+            "tokens": data.num_tokens, "device": str(device)}
+    _write_run_json(out, "pretrain", cfg, {**info, "status": "running"})
+    try:
+        steps, total_steps, status, rows = train_loop(model, step_fn, data, None, evals, cfg, out, tok.pad_id, device,
+                                                      ("loss",), config_dict=asdict(cfg), desc="pretrain")
+    except KeyboardInterrupt:
+        _write_run_json(out, "pretrain", cfg, {**info, "status": "interrupted"})
+        raise
+    if status == "done":
+        model.save_pretrained(out)
+        if tok_file.resolve() != (out / TOKENIZER_FILE).resolve():
+            shutil.copyfile(tok_file, out / TOKENIZER_FILE)
+        _finish(out, cfg, cfg.keep_checkpoint)
+    secs = time.perf_counter() - t0
+    _write_run_json(out, "pretrain", cfg, {**info, "status": status, "steps": steps, "total_steps": total_steps,
+                                           "seconds": secs, "final": rows[-1]})
+    return TrainResult(out, status, steps, total_steps, trainable, total, rows, secs, model)
