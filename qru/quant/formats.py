@@ -1,0 +1,230 @@
+"""Public weight-quantization API: :class:`QTensor`, :func:`quantize`, :func:`dequantize`.
+
+Formats (layouts in docs/formats.md):
+
+* ``nf4`` / ``fp4``: bitsandbytes-compatible blockwise 4-bit (default block 64), optional
+  nested (double) quantization of the absmax as bitsandbytes does it;
+* ``int4``: AWQ-style asymmetric groupwise (default group 128), with integer zero points;
+* ``int4_sym``: symmetric groupwise, ``absmax / 7`` (default group 128);
+* ``int8``: per output channel (row), ``absmax / 127``.
+
+The kernels live in :mod:`qru.kernels.quant4` and :mod:`qru.kernels.quant_int`
+(torch reference, Triton, C++; chosen at call time).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from qru.kernels import quant4, quant_int
+
+FORMATS = ("nf4", "fp4", "int4", "int4_sym", "int8")
+DEFAULT_BLOCK_SIZE = {"nf4": 64, "fp4": 64, "int4": 128, "int4_sym": 128, "int8": None}
+DOUBLE_QUANT_BLOCK = 256
+_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@dataclass
+class DoubleQuant:
+    """Nested quantization state of the absmax (bitsandbytes ``compress_statistics``).
+
+    The owning :class:`QTensor`'s ``scales`` then holds one uint8 code per 4-bit block:
+    ``absmax[i] = code[scales[i]] * absmax2[i // 256] + offset`` (fp32, in that order).
+    """
+    absmax2: torch.Tensor  # fp32 [ceil(blocks / 256)], absmax of (absmax - offset) per 256 codes
+    offset: torch.Tensor   # fp32 0-dim, mean of the 4-bit absmax
+    code: torch.Tensor     # fp32 [256], bitsandbytes' signed dynamic 8-bit map
+    block_size: int = DOUBLE_QUANT_BLOCK
+
+
+@dataclass
+class QTensor:
+    """A quantized tensor.
+
+    ``data``: packed uint8 (flat); ``scales``: fp32 per block / group / row (uint8 codes
+    when ``double_quant`` is set); ``zeros``: uint8 zero points (``int4`` only, else None);
+    ``shape`` / ``dtype``: the original tensor's; ``block_size``: the block or group size
+    (``int8``: the row length).
+    """
+    data: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    shape: torch.Size
+    dtype: torch.dtype
+    fmt: str
+    block_size: int
+    double_quant: DoubleQuant | None = None
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dequantized tensor (``dtype`` defaults to the original dtype)."""
+        return dequantize(self, dtype)
+
+    def absmax(self) -> torch.Tensor:
+        """fp32 per-block scales, undoing the nested quantization if any (4-bit formats:
+        the absmax per block; integer formats: ``scales``)."""
+        if self.double_quant is None:
+            return self.scales
+        return _nested_dequantize(self.scales, self.double_quant)
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the quantized representation."""
+        parts = [self.data, self.scales, self.zeros]
+        if self.double_quant is not None:
+            parts += [self.double_quant.absmax2, self.double_quant.offset, self.double_quant.code]
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+    def to(self, device: torch.device | str) -> "QTensor":
+        """A copy on ``device``."""
+        mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+        dq = self.double_quant
+        if dq is not None:
+            dq = replace(dq, absmax2=mv(dq.absmax2), offset=mv(dq.offset), code=mv(dq.code))
+        return replace(self, data=mv(self.data), scales=mv(self.scales), zeros=mv(self.zeros), double_quant=dq)
+
+
+# ----------------------------------------------------------------------------- nested absmax
+
+
+def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
+    """bitsandbytes' dynamic 8-bit map (``bitsandbytes.functional.create_dynamic_map``), fp32 [256]."""
+    data: list[float] = []
+    non_sign_bits = total_bits - 1
+    additional_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
+    for i in range(max_exponent_bits):
+        items = int(2 ** (i + non_sign_bits - max_exponent_bits) + 1 if signed
+                    else 2 ** (i + non_sign_bits - max_exponent_bits + 1) + 1)
+        bounds = torch.linspace(0.1, 1, items, dtype=torch.float32)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+        if signed:
+            data += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+    if additional_items > 0:
+        bounds = torch.linspace(0.1, 1, additional_items + 1, dtype=torch.float32)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        data += ((10 ** (-(max_exponent_bits - 1) + max_exponent_bits - 1)) * means).tolist()
+        if signed:
+            data += (-(10 ** (-(max_exponent_bits - 1) + max_exponent_bits - 1)) * means).tolist()
+    data += [0.0, 1.0]
+    data += [0.0] * (2 ** total_bits - len(data))
+    data.sort()
+    return torch.tensor(data, dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _dynamic_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dynamic map fp32[256], 65536-entry uint8 LUT) on ``device``.
+
+    The LUT is bitsandbytes 0.50.2's CPU ``quantize_blockwise`` table: grid point ``k``
+    is ``2k / 65535 - 1`` in fp32, mapped to the number of code midpoints below it.
+    """
+    code = create_dynamic_map()
+    mids = (code[:-1] + code[1:]) * 0.5
+    k = torch.arange(65536, dtype=torch.float32)
+    lut = torch.bucketize((k + k) / 65535.0 - 1.0, mids).to(torch.uint8)
+    return code.to(device), lut.to(device)
+
+
+def _nested_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, DoubleQuant]:
+    """bitsandbytes' nested quantization: ``offset = mean(absmax)``, then 8-bit blockwise
+    (256) quantization of ``absmax - offset`` over the dynamic map, reproducing the CPU
+    kernel of bitsandbytes 0.50.2 bit for bit: ``s = clamp(x * (1 / amax), -1, 1)``,
+    ``code = LUT[trunc(fma((s + 1) * 0.5, 65535, 0.5))]`` (all-zero blocks: code 0)."""
+    code, lut = _dynamic_tables(absmax.device)
+    offset = absmax.mean()
+    x = absmax - offset
+    n = x.numel()
+    nb = -(-n // DOUBLE_QUANT_BLOCK)
+    xp = torch.nn.functional.pad(x, (0, nb * DOUBLE_QUANT_BLOCK - n)).view(nb, DOUBLE_QUANT_BLOCK)
+    am = xp.abs().amax(dim=1)
+    safe = torch.where(am == 0, torch.ones_like(am), am)
+    s = torch.clamp(xp * (1.0 / safe).view(-1, 1), -1, 1)
+    # fp32 fma((s + 1) * 0.5, 65535, 0.5): both double steps are exact here, so the
+    # final rounding to fp32 is the fma's single rounding.
+    t = (((s + 1.0) * 0.5).double() * 65535.0 + 0.5).float()
+    q = torch.where((am == 0).view(-1, 1), 0, lut[t.long()].int()).to(torch.uint8)
+    return q.reshape(-1)[:n], DoubleQuant(absmax2=am, offset=offset, code=code)
+
+
+def _nested_dequantize(codes: torch.Tensor, dq: DoubleQuant) -> torch.Tensor:
+    """fp32 absmax from nested codes: ``code[q] * absmax2[i // 256] + offset``."""
+    block = torch.arange(codes.numel(), device=codes.device) // dq.block_size
+    return dq.code[codes.long()] * dq.absmax2[block] + dq.offset
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _check_input(w, fmt: str) -> None:
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+    if w.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"w must be bfloat16, float16 or float32, got {w.dtype}")
+    if w.numel() == 0:
+        raise ValueError(f"w has no elements (shape {tuple(w.shape)}); nothing to quantize")
+
+
+def _raise_nonfinite(w: torch.Tensor, fmt: str) -> None:
+    bad = ~torch.isfinite(w)
+    if bad.any():
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"w contains NaN or Inf (first at index {idx}, value {w[idx].item()}); "
+                         f"cannot quantize to {fmt}")
+    raise ValueError(f"w: a group's max - min overflows float32 (|w| up to {w.abs().max().item():.3g}); "
+                     f"cannot quantize to {fmt}")
+
+
+def quantize(w: torch.Tensor, fmt: str, block_size: int | None = None, *,
+             double_quant: bool = False) -> QTensor:
+    """Quantize ``w`` (bf16/fp16/fp32) to ``fmt``.
+
+    ``block_size``: the 4-bit block (default 64) or the int4 group (default 128), a
+    power of two in [32, 4096]; must be None for ``int8``. ``double_quant`` (nf4/fp4
+    only) nests the absmax as bitsandbytes' ``compress_statistics=True``.
+    nf4/fp4 accept any shape (flattened); integer formats group along the last
+    dimension (int4 formats need it even). NaN/Inf raise ValueError.
+    """
+    _check_input(w, fmt)
+    if block_size is None:
+        block_size = DEFAULT_BLOCK_SIZE[fmt]
+    if double_quant and fmt not in quant4.FORMATS_4BIT:
+        raise ValueError(f"double_quant applies to nf4/fp4 only, not {fmt!r}")
+    w = w.contiguous()
+    if fmt in quant4.FORMATS_4BIT:
+        quant4.check_block_size(block_size)
+        data, scales = quant4.quantize_4bit(w, fmt, block_size)
+        zeros = None
+    else:
+        data, scales, zeros = quant_int.quantize_int(w, fmt, block_size)
+        block_size = block_size if fmt != "int8" else w.shape[-1]
+    if not bool(torch.isfinite(scales).all()):
+        _raise_nonfinite(w, fmt)
+    dq = None
+    if double_quant:
+        scales, dq = _nested_quantize(scales)
+    return QTensor(data=data, scales=scales, zeros=zeros, shape=w.shape, dtype=w.dtype, fmt=fmt,
+                   block_size=block_size, double_quant=dq)
+
+
+def dequantize(q: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dequantize ``q`` to a tensor of its original shape (``dtype`` defaults to ``q.dtype``)."""
+    if not isinstance(q, QTensor):
+        raise TypeError(f"q must be a QTensor, got {type(q).__name__}")
+    dtype = q.dtype if dtype is None else dtype
+    if dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
+    n = math.prod(q.shape)
+    if q.fmt in quant4.FORMATS_4BIT:
+        out = quant4.dequantize_4bit(q.data, q.absmax(), q.fmt, q.block_size, n, dtype)
+        return out.reshape(q.shape)
+    group = None if q.fmt == "int8" else q.block_size
+    return quant_int.dequantize_int(q.data, q.scales, q.zeros, q.fmt, tuple(q.shape), group, dtype)
