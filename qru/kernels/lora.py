@@ -158,14 +158,14 @@ class LoRALinearTorchFn(torch.autograd.Function):
     Forward, with ``m`` the keep-mask, ``k`` its rescale and ``x̃ = k·(m⊙x)``::
 
         u = x̃ Aᵀ                      (M, r)   computed once, saved
-        y = b + s·u Bᵀ, then y += x Wᵀ (addmm with beta=1: y is written once by the big GEMM)
+        y = b + (s·u) Bᵀ, then y += x Wᵀ  (addmm with beta=1 accumulates the big GEMM into y)
 
     Backward, ``G = dL/dy``::
 
-        g  = G B                       (M, r)   computed once, reused
+        g  = G B                       (M, r)   computed once, reused (scaled by s·k in place)
         dB = s·Gᵀ u                    (out, r)
-        dA = s·gᵀ x̃                    (r, in)
-        dX = G W + k·m ⊙ (s·g A)       (the small product first, the big GEMM accumulates)
+        dA = s·gᵀ x̃ = (s·k·g)ᵀ (m⊙x)   (r, in)
+        dX = G W + m ⊙ ((s·k·g) A)     (the thin product first, the big GEMM accumulates)
         db = Σ_rows G ;  no gradient for the frozen W.
 
     Saves ``x`` (or ``m⊙x`` and ``m`` under dropout), ``u`` and the weights: never ``x Wᵀ``
@@ -181,11 +181,8 @@ class LoRALinearTorchFn(torch.autograd.Function):
         u = torch.mm(xd, Ac.t())
         if keep != 1.0:
             u.mul_(keep)
-        if bias is not None:
-            y = torch.addmm(bias.to(dtype), u, Bc.t(), alpha=scale)
-        else:
-            y = torch.mm(u, Bc.t())
-            y.mul_(scale)
+        us = u * scale  # scale the thin (M, r) factor, never an (M, out) tensor
+        y = torch.addmm(bias.to(dtype), us, Bc.t()) if bias is not None else torch.mm(us, Bc.t())
         y.addmm_(x, W.t())
         ctx.save_for_backward(xd, mask, u, weight, A, B)
         ctx.scale, ctx.keep, ctx.nf4 = scale, keep, nf4
@@ -199,19 +196,17 @@ class LoRALinearTorchFn(torch.autograd.Function):
         gy = gy.contiguous()
         dtype = gy.dtype
         Ac, Bc = A.to(dtype), B.to(dtype)
-        g = torch.mm(gy, Bc)
+        gs = torch.mm(gy, Bc)
+        gs.mul_(s * keep)  # (M, r): the scales ride on the thin factor
         dx = dA = dB = db = None
         if ctx.needs_input_grad[0]:
             W = _dense_base(weight, nf4, dtype)
-            dx = torch.mm(g, Ac)
-            dx.mul_(s * keep)
+            dx = torch.mm(gs, Ac)
             if mask is not None:
                 dx.mul_(mask)
             dx.addmm_(gy, W)
         if ctx.needs_input_grad[3]:
-            dA = torch.mm(g.t(), xd)
-            dA.mul_(s * keep)
-            dA = dA.to(A.dtype)
+            dA = torch.mm(gs.t(), xd).to(A.dtype)
         if ctx.needs_input_grad[4]:
             dB = torch.mm(gy.t(), u)
             dB.mul_(s)

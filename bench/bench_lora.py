@@ -1,0 +1,169 @@
+"""LoRA linear forward+backward: qru's fused op against peft's LoRA Linear (same run, same inputs).
+
+CPU: qru (torch autograd Function) vs peft, fp32, tokens 2048, in/out 4096→4096 and
+4096→11008, r 16/32/64, with and without dropout. The two providers alternate call by call
+and the speed-up is the median of the paired ratios, so outside load hits both alike. GPU (skipped without CUDA): qru's Triton kernels
+vs the unfused torch composition and peft, bf16, in TFLOP/s.
+
+    python bench/bench_lora.py [--quick] [--dropout 0 0.05] [--samples N] [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.harness import Row, Timing, bench, report  # noqa: E402
+from qru.kernels.lora import lora_linear_reference  # noqa: E402
+from qru.model.lora import LoRALinear  # noqa: E402
+
+SUITE = "lora"
+
+
+def peft_layer(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alpha: float, dropout: float):
+    from peft import LoraConfig, get_peft_model
+
+    n_out, n_in = W.shape
+    holder = nn.Module()
+    holder.proj = nn.Linear(n_in, n_out, bias=False, device=W.device, dtype=W.dtype)
+    with torch.no_grad():
+        holder.proj.weight.copy_(W)
+    pm = get_peft_model(holder, LoraConfig(r=A.shape[0], lora_alpha=alpha, lora_dropout=dropout,
+                                           target_modules=["proj"]))
+    layer = pm.base_model.model.proj
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(A)
+        layer.lora_B["default"].weight.copy_(B)
+    return layer.train()
+
+
+def qru_layer(W, A, B, alpha, dropout):
+    lin = nn.Linear(W.shape[1], W.shape[0], bias=False, device=W.device, dtype=W.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(W)
+    return LoRALinear.from_linear(lin, A.shape[0], alpha, dropout=dropout, init=(A, B)).train()
+
+
+def step(layer, x, gy):
+    def run():
+        x.grad = None
+        for p in layer.parameters():
+            p.grad = None
+        layer(x).backward(gy)
+    return run
+
+
+def flops(M, n_in, n_out, r):
+    """Forward + backward (no dW): 2 big GEMMs and 6 thin ones."""
+    return 4 * M * n_in * n_out + 6 * M * r * (n_in + n_out)
+
+
+def interleaved(fns: dict, samples: int, device: str) -> tuple[dict[str, Timing], dict[str, float]]:
+    """Time the providers one call at a time, in turn, so a burst of outside load hits all of
+    them alike. Returns per-provider timings and, per provider, the median over turns of
+    (first provider's time / this provider's time)."""
+    for fn in fns.values():
+        bench(fn, warmup=1, repeats=1, device=device)
+    times = {k: [] for k in fns}
+    for _ in range(samples):
+        for name, fn in fns.items():
+            times[name].append(bench(fn, warmup=0, repeats=1, device=device).median)
+    peer = next(iter(fns))
+    out, ratios = {}, {}
+    for k, s in times.items():
+        srt = sorted(s)
+        out[k] = Timing(statistics.median(s), srt[int(0.2 * (len(s) - 1))], srt[int(0.8 * (len(s) - 1))], s)
+        ratios[k] = statistics.median(a / b for a, b in zip(times[peer], s))
+    return out, ratios
+
+
+def make_inputs(M, n_in, n_out, r, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    W = (torch.randn(n_out, n_in, generator=g) / n_in ** 0.5).to(device, dtype)
+    A = (torch.randn(r, n_in, generator=g) / n_in ** 0.5).to(device)
+    B = (torch.randn(n_out, r, generator=g) * 0.01).to(device)
+    x = torch.randn(M, n_in, generator=g).to(device, dtype).requires_grad_()
+    gy = torch.randn(M, n_out, generator=g).to(device, dtype)
+    return W, A, B, x, gy
+
+
+def cpu_section(shapes, ranks, dropouts, tokens, samples):
+    rows = []
+    dtype = torch.float32
+    for n_in, n_out in shapes:
+        for r in ranks:
+            W, A, B, x, gy = make_inputs(tokens, n_in, n_out, r, dtype, "cpu")
+            for p in dropouts:
+                alpha = 2.0 * r
+                q = qru_layer(W, A, B, alpha, p)
+                pf = peft_layer(W, A, B, alpha, p)
+                t, ratio = interleaved({"peft": step(pf, x, gy), "qru": step(q, x, gy)}, samples, "cpu")
+                shape = f"M{tokens} {n_in}->{n_out} r{r} p{p:g}"
+                rows.append(Row.of(SUITE, "fwd+bwd", "qru", shape, "fp32", "cpu", t["qru"], ratio=ratio["qru"]))
+                rows.append(Row.of(SUITE, "fwd+bwd", "peft", shape, "fp32", "cpu", t["peft"], ratio=1.0))
+                print(f"  {shape}: qru {t['qru'].median * 1e3:.1f} ms, peft {t['peft'].median * 1e3:.1f} ms, "
+                      f"speed-up {ratio['qru']:.2f}x (median of paired ratios)", flush=True)
+                del q, pf
+    return rows
+
+
+def gpu_section(shapes, ranks, tokens):
+    if not torch.cuda.is_available():
+        print("\n## lora GPU section skipped: no CUDA device")
+        return []
+    rows = []
+    dtype = torch.bfloat16
+    for n_in, n_out in shapes:
+        for r in ranks:
+            W, A, B, x, gy = make_inputs(tokens, n_in, n_out, r, dtype, "cuda")
+            alpha = 2.0 * r
+            q = qru_layer(W, A, B, alpha, 0.0)
+            pf = peft_layer(W, A, B, alpha, 0.0)
+            Ar, Br = A.clone().requires_grad_(), B.clone().requires_grad_()
+
+            def unfused():
+                x.grad = Ar.grad = Br.grad = None
+                lora_linear_reference(x, W, None, Ar, Br, alpha / r).backward(gy)
+
+            fns = {"qru-triton": step(q, x, gy), "torch-unfused": unfused, "peft": step(pf, x, gy)}
+            fl = flops(tokens, n_in, n_out, r)
+            times = {k: bench(f, device="cuda") for k, f in fns.items()}
+            shape = f"M{tokens} {n_in}->{n_out} r{r}"
+            for k, t in times.items():
+                ratio = times["peft"].median / t.median
+                rows.append(Row.of(SUITE, "fwd+bwd", k, shape, "bf16", "cuda", t, unit="TFLOP/s",
+                                   scale=lambda s: fl / s / 1e12, ratio=ratio))
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small shapes, r=16 only, fewer repeats")
+    ap.add_argument("--dropout", type=float, nargs="+", default=[0.0, 0.05])
+    ap.add_argument("--samples", type=int, default=None, help="timed calls per provider and shape")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--no-gpu", action="store_true")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        tokens, shapes, ranks, samples = 512, [(1024, 1024), (1024, 2752)], [16], args.samples or 9
+    else:
+        tokens, shapes, ranks, samples = 2048, [(4096, 4096), (4096, 11008)], [16, 32, 64], args.samples or 7
+    print(f"## lora CPU: qru vs peft, fp32, {torch.get_num_threads()} threads")
+    rows = cpu_section(shapes, ranks, args.dropout, tokens, samples)
+    report("lora forward+backward, CPU (vs peer = peft time / this time)", rows)
+    if not args.no_gpu:
+        gpu_rows = gpu_section(shapes, ranks, tokens)
+        if gpu_rows:
+            report("lora forward+backward, GPU (TFLOP/s; vs peer = peft time / this time)", gpu_rows)
+
+
+if __name__ == "__main__":
+    main()
