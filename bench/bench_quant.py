@@ -1,0 +1,218 @@
+"""Weight quantize / dequantize throughput: qru C++ and qru reference vs bitsandbytes' CPU path,
+bf16 weights, same run. A plain copy moving the same number of bytes (read + write) is timed
+in the same rotation and serves as the bandwidth roofline.
+
+Providers are called one at a time, in turn, so outside load hits all of them alike; the
+speed-up is the median of the paired per-turn ratios (bitsandbytes time / provider time).
+Integer formats (no bitsandbytes peer) compare C++ with the reference.
+
+CPU targets (printed, not tested): NF4 quantize >= 30x bitsandbytes, NF4 dequantize >= 1.5x.
+GPU section (skipped without CUDA): Triton vs bitsandbytes CUDA as % of peak bandwidth.
+
+    python bench/bench_quant.py [--quick] [--formats nf4 fp4 int4 int4_sym int8] [--samples N] [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.harness import Row, Timing, bench, report  # noqa: E402
+from qru.kernels import quant4, quant_int  # noqa: E402
+from qru.kernels._backend import load_cpp_ext  # noqa: E402
+
+SUITE = "quant"
+TARGETS = {("nf4", "quantize"): 30.0, ("nf4", "dequantize"): 1.5}
+
+
+def paired(fns: dict, samples: int, device: str = "cpu") -> tuple[dict[str, Timing], dict[str, float]]:
+    """Time ``fns`` one call each per turn. Returns timings and, per provider, the median
+    over turns of (first provider's time / this provider's time)."""
+    for fn in fns.values():
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(samples):
+        for name, fn in fns.items():
+            times[name].append(bench(fn, warmup=0, repeats=1, device=device).median)
+    peer = next(iter(fns))
+    out, ratios = {}, {}
+    for k, s in times.items():
+        srt = sorted(s)
+        out[k] = Timing(statistics.median(s), srt[int(0.2 * (len(s) - 1))], srt[int(0.8 * (len(s) - 1))], s)
+        ratios[k] = statistics.median(a / b for a, b in zip(times[peer], s))
+    return out, ratios
+
+
+def traffic(fmt: str, shape: tuple[int, int], block: int | None) -> tuple[int, int]:
+    """(bytes read, bytes written) by quantize of a bf16 weight; dequantize swaps them."""
+    n = math.prod(shape)
+    if fmt in ("nf4", "fp4"):
+        packed = (n + 1) // 2 + 4 * math.ceil(n / block)
+    elif fmt == "int8":
+        packed = n + 4 * shape[0]
+    else:
+        groups = shape[0] * math.ceil(shape[1] / block)
+        packed = n // 2 + groups * (4 + (fmt == "int4"))
+    return 2 * n, packed
+
+
+def copy_fn(nbytes: int, device: str = "cpu"):
+    """A plain copy moving ``nbytes`` in total (reads nbytes / 2, writes nbytes / 2)."""
+    src = torch.ones(nbytes // 2, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
+
+
+def providers_4bit(w, fmt, block):
+    import bitsandbytes.functional as F
+
+    n = w.numel()
+    bq, st = F.quantize_4bit(w, blocksize=block, quant_type=fmt)
+    packed, absmax = quant4._quantize_cpp(w, fmt, block)
+    if not (torch.equal(packed, bq.reshape(-1)) and torch.equal(absmax, st.absmax)):
+        raise RuntimeError(f"qru and bitsandbytes disagree on {fmt} {tuple(w.shape)}")
+    quant = {
+        "bitsandbytes": lambda: F.quantize_4bit(w, blocksize=block, quant_type=fmt),
+        "qru-cpp": lambda: quant4._quantize_cpp(w, fmt, block),
+        "qru-reference": lambda: quant4.quantize_4bit_reference(w, fmt, block),
+    }
+    deq = {
+        "bitsandbytes": lambda: F.dequantize_4bit(bq, st),
+        "qru-cpp": lambda: quant4._dequantize_cpp(packed, absmax, fmt, block, n, w.dtype),
+        "qru-reference": lambda: quant4.dequantize_4bit_reference(packed, absmax, fmt, block, n, w.dtype),
+    }
+    return quant, deq
+
+
+def providers_int(w, fmt, group):
+    data, scales, zeros = quant_int._quantize_cpp(w, fmt, group)
+    shape = tuple(w.shape)
+    quant = {
+        "qru-reference": lambda: quant_int.quantize_int_reference(w, fmt, group),
+        "qru-cpp": lambda: quant_int._quantize_cpp(w, fmt, group),
+    }
+    deq = {
+        "qru-reference": lambda: quant_int.dequantize_int_reference(data, scales, zeros, fmt, shape, group, w.dtype),
+        "qru-cpp": lambda: quant_int._dequantize_cpp(data, scales, zeros, fmt, shape, group, w.dtype),
+    }
+    return quant, deq
+
+
+def cpu_section(shapes, formats, samples):
+    rows, summary = [], []
+    for shape in shapes:
+        w = (torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
+        n = w.numel()
+        sh = f"{shape[0]}x{shape[1]}"
+        for fmt in formats:
+            block = 64 if fmt in ("nf4", "fp4") else (None if fmt == "int8" else 128)
+            quant, deq = providers_4bit(w, fmt, block) if fmt in ("nf4", "fp4") else providers_int(w, fmt, block)
+            read, written = traffic(fmt, shape, block)
+            for op, fns in (("quantize", quant), ("dequantize", deq)):
+                fns = dict(fns, **{"copy": copy_fn(read + written)})
+                t, ratio = paired(fns, samples)
+                peer = next(iter(fns))
+                gbs = lambda s: (read + written) / s / 1e9  # noqa: E731
+                for prov, tim in t.items():
+                    if prov == "copy":
+                        rows.append(Row.of(SUITE, f"{fmt}_{op}", "copy", sh, "bf16", "cpu", tim, unit="GB/s",
+                                           scale=gbs))
+                        continue
+                    rows.append(Row.of(SUITE, f"{fmt}_{op}", prov, sh, "bf16", "cpu", tim, unit="Gparam/s",
+                                       scale=lambda s: n / s / 1e9, ratio=ratio[prov]))
+                roof = t["copy"].median / t["qru-cpp"].median
+                rows.append(Row.of(SUITE, f"{fmt}_{op}", "qru-cpp", sh, "bf16", "cpu", t["qru-cpp"], unit="GB/s",
+                                   scale=gbs, ratio=roof))
+                summary.append((fmt, op, sh, n / t["qru-cpp"].median / 1e9, gbs(t["qru-cpp"].median),
+                                gbs(t["copy"].median), roof, peer, ratio["qru-cpp"]))
+                print(f"  {fmt} {op} {sh}: qru-cpp {t['qru-cpp'].median * 1e3:.2f} ms "
+                      f"({gbs(t['qru-cpp'].median):.2f} GB/s, {roof:.0%} of copy), "
+                      f"{peer} {t[peer].median * 1e3:.2f} ms, speed-up {ratio['qru-cpp']:.2f}x", flush=True)
+            del quant, deq
+    return rows, summary
+
+
+def print_summary(summary):
+    print("\n## quant CPU summary (qru-cpp; roofline = plain copy of the same bytes, same run)")
+    print(f"{'format':8} {'op':10} {'shape':10} {'Gparam/s':>9} {'GB/s':>7} {'copy GB/s':>9} {'% roof':>7} "
+          f"{'speed-up':>18}  target")
+    for fmt, op, sh, gp, gb, cgb, roof, peer, ratio in summary:
+        tgt = TARGETS.get((fmt, op))
+        verdict = "" if tgt is None else f">= {tgt:g}x: {'MET' if ratio >= tgt else 'MISSED'}"
+        print(f"{fmt:8} {op:10} {sh:10} {gp:9.2f} {gb:7.2f} {cgb:9.2f} {roof:7.0%} "
+              f"{ratio:7.2f}x vs {peer.replace('qru-', ''):9}  {verdict}")
+
+
+def gpu_section(shapes, samples):
+    if not torch.cuda.is_available():
+        print("\n## quant GPU section skipped: no CUDA device")
+        return []
+    import bitsandbytes.functional as F
+
+    props = torch.cuda.get_device_properties(0)
+    clock, width = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
+    peak = 2 * clock * 1e3 * width / 8 / 1e9 if clock and width else None
+    rows = []
+    for shape in shapes:
+        w = (torch.randn(shape, device="cuda") * 0.02).to(torch.bfloat16)
+        n, sh = w.numel(), f"{shape[0]}x{shape[1]}"
+        read, written = traffic("nf4", shape, 64)
+        cp = copy_fn(read + written, "cuda")
+        copy_gbs = (read + written) / bench(cp, device="cuda").median / 1e9
+        peak_gbs = peak or copy_gbs
+        bq, st = F.quantize_4bit(w, blocksize=64, quant_type="nf4")
+        packed, absmax = quant4._quantize_triton(w, "nf4", 64)
+        fns = {
+            ("quantize", "bitsandbytes"): lambda: F.quantize_4bit(w, blocksize=64, quant_type="nf4"),
+            ("quantize", "qru-triton"): lambda: quant4._quantize_triton(w, "nf4", 64),
+            ("dequantize", "bitsandbytes"): lambda: F.dequantize_4bit(bq, st),
+            ("dequantize", "qru-triton"): lambda: quant4._dequantize_triton(packed, absmax, "nf4", 64, n, w.dtype),
+        }
+        times = {k: bench(f, device="cuda") for k, f in fns.items()}
+        for (op, prov), t in times.items():
+            gbs = (read + written) / t.median / 1e9
+            ratio = times[(op, "bitsandbytes")].median / t.median
+            rows.append(Row.of(SUITE, f"nf4_{op}", prov, sh, "bf16", "cuda", t, unit="GB/s",
+                               scale=lambda s: (read + written) / s / 1e9, ratio=ratio))
+            print(f"  nf4 {op} {sh} {prov}: {gbs:.0f} GB/s = {gbs / peak_gbs:.0%} of "
+                  f"{'peak' if peak else 'copy'} {peak_gbs:.0f} GB/s (copy {copy_gbs:.0f} GB/s), "
+                  f"vs bitsandbytes {ratio:.2f}x")
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smaller shapes, fewer repeats")
+    ap.add_argument("--formats", nargs="+", default=["nf4", "fp4", "int4", "int4_sym", "int8"])
+    ap.add_argument("--samples", type=int, default=None, help="timed calls per provider")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-gpu", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if load_cpp_ext("quant") is None:
+        print("C++ quant extension unavailable (no compiler?): nothing to compare")
+        return 1
+    if args.quick:
+        shapes, samples = [(1024, 1024), (2752, 1024)], args.samples or 5
+    else:
+        shapes, samples = [(4096, 4096), (11008, 4096)], args.samples or 7
+    print(f"## quant CPU, bf16 weights, {torch.get_num_threads()} threads, {samples} paired samples")
+    rows, summary = cpu_section(shapes, args.formats, samples)
+    report("quant CPU (Gparam/s rows: vs peer = bitsandbytes (ints: reference) time / this time; "
+           "GB/s rows of qru-cpp: vs peer = fraction of the plain-copy bandwidth)", rows)
+    print_summary(summary)
+    if not args.no_gpu:
+        gpu_rows = gpu_section(shapes, samples)
+        if gpu_rows:
+            report("quant GPU (GB/s; vs peer = bitsandbytes time / this time)", gpu_rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
