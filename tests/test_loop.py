@@ -1,0 +1,309 @@
+"""qru.train.loop on a tiny model pre-trained on a TOFU slice: unlearning effect (GA/NPO + GDR, full and
+LoRA), bit-identical resume (stop_after and Ctrl-C), trainable-parameter counts, metrics, CLI, errors.
+
+Stated bound for the tiny-model runs: after 2 epochs of unlearning the forget NLL rises by at least
+FORGET_RISE nats while the retain NLL ends at most RETAIN_BOUND nats above its starting value.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qru.model.llama import Llama
+from qru.model.tokenizer import Tokenizer
+from qru.train import loop as T
+from qru.train.data import DataError, format_qa
+
+FORGET_RISE = 0.25
+RETAIN_BOUND = 0.5
+N_RETAIN = 80
+LR = {("ga", "full"): 7e-4, ("npo", "full"): 7e-4, ("ga", "lora"): 5e-3, ("npo", "lora"): 4e-3}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The tiny model gains nothing from a second thread, and on shared cores one thread is far faster.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tofu_slice(shared_data, tmp_path_factory):
+    d = tmp_path_factory.mktemp("tofu_slice")
+    forget = shared_data / "tofu" / "forget01.json"
+    lines = (shared_data / "tofu" / "retain90.json").read_text(encoding="utf-8").splitlines()[:N_RETAIN]
+    retain = d / "retain.jsonl"
+    retain.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return {"forget": forget, "retain": retain, "cache": d / "cache"}
+
+
+@pytest.fixture(scope="session")
+def target(tofu_slice, tmp_path_factory):
+    """A tiny Llama (preset "tiny", 1024-piece tokenizer trained on the slice) fitted to forget + retain."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = T.pretrain(T.PretrainConfig(
+            out=str(tmp_path_factory.mktemp("target")), data=[str(tofu_slice["forget"]), str(tofu_slice["retain"])],
+            config="tiny", train_tokenizer=1024, epochs=15, lr=1e-2, batch_size=8, warmup_steps=5, max_len=128,
+            precision="fp32", eval_samples=16, progress=False, cache_dir=str(tofu_slice["cache"])))
+    finally:
+        torch.set_num_threads(n)
+    return res
+
+
+def _ucfg(tofu_slice, target, out, **kw):
+    base = dict(out=str(out), model=str(target.out), forget=[str(tofu_slice["forget"])],
+                retain=[str(tofu_slice["retain"])], epochs=2, batch_size=8, max_len=128, precision="fp32",
+                eval_samples=16, progress=False, cache_dir=str(tofu_slice["cache"]))
+    base.update(kw)
+    return T.UnlearnConfig(**base)
+
+
+# -- pre-training ---------------------------------------------------------------------------
+
+def test_pretrain_output_is_a_loadable_checkpoint(target):
+    out = target.out
+    assert target.status == "done"
+    for f in ("config.json", "model.safetensors", "tokenizer.model", "run.json", "metrics.jsonl"):
+        assert (out / f).is_file(), f
+    assert not (out / T.CKPT_DIR).exists()
+    tok = Tokenizer.from_dir(out)
+    model = Llama.from_pretrained(out)
+    assert model.config.vocab_size == tok.vocab_size
+    assert (model.config.bos_token_id, model.config.eos_token_id) == (tok.bos_id, tok.eos_id)
+    nll = [r["train_nll"] for r in target.evals]
+    assert len(nll) == 16 and nll[-1] < 0.5 * nll[0]  # it learned the slice
+    sd = model.state_dict()
+    for n, p in target.model.state_dict().items():
+        assert torch.equal(sd[n], p), n
+    run = json.loads((out / "run.json").read_text())
+    assert run["command"] == "pretrain" and run["config"]["train_tokenizer"] == 1024 and "torch" in run["versions"]
+
+
+def test_pretrain_init_finetune_bf16_master(target, tofu_slice, tmp_path):
+    res = T.pretrain(T.PretrainConfig(out=str(tmp_path / "ft"), data=[str(tofu_slice["forget"])], init=str(target.out),
+                                      epochs=1, lr=1e-3, batch_size=8, max_len=128, master_dtype="bf16",
+                                      eval_samples=8, progress=False, cache_dir=str(tofu_slice["cache"])))
+    assert all(p.dtype == torch.bfloat16 for p in res.model.parameters())
+    cfg = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert cfg["torch_dtype"] == "bfloat16"
+    assert (tmp_path / "ft" / "tokenizer.model").read_bytes() == (target.out / "tokenizer.model").read_bytes()
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in res.metrics[1:])
+
+
+# -- unlearning effect ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.parametrize("method", ["ga", "npo"])
+def test_unlearning_raises_forget_nll_and_bounds_retain(tofu_slice, target, tmp_path, method, mode):
+    res = T.unlearn(_ucfg(tofu_slice, target, tmp_path / "u", method=method, reg="gdr", mode=mode,
+                          lr=LR[method, mode]))
+    assert res.status == "done" and res.steps == res.total_steps == 10
+    ev = res.evals
+    assert [r["step"] for r in ev] == [0, 5, 10]
+    f0, f1 = ev[0]["forget_nll"], ev[-1]["forget_nll"]
+    r0, r1 = ev[0]["retain_nll"], ev[-1]["retain_nll"]
+    assert all(r["forget_nll"] > 0 and r["retain_nll"] > 0 for r in ev)
+    assert f1 >= f0 + FORGET_RISE, (f0, f1)
+    assert r1 <= r0 + RETAIN_BOUND, (r0, r1)
+    # metrics.jsonl: one row per step plus the eval before the first step
+    rows = [json.loads(x) for x in (tmp_path / "u" / T.METRICS).read_text().splitlines()]
+    assert rows == res.metrics and [r["step"] for r in rows] == list(range(11))
+    for r in rows[1:]:
+        for k in ("step", "epoch", "loss", "forget_loss", "retain_loss", "lr", "tokens_per_s"):
+            assert isinstance(r[k], (int, float)), k
+        assert abs(r["loss"] - (r["forget_loss"] + r["retain_loss"])) < 1e-4
+    if method == "npo":  # the first step starts at theta = ref
+        assert abs(rows[1]["forget_loss"] - 20 * torch.log(torch.tensor(2.0)).item()) < 0.05
+    out = tmp_path / "u"
+    files = {"full": ("config.json", "model.safetensors"), "lora": ("adapter_config.json", "adapter_model.safetensors")}
+    for f in files[mode] + ("tokenizer.model", "run.json"):
+        assert (out / f).is_file(), f
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "done" and run["config"]["method"] == method and run["seed"] == 0
+    assert run["trainable_params"] == res.trainable_params
+
+
+def test_lora_trains_only_adapters(tofu_slice, target, tmp_path):
+    res = T.unlearn(_ucfg(tofu_slice, target, tmp_path / "u", method="ga", reg="gdr", mode="lora", lr=4e-3,
+                          epochs=1, rank=4))
+    c = Llama.from_pretrained(target.out).config
+    h, i, q, kv = c.hidden_size, c.intermediate_size, c.num_attention_heads * c.head_dim, \
+        c.num_key_value_heads * c.head_dim
+    per_layer = (h + q) + (h + kv) * 2 + (q + h) + (h + i) * 2 + (i + h)  # q, k, v, o, gate, up, down
+    expected = 4 * per_layer * c.num_hidden_layers
+    assert res.trainable_params == expected
+    assert res.total_params == c.num_parameters() + expected
+    trainable = {n for n, p in res.model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(("lora_A", "lora_B")) for n in trainable)
+    base = Llama.from_pretrained(target.out).state_dict()
+    sd = res.model.state_dict()
+    for n, t in base.items():
+        assert torch.equal(sd[n], t), f"base tensor {n} changed"
+    assert any(bool((p != 0).any()) for n, p in res.model.named_parameters() if n.endswith("lora_B"))
+    adapter = json.loads((tmp_path / "u" / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and adapter["peft_type"] == "LORA"
+    full = T.unlearn(_ucfg(tofu_slice, target, tmp_path / "f", method="ga", reg="none", mode="full", lr=1e-4,
+                           epochs=1, stop_after=1))
+    assert full.trainable_params == full.total_params == c.num_parameters()
+
+
+# -- resume ---------------------------------------------------------------------------------
+
+def _trainable(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+RESUME_CASES = {
+    # full fine-tuning, NPO + KL (frozen reference copy, saved reference log-probs), bf16 autocast, grad
+    # accumulation with a short last step, interrupted by Ctrl-C
+    "full-npo-klr-sigint": dict(mode="full", method="npo", reg="klr", lr=5e-4, precision="bf16", grad_accum=2),
+    # LoRA with adapter dropout (RNG state), SimNPO + GDR, stopped by stop_after
+    "lora-simnpo-gdr-stop": dict(mode="lora", method="simnpo", reg="gdr", lr=3e-3, lora_dropout=0.1),
+}
+
+
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_resume_is_bit_identical(tofu_slice, target, tmp_path, monkeypatch, case):
+    kw = RESUME_CASES[case]
+    full = T.unlearn(_ucfg(tofu_slice, target, tmp_path / "a", **kw))
+    assert full.status == "done"
+    out = tmp_path / "b"
+    if case.endswith("sigint"):
+        real = T.lr_at
+
+        def lr_at(step, *a):
+            if step == 1:
+                signal.raise_signal(signal.SIGINT)  # the handler lets this step finish
+            return real(step, *a)
+
+        monkeypatch.setattr(T, "lr_at", lr_at)
+        with pytest.raises(KeyboardInterrupt):
+            T.unlearn(_ucfg(tofu_slice, target, out, **kw))
+        monkeypatch.undo()
+        assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+        stopped_at = 2
+    else:
+        part = T.unlearn(_ucfg(tofu_slice, target, out, stop_after=4, **kw))
+        assert part.status == "stopped" and part.steps == 4
+        assert not (out / "adapter_model.safetensors").exists()
+        stopped_at = 4
+    assert torch.load(out / T.CKPT_DIR / "state.pt", weights_only=True)["step"] == stopped_at
+    resumed = T.unlearn(_ucfg(tofu_slice, target, out, resume=True, **kw))
+    assert resumed.status == "done" and resumed.steps == full.steps
+    a, b = _trainable(full.model), _trainable(resumed.model)
+    assert a.keys() == b.keys()
+    for n in a:
+        assert torch.equal(a[n], b[n]), n
+    # the metrics after the resume point match the uninterrupted run exactly
+    keys = ("loss", "forget_loss", "retain_loss", "lr", "forget_nll", "retain_nll")
+    strip = lambda rows: [{k: r.get(k) for k in ("step",) + keys} for r in rows]  # noqa: E731
+    assert strip(resumed.metrics) == strip(full.metrics)
+    assert not (out / T.CKPT_DIR).exists()
+
+
+def test_resume_rejects_changed_options(tofu_slice, target, tmp_path):
+    T.unlearn(_ucfg(tofu_slice, target, tmp_path / "b", method="ga", mode="full", lr=1e-4, stop_after=1))
+    with pytest.raises(T.TrainConfigError, match="lr"):
+        T.unlearn(_ucfg(tofu_slice, target, tmp_path / "b", method="ga", mode="full", lr=2e-4, resume=True))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        T.unlearn(_ucfg(tofu_slice, target, tmp_path / "c", method="ga", mode="full", lr=1e-4, resume=True))
+
+
+# -- options and errors ---------------------------------------------------------------------
+
+def test_lr_schedule():
+    assert T.lr_at(0, 10, 1.0, "constant", 0) == 1.0
+    assert [T.lr_at(s, 10, 1.0, "constant", 4) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert T.lr_at(2, 12, 2.0, "cosine", 2) == 2.0
+    assert abs(T.lr_at(7, 12, 2.0, "cosine", 2) - 1.0) < 1e-12  # halfway through the cosine
+    assert T.lr_at(11, 12, 2.0, "cosine", 2) < T.lr_at(10, 12, 2.0, "cosine", 2)
+
+
+def test_master_dtype_bf16_lora(tofu_slice, target, tmp_path):
+    res = T.unlearn(_ucfg(tofu_slice, target, tmp_path / "u", method="npo", reg="gdr", mode="lora", lr=4e-3,
+                          epochs=1, master_dtype="bf16", precision="bf16", gradient_checkpointing=True))
+    tr = [p for p in res.model.parameters() if p.requires_grad]
+    assert tr and all(p.dtype == torch.bfloat16 for p in tr)
+    assert res.evals[-1]["forget_nll"] > res.evals[0]["forget_nll"]
+
+
+@pytest.fixture(scope="module")
+def big_tokenizer(tofu_slice, shared_data, tmp_path_factory):
+    lines = (shared_data / "tofu" / "full.json").read_text(encoding="utf-8").splitlines()[:1500]
+    texts = [format_qa(**{k: v for k, v in json.loads(x).items() if k in ("question", "answer")}) for x in lines]
+    return Tokenizer.train(texts, 2048, tmp_path_factory.mktemp("bigtok") / "tokenizer.model", seed=0)
+
+
+def test_bad_input_errors(tofu_slice, target, tmp_path, big_tokenizer):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="forget set.*empty"):
+        T.unlearn(_ucfg(tofu_slice, target, tmp_path / "o", forget=[str(empty)]))
+    with pytest.raises(FileNotFoundError, match="forget set.*missing.jsonl"):
+        T.unlearn(_ucfg(tofu_slice, target, tmp_path / "o", forget=[str(tmp_path / "missing.jsonl")]))
+    with pytest.raises(FileNotFoundError, match="nomodel"):
+        T.unlearn(_ucfg(tofu_slice, target, tmp_path / "o", model=str(tmp_path / "nomodel")))
+    assert big_tokenizer.vocab_size > 1024
+    with pytest.raises(T.TrainConfigError, match="vocabulary mismatch.*2048.*vocab_size=1024"):
+        T.unlearn(_ucfg(tofu_slice, target, tmp_path / "o", tokenizer=str(big_tokenizer.path)))
+    for field, bad in (("lr", 0.0), ("lr", -1e-3), ("epochs", 0), ("epochs", -2), ("batch_size", 0)):
+        with pytest.raises(T.TrainConfigError, match=field):
+            T.unlearn(_ucfg(tofu_slice, target, tmp_path / "o", **{field: bad}))
+    with pytest.raises(T.TrainConfigError, match="method"):
+        T.unlearn(_ucfg(tofu_slice, target, tmp_path / "o", method="dpo"))
+    with pytest.raises(T.TrainConfigError, match="needs retain"):
+        T.unlearn(_ucfg(tofu_slice, target, tmp_path / "o", retain=[], reg="gdr"))
+    with pytest.raises(T.TrainConfigError, match="tokenizer"):
+        T.pretrain(T.PretrainConfig(out=str(tmp_path / "p"), data=[str(tofu_slice["forget"])]))
+    with pytest.raises(FileNotFoundError, match="nodata"):
+        T.pretrain(T.PretrainConfig(out=str(tmp_path / "p"), data=[str(tmp_path / "nodata.txt")], train_tokenizer=300))
+    with pytest.raises(T.TrainConfigError, match="vocabulary mismatch"):
+        T.pretrain(T.PretrainConfig(out=str(tmp_path / "p"), data=[str(tofu_slice["forget"])], init=str(target.out),
+                                    tokenizer=str(big_tokenizer.path)))
+
+
+# -- CLI ------------------------------------------------------------------------------------
+
+def _qru(*args, env_extra=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-c", "import sys; from qru.cli import main; sys.exit(main())", *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_cli_unlearn_and_errors(tofu_slice, target, tmp_path):
+    out = tmp_path / "cli"
+    r = _qru("unlearn", "--model", str(target.out), "--forget", str(tofu_slice["forget"]), "--retain",
+             str(tofu_slice["retain"]), "--method", "npo", "--reg", "gdr", "--mode", "lora", "--rank", "4",
+             "--targets", "q_proj,v_proj", "--lr", "5e-3", "--epochs", "1", "--batch-size", "8", "--max-len", "128",
+             "--precision", "fp32", "--eval-samples", "8", "--no-progress", "--out", str(out),
+             "--cache-dir", str(tofu_slice["cache"]))
+    assert r.returncode == 0, r.stderr
+    assert "trainable params 1,792" in r.stdout  # 2 layers x rank 4 x ((64+64) + (64+32))
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["targets"] == ["q_proj", "v_proj"] and run["config"]["rank"] == 4
+    assert run["config"]["lr"] == 5e-3 and run["config"]["beta"] is None and run["beta"] == 0.1
+    assert (out / "adapter_model.safetensors").is_file() and (out / "tokenizer.model").is_file()
+    r = _qru("pretrain", "--config", "tiny", "--data", str(tofu_slice["forget"]), "--train-tokenizer", "300",
+             "--epochs", "0", "--out", str(tmp_path / "p"))
+    assert r.returncode == 2 and "epochs must be a positive integer" in r.stderr
+
+
+@pytest.mark.slow
+def test_pretrain_checkpoint_loads_in_transformers(target):
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(str(target.out), torch_dtype=torch.float32).eval()
+    ours = Llama.from_pretrained(target.out).eval()
+    tok = Tokenizer.from_dir(target.out)
+    ids = torch.tensor([tok.encode("Question: Who is Basil Mahfouz Al-Kuwaiti?\nAnswer:")])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids), atol=1e-4, rtol=1e-4)
