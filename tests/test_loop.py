@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -216,6 +215,26 @@ def test_resume_rejects_changed_options(tofu_slice, target, tmp_path):
         T.unlearn(_ucfg(tofu_slice, target, tmp_path / "b", method="ga", mode="full", lr=2e-4, resume=True))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         T.unlearn(_ucfg(tofu_slice, target, tmp_path / "c", method="ga", mode="full", lr=1e-4, resume=True))
+
+
+def test_periodic_checkpoints(tofu_slice, target, tmp_path, monkeypatch):
+    saved = []
+    real = T.save_checkpoint
+    monkeypatch.setattr(T, "save_checkpoint", lambda out, m, o, st: saved.append(st["step"]) or real(out, m, o, st))
+    res = T.unlearn(_ucfg(tofu_slice, target, tmp_path / "u", method="ga", reg="gdr", mode="full", lr=1e-4, epochs=1,
+                          save_every=2, keep_checkpoint=True))
+    assert res.steps == 5 and saved == [2, 4]  # none at the end: the finished model is the output
+    assert torch.load(tmp_path / "u" / T.CKPT_DIR / "state.pt", weights_only=True)["step"] == 4
+
+
+def test_gradient_checkpointing_matches(tofu_slice, target, tmp_path):
+    kw = dict(method="npo", reg="gdr", mode="full", lr=5e-4, epochs=1, stop_after=2)
+    a = T.unlearn(_ucfg(tofu_slice, target, tmp_path / "a", **kw))
+    b = T.unlearn(_ucfg(tofu_slice, target, tmp_path / "b", gradient_checkpointing=True, **kw))
+    assert b.model.gradient_checkpointing
+    pa, pb = _trainable(a.model), _trainable(b.model)
+    for n in pa:
+        torch.testing.assert_close(pa[n], pb[n], rtol=0, atol=1e-6)
 
 
 # -- options and errors ---------------------------------------------------------------------

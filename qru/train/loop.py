@@ -22,7 +22,6 @@ parameters, AdamW state, step, data positions and RNG states are all restored.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -45,8 +44,8 @@ from qru.model.config import LlamaConfig, atomic_write_text
 from qru.model.llama import Llama
 from qru.model.tokenizer import Tokenizer
 from qru.train import losses as L
-from qru.train.data import (Batch, BatchStream, DataError, TokenizedSet, collate, detect_format, fixed_sample,
-                            format_qa, load_sets, read_records)
+from qru.train.data import (Batch, BatchStream, TokenizedSet, collate, detect_format, fixed_sample, format_qa,
+                            load_sets, read_records)
 
 METHODS = ("ga", "npo", "simnpo")
 REGS = ("none", "gdr", "klr")
@@ -435,9 +434,16 @@ def _write_metrics(path: Path, rows: list[dict]) -> None:
 
 
 def _read_metrics(path: Path) -> list[dict]:
+    """The rows of ``metrics.jsonl``; a torn last line (a kill mid-write) is dropped."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
 
 
 # -- the loop ------------------------------------------------------------------------------
@@ -566,7 +572,7 @@ def _write_run_json(out: Path, command: str, cfg, extra: dict) -> None:
                                                   "versions": versions(), **extra}, indent=2, default=str) + "\n")
 
 
-def _finish(out: Path, cfg, keep: bool) -> None:
+def _drop_checkpoint(out: Path, keep: bool) -> None:
     if not keep:
         shutil.rmtree(out / CKPT_DIR, ignore_errors=True)
 
@@ -704,7 +710,7 @@ def unlearn(cfg: UnlearnConfig) -> TrainResult:
         else:
             model.save_pretrained(out)
         shutil.copyfile(tok_file, out / TOKENIZER_FILE)
-        _finish(out, cfg, cfg.keep_checkpoint)
+        _drop_checkpoint(out, cfg.keep_checkpoint)
     secs = time.perf_counter() - t0
     _write_run_json(out, "unlearn", cfg, {**info, "status": status, "steps": steps, "total_steps": total_steps,
                                           "seconds": secs, "final": rows[-1]})
@@ -789,7 +795,7 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
         model.save_pretrained(out)
         if tok_file.resolve() != (out / TOKENIZER_FILE).resolve():
             shutil.copyfile(tok_file, out / TOKENIZER_FILE)
-        _finish(out, cfg, cfg.keep_checkpoint)
+        _drop_checkpoint(out, cfg.keep_checkpoint)
     secs = time.perf_counter() - t0
     _write_run_json(out, "pretrain", cfg, {**info, "status": status, "steps": steps, "total_steps": total_steps,
                                            "seconds": secs, "final": rows[-1]})
