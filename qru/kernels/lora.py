@@ -115,8 +115,8 @@ def nf4_dequantize_reference(w: NF4Weight, dtype: torch.dtype = torch.float32) -
 # ----------------------------------------------------------------------------------------
 # Dropout mask and the reference
 # ----------------------------------------------------------------------------------------
-def make_dropout_mask(shape, p: float, device, generator: torch.Generator | None = None):
-    """A keep-mask (bool, ``shape``) and its rescale ``1/(1-p')``.
+def _sample_drop(shape, p: float, device, generator: torch.Generator | None = None):
+    """A drop-mask (bool, True = dropped) and the keep rescale ``1/(1-p')``.
 
     Draws 64 random bits per four elements and compares 16-bit lanes with a threshold
     (several times cheaper than ``bernoulli_`` on CPU); ``p' = round(p·65536)/65536``.
@@ -126,12 +126,19 @@ def make_dropout_mask(shape, p: float, device, generator: torch.Generator | None
     n = math.prod(shape)
     drop = int(round(p * _DROP_LEVELS))
     if drop == 0:
-        return torch.ones(shape, dtype=torch.bool, device=device), 1.0
+        return torch.zeros(shape, dtype=torch.bool, device=device), 1.0
     bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
     bits.random_(-(2 ** 63), None, generator=generator)
     lanes = bits.view(torch.int16)[:n]
-    mask = (lanes >= (drop - _DROP_LEVELS // 2)).view(shape)
-    return mask, _DROP_LEVELS / (_DROP_LEVELS - drop)
+    dropped = (lanes < (drop - _DROP_LEVELS // 2)).view(shape)
+    return dropped, _DROP_LEVELS / (_DROP_LEVELS - drop)
+
+
+def make_dropout_mask(shape, p: float, device, generator: torch.Generator | None = None):
+    """The keep-mask (bool, ``shape``) and rescale that :func:`lora_linear` draws for the same
+    ``generator`` state. ``p`` is rounded to a multiple of 1/65536."""
+    dropped, keep = _sample_drop(shape, p, device, generator)
+    return ~dropped, keep
 
 
 def lora_linear_reference(x, weight, bias, lora_A, lora_B, scale, *, dropout_mask=None,
@@ -169,29 +176,30 @@ class LoRALinearTorchFn(torch.autograd.Function):
         db = Σ_rows G ;  no gradient for the frozen W.
 
     Saves ``x`` (or ``m⊙x`` and ``m`` under dropout), ``u`` and the weights: never ``x Wᵀ``
-    nor a dropout copy of ``x`` beside ``x``.
+    nor a dropout copy of ``x`` beside ``x``. ``drop`` is the complement ``¬m`` (bool), so
+    masking is a ``masked_fill`` with no float mask.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, scale, mask, keep, nf4):
+    def forward(ctx, x, weight, bias, A, B, scale, drop, keep, nf4):
         dtype = x.dtype
         W = _dense_base(weight, nf4, dtype)
         Ac, Bc = A.to(dtype), B.to(dtype)
-        xd = x if mask is None else torch.where(mask, x, 0)
+        xd = x if drop is None else x.masked_fill(drop, 0)
         u = torch.mm(xd, Ac.t())
         if keep != 1.0:
             u.mul_(keep)
         us = u * scale  # scale the thin (M, r) factor, never an (M, out) tensor
         y = torch.addmm(bias.to(dtype), us, Bc.t()) if bias is not None else torch.mm(us, Bc.t())
         y.addmm_(x, W.t())
-        ctx.save_for_backward(xd, mask, u, weight, A, B)
+        ctx.save_for_backward(xd, drop, u, weight, A, B)
         ctx.scale, ctx.keep, ctx.nf4 = scale, keep, nf4
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        xd, mask, u, weight, A, B = ctx.saved_tensors
+        xd, drop, u, weight, A, B = ctx.saved_tensors
         s, keep, nf4 = ctx.scale, ctx.keep, ctx.nf4
         gy = gy.contiguous()
         dtype = gy.dtype
@@ -202,8 +210,8 @@ class LoRALinearTorchFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             W = _dense_base(weight, nf4, dtype)
             dx = torch.mm(gs, Ac)
-            if mask is not None:
-                dx.mul_(mask)
+            if drop is not None:
+                dx.masked_fill_(drop, 0)
             dx.addmm_(gy, W)
         if ctx.needs_input_grad[3]:
             dA = torch.mm(gs.t(), xd).to(A.dtype)
@@ -239,7 +247,7 @@ def _lora_gemm_kernel(
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """C[M,N] = X[M,K]·Wop[K,N] + scale·(U[M,R]·V[R,N]) (⊙ mask) + bias[N].
+    """C[M,N] = X[M,K]·Wop[K,N] + scale·(U[M,R]·V[R,N]) (zero where drop-mask) + bias[N].
 
     ``Wop[k, n]`` lives at ``w + k·swk + n·swn`` (dense) or at flat NF4 index ``k·fk + n·fn``.
     The low-rank product is added to the fp32 accumulator before the one store of C.
@@ -279,8 +287,8 @@ def _lora_gemm_kernel(
         v = tl.load(v_ptr + rr[:, None] * svr + rn[None, :] * svn, mask=in_r[:, None] & in_n[None, :], other=0.0)
         low = tl.dot(u.to(cdt), v.to(cdt), input_precision=DOT_PREC) * scale
         if HAS_MASK:
-            keep = tl.load(m_ptr + rm[:, None] * smm + rn[None, :] * smn, mask=in_m[:, None] & in_n[None, :], other=0)
-            low = tl.where(keep != 0, low, 0.0)
+            dropped = tl.load(m_ptr + rm[:, None] * smm + rn[None, :] * smn, mask=in_m[:, None] & in_n[None, :], other=0)
+            low = tl.where(dropped != 0, 0.0, low)
         acc += low
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=in_n, other=0.0).to(tl.float32)[None, :]
@@ -297,7 +305,7 @@ def _lora_shrink_kernel(
     HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """O[split, M, R] = alpha · (X[M, Kslice] (⊙ mask)) · V[Kslice, R], fp32; split-K over axis 1."""
+    """O[split, M, R] = alpha · (X[M, Kslice], zero where drop-mask) · V[Kslice, R], fp32; split-K on axis 1."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -314,8 +322,8 @@ def _lora_shrink_kernel(
         xm = in_m[:, None] & in_k[None, :]
         a = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :] * sxk, mask=xm, other=0.0)
         if HAS_MASK:
-            keep = tl.load(m_ptr + rm[:, None] * smm + kk[None, :] * smk, mask=xm, other=0)
-            a = tl.where(keep != 0, a, 0.0)
+            dropped = tl.load(m_ptr + rm[:, None] * smm + kk[None, :] * smk, mask=xm, other=0)
+            a = tl.where(dropped != 0, 0.0, a)
         v = tl.load(v_ptr + kk[:, None] * svk + rr[None, :] * svr, mask=in_k[:, None] & in_r[None, :], other=0.0)
         acc = tl.dot(a.to(cdt), v.to(cdt), acc, input_precision=DOT_PREC)
     tl.store(o_ptr + pid_s * sos + rm[:, None] * som + rr[None, :] * sor, acc * alpha,
@@ -331,7 +339,7 @@ def _lora_outer_kernel(
     HAS_MASK: tl.constexpr, COMPUTE_FROM_L: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """O[split, P, Q] = alpha · Σ_m L[m, P] · (R[m, Q] (⊙ mask)), fp32; split over tokens on axis 2."""
+    """O[split, P, Q] = alpha · Σ_m L[m, P] · (R[m, Q], zero where drop-mask), fp32; token split on axis 2."""
     pid_p = tl.program_id(0)
     pid_q = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -355,8 +363,8 @@ def _lora_outer_kernel(
         rmask = in_t[:, None] & in_q[None, :]
         r = tl.load(r_ptr + mm[:, None] * srm + rq[None, :] * srq, mask=rmask, other=0.0)
         if HAS_MASK:
-            keep = tl.load(m_ptr + mm[:, None] * smm + rq[None, :] * smq, mask=rmask, other=0)
-            r = tl.where(keep != 0, r, 0.0)
+            dropped = tl.load(m_ptr + mm[:, None] * smm + rq[None, :] * smq, mask=rmask, other=0)
+            r = tl.where(dropped != 0, 0.0, r)
         acc = tl.dot(lt.to(cdt), r.to(cdt), acc, input_precision=DOT_PREC)
     tl.store(o_ptr + pid_s * sos + rp[:, None] * sop + rq[None, :] * soq, acc * alpha,
              mask=in_p[:, None] & in_q[None, :])
@@ -376,9 +384,13 @@ INTERPRET_SPLIT = 2
 
 
 def _dot_prec(dtype: torch.dtype, device: torch.device) -> str:
-    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    """fp32 products follow torch's ``allow_tf32``; half types use Triton's default (the flag
+    only matters for fp32); the interpreter always computes exactly."""
+    if device.type != "cuda":
+        return "ieee"
+    if dtype == torch.float32:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "tf32"
 
 
 def _upcast(dtype: torch.dtype, device: torch.device) -> bool:
@@ -397,7 +409,7 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _gemm(x, w, nf4, w_kn, u, v_rn, mask, bias, scale, out):
-    """out[M,N] = x[M,K]·Wop[K,N] + scale·u·v (⊙mask) + bias. ``w_kn`` = (swk, swn, fk, fn)."""
+    """out[M,N] = x[M,K]·Wop[K,N] + scale·u·v (zero where ``drop``) + bias. ``w_kn`` = (swk, swn, fk, fn)."""
     M, K = x.shape
     N = out.shape[1]
     R = u.shape[1] if u is not None else 0
@@ -434,7 +446,7 @@ def _gemm(x, w, nf4, w_kn, u, v_rn, mask, bias, scale, out):
 
 
 def _shrink(x, v, v_kr, mask, alpha):
-    """fp32 (M, R) = alpha·(x ⊙ mask)·Vop with ``Vop[k, r]`` at ``v + k·v_kr[0] + r·v_kr[1]``."""
+    """fp32 (M, R) = alpha·(x, zero where ``drop``)·Vop with ``Vop[k, r]`` at ``v + k·v_kr[0] + r·v_kr[1]``."""
     M, K = x.shape
     R = v_kr[2]
     if _interpreting() and not x.is_cuda:
@@ -463,7 +475,7 @@ def _shrink(x, v, v_kr, mask, alpha):
 
 
 def _outer(lhs, rhs, mask, alpha, compute_from_l, out_dtype):
-    """(P, Q) = alpha·lhsᵀ·(rhs ⊙ mask), reducing over the M rows both share."""
+    """(P, Q) = alpha·lhsᵀ·(rhs, zero where ``drop``), reducing over the M rows both share."""
     M, P = lhs.shape
     Q = rhs.shape[1]
     cdt = lhs.dtype if compute_from_l else rhs.dtype
@@ -522,38 +534,38 @@ class LoRALinearTritonFn(torch.autograd.Function):
         dX = G W + k·m⊙(s·g A)       GEMM kernel with Wop = W and the masked expand
         db = Σ_rows G;               W is frozen: no dW.
 
-    Only ``x``, the bool mask and the small ``u`` are saved.
+    Only ``x``, the bool drop-mask ``¬m`` and the small ``u`` are saved.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, scale, mask, keep, nf4):
+    def forward(ctx, x, weight, bias, A, B, scale, drop, keep, nf4):
         M, _ = x.shape
         N = B.shape[0]
-        mask_u8 = mask.view(torch.uint8) if mask is not None else None
+        drop_u8 = drop.view(torch.uint8) if drop is not None else None
         # V[k, r] = A[r, k]
-        u = _shrink(x, A, (A.stride(1), A.stride(0), A.shape[0]), mask_u8, keep)
+        u = _shrink(x, A, (A.stride(1), A.stride(0), A.shape[0]), drop_u8, keep)
         y = torch.empty((M, N), device=x.device, dtype=x.dtype)
         _gemm(x, weight, nf4, _w_strides(weight, nf4, True), u, (B, B.stride(1), B.stride(0)),
               None, bias, scale, y)
-        ctx.save_for_backward(x, mask, u, weight, A, B)
+        ctx.save_for_backward(x, drop, u, weight, A, B)
         ctx.scale, ctx.keep, ctx.nf4 = scale, keep, nf4
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x, mask, u, weight, A, B = ctx.saved_tensors
+        x, drop, u, weight, A, B = ctx.saved_tensors
         s, keep, nf4 = ctx.scale, ctx.keep, ctx.nf4
         gy = gy.contiguous()
-        mask_u8 = mask.view(torch.uint8) if mask is not None else None
+        drop_u8 = drop.view(torch.uint8) if drop is not None else None
         g = _shrink(gy, B, (B.stride(0), B.stride(1), B.shape[1]), None, 1.0)
         dx = dA = dB = db = None
         if ctx.needs_input_grad[0]:
             dx = torch.empty_like(x)
             _gemm(gy, weight, nf4, _w_strides(weight, nf4, False), g, (A, A.stride(0), A.stride(1)),
-                  mask_u8, None, s * keep, dx)
+                  drop_u8, None, s * keep, dx)
         if ctx.needs_input_grad[3]:
-            dA = _outer(g, x, mask_u8, s * keep, False, A.dtype)
+            dA = _outer(g, x, drop_u8, s * keep, False, A.dtype)
         if ctx.needs_input_grad[4]:
             dB = _outer(gy, u, None, s, True, B.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -642,14 +654,14 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor
         else:
             y = F.linear(x2, _dense_base(weight, nf4, x.dtype), bias)
         return y.reshape(*lead, y.shape[-1])
-    mask, keep = None, 1.0
+    drop, keep = None, 1.0
     if dropout_mask is not None:
         if tuple(dropout_mask.shape) != tuple(x.shape):
             raise ValueError(f"lora_linear: dropout_mask shape {tuple(dropout_mask.shape)} != x shape {tuple(x.shape)}")
-        mask = dropout_mask.reshape(x2.shape).to(torch.bool).contiguous()
+        drop = ~dropout_mask.reshape(x2.shape).to(torch.bool)
         keep = 1.0 / (1.0 - dropout_p)
     elif dropout_p > 0.0 and training:
-        mask, keep = make_dropout_mask(tuple(x2.shape), dropout_p, x.device, generator)
+        drop, keep = _sample_drop(tuple(x2.shape), dropout_p, x.device, generator)
     fn = LoRALinearTritonFn if backend == "triton" else LoRALinearTorchFn
-    y = fn.apply(x2, weight, bias, lora_A, lora_B, float(scale), mask, keep, nf4)
+    y = fn.apply(x2, weight, bias, lora_A, lora_B, float(scale), drop, keep, nf4)
     return y.reshape(*lead, y.shape[-1])
