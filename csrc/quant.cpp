@@ -329,68 +329,145 @@ at::Tensor q4_dequantize(const at::Tensor& packed, const at::Tensor& absmax, con
 
 enum IntKind { INT4 = 0, INT4_SYM = 1, INT8 = 2 };
 
-// Group statistics and codes for one group of ``len`` fp32 values in ``buf``.
-// Writes the codes (int4: 0..15; int4_sym: q + 8; int8: q as two's complement byte) to ``codes``.
-inline void int_group(const float* buf, int64_t len, int kind, float eps, uint8_t* codes, float* scale_out,
+struct GroupParams {
+  float scale;   // NaN when the group holds NaN/Inf
+  float zero;    // int4: integer zero point; int4_sym: 8 (nibble offset); int8: 0
+  bool quantize; // false: every code is the one of q = 0 (scale is 0 or NaN)
+};
+
+// Scale / zero from the group statistics (shared by both paths, so they agree exactly).
+inline GroupParams int_params(int kind, uint32_t am_bits, float mx, float mn, float eps) {
+  GroupParams p{};
+  if (kind == INT4) {
+    p.scale = std::max(mx - mn, eps) / 15.0f;
+    p.zero = std::min(std::max(std::rint(-mn / p.scale), 0.0f), 15.0f);
+    p.quantize = true;
+  } else {
+    p.scale = u2f(am_bits) / (kind == INT4_SYM ? 7.0f : 127.0f);
+    p.zero = kind == INT4_SYM ? 8.0f : 0.0f;
+    p.quantize = p.scale > 0.0f;
+  }
+  if (am_bits >= kInfBits) p.scale = NAN;
+  return p;
+}
+
+// Code of one value: int4 0..15; int4_sym q + 8; int8 q (as a byte, two's complement).
+inline int int_code(float v, int kind, const GroupParams& p) {
+  if (kind == INT4) return int(std::min(std::max(std::rint(v / p.scale) + p.zero, 0.0f), 15.0f));
+  const float qmax = kind == INT4_SYM ? 7.0f : 127.0f;
+  const float q = p.quantize ? std::min(std::max(std::rint(v / p.scale), -qmax), qmax) : 0.0f;
+  return int(q) + int(p.zero);
+}
+
+template <int DT>
+void int_group_stats_scalar(const void* x, int64_t base, int64_t from, int64_t len, uint32_t& am_bits, float& mx,
+                            float& mn) {
+  for (int64_t i = from; i < len; ++i) {
+    const float v = load_f32<DT>(x, base + i);
+    am_bits = std::max(am_bits, f2u(v) & kAbsMask);
+    mx = std::max(mx, v);
+    mn = std::min(mn, v);
+  }
+}
+
+// Codes for elements [from, len) of a group, written packed (int4 formats, even counts) or
+// as bytes (int8).
+template <int DT>
+void int_group_codes_scalar(const void* x, int64_t base, int64_t from, int64_t len, int kind, const GroupParams& p,
+                            uint8_t* data) {
+  if (kind == INT8) {
+    for (int64_t i = from; i < len; ++i) data[base + i] = uint8_t(int_code(load_f32<DT>(x, base + i), kind, p));
+    return;
+  }
+  for (int64_t i = from; i < len; i += 2) {
+    const int c0 = int_code(load_f32<DT>(x, base + i), kind, p);
+    const int c1 = int_code(load_f32<DT>(x, base + i + 1), kind, p);
+    data[(base + i) >> 1] = uint8_t((c0 << 4) | c1);
+  }
+}
+
+#if QRU_AVX512
+inline __m512i int_code16(__m512 v, int kind, const GroupParams& p) {
+  const __m512 q = _mm512_roundscale_ps(_mm512_div_ps(v, _mm512_set1_ps(p.scale)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  if (kind == INT4)
+    return _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_add_ps(q, _mm512_set1_ps(p.zero)),
+                                                          _mm512_setzero_ps()), _mm512_set1_ps(15.0f)));
+  const float qmax = kind == INT4_SYM ? 7.0f : 127.0f;
+  if (!p.quantize) return _mm512_set1_epi32(int(p.zero));
+  const __m512 c = _mm512_min_ps(_mm512_max_ps(q, _mm512_set1_ps(-qmax)), _mm512_set1_ps(qmax));
+  return _mm512_add_epi32(_mm512_cvtps_epi32(c), _mm512_set1_epi32(int(p.zero)));
+}
+
+// Quantize one group: vector body over the first len & ~31 elements, scalar tail.
+template <int DT>
+void int_group_avx512(const void* x, int64_t base, int64_t len, int kind, float eps, uint8_t* data, float* scale_out,
+                      uint8_t* zero_out) {
+  const int64_t body = len & ~int64_t(31);
+  const __m512i absmask = _mm512_set1_epi32(int(kAbsMask));
+  __m512i am = _mm512_setzero_si512();
+  __m512 mx = _mm512_set1_ps(-INFINITY), mn = _mm512_set1_ps(INFINITY);
+  for (int64_t i = 0; i < body; i += 16) {
+    const __m512 v = load16<DT>(x, base + i);
+    am = _mm512_max_epu32(am, _mm512_and_si512(_mm512_castps_si512(v), absmask));
+    mx = _mm512_max_ps(mx, v);
+    mn = _mm512_min_ps(mn, v);
+  }
+  uint32_t am_bits = _mm512_reduce_max_epu32(am);
+  float mxs = _mm512_reduce_max_ps(mx), mns = _mm512_reduce_min_ps(mn);
+  int_group_stats_scalar<DT>(x, base, body, len, am_bits, mxs, mns);
+  const GroupParams p = int_params(kind, am_bits, mxs, mns, eps);
+  for (int64_t i = 0; i < body; i += 32) {
+    const __m128i c0 = _mm512_cvtepi32_epi8(int_code16(load16<DT>(x, base + i), kind, p));
+    const __m128i c1 = _mm512_cvtepi32_epi8(int_code16(load16<DT>(x, base + i + 16), kind, p));
+    if (kind == INT8) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(data + base + i), c0);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(data + base + i + 16), c1);
+    } else {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(data + ((base + i) >> 1)),
+                       _mm_packus_epi16(pack_pairs(c0), pack_pairs(c1)));
+    }
+  }
+  int_group_codes_scalar<DT>(x, base, body, len, kind, p, data);
+  *scale_out = p.scale;
+  if (kind == INT4) *zero_out = uint8_t(p.zero);
+}
+#endif
+
+template <int DT>
+void int_group_scalar(const void* x, int64_t base, int64_t len, int kind, float eps, uint8_t* data, float* scale_out,
                       uint8_t* zero_out) {
   uint32_t am_bits = 0;
-  bool nonfinite = false;
-  for (int64_t i = 0; i < len; ++i) {
-    const uint32_t a = f2u(buf[i]) & kAbsMask;
-    am_bits = std::max(am_bits, a);
-    nonfinite |= a >= kInfBits;
-  }
-  float scale;
-  if (kind == INT4) {
-    float mx = -INFINITY, mn = INFINITY;
-    for (int64_t i = 0; i < len; ++i) {
-      mx = std::max(mx, buf[i]);
-      mn = std::min(mn, buf[i]);
-    }
-    scale = std::max(mx - mn, eps) / 15.0f;
-    const float z = std::min(std::max(std::rint(-mn / scale), 0.0f), 15.0f);
-    for (int64_t i = 0; i < len; ++i)
-      codes[i] = uint8_t(std::min(std::max(std::rint(buf[i] / scale) + z, 0.0f), 15.0f));
-    *zero_out = uint8_t(z);
-  } else {
-    const float qmax = kind == INT4_SYM ? 7.0f : 127.0f;
-    scale = u2f(am_bits) / qmax;
-    for (int64_t i = 0; i < len; ++i) {
-      const float q = scale > 0.0f ? std::min(std::max(std::rint(buf[i] / scale), -qmax), qmax) : 0.0f;
-      codes[i] = kind == INT4_SYM ? uint8_t(int(q) + 8) : uint8_t(int8_t(int(q)));
-    }
-  }
-  *scale_out = nonfinite ? NAN : scale;
+  float mx = -INFINITY, mn = INFINITY;
+  int_group_stats_scalar<DT>(x, base, 0, len, am_bits, mx, mn);
+  const GroupParams p = int_params(kind, am_bits, mx, mn, eps);
+  int_group_codes_scalar<DT>(x, base, 0, len, kind, p, data);
+  *scale_out = p.scale;
+  if (kind == INT4) *zero_out = uint8_t(p.zero);
 }
 
 template <int DT>
 void int_quantize_impl(const void* x, int64_t rows, int64_t cols, int64_t g, int kind, float eps, uint8_t* data,
-                       float* scales, uint8_t* zeros) {
+                       float* scales, uint8_t* zeros, bool scalar) {
   const int64_t groups = (cols + g - 1) / g;
-#pragma omp parallel num_threads(num_threads())
-  {
-    std::vector<float> buf(g);
-    std::vector<uint8_t> codes(g);
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t k = 0; k < groups; ++k) {
-        const int64_t c0 = k * g, len = std::min(g, cols - c0), base = r * cols + c0;
-        for (int64_t i = 0; i < len; ++i) buf[i] = load_f32<DT>(x, base + i);
-        uint8_t z = 0;
-        int_group(buf.data(), len, kind, eps, codes.data(), scales + r * groups + k, &z);
-        if (kind == INT8) {
-          std::memcpy(data + base, codes.data(), len);
-        } else {
-          if (kind == INT4) zeros[r * groups + k] = z;
-          for (int64_t i = 0; i < len; i += 2) data[(base + i) >> 1] = uint8_t((codes[i] << 4) | codes[i + 1]);
-        }
+#pragma omp parallel for schedule(static) num_threads(num_threads())
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t k = 0; k < groups; ++k) {
+      const int64_t c0 = k * g, len = std::min(g, cols - c0), base = r * cols + c0, gi = r * groups + k;
+      uint8_t* z = zeros ? zeros + gi : nullptr;
+#if QRU_AVX512
+      if (!scalar) {
+        int_group_avx512<DT>(x, base, len, kind, eps, data, scales + gi, z);
+        continue;
       }
+#endif
+      int_group_scalar<DT>(x, base, len, kind, eps, data, scales + gi, z);
     }
   }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> int_quantize(const at::Tensor& x, int64_t cols, int64_t group,
-                                                           int64_t kind, double eps) {
+                                                           int64_t kind, double eps, bool scalar) {
   TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "x must be a contiguous CPU tensor");
   TORCH_CHECK(kind >= INT4 && kind <= INT8, "unknown integer format ", kind);
   TORCH_CHECK(cols > 0 && x.numel() % cols == 0, "cols must divide numel");
@@ -402,38 +479,60 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int_quantize(const at::Tensor& x,
   auto scales = at::empty({rows, groups}, x.options().dtype(at::kFloat));
   auto zeros = at::empty({kind == INT4 ? rows : 0, groups}, x.options().dtype(at::kByte));
   uint8_t* z = kind == INT4 ? zeros.data_ptr<uint8_t>() : nullptr;
+  uint8_t* d = data.data_ptr<uint8_t>();
+  float* s = scales.data_ptr<float>();
   const float e = static_cast<float>(eps);
-  if (dt == F32) int_quantize_impl<F32>(x.data_ptr(), rows, cols, group, int(kind), e, data.data_ptr<uint8_t>(), scales.data_ptr<float>(), z);
-  else if (dt == BF16) int_quantize_impl<BF16>(x.data_ptr(), rows, cols, group, int(kind), e, data.data_ptr<uint8_t>(), scales.data_ptr<float>(), z);
-  else int_quantize_impl<F16>(x.data_ptr(), rows, cols, group, int(kind), e, data.data_ptr<uint8_t>(), scales.data_ptr<float>(), z);
+  const int k = int(kind);
+  if (dt == F32) int_quantize_impl<F32>(x.data_ptr(), rows, cols, group, k, e, d, s, z, scalar);
+  else if (dt == BF16) int_quantize_impl<BF16>(x.data_ptr(), rows, cols, group, k, e, d, s, z, scalar);
+  else int_quantize_impl<F16>(x.data_ptr(), rows, cols, group, k, e, d, s, z, scalar);
   return {data, scales, zeros};
 }
 
 template <int DT>
 void int_dequantize_impl(const uint8_t* data, const float* scales, const uint8_t* zeros, int64_t rows, int64_t cols,
-                         int64_t g, int kind, void* out) {
+                         int64_t g, int kind, void* out, bool scalar) {
   const int64_t groups = (cols + g - 1) / g;
 #pragma omp parallel for schedule(static) num_threads(num_threads())
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t k = 0; k < groups; ++k) {
       const int64_t c0 = k * g, len = std::min(g, cols - c0), base = r * cols + c0;
       const float s = scales[r * groups + k];
-      if (kind == INT8) {
-        for (int64_t i = 0; i < len; ++i) store_f32<DT>(out, base + i, float(int8_t(data[base + i])) * s);
-      } else {
-        const int z = kind == INT4 ? zeros[r * groups + k] : 8;
-        for (int64_t i = 0; i < len; i += 2) {
-          const uint8_t byte = data[(base + i) >> 1];
-          store_f32<DT>(out, base + i, float(int(byte >> 4) - z) * s);
-          store_f32<DT>(out, base + i + 1, float(int(byte & 0xF) - z) * s);
+      const int z = kind == INT4 ? zeros[r * groups + k] : (kind == INT4_SYM ? 8 : 0);
+      int64_t i = 0;
+#if QRU_AVX512
+      if (!scalar) {
+        const __m512 vs = _mm512_set1_ps(s);
+        const __m512i vz = _mm512_set1_epi32(z);
+        const __m128i nib = _mm_set1_epi8(0x0F);
+        for (; i + 32 <= len; i += 32) {
+          __m512i q0, q1;
+          if (kind == INT8) {
+            q0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(data + base + i)));
+            q1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(data + base + i + 16)));
+          } else {
+            const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(data + ((base + i) >> 1)));
+            const __m128i h = _mm_and_si128(_mm_srli_epi16(bytes, 4), nib), l = _mm_and_si128(bytes, nib);
+            q0 = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(h, l)), vz);
+            q1 = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(h, l)), vz);
+          }
+          store16<DT>(out, base + i, _mm512_mul_ps(_mm512_cvtepi32_ps(q0), vs));
+          store16<DT>(out, base + i + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(q1), vs));
         }
+      }
+#endif
+      for (; i < len; ++i) {
+        int q;
+        if (kind == INT8) q = int(int8_t(data[base + i]));
+        else q = int(((base + i) & 1) ? (data[(base + i) >> 1] & 0xF) : (data[(base + i) >> 1] >> 4)) - z;
+        store_f32<DT>(out, base + i, float(q) * s);
       }
     }
   }
 }
 
 at::Tensor int_dequantize(const at::Tensor& data, const at::Tensor& scales, const at::Tensor& zeros, int64_t cols,
-                          int64_t group, int64_t kind, at::ScalarType dtype) {
+                          int64_t group, int64_t kind, at::ScalarType dtype, bool scalar) {
   TORCH_CHECK(data.device().is_cpu() && data.is_contiguous() && data.scalar_type() == at::kByte,
               "data must be a contiguous CPU uint8 tensor");
   TORCH_CHECK(scales.is_contiguous() && scales.scalar_type() == at::kFloat, "scales must be contiguous float32");
@@ -447,9 +546,12 @@ at::Tensor int_dequantize(const at::Tensor& data, const at::Tensor& scales, cons
   const int dt = dtype_code(dtype, "dtype");
   auto out = empty_out(n, dtype);
   const uint8_t* z = kind == INT4 ? zeros.data_ptr<uint8_t>() : nullptr;
-  if (dt == F32) int_dequantize_impl<F32>(data.data_ptr<uint8_t>(), scales.data_ptr<float>(), z, rows, cols, group, int(kind), out.data_ptr());
-  else if (dt == BF16) int_dequantize_impl<BF16>(data.data_ptr<uint8_t>(), scales.data_ptr<float>(), z, rows, cols, group, int(kind), out.data_ptr());
-  else int_dequantize_impl<F16>(data.data_ptr<uint8_t>(), scales.data_ptr<float>(), z, rows, cols, group, int(kind), out.data_ptr());
+  const uint8_t* d = data.data_ptr<uint8_t>();
+  const float* s = scales.data_ptr<float>();
+  const int k = int(kind);
+  if (dt == F32) int_dequantize_impl<F32>(d, s, z, rows, cols, group, k, out.data_ptr(), scalar);
+  else if (dt == BF16) int_dequantize_impl<BF16>(d, s, z, rows, cols, group, k, out.data_ptr(), scalar);
+  else int_dequantize_impl<F16>(d, s, z, rows, cols, group, k, out.data_ptr(), scalar);
   return out;
 }
 

@@ -65,13 +65,16 @@ def check_4bit(w, fmt, bs, scalar_too=True):
 def check_int(w, fmt, group):
     ref = quant_int.quantize_int_reference(w, fmt, group)
     for name, out in (("triton", quant_int._quantize_triton(w, fmt, group)),
-                      ("cpp", quant_int._quantize_cpp(w, fmt, group))):
+                      ("cpp", quant_int._quantize_cpp(w, fmt, group)),
+                      ("cpp-scalar", quant_int._quantize_cpp(w, fmt, group, scalar=True))):
         for a, b, what in zip(out, ref, ("data", "scales", "zeros")):
             assert_same(a, b, f"{name} {what}")
     for dt in DTYPES:
         d = quant_int.dequantize_int_reference(*ref, fmt, tuple(w.shape), group, dt)
         assert_same(quant_int._dequantize_triton(*ref, fmt, tuple(w.shape), group, dt), d, f"triton dequant {dt}")
         assert_same(quant_int._dequantize_cpp(*ref, fmt, tuple(w.shape), group, dt), d, f"cpp dequant {dt}")
+        assert_same(quant_int._dequantize_cpp(*ref, fmt, tuple(w.shape), group, dt, scalar=True), d,
+                    f"cpp-scalar dequant {dt}")
     return ref
 
 
@@ -98,8 +101,10 @@ def test_int_random(cpp, fmt, dtype, group, shape):
     check_int(w, fmt, group)
 
 
-def test_int8_odd_row_length(cpp):
-    w = torch.randn(7, 33, generator=torch.Generator().manual_seed(3))
+@pytest.mark.parametrize("cols", [1, 33, 100, 257])
+def test_int8_any_row_length(cpp, cols):
+    """Rows that are not a multiple of the vector width (vector body + scalar tail)."""
+    w = torch.randn(7, cols, generator=torch.Generator().manual_seed(3))
     check_int(w, "int8", None)
 
 

@@ -256,21 +256,21 @@ def _dequantize_triton(data, scales, zeros, fmt, shape, group, dtype):
 # ----------------------------------------------------------------------------- C++
 
 
-def _quantize_cpp(x, fmt, group):
+def _quantize_cpp(x, fmt, group, scalar: bool = False):
     g = check_int_args(tuple(x.shape), fmt, group)
     cols = x.shape[-1]
     data, scales, zeros = load_cpp_ext("quant").int_quantize(
-        x.contiguous().reshape(-1), max(cols, 1), g, _KIND[fmt], INT4_EPS)
+        x.contiguous().reshape(-1), max(cols, 1), g, _KIND[fmt], INT4_EPS, scalar)
     if fmt == "int8":
         return data, scales.reshape(-1), None
     return data, scales, zeros if fmt == "int4" else None
 
 
-def _dequantize_cpp(data, scales, zeros, fmt, shape, group, dtype):
+def _dequantize_cpp(data, scales, zeros, fmt, shape, group, dtype, scalar: bool = False):
     g = check_int_args(tuple(shape), fmt, group)
     z = zeros.contiguous() if zeros is not None else torch.empty(0, dtype=torch.uint8)
     out = load_cpp_ext("quant").int_dequantize(data.contiguous(), scales.contiguous(), z, max(shape[-1], 1), g,
-                                               _KIND[fmt], dtype)
+                                               _KIND[fmt], dtype, scalar)
     return out.reshape(shape)
 
 
