@@ -159,6 +159,26 @@ def test_nf4_lora_linear():
     assert {"weight_nf4", "weight_absmax", "weight_code", "lora_A", "lora_B", "bias"} == set(m.state_dict())
 
 
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4_lora_linear_from_qru_qtensor(double_quant):
+    formats = pytest.importorskip("qru.quant.formats")
+    W = torch.randn(21, 37)  # odd element count: partial last block, padded nibble
+    qt = formats.quantize(W, "nf4", 64, double_quant=double_quant)
+    m = L.LoRALinear.from_nf4(qt, 3, 6)
+    assert m.compute_dtype == torch.float32
+    nn.init.normal_(m.lora_B)
+    deq = qt.dequantize(torch.float32)
+    x = torch.randn(2, 4, 37, requires_grad=True)
+    y = m(x)
+    ref = torch.nn.functional.linear(x, deq) + m.scaling * (x @ m.lora_A.t()) @ m.lora_B.t()
+    assert torch.allclose(y, ref, atol=1e-5)
+    gx, gA = torch.autograd.grad(y.sum(), (x, m.lora_A))
+    rx, rA = torch.autograd.grad(ref.sum(), (x, m.lora_A))
+    assert torch.allclose(gx, rx, atol=1e-5) and torch.allclose(gA, rA, atol=1e-5)
+    with pytest.raises(TypeError, match="fmt"):
+        L.LoRALinear.from_nf4(formats.quantize(W, "fp4", 64), 3, 6)
+
+
 # ----------------------------------------------------------------------------------------
 # apply_lora
 # ----------------------------------------------------------------------------------------

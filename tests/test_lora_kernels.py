@@ -114,6 +114,10 @@ def test_nf4_decode_matches_bitsandbytes():
     q, st = bnbF.quantize_4bit(W, blocksize=64, quant_type="nf4")
     nf4 = K.NF4Weight(q.reshape(-1), st.absmax, (13, 27), 64, bnbF.get_4bit_type("nf4", device="cpu"))
     assert torch.equal(nf4.dequantize(), bnbF.dequantize_4bit(q, st))
+    # without an explicit codebook: qru.kernels.quant4.NF4_CODE, which must be bitsandbytes'
+    default = K.NF4Weight(q.reshape(-1), st.absmax, (13, 27), 64)
+    assert torch.equal(default.code, bnbF.get_4bit_type("nf4", device="cpu"))
+    assert torch.equal(default.dequantize(), bnbF.dequantize_4bit(q, st))
 
 
 @pytest.mark.parametrize("bias", [False, True])

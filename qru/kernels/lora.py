@@ -74,14 +74,19 @@ class NF4Weight:
 
     @classmethod
     def from_qtensor(cls, q) -> "NF4Weight":
-        """Wrap any object with ``data``, ``absmax``, ``shape`` and optional ``block_size``/``code``."""
+        """Wrap a QTensor-like: ``data``, ``absmax`` (a tensor, or a method as on
+        ``qru.quant.formats.QTensor``, which also undoes nested absmax), ``shape``, and
+        optional ``block_size``/``code``/``fmt`` (must be ``"nf4"``)."""
         if isinstance(q, cls):
             return q
+        fmt = getattr(q, "fmt", "nf4")
+        if fmt != "nf4":
+            raise TypeError(f"NF4 base weight: {type(q).__name__} has fmt={fmt!r}, expected 'nf4'")
         for name in ("data", "absmax", "shape"):
             if not hasattr(q, name):
-                raise TypeError(f"NF4 base weight {type(q).__name__} has no attribute {name!r}")
-        return cls(q.data, q.absmax, tuple(q.shape), int(getattr(q, "block_size", 64)),
-                   getattr(q, "code", None))
+                raise TypeError(f"NF4 base weight: {type(q).__name__} has no attribute {name!r}")
+        absmax = q.absmax() if callable(q.absmax) else q.absmax
+        return cls(q.data, absmax, tuple(q.shape), int(getattr(q, "block_size", 64)), getattr(q, "code", None))
 
     @property
     def device(self) -> torch.device:

@@ -125,11 +125,16 @@ class LoRALinear(nn.Module):
 
     @classmethod
     def from_nf4(cls, qweight, r: int, alpha: float, *, bias: torch.Tensor | None = None,
-                 compute_dtype: torch.dtype = torch.bfloat16, dropout: float = 0.0, use_rslora: bool = False,
+                 compute_dtype: torch.dtype | None = None, dropout: float = 0.0, use_rslora: bool = False,
                  init="default", lora_dtype: torch.dtype | None = None,
                  generator: torch.Generator | None = None) -> "LoRALinear":
-        """QLoRA: a frozen NF4 base (``NF4Weight`` or any object with data/absmax/shape[/block_size/code])."""
+        """QLoRA: a frozen NF4 base (``NF4Weight``, an nf4 ``qru.quant.formats.QTensor``, or any
+        object with data/absmax/shape[/block_size/code]). ``compute_dtype`` (the dtype ``x`` must
+        have) defaults to the QTensor's original dtype, else bf16."""
         q = NF4Weight.from_qtensor(qweight)
+        if compute_dtype is None:
+            orig = getattr(qweight, "dtype", None)
+            compute_dtype = orig if isinstance(orig, torch.dtype) and orig.is_floating_point else torch.bfloat16
         m = cls.__new__(cls)
         nn.Module.__init__(m)
         m.register_buffer("weight_nf4", q.data)
