@@ -554,7 +554,9 @@ def train_loop(model: torch.nn.Module, step_fn: StepFn, main: TokenizedSet, aux:
                                  or (opts.stop_after and step >= opts.stop_after)):
                 checkpoint()
                 if guard.hit:
-                    raise KeyboardInterrupt(f"interrupted at step {step}/{total}; resume from {out / CKPT_DIR}")
+                    msg = f"interrupted at step {step}/{total}; checkpoint in {out / CKPT_DIR} (continue with resume)"
+                    print(f"qru: {msg}", file=sys.stderr)
+                    raise KeyboardInterrupt(msg)
                 if opts.stop_after and step >= opts.stop_after:
                     status = "stopped"
                     break
