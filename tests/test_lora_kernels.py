@@ -144,6 +144,13 @@ def test_3d_input_with_lora(backend):
     assert torch.allclose(dA3, dA2, atol=1e-5) and torch.allclose(dB3, dB2, atol=1e-5)
 
 
+def test_no_tokens(backend):
+    x, W, b, A, B = make(0, 24, 20, 3, torch.float32, bias=True)
+    y, dx, dA, dB, _ = run_and_grads(x, W, b, A, B, 1.0)
+    assert y.shape == (0, 20) and dx.shape == (0, 24)
+    assert torch.count_nonzero(dA) == 0 and torch.count_nonzero(dB) == 0
+
+
 def test_bias_gradient(backend):
     x, W, b, A, B = make(9, 24, 20, 3, torch.float32, bias=True)
     b = b.clone().requires_grad_()

@@ -651,6 +651,8 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
+    if x2.shape[0] == 0:
+        backend = "torch"  # no tokens: nothing to launch
     if nf4 is not None and nf4.device != x.device:
         raise ValueError(f"lora_linear: nf4 weight is on {nf4.device} but x is on {x.device}")
     if lora_A is None:
