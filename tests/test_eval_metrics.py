@@ -259,3 +259,18 @@ def test_precisions_parse_and_availability():
     if not hasattr(quant, "quantize_model"):
         with pytest.raises(PrecisionUnavailable, match=r"int8, nf4 unavailable: .*quantize_model"):
             check_available(["bf16", "int8", "nf4"])
+
+
+def test_score_batches_respect_rows_and_token_budget():
+    from qru.eval.common import _batches
+
+    lengths = [100, 90, 50, 50, 10, 10, 10, 3]
+    order = list(range(len(lengths)))
+    got = _batches(order, lengths, 3, 200)
+    assert got == [[0, 1], [2, 3, 4], [5, 6, 7]]
+    assert sorted(i for b in got for i in b) == order
+    for b in got:
+        assert len(b) <= 3 and (len(b) == 1 or max(lengths[i] for i in b) * len(b) <= 200)
+    assert _batches(order, lengths, 3, None) == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert _batches([0], [5000], 8, 100) == [[0]]  # a long row still gets scored alone
+    assert _batches([0, 1, 2], [512, 512, 512], 8, 1024) == [[0, 1], [2]]

@@ -224,3 +224,29 @@ def test_cli_eval_errors(tiny_dir, shared_data, tmp_path, capsys):
     assert _run_cli(base + ["--data", str(shared_data / "muse-news"), "--adapter", str(tmp_path / "nope")]) == 2
     assert "adapter" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_shared_prefix_generation_matches_generate(model_tok, shared_data, monkeypatch):
+    from qru.eval import generation
+    from qru.eval.generation import generate_batched
+    from qru.model.generate import generate
+
+    shared = []
+    real = generation._shared_prefix_batch
+    monkeypatch.setattr(generation, "_shared_prefix_batch",
+                        lambda m, t, rows, p, *a: shared.append((len(rows), p)) or real(m, t, rows, p, *a))
+
+    model, tok = model_tok
+    icl = json.load(open(shared_data / "muse-news" / "knowmem" / "retain_qa_icl.json"))[:4]
+    qa = json.load(open(shared_data / "muse-news" / "knowmem" / "retain_qa.json"))[:5]
+    prompts = [muse.knowmem_prompt(d["question"], [(x["question"], x["answer"]) for x in icl]) for d in qa]
+    prompts.append("An unrelated prompt.")  # lands in a batch with no shared prefix -> generate()
+    for stop in ((), muse.KNOWMEM_STOP):
+        ref = generate(model, tok, prompts, max_new_tokens=12, stop=stop, batch_size=1)
+        assert generate_batched(model, tok, prompts, 12, stop=stop, batch_size=4) == ref
+        assert generate_batched(model, tok, prompts, 12, stop=stop, batch_size=6, min_shared=1) == ref
+    assert generate_batched(model, tok, prompts[:1], 5) == generate(model, tok, prompts[:1], max_new_tokens=5)
+    # batch of 4 holds the unrelated prompt (fallback); batch of 2 shares the ICL prefix; min_shared=1 shares BOS
+    assert [n for n, _ in shared] == [2, 6, 2, 6] and shared[0][1] > 100 and shared[1][1] == 1
+    with pytest.raises(ValueError, match="batch_size"):
+        generate_batched(model, tok, prompts, 5, batch_size=0)

@@ -175,13 +175,33 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+def _batches(order: list[int], lengths: Sequence[int], batch_size: int, max_tokens: int | None) -> list[list[int]]:
+    """Consecutive groups of ``order`` with at most ``batch_size`` rows and, when given, at
+    most ``max_tokens`` padded tokens (rows x longest row); a single row always fits."""
+    out, cur, width = [], [], 0
+    for i in order:
+        w = max(width, lengths[i])
+        if cur and (len(cur) == batch_size or (max_tokens is not None and w * (len(cur) + 1) > max_tokens)):
+            out.append(cur)
+            cur, w = [], lengths[i]
+        cur.append(i)
+        width = w
+    if cur:
+        out.append(cur)
+    return out
+
+
 @torch.no_grad()
 def score_ids(model, rows: Sequence[Sequence[int]], starts: Sequence[int], batch_size: int = 8,
-              pad_id: int = 0, stats: bool = True) -> list[SequenceScore]:
+              pad_id: int = 0, stats: bool = True, max_batch_tokens: int | None | str = "auto"
+              ) -> list[SequenceScore]:
     """Score tokens ``rows[i][starts[i]:]`` (each given its prefix) in right-padded batches.
 
     One forward per batch (rows sorted by length so batches pad little); the LM head and an
     fp32 log-softmax run per row over the scored positions only, so memory is O(T*V) per row.
+    A batch holds at most ``batch_size`` rows and ``max_batch_tokens`` padded tokens
+    ("auto": 2048 on CPU, where larger GEMMs fall out of cache and run slower per token;
+    unbounded on GPU).
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -193,8 +213,9 @@ def score_ids(model, rows: Sequence[Sequence[int]], starts: Sequence[int], batch
     out: list[SequenceScore | None] = [None] * len(rows)
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
     dev = model.device
-    for b in range(0, len(order), batch_size):
-        idx = order[b:b + batch_size]
+    if max_batch_tokens == "auto":
+        max_batch_tokens = 2048 if dev.type == "cpu" else None
+    for idx in _batches(order, [len(r) for r in rows], batch_size, max_batch_tokens):
         width = max(len(rows[i]) for i in idx)
         ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)

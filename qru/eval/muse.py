@@ -119,13 +119,17 @@ def _texts(path: Path, limit: int | None) -> list[str]:
 # -- metrics ------------------------------------------------------------------------------
 
 def _generate(model, tokenizer, prompts, max_new_tokens, stop, batch_size, meter: Meter, stage: str,
-              progress: bool = False) -> list[str]:
+              progress: bool = False, share_prefix: bool = False) -> list[str]:
+    from qru.eval.generation import generate_batched
     from qru.model.generate import generate
 
     limit = model.config.max_position_embeddings - max_new_tokens
     t0 = time.perf_counter()
-    outs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop=stop,
-                    batch_size=batch_size, progress=progress)
+    if share_prefix:
+        outs = generate_batched(model, tokenizer, prompts, max_new_tokens, stop=stop, batch_size=batch_size)
+    else:
+        outs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop=stop,
+                        batch_size=batch_size, progress=progress)
     dt = time.perf_counter() - t0
     n = sum(min(len(tokenizer.encode(p, bos=True)), limit) for p in prompts)
     n += sum(len(tokenizer.encode(o, bos=False)) for o in outs)
@@ -149,12 +153,17 @@ def eval_verbmem(model, tokenizer, items: list[dict], *, max_new_tokens: int = V
 
 def eval_knowmem(model, tokenizer, qa: list[dict], icl: list[dict], *, max_new_tokens: int = KNOWMEM_MAX_NEW,
                  batch_size: int = 16, meter: Meter | None = None, stage: str = "knowmem",
-                 progress: bool = False) -> tuple[float, float, list]:
-    """``(mean ROUGE-L recall x100, mean ROUGE-L F1 x100, per-item log)`` of few-shot answers."""
+                 progress: bool = False, share_prefix: bool = True) -> tuple[float, float, list]:
+    """``(mean ROUGE-L recall x100, mean ROUGE-L F1 x100, per-item log)`` of few-shot answers.
+
+    With ``share_prefix`` the ICL prefix common to a batch is prefilled once per batch
+    (``qru.eval.generation``); a progress bar is only shown without it.
+    """
     meter = meter or Meter()
     shots = [(d["question"], d["answer"]) for d in icl]
     prompts = [knowmem_prompt(d["question"], shots) for d in qa]
-    outs = _generate(model, tokenizer, prompts, max_new_tokens, KNOWMEM_STOP, batch_size, meter, stage, progress)
+    outs = _generate(model, tokenizer, prompts, max_new_tokens, KNOWMEM_STOP, batch_size, meter, stage, progress,
+                     share_prefix=share_prefix)
     log = []
     for i, (d, out) in enumerate(zip(qa, outs)):
         ans = cut_answer(out)
@@ -196,12 +205,14 @@ def evaluate_muse(model, tokenizer, data_dir: str | Path, *, retrain_auc: float 
                   limit: int | None = None, batch_size: int = 16, score_batch_size: int = 8,
                   max_len: int | None = None, k: float = 0.4, metrics: Sequence[str] = METRICS,
                   files: dict | None = None, verbmem_max_new_tokens: int = VERBMEM_MAX_NEW,
-                  knowmem_max_new_tokens: int = KNOWMEM_MAX_NEW, progress: bool = False) -> dict:
+                  knowmem_max_new_tokens: int = KNOWMEM_MAX_NEW, share_prefix: bool = True,
+                  progress: bool = False) -> dict:
     """Run the MUSE metrics on one (already built) model.
 
     ``files`` overrides entries of ``DEFAULT_FILES`` (relative to ``data_dir`` or absolute).
     ``limit`` keeps the first N items of each evaluated file (ICL shots are always all used).
     ``max_len`` caps the scored length of PrivLeak texts (default: the model's context).
+    ``share_prefix`` prefills the KnowMem ICL prefix once per generation batch.
     Returns a dict with ``verbmem_f``, ``knowmem_f``, ``knowmem_r`` (recall x100),
     ``knowmem_f_f1``/``knowmem_r_f1``, ``auc`` (Min-k%), ``aucs`` (all score kinds),
     ``privleak`` (None without ``retrain_auc``), per-item ``items`` and ``throughput``.
@@ -237,7 +248,7 @@ def evaluate_muse(model, tokenizer, data_dir: str | Path, *, retrain_auc: float 
             if m in metrics:
                 out[m], out[m + "_f1"], out["items"][m] = eval_knowmem(
                     model, tokenizer, data[m], data[m + "_icl"], max_new_tokens=knowmem_max_new_tokens,
-                    batch_size=batch_size, meter=meter, stage=m, progress=progress)
+                    batch_size=batch_size, meter=meter, stage=m, progress=progress, share_prefix=share_prefix)
         if "privleak" in metrics:
             f = privleak_scores(model, tokenizer, data["privleak_forget"], k=k, batch_size=score_batch_size,
                                 max_len=max_len, meter=meter)
