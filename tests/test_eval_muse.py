@@ -250,3 +250,38 @@ def test_shared_prefix_generation_matches_generate(model_tok, shared_data, monke
     assert [n for n, _ in shared] == [2, 6, 2, 6] and shared[0][1] > 100 and shared[1][1] == 1
     with pytest.raises(ValueError, match="batch_size"):
         generate_batched(model, tok, prompts, 5, batch_size=0)
+
+
+def test_adapter_merged_before_precision(tiny_dir, tmp_path, shared_data):
+    """--adapter: the PEFT adapter is merged in fp32; the built model reproduces the LoRA model."""
+    from qru.model.lora import apply_lora, lora_modules, save_adapter
+
+    lora_model = Llama.from_pretrained(tiny_dir)
+    apply_lora(lora_model, r=4, alpha=8, seed=0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, m in lora_modules(lora_model):
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.5)
+    adapter = save_adapter(lora_model.eval(), tmp_path / "adapter")
+    ids = torch.randint(4, 500, (2, 17), generator=g)
+    with torch.no_grad():
+        want = lora_model(ids)
+        base = Llama.from_pretrained(tiny_dir).eval()(ids)
+        got = build_model(tiny_dir, "fp32", adapter)(ids)
+    assert (want - base).abs().max() > 1e-2  # the adapter changes the model
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    # bf16: merged in fp32 first, then cast (merge-then-quantize order)
+    sd32 = build_model(tiny_dir, "fp32", adapter).state_dict()
+    sd16 = build_model(tiny_dir, "bf16", adapter).state_dict()
+    assert sd16.keys() == sd32.keys()
+    for k in sd32:
+        assert sd16[k].dtype == torch.bfloat16 and torch.equal(sd16[k], sd32[k].to(torch.bfloat16)), k
+    assert not any(True for _ in lora_modules(build_model(tiny_dir, "fp32", adapter)))
+    from qru.cli import main
+
+    out = tmp_path / "a.json"
+    assert main(["eval", str(tiny_dir), "--adapter", str(adapter), "--benchmark", "muse", "--data",
+                 str(shared_data / "muse-news"), "--limit", "1", "--max-len", "64", "--precision", "fp32,bf16",
+                 "--retrain-auc", "0.5", "--out", str(out)]) == 0
+    recs = json.loads(out.read_text())["records"]
+    assert [r["precision"] for r in recs] == ["fp32", "bf16"] and all(r["adapter"] == str(adapter) for r in recs)

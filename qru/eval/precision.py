@@ -4,7 +4,7 @@
 ``int4_sym`` quantize in memory through ``qru.quant.quantize_model(model, fmt, block_size)``,
 looked up at call time; if that function is not available the precision is reported as
 unavailable (nothing is faked). With an adapter, the LoRA weights are merged into the fp32
-base first (``qru.model.lora``) and the merged model is then cast or quantized.
+base first (``qru.model.lora.load_adapter`` + ``merge_and_unload``) and the merged model is then cast or quantized.
 """
 from __future__ import annotations
 
@@ -68,20 +68,20 @@ def _lora():
     try:
         from qru.model import lora
     except ImportError as e:
-        raise PrecisionUnavailable(f"--adapter needs qru.model.lora (load_adapter, merge_lora), which cannot be "
+        raise PrecisionUnavailable(f"--adapter needs qru.model.lora (load_adapter, merge_and_unload), which cannot be "
                                    f"imported: {e}") from None
-    missing = [n for n in ("load_adapter", "merge_lora") if not hasattr(lora, n)]
+    missing = [n for n in ("load_adapter", "merge_and_unload") if not hasattr(lora, n)]
     if missing:
         raise PrecisionUnavailable(f"--adapter needs qru.model.lora.{', '.join(missing)}, not available")
     return lora
 
 
 def merge_adapter(model, adapter: str | Path):
-    """Attach the LoRA adapter in ``adapter`` to the fp32 ``model`` and merge it into the weights."""
+    """Attach the PEFT LoRA adapter in ``adapter`` to the fp32 ``model`` and merge it into plain
+    ``nn.Linear`` weights (``W + s·B A`` in fp32), in place."""
     lora = _lora()
-    attached = lora.load_adapter(model, adapter)
-    merged = lora.merge_lora(attached if attached is not None else model)
-    return merged if merged is not None else (attached if attached is not None else model)
+    model = lora.load_adapter(model, adapter)
+    return lora.merge_and_unload(model)
 
 
 def build_model(model_dir: str | Path, precision: str, adapter: str | Path | None = None, *,
