@@ -43,6 +43,9 @@ def _atomic_write_json(path: Path, obj) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=1, ensure_ascii=False, allow_nan=False)
             f.write("\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -63,7 +66,8 @@ def format_table(records: Sequence[dict], benchmark: str) -> str:
             if v is None:
                 row.append("-")
             elif isinstance(v, float):
-                row.append(f"{v:.3g}" if key in ("forget_quality",) else f"{v:.4f}" if abs(v) < 1.5
+                small = v != 0 and abs(v) < 0.01
+                row.append(f"{v:.3g}" if key == "forget_quality" or small else f"{v:.4f}" if abs(v) < 1.5
                            else f"{v:.2f}")
             else:
                 row.append(str(v))
