@@ -2,8 +2,10 @@
 bf16 weights, same run. A plain copy moving the same number of bytes (read + write) is timed
 in the same rotation and serves as the bandwidth roofline.
 
-Providers are called one at a time, in turn, so outside load hits all of them alike; the
-speed-up is the median of the paired per-turn ratios (bitsandbytes time / provider time).
+bitsandbytes, qru C++ and the copy are called one at a time, in turn, so outside load hits
+all of them alike; the speed-up is the median of the paired per-turn ratios (peer time /
+provider time). The torch reference is timed after that rotation (ratio of medians): its
+multi-GB temporaries, freed between calls, otherwise slow the next provider's page faults.
 Integer formats (no bitsandbytes peer) compare C++ with the reference.
 
 CPU targets (printed, not tested): NF4 quantize >= 30x bitsandbytes, NF4 dequantize >= 1.5x.
@@ -80,28 +82,28 @@ def providers_4bit(w, fmt, block):
     quant = {
         "bitsandbytes": lambda: F.quantize_4bit(w, blocksize=block, quant_type=fmt),
         "qru-cpp": lambda: quant4._quantize_cpp(w, fmt, block),
-        "qru-reference": lambda: quant4.quantize_4bit_reference(w, fmt, block),
     }
     deq = {
         "bitsandbytes": lambda: F.dequantize_4bit(bq, st),
         "qru-cpp": lambda: quant4._dequantize_cpp(packed, absmax, fmt, block, n, w.dtype),
-        "qru-reference": lambda: quant4.dequantize_4bit_reference(packed, absmax, fmt, block, n, w.dtype),
     }
-    return quant, deq
+    ref = {
+        "quantize": lambda: quant4.quantize_4bit_reference(w, fmt, block),
+        "dequantize": lambda: quant4.dequantize_4bit_reference(packed, absmax, fmt, block, n, w.dtype),
+    }
+    return quant, deq, ref
 
 
 def providers_int(w, fmt, group):
     data, scales, zeros = quant_int._quantize_cpp(w, fmt, group)
     shape = tuple(w.shape)
-    quant = {
-        "qru-reference": lambda: quant_int.quantize_int_reference(w, fmt, group),
-        "qru-cpp": lambda: quant_int._quantize_cpp(w, fmt, group),
+    quant = {"qru-cpp": lambda: quant_int._quantize_cpp(w, fmt, group)}
+    deq = {"qru-cpp": lambda: quant_int._dequantize_cpp(data, scales, zeros, fmt, shape, group, w.dtype)}
+    ref = {
+        "quantize": lambda: quant_int.quantize_int_reference(w, fmt, group),
+        "dequantize": lambda: quant_int.dequantize_int_reference(data, scales, zeros, fmt, shape, group, w.dtype),
     }
-    deq = {
-        "qru-reference": lambda: quant_int.dequantize_int_reference(data, scales, zeros, fmt, shape, group, w.dtype),
-        "qru-cpp": lambda: quant_int._dequantize_cpp(data, scales, zeros, fmt, shape, group, w.dtype),
-    }
-    return quant, deq
+    return quant, deq, ref
 
 
 def cpu_section(shapes, formats, samples):
@@ -112,12 +114,19 @@ def cpu_section(shapes, formats, samples):
         sh = f"{shape[0]}x{shape[1]}"
         for fmt in formats:
             block = 64 if fmt in ("nf4", "fp4") else (None if fmt == "int8" else 128)
-            quant, deq = providers_4bit(w, fmt, block) if fmt in ("nf4", "fp4") else providers_int(w, fmt, block)
+            quant, deq, ref = (providers_4bit(w, fmt, block) if fmt in ("nf4", "fp4")
+                               else providers_int(w, fmt, block))
             read, written = traffic(fmt, shape, block)
             for op, fns in (("quantize", quant), ("dequantize", deq)):
                 fns = dict(fns, **{"copy": copy_fn(read + written)})
                 t, ratio = paired(fns, samples)
-                peer = next(iter(fns))
+                t["qru-reference"] = bench(ref[op], warmup=1, repeats=max(2, samples // 2))
+                if "bitsandbytes" in fns:  # paired ratios; the reference: ratio of medians
+                    peer = "bitsandbytes"
+                    ratio["qru-reference"] = t[peer].median / t["qru-reference"].median
+                else:
+                    peer = "qru-reference"
+                    ratio = {k: t[peer].median / v.median for k, v in t.items()}
                 gbs = lambda s: (read + written) / s / 1e9  # noqa: E731
                 for prov, tim in t.items():
                     if prov == "copy":
@@ -134,7 +143,7 @@ def cpu_section(shapes, formats, samples):
                 print(f"  {fmt} {op} {sh}: qru-cpp {t['qru-cpp'].median * 1e3:.2f} ms "
                       f"({gbs(t['qru-cpp'].median):.2f} GB/s, {roof:.0%} of copy), "
                       f"{peer} {t[peer].median * 1e3:.2f} ms, speed-up {ratio['qru-cpp']:.2f}x", flush=True)
-            del quant, deq
+            del quant, deq, ref
     return rows, summary
 
 

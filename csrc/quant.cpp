@@ -4,7 +4,7 @@
 // operations in the same order (no fast-math; no multiply feeds an add, so FMA
 // contraction cannot change a result). The AVX-512 paths and
 // the portable scalar paths compute the same thing; ``scalar=true`` forces the latter
-// (tests compare both). OpenMP over blocks / rows, thread count = torch's.
+// (tests compare both). OpenMP over blocks / rows (dynamic chunks), thread count = torch's.
 #include <torch/extension.h>
 
 #include <omp.h>
@@ -67,6 +67,12 @@ int dtype_code(at::ScalarType t, const char* what) {
 }
 
 int num_threads() { return std::max(1, at::get_num_threads()); }
+
+// Work items per dynamically scheduled chunk (~16K elements): a thread that is descheduled
+// (shared machines) leaves its work to the others instead of holding half of it.
+inline int64_t chunk_of(int64_t items_per_unit) {
+  return std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, items_per_unit));
+}
 
 // A flat output tensor. Large ones are 2 MiB aligned and advised as transparent huge
 // pages (what c10 does under THP_MEM_ALLOC_ENABLE=1, here only for our outputs): a fresh
@@ -220,7 +226,8 @@ void q4_quantize_impl(const void* x, int64_t n, int64_t bs, const Q4Tables& t, u
   const __m512 bounds = _mm512_loadu_ps(t.bounds);
   const __m512i order = _mm512_loadu_si512(t.order);
 #endif
-#pragma omp parallel for schedule(static) num_threads(num_threads())
+  const int64_t chunk = chunk_of(bs);
+#pragma omp parallel for schedule(dynamic, chunk) num_threads(num_threads())
   for (int64_t b = 0; b < n_blocks; ++b) {
     const int64_t start = b * bs, len = std::min(bs, n - start);
 #if QRU_AVX512
@@ -278,7 +285,8 @@ void q4_dequantize_impl(const uint8_t* packed, const float* absmax, int64_t n, i
   const __m512 code = _mm512_loadu_ps(t.code);
   const __m128i nib = _mm_set1_epi8(0x0F);
 #endif
-#pragma omp parallel for schedule(static) num_threads(num_threads())
+  const int64_t chunk = chunk_of(bs);
+#pragma omp parallel for schedule(dynamic, chunk) num_threads(num_threads())
   for (int64_t b = 0; b < n_blocks; ++b) {
     const int64_t start = b * bs, len = std::min(bs, n - start);
     const float a = absmax[b];
@@ -450,7 +458,8 @@ template <int DT>
 void int_quantize_impl(const void* x, int64_t rows, int64_t cols, int64_t g, int kind, float eps, uint8_t* data,
                        float* scales, uint8_t* zeros, bool scalar) {
   const int64_t groups = (cols + g - 1) / g;
-#pragma omp parallel for schedule(static) num_threads(num_threads())
+  const int64_t chunk = chunk_of(cols);
+#pragma omp parallel for schedule(dynamic, chunk) num_threads(num_threads())
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t k = 0; k < groups; ++k) {
       const int64_t c0 = k * g, len = std::min(g, cols - c0), base = r * cols + c0, gi = r * groups + k;
@@ -493,7 +502,8 @@ template <int DT>
 void int_dequantize_impl(const uint8_t* data, const float* scales, const uint8_t* zeros, int64_t rows, int64_t cols,
                          int64_t g, int kind, void* out, bool scalar) {
   const int64_t groups = (cols + g - 1) / g;
-#pragma omp parallel for schedule(static) num_threads(num_threads())
+  const int64_t chunk = chunk_of(cols);
+#pragma omp parallel for schedule(dynamic, chunk) num_threads(num_threads())
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t k = 0; k < groups; ++k) {
       const int64_t c0 = k * g, len = std::min(g, cols - c0), base = r * cols + c0;

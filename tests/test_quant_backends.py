@@ -268,3 +268,26 @@ def test_int_property_backends_agree(cpp, w, fmt, group):
     if not torch.isfinite(scales).all():  # max - min overflow: covered by its own test
         return
     check_int(w, fmt, g)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", FMT4 + FMTI)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_triton_matches_cpu_reference(fmt, dtype):
+    """On a GPU the Triton kernels must reproduce the CPU reference bit for bit (normal
+    range; see docs/formats.md for subnormals)."""
+    w = (torch.randn(37, 256, generator=torch.Generator().manual_seed(5)) * 2).to(dtype)
+    group = None if fmt == "int8" else 64
+    if fmt in FMT4:
+        ref = quant4.quantize_4bit_reference(w, fmt, 64)
+        got = quant4._quantize_triton(w.cuda(), fmt, 64)
+        deq = quant4._dequantize_triton(got[0], got[1], fmt, 64, w.numel(), dtype)
+        expect = quant4.dequantize_4bit_reference(*ref, fmt, 64, w.numel(), dtype)
+    else:
+        ref = quant_int.quantize_int_reference(w, fmt, group)
+        got = quant_int._quantize_triton(w.cuda(), fmt, group)
+        deq = quant_int._dequantize_triton(*got, fmt, tuple(w.shape), group, dtype)
+        expect = quant_int.dequantize_int_reference(*ref, fmt, tuple(w.shape), group, dtype)
+    for a, b in zip(got, ref):
+        assert_same(None if a is None else a.cpu(), b, fmt)
+    assert_same(deq.cpu(), expect, f"{fmt} dequant")
