@@ -2,7 +2,9 @@
 
 CPU: qru (torch autograd Function) vs peft, fp32, tokens 2048, in/out 4096→4096 and
 4096→11008, r 16/32/64, with and without dropout. The two providers alternate call by call
-and the speed-up is the median of the paired ratios, so outside load hits both alike. GPU (skipped without CUDA): qru's Triton kernels
+and the speed-up is the median of the paired ratios, so outside load hits both alike. A
+third row times the two frozen-base GEMMs alone (``x Wᵀ`` and ``dY W``): the floor no
+LoRA implementation can go under with the same fp32 GEMMs. GPU (skipped without CUDA): qru's Triton kernels
 vs the unfused torch composition and peft, bf16, in TFLOP/s.
 
     python bench/bench_lora.py [--quick] [--dropout 0 0.05] [--samples N] [--threads N]
@@ -59,6 +61,16 @@ def step(layer, x, gy):
     return run
 
 
+def base_gemms(x, W, gy):
+    """The floor any LoRA fwd+bwd pays: the two frozen-base GEMMs (y = x Wᵀ, dX = dY W), nothing else."""
+    xd = x.detach()
+
+    def run():
+        torch.mm(xd, W.t())
+        torch.mm(gy, W)
+    return run
+
+
 def flops(M, n_in, n_out, r):
     """Forward + backward (no dW): 2 big GEMMs and 6 thin ones."""
     return 4 * M * n_in * n_out + 6 * M * r * (n_in + n_out)
@@ -103,12 +115,15 @@ def cpu_section(shapes, ranks, dropouts, tokens, samples):
                 alpha = 2.0 * r
                 q = qru_layer(W, A, B, alpha, p)
                 pf = peft_layer(W, A, B, alpha, p)
-                t, ratio = interleaved({"peft": step(pf, x, gy), "qru": step(q, x, gy)}, samples, "cpu")
+                fns = {"peft": step(pf, x, gy), "qru": step(q, x, gy), "floor": base_gemms(x, W, gy)}
+                t, ratio = interleaved(fns, samples, "cpu")
                 shape = f"M{tokens} {n_in}->{n_out} r{r} p{p:g}"
-                rows.append(Row.of(SUITE, "fwd+bwd", "qru", shape, "fp32", "cpu", t["qru"], ratio=ratio["qru"]))
-                rows.append(Row.of(SUITE, "fwd+bwd", "peft", shape, "fp32", "cpu", t["peft"], ratio=1.0))
+                for k in fns:
+                    rows.append(Row.of(SUITE, "fwd+bwd" if k != "floor" else "x@W^T + dY@W only", k, shape,
+                                       "fp32", "cpu", t[k], ratio=ratio[k]))
                 print(f"  {shape}: qru {t['qru'].median * 1e3:.1f} ms, peft {t['peft'].median * 1e3:.1f} ms, "
-                      f"speed-up {ratio['qru']:.2f}x (median of paired ratios)", flush=True)
+                      f"floor {t['floor'].median * 1e3:.1f} ms; speed-up {ratio['qru']:.2f}x "
+                      f"(median of paired ratios), peft/floor {ratio['floor']:.2f}x", flush=True)
                 del q, pf
     return rows
 
