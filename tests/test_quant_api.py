@@ -238,3 +238,22 @@ def test_default_cpu_backend_is_cpp(monkeypatch):
     monkeypatch.delenv("QRU_BACKEND", raising=False)
     expected = "cpp" if load_cpp_ext("quant") is not None else "torch"
     assert backend_for(torch.zeros(1), cpp="quant") == expected
+
+
+def test_without_cpp_extension_falls_back_to_reference(monkeypatch):
+    """No compiler: load_cpp_ext returns None (it warns), CPU calls take the torch path and
+    give the same bits."""
+    import qru.kernels._backend as backend
+
+    monkeypatch.delenv("QRU_BACKEND", raising=False)
+    w = torch.randn(3, 256, generator=torch.Generator().manual_seed(4))
+    expect = {fmt: Q.quantize(w, fmt) for fmt in Q.FORMATS}
+    monkeypatch.setattr(backend, "load_cpp_ext", lambda name: None)
+    assert backend.backend_for(w, cpp="quant") == "torch"
+    for fmt, q in expect.items():
+        got = Q.quantize(w, fmt)
+        assert torch.equal(got.data, q.data) and torch.equal(bits(got.scales), bits(q.scales)), fmt
+        assert torch.equal(bits(got.dequantize()), bits(q.dequantize())), fmt
+    monkeypatch.setenv("QRU_BACKEND", "cpp")
+    with pytest.raises(RuntimeError, match="unavailable"):
+        Q.quantize(w, "nf4")
