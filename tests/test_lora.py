@@ -106,6 +106,69 @@ def test_lora_linear_matches_peft_layer(bias):
         assert torch.allclose(a, b, atol=1e-5)
 
 
+class _FixedDropout(nn.Module):
+    """peft's lora_dropout replaced by a fixed keep-mask, so the drop pattern is shared."""
+
+    def __init__(self, mask, p):
+        super().__init__()
+        self.mask, self.keep = mask, 1 / (1 - p)
+
+    def forward(self, x):
+        return x * self.mask.to(x.dtype) * self.keep
+
+
+@pytest.mark.parametrize("nf4", [False, True])
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_lora_linear_matches_peft_under_bf16_autocast(dropout, nf4):
+    """fp32 base and adapters under CPU bf16 autocast: qru's LoRALinear (its fused op) against
+    peft's LoRA Linear under the same autocast, output and x/A/B gradients (bf16 tolerance).
+    NF4: peft gets the dequantized base, qru the packed one."""
+    torch.manual_seed(0)
+    n_in, n_out, r, p = 64, 48, 4, dropout
+    base = nn.Sequential()
+    base.add_module("proj", nn.Linear(n_in, n_out, bias=True))
+    if nf4:
+        from qru.quant.formats import quantize
+        q = quantize(base.proj.weight.detach(), "nf4")
+        with torch.no_grad():
+            base.proj.weight.copy_(L.NF4Weight.from_qtensor(q).dequantize())
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=r, lora_alpha=8, target_modules=["proj"], lora_dropout=p))
+    pl = pm.base_model.model.proj
+    nn.init.normal_(pl.lora_B["default"].weight)
+    init = (pl.lora_A["default"].weight.detach(), pl.lora_B["default"].weight.detach())
+    if nf4:
+        ours = L.LoRALinear.from_nf4(q, r, 8, bias=pl.base_layer.bias.detach(), compute_dtype=torch.float32,
+                                     dropout=p, init=init)
+    else:
+        ours = L.LoRALinear.from_linear(nn.Linear(n_in, n_out), r, 8, dropout=p, init=init)
+        with torch.no_grad():
+            ours.weight.copy_(pl.base_layer.weight)
+            ours.bias.copy_(pl.base_layer.bias)
+    x = torch.randn(2, 9, n_in)
+    mask = torch.rand(x.shape, generator=torch.Generator().manual_seed(4)) >= p
+    pl.lora_dropout["default"] = _FixedDropout(mask, p) if p else nn.Identity()
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref = pl(xs[0])
+        y = L.lora_linear(xs[1], ours.weight, ours.bias, ours.lora_A, ours.lora_B, ours.scaling, dropout_p=p,
+                          dropout_mask=mask if p else None, nf4=ours.nf4_weight())
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    gy = torch.randn(y.shape)
+    g_ref = torch.autograd.grad(y_ref, (xs[0], pl.lora_A["default"].weight, pl.lora_B["default"].weight), gy)
+    g = torch.autograd.grad(y, (xs[1], ours.lora_A, ours.lora_B), gy)
+
+    def rel(a, b):
+        return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+    assert rel(y, y_ref) < 1.6e-2
+    for name, a, b in zip(("dX", "dA", "dB"), g, g_ref):
+        assert a.dtype == torch.float32, name
+        assert rel(a, b) < 1.6e-2, f"{name}: {rel(a, b):.2e}"
+    if not p:  # the module's own forward, eval mode
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(ours.eval()(x), y.detach())
+
+
 def test_dropout_only_in_training():
     m = L.LoRALinear.from_linear(nn.Linear(32, 16), 4, 8, dropout=0.5)
     nn.init.normal_(m.lora_B)

@@ -217,3 +217,46 @@ def test_bad_inputs_name_the_culprit():
         K.lora_linear(x, W, b, A, B, 1.0, dropout_p=0.1, dropout_mask=torch.ones(3, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="absmax"):
         K.NF4Weight(torch.zeros(240, dtype=torch.uint8), torch.ones(3), (20, 24), 64, torch.zeros(16))
+
+
+@pytest.mark.parametrize("base", ["dense", "nf4"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_bf16_autocast_matches_autocast_reference(backend, base, dropout):
+    """fp32 x / W / bias / A / B under CPU bf16 autocast: the op casts them as autocast casts
+    F.linear, so output and gradients match the plain F.linear composition under the same
+    autocast; the gradients reach the fp32 leaves in fp32."""
+    M, n_in, n_out, r = 33, 40, 56, 8
+    x, W, b, A, B = make(M, n_in, n_out, r, torch.float32, bias=True)
+    nf4 = nf4_of(W) if base == "nf4" else None
+    Wb = None if nf4 is not None else W
+    mask = torch.rand(M, n_in, generator=torch.Generator().manual_seed(3)) >= dropout if dropout else None
+    gy = torch.randn(M, n_out, generator=torch.Generator().manual_seed(1))
+    leaves = [t.clone().requires_grad_() for t in (x, b, A, B)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = K.lora_linear(leaves[0], Wb, leaves[1], leaves[2], leaves[3], 0.75, dropout_p=dropout,
+                          dropout_mask=mask, nf4=nf4)
+    got = (y,) + torch.autograd.grad(y, leaves, gy)
+    ref_leaves = [t.clone().requires_grad_() for t in (x, b, A, B)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        yr = K.lora_linear_reference(ref_leaves[0], W if nf4 is None else None, ref_leaves[1], ref_leaves[2],
+                                     ref_leaves[3], 0.75, dropout_mask=mask, keep_scale=1 / (1 - dropout), nf4=nf4)
+    want = (yr,) + torch.autograd.grad(yr, ref_leaves, gy)
+    assert y.dtype == torch.bfloat16 and yr.dtype == torch.bfloat16
+    for name, g, w in zip(("y", "dX", "db", "dA", "dB"), got, want):
+        if name != "y":
+            assert g.dtype == torch.float32, f"{name} should come back in its leaf's fp32"
+        assert rel_err(g, w) <= TOL[torch.bfloat16], f"{backend} {base} p{dropout} {name}: {rel_err(g, w):.2e}"
+    # and the autocast result really is bf16 math: off the fp32 result by more than fp32 noise
+    y32 = K.lora_linear_reference(x, W if nf4 is None else nf4.dequantize(), b, A, B, 0.75, dropout_mask=mask,
+                                  keep_scale=1 / (1 - dropout))
+    assert 1e-4 < rel_err(y, y32) <= TOL[torch.bfloat16]
+
+
+def test_autocast_disabled_inside_and_base_only(backend):
+    """Base-only (no adapters) under autocast, and an already-bf16 input with fp32 weights."""
+    x, W, b, _, _ = make(10, 24, 20, 3, torch.float32, bias=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = K.lora_linear(x.bfloat16(), W, b, None, None, 0.0)
+        ref = torch.nn.functional.linear(x.bfloat16(), W, b)
+    assert y.dtype == ref.dtype == torch.bfloat16
+    assert rel_err(y, ref) <= TOL[torch.bfloat16]

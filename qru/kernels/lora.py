@@ -631,6 +631,12 @@ def _check(x, weight, bias, A, B, nf4):
             raise ValueError(f"lora_linear: lora_B shape {tuple(B.shape)} != ({out_f}, {A.shape[0]})")
 
 
+def _autocast_cast(t, dev: str, dtype: torch.dtype):
+    if t is None or not t.is_floating_point() or t.dtype == torch.float64 or t.device.type != dev:
+        return t
+    return t.to(dtype)
+
+
 def lora_linear(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                 lora_A: torch.Tensor | None, lora_B: torch.Tensor | None, scale: float, *,
                 dropout_p: float = 0.0, training: bool = True, dropout_mask: torch.Tensor | None = None,
@@ -642,7 +648,18 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor
     ``training``) masks ``x`` on the LoRA path only; ``dropout_mask`` (bool, x's shape) fixes
     the mask, rescaled by ``1/(1-dropout_p)``. A and B may be in another dtype than ``x``:
     products run in x's dtype with fp32 accumulation; their gradients come back in their own.
+    Under ``torch.autocast`` for x's device, x, the base, bias, A and B are first cast to the
+    autocast dtype (NF4 decodes to it), as autocast would for ``F.linear``.
     """
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        # As autocast does for linear/matmul: floating inputs (not fp64) to the autocast dtype,
+        # by differentiable casts (grads reach fp32 A/B/x through them); then run un-autocast.
+        dt = torch.get_autocast_dtype(dev)
+        x, weight, bias, lora_A, lora_B = (_autocast_cast(t, dev, dt) for t in (x, weight, bias, lora_A, lora_B))
+        with torch.autocast(dev, enabled=False):
+            return lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p=dropout_p, training=training,
+                               dropout_mask=dropout_mask, generator=generator, nf4=nf4)
     _check(x, weight, bias, lora_A, lora_B, nf4)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"lora_linear: dropout_p must be in [0, 1), got {dropout_p}")
