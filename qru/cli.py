@@ -235,9 +235,47 @@ def _add_unlearn(sub) -> None:
     p.set_defaults(func=cmd_unlearn)
 
 
+# --- survival --------------------------------------------------------------------------
+
+def cmd_survival(args) -> int:
+    """Per-layer survival of an unlearning update under weight quantization."""
+    from qru.quant.survival import analyze, summary_table, write_outputs
+
+    if args.unlearned is None and args.adapter is None:
+        print("qru survival: error: give UNLEARNED, --adapter, or both", file=sys.stderr)
+        return 2
+    try:
+        report = analyze(args.base, args.unlearned, adapter=args.adapter, formats=args.format,
+                         block_size=args.block_size, calib=args.calib, calib_rows=args.calib_rows,
+                         calib_seq_len=args.calib_seq_len, skip=_csv(args.skip), progress=not args.quiet)
+        paths = write_outputs(report, args.out)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"qru survival: error: {e}", file=sys.stderr)
+        return 2
+    print(summary_table(report))
+    print(f"wrote {', '.join(p.name for p in paths.values())} to {args.out}")
+    return 0
+
+
+def _add_survival(sub) -> None:
+    p = sub.add_parser("survival", help="does the unlearning update survive quantization? per-layer analysis")
+    p.add_argument("base", help="base (pre-unlearning) checkpoint directory")
+    p.add_argument("unlearned", nargs="?", default=None, help="unlearned checkpoint (optional with --adapter)")
+    p.add_argument("--adapter", default=None, help="LoRA adapter directory: its update s·B·A (merged in fp32)")
+    p.add_argument("--format", default="nf4", help="comma list of nf4,fp4,int4,int4_sym,int8")
+    p.add_argument("--block-size", type=int, default=None, help="block / group size (default per format; not int8)")
+    p.add_argument("--calib", default=None, help="calibration text / JSON / MUSE dir for output-level metrics")
+    p.add_argument("--calib-rows", type=int, default=512, help="calibration token rows per linear")
+    p.add_argument("--calib-seq-len", type=int, default=256, help="calibration sequence length")
+    p.add_argument("--skip", default="lm_head", help="comma list of name components / globs to skip ('' for none)")
+    p.add_argument("--out", required=True, help="output directory (survival.json, .csv, two PNGs)")
+    p.add_argument("--quiet", action="store_true", help="no per-tensor progress lines")
+    p.set_defaults(func=cmd_survival)
+
+
 # --- registry --------------------------------------------------------------------------
 
-_ADDERS = [_add_smoke, _add_eval, _add_data, _add_pretrain, _add_unlearn]
+_ADDERS = [_add_smoke, _add_eval, _add_data, _add_pretrain, _add_unlearn, _add_survival]
 
 
 def build_parser() -> argparse.ArgumentParser:
