@@ -1,0 +1,346 @@
+// Fused dequantize + matmul for a few rows of activations (decode: M <= 8), CPU.
+//
+// y[m, n] = sum_k x[m, k] * w[n, k] + bias[n], where w is the packed quantized weight of
+// qru.kernels.quant4 (nf4 / fp4: blocks over the flattened weight) or qru.kernels.quant_int
+// (int4 / int4_sym: groups along k within a row; int8: one scale per row). The weight is never
+// materialized: each block / group becomes a 16-entry table ``lut[q] = round_w(value(q))``
+// (``round_w``: rounding to the compute dtype, exactly what dequantize-to-that-dtype gives), and
+// the codes index it in registers. So every weight value equals the reference dequantize
+// bit for bit; only the summation order differs from ``F.linear`` (fp32 accumulation).
+//
+// AVX2 + FMA + F16C path (8 lanes, 16-entry table lookup = two permutes and a blend) and a
+// portable scalar path (``scalar=true`` forces it; also used for block heads / tails that are
+// not 32-element aligned). OpenMP over output rows, thread count = torch's.
+#include <torch/extension.h>
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define QRU_AVX2 1
+#else
+#define QRU_AVX2 0
+#endif
+
+namespace {
+
+enum DType { F32 = 0, BF16 = 1, F16 = 2 };
+enum Kind { Q4_CODE = 0, INT4 = 1, INT4_SYM = 2, INT8 = 3 };
+constexpr int kMaxRows = 8;
+
+inline uint32_t f2u(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+inline float u2f(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+
+int dtype_code(at::ScalarType t, const char* what) {
+  switch (t) {
+    case at::kFloat: return F32;
+    case at::kBFloat16: return BF16;
+    case at::kHalf: return F16;
+    default: TORCH_CHECK(false, what, " must be float32, bfloat16 or float16, got ", t);
+  }
+  return F32;
+}
+
+// torch's fp32 -> bf16 / fp16 (round to nearest even), back to fp32.
+inline float round_bf16(float f) {
+  if (std::isnan(f)) return f;
+  const uint32_t u = f2u(f);
+  return u2f((u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u);
+}
+template <int WD>
+inline float round_w(float f) {
+  if constexpr (WD == BF16) return round_bf16(f);
+  if constexpr (WD == F16) return static_cast<float>(c10::Half(f));
+  return f;
+}
+
+template <int DT>
+inline void store_out(void* p, int64_t i, float v) {
+  if constexpr (DT == F32) static_cast<float*>(p)[i] = v;
+  if constexpr (DT == BF16) static_cast<at::BFloat16*>(p)[i] = at::BFloat16(v);
+  if constexpr (DT == F16) static_cast<at::Half*>(p)[i] = at::Half(v);
+}
+
+struct Problem {
+  const float* x;      // [M, K] fp32
+  int64_t M, N, K;
+  const uint8_t* w;    // packed codes (4-bit) or int8 bytes
+  const float* scales; // Q4_CODE: absmax per flat block; INT4*: [N, groups]; INT8: [N]
+  const uint8_t* zeros;  // INT4 only: [N, groups]
+  float code[16];        // Q4_CODE codebook
+  int64_t bs;            // Q4_CODE: block size (flat); INT4*: group along k
+  int64_t groups;        // INT4*: groups per row
+  int kind;
+  const float* bias;     // [N] fp32 or nullptr
+};
+
+// Start / end (in k) and the 16-entry table of the block or group holding element (n, k).
+template <int WD>
+inline int64_t segment(const Problem& p, int64_t n, int64_t k, float* lut) {
+  if (p.kind == Q4_CODE) {
+    const int64_t e = n * p.K + k, b = e / p.bs;
+    const float a = p.scales[b];
+    for (int j = 0; j < 16; ++j) lut[j] = round_w<WD>(p.code[j] * a);
+    return std::min(p.K, (b + 1) * p.bs - n * p.K);
+  }
+  const int64_t g = k / p.bs, gi = n * p.groups + g;
+  const float s = p.scales[gi];
+  const float z = p.kind == INT4 ? float(p.zeros[gi]) : 8.0f;
+  for (int j = 0; j < 16; ++j) lut[j] = round_w<WD>((float(j) - z) * s);
+  return std::min(p.K, (g + 1) * p.bs);
+}
+
+inline int nibble(const uint8_t* w, int64_t e) { return (e & 1) ? (w[e >> 1] & 0xF) : (w[e >> 1] >> 4); }
+
+// ---------------------------------------------------------------- scalar
+
+template <int M, int WD>
+void row_scalar(const Problem& p, int64_t n, float* acc) {
+  for (int m = 0; m < M; ++m) acc[m] = 0.0f;
+  const int64_t e0 = n * p.K;
+  if (p.kind == INT8) {
+    const float s = p.scales[n];
+    for (int64_t k = 0; k < p.K; ++k) {
+      const float wv = round_w<WD>(float(int8_t(p.w[e0 + k])) * s);
+      for (int m = 0; m < M; ++m) acc[m] += p.x[m * p.K + k] * wv;
+    }
+    return;
+  }
+  float lut[16];
+  for (int64_t k = 0; k < p.K;) {
+    const int64_t end = segment<WD>(p, n, k, lut);
+    for (; k < end; ++k) {
+      const float wv = lut[nibble(p.w, e0 + k)];
+      for (int m = 0; m < M; ++m) acc[m] += p.x[m * p.K + k] * wv;
+    }
+  }
+}
+
+// ---------------------------------------------------------------- AVX2
+
+#if QRU_AVX2
+template <int WD>
+inline __m256 round_w8(__m256 v) {
+  if constexpr (WD == BF16) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_and_si256(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb)),
+                                       _mm256_set1_epi32(int(0xFFFF0000u)));
+    return _mm256_castsi256_ps(r);
+  } else if constexpr (WD == F16) {
+    return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else {
+    return v;
+  }
+}
+
+// lut[idx] for 8 lanes of a 16-entry table held as two vectors.
+inline __m256 lut16(__m256i idx, __m256 lo, __m256 hi) {
+  const __m256 a = _mm256_permutevar8x32_ps(lo, idx), b = _mm256_permutevar8x32_ps(hi, idx);
+  return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+inline float hsum(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+// Accumulators per activation row: enough independent FMA chains for small M.
+template <int M>
+constexpr int kChains = M <= 2 ? 4 : (M <= 4 ? 2 : 1);
+
+template <int M, int WD>
+void row_avx2(const Problem& p, int64_t n, float* out_acc) {
+  constexpr int A = kChains<M>;
+  __m256 acc[M][A];
+  for (int m = 0; m < M; ++m)
+    for (int a = 0; a < A; ++a) acc[m][a] = _mm256_setzero_ps();
+  float tail[M];
+  for (int m = 0; m < M; ++m) tail[m] = 0.0f;
+  const int64_t K = p.K, e0 = n * K;
+  const float* x = p.x;
+
+  if (p.kind == INT8) {
+    const float s = p.scales[n];
+    const __m256 vs = _mm256_set1_ps(s);
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.w + e0 + k));
+      const __m128i b0 = _mm256_castsi256_si128(b), b1 = _mm256_extracti128_si256(b, 1);
+      const __m256 w[4] = {
+          round_w8<WD>(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b0)), vs)),
+          round_w8<WD>(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b0, 8))), vs)),
+          round_w8<WD>(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b1)), vs)),
+          round_w8<WD>(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b1, 8))), vs))};
+      for (int m = 0; m < M; ++m)
+        for (int j = 0; j < 4; ++j)
+          acc[m][j % A] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * K + k + 8 * j), w[j], acc[m][j % A]);
+    }
+    for (; k < K; ++k) {
+      const float wv = round_w<WD>(float(int8_t(p.w[e0 + k])) * s);
+      for (int m = 0; m < M; ++m) tail[m] += x[m * K + k] * wv;
+    }
+  } else {
+    alignas(32) float lut[16];
+    const __m128i nib = _mm_set1_epi8(0x0F);
+    const __m256 iota_lo = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), iota_hi = _mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15);
+    const __m256 code_lo = _mm256_loadu_ps(p.code), code_hi = _mm256_loadu_ps(p.code + 8);
+    for (int64_t k = 0; k < K;) {
+      // the block / group holding (n, k) and its table, vectorized
+      int64_t end;
+      __m256 lo, hi;
+      if (p.kind == Q4_CODE) {
+        const int64_t b = (e0 + k) / p.bs;
+        const __m256 a = _mm256_set1_ps(p.scales[b]);
+        lo = round_w8<WD>(_mm256_mul_ps(code_lo, a));
+        hi = round_w8<WD>(_mm256_mul_ps(code_hi, a));
+        end = std::min(K, (b + 1) * p.bs - e0);
+      } else {
+        const int64_t g = k / p.bs, gi = n * p.groups + g;
+        const __m256 s = _mm256_set1_ps(p.scales[gi]);
+        const __m256 z = _mm256_set1_ps(p.kind == INT4 ? float(p.zeros[gi]) : 8.0f);
+        lo = round_w8<WD>(_mm256_mul_ps(_mm256_sub_ps(iota_lo, z), s));
+        hi = round_w8<WD>(_mm256_mul_ps(_mm256_sub_ps(iota_hi, z), s));
+        end = std::min(K, (g + 1) * p.bs);
+      }
+      const bool odd = (e0 + k) & 1;
+      if (odd) {  // a block starting on a low nibble: one element through the table
+        _mm256_store_ps(lut, lo);
+        _mm256_store_ps(lut + 8, hi);
+        const float wv = lut[nibble(p.w, e0 + k)];
+        for (int m = 0; m < M; ++m) tail[m] += x[m * K + k] * wv;
+        ++k;
+      }
+      for (; k + 32 <= end; k += 32) {
+        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.w + ((e0 + k) >> 1)));
+        const __m128i h = _mm_and_si128(_mm_srli_epi16(bytes, 4), nib), l = _mm_and_si128(bytes, nib);
+        const __m128i q0 = _mm_unpacklo_epi8(h, l), q1 = _mm_unpackhi_epi8(h, l);  // elements 0-15, 16-31
+        const __m256 w[4] = {lut16(_mm256_cvtepu8_epi32(q0), lo, hi),
+                             lut16(_mm256_cvtepu8_epi32(_mm_srli_si128(q0, 8)), lo, hi),
+                             lut16(_mm256_cvtepu8_epi32(q1), lo, hi),
+                             lut16(_mm256_cvtepu8_epi32(_mm_srli_si128(q1, 8)), lo, hi)};
+        for (int m = 0; m < M; ++m)
+          for (int j = 0; j < 4; ++j)
+            acc[m][j % A] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * K + k + 8 * j), w[j], acc[m][j % A]);
+      }
+      if (k < end) {
+        _mm256_store_ps(lut, lo);
+        _mm256_store_ps(lut + 8, hi);
+        for (; k < end; ++k) {
+          const float wv = lut[nibble(p.w, e0 + k)];
+          for (int m = 0; m < M; ++m) tail[m] += x[m * K + k] * wv;
+        }
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    __m256 s = acc[m][0];
+    for (int a = 1; a < A; ++a) s = _mm256_add_ps(s, acc[m][a]);
+    out_acc[m] = hsum(s) + tail[m];
+  }
+}
+#endif
+
+template <int M, int WD, int DT>
+void run(const Problem& p, void* out, bool scalar) {
+  const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, p.K));
+#pragma omp parallel for schedule(dynamic, chunk) num_threads(std::max(1, at::get_num_threads()))
+  for (int64_t n = 0; n < p.N; ++n) {
+    float acc[M];
+#if QRU_AVX2
+    if (!scalar) row_avx2<M, WD>(p, n, acc);
+    else row_scalar<M, WD>(p, n, acc);
+#else
+    (void)scalar;
+    row_scalar<M, WD>(p, n, acc);
+#endif
+    const float b = p.bias ? p.bias[n] : 0.0f;
+    for (int m = 0; m < M; ++m) store_out<DT>(out, m * p.N + n, acc[m] + b);
+  }
+}
+
+template <int M>
+void run_m(const Problem& p, int wd, int dt, void* out, bool scalar) {
+  // the compute dtype is both the weight rounding and the output dtype
+  TORCH_CHECK(wd == dt, "internal: weight dtype must equal output dtype");
+  if (dt == F32) run<M, F32, F32>(p, out, scalar);
+  else if (dt == BF16) run<M, BF16, BF16>(p, out, scalar);
+  else run<M, F16, F16>(p, out, scalar);
+}
+
+// x: [M, K] (fp32 / bf16 / fp16, M <= 8). Returns [M, N] in x's dtype.
+at::Tensor quant_linear_small(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                              const at::Tensor& zeros, const at::Tensor& code, const at::Tensor& bias,
+                              int64_t kind, int64_t n_out, int64_t block_size, bool scalar) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "x must be a 2-D CPU tensor");
+  const int64_t M = x.size(0), K = x.size(1), N = n_out;
+  TORCH_CHECK(M >= 1 && M <= kMaxRows, "quant_linear_small handles 1..", kMaxRows, " rows, got ", M);
+  TORCH_CHECK(K >= 1 && N >= 1, "empty weight");
+  TORCH_CHECK(kind >= Q4_CODE && kind <= INT8, "unknown kind ", kind);
+  TORCH_CHECK(w.is_contiguous() && w.scalar_type() == at::kByte, "w must be contiguous uint8");
+  TORCH_CHECK(scales.is_contiguous() && scales.scalar_type() == at::kFloat, "scales must be contiguous float32");
+  const int dt = dtype_code(x.scalar_type(), "x");
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  Problem p{};
+  p.x = xf.data_ptr<float>();
+  p.M = M; p.N = N; p.K = K;
+  p.w = w.data_ptr<uint8_t>();
+  p.scales = scales.data_ptr<float>();
+  p.kind = int(kind);
+  p.bs = block_size;
+  if (kind == Q4_CODE) {
+    TORCH_CHECK(block_size >= 2 && block_size % 2 == 0, "block_size must be even, got ", block_size);
+    TORCH_CHECK(w.numel() == (N * K + 1) / 2, "w has ", w.numel(), " bytes, expected ", (N * K + 1) / 2);
+    TORCH_CHECK(scales.numel() == (N * K + block_size - 1) / block_size, "absmax has ", scales.numel(),
+                " entries, expected ", (N * K + block_size - 1) / block_size);
+    TORCH_CHECK(code.scalar_type() == at::kFloat && code.numel() == 16, "code must be float32[16]");
+    std::memcpy(p.code, code.contiguous().data_ptr<float>(), sizeof(p.code));
+  } else if (kind == INT8) {
+    TORCH_CHECK(w.numel() == N * K, "w has ", w.numel(), " bytes, expected ", N * K);
+    TORCH_CHECK(scales.numel() == N, "scales has ", scales.numel(), " entries, expected ", N);
+  } else {
+    TORCH_CHECK(K % 2 == 0 && block_size >= 2 && block_size % 2 == 0, "int4 needs even in_features and group");
+    p.groups = (K + block_size - 1) / block_size;
+    TORCH_CHECK(w.numel() == N * K / 2, "w has ", w.numel(), " bytes, expected ", N * K / 2);
+    TORCH_CHECK(scales.numel() == N * p.groups, "scales has ", scales.numel(), " entries, expected ", N * p.groups);
+    if (kind == INT4) {
+      TORCH_CHECK(zeros.is_contiguous() && zeros.scalar_type() == at::kByte && zeros.numel() == N * p.groups,
+                  "zeros must be contiguous uint8 with one entry per group");
+      p.zeros = zeros.data_ptr<uint8_t>();
+    }
+  }
+  at::Tensor bf;
+  if (bias.defined() && bias.numel() > 0) {
+    TORCH_CHECK(bias.numel() == N, "bias has ", bias.numel(), " entries, expected ", N);
+    bf = bias.to(at::kFloat).contiguous();
+    p.bias = bf.data_ptr<float>();
+  }
+  auto out = at::empty({M, N}, x.options().dtype(x.scalar_type()));
+  switch (M) {
+    case 1: run_m<1>(p, dt, dt, out.data_ptr(), scalar); break;
+    case 2: run_m<2>(p, dt, dt, out.data_ptr(), scalar); break;
+    case 3: run_m<3>(p, dt, dt, out.data_ptr(), scalar); break;
+    case 4: run_m<4>(p, dt, dt, out.data_ptr(), scalar); break;
+    case 5: run_m<5>(p, dt, dt, out.data_ptr(), scalar); break;
+    case 6: run_m<6>(p, dt, dt, out.data_ptr(), scalar); break;
+    case 7: run_m<7>(p, dt, dt, out.data_ptr(), scalar); break;
+    default: run_m<8>(p, dt, dt, out.data_ptr(), scalar); break;
+  }
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "qru fused dequantize + matmul for a few activation rows (nf4/fp4/int4/int4_sym/int8), CPU";
+  m.def("quant_linear_small", &quant_linear_small, "y = x W^T + b with W dequantized on the fly (M <= 8)");
+  m.attr("max_rows") = kMaxRows;
+  m.attr("has_avx2") = bool(QRU_AVX2);
+}
