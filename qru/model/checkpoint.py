@@ -280,7 +280,14 @@ def load_pretrained(cls, path, dtype=None, device="cpu", check_finite: bool = Tr
     sd = load_state_dict(path)
     with torch.device("meta"):
         model = cls(config)
-    expected = model.state_dict()
+    if config.quantization_config:
+        # quantized checkpoint (bitsandbytes nf4/fp4 or qru int layouts): swap QuantLinear modules
+        # in, built from the packed tensors; ``dtype`` is their compute dtype
+        from qru.quant.export import swap_in_quantized
+
+        swap_in_quantized(model, sd, config, dtype, device, check_finite, f"{path}: ")
+    loaded = {k: v for k, v in model.state_dict().items() if not v.is_meta}
+    expected = {k: v for k, v in model.state_dict().items() if v.is_meta}
     if config.tie_word_embeddings and "lm_head.weight" not in sd:
         sd["lm_head.weight"] = sd.get("model.embed_tokens.weight")
     missing = expected.keys() - sd.keys()
@@ -297,7 +304,7 @@ def load_pretrained(cls, path, dtype=None, device="cpu", check_finite: bool = Tr
         if check_finite:
             assert_finite(name, t, f"{path}: ")
         sd[name] = t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
-    model.load_state_dict(sd, assign=True, strict=True)
+    model.load_state_dict({**sd, **loaded}, assign=True, strict=True)
     model.tie_weights()
     model.config = config.replace(torch_dtype={v: k for k, v in DTYPES.items()}[dtype])
     return model
