@@ -273,9 +273,43 @@ def _add_survival(sub) -> None:
     p.set_defaults(func=cmd_survival)
 
 
+# --- quantize ---------------------------------------------------------------------------
+
+def cmd_quantize(args) -> int:
+    """Merge an adapter (fp32) and quantize a checkpoint, streamed shard by shard."""
+    from qru.quant.export import quantize_checkpoint
+
+    try:
+        out = quantize_checkpoint(args.model, args.out, args.format, args.block_size, adapter=args.adapter,
+                                  skip=_csv(args.skip), double_quant=args.double_quant,
+                                  compute_dtype=args.compute_dtype, max_shard_size=args.max_shard_size,
+                                  progress=args.progress)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"qru quantize: error: {e}", file=sys.stderr)
+        return 2
+    print(f"qru quantize: wrote {args.format} checkpoint to {out}")
+    return 0
+
+
+def _add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="merge a LoRA adapter in fp32 and quantize a checkpoint (streamed)")
+    p.add_argument("model", help="HF checkpoint directory")
+    p.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory, merged in fp32 before quantizing")
+    p.add_argument("--format", required=True, choices=["nf4", "fp4", "int4", "int4_sym", "int8"])
+    p.add_argument("--block-size", type=int, default=None, help="4-bit block / int4 group (default 64 / 128)")
+    p.add_argument("--skip", default="lm_head", help="comma list of modules kept unquantized ('' for none)")
+    p.add_argument("--double-quant", action="store_true", help="nf4/fp4: quantize the absmax too (bnb nested)")
+    p.add_argument("--compute-dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
+                   help="activation dtype; non-quantized tensors are stored in it")
+    p.add_argument("--max-shard-size", default="2GB", help="output shard size, e.g. 2GB, 500MB")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.set_defaults(func=cmd_quantize)
+
+
 # --- registry --------------------------------------------------------------------------
 
-_ADDERS = [_add_smoke, _add_eval, _add_data, _add_pretrain, _add_unlearn, _add_survival]
+_ADDERS = [_add_smoke, _add_eval, _add_data, _add_pretrain, _add_unlearn, _add_survival, _add_quantize]
 
 
 def build_parser() -> argparse.ArgumentParser:
