@@ -255,6 +255,26 @@ def test_master_dtype_bf16_lora(tofu_slice, target, tmp_path):
     assert res.evals[-1]["forget_nll"] > res.evals[0]["forget_nll"]
 
 
+def test_lora_fp32_master_under_bf16_autocast(tofu_slice, target, tmp_path):
+    """fp32 base and adapters, bf16 autocast (the default precision): the fused LoRA op runs in bf16
+    inside autocast and its gradients reach the fp32 adapters, which unlearn."""
+    res = T.unlearn(_ucfg(tofu_slice, target, tmp_path / "u", method="ga", reg="gdr", mode="lora", lr=5e-3,
+                          epochs=1, precision="bf16", lora_dropout=0.05))
+    tr = {n: p for n, p in res.model.named_parameters() if p.requires_grad}
+    assert tr and all(p.dtype == torch.float32 and bool(torch.isfinite(p).all()) for p in tr.values())
+    assert any(bool((p != 0).any()) for n, p in tr.items() if n.endswith("lora_B"))
+    assert res.evals[-1]["forget_nll"] > res.evals[0]["forget_nll"]
+    from qru.model.lora import lora_modules
+
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, a, out: seen.append(out.dtype)) for _, m in lora_modules(res.model)]
+    with T.autocast(torch.device("cpu"), "bf16"):
+        res.model(torch.ones(1, 4, dtype=torch.long))
+    for h in hooks:
+        h.remove()
+    assert seen and set(seen) == {torch.bfloat16}
+
+
 @pytest.fixture(scope="module")
 def big_tokenizer(tofu_slice, shared_data, tmp_path_factory):
     lines = (shared_data / "tofu" / "full.json").read_text(encoding="utf-8").splitlines()[:1500]

@@ -587,34 +587,6 @@ def _lora():
     return lora
 
 
-def _lora_outside_autocast(model, lora) -> list:
-    """Run every LoRALinear with autocast off, its input cast to the base weight's dtype.
-
-    The fused LoRA op (``qru.kernels.lora.lora_linear``) expects ``x`` in the base weight's dtype
-    and mixes in-place GEMMs that autocast does not cast; autocast stays on for the rest of the
-    model (attention, norms, lm_head, and the untargeted linears)."""
-    handles = []
-
-    def pre(m, args):
-        x = args[0]
-        dev = x.device.type
-        m._qru_autocast = torch.is_autocast_enabled(dev)
-        if not m._qru_autocast:
-            return None
-        torch.set_autocast_enabled(dev, False)
-        dt = m.weight.dtype if m.weight is not None else m.compute_dtype
-        return (x.to(dt),) + tuple(args[1:])
-
-    def post(m, args, out):
-        if getattr(m, "_qru_autocast", False):
-            torch.set_autocast_enabled(args[0].device.type, True)
-            m._qru_autocast = False
-
-    for _, m in lora.lora_modules(model):
-        handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
-    return handles
-
-
 def unlearn(cfg: UnlearnConfig) -> TrainResult:
     """Unlearn ``cfg.forget`` from ``cfg.model``; see the module docstring for the outputs."""
     t0 = time.perf_counter()
@@ -653,8 +625,6 @@ def unlearn(cfg: UnlearnConfig) -> TrainResult:
         # freezes the base; adapters in the master dtype (bf16: no fp32 copy anywhere)
         lora.apply_lora(model, targets=list(cfg.targets), r=cfg.rank, alpha=cfg.alpha, dropout=cfg.lora_dropout,
                         lora_dtype=dtype, seed=cfg.seed)
-        if cfg.precision == "bf16":
-            _lora_outside_autocast(model, lora)
         ref_ctx = lambda: lora.disable_adapters(model)  # noqa: E731
         ref_model = model
     else:
