@@ -440,14 +440,18 @@ def stream_inputs(base_dir: str | os.PathLike, ids: torch.Tensor, rows: int, *, 
     cos, sin = _rope(cfg, ids.shape[1])
 
     def grab(mods, into):
-        seen: dict[int, torch.Tensor] = {}
+        # q/k/v (gate/up) share one input: store it once. The inputs are held (not keyed by
+        # id(), which a freed tensor's successor may reuse) until the layer is done.
+        seen: list[tuple[torch.Tensor, torch.Tensor]] = []
         hooks = []
         for name, m in mods:
             def hook(_m, inp, _out, name=name):
                 t = inp[0]
-                if id(t) not in seen:
-                    seen[id(t)] = t.reshape(-1, t.shape[-1])[:rows].float().clone()
-                into[name] = seen[id(t)]
+                hit = next((c for u, c in seen if u is t), None)
+                if hit is None:
+                    hit = t.reshape(-1, t.shape[-1])[:rows].float().clone()
+                    seen.append((t, hit))
+                into[name] = hit
             hooks.append(m.register_forward_hook(hook))
         return hooks
 
