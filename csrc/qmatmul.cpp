@@ -192,23 +192,22 @@ void row_avx2(const Problem& p, int64_t n, float* out_acc) {
     const __m128i nib = _mm_set1_epi8(0x0F);
     const __m256 iota_lo = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), iota_hi = _mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15);
     const __m256 code_lo = _mm256_loadu_ps(p.code), code_hi = _mm256_loadu_ps(p.code + 8);
-    for (int64_t k = 0; k < K;) {
+    // block (nf4/fp4: of the flattened weight) or group index, advanced without divisions
+    int64_t blk = p.kind == Q4_CODE ? e0 / p.bs : n * p.groups;
+    int64_t blk_end = p.kind == Q4_CODE ? (blk + 1) * p.bs - e0 : p.bs;
+    for (int64_t k = 0; k < K; ++blk, blk_end += p.bs) {
       // the block / group holding (n, k) and its table, vectorized
-      int64_t end;
+      const int64_t end = std::min(K, blk_end);
       __m256 lo, hi;
       if (p.kind == Q4_CODE) {
-        const int64_t b = (e0 + k) / p.bs;
-        const __m256 a = _mm256_set1_ps(p.scales[b]);
+        const __m256 a = _mm256_set1_ps(p.scales[blk]);
         lo = round_w8<WD>(_mm256_mul_ps(code_lo, a));
         hi = round_w8<WD>(_mm256_mul_ps(code_hi, a));
-        end = std::min(K, (b + 1) * p.bs - e0);
       } else {
-        const int64_t g = k / p.bs, gi = n * p.groups + g;
-        const __m256 s = _mm256_set1_ps(p.scales[gi]);
-        const __m256 z = _mm256_set1_ps(p.kind == INT4 ? float(p.zeros[gi]) : 8.0f);
+        const __m256 s = _mm256_set1_ps(p.scales[blk]);
+        const __m256 z = _mm256_set1_ps(p.kind == INT4 ? float(p.zeros[blk]) : 8.0f);
         lo = round_w8<WD>(_mm256_mul_ps(_mm256_sub_ps(iota_lo, z), s));
         hi = round_w8<WD>(_mm256_mul_ps(_mm256_sub_ps(iota_hi, z), s));
-        end = std::min(K, (g + 1) * p.bs);
       }
       const bool odd = (e0 + k) & 1;
       if (odd) {  // a block starting on a low nibble: one element through the table
