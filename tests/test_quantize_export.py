@@ -72,7 +72,7 @@ def _targets(sd):
 def test_export_bit_exact(base, tmp_path, fmt, dq, adapter):
     out = tmp_path / "q"
     E.quantize_checkpoint(base / "base", out, fmt, adapter=base / "adapter" if adapter else None, double_quant=dq,
-                          compute_dtype="bf16", max_shard_size="30KB")
+                          compute_dtype="bf16", max_shard_size="30KB", progress=fmt == "nf4")
     ref = _reference_weights(base, adapter)
     got = load_state_dict(out)
     bs = None if fmt == "int8" else Q.formats.DEFAULT_BLOCK_SIZE[fmt]
