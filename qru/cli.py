@@ -307,9 +307,76 @@ def _add_quantize(sub) -> None:
     p.set_defaults(func=cmd_quantize)
 
 
+# --- demo / sweep -------------------------------------------------------------------------
+
+def cmd_demo(args) -> int:
+    """The paper's experiment end to end on the embedded synthetic corpus; prints the wall time."""
+    import time
+
+    from qru.demo import PresetError, get_preset, parse_overrides, run_demo
+
+    t0 = time.perf_counter()
+    try:
+        cfg = get_preset(args.preset, parse_overrides(args.set))
+        out = args.out or f"runs/demo-{args.preset}"
+        run = run_demo(cfg, out, seed=args.seed, force=args.force, progress=args.progress, device=args.device,
+                       threads=args.threads)
+    except (PresetError, ValueError, FileNotFoundError) as e:
+        print(f"qru demo: error: {e}", file=sys.stderr)
+        return 2
+    print(f"qru demo: report in {run.out / 'report.md'}; wall time {time.perf_counter() - t0:.1f} s "
+          f"({len(run.computed)} stages computed, {len(run.cached)} cached)")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    """One-factor-at-a-time sweep of the demo around a preset."""
+    from qru.demo import PresetError, parse_overrides
+    from qru.demo.sweep import parse_knobs, run_sweep
+
+    try:
+        res = run_sweep(args.preset, args.out, seed=args.seed, knobs=parse_knobs(args.knob),
+                        overrides=parse_overrides(args.set), force=args.force, progress=args.progress,
+                        device=args.device, threads=args.threads)
+    except (PresetError, ValueError, FileNotFoundError) as e:
+        print(f"qru sweep: error: {e}", file=sys.stderr)
+        return 2
+    print(f"qru sweep: {len(res['points'])} points in {res['wall_seconds']:.0f} s; table in {res['out'] / 'sweep.md'}")
+    return 0
+
+
+def _add_demo_common(p) -> None:
+    p.add_argument("--seed", type=int, default=0, help="corpus / model / unlearning seed")
+    p.add_argument("--force", action="store_true", help="recompute every stage (ignore the cache)")
+    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
+                   help="override a preset field, e.g. --set model.hidden=128 (repeatable)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the paper's experiment end to end: train, unlearn, quantize, evaluate, report")
+    p.add_argument("--preset", default="quick", choices=["quick", "full", "mini"])
+    p.add_argument("--out", default=None, help="output directory (default runs/demo-PRESET)")
+    _add_demo_common(p)
+    p.set_defaults(func=cmd_demo)
+
+
+def _add_sweep(sub) -> None:
+    p = sub.add_parser("sweep", help="one-factor-at-a-time grid of the demo: when does 4-bit undo unlearning?")
+    p.add_argument("--preset", default="quick", choices=["quick", "full", "mini"], help="the centre point")
+    p.add_argument("--out", default=None, help="output directory (default runs/sweep-PRESET)")
+    p.add_argument("--knob", action="append", metavar="SECTION.FIELD=V1,V2",
+                   help="a swept knob and its values (repeatable; default: width, target length, master dtype, "
+                        "unlearning lr and epochs)")
+    _add_demo_common(p)
+    p.set_defaults(func=cmd_sweep)
+
+
 # --- registry --------------------------------------------------------------------------
 
-_ADDERS = [_add_smoke, _add_eval, _add_data, _add_pretrain, _add_unlearn, _add_survival, _add_quantize]
+_ADDERS = [_add_smoke, _add_eval, _add_data, _add_pretrain, _add_unlearn, _add_demo, _add_sweep, _add_survival, _add_quantize]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,420 @@
+"""The demo pipeline, MUSE-style, every stage cached (``qru.demo.stages``):
+
+corpus (``qru.data.synthetic``) -> tokenizer -> base (pre-trained on ``general.txt``) ->
+target (base fine-tuned on forget + retain) and retrain (base fine-tuned on retain only) ->
+unlearning (each method x mode x unlearning seed) -> for every model and precision: build it
+(``qru.eval.precision.build_model``: LoRA merged in fp32, then cast or quantized through
+``qru.quant.quantize_model``, the code path of ``qru quantize``) and run the MUSE metrics ->
+survival analysis of each unlearned model against the target -> results.json, report.md, plots.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from qru.demo.presets import DemoConfig, stable_hash
+from qru.demo.stages import StageCache, atomic_write_json
+
+RAW = ("general", "forget", "retain", "holdout")
+SPACE = "\u2581"
+METHOD_LABEL = {"ga_gdr": "GA+GDR", "ga_klr": "GA+KLR", "npo_gdr": "NPO+GDR", "npo_klr": "NPO+KLR"}
+
+
+def _log(msg: str) -> None:
+    print(f"qru demo: {msg}", file=sys.stderr, flush=True)
+
+
+# -- the C++ kernels: built in the background while the models train ---------------------------
+
+class KernelBuild:
+    """Build (JIT, cached by torch) the CPU kernels the quantized models need, in a thread."""
+
+    NAMES = ("quant", "qmatmul")
+
+    def __init__(self, needed: bool):
+        self.seconds: float | None = None
+        self.error: str | None = None
+        self.thread = None
+        if needed and not torch.cuda.is_available() and os.environ.get("QRU_BACKEND", "") in ("", "cpp"):
+            self.thread = threading.Thread(target=self._build, name="qru-kernel-build", daemon=True)
+            self.thread.start()
+
+    def _build(self):
+        t0 = time.perf_counter()
+        try:
+            from qru.kernels._backend import load_cpp_ext
+
+            for n in self.NAMES:
+                load_cpp_ext(n)
+        except Exception as e:  # the ops fall back to the torch reference themselves
+            self.error = f"{type(e).__name__}: {e}"
+        self.seconds = time.perf_counter() - t0
+
+    @property
+    def running(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def wait(self) -> None:
+        if self.running:
+            _log("waiting for the C++ kernel build to finish ...")
+            self.thread.join()
+
+
+def _threads(build: KernelBuild, max_threads: int | None) -> None:
+    """One compute thread while the compiler holds a core, all of them afterwards."""
+    n = max_threads or os.cpu_count() or 1
+    torch.set_num_threads(max(1, n - 1) if build.running and n > 1 else n)
+
+
+# -- stages ----------------------------------------------------------------------------------
+
+@dataclass
+class ModelRef:
+    """One evaluated model: ``path`` (checkpoint) + optional ``adapter``; ``stage`` names its cache."""
+    key: str  # unique id, e.g. "npo_gdr-lora-s1"
+    method: str  # "target" | "retrain" | a METHODS name
+    mode: str  # "target" | "retrain" | "full" | "lora"
+    seed: int | None
+    path: Path
+    adapter: Path | None
+    hash: str
+
+
+@dataclass
+class DemoRun:
+    out: Path
+    cfg: DemoConfig
+    seed: int
+    records: list[dict] = field(default_factory=list)
+    items: dict = field(default_factory=dict)
+    survival: dict = field(default_factory=dict)
+    stage_times: dict = field(default_factory=dict)
+    cached: list[str] = field(default_factory=list)
+    computed: list[str] = field(default_factory=list)
+    kernel_seconds: float | None = None
+    wall_seconds: float = 0.0
+
+
+def _train_common(cfg: DemoConfig, progress: bool, device: str, cache_dir: Path) -> dict:
+    return dict(max_len=cfg.model.max_len, precision="fp32", progress=progress, eval_samples=16,
+                eval_batch_size=16, device=device, cache_dir=str(cache_dir), log_every=1)
+
+
+def _corpus_stage(cache: StageCache, cfg: DemoConfig, seed: int):
+    from qru.data.synthetic import GENERATOR_VERSION, write_corpus
+
+    c = cfg.corpus
+
+    def build(d: Path):
+        info = write_corpus(d / "data", people=c.people, seed=seed, retain=c.retain, holdout=c.holdout,
+                            general=c.general, facts_per_person=c.facts_per_person,
+                            docs_per_person=c.docs_per_person, icl=c.icl)
+        return {"counts": info.counts}
+
+    return cache.run("corpus", {"corpus": dataclasses.asdict(c), "seed": seed, "version": GENERATOR_VERSION}, build)
+
+
+def _tokenizer_stage(cache: StageCache, cfg: DemoConfig, corpus, seed: int):
+    from qru.model.tokenizer import Tokenizer
+
+    raw = corpus.dir / "data" / "raw"
+
+    def build(d: Path):
+        # "▁" (the space) as its own piece: the KnowMem prompt ends in "Answer: ", and with pieces like
+        # "▁chess" a prompt ending in a bare "▁" would be a token sequence never seen in training.
+        tok = Tokenizer.train([raw / f"{g}.txt" for g in RAW], cfg.model.vocab, d / "tokenizer.model", seed=seed,
+                              user_defined_symbols=[SPACE])
+        return {"vocab_size": tok.vocab_size}
+
+    return cache.run("tokenizer", {"corpus": corpus.hash, "vocab": cfg.model.vocab, "seed": seed,
+                                   "space_piece": True}, build)
+
+
+def _arch(cfg: DemoConfig, vocab: int) -> dict:
+    m = cfg.model
+    return {"vocab_size": vocab, "hidden_size": m.hidden, "intermediate_size": m.ffn, "num_hidden_layers": m.layers,
+            "num_attention_heads": m.heads, "num_key_value_heads": m.heads,
+            "max_position_embeddings": max(256, m.max_len), "bos_token_id": 1, "eos_token_id": 2,
+            "pad_token_id": 3, "model_type": "llama", "torch_dtype": "float32"}
+
+
+def _pretrain_kwargs(spec) -> dict:
+    return dict(lr=spec.lr, epochs=spec.epochs, batch_size=spec.batch_size, warmup_steps=spec.warmup_steps,
+                scheduler=spec.scheduler, weight_decay=spec.weight_decay, master_dtype=spec.master_dtype)
+
+
+def _summary(res) -> dict:
+    ev = res.evals
+    nll = {k: round(v, 4) for k, v in ev[-1].items() if k.endswith("_nll")} if ev else {}
+    nll0 = {k: round(v, 4) for k, v in ev[0].items() if k.endswith("_nll")} if ev else {}
+    return {"steps": res.steps, "seconds": round(res.seconds, 2), "params": res.total_params,
+            "trainable_params": res.trainable_params, "nll_start": nll0, "nll_end": nll}
+
+
+def _base_stage(cache, cfg, tok, seed, common):
+    from qru.train.loop import PretrainConfig, pretrain
+
+    corpus_dir = cache.used["corpus"].dir / "data"
+    vocab = tok.result["vocab_size"]
+
+    def build(d: Path):
+        arch = d / "arch.json"
+        arch.write_text(json.dumps(_arch(cfg, vocab)))
+        res = pretrain(PretrainConfig(out=str(d), data=[str(corpus_dir / "raw" / "general.txt")], config=str(arch),
+                                      tokenizer=str(tok.dir / "tokenizer.model"), seed=seed,
+                                      **_pretrain_kwargs(cfg.base), **common))
+        return _summary(res)
+
+    return cache.run("base", {"tokenizer": tok.hash, "model": dataclasses.asdict(cfg.model),
+                              "train": dataclasses.asdict(cfg.base), "seed": seed}, build)
+
+
+def _finetune_stage(cache, name, cfg, base, files, seed, common):
+    from qru.train.loop import PretrainConfig, pretrain
+
+    corpus_dir = cache.used["corpus"].dir / "data"
+
+    def build(d: Path):
+        res = pretrain(PretrainConfig(out=str(d), data=[str(corpus_dir / "raw" / f"{f}.txt") for f in files],
+                                      init=str(base.dir), seed=seed, **_pretrain_kwargs(cfg.target), **common))
+        return _summary(res)
+
+    return cache.run(name, {"base": base.hash, "files": list(files), "train": dataclasses.asdict(cfg.target),
+                            "seed": seed}, build)
+
+
+def _unlearn_stage(cache, cfg, target, method, mode, useed, common):
+    from qru.train.loop import UnlearnConfig, unlearn
+
+    u = cfg.unlearn
+    corpus_dir = cache.used["corpus"].dir / "data"
+    meth, reg = method.split("_")
+    lr = u.lr_full if mode == "full" else u.lr_lora
+    name = f"unlearn-{method}-{mode}-s{useed}"
+
+    def build(d: Path):
+        res = unlearn(UnlearnConfig(out=str(d), model=str(target.dir), forget=[str(corpus_dir / "raw" / "forget.txt")],
+                                    retain=[str(corpus_dir / "raw" / "retain.txt")], method=meth, reg=reg, mode=mode,
+                                    lr=lr, epochs=u.epochs, batch_size=u.batch_size, rank=u.rank, alpha=u.alpha,
+                                    master_dtype=u.master_dtype, scheduler=u.scheduler, seed=useed, **common))
+        return _summary(res)
+
+    key = {"target": target.hash, "method": method, "mode": mode, "lr": lr, "epochs": u.epochs,
+           "batch_size": u.batch_size, "master_dtype": u.master_dtype, "scheduler": u.scheduler, "seed": useed}
+    if mode == "lora":
+        key.update(rank=u.rank, alpha=u.alpha)
+    return cache.run(name, key, build)
+
+
+# -- evaluation --------------------------------------------------------------------------------
+
+def _eval_keys(cfg: DemoConfig) -> dict:
+    e = cfg.eval
+    return {"limit": e.limit, "verbmem_tokens": e.verbmem_tokens, "knowmem_tokens": e.knowmem_tokens,
+            "block_size": e.block_size, "batch_size": e.batch_size}
+
+
+def _evaluate_one(ref: ModelRef, precision: str, tok, data_dir: Path, cfg: DemoConfig, device: str,
+                  retrain_auc: float | None) -> tuple[dict, dict]:
+    from qru.eval.muse import evaluate_muse, privleak_from_auc
+    from qru.eval.precision import build_model
+
+    e = cfg.eval
+    t0 = time.perf_counter()
+    model = build_model(ref.path, precision, ref.adapter, block_size=e.block_size or None, device=device)
+    built = time.perf_counter() - t0
+    o = evaluate_muse(model, tok, data_dir, limit=e.limit, batch_size=e.batch_size, score_batch_size=e.batch_size,
+                      verbmem_max_new_tokens=e.verbmem_tokens, knowmem_max_new_tokens=e.knowmem_tokens)
+    kinds = sorted({type(m).__name__ for m in model.modules() if "Linear" in type(m).__name__})
+    del model
+    gc.collect()
+    auc = o["auc"]
+    pl = None
+    if retrain_auc is not None and 0.0 < retrain_auc < 1.0:
+        pl = privleak_from_auc(auc, retrain_auc)
+    rec = {"verbmem_f": o["verbmem_f"], "knowmem_f": o["knowmem_f"], "knowmem_r": o["knowmem_r"], "privleak": pl,
+           "auc": auc, "build_seconds": round(built, 3), "eval_seconds": round(time.perf_counter() - t0 - built, 3),
+           "linear_modules": kinds}
+    items = {"verbmem_f": [x["rougeL_f"] for x in o["items"]["verbmem_f"]],
+             "knowmem_f": [x["rougeL_r"] for x in o["items"]["knowmem_f"]],
+             "knowmem_r": [x["rougeL_r"] for x in o["items"]["knowmem_r"]],
+             "knowmem_f_outputs": [x["output"] for x in o["items"]["knowmem_f"][:8]]}
+    return rec, items
+
+
+def _eval_stage(cache, ref: ModelRef, cfg, tok, data_dir, device, retrain_auc, bar):
+    precisions = list(cfg.eval.precisions)
+
+    def build(d: Path):
+        recs, items = {}, {}
+        for p in precisions:
+            auc_ref = retrain_auc
+            rec, it = _evaluate_one(ref, p, tok, data_dir, cfg, device, auc_ref)
+            recs[p], items[p] = rec, it
+            if bar is not None:
+                bar.set_postfix_str(f"{ref.key} {p}", refresh=False)
+                bar.update(1)
+        atomic_write_json(d / "items.json", items, indent=None)
+        return {"records": recs}
+
+    key = {"model": ref.hash, "precisions": precisions, "eval": _eval_keys(cfg), "retrain_auc": retrain_auc}
+    st = cache.run(f"eval-{ref.key}", key, build)
+    if st.cached and bar is not None:
+        bar.update(len(precisions))
+    return st
+
+
+def _survival_stage(cache, ref: ModelRef, target, cfg, corpus_dir):
+    try:
+        from qru.quant import survival
+    except ImportError as e:
+        return {"status": "unavailable", "reason": f"qru.quant.survival cannot be imported: {e}"}
+    if not all(hasattr(survival, n) for n in ("analyze", "write_outputs")):
+        return {"status": "unavailable", "reason": "qru.quant.survival has no analyze / write_outputs"}
+
+    def build(d: Path):
+        kw = dict(formats=list(cfg.survival_formats), block_size=cfg.eval.block_size or None, progress=False,
+                  calib=str(corpus_dir / "raw" / "forget.txt"), calib_rows=256, calib_seq_len=cfg.model.max_len)
+        if ref.adapter is not None:
+            rep = survival.analyze(target.dir, adapter=ref.adapter, **kw)
+        else:
+            rep = survival.analyze(target.dir, ref.path, **kw)
+        survival.write_outputs(rep, d / "survival")
+        overall = {f: r["overall"] for f, r in survival.by_format(rep).items()} if hasattr(survival, "by_format") \
+            else {}
+        return {"status": "done", "overall": overall}
+
+    try:
+        st = cache.run(f"survival-{ref.key}", {"target": target.hash, "model": ref.hash,
+                                               "formats": list(cfg.survival_formats),
+                                               "block_size": cfg.eval.block_size, "calib": "forget"}, build)
+    except Exception as e:  # an analysis failure must not sink the demo's main result
+        return {"status": "failed", "reason": f"{type(e).__name__}: {e}"}
+    return {**st.result, "dir": str(st.dir / "survival")}
+
+
+# -- the whole demo ----------------------------------------------------------------------------
+
+def run_demo(cfg: DemoConfig, out: str | os.PathLike, *, seed: int = 0, force: bool = False, progress: bool = True,
+             device: str = "cpu", threads: int | None = None, stages_root: str | os.PathLike | None = None,
+             prune: bool = True, report: bool = True) -> DemoRun:
+    """Run (or resume from the cache) the whole demo into ``out``; returns the run with its records."""
+    from qru.demo import report as rpt
+    from qru.model.tokenizer import Tokenizer
+
+    t_start = time.perf_counter()
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    run = DemoRun(out, cfg, seed)
+    quantized = any(p != "bf16" for p in cfg.eval.precisions)
+    build = KernelBuild(quantized)
+    cache = StageCache(Path(stages_root) if stages_root else out / "stages", force=force, log=_log)
+    common = _train_common(cfg, progress, device, out / "cache" / "tokens")
+
+    def stage(fn, *a):
+        _threads(build, threads)
+        st = fn(*a)
+        (run.cached if st.cached else run.computed).append(st.name)
+        run.stage_times[st.name] = round(st.seconds, 2)
+        _log(f"{st.name}: {'cached' if st.cached else f'done in {st.seconds:.1f}s'}")
+        return st
+
+    corpus = stage(_corpus_stage, cache, cfg, seed)
+    data_dir = corpus.dir / "data"
+    tok_st = stage(_tokenizer_stage, cache, cfg, corpus, seed)
+    base = stage(_base_stage, cache, cfg, tok_st, seed, common)
+    target = stage(_finetune_stage, cache, "target", cfg, base, ("forget", "retain"), seed, common)
+    retrain = stage(_finetune_stage, cache, "retrain", cfg, base, ("retain",), seed, common)
+    refs = [ModelRef("target", "target", "target", None, target.dir, None, target.hash),
+            ModelRef("retrain", "retrain", "retrain", None, retrain.dir, None, retrain.hash)]
+    u = cfg.unlearn
+    for s in range(u.seeds):
+        useed = seed * 1000 + s
+        for method in u.methods:
+            for mode in u.modes:
+                st = stage(_unlearn_stage, cache, cfg, target, method, mode, useed, common)
+                if mode == "full":
+                    refs.append(ModelRef(f"{method}-full-s{useed}", method, mode, useed, st.dir, None, st.hash))
+                else:
+                    refs.append(ModelRef(f"{method}-lora-s{useed}", method, mode, useed, target.dir, st.dir,
+                                         st.hash))
+
+    build.wait()
+    run.kernel_seconds = build.seconds
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    tok = Tokenizer(tok_st.dir / "tokenizer.model")
+    n_total = len(refs) * len(cfg.eval.precisions)
+    try:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_total, desc="evaluate (model x precision)", disable=not progress, dynamic_ncols=True,
+                   file=sys.stderr)
+    except ImportError:  # pragma: no cover
+        bar = None
+    evals = {}
+    with bar if bar is not None else _Null():
+        ev = _eval_stage(cache, refs[1], cfg, tok, data_dir, device, None, bar)  # retrain first: its AUC
+        retrain_auc = ev.result["records"]["bf16"]["auc"]
+        _note(run, ev)
+        evals[refs[1].key] = ev
+        for ref in [refs[0]] + refs[2:]:
+            ev = _eval_stage(cache, ref, cfg, tok, data_dir, device, retrain_auc, bar)
+            _note(run, ev)
+            evals[ref.key] = ev
+    # the retrain model's own PrivLeak, against its own bf16 AUC
+    for p, rec in evals["retrain"].result["records"].items():
+        rec["privleak"] = _privleak(rec["auc"], retrain_auc)
+
+    for ref in refs[2:]:
+        t0 = time.perf_counter()
+        run.survival[ref.key] = _survival_stage(cache, ref, target, cfg, data_dir)
+        if run.survival[ref.key].get("status") == "done":
+            run.stage_times[f"survival-{ref.key}"] = round(time.perf_counter() - t0, 2)
+
+    for ref in refs:
+        st = evals[ref.key]
+        items = json.loads((st.dir / "items.json").read_text())
+        for p in cfg.eval.precisions:
+            r = st.result["records"][p]
+            run.records.append({"method": ref.method, "mode": ref.mode, "precision": p, "verbmem_f": r["verbmem_f"],
+                                "knowmem_f": r["knowmem_f"], "knowmem_r": r["knowmem_r"], "privleak": r["privleak"],
+                                "auc": r["auc"], "seed": ref.seed, "model": ref.key})
+            run.items[(ref.key, p)] = items[p]
+    run.meta = {"retrain_auc": retrain_auc, "stages": {k: v.result for k, v in cache.used.items()
+                                                        if not k.startswith("eval-")}}
+    if prune and stages_root is None:
+        cache.prune()
+    run.wall_seconds = time.perf_counter() - t_start
+    if report:
+        rpt.write_outputs(run)
+    return run
+
+
+def _privleak(auc, ref):
+    if auc is None or ref is None or not 0.0 < ref < 1.0:
+        return None
+    return (auc - ref) / ref * 100.0
+
+
+def _note(run: DemoRun, st) -> None:
+    (run.cached if st.cached else run.computed).append(st.name)
+    run.stage_times[st.name] = round(st.seconds, 2)
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False

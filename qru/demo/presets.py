@@ -1,0 +1,257 @@
+"""Demo presets: plain frozen dataclasses (no exec'd config files), overridable by dotted keys.
+
+``get_preset("quick", {"model.hidden": 128})`` returns the ``quick`` preset with one field changed;
+an unknown section or key, or a value of the wrong type, raises ``PresetError`` naming it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+METHODS = ("ga_gdr", "ga_klr", "npo_gdr", "npo_klr")
+MODES = ("full", "lora")
+EVAL_PRECISIONS = ("bf16", "int8", "nf4", "fp4", "int4")
+FOUR_BIT = ("nf4", "fp4", "int4")
+
+
+class PresetError(ValueError):
+    """An unknown preset, override key or a bad override value. The message names it."""
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    """``qru.data.synthetic.make_corpus`` arguments (``people`` = forget people)."""
+    people: int = 8
+    retain: int = 16
+    holdout: int = 8
+    general: int = 24
+    facts_per_person: int = 6
+    docs_per_person: int = 2
+    icl: int = 3
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Architecture of the base model and the tokenizer's vocabulary size."""
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 4
+    intermediate: int = 0  # 0: 8/3 * hidden rounded up to a multiple of 16
+    vocab: int = 1024
+    max_len: int = 128
+
+    @property
+    def ffn(self) -> int:
+        return self.intermediate or -(-(8 * self.hidden // 3) // 16) * 16
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """One (pre-)training stage: ``qru.train.loop.PretrainConfig`` options."""
+    lr: float = 3e-3
+    epochs: int = 10
+    batch_size: int = 16
+    warmup_steps: int = 10
+    scheduler: str = "cosine"
+    weight_decay: float = 0.01
+    master_dtype: str = "fp32"
+
+
+@dataclass(frozen=True)
+class UnlearnSpec:
+    """Unlearning runs: every method x mode, for ``seeds`` unlearning seeds (demo seed + 0, 1, ...)."""
+    methods: tuple[str, ...] = ("npo_gdr", "ga_gdr")
+    modes: tuple[str, ...] = MODES
+    lr_full: float = 1e-4
+    lr_lora: float = 1e-3
+    epochs: int = 5
+    batch_size: int = 8
+    rank: int = 8
+    alpha: float = 16.0
+    seeds: int = 2
+    master_dtype: str = "fp32"
+    scheduler: str = "constant"
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """MUSE evaluation: precisions, the 4-bit format of the paper-style table, item limits."""
+    precisions: tuple[str, ...] = EVAL_PRECISIONS
+    table_format: str = "nf4"
+    limit: int = 48  # first N items of each evaluated file
+    verbmem_tokens: int = 48
+    knowmem_tokens: int = 12
+    block_size: int = 0  # 0: each format's default (nf4/fp4 64, int4 group 128)
+    batch_size: int = 16
+    utility_bound: float = 0.25  # largest accepted utility (KnowMem_r) loss of an unlearned bf16 model, relative
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    name: str
+    corpus: CorpusSpec = field(default_factory=CorpusSpec)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    base: TrainSpec = field(default_factory=TrainSpec)
+    target: TrainSpec = field(default_factory=TrainSpec)
+    unlearn: UnlearnSpec = field(default_factory=UnlearnSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    survival_formats: tuple[str, ...] = FOUR_BIT
+    note: str = ""  # why this preset's regime (printed in the report)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = ("corpus", "model", "base", "target", "unlearn", "eval")
+
+
+def _quick() -> DemoConfig:
+    return DemoConfig(
+        name="quick",
+        base=TrainSpec(lr=3e-3, epochs=6),
+        target=TrainSpec(lr=3e-3, epochs=24, warmup_steps=5),
+        note="smallest setting that still shows a real experiment: the target knows the forget facts, "
+             "two unlearning methods (NPO+GDR, GA+GDR) in both modes, two unlearning seeds")
+
+
+def _full() -> DemoConfig:
+    return DemoConfig(
+        name="full",
+        corpus=CorpusSpec(people=10, retain=20, holdout=10, general=30),
+        model=ModelSpec(hidden=128, layers=2),
+        base=TrainSpec(lr=3e-3, epochs=8),
+        target=TrainSpec(lr=3e-3, epochs=24, warmup_steps=5),
+        unlearn=UnlearnSpec(methods=METHODS, seeds=2),
+        eval=EvalSpec(limit=60),
+        note="all four methods in both modes, a wider model, two unlearning seeds")
+
+
+def _mini() -> DemoConfig:
+    """The integration-test preset: minutes-scale is too slow for a test, so everything is tiny."""
+    return DemoConfig(
+        name="mini",
+        corpus=CorpusSpec(people=3, retain=4, holdout=3, general=8, facts_per_person=4, docs_per_person=1),
+        model=ModelSpec(hidden=32, layers=1, heads=2, vocab=400, max_len=96),
+        base=TrainSpec(lr=3e-3, epochs=2, warmup_steps=2),
+        target=TrainSpec(lr=3e-3, epochs=3, warmup_steps=2),
+        unlearn=UnlearnSpec(methods=("npo_gdr",), epochs=1, seeds=2),
+        eval=EvalSpec(precisions=("bf16", "nf4"), limit=6, verbmem_tokens=8, knowmem_tokens=6),
+        survival_formats=("nf4",),
+        note="integration-test size; its numbers mean nothing")
+
+
+PRESETS = {"quick": _quick, "full": _full, "mini": _mini}
+
+
+def _coerce(value, current, key: str):
+    """``value`` (possibly a CLI string) converted to the type of ``current``."""
+    if isinstance(current, tuple):
+        items = value.split(",") if isinstance(value, str) else list(value)
+        items = [str(x).strip() for x in items if str(x).strip()]
+        if not items:
+            raise PresetError(f"override {key}: empty list")
+        return tuple(items)
+    if isinstance(current, bool):
+        if isinstance(value, str):
+            if value.lower() in ("1", "true", "yes"):
+                return True
+            if value.lower() in ("0", "false", "no"):
+                return False
+        if isinstance(value, bool):
+            return value
+        raise PresetError(f"override {key}: expected true/false, got {value!r}")
+    if isinstance(current, int):
+        try:
+            v = int(value) if not isinstance(value, float) or value.is_integer() else None
+        except (TypeError, ValueError):
+            v = None
+        if v is None or isinstance(value, bool):
+            raise PresetError(f"override {key}: expected an integer, got {value!r}")
+        return v
+    if isinstance(current, float):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise PresetError(f"override {key}: expected a number, got {value!r}") from None
+    if isinstance(current, str):
+        return str(value)
+    raise PresetError(f"override {key}: cannot set a {type(current).__name__}")
+
+
+def apply_overrides(cfg: DemoConfig, overrides: dict | None) -> DemoConfig:
+    """``cfg`` with dotted-key overrides (``{"unlearn.lr_full": 3e-5}``) applied and the result validated."""
+    for key, value in (overrides or {}).items():
+        parts = key.split(".")
+        if len(parts) == 1 and parts[0] == "survival_formats":
+            cfg = dataclasses.replace(cfg, survival_formats=_coerce(value, cfg.survival_formats, key))
+            continue
+        if len(parts) != 2 or parts[0] not in SECTIONS:
+            raise PresetError(f"unknown override key {key!r} (expected SECTION.FIELD with SECTION one of "
+                              f"{', '.join(SECTIONS)}, or survival_formats)")
+        sec, name = parts
+        spec = getattr(cfg, sec)
+        names = [f.name for f in dataclasses.fields(spec)]
+        if name not in names:
+            raise PresetError(f"unknown override key {key!r} ({sec} has {', '.join(names)})")
+        spec = dataclasses.replace(spec, **{name: _coerce(value, getattr(spec, name), key)})
+        cfg = dataclasses.replace(cfg, **{sec: spec})
+    validate(cfg)
+    return cfg
+
+
+def get_preset(name: str, overrides: dict | None = None) -> DemoConfig:
+    if name not in PRESETS:
+        raise PresetError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
+    return apply_overrides(PRESETS[name](), overrides)
+
+
+def parse_overrides(items: list[str] | None) -> dict:
+    """``["model.hidden=128", ...]`` -> ``{"model.hidden": "128"}`` (types are fixed by ``apply_overrides``)."""
+    out = {}
+    for it in items or []:
+        if "=" not in it:
+            raise PresetError(f"override {it!r} must look like SECTION.FIELD=VALUE")
+        k, v = it.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _need(cond: bool, key: str, value, what: str) -> None:
+    if not cond:
+        raise PresetError(f"{key} must be {what}, got {value!r}")
+
+
+def validate(cfg: DemoConfig) -> None:
+    u, e, m = cfg.unlearn, cfg.eval, cfg.model
+    bad = [x for x in u.methods if x not in METHODS]
+    _need(not bad and len(u.methods) > 0, "unlearn.methods", u.methods, f"a non-empty subset of {METHODS}")
+    _need(all(x in MODES for x in u.modes) and len(u.modes) > 0, "unlearn.modes", u.modes, f"a subset of {MODES}")
+    _need(u.seeds >= 1, "unlearn.seeds", u.seeds, ">= 1")
+    _need("bf16" in e.precisions, "eval.precisions", e.precisions, "a list that includes bf16 (the reference)")
+    _need(all(p in EVAL_PRECISIONS for p in e.precisions), "eval.precisions", e.precisions,
+          f"a subset of {EVAL_PRECISIONS}")
+    _need(e.table_format in e.precisions and e.table_format in FOUR_BIT, "eval.table_format", e.table_format,
+          "a 4-bit format listed in eval.precisions")
+    _need(all(f in FOUR_BIT + ("int8",) for f in cfg.survival_formats), "survival_formats", cfg.survival_formats,
+          f"a subset of {FOUR_BIT + ('int8',)}")
+    _need(e.limit >= 1, "eval.limit", e.limit, ">= 1")
+    _need(e.block_size >= 0, "eval.block_size", e.block_size, ">= 0")
+    _need(0 < e.utility_bound <= 1, "eval.utility_bound", e.utility_bound, "in (0, 1]")
+    _need(m.hidden % m.heads == 0 and (m.hidden // m.heads) % 2 == 0, "model.hidden", m.hidden,
+          f"a multiple of 2 * model.heads ({2 * m.heads})")
+    for sec in ("base", "target"):
+        t = getattr(cfg, sec)
+        _need(t.lr > 0 and t.epochs >= 1, f"{sec}.lr/epochs", (t.lr, t.epochs), "positive")
+        _need(t.master_dtype in ("fp32", "bf16"), f"{sec}.master_dtype", t.master_dtype, "fp32 or bf16")
+    _need(u.master_dtype in ("fp32", "bf16"), "unlearn.master_dtype", u.master_dtype, "fp32 or bf16")
+    _need(u.lr_full > 0 and u.lr_lora > 0 and u.epochs >= 1, "unlearn.lr_full/lr_lora/epochs",
+          (u.lr_full, u.lr_lora, u.epochs), "positive")
+
+
+def stable_hash(obj) -> str:
+    """A short content hash of a JSON-able object (dataclasses allowed)."""
+    if dataclasses.is_dataclass(obj):
+        obj = dataclasses.asdict(obj)
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -1,0 +1,485 @@
+"""Demo outputs: ``results.json`` (records), ``conclusions.json`` and ``report.md`` (tables and a
+conclusion computed from the records, never written by hand), PNG plots.
+
+Every number of the conclusion is derived from ``results.json`` alone by :func:`conclusions`:
+
+* an *effect* is a paired difference per (method, unlearning seed), e.g. KnowMem_f at 4-bit minus
+  KnowMem_f at bf16 of the same unlearned model, averaged over methods and seeds;
+* its *noise* is the seed-to-seed standard deviation: for each method the sample sd of the
+  effect over the unlearning seeds, pooled (root mean square) over methods. The corpus, base,
+  target and retrain models are fixed within a run, so this is the noise of the unlearning stage
+  (data order, LoRA init) plus the evaluation's sensitivity to it;
+* the effect is *shown* when ``|effect| >= 2 * noise / sqrt(seeds)`` (two standard errors of the
+  seed mean) and ``|effect| >= MIN_EFFECT`` points; with one seed nothing can be shown.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+from pathlib import Path
+
+from qru.demo.presets import FOUR_BIT
+from qru.demo.stages import atomic_write_json, atomic_write_text
+
+MIN_EFFECT = 2.0  # points (metrics are 0-100 scores); smaller effects are never called "shown"
+TARGET_GAP = 10.0  # the target "knows" the forget facts: KnowMem_f(target) - KnowMem_f(retrain) >= this
+FORGET_FRACTION = 0.5  # an unlearned model "forgets": it removes >= half of the target-retrain KnowMem_f gap
+METHOD_LABEL = {"ga_gdr": "GA+GDR", "ga_klr": "GA+KLR", "npo_gdr": "NPO+GDR", "npo_klr": "NPO+KLR",
+                "target": "Target", "retrain": "Retrain"}
+METRIC_COLS = (("verbmem_f", "VerbMem_f ↓"), ("knowmem_f", "KnowMem_f ↓"), ("privleak", "PrivLeak (→0)"),
+               ("knowmem_r", "Utility (KnowMem_r) ↑"))
+RECORD_KEYS = ("method", "mode", "precision", "verbmem_f", "knowmem_f", "knowmem_r", "privleak")
+
+
+# -- record helpers -------------------------------------------------------------------------
+
+def _val(records, **match) -> list[dict]:
+    return [r for r in records if all(r.get(k) == v for k, v in match.items())]
+
+
+def _one(records, metric, **match):
+    rs = _val(records, **match)
+    return rs[0][metric] if rs else None
+
+
+def unlearned_keys(records) -> list[tuple[str, int]]:
+    """(method, seed) pairs present in both modes."""
+    keys = {}
+    for r in records:
+        if r["mode"] in ("full", "lora"):
+            keys.setdefault((r["method"], r["seed"]), set()).add(r["mode"])
+    return sorted(keys)
+
+
+def paired(records, metric: str, a: dict, b: dict) -> dict[tuple[str, int], float]:
+    """``metric(a) - metric(b)`` per (method, seed); ``a``/``b`` fix mode and precision."""
+    out = {}
+    for m, s in unlearned_keys(records):
+        x = _one(records, metric, method=m, seed=s, **a)
+        y = _one(records, metric, method=m, seed=s, **b)
+        if x is not None and y is not None:
+            out[(m, s)] = x - y
+    return out
+
+
+def effect_stats(diffs: dict[tuple[str, int], float]) -> dict:
+    """Mean effect, pooled seed-to-seed sd, standard error of the seed mean, counts."""
+    if not diffs:
+        return {"effect": None, "noise_sd": None, "se": None, "n_seeds": 0, "n_methods": 0, "shown": False}
+    methods = sorted({m for m, _ in diffs})
+    seeds = sorted({s for _, s in diffs})
+    effect = statistics.fmean(diffs.values())
+    variances = []
+    for m in methods:
+        v = [d for (mm, _), d in diffs.items() if mm == m]
+        if len(v) >= 2:
+            variances.append(statistics.variance(v))
+    sd = math.sqrt(statistics.fmean(variances)) if variances else None
+    se = sd / math.sqrt(len(seeds)) if sd is not None else None
+    shown = se is not None and abs(effect) >= max(2 * se, MIN_EFFECT)
+    return {"effect": effect, "noise_sd": sd, "se": se, "n_seeds": len(seeds), "n_methods": len(methods),
+            "shown": bool(shown)}
+
+
+def _f(x, nd=1, sign=False) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x:+.{nd}f}" if sign else f"{x:.{nd}f}"
+
+
+def _pm(st: dict) -> str:
+    """'+3.2 points (seed sd 1.1, SE 0.8, 2 seeds x 2 methods)'."""
+    if st["effect"] is None:
+        return "n/a (no paired records)"
+    noise = (f"seed-to-seed sd {_f(st['noise_sd'])}, standard error {_f(st['se'])}" if st["noise_sd"] is not None
+             else "noise unknown: a single unlearning seed")
+    return f"{_f(st['effect'], sign=True)} points ({noise}; {st['n_seeds']} seeds x {st['n_methods']} methods)"
+
+
+# -- conclusions ----------------------------------------------------------------------------
+
+def sanity(records, utility_bound: float) -> dict:
+    """The checks that make the experiment meaningful, from the bf16 records."""
+    kt = _one(records, "knowmem_f", mode="target", precision="bf16")
+    kr = _one(records, "knowmem_f", mode="retrain", precision="bf16")
+    ut = _one(records, "knowmem_r", mode="target", precision="bf16")
+    gap = kt - kr if kt is not None and kr is not None else None
+    out = {"target_knowmem_f": kt, "retrain_knowmem_f": kr, "target_gap": gap,
+           "target_knows": gap is not None and gap >= TARGET_GAP, "target_utility": ut, "modes": {}}
+    for mode in ("full", "lora"):
+        rs = _val(records, mode=mode, precision="bf16")
+        if not rs or gap is None:
+            continue
+        removed = statistics.fmean((kt - r["knowmem_f"]) / gap for r in rs) if gap > 0 else None
+        drops = [(ut - r["knowmem_r"]) / ut for r in rs] if ut else []
+        out["modes"][mode] = {
+            "forgotten_fraction": removed, "forgets": removed is not None and removed >= FORGET_FRACTION,
+            "utility_drop_mean": statistics.fmean(drops) if drops else None,
+            "utility_drop_max": max(drops) if drops else None,
+            "utility_holds": bool(drops) and statistics.fmean(drops) <= utility_bound}
+    out["utility_bound"] = utility_bound
+    return out
+
+
+def conclusions(records, table_format: str = "nf4", utility_bound: float = 0.25) -> dict:
+    """Every computed claim of the report, from the records alone."""
+    formats = [f for f in FOUR_BIT if any(r["precision"] == f for r in records)]
+    c = {"table_format": table_format, "formats": formats, "min_effect": MIN_EFFECT,
+         "sanity": sanity(records, utility_bound), "restore": {}, "utility": {}, "privleak": {}}
+    for fmt in formats:
+        for mode in ("full", "lora"):
+            d = paired(records, "knowmem_f", {"mode": mode, "precision": fmt}, {"mode": mode, "precision": "bf16"})
+            st = effect_stats(d)
+            kt = _one(records, "knowmem_f", mode="target", precision="bf16")
+            gaps = [kt - _one(records, "knowmem_f", method=m, seed=s, mode=mode, precision="bf16")
+                    for (m, s) in d] if kt is not None else []
+            gap = statistics.fmean(gaps) if gaps else None
+            st["forgotten_at_bf16"] = gap
+            st["restored_fraction"] = st["effect"] / gap if st["effect"] is not None and gap and gap > 0 else None
+            c["restore"].setdefault(fmt, {})[mode] = st
+        ud = paired(records, "knowmem_r", {"mode": "lora", "precision": fmt}, {"mode": "full", "precision": fmt})
+        loss = {mode: effect_stats(paired(records, "knowmem_r", {"mode": mode, "precision": fmt},
+                                          {"mode": mode, "precision": "bf16"})) for mode in ("full", "lora")}
+        dd = {k: v - paired(records, "knowmem_r", {"mode": "full", "precision": fmt},
+                            {"mode": "full", "precision": "bf16"}).get(k, float("nan"))
+              for k, v in paired(records, "knowmem_r", {"mode": "lora", "precision": fmt},
+                                 {"mode": "lora", "precision": "bf16"}).items()}
+        c["utility"][fmt] = {"lora_minus_full": effect_stats(ud), "quant_loss": loss,
+                             "lora_minus_full_quant_loss": effect_stats({k: v for k, v in dd.items()
+                                                                         if not math.isnan(v)})}
+        pl = {}
+        for mode in ("full", "lora"):
+            move = effect_stats(paired(records, "privleak", {"mode": mode, "precision": fmt},
+                                       {"mode": mode, "precision": "bf16"}))
+            at_bf16 = [r["privleak"] for r in _val(records, mode=mode, precision="bf16") if r["privleak"] is not None]
+            at_q = [r["privleak"] for r in _val(records, mode=mode, precision=fmt) if r["privleak"] is not None]
+            move["bf16_mean"] = statistics.fmean(at_bf16) if at_bf16 else None
+            move["quant_mean"] = statistics.fmean(at_q) if at_q else None
+            pl[mode] = move
+        absd = {}
+        for (m, s) in unlearned_keys(records):
+            a = _one(records, "privleak", method=m, seed=s, mode="lora", precision=fmt)
+            b = _one(records, "privleak", method=m, seed=s, mode="full", precision=fmt)
+            if a is not None and b is not None:
+                absd[(m, s)] = abs(a) - abs(b)
+        pl["lora_minus_full_abs"] = effect_stats(absd)
+        c["privleak"][fmt] = pl
+    c["answers"] = answers(c)
+    return c
+
+
+def _restore_sentence(st: dict, mode_name: str, fmt: str) -> str:
+    if st["effect"] is None:
+        return f"{mode_name}: no records."
+    frac = (f" = {100 * st['restored_fraction']:.0f}% of the {_f(st['forgotten_at_bf16'])} points forgotten at "
+            f"bf16" if st.get("restored_fraction") is not None else "")
+    if st["shown"] and st["effect"] > 0:
+        verdict = f"YES: {fmt} restores forgotten knowledge"
+    elif st["shown"]:
+        verdict = f"NO, the opposite: {fmt} removes more knowledge"
+    else:
+        verdict = f"NO effect shown: {fmt} does not restore forgotten knowledge beyond the noise"
+    return f"{mode_name}: {verdict}; KnowMem_f({fmt}) - KnowMem_f(bf16) = {_pm(st)}{frac}."
+
+
+def answers(c: dict) -> dict:
+    """The three questions, answered in words from the computed numbers (headline: table format)."""
+    fmt = c["table_format"]
+    out = {}
+    r = c["restore"].get(fmt, {})
+    out["q1_restore"] = [_restore_sentence(r[m], name, fmt) for m, name in (("full", "Full fine-tuning"),
+                                                                           ("lora", "LoRA (merged, then quantized)"))
+                         if m in r]
+    for f in c["formats"]:
+        if f != fmt:
+            rr = c["restore"][f]
+            out["q1_restore"].append(
+                f"Other format {f}: full {_f(rr['full']['effect'], sign=True) if 'full' in rr else 'n/a'}"
+                f" ({'shown' if rr.get('full', {}).get('shown') else 'not shown'}), LoRA "
+                f"{_f(rr['lora']['effect'], sign=True) if 'lora' in rr else 'n/a'}"
+                f" ({'shown' if rr.get('lora', {}).get('shown') else 'not shown'}).")
+    u = c["utility"].get(fmt)
+    if u:
+        st = u["lora_minus_full"]
+        if st["effect"] is None:
+            verdict = "cannot tell (no paired records)"
+        elif st["shown"] and st["effect"] > 0:
+            verdict = "YES, LoRA keeps more utility"
+        elif st["shown"]:
+            verdict = "NO, full fine-tuning keeps more utility"
+        else:
+            verdict = "NO difference shown"
+        ql = u["quant_loss"]
+        out["q2_utility"] = [
+            f"At {fmt}: {verdict}; Utility(LoRA) - Utility(full) = {_pm(st)}.",
+            f"Utility change from bf16 to {fmt}: full {_pm(ql['full'])}; LoRA {_pm(ql['lora'])}; "
+            f"difference (LoRA - full) {_pm(u['lora_minus_full_quant_loss'])}"
+            f" ({'shown' if u['lora_minus_full_quant_loss']['shown'] else 'not shown'})."]
+    p = c["privleak"].get(fmt)
+    if p:
+        lines = []
+        for mode, name in (("full", "Full fine-tuning"), ("lora", "LoRA")):
+            st = p[mode]
+            if st["effect"] is None:
+                continue
+            a, b = st["bf16_mean"], st["quant_mean"]
+            where = ("toward 0 (less leak)" if b is not None and a is not None and abs(b) < abs(a) else
+                     "away from 0 (more leak / more over-unlearning)")
+            sign = "negative: the forget set still looks like training data" if b is not None and b < 0 else \
+                "positive: the forget set looks less familiar than unseen text (over-unlearning)"
+            lines.append(f"{name}: PrivLeak moves from {_f(a)} (bf16) to {_f(b)} ({fmt}), {where}; change "
+                         f"{_pm(st)} ({'shown' if st['shown'] else 'not shown'}); at {fmt} it is {sign}.")
+        st = p["lora_minus_full_abs"]
+        lines.append(f"|PrivLeak(LoRA)| - |PrivLeak(full)| at {fmt} = {_pm(st)}: "
+                     + ("LoRA leaks less." if st["shown"] and st["effect"] < 0 else
+                        "full fine-tuning leaks less." if st["shown"] else "no difference shown."))
+        out["q3_privleak"] = lines
+    return out
+
+
+# -- tables ----------------------------------------------------------------------------------
+
+def _cell(records, metric, **match) -> str:
+    v = [r[metric] for r in _val(records, **match) if r[metric] is not None]
+    if not v:
+        return "n/a"
+    if len(v) == 1:
+        return _f(v[0])
+    return f"{statistics.fmean(v):.1f} ± {statistics.stdev(v):.1f}"
+
+
+def paper_table(records, fmt: str) -> list[str]:
+    """Method x {Full, Full+LoRA, 4-bit, 4-bit+LoRA} x {VerbMem, KnowMem, PrivLeak, Utility} (markdown lines)."""
+    head = "| Method | Setting | " + " | ".join(c for _, c in METRIC_COLS) + " |"
+    lines = [head, "|" + "---|" * (2 + len(METRIC_COLS))]
+    for mode in ("target", "retrain"):
+        for p, setting in (("bf16", "Full (bf16)"), (fmt, f"4-bit ({fmt})")):
+            cells = [_cell(records, m, mode=mode, precision=p) for m, _ in METRIC_COLS]
+            lines.append(f"| {METHOD_LABEL[mode]} | {setting} | " + " | ".join(cells) + " |")
+    methods = sorted({r["method"] for r in records if r["mode"] in ("full", "lora")},
+                     key=lambda m: list(METHOD_LABEL).index(m) if m in METHOD_LABEL else 99)
+    for m in methods:
+        for mode, p, setting in (("full", "bf16", "Full"), ("lora", "bf16", "Full+LoRA"), ("full", fmt, "4-bit"),
+                                 ("lora", fmt, "4-bit+LoRA")):
+            if not _val(records, method=m, mode=mode, precision=p):
+                continue
+            cells = [_cell(records, k, method=m, mode=mode, precision=p) for k, _ in METRIC_COLS]
+            lines.append(f"| {METHOD_LABEL.get(m, m)} | {setting} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def precision_table(records, metric: str, precisions) -> list[str]:
+    lines = ["| Model | " + " | ".join(precisions) + " |", "|" + "---|" * (1 + len(precisions))]
+    groups = [("target", "target"), ("retrain", "retrain")]
+    groups += sorted({(r["method"], r["mode"]) for r in records if r["mode"] in ("full", "lora")})
+    for method, mode in groups:
+        label = METHOD_LABEL.get(method, method) + ("" if mode in ("target", "retrain") else f" ({mode})")
+        lines.append(f"| {label} | " + " | ".join(_cell(records, metric, method=method, mode=mode, precision=p)
+                                                 for p in precisions) + " |")
+    return lines
+
+
+def survival_table(survival: dict) -> list[str]:
+    rows = [(k, v) for k, v in survival.items() if v.get("status") == "done" and v.get("overall")]
+    if not rows:
+        reasons = sorted({v.get("reason", v.get("status", "?")) for v in survival.values()})
+        return [f"Survival analysis unavailable: {'; '.join(reasons) or 'no unlearned models'}."]
+    cols = (("projection", "projection"), ("survival_ratio", "‖D‖/‖ΔW‖"), ("cosine", "cosine"),
+            ("code_flip_frac", "codes flipped"), ("below_half_step_frac", "|ΔW| < step/2"),
+            ("delta_rel_norm", "‖ΔW‖/‖W‖"))
+    lines = ["| Model | Format | " + " | ".join(c for _, c in cols) + " |", "|" + "---|" * (2 + len(cols))]
+    for k, v in rows:
+        for fmt, o in v["overall"].items():
+            cells = ["n/a" if o.get(c) is None else f"{o[c]:.3g}" for c, _ in cols]
+            lines.append(f"| {k} | {fmt} | " + " | ".join(cells) + " |")
+    return lines
+
+
+# -- plots -----------------------------------------------------------------------------------
+
+def plots(records, precisions, fmt: str, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    x = list(range(len(precisions)))
+    for ax, (metric, title) in zip(axes, (("knowmem_f", "KnowMem on forget (lower = forgotten)"),
+                                          ("knowmem_r", "Utility: KnowMem on retain"),
+                                          ("privleak", "PrivLeak (0 = like retrain)"))):
+        for mode, style in (("target", "k-"), ("retrain", "k--"), ("full", "C0o-"), ("lora", "C1s-")):
+            ys, es = [], []
+            for p in precisions:
+                v = [r[metric] for r in _val(records, mode=mode, precision=p) if r[metric] is not None]
+                ys.append(statistics.fmean(v) if v else float("nan"))
+                es.append(statistics.stdev(v) if len(v) > 1 else 0.0)
+            ax.errorbar(x, ys, yerr=es, fmt=style, capsize=3, label=mode if mode in ("target", "retrain")
+                        else f"unlearned ({'full FT' if mode == 'full' else 'LoRA'})")
+        ax.set_xticks(x, precisions)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("MUSE metrics by precision (mean ± sd over unlearning methods and seeds)")
+    fig.tight_layout()
+    written.append(_save(fig, out / "precision_effect.png"))
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for mode, color in (("full", "C0"), ("lora", "C1")):
+        for (m, s) in unlearned_keys(records):
+            a = _val(records, method=m, seed=s, mode=mode, precision="bf16")
+            b = _val(records, method=m, seed=s, mode=mode, precision=fmt)
+            if not a or not b:
+                continue
+            a, b = a[0], b[0]
+            ax.annotate("", xy=(b["knowmem_f"], b["knowmem_r"]), xytext=(a["knowmem_f"], a["knowmem_r"]),
+                        arrowprops=dict(arrowstyle="->", color=color, alpha=0.7))
+            ax.plot([a["knowmem_f"]], [a["knowmem_r"]], "o", color=color, ms=4)
+    for mode, mk in (("target", "k*"), ("retrain", "kx")):
+        r = _val(records, mode=mode, precision="bf16")
+        if r:
+            ax.plot([r[0]["knowmem_f"]], [r[0]["knowmem_r"]], mk, ms=10, label=mode)
+    ax.plot([], [], "C0o-", label="full FT: bf16 → " + fmt)
+    ax.plot([], [], "C1o-", label="LoRA: bf16 → " + fmt)
+    ax.set_xlabel("KnowMem_f (forget knowledge, lower is better)")
+    ax.set_ylabel("Utility = KnowMem_r (higher is better)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"What {fmt} quantization does to each unlearned model")
+    fig.tight_layout()
+    written.append(_save(fig, out / "tradeoff.png"))
+    plt.close(fig)
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    return path
+
+
+# -- report ----------------------------------------------------------------------------------
+
+def _methods_line(records) -> str:
+    ms = sorted({r["method"] for r in records if r["mode"] in ("full", "lora")},
+                key=lambda m: list(METHOD_LABEL).index(m) if m in METHOD_LABEL else 99)
+    modes = sorted({r["mode"] for r in records if r["mode"] in ("full", "lora")})
+    seeds = sorted({r["seed"] for r in records if r["seed"] is not None})
+    return (f"methods {', '.join(METHOD_LABEL.get(m, m) for m in ms)}; modes {', '.join(modes)}; "
+            f"unlearning seeds {', '.join(map(str, seeds))}")
+
+
+def render(run, c: dict) -> str:
+    cfg, records = run.cfg, run.records
+    fmt = cfg.eval.table_format
+    s = c["sanity"]
+    L = [f"# qru demo report — preset `{cfg.name}`, seed {run.seed}", ""]
+    L.append(f"Ran: {_methods_line(records)}. All four methods x both modes run in the `full` preset; "
+             f"this run's set is listed here." if cfg.name != "full" else f"Ran: {_methods_line(records)}.")
+    if cfg.note:
+        L.append(f"Preset: {cfg.note}.")
+    m = cfg.model
+    L += ["", f"Model: Llama, hidden {m.hidden}, {m.layers} layers, vocab {run.meta['stages'].get('tokenizer', {}).get('vocab_size')}"
+          f", {run.meta['stages'].get('base', {}).get('params', 0):,} parameters. Base pre-trained on `general.txt` "
+          f"({cfg.base.epochs} epochs, lr {cfg.base.lr:g}); target = base fine-tuned on forget + retain, "
+          f"retrain = base fine-tuned on retain ({cfg.target.epochs} epochs, lr {cfg.target.lr:g}). Unlearning: "
+          f"{cfg.unlearn.epochs} epochs, lr {cfg.unlearn.lr_full:g} (full) / {cfg.unlearn.lr_lora:g} (LoRA rank "
+          f"{cfg.unlearn.rank}), {cfg.unlearn.master_dtype} master weights. LoRA adapters are merged into the fp32 "
+          f"target, then the model is cast (bf16) or quantized in memory (`qru.quant.quantize_model`, the code path "
+          f"of `qru quantize`; block size {cfg.eval.block_size or 'format default'}).",
+          f"MUSE metrics on the first {cfg.eval.limit} items of each set (VerbMem: {cfg.eval.verbmem_tokens} new "
+          f"tokens; KnowMem: {cfg.eval.knowmem_tokens} new tokens); PrivLeak against the retrain model's bf16 "
+          f"AUC ({_f(run.meta['retrain_auc'], 3)}).", ""]
+
+    L += ["## Is this a real experiment?", ""]
+    L.append(f"- The target knows the forget facts: KnowMem_f target {_f(s['target_knowmem_f'])} vs retrain "
+             f"{_f(s['retrain_knowmem_f'])} (gap {_f(s['target_gap'])}; required >= {TARGET_GAP:g}): "
+             f"**{'yes' if s['target_knows'] else 'NO'}**.")
+    for mode, v in s["modes"].items():
+        L.append(f"- Unlearned ({mode}) at bf16 removes {100 * v['forgotten_fraction']:.0f}% of the target-retrain "
+                 f"KnowMem_f gap (mean over methods and seeds; forgets = >= {100 * FORGET_FRACTION:.0f}%): "
+                 f"**{'yes' if v['forgets'] else 'NO'}**. Utility loss vs the target: mean "
+                 f"{100 * v['utility_drop_mean']:.0f}%, worst {100 * v['utility_drop_max']:.0f}% (bound "
+                 f"{100 * s['utility_bound']:.0f}% on the mean): **{'holds' if v['utility_holds'] else 'EXCEEDED'}**.")
+    valid = s["target_knows"] and all(v["forgets"] for v in s["modes"].values())
+    if not valid:
+        L.append("- **Caveat:** a check above failed, so the effects below are measured on a setting that does not "
+                 "reproduce the paper's precondition; read them as such.")
+    L.append("")
+
+    L += [f"## Paper-style table (4-bit = {fmt})", "",
+          "Mean ± sd over unlearning seeds. Full = bf16 model of full-FT unlearning; Full+LoRA = bf16 model with the "
+          "LoRA adapter merged; 4-bit = the same models quantized.", ""]
+    L += paper_table(records, fmt)
+    L += ["", "## Conclusion (computed from results.json)", "",
+          f"Effects are paired differences per (method, unlearning seed), averaged. Noise = seed-to-seed sd of the "
+          f"effect (pooled over methods; the unlearning seeds vary data order and LoRA init, corpus and target are "
+          f"fixed). An effect counts as shown when |effect| >= 2 standard errors of the seed mean and >= "
+          f"{MIN_EFFECT:g} points.", ""]
+    a = c["answers"]
+    L.append("**1. Does 4-bit quantization restore forgotten knowledge?**")
+    L += [f"- {x}" for x in a.get("q1_restore", [])]
+    L += ["", "**2. Does LoRA keep more utility at 4 bits?**"]
+    L += [f"- {x}" for x in a.get("q2_utility", [])]
+    L += ["", "**3. Where does PrivLeak move?**"]
+    L += [f"- {x}" for x in a.get("q3_privleak", [])]
+    L += ["", "## Every precision", "", "KnowMem_f (forget):", ""]
+    L += precision_table(records, "knowmem_f", cfg.eval.precisions)
+    L += ["", "Utility (KnowMem_r):", ""]
+    L += precision_table(records, "knowmem_r", cfg.eval.precisions)
+    L += ["", "PrivLeak:", ""]
+    L += precision_table(records, "privleak", cfg.eval.precisions)
+    L += ["", "## Survival of the unlearning update under quantization (vs the target)", "",
+          "projection = ⟨D, ΔW⟩/‖ΔW‖² with D = deq(Q(W+ΔW)) − deq(Q(W)): 1 = the quantized model keeps the update, "
+          "0 = quantization erases it (`qru.quant.survival`; overall aggregate of the linear layers).", ""]
+    L += survival_table(run.survival)
+    L += ["", "## Plots", "", "![precision effect](precision_effect.png)", "", "![tradeoff](tradeoff.png)", "",
+          "## Run", ""]
+    comp = [k for k in run.computed]
+    L.append(f"- Wall time of this run: **{run.wall_seconds:.0f} s** ({len(comp)} stages computed, "
+             f"{len(run.cached)} cached) on {platform.machine()} with {os.cpu_count()} CPU cores"
+             + (f"; C++ kernel build {run.kernel_seconds:.0f} s (in the background)" if run.kernel_seconds else "")
+             + ".")
+    slow = sorted(((k, v) for k, v in run.stage_times.items() if k in comp), key=lambda kv: -kv[1])[:6]
+    if slow:
+        L.append("- Slowest computed stages: " + ", ".join(f"{k} {v:.0f}s" for k, v in slow) + ".")
+    L.append(f"- Files: results.json (one record per model x precision), conclusions.json, plots, stages/ (cache).")
+    return "\n".join(L) + "\n"
+
+
+def write_outputs(run) -> dict[str, Path]:
+    out = Path(run.out)
+    cfg = run.cfg
+    c = conclusions(run.records, cfg.eval.table_format, cfg.eval.utility_bound)
+    atomic_write_json(out / "results.json", run.records)
+    atomic_write_json(out / "conclusions.json", _jsonable(c))
+    paths = {"results": out / "results.json", "conclusions": out / "conclusions.json"}
+    for p in plots(run.records, list(cfg.eval.precisions), cfg.eval.table_format, out):
+        paths[p.stem] = p
+    atomic_write_text(out / "report.md", render(run, c))
+    paths["report"] = out / "report.md"
+    atomic_write_json(out / "run.json", {"preset": cfg.name, "seed": run.seed, "config": cfg.to_dict(),
+                                         "wall_seconds": round(run.wall_seconds, 2),
+                                         "kernel_build_seconds": run.kernel_seconds,
+                                         "computed": run.computed, "cached": run.cached,
+                                         "stage_seconds": run.stage_times, "survival": run.survival,
+                                         "meta": run.meta})
+    return paths
+
+
+def _jsonable(o):
+    if isinstance(o, dict):
+        return {("|".join(map(str, k)) if isinstance(k, tuple) else k): _jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_jsonable(x) for x in o]
+    return o
+
+
+def load_results(path) -> list[dict]:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,131 @@
+"""Cached pipeline stages: one directory per stage, named by the stage and the hash of its inputs.
+
+``StageCache.run(name, key, fn)`` hashes ``key`` (the stage's settings plus the hashes of the
+stages it reads), and returns the cached result when ``ROOT/NAME-HASH/manifest.json`` exists;
+otherwise ``fn(tmp_dir)`` builds the stage in a temporary directory beside it, the manifest is
+written last and the directory renamed into place (a crash leaves no half-built stage). Changed
+settings give a new hash, so they recompute; ``force`` recomputes every stage once per run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from qru.demo.presets import stable_hash
+
+MANIFEST = "manifest.json"
+
+
+def atomic_write_json(path: Path, obj, indent: int | None = 2) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_text(json.dumps(obj, indent=indent, sort_keys=False, default=str) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class Stage:
+    name: str
+    dir: Path
+    hash: str
+    result: dict
+    cached: bool
+    seconds: float  # time spent computing it (the original time when cached)
+
+
+@dataclass
+class StageCache:
+    root: Path
+    force: bool = False
+    log: Callable[[str], None] = print
+    used: dict[str, Stage] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.root = Path(self.root)
+
+    def path(self, name: str, h: str) -> Path:
+        return self.root / f"{name}-{h}"
+
+    def lookup(self, name: str, key: dict) -> Stage | None:
+        """The cached stage for ``key`` (ignoring ``force``), or None."""
+        h = stable_hash({"stage": name, **key})
+        d = self.path(name, h)
+        try:
+            man = json.loads((d / MANIFEST).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        if man.get("hash") != h or not man.get("done"):
+            return None
+        return Stage(name, d, h, man.get("result") or {}, True, float(man.get("seconds", 0.0)))
+
+    def run(self, name: str, key: dict, fn: Callable[[Path], dict | None]) -> Stage:
+        h = stable_hash({"stage": name, **key})
+        if name in self.used and self.used[name].hash == h:
+            return self.used[name]
+        cached = None if self.force else self.lookup(name, key)
+        if cached is not None:
+            self.used[name] = cached
+            return cached
+        d = self.path(name, h)
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".{name}-{h}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        t0 = time.perf_counter()
+        try:
+            result = fn(tmp) or {}
+            secs = time.perf_counter() - t0
+            atomic_write_json(tmp / MANIFEST, {"stage": name, "hash": h, "done": True, "seconds": round(secs, 3),
+                                               "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "key": key,
+                                               "result": result})
+            trash = None
+            if d.exists():
+                trash = self.root / f".{name}-{h}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(d, trash)
+            os.replace(tmp, d)
+            if trash is not None:
+                shutil.rmtree(trash, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        st = Stage(name, d, h, result, False, secs)
+        self.used[name] = st
+        return st
+
+    def prune(self) -> list[Path]:
+        """Remove stage directories of the stages used in this run that belong to other settings
+        (and leftovers of interrupted builds). Returns what was removed."""
+        removed = []
+        if not self.root.is_dir():
+            return removed
+        keep = {st.dir.name for st in self.used.values()}
+        names = set(self.used)
+        for p in self.root.iterdir():
+            stale_tmp = p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name)
+            other = "-" in p.name and p.name.rsplit("-", 1)[0] in names and p.name not in keep
+            if stale_tmp or other:
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+        return removed

@@ -1,0 +1,252 @@
+"""``qru sweep``: the demo pipeline over a one-factor-at-a-time grid of knobs around a preset.
+
+Every point is a full demo run (``qru.demo.pipeline.run_demo``) in ``OUT/points/<knob>=<value>``;
+all points share one stage cache (``OUT/stages``), so e.g. an unlearning-LR point reuses the base,
+target and retrain models of the centre point. Per point and 4-bit format the sweep reports
+
+* restored = KnowMem_f(4-bit) - KnowMem_f(bf16) of the same unlearned model (Zhang et al.'s effect),
+* utility loss = KnowMem_r(bf16) - KnowMem_r(4-bit) (the seed paper's: smaller with LoRA?),
+
+each as mean and seed-to-seed sd (``qru.demo.report.effect_stats``), for full FT and LoRA, plus the
+bf16 sanity numbers (does the target know the facts, do the unlearned models forget).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from qru.demo import report as rpt
+from qru.demo.presets import FOUR_BIT, DemoConfig, PresetError, apply_overrides, get_preset
+from qru.demo.stages import atomic_write_json, atomic_write_text
+
+# knob -> values; the preset's own value is the centre point
+DEFAULT_KNOBS: dict[str, tuple] = {
+    "model.hidden": (64, 128, 192),
+    "target.epochs": (12, 24, 48),
+    "unlearn.master_dtype": ("fp32", "bf16"),
+    "unlearn.lr_full": (1e-5, 3e-5, 1e-4, 3e-4),
+    "unlearn.epochs": (2, 5, 10),
+}
+KNOB_NOTE = {
+    "model.hidden": "width (fan-in): the update-to-quantization-step ratio shrinks with width",
+    "target.epochs": "target training length: how over-fit the target is",
+    "unlearn.master_dtype": "bf16 weights without an fp32 master copy: small steps are lost below a bf16 ulp",
+    "unlearn.lr_full": "full-FT unlearning learning rate (LoRA keeps its own)",
+    "unlearn.epochs": "unlearning length",
+}
+
+
+def parse_knobs(items: list[str] | None) -> dict[str, tuple[str, ...]]:
+    """``["model.hidden=64,128"]`` -> ``{"model.hidden": ("64", "128")}``."""
+    out = {}
+    for it in items or []:
+        if "=" not in it:
+            raise PresetError(f"knob {it!r} must look like SECTION.FIELD=V1,V2,...")
+        k, v = it.split("=", 1)
+        vals = tuple(x.strip() for x in v.split(",") if x.strip())
+        if not vals:
+            raise PresetError(f"knob {k!r} has no values")
+        out[k.strip()] = vals
+    return out
+
+
+def _label(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def grid(base: DemoConfig, knobs: dict) -> list[tuple[str, str | None, object, DemoConfig]]:
+    """``(label, knob, value, config)`` for the centre and every one-factor change (duplicates dropped)."""
+    points = [("centre", None, None, base)]
+    seen = {rpt_key(base)}
+    for knob, values in knobs.items():
+        for v in values:
+            cfg = apply_overrides(base, {knob: v})
+            k = rpt_key(cfg)
+            if k in seen:
+                continue
+            seen.add(k)
+            value = _get(cfg, knob)
+            points.append((f"{knob}={_label(value)}", knob, value, cfg))
+    return points
+
+
+def rpt_key(cfg: DemoConfig) -> str:
+    d = dataclasses.asdict(cfg)
+    d.pop("name", None)
+    d.pop("note", None)
+    return repr(sorted(d.items()))
+
+
+def _get(cfg: DemoConfig, knob: str):
+    sec, name = knob.split(".")
+    return getattr(getattr(cfg, sec), name)
+
+
+def summarize_point(records, fmts) -> dict:
+    """Per format and mode: restored and utility-loss stats; bf16 sanity."""
+    out = {"sanity": rpt.sanity(records, 1.0), "formats": {}}
+    for f in fmts:
+        row = {}
+        for mode in ("full", "lora"):
+            rest = rpt.effect_stats(rpt.paired(records, "knowmem_f", {"mode": mode, "precision": f},
+                                               {"mode": mode, "precision": "bf16"}))
+            uloss = rpt.effect_stats(rpt.paired(records, "knowmem_r", {"mode": mode, "precision": "bf16"},
+                                                {"mode": mode, "precision": f}))
+            pl = rpt.effect_stats(rpt.paired(records, "privleak", {"mode": mode, "precision": f},
+                                             {"mode": mode, "precision": "bf16"}))
+            row[mode] = {"restored": rest, "utility_loss": uloss, "privleak_change": pl}
+        row["lora_minus_full_utility"] = rpt.effect_stats(
+            rpt.paired(records, "knowmem_r", {"mode": "lora", "precision": f}, {"mode": "full", "precision": f}))
+        out["formats"][f] = row
+    return out
+
+
+def run_sweep(preset: str = "quick", out: str | os.PathLike | None = None, *, seed: int = 0,
+              knobs: dict | None = None, overrides: dict | None = None, force: bool = False, progress: bool = True,
+              device: str = "cpu", threads: int | None = None) -> dict:
+    t0 = time.perf_counter()
+    base = get_preset(preset, overrides)
+    knobs = DEFAULT_KNOBS if not knobs else knobs
+    base = apply_overrides(base, {"eval.precisions": ("bf16",) + FOUR_BIT})
+    if base.eval.table_format not in base.eval.precisions:
+        base = apply_overrides(base, {"eval.table_format": "nf4"})
+    out = Path(out or f"runs/sweep-{preset}")
+    out.mkdir(parents=True, exist_ok=True)
+    points = grid(base, knobs)
+    print(f"qru sweep: {len(points)} points ({', '.join(p[0] for p in points)})", file=sys.stderr, flush=True)
+    results = []
+    for i, (label, knob, value, cfg) in enumerate(points):
+        print(f"qru sweep: point {i + 1}/{len(points)}: {label}", file=sys.stderr, flush=True)
+        t = time.perf_counter()
+        run = _run_point(cfg, out / "points" / label.replace("/", "_"), seed, force, progress, device, threads,
+                         out / "stages")
+        fmts = [f for f in FOUR_BIT if f in cfg.eval.precisions]
+        results.append({"point": label, "knob": knob, "value": value, "seconds": round(time.perf_counter() - t, 1),
+                        "summary": rpt._jsonable(summarize_point(run.records, fmts)), "records": run.records})
+        atomic_write_json(out / "sweep_results.json", {"preset": preset, "seed": seed, "points": results})
+    wall = time.perf_counter() - t0
+    md = render_sweep(results, base, preset, seed, knobs, wall)
+    atomic_write_text(out / "sweep.md", md)
+    sweep_plots(results, base, out)
+    print(f"qru sweep: done in {wall:.0f}s; table in {out / 'sweep.md'}", file=sys.stderr)
+    return {"out": out, "points": results, "wall_seconds": wall}
+
+
+def _run_point(cfg, out, seed, force, progress, device, threads, stages):
+    from qru.demo.pipeline import run_demo
+
+    return run_demo(cfg, out, seed=seed, force=force, progress=progress, device=device, threads=threads,
+                    stages_root=stages, prune=False)
+
+
+def _cell(st: dict) -> str:
+    if st is None or st.get("effect") is None:
+        return "n/a"
+    sd = f" ± {st['noise_sd']:.1f}" if st.get("noise_sd") is not None else ""
+    return f"{st['effect']:+.1f}{sd}{' *' if st.get('shown') else ''}"
+
+
+def render_sweep(results, base: DemoConfig, preset, seed, knobs, wall) -> str:
+    fmts = [f for f in FOUR_BIT if f in base.eval.precisions]
+    L = [f"# qru sweep — preset `{preset}`, seed {seed}", "",
+         f"One factor at a time around the `{preset}` preset; {len(results)} points, wall time {wall:.0f} s on "
+         f"{platform.machine()} with {os.cpu_count()} CPU cores.",
+         "Restored = KnowMem_f(4-bit) − KnowMem_f(bf16) (positive: quantization brings forgotten knowledge back); "
+         "utility loss = KnowMem_r(bf16) − KnowMem_r(4-bit). Mean ± seed-to-seed sd over methods x unlearning seeds; "
+         f"* = shown (|effect| >= 2 standard errors and >= {rpt.MIN_EFFECT:g} points).", ""]
+    L.append("| Point | target gap | forgot full / LoRA | "
+             + " | ".join(f"restored {f} full | restored {f} LoRA | util. loss {f} full | util. loss {f} LoRA"
+                          for f in fmts) + " |")
+    L.append("|" + "---|" * (3 + 4 * len(fmts)))
+    for r in results:
+        s = r["summary"]["sanity"]
+        fr = [s["modes"].get(m, {}).get("forgotten_fraction") for m in ("full", "lora")]
+        cells = [r["point"], "n/a" if s["target_gap"] is None else f"{s['target_gap']:.1f}",
+                 " / ".join("n/a" if x is None else f"{100 * x:.0f}%" for x in fr)]
+        for f in fmts:
+            row = r["summary"]["formats"][f]
+            cells += [_cell(row["full"]["restored"]), _cell(row["lora"]["restored"]),
+                      _cell(row["full"]["utility_loss"]), _cell(row["lora"]["utility_loss"])]
+        L.append("| " + " | ".join(cells) + " |")
+    L += ["", "Knobs: " + "; ".join(f"`{k}` = {', '.join(map(str, v))} ({KNOB_NOTE.get(k, '')})"
+                                    for k, v in knobs.items()), ""]
+    L += ["## Where the effects appear (computed)", ""]
+    L += regimes(results, fmts)
+    L += ["", "![restored](sweep_restored.png)", "", "![utility loss](sweep_utility_loss.png)", ""]
+    return "\n".join(L) + "\n"
+
+
+def regimes(results, fmts) -> list[str]:
+    """Plain statements: at which points each effect is shown (with the bf16 preconditions)."""
+    lines = []
+    zhang, seedp = [], []
+    for r in results:
+        s = r["summary"]
+        valid = s["sanity"]["target_knows"] and s["sanity"]["modes"].get("full", {}).get("forgets")
+        for f in fmts:
+            row = s["formats"][f]
+            st = row["full"]["restored"]
+            if st["shown"] and st["effect"] > 0:
+                zhang.append(f"{r['point']} ({f}: {st['effect']:+.1f}{'' if valid else '; preconditions not met'})")
+            u = row["lora_minus_full_utility"]
+            fl, ll = row["full"]["utility_loss"], row["lora"]["utility_loss"]
+            if u["shown"] and u["effect"] > 0:
+                seedp.append(f"{r['point']} ({f}: LoRA − full utility {u['effect']:+.1f}; 4-bit utility loss full "
+                             f"{fl['effect']:+.1f}, LoRA {ll['effect']:+.1f})")
+    lines.append("- Zhang et al. (4-bit restores knowledge that full-FT unlearning removed): "
+                 + ("shown at " + "; ".join(zhang) + "." if zhang else "not shown at any point of this grid."))
+    lines.append("- Seed paper (LoRA merged before quantization keeps more utility at 4 bits): "
+                 + ("shown at " + "; ".join(seedp) + "." if seedp else "not shown at any point of this grid."))
+    return lines
+
+
+def sweep_plots(results, base: DemoConfig, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fmts = [f for f in FOUR_BIT if f in base.eval.precisions]
+    centre = next(r for r in results if r["knob"] is None)
+    knobs = list(dict.fromkeys(r["knob"] for r in results if r["knob"] is not None))
+    if not knobs:
+        return
+    for what, fname, title in (("restored", "sweep_restored.png", "knowledge restored by 4-bit (KnowMem_f points)"),
+                               ("utility_loss", "sweep_utility_loss.png", "4-bit utility loss (KnowMem_r points)")):
+        fig, axes = plt.subplots(1, len(knobs), figsize=(4 * len(knobs), 3.6), squeeze=False)
+        for ax, knob in zip(axes[0], knobs):
+            cv = _get_value(centre, knob, base)
+            pts = sorted([(cv, centre)] + [(r["value"], r) for r in results if r["knob"] == knob],
+                         key=lambda t: (isinstance(t[0], str), t[0]))
+            xs = list(range(len(pts)))
+            for f, ls in zip(fmts, ("-", "--", ":")):
+                for mode, color in (("full", "C0"), ("lora", "C1")):
+                    y = [p[1]["summary"]["formats"][f][mode][what]["effect"] for p in pts]
+                    e = [p[1]["summary"]["formats"][f][mode][what]["noise_sd"] or 0 for p in pts]
+                    y = [float("nan") if v is None else v for v in y]
+                    ax.errorbar(xs, y, yerr=e, color=color, ls=ls, marker="o", ms=3, capsize=2,
+                                label=f"{mode} {f}")
+            ax.axhline(0, color="k", lw=0.6)
+            ax.set_xticks(xs, [_label(p[0]) for p in pts])
+            ax.set_xlabel(knob)
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel(title)
+        axes[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        tmp = out / f".{fname}.tmp-{os.getpid()}.png"
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, out / fname)
+        plt.close(fig)
+
+
+def _get_value(centre, knob, base):
+    return _get(base, knob)
+
+
+def summary_stats(values) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
