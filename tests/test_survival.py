@@ -98,6 +98,21 @@ def test_delta_of_many_steps_survives(fmt):
     assert m["code_flip_frac"] > 0.8
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("shape", [(6, 256), (5, 96), (3, 80)])
+def test_below_half_step_and_flips_match_elementwise(fmt, shape):
+    """The fast counts (broadcast steps, xor of packed bytes) equal element-wise ones, also
+    with partial blocks / groups."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(shape, generator=g) * 0.02
+    d = torch.randn(shape, generator=g) * 0.003 * (torch.rand(shape, generator=g) < 0.7)
+    qa, qb = quantize(w, fmt, BLOCK[fmt] and 64), quantize(w + d, fmt, BLOCK[fmt] and 64)
+    step = S.local_step(qa, d)
+    ref = int(((d.reshape(-1).abs() < 0.5 * step) | (d.reshape(-1) == 0)).sum())
+    assert S.below_half_step(qa, d) == ref and 0 < ref < d.numel()
+    assert S.code_flips(qa, qb) == int((S.codes(qa) != S.codes(qb)).sum()) > 0
+
+
 def test_int8_hand_computed():
     # row absmax 1 -> scale 1/127; 0.5*127 = 63.5 rounds to 64, 0.51*127 = 64.77 to 65.
     w = torch.tensor([[1.0, 0.5, -0.25, 0.0]])
@@ -110,7 +125,7 @@ def test_int8_hand_computed():
     assert m["below_half_step_frac"] == 0.75  # the update (0.01) is above half a step (0.0039)
     assert m["survival_ratio"] == pytest.approx(scale / d, rel=1e-6)
     assert m["projection"] == pytest.approx(scale / d, rel=1e-6)
-    assert m["cosine"] == pytest.approx(1.0, rel=1e-9)
+    assert m["cosine"] == pytest.approx(1.0, rel=1e-6)
     assert m["delta_rel_norm"] == pytest.approx(d / math.sqrt(1 + 0.25 + 0.0625), rel=1e-6)
 
 
@@ -264,7 +279,7 @@ def test_chunked_equals_whole_tensor(ckpts):
             assert a["name"] == b["name"]
             assert a["code_flip_frac"] == b["code_flip_frac"] and a["below_half_step_frac"] == b["below_half_step_frac"]
             for k in ("survival_ratio", "projection", "cosine", "delta_rel_norm"):
-                assert a[k] == pytest.approx(b[k], rel=1e-9) if a[k] is not None else b[k] is None
+                assert a[k] == pytest.approx(b[k], rel=1e-5) if a[k] is not None else b[k] is None
 
 
 def test_json_schema_single_and_multi(ckpts, tmp_path):
@@ -495,5 +510,10 @@ def test_errors(ckpts, tmp_path):
     nan = {k: v.clone() for k, v in sd.items()}
     nan["model.layers.1.self_attn.o_proj.weight"][3, 5] = float("nan")
     save_state_dict(nan, tmp_path / "nan", extra_files=cfg)
-    with pytest.raises(S.SurvivalError, match=r"tensor 'model.layers.1.self_attn.o_proj.weight' has 1 non-finite.*\(3, 5\)"):
+    with pytest.raises(S.SurvivalError, match=r"nan: tensor 'model.layers.1.self_attn.o_proj.weight' has non-finite.*\(3, 5\)"):
         S.analyze(base, tmp_path / "nan", progress=False)
+    nan = {k: v.clone() for k, v in load_state_dict(base).items()}
+    nan["model.layers.0.mlp.up_proj.weight"][101, 7] = float("inf")
+    save_state_dict(nan, tmp_path / "nanbase", extra_files=cfg)
+    with pytest.raises(S.SurvivalError, match=r"nanbase: tensor 'model.layers.0.mlp.up_proj.weight' .*\(101, 7\)"):
+        S.analyze(tmp_path / "nanbase", unl, progress=False, chunk_elems=256)
