@@ -250,7 +250,12 @@ void row_avx2(const Problem& p, int64_t n, float* out_acc) {
 template <int M, int WD, int DT>
 void run(const Problem& p, void* out, bool scalar) {
   const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, p.K));
-#pragma omp parallel for schedule(dynamic, chunk) num_threads(std::max(1, at::get_num_threads()))
+  // small weights run on one thread: waking a team costs more than the work (and much more
+  // on a loaded machine)
+  const int64_t per_thread = int64_t(1) << 17;  // weights
+  const int threads = int(std::min<int64_t>(std::max(1, at::get_num_threads()),
+                                            std::max<int64_t>(1, p.N * p.K / per_thread)));
+#pragma omp parallel for schedule(dynamic, chunk) num_threads(threads) if (threads > 1)
   for (int64_t n = 0; n < p.N; ++n) {
     float acc[M];
 #if QRU_AVX2
