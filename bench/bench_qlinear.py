@@ -17,7 +17,6 @@ Rows report GB/s of weight bytes read (packed bytes for the quantized providers)
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 from pathlib import Path
