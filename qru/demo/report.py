@@ -90,6 +90,10 @@ def _f(x, nd=1, sign=False) -> str:
     return f"{x:+.{nd}f}" if sign else f"{x:.{nd}f}"
 
 
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.0f}%"
+
+
 def _pm(st: dict) -> str:
     """'+3.2 points (seed sd 1.1, SE 0.8, 2 seeds x 2 methods)'."""
     if st["effect"] is None:
@@ -402,10 +406,10 @@ def render(run, c: dict) -> str:
              f"{_f(s['retrain_knowmem_f'])} (gap {_f(s['target_gap'])}; required >= {TARGET_GAP:g}): "
              f"**{'yes' if s['target_knows'] else 'NO'}**.")
     for mode, v in s["modes"].items():
-        L.append(f"- Unlearned ({mode}) at bf16 removes {100 * v['forgotten_fraction']:.0f}% of the target-retrain "
+        L.append(f"- Unlearned ({mode}) at bf16 removes {_pct(v['forgotten_fraction'])} of the target-retrain "
                  f"KnowMem_f gap (mean over methods and seeds; forgets = >= {100 * FORGET_FRACTION:.0f}%): "
                  f"**{'yes' if v['forgets'] else 'NO'}**. Utility loss vs the target: mean "
-                 f"{100 * v['utility_drop_mean']:.0f}%, worst {100 * v['utility_drop_max']:.0f}% (bound "
+                 f"{_pct(v['utility_drop_mean'])}, worst {_pct(v['utility_drop_max'])} (bound "
                  f"{100 * s['utility_bound']:.0f}% on the mean): **{'holds' if v['utility_holds'] else 'EXCEEDED'}**.")
     valid = s["target_knows"] and all(v["forgets"] for v in s["modes"].values())
     if not valid:
