@@ -63,7 +63,7 @@ def reference(x, W, b, A, B, scale, gy, mask=None, keep=1.0, nf4=None):
     return (y,) + torch.autograd.grad(y, (x, A, B), gy.float())
 
 
-@pytest.fixture(params=["triton", "torch"])
+@pytest.fixture(params=["triton", "cpp", "torch"])
 def backend(request, monkeypatch):
     monkeypatch.setenv("QRU_BACKEND", request.param)
     return request.param
@@ -260,3 +260,45 @@ def test_autocast_disabled_inside_and_base_only(backend):
         ref = torch.nn.functional.linear(x.bfloat16(), W, b)
     assert y.dtype == ref.dtype == torch.bfloat16
     assert rel_err(y, ref) <= TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("scalar", [False, True], ids=["simd", "scalar"])
+@pytest.mark.parametrize("shape", [(1, 8, 1, 8), (7, 24, 3, 20), (33, 40, 8, 56), (5, 17, 20, 19),
+                                   (100, 1030, 16, 777), (600, 64, 13, 33)], ids=lambda s: "x".join(map(str, s)))
+def test_cpp_thin_products_match_torch(shape, scalar):
+    """csrc/lora.cpp's three products (SIMD micro-tiles and the portable scalar path) against
+    torch on odd shapes: row/column/rank tails, a bool drop-mask, row-strided X, bias."""
+    from qru.kernels._backend import load_cpp_ext
+
+    ext = load_cpp_ext("lora")
+    if ext is None:
+        pytest.skip("no C++ toolchain")
+    M, Kd, R, N = shape
+    g = torch.Generator().manual_seed(M + Kd)
+    X = torch.randn(M, Kd + 5, generator=g)[:, 2:Kd + 2]  # row stride != Kd
+    V = torch.randn(R, Kd, generator=g)
+    dK = torch.rand(M, Kd, generator=g) < 0.3
+    U = torch.randn(M, R, generator=g)
+    V2 = torch.randn(R, N, generator=g)
+    b = torch.randn(N, generator=g)
+    dN = torch.rand(M, N, generator=g) < 0.3
+    X2 = torch.randn(M, N, generator=g)
+    d = torch.float64
+    X64, V64, U64, V264, X264 = (t.to(d) for t in (X, V, U, V2, X2))
+    # (got, fp64 oracle, the fp64 sum of |terms|: the scale of the fp32 rounding error)
+    cases = [
+        (ext.rowdot(X, V, 0.7, None, scalar), 0.7 * X64 @ V64.t(), 0.7 * X64.abs() @ V64.abs().t()),
+        (ext.rowdot(X, V, 0.7, dK, scalar), 0.7 * X64.masked_fill(dK, 0) @ V64.t(), 0.7 * X64.abs() @ V64.abs().t()),
+        (ext.expand(U, V2, 0.7, None, None, False, scalar), 0.7 * U64 @ V264, 0.7 * U64.abs() @ V264.abs()),
+        (ext.expand(U, V2, 0.7, b, dN, False, scalar), (b.to(d) + 0.7 * U64 @ V264).masked_fill(dN, 0),
+         b.to(d).abs() + 0.7 * U64.abs() @ V264.abs()),
+        (ext.tallreduce(U, X2, 0.7, None, scalar), 0.7 * U64.t() @ X264, 0.7 * U64.abs().t() @ X264.abs()),
+        (ext.tallreduce(U, X2, 0.7, dN, scalar), 0.7 * U64.t() @ X264.masked_fill(dN, 0),
+         0.7 * U64.abs().t() @ X264.abs()),
+    ]
+    for i, (got, want, mag) in enumerate(cases):
+        assert got.shape == want.shape and got.dtype == torch.float32
+        err = ((got.to(d) - want).abs() / mag.clamp_min(1e-30)).max().item()
+        assert err <= 4e-7 * max(Kd, R, M) ** 0.5 + 2e-7, f"case {i}: {err:.2e}"
+    with pytest.raises(RuntimeError, match="V has"):
+        ext.rowdot(X, V[:, :-1], 1.0)

@@ -12,8 +12,12 @@ One public entry, :func:`lora_linear`, picks the backend at call time:
   accumulator tile before the single store of ``y``. The backward reuses the two kernels for
   ``g = dY B`` and ``dX = dY W + s·(g A)⊙mask``, and an outer-product kernel reduces over
   tokens for ``dA`` and ``dB``. The NF4 base is decoded tile by tile inside the GEMM.
-* ``"torch"`` (CPU): the same math as a custom autograd Function over ``addmm`` with
-  ``beta``/``out`` accumulation, never materialising ``W + s·B A``.
+* ``"cpp"`` (CPU, fp32; the default when ``csrc/lora.cpp`` builds): the rank-r products in
+  C++ (AVX2/FMA micro-tiles, OpenMP) with the dropout mask applied as x is read and as dX is
+  stored, so no dropped-out copy of x exists; the two frozen-base GEMMs stay with torch
+  (``addmm_`` accumulating into the thin result). Other dtypes take the torch path.
+* ``"torch"`` (CPU fallback, and bf16/fp16 on CPU): the same math as a custom autograd Function
+  over ``addmm`` with ``beta``/``out`` accumulation, never materialising ``W + s·B A``.
 
 :func:`lora_linear_reference` is the plain-autograd oracle the tests compare against.
 """
@@ -28,7 +32,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from qru.kernels._backend import backend_for
+from qru.kernels._backend import backend_for, load_cpp_ext
 
 # Dropout draws 16-bit uniforms: the drop probability is rounded to a multiple of 1/65536.
 _DROP_LEVELS = 65536
@@ -227,6 +231,75 @@ class LoRALinearTorchFn(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = gy.sum(0)
         return dx, None, db, dA, dB, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------
+# CPU path: C++ thin products (csrc/lora.cpp) around torch's two big GEMMs
+# ----------------------------------------------------------------------------------------
+def _cpp_ok(x, weight, bias, A, B) -> bool:
+    """The C++ kernels cover fp32 (x, base, bias, A, B); other dtypes take the torch path."""
+    f32 = torch.float32
+    return (x.dtype == f32 and (weight is None or weight.dtype == f32) and A.dtype == f32 and B.dtype == f32
+            and (bias is None or bias.dtype == f32))
+
+
+class LoRALinearCppFn(torch.autograd.Function):
+    """Fused LoRA linear on 2-D fp32 ``x`` (M, in): the rank-r products in C++ with the dropout
+    mask applied on load/store, the two frozen-base GEMMs in torch.
+
+    Forward, ``m`` the keep-mask (``drop = ¬m``), ``k`` its rescale, ``x̃ = k·(m⊙x)``::
+
+        u = x̃ Aᵀ                    rowdot: x masked row by row in cache, never x̃ in memory
+        y = b + s·u Bᵀ              expand (fresh y, written once)
+        y += x Wᵀ                   addmm_ with beta=1: the big GEMM accumulates into y
+
+    Backward, ``G = dL/dy``. ``y`` depends on ``A, B`` only through ``s·u Bᵀ``, so with
+    ``g = G B`` (M × r, computed once) ``∂L/∂u = s·g`` and::
+
+        dB = s·Gᵀ u                 tallreduce over tokens (u saved from the forward)
+        dA = (s·g)ᵀ ∂u/∂A = s·k·gᵀ(m⊙x)   tallreduce, mask applied as x is read
+        dX = G W + s·k·m⊙(g A)      expand with the mask on store into a fresh dX, then addmm_
+        db = Σ_rows G;              W is frozen: no dW, and no GEMM for it.
+
+    Saves ``x`` (the layer input, no dropout copy), the bool ``drop`` and ``u`` (M × r).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, scale, drop, keep, nf4):
+        ext = load_cpp_ext("lora")
+        W = _dense_base(weight, nf4, x.dtype)
+        Ac = A.contiguous()
+        u = ext.rowdot(x, Ac, keep, drop)
+        y = ext.expand(u, B.t().contiguous(), scale, bias.contiguous() if bias is not None else None, None,
+                       CPP_HUGE_PAGES)
+        y.addmm_(x, W.t())
+        ctx.save_for_backward(x, drop, u, weight, Ac, B)
+        ctx.scale, ctx.keep, ctx.nf4 = scale, keep, nf4
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, drop, u, weight, A, B = ctx.saved_tensors
+        s, keep, nf4 = ctx.scale, ctx.keep, ctx.nf4
+        ext = load_cpp_ext("lora")
+        gy = gy.contiguous()
+        g = ext.rowdot(gy, B.t().contiguous(), 1.0, None)
+        dx = dA = dB = db = None
+        if ctx.needs_input_grad[0]:
+            dx = ext.expand(g, A, s * keep, None, drop, CPP_HUGE_PAGES)
+            dx.addmm_(gy, _dense_base(weight, nf4, gy.dtype))
+        if ctx.needs_input_grad[3]:
+            dA = ext.tallreduce(g, x, s * keep, drop)
+        if ctx.needs_input_grad[4]:
+            dB = ext.tallreduce(u, gy, s, None).t()
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = gy.sum(0)
+        return dx, None, db, dA, dB, None, None, None, None
+
+
+# Fresh y / dX of 4 MiB or more on 2 MiB transparent huge pages (see csrc/lora.cpp).
+CPP_HUGE_PAGES = False
 
 
 # ----------------------------------------------------------------------------------------
@@ -663,7 +736,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor
     _check(x, weight, bias, lora_A, lora_B, nf4)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"lora_linear: dropout_p must be in [0, 1), got {dropout_p}")
-    backend = backend_for(x, cpp=None)
+    backend = backend_for(x, cpp="lora")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
@@ -686,6 +759,8 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor
         keep = 1.0 / (1.0 - dropout_p)
     elif dropout_p > 0.0 and training:
         drop, keep = _sample_drop(tuple(x2.shape), dropout_p, x.device, generator)
-    fn = LoRALinearTritonFn if backend == "triton" else LoRALinearTorchFn
+    if backend == "cpp" and not _cpp_ok(x2, weight, bias, lora_A, lora_B):
+        backend = "torch"
+    fn = {"triton": LoRALinearTritonFn, "cpp": LoRALinearCppFn}.get(backend, LoRALinearTorchFn)
     y = fn.apply(x2, weight, bias, lora_A, lora_B, float(scale), drop, keep, nf4)
     return y.reshape(*lead, y.shape[-1])

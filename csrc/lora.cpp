@@ -1,0 +1,392 @@
+// CPU kernels for qru.kernels.lora: the thin LoRA products (rank r), fp32, with the dropout
+// mask fused in, so neither the dropped-out copy of x nor a masked copy of a gradient is
+// ever written to memory. The two big frozen-base GEMMs stay with torch (MKL).
+//
+//   rowdot(X, V, alpha, drop)     out[m, j] = alpha * sum_k keep(m,k) X[m,k] V[j,k]     (M x R)
+//   expand(U, V, alpha, b, drop)  out[m, n] = keep(m,n) * (b[n] + alpha * sum_j U[m,j] V[j,n])   (M x N)
+//   tallreduce(U, X, alpha, drop) out[j, n] = alpha * sum_m U[m,j] keep(m,n) X[m,n]    (R x N)
+//
+// keep(m, k) = (drop[m, k] == 0), drop a bool tensor of X's shape (or of out's for expand).
+// fp32 accumulation in registers (AVX2/FMA micro-tiles, scalar tails; a portable scalar path
+// when compiled without AVX2). OpenMP over row blocks / column strips, torch's thread count.
+#include <torch/extension.h>
+
+#include <omp.h>
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define QRU_AVX2 1
+#else
+#define QRU_AVX2 0
+#endif
+
+namespace {
+
+int num_threads() { return std::max(1, at::get_num_threads()); }
+
+// A large fresh output is 2 MiB aligned and advised as transparent huge pages (what c10 does
+// under THP_MEM_ALLOC_ENABLE=1): 4 KiB page faults on a fresh 32 MiB buffer otherwise cost a
+// sizeable part of the pass that fills it. Small outputs come from torch's allocator.
+at::Tensor empty2d(int64_t rows, int64_t cols, bool huge) {
+  const int64_t n = rows * cols;
+  const size_t bytes = size_t(n) * sizeof(float);
+  constexpr size_t kHuge = size_t(2) << 20;
+  if (!huge || bytes < (size_t(4) << 20)) return at::empty({rows, cols}, at::kFloat);
+  const size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
+  void* p = nullptr;
+  if (posix_memalign(&p, kHuge, rounded) != 0) return at::empty({rows, cols}, at::kFloat);
+  madvise(p, rounded, MADV_HUGEPAGE);
+  return at::from_blob(p, {rows, cols}, [](void* q) { std::free(q); }, at::TensorOptions().dtype(at::kFloat));
+}
+
+void check2d(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 2, name, " must be 2-D, got ", t.dim(), "-D");
+  TORCH_CHECK(t.stride(1) == 1, name, " must have unit column stride");
+}
+
+const uint8_t* drop_ptr(const c10::optional<at::Tensor>& drop, int64_t rows, int64_t cols) {
+  if (!drop.has_value() || !drop->defined()) return nullptr;
+  TORCH_CHECK(drop->scalar_type() == at::kBool, "drop must be bool");
+  TORCH_CHECK(drop->is_contiguous() && drop->size(0) == rows && drop->size(1) == cols,
+              "drop must be contiguous (", rows, ", ", cols, ")");
+  return reinterpret_cast<const uint8_t*>(drop->data_ptr<bool>());
+}
+
+#if QRU_AVX2
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// all-ones lanes where the 8 drop bytes at d are 0 (kept)
+inline __m256 keep_mask(const uint8_t* d) {
+  __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(d));
+  __m256i w = _mm256_cvtepu8_epi32(b);
+  return _mm256_castsi256_ps(_mm256_cmpeq_epi32(w, _mm256_setzero_si256()));
+}
+#endif
+
+// x with dropped elements zeroed (d != nullptr), or x itself, into dst (n floats).
+inline void mask_row(const float* x, const uint8_t* d, float* dst, int64_t n, bool vec) {
+  int64_t k = 0;
+#if QRU_AVX2
+  if (vec)
+    for (; k + 8 <= n; k += 8) _mm256_storeu_ps(dst + k, d ? _mm256_and_ps(_mm256_loadu_ps(x + k), keep_mask(d + k)) : _mm256_loadu_ps(x + k));
+#endif
+  for (; k < n; ++k) dst[k] = (d && d[k]) ? 0.0f : x[k];
+}
+
+// ------------------------------------------------------------------------------- rowdot
+// out[i, j0 + j] = alpha * <xr[i], V[j0 + j]> for i < MR, j < NR.
+template <int MR, int NR>
+inline void rowdot_tile(const float* const* xr, const float* V, int64_t ldv, int64_t K, float alpha, float* out,
+                        int64_t ldo, int64_t j0, bool vec) {
+  int64_t k = 0;
+  float res[MR][NR] = {};
+#if QRU_AVX2
+  if (vec) {
+  __m256 acc[MR][NR];
+  _Pragma("GCC unroll 16")
+  for (int i = 0; i < MR; ++i)
+    _Pragma("GCC unroll 16")
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
+  for (; k + 8 <= K; k += 8) {
+    __m256 xv[MR];
+    _Pragma("GCC unroll 16")
+    for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_ps(xr[i] + k);
+    _Pragma("GCC unroll 16")
+    for (int j = 0; j < NR; ++j) {
+      const __m256 v = _mm256_loadu_ps(V + (j0 + j) * ldv + k);
+      _Pragma("GCC unroll 16")
+      for (int i = 0; i < MR; ++i) acc[i][j] = _mm256_fmadd_ps(xv[i], v, acc[i][j]);
+    }
+  }
+  _Pragma("GCC unroll 16")
+  for (int i = 0; i < MR; ++i)
+    _Pragma("GCC unroll 16")
+    for (int j = 0; j < NR; ++j) res[i][j] = hsum(acc[i][j]);
+  }
+#endif
+  for (; k < K; ++k)
+    _Pragma("GCC unroll 16")
+    for (int i = 0; i < MR; ++i)
+      _Pragma("GCC unroll 16")
+      for (int j = 0; j < NR; ++j) res[i][j] += xr[i][k] * V[(j0 + j) * ldv + k];
+  _Pragma("GCC unroll 16")
+  for (int i = 0; i < MR; ++i)
+    _Pragma("GCC unroll 16")
+    for (int j = 0; j < NR; ++j) out[i * ldo + j0 + j] = alpha * res[i][j];
+}
+
+template <int MR>
+inline void rowdot_rows(const float* const* xr, const float* V, int64_t ldv, int64_t K, int64_t R, float alpha,
+                        float* out, int64_t ldo, bool vec) {
+  int64_t j = 0;
+  for (; j + 4 <= R; j += 4) rowdot_tile<MR, 4>(xr, V, ldv, K, alpha, out, ldo, j, vec);
+  switch (R - j) {
+    case 3: rowdot_tile<MR, 3>(xr, V, ldv, K, alpha, out, ldo, j, vec); break;
+    case 2: rowdot_tile<MR, 2>(xr, V, ldv, K, alpha, out, ldo, j, vec); break;
+    case 1: rowdot_tile<MR, 1>(xr, V, ldv, K, alpha, out, ldo, j, vec); break;
+    default: break;
+  }
+}
+
+at::Tensor rowdot(const at::Tensor& X, const at::Tensor& V, double alpha_d, const c10::optional<at::Tensor>& drop,
+                  bool scalar) {
+  const bool vec = QRU_AVX2 && !scalar;
+  check2d(X, "X");
+  check2d(V, "V");
+  const int64_t M = X.size(0), K = X.size(1), R = V.size(0);
+  TORCH_CHECK(V.size(1) == K, "rowdot: V has ", V.size(1), " columns, X has ", K);
+  const uint8_t* d = drop_ptr(drop, M, K);
+  at::Tensor out = at::empty({M, R}, at::kFloat);
+  const float* x = X.data_ptr<float>();
+  const float* v = V.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const int64_t ldx = X.stride(0), ldv = V.stride(0);
+  const float alpha = float(alpha_d);
+  constexpr int MR = 3;
+  const int64_t blocks = (M + MR - 1) / MR;
+#pragma omp parallel num_threads(num_threads())
+  {
+    std::vector<float> buf(d ? MR * K : 0);
+#pragma omp for schedule(dynamic, 8)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t m0 = b * MR;
+      const int rows = int(std::min<int64_t>(MR, M - m0));
+      const float* xr[MR];
+      for (int i = 0; i < rows; ++i) {
+        if (d) {
+          mask_row(x + (m0 + i) * ldx, d + (m0 + i) * K, buf.data() + i * K, K, vec);
+          xr[i] = buf.data() + i * K;
+        } else {
+          xr[i] = x + (m0 + i) * ldx;
+        }
+      }
+      float* orow = o + m0 * R;
+      if (rows == 3) rowdot_rows<3>(xr, v, ldv, K, R, alpha, orow, R, vec);
+      else if (rows == 2) rowdot_rows<2>(xr, v, ldv, K, R, alpha, orow, R, vec);
+      else rowdot_rows<1>(xr, v, ldv, K, R, alpha, orow, R, vec);
+    }
+  }
+  return out;
+}
+
+// ------------------------------------------------------------------------------- expand
+// out[i, n0 .. n0 + 8 NV) for i < MR.
+template <int MR, int NV>
+inline void expand_tile(const float* U, int64_t ldu, int64_t R, const float* V, int64_t ldv, int64_t n0, float alpha,
+                        const float* bias, const uint8_t* d, int64_t ldd, float* out, int64_t ldo) {
+#if QRU_AVX2
+  __m256 acc[MR][NV];
+  _Pragma("GCC unroll 16")
+  for (int i = 0; i < MR; ++i)
+    _Pragma("GCC unroll 16")
+    for (int q = 0; q < NV; ++q) acc[i][q] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < R; ++j) {
+    __m256 vv[NV];
+    _Pragma("GCC unroll 16")
+    for (int q = 0; q < NV; ++q) vv[q] = _mm256_loadu_ps(V + j * ldv + n0 + 8 * q);
+    _Pragma("GCC unroll 16")
+    for (int i = 0; i < MR; ++i) {
+      const __m256 u = _mm256_broadcast_ss(U + i * ldu + j);
+      _Pragma("GCC unroll 16")
+      for (int q = 0; q < NV; ++q) acc[i][q] = _mm256_fmadd_ps(u, vv[q], acc[i][q]);
+    }
+  }
+  const __m256 a = _mm256_set1_ps(alpha);
+  _Pragma("GCC unroll 16")
+  for (int i = 0; i < MR; ++i)
+    _Pragma("GCC unroll 16")
+    for (int q = 0; q < NV; ++q) {
+      __m256 r = _mm256_mul_ps(acc[i][q], a);
+      if (bias) r = _mm256_add_ps(r, _mm256_loadu_ps(bias + n0 + 8 * q));
+      if (d) r = _mm256_and_ps(r, keep_mask(d + i * ldd + n0 + 8 * q));
+      _mm256_storeu_ps(out + i * ldo + n0 + 8 * q, r);
+    }
+#endif
+}
+
+// columns [n0, n1) of rows [0, rows), one column at a time (tails and the scalar path)
+inline void expand_scalar(const float* U, int64_t ldu, int64_t R, const float* V, int64_t ldv, int64_t n0, int64_t n1,
+                          int rows, float alpha, const float* bias, const uint8_t* d, int64_t ldd, float* out,
+                          int64_t ldo) {
+  for (int i = 0; i < rows; ++i)
+    for (int64_t n = n0; n < n1; ++n) {
+      float s = 0.0f;
+      for (int64_t j = 0; j < R; ++j) s += U[i * ldu + j] * V[j * ldv + n];
+      float r = alpha * s;
+      if (bias) r += bias[n];
+      if (d && d[i * ldd + n]) r = 0.0f;
+      out[i * ldo + n] = r;
+    }
+}
+
+template <int MR>
+inline void expand_rows(const float* U, int64_t ldu, int64_t R, const float* V, int64_t ldv, int64_t N, float alpha,
+                        const float* bias, const uint8_t* d, int64_t ldd, float* out, int64_t ldo, bool vec) {
+  int64_t n = 0;
+#if QRU_AVX2
+  if (vec) {
+  for (; n + 24 <= N; n += 24) expand_tile<MR, 3>(U, ldu, R, V, ldv, n, alpha, bias, d, ldd, out, ldo);
+  for (; n + 8 <= N; n += 8) expand_tile<MR, 1>(U, ldu, R, V, ldv, n, alpha, bias, d, ldd, out, ldo);
+  }
+#endif
+  expand_scalar(U, ldu, R, V, ldv, n, N, MR, alpha, bias, d, ldd, out, ldo);
+}
+
+at::Tensor expand(const at::Tensor& U, const at::Tensor& V, double alpha_d, const c10::optional<at::Tensor>& bias,
+                  const c10::optional<at::Tensor>& drop, bool huge, bool scalar) {
+  const bool vec = QRU_AVX2 && !scalar;
+  check2d(U, "U");
+  check2d(V, "V");
+  const int64_t M = U.size(0), R = U.size(1), N = V.size(1);
+  TORCH_CHECK(V.size(0) == R, "expand: V has ", V.size(0), " rows, U has ", R, " columns");
+  const float* b = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N,
+                "expand: bias must be contiguous float32 of ", N);
+    b = bias->data_ptr<float>();
+  }
+  const uint8_t* d = drop_ptr(drop, M, N);
+  at::Tensor out = empty2d(M, N, huge);
+  const float* u = U.data_ptr<float>();
+  const float* v = V.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const int64_t ldu = U.stride(0), ldv = V.stride(0);
+  const float alpha = float(alpha_d);
+  constexpr int MR = 4;
+  const int64_t blocks = (M + MR - 1) / MR;
+#pragma omp parallel for schedule(dynamic, 4) num_threads(num_threads())
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int64_t m0 = blk * MR;
+    const int rows = int(std::min<int64_t>(MR, M - m0));
+    const float* ub = u + m0 * ldu;
+    const uint8_t* db = d ? d + m0 * N : nullptr;
+    float* ob = o + m0 * N;
+    switch (rows) {
+      case 4: expand_rows<4>(ub, ldu, R, v, ldv, N, alpha, b, db, N, ob, N, vec); break;
+      case 3: expand_rows<3>(ub, ldu, R, v, ldv, N, alpha, b, db, N, ob, N, vec); break;
+      case 2: expand_rows<2>(ub, ldu, R, v, ldv, N, alpha, b, db, N, ob, N, vec); break;
+      default: expand_rows<1>(ub, ldu, R, v, ldv, N, alpha, b, db, N, ob, N, vec); break;
+    }
+  }
+  return out;
+}
+
+// --------------------------------------------------------------------------- tallreduce
+// A strip of 16 columns, MT rows at a time, is copied (masked, zero-padded) into a
+// contiguous tile; RB rows of the output strip accumulate over the tile in registers.
+constexpr int64_t kStrip = 16;
+constexpr int64_t kTileRows = 512;
+
+template <int RB>
+inline void tall_tile(const float* U, int64_t ldu, int64_t j0, const float* tile, int64_t rows, float* acc_out,
+                      bool vec) {
+#if QRU_AVX2
+  if (vec) {
+  __m256 acc[RB][2];
+  _Pragma("GCC unroll 16")
+  for (int j = 0; j < RB; ++j) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
+  for (int64_t m = 0; m < rows; ++m) {
+    const __m256 x0 = _mm256_loadu_ps(tile + m * kStrip);
+    const __m256 x1 = _mm256_loadu_ps(tile + m * kStrip + 8);
+    const float* um = U + m * ldu + j0;
+    _Pragma("GCC unroll 16")
+    for (int j = 0; j < RB; ++j) {
+      const __m256 u = _mm256_broadcast_ss(um + j);
+      acc[j][0] = _mm256_fmadd_ps(u, x0, acc[j][0]);
+      acc[j][1] = _mm256_fmadd_ps(u, x1, acc[j][1]);
+    }
+  }
+  _Pragma("GCC unroll 16")
+  for (int j = 0; j < RB; ++j) {
+    float* a = acc_out + (j0 + j) * kStrip;
+    _mm256_storeu_ps(a, _mm256_add_ps(_mm256_loadu_ps(a), acc[j][0]));
+    _mm256_storeu_ps(a + 8, _mm256_add_ps(_mm256_loadu_ps(a + 8), acc[j][1]));
+  }
+  return;
+  }
+#endif
+  for (int64_t m = 0; m < rows; ++m)
+    _Pragma("GCC unroll 16")
+    for (int j = 0; j < RB; ++j)
+      for (int64_t c = 0; c < kStrip; ++c) acc_out[(j0 + j) * kStrip + c] += U[m * ldu + j0 + j] * tile[m * kStrip + c];
+}
+
+at::Tensor tallreduce(const at::Tensor& U, const at::Tensor& X, double alpha_d, const c10::optional<at::Tensor>& drop,
+                      bool scalar) {
+  const bool vec = QRU_AVX2 && !scalar;
+  check2d(U, "U");
+  check2d(X, "X");
+  const int64_t M = U.size(0), R = U.size(1), N = X.size(1);
+  TORCH_CHECK(X.size(0) == M, "tallreduce: X has ", X.size(0), " rows, U has ", M);
+  const uint8_t* d = drop_ptr(drop, M, N);
+  at::Tensor out = at::empty({R, N}, at::kFloat);
+  const float* u = U.data_ptr<float>();
+  const float* x = X.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const int64_t ldu = U.stride(0), ldx = X.stride(0);
+  const float alpha = float(alpha_d);
+  const int64_t strips = (N + kStrip - 1) / kStrip;
+#pragma omp parallel num_threads(num_threads())
+  {
+    std::vector<float> tile(kTileRows * kStrip), acc(R * kStrip);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t s = 0; s < strips; ++s) {
+      const int64_t n0 = s * kStrip;
+      const int64_t w = std::min(kStrip, N - n0);
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t m0 = 0; m0 < M; m0 += kTileRows) {
+        const int64_t rows = std::min(kTileRows, M - m0);
+        for (int64_t m = 0; m < rows; ++m) {
+          const float* xr = x + (m0 + m) * ldx + n0;
+          float* t = tile.data() + m * kStrip;
+          if (w == kStrip) {
+            mask_row(xr, d ? d + (m0 + m) * N + n0 : nullptr, t, kStrip, vec);
+          } else {
+            for (int64_t c = 0; c < kStrip; ++c)
+              t[c] = (c < w && !(d && d[(m0 + m) * N + n0 + c])) ? xr[c] : 0.0f;
+          }
+        }
+        const float* ub = u + m0 * ldu;
+        int64_t j = 0;
+        for (; j + 6 <= R; j += 6) tall_tile<6>(ub, ldu, j, tile.data(), rows, acc.data(), vec);
+        switch (R - j) {
+          case 5: tall_tile<5>(ub, ldu, j, tile.data(), rows, acc.data(), vec); break;
+          case 4: tall_tile<4>(ub, ldu, j, tile.data(), rows, acc.data(), vec); break;
+          case 3: tall_tile<3>(ub, ldu, j, tile.data(), rows, acc.data(), vec); break;
+          case 2: tall_tile<2>(ub, ldu, j, tile.data(), rows, acc.data(), vec); break;
+          case 1: tall_tile<1>(ub, ldu, j, tile.data(), rows, acc.data(), vec); break;
+          default: break;
+        }
+      }
+      for (int64_t j = 0; j < R; ++j)
+        for (int64_t c = 0; c < w; ++c) o[j * N + n0 + c] = alpha * acc[j * kStrip + c];
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rowdot", &rowdot, "out[m,j] = alpha * sum_k keep(m,k) X[m,k] V[j,k]", py::arg("X"), py::arg("V"),
+        py::arg("alpha"), py::arg("drop") = py::none(), py::arg("scalar") = false);
+  m.def("expand", &expand, "out[m,n] = keep(m,n) (b[n] + alpha * sum_j U[m,j] V[j,n])", py::arg("U"), py::arg("V"),
+        py::arg("alpha"), py::arg("bias") = py::none(), py::arg("drop") = py::none(), py::arg("huge") = false,
+        py::arg("scalar") = false);
+  m.def("tallreduce", &tallreduce, "out[j,n] = alpha * sum_m U[m,j] keep(m,n) X[m,n]", py::arg("U"), py::arg("X"),
+        py::arg("alpha"), py::arg("drop") = py::none(), py::arg("scalar") = false);
+  m.def("avx2", []() { return bool(QRU_AVX2); });
+}
