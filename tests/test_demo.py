@@ -80,9 +80,10 @@ def test_results_schema(demo):
     rb = [r for r in recs if r["mode"] == "retrain" and r["precision"] == "bf16"]
     assert rb[0]["privleak"] == pytest.approx(0.0, abs=1e-9)
     # quantized precisions really are quantized models (QuantLinear swapped in)
-    st = json.loads(next((out / "stages").glob("eval-target-*/manifest.json")).read_text())
-    for p, rec in st["result"]["records"].items():
-        assert ("QuantLinear" in rec["linear_modules"]) == (p != "bf16"), (p, rec["linear_modules"])
+    for p in cfg.eval.precisions:
+        st = json.loads(next((out / "stages").glob(f"eval-target-{p}-*/manifest.json")).read_text())
+        mods = st["result"]["record"]["linear_modules"]
+        assert ("QuantLinear" in mods) == (p != "bf16"), (p, mods)
 
 
 def test_report_table(demo):

@@ -38,11 +38,13 @@ def _log(msg: str) -> None:
 class KernelBuild:
     """Build (JIT, cached by torch) the CPU kernels the quantized models need, in a thread."""
 
-    NAMES = ("quant", "qmatmul")
+    # in the order the pipeline needs them: training (fused log-probs), LoRA unlearning, quantized eval
+    NAMES = ("linear_logprobs", "lora", "quant", "qmatmul")
 
     def __init__(self, needed: bool):
         self.seconds: float | None = None
         self.error: str | None = None
+        self.each: dict[str, float] = {}
         self.thread = None
         if needed and not torch.cuda.is_available() and os.environ.get("QRU_BACKEND", "") in ("", "cpp"):
             self.thread = threading.Thread(target=self._build, name="qru-kernel-build", daemon=True)
@@ -51,10 +53,13 @@ class KernelBuild:
     def _build(self):
         t0 = time.perf_counter()
         try:
-            from qru.kernels._backend import load_cpp_ext
+            from qru.kernels._backend import CSRC, load_cpp_ext
 
             for n in self.NAMES:
-                load_cpp_ext(n)
+                if (CSRC / f"{n}.cpp").exists():
+                    t = time.perf_counter()
+                    load_cpp_ext(n)
+                    self.each[n] = round(time.perf_counter() - t, 1)
         except Exception as e:  # the ops fall back to the torch reference themselves
             self.error = f"{type(e).__name__}: {e}"
         self.seconds = time.perf_counter() - t0
@@ -101,6 +106,8 @@ class DemoRun:
     cached: list[str] = field(default_factory=list)
     computed: list[str] = field(default_factory=list)
     kernel_seconds: float | None = None
+    kernel_each: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
     wall_seconds: float = 0.0
 
 
@@ -147,8 +154,28 @@ def _arch(cfg: DemoConfig, vocab: int) -> dict:
             "pad_token_id": 3, "model_type": "llama", "torch_dtype": "float32"}
 
 
+def pack(files, passes: int, seed: int, out: Path) -> Path:
+    """Write ``passes`` shuffled copies of the documents of ``files`` (blank-line separated) into ``out``.
+
+    The training loop chunks a text file at fixed ``max_len`` boundaries; trained for many epochs on one
+    fixed packing, a small model memorises each fact in the context of its neighbours and cannot recall it
+    after a few-shot prompt. One loop epoch over ``passes`` random packings (a different document order per
+    pass, as LM pre-training packs shuffled documents) sees every document ``passes`` times in varied contexts.
+    """
+    import random
+
+    docs = [d.strip("\n") for f in files for d in Path(f).read_text(encoding="utf-8").split("\n\n") if d.strip()]
+    parts = []
+    for k in range(passes):
+        order = list(docs)
+        random.Random(f"qru-demo-pack:{seed}:{k}").shuffle(order)
+        parts += order
+    out.write_text("\n\n".join(parts) + "\n", encoding="utf-8")
+    return out
+
+
 def _pretrain_kwargs(spec) -> dict:
-    return dict(lr=spec.lr, epochs=spec.epochs, batch_size=spec.batch_size, warmup_steps=spec.warmup_steps,
+    return dict(lr=spec.lr, epochs=1, batch_size=spec.batch_size, warmup_steps=spec.warmup_steps,
                 scheduler=spec.scheduler, weight_decay=spec.weight_decay, master_dtype=spec.master_dtype)
 
 
@@ -169,13 +196,14 @@ def _base_stage(cache, cfg, tok, seed, common):
     def build(d: Path):
         arch = d / "arch.json"
         arch.write_text(json.dumps(_arch(cfg, vocab)))
-        res = pretrain(PretrainConfig(out=str(d), data=[str(corpus_dir / "raw" / "general.txt")], config=str(arch),
+        data = pack([corpus_dir / "raw" / "general.txt"], cfg.base.epochs, seed, d / "packed.txt")
+        res = pretrain(PretrainConfig(out=str(d), data=[str(data)], config=str(arch),
                                       tokenizer=str(tok.dir / "tokenizer.model"), seed=seed,
                                       **_pretrain_kwargs(cfg.base), **common))
         return _summary(res)
 
     return cache.run("base", {"tokenizer": tok.hash, "model": dataclasses.asdict(cfg.model),
-                              "train": dataclasses.asdict(cfg.base), "seed": seed}, build)
+                              "train": dataclasses.asdict(cfg.base), "seed": seed, "packed": True}, build)
 
 
 def _finetune_stage(cache, name, cfg, base, files, seed, common):
@@ -184,12 +212,13 @@ def _finetune_stage(cache, name, cfg, base, files, seed, common):
     corpus_dir = cache.used["corpus"].dir / "data"
 
     def build(d: Path):
-        res = pretrain(PretrainConfig(out=str(d), data=[str(corpus_dir / "raw" / f"{f}.txt") for f in files],
-                                      init=str(base.dir), seed=seed, **_pretrain_kwargs(cfg.target), **common))
+        data = pack([corpus_dir / "raw" / f"{f}.txt" for f in files], cfg.target.epochs, seed, d / "packed.txt")
+        res = pretrain(PretrainConfig(out=str(d), data=[str(data)], init=str(base.dir), seed=seed,
+                                      **_pretrain_kwargs(cfg.target), **common))
         return _summary(res)
 
     return cache.run(name, {"base": base.hash, "files": list(files), "train": dataclasses.asdict(cfg.target),
-                            "seed": seed}, build)
+                            "seed": seed, "packed": True}, build)
 
 
 def _unlearn_stage(cache, cfg, target, method, mode, useed, common):
@@ -251,25 +280,19 @@ def _evaluate_one(ref: ModelRef, precision: str, tok, data_dir: Path, cfg: DemoC
     return rec, items
 
 
-def _eval_stage(cache, ref: ModelRef, cfg, tok, data_dir, device, retrain_auc, bar):
-    precisions = list(cfg.eval.precisions)
+def _eval_stage(cache, ref: ModelRef, precision: str, cfg, tok, data_dir, device, retrain_auc, bar):
+    """One model at one precision (its own cached stage, so bf16 can run while the kernels still build)."""
 
     def build(d: Path):
-        recs, items = {}, {}
-        for p in precisions:
-            auc_ref = retrain_auc
-            rec, it = _evaluate_one(ref, p, tok, data_dir, cfg, device, auc_ref)
-            recs[p], items[p] = rec, it
-            if bar is not None:
-                bar.set_postfix_str(f"{ref.key} {p}", refresh=False)
-                bar.update(1)
+        rec, items = _evaluate_one(ref, precision, tok, data_dir, cfg, device, retrain_auc)
         atomic_write_json(d / "items.json", items, indent=None)
-        return {"records": recs}
+        return {"record": rec}
 
-    key = {"model": ref.hash, "precisions": precisions, "eval": _eval_keys(cfg), "retrain_auc": retrain_auc}
-    st = cache.run(f"eval-{ref.key}", key, build)
-    if st.cached and bar is not None:
-        bar.update(len(precisions))
+    key = {"model": ref.hash, "precision": precision, "eval": _eval_keys(cfg), "retrain_auc": retrain_auc}
+    st = cache.run(f"eval-{ref.key}-{precision}", key, build)
+    if bar is not None:
+        bar.set_postfix_str(f"{ref.key} {precision}", refresh=False)
+        bar.update(1)
     return st
 
 
@@ -350,31 +373,36 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, *, seed: int = 0, force: b
                     refs.append(ModelRef(f"{method}-lora-s{useed}", method, mode, useed, target.dir, st.dir,
                                          st.hash))
 
-    build.wait()
-    run.kernel_seconds = build.seconds
-    torch.set_num_threads(threads or os.cpu_count() or 1)
     tok = Tokenizer(tok_st.dir / "tokenizer.model")
-    n_total = len(refs) * len(cfg.eval.precisions)
+    precisions = list(cfg.eval.precisions)
     try:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=n_total, desc="evaluate (model x precision)", disable=not progress, dynamic_ncols=True,
-                   file=sys.stderr)
+        bar = tqdm(total=len(refs) * len(precisions), desc="evaluate (model x precision)", disable=not progress,
+                   dynamic_ncols=True, file=sys.stderr)
     except ImportError:  # pragma: no cover
         bar = None
-    evals = {}
+    evals: dict[tuple[str, str], object] = {}
     with bar if bar is not None else _Null():
-        ev = _eval_stage(cache, refs[1], cfg, tok, data_dir, device, None, bar)  # retrain first: its AUC
-        retrain_auc = ev.result["records"]["bf16"]["auc"]
+        # bf16 first (no kernels needed; the retrain model's AUC is PrivLeak's reference), then the
+        # quantized precisions once the background kernel build is done.
+        _threads(build, threads)
+        ev = _eval_stage(cache, refs[1], "bf16", cfg, tok, data_dir, device, None, bar)
+        retrain_auc = ev.result["record"]["auc"]
+        evals[(refs[1].key, "bf16")] = ev
         _note(run, ev)
-        evals[refs[1].key] = ev
-        for ref in [refs[0]] + refs[2:]:
-            ev = _eval_stage(cache, ref, cfg, tok, data_dir, device, retrain_auc, bar)
+        order = [(r, "bf16") for r in refs if r is not refs[1]]
+        order += [(r, p) for p in precisions if p != "bf16" for r in refs]
+        for ref, p in order:
+            if p != "bf16":
+                build.wait()
+            _threads(build, threads)
+            ev = _eval_stage(cache, ref, p, cfg, tok, data_dir, device, None if ref is refs[1] else retrain_auc, bar)
+            evals[(ref.key, p)] = ev
             _note(run, ev)
-            evals[ref.key] = ev
-    # the retrain model's own PrivLeak, against its own bf16 AUC
-    for p, rec in evals["retrain"].result["records"].items():
-        rec["privleak"] = _privleak(rec["auc"], retrain_auc)
+    build.wait()
+    run.kernel_seconds, run.kernel_each = build.seconds, build.each
+    torch.set_num_threads(threads or os.cpu_count() or 1)
 
     for ref in refs[2:]:
         t0 = time.perf_counter()
@@ -383,14 +411,13 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, *, seed: int = 0, force: b
             run.stage_times[f"survival-{ref.key}"] = round(time.perf_counter() - t0, 2)
 
     for ref in refs:
-        st = evals[ref.key]
-        items = json.loads((st.dir / "items.json").read_text())
-        for p in cfg.eval.precisions:
-            r = st.result["records"][p]
+        for p in precisions:
+            r = dict(evals[(ref.key, p)].result["record"])
+            if ref is refs[1]:  # the retrain model's own PrivLeak, against its own bf16 AUC
+                r["privleak"] = _privleak(r["auc"], retrain_auc)
             run.records.append({"method": ref.method, "mode": ref.mode, "precision": p, "verbmem_f": r["verbmem_f"],
                                 "knowmem_f": r["knowmem_f"], "knowmem_r": r["knowmem_r"], "privleak": r["privleak"],
                                 "auc": r["auc"], "seed": ref.seed, "model": ref.key})
-            run.items[(ref.key, p)] = items[p]
     run.meta = {"retrain_auc": retrain_auc, "stages": {k: v.result for k, v in cache.used.items()
                                                         if not k.startswith("eval-")}}
     if prune and stages_root is None:

@@ -24,7 +24,7 @@ class PresetError(ValueError):
 class CorpusSpec:
     """``qru.data.synthetic.make_corpus`` arguments (``people`` = forget people)."""
     people: int = 8
-    retain: int = 16
+    retain: int = 8
     holdout: int = 8
     general: int = 24
     facts_per_person: int = 6
@@ -49,7 +49,8 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class TrainSpec:
-    """One (pre-)training stage: ``qru.train.loop.PretrainConfig`` options."""
+    """One (pre-)training stage: ``qru.train.loop.PretrainConfig`` options. ``epochs`` = passes over the
+    documents, each pass in a new random packing (one loop epoch over the packed file)."""
     lr: float = 3e-3
     epochs: int = 10
     batch_size: int = 16
@@ -110,10 +111,10 @@ SECTIONS = ("corpus", "model", "base", "target", "unlearn", "eval")
 def _quick() -> DemoConfig:
     return DemoConfig(
         name="quick",
-        base=TrainSpec(lr=3e-3, epochs=6),
-        target=TrainSpec(lr=3e-3, epochs=24, warmup_steps=5),
-        note="smallest setting that still shows a real experiment: the target knows the forget facts, "
-             "two unlearning methods (NPO+GDR, GA+GDR) in both modes, two unlearning seeds")
+        base=TrainSpec(lr=3e-3, epochs=40, batch_size=8),
+        target=TrainSpec(lr=2e-3, epochs=40, batch_size=4, warmup_steps=5),
+        note="smallest setting that is still a real experiment (the target knows the forget facts): "
+             "hidden 64, two unlearning methods (NPO+GDR, GA+GDR) in both modes, two unlearning seeds")
 
 
 def _full() -> DemoConfig:
