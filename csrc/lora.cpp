@@ -2,13 +2,18 @@
 // mask fused in, so neither the dropped-out copy of x nor a masked copy of a gradient is
 // ever written to memory. The two big frozen-base GEMMs stay with torch (MKL).
 //
-//   rowdot(X, V, alpha, drop)     out[m, j] = alpha * sum_k keep(m,k) X[m,k] V[j,k]     (M x R)
-//   expand(U, V, alpha, b, drop)  out[m, n] = keep(m,n) * (b[n] + alpha * sum_j U[m,j] V[j,n])   (M x N)
-//   tallreduce(U, X, alpha, drop) out[j, n] = alpha * sum_m U[m,j] keep(m,n) X[m,n]    (R x N)
+//   rowdot(X, V, alpha, mask)     out[m, j] = alpha * sum_k keep(m,k) X[m,k] V[j,k]     (M x R)
+//   expand(U, V, alpha, b, mask)  out[m, n] = keep(m,n) * (b[n] + alpha * sum_j U[m,j] V[j,n])   (M x N)
+//   tallreduce(U, X, alpha, mask) out[j, n] = alpha * sum_m U[m,j] keep(m,n) X[m,n]    (R x N)
+//   drop_mask(rows, cols, seed, thr)   the bool drop-mask of the hash below
 //
-// keep(m, k) = (drop[m, k] == 0), drop a bool tensor of X's shape (or of out's for expand).
-// fp32 accumulation in registers (AVX2/FMA micro-tiles, scalar tails; a portable scalar path
-// when compiled without AVX2). OpenMP over row blocks / column strips, torch's thread count.
+// The keep-mask is either a bool ``drop`` tensor (keep = drop == 0) or counter-based dropout:
+//   rowh[m] = h(m ^ k1), colh[n] = h(n ^ k0), dropped(m, n) = (h(colh[n] + rowh[m]) >> 16) < thr
+// with h = lowbias32 (C. Wellons), k0/k1 the low/high 32 bits of ``seed``, uint32 arithmetic;
+// qru.kernels.lora._hash_drop_reference is the torch oracle. The mask is recomputed wherever
+// it is needed (forward and backward), never stored.
+// fp32 accumulation in registers (AVX2/FMA micro-tiles, scalar tails; ``scalar=true`` or a
+// build without AVX2 takes the portable path). OpenMP, torch's thread count.
 #include <torch/extension.h>
 
 #include <omp.h>
@@ -52,12 +57,13 @@ void check2d(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.stride(1) == 1, name, " must have unit column stride");
 }
 
-const uint8_t* drop_ptr(const c10::optional<at::Tensor>& drop, int64_t rows, int64_t cols) {
-  if (!drop.has_value() || !drop->defined()) return nullptr;
-  TORCH_CHECK(drop->scalar_type() == at::kBool, "drop must be bool");
-  TORCH_CHECK(drop->is_contiguous() && drop->size(0) == rows && drop->size(1) == cols,
-              "drop must be contiguous (", rows, ", ", cols, ")");
-  return reinterpret_cast<const uint8_t*>(drop->data_ptr<bool>());
+inline uint32_t lowbias32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
 }
 
 #if QRU_AVX2
@@ -67,23 +73,102 @@ inline float hsum(__m256 v) {
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
-
-// all-ones lanes where the 8 drop bytes at d are 0 (kept)
-inline __m256 keep_mask(const uint8_t* d) {
-  __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(d));
-  __m256i w = _mm256_cvtepu8_epi32(b);
-  return _mm256_castsi256_ps(_mm256_cmpeq_epi32(w, _mm256_setzero_si256()));
-}
 #endif
 
-// x with dropped elements zeroed (d != nullptr), or x itself, into dst (n floats).
-inline void mask_row(const float* x, const uint8_t* d, float* dst, int64_t n, bool vec) {
+// Where the dropout keep-mask comes from: nothing (all kept), a bool drop tensor, or the hash.
+struct Keep {
+  const uint8_t* bytes = nullptr;  // drop[m * ld + n] != 0: dropped
+  int64_t ld = 0;
+  bool hash = false;
+  uint32_t thr = 0;
+  std::vector<uint32_t> rowh, colh;
+
+  bool active() const { return bytes != nullptr || hash; }
+
+  bool dropped(int64_t m, int64_t n) const {
+    if (bytes) return bytes[m * ld + n] != 0;
+    if (hash) return (lowbias32(colh[n] + rowh[m]) >> 16) < thr;
+    return false;
+  }
+
+#if QRU_AVX2
+  // all-ones lanes where kept, for columns n .. n+7 of row m
+  __m256 keep8(int64_t m, int64_t n) const {
+    if (bytes) {
+      const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + m * ld + n));
+      return _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_cvtepu8_epi32(b), _mm256_setzero_si256()));
+    }
+    __m256i t = _mm256_add_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(colh.data() + n)),
+                                 _mm256_set1_epi32(int32_t(rowh[m])));
+    t = _mm256_xor_si256(t, _mm256_srli_epi32(t, 16));
+    t = _mm256_mullo_epi32(t, _mm256_set1_epi32(int32_t(0x7FEB352Du)));
+    t = _mm256_xor_si256(t, _mm256_srli_epi32(t, 15));
+    t = _mm256_mullo_epi32(t, _mm256_set1_epi32(int32_t(0x846CA68Bu)));
+    // the final x ^= x >> 16 leaves the top 16 bits as they are
+    const __m256i top = _mm256_srli_epi32(t, 16);
+    return _mm256_castsi256_ps(_mm256_cmpgt_epi32(top, _mm256_set1_epi32(int32_t(thr) - 1)));
+  }
+#endif
+};
+
+// A Keep from the Python arguments: ``drop`` (bool, rows x cols) or ``thr`` > 0 with ``seed``.
+void make_keep(Keep& k, const c10::optional<at::Tensor>& drop, int64_t seed, int64_t thr, int64_t rows,
+               int64_t cols) {
+  if (drop.has_value() && drop->defined()) {
+    TORCH_CHECK(thr == 0, "pass a drop tensor or a hash threshold, not both");
+    TORCH_CHECK(drop->scalar_type() == at::kBool, "drop must be bool");
+    TORCH_CHECK(drop->dim() == 2 && drop->size(0) == rows && drop->size(1) == cols && drop->stride(1) == 1,
+                "drop must be (", rows, ", ", cols, ") with unit column stride");
+    k.bytes = reinterpret_cast<const uint8_t*>(drop->data_ptr<bool>());
+    k.ld = drop->stride(0);
+    return;
+  }
+  if (thr <= 0) return;
+  TORCH_CHECK(thr < 65536, "dropout threshold must be < 65536, got ", thr);
+  TORCH_CHECK(rows <= (int64_t(1) << 32) && cols <= (int64_t(1) << 32), "hash dropout: more than 2^32 rows/cols");
+  k.hash = true;
+  k.thr = uint32_t(thr);
+  const uint32_t k0 = uint32_t(uint64_t(seed)), k1 = uint32_t(uint64_t(seed) >> 32);
+  k.rowh.resize(rows);
+  k.colh.resize(cols + 8);  // padded: a vector load may start at any column < cols
+  for (int64_t m = 0; m < rows; ++m) k.rowh[m] = lowbias32(uint32_t(m) ^ k1);
+  for (int64_t n = 0; n < cols + 8; ++n) k.colh[n] = lowbias32(uint32_t(n) ^ k0);
+}
+
+// Row m of x, columns [n0, n0 + n), with dropped elements zeroed, into dst.
+inline void mask_row(const float* x, const Keep& keep, int64_t m, int64_t n0, float* dst, int64_t n, bool vec) {
   int64_t k = 0;
 #if QRU_AVX2
-  if (vec)
-    for (; k + 8 <= n; k += 8) _mm256_storeu_ps(dst + k, d ? _mm256_and_ps(_mm256_loadu_ps(x + k), keep_mask(d + k)) : _mm256_loadu_ps(x + k));
+  if (vec) {
+    if (keep.active())
+      for (; k + 8 <= n; k += 8) _mm256_storeu_ps(dst + k, _mm256_and_ps(_mm256_loadu_ps(x + k), keep.keep8(m, n0 + k)));
+    else
+      for (; k + 8 <= n; k += 8) _mm256_storeu_ps(dst + k, _mm256_loadu_ps(x + k));
+  }
 #endif
-  for (; k < n; ++k) dst[k] = (d && d[k]) ? 0.0f : x[k];
+  for (; k < n; ++k) dst[k] = keep.dropped(m, n0 + k) ? 0.0f : x[k];
+}
+
+at::Tensor drop_mask(int64_t rows, int64_t cols, int64_t seed, int64_t thr, bool scalar) {
+  TORCH_CHECK(rows >= 0 && cols >= 0 && thr > 0, "drop_mask: bad arguments");
+  Keep keep;
+  make_keep(keep, c10::nullopt, seed, thr, rows, cols);
+  at::Tensor out = at::empty({rows, cols}, at::kBool);
+  uint8_t* o = reinterpret_cast<uint8_t*>(out.data_ptr<bool>());
+  const bool vec = QRU_AVX2 && !scalar;
+#pragma omp parallel for schedule(dynamic, 16) num_threads(num_threads())
+  for (int64_t m = 0; m < rows; ++m) {
+    int64_t n = 0;
+#if QRU_AVX2
+    if (vec)
+      for (; n + 8 <= cols; n += 8) {
+        const int kept = _mm256_movemask_ps(keep.keep8(m, n));
+        for (int q = 0; q < 8; ++q) o[m * cols + n + q] = !((kept >> q) & 1);
+      }
+#endif
+    for (; n < cols; ++n) o[m * cols + n] = keep.dropped(m, n);
+  }
+  return out;
 }
 
 // ------------------------------------------------------------------------------- rowdot
@@ -142,13 +227,15 @@ inline void rowdot_rows(const float* const* xr, const float* V, int64_t ldv, int
 }
 
 at::Tensor rowdot(const at::Tensor& X, const at::Tensor& V, double alpha_d, const c10::optional<at::Tensor>& drop,
-                  bool scalar) {
+                  int64_t seed, int64_t thr, bool scalar) {
   const bool vec = QRU_AVX2 && !scalar;
   check2d(X, "X");
   check2d(V, "V");
   const int64_t M = X.size(0), K = X.size(1), R = V.size(0);
   TORCH_CHECK(V.size(1) == K, "rowdot: V has ", V.size(1), " columns, X has ", K);
-  const uint8_t* d = drop_ptr(drop, M, K);
+  Keep keep;
+  make_keep(keep, drop, seed, thr, M, K);
+  const bool masked = keep.active();
   at::Tensor out = at::empty({M, R}, at::kFloat);
   const float* x = X.data_ptr<float>();
   const float* v = V.data_ptr<float>();
@@ -159,15 +246,15 @@ at::Tensor rowdot(const at::Tensor& X, const at::Tensor& V, double alpha_d, cons
   const int64_t blocks = (M + MR - 1) / MR;
 #pragma omp parallel num_threads(num_threads())
   {
-    std::vector<float> buf(d ? MR * K : 0);
+    std::vector<float> buf(masked ? MR * K : 0);
 #pragma omp for schedule(dynamic, 8)
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t m0 = b * MR;
       const int rows = int(std::min<int64_t>(MR, M - m0));
       const float* xr[MR];
       for (int i = 0; i < rows; ++i) {
-        if (d) {
-          mask_row(x + (m0 + i) * ldx, d + (m0 + i) * K, buf.data() + i * K, K, vec);
+        if (masked) {
+          mask_row(x + (m0 + i) * ldx, keep, m0 + i, 0, buf.data() + i * K, K, vec);
           xr[i] = buf.data() + i * K;
         } else {
           xr[i] = x + (m0 + i) * ldx;
@@ -186,7 +273,7 @@ at::Tensor rowdot(const at::Tensor& X, const at::Tensor& V, double alpha_d, cons
 // out[i, n0 .. n0 + 8 NV) for i < MR.
 template <int MR, int NV>
 inline void expand_tile(const float* U, int64_t ldu, int64_t R, const float* V, int64_t ldv, int64_t n0, float alpha,
-                        const float* bias, const uint8_t* d, int64_t ldd, float* out, int64_t ldo) {
+                        const float* bias, const Keep& keep, int64_t m0, float* out, int64_t ldo) {
 #if QRU_AVX2
   __m256 acc[MR][NV];
   _Pragma("GCC unroll 16")
@@ -205,13 +292,14 @@ inline void expand_tile(const float* U, int64_t ldu, int64_t R, const float* V, 
     }
   }
   const __m256 a = _mm256_set1_ps(alpha);
+  const bool masked = keep.active();
   _Pragma("GCC unroll 16")
   for (int i = 0; i < MR; ++i)
     _Pragma("GCC unroll 16")
     for (int q = 0; q < NV; ++q) {
       __m256 r = _mm256_mul_ps(acc[i][q], a);
       if (bias) r = _mm256_add_ps(r, _mm256_loadu_ps(bias + n0 + 8 * q));
-      if (d) r = _mm256_and_ps(r, keep_mask(d + i * ldd + n0 + 8 * q));
+      if (masked) r = _mm256_and_ps(r, keep.keep8(m0 + i, n0 + 8 * q));
       _mm256_storeu_ps(out + i * ldo + n0 + 8 * q, r);
     }
 #endif
@@ -219,7 +307,7 @@ inline void expand_tile(const float* U, int64_t ldu, int64_t R, const float* V, 
 
 // columns [n0, n1) of rows [0, rows), one column at a time (tails and the scalar path)
 inline void expand_scalar(const float* U, int64_t ldu, int64_t R, const float* V, int64_t ldv, int64_t n0, int64_t n1,
-                          int rows, float alpha, const float* bias, const uint8_t* d, int64_t ldd, float* out,
+                          int rows, float alpha, const float* bias, const Keep& keep, int64_t m0, float* out,
                           int64_t ldo) {
   for (int i = 0; i < rows; ++i)
     for (int64_t n = n0; n < n1; ++n) {
@@ -227,26 +315,26 @@ inline void expand_scalar(const float* U, int64_t ldu, int64_t R, const float* V
       for (int64_t j = 0; j < R; ++j) s += U[i * ldu + j] * V[j * ldv + n];
       float r = alpha * s;
       if (bias) r += bias[n];
-      if (d && d[i * ldd + n]) r = 0.0f;
+      if (keep.dropped(m0 + i, n)) r = 0.0f;
       out[i * ldo + n] = r;
     }
 }
 
 template <int MR>
 inline void expand_rows(const float* U, int64_t ldu, int64_t R, const float* V, int64_t ldv, int64_t N, float alpha,
-                        const float* bias, const uint8_t* d, int64_t ldd, float* out, int64_t ldo, bool vec) {
+                        const float* bias, const Keep& keep, int64_t m0, float* out, int64_t ldo, bool vec) {
   int64_t n = 0;
 #if QRU_AVX2
   if (vec) {
-  for (; n + 24 <= N; n += 24) expand_tile<MR, 3>(U, ldu, R, V, ldv, n, alpha, bias, d, ldd, out, ldo);
-  for (; n + 8 <= N; n += 8) expand_tile<MR, 1>(U, ldu, R, V, ldv, n, alpha, bias, d, ldd, out, ldo);
+  for (; n + 24 <= N; n += 24) expand_tile<MR, 3>(U, ldu, R, V, ldv, n, alpha, bias, keep, m0, out, ldo);
+  for (; n + 8 <= N; n += 8) expand_tile<MR, 1>(U, ldu, R, V, ldv, n, alpha, bias, keep, m0, out, ldo);
   }
 #endif
-  expand_scalar(U, ldu, R, V, ldv, n, N, MR, alpha, bias, d, ldd, out, ldo);
+  expand_scalar(U, ldu, R, V, ldv, n, N, MR, alpha, bias, keep, m0, out, ldo);
 }
 
 at::Tensor expand(const at::Tensor& U, const at::Tensor& V, double alpha_d, const c10::optional<at::Tensor>& bias,
-                  const c10::optional<at::Tensor>& drop, bool huge, bool scalar) {
+                  const c10::optional<at::Tensor>& drop, int64_t seed, int64_t thr, bool huge, bool scalar) {
   const bool vec = QRU_AVX2 && !scalar;
   check2d(U, "U");
   check2d(V, "V");
@@ -258,7 +346,8 @@ at::Tensor expand(const at::Tensor& U, const at::Tensor& V, double alpha_d, cons
                 "expand: bias must be contiguous float32 of ", N);
     b = bias->data_ptr<float>();
   }
-  const uint8_t* d = drop_ptr(drop, M, N);
+  Keep keep;
+  make_keep(keep, drop, seed, thr, M, N);
   at::Tensor out = empty2d(M, N, huge);
   const float* u = U.data_ptr<float>();
   const float* v = V.data_ptr<float>();
@@ -272,13 +361,12 @@ at::Tensor expand(const at::Tensor& U, const at::Tensor& V, double alpha_d, cons
     const int64_t m0 = blk * MR;
     const int rows = int(std::min<int64_t>(MR, M - m0));
     const float* ub = u + m0 * ldu;
-    const uint8_t* db = d ? d + m0 * N : nullptr;
     float* ob = o + m0 * N;
     switch (rows) {
-      case 4: expand_rows<4>(ub, ldu, R, v, ldv, N, alpha, b, db, N, ob, N, vec); break;
-      case 3: expand_rows<3>(ub, ldu, R, v, ldv, N, alpha, b, db, N, ob, N, vec); break;
-      case 2: expand_rows<2>(ub, ldu, R, v, ldv, N, alpha, b, db, N, ob, N, vec); break;
-      default: expand_rows<1>(ub, ldu, R, v, ldv, N, alpha, b, db, N, ob, N, vec); break;
+      case 4: expand_rows<4>(ub, ldu, R, v, ldv, N, alpha, b, keep, m0, ob, N, vec); break;
+      case 3: expand_rows<3>(ub, ldu, R, v, ldv, N, alpha, b, keep, m0, ob, N, vec); break;
+      case 2: expand_rows<2>(ub, ldu, R, v, ldv, N, alpha, b, keep, m0, ob, N, vec); break;
+      default: expand_rows<1>(ub, ldu, R, v, ldv, N, alpha, b, keep, m0, ob, N, vec); break;
     }
   }
   return out;
@@ -325,13 +413,14 @@ inline void tall_tile(const float* U, int64_t ldu, int64_t j0, const float* tile
 }
 
 at::Tensor tallreduce(const at::Tensor& U, const at::Tensor& X, double alpha_d, const c10::optional<at::Tensor>& drop,
-                      bool scalar) {
+                      int64_t seed, int64_t thr, bool scalar) {
   const bool vec = QRU_AVX2 && !scalar;
   check2d(U, "U");
   check2d(X, "X");
   const int64_t M = U.size(0), R = U.size(1), N = X.size(1);
   TORCH_CHECK(X.size(0) == M, "tallreduce: X has ", X.size(0), " rows, U has ", M);
-  const uint8_t* d = drop_ptr(drop, M, N);
+  Keep keep;
+  make_keep(keep, drop, seed, thr, M, N);
   at::Tensor out = at::empty({R, N}, at::kFloat);
   const float* u = U.data_ptr<float>();
   const float* x = X.data_ptr<float>();
@@ -353,10 +442,10 @@ at::Tensor tallreduce(const at::Tensor& U, const at::Tensor& X, double alpha_d, 
           const float* xr = x + (m0 + m) * ldx + n0;
           float* t = tile.data() + m * kStrip;
           if (w == kStrip) {
-            mask_row(xr, d ? d + (m0 + m) * N + n0 : nullptr, t, kStrip, vec);
+            mask_row(xr, keep, m0 + m, n0, t, kStrip, vec);
           } else {
             for (int64_t c = 0; c < kStrip; ++c)
-              t[c] = (c < w && !(d && d[(m0 + m) * N + n0 + c])) ? xr[c] : 0.0f;
+              t[c] = (c < w && !keep.dropped(m0 + m, n0 + c)) ? xr[c] : 0.0f;
           }
         }
         const float* ub = u + m0 * ldu;
@@ -382,11 +471,15 @@ at::Tensor tallreduce(const at::Tensor& U, const at::Tensor& X, double alpha_d, 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rowdot", &rowdot, "out[m,j] = alpha * sum_k keep(m,k) X[m,k] V[j,k]", py::arg("X"), py::arg("V"),
-        py::arg("alpha"), py::arg("drop") = py::none(), py::arg("scalar") = false);
-  m.def("expand", &expand, "out[m,n] = keep(m,n) (b[n] + alpha * sum_j U[m,j] V[j,n])", py::arg("U"), py::arg("V"),
-        py::arg("alpha"), py::arg("bias") = py::none(), py::arg("drop") = py::none(), py::arg("huge") = false,
+        py::arg("alpha"), py::arg("drop") = py::none(), py::arg("seed") = 0, py::arg("thr") = 0,
         py::arg("scalar") = false);
+  m.def("expand", &expand, "out[m,n] = keep(m,n) (b[n] + alpha * sum_j U[m,j] V[j,n])", py::arg("U"), py::arg("V"),
+        py::arg("alpha"), py::arg("bias") = py::none(), py::arg("drop") = py::none(), py::arg("seed") = 0,
+        py::arg("thr") = 0, py::arg("huge") = false, py::arg("scalar") = false);
   m.def("tallreduce", &tallreduce, "out[j,n] = alpha * sum_m U[m,j] keep(m,n) X[m,n]", py::arg("U"), py::arg("X"),
-        py::arg("alpha"), py::arg("drop") = py::none(), py::arg("scalar") = false);
+        py::arg("alpha"), py::arg("drop") = py::none(), py::arg("seed") = 0, py::arg("thr") = 0,
+        py::arg("scalar") = false);
+  m.def("drop_mask", &drop_mask, "bool (rows, cols): the counter-based dropout mask", py::arg("rows"),
+        py::arg("cols"), py::arg("seed"), py::arg("thr"), py::arg("scalar") = false);
   m.def("avx2", []() { return bool(QRU_AVX2); });
 }

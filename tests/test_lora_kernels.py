@@ -287,13 +287,13 @@ def test_cpp_thin_products_match_torch(shape, scalar):
     X64, V64, U64, V264, X264 = (t.to(d) for t in (X, V, U, V2, X2))
     # (got, fp64 oracle, the fp64 sum of |terms|: the scale of the fp32 rounding error)
     cases = [
-        (ext.rowdot(X, V, 0.7, None, scalar), 0.7 * X64 @ V64.t(), 0.7 * X64.abs() @ V64.abs().t()),
-        (ext.rowdot(X, V, 0.7, dK, scalar), 0.7 * X64.masked_fill(dK, 0) @ V64.t(), 0.7 * X64.abs() @ V64.abs().t()),
-        (ext.expand(U, V2, 0.7, None, None, False, scalar), 0.7 * U64 @ V264, 0.7 * U64.abs() @ V264.abs()),
-        (ext.expand(U, V2, 0.7, b, dN, False, scalar), (b.to(d) + 0.7 * U64 @ V264).masked_fill(dN, 0),
+        (ext.rowdot(X, V, 0.7, None, scalar=scalar), 0.7 * X64 @ V64.t(), 0.7 * X64.abs() @ V64.abs().t()),
+        (ext.rowdot(X, V, 0.7, dK, scalar=scalar), 0.7 * X64.masked_fill(dK, 0) @ V64.t(), 0.7 * X64.abs() @ V64.abs().t()),
+        (ext.expand(U, V2, 0.7, scalar=scalar), 0.7 * U64 @ V264, 0.7 * U64.abs() @ V264.abs()),
+        (ext.expand(U, V2, 0.7, b, dN, scalar=scalar), (b.to(d) + 0.7 * U64 @ V264).masked_fill(dN, 0),
          b.to(d).abs() + 0.7 * U64.abs() @ V264.abs()),
-        (ext.tallreduce(U, X2, 0.7, None, scalar), 0.7 * U64.t() @ X264, 0.7 * U64.abs().t() @ X264.abs()),
-        (ext.tallreduce(U, X2, 0.7, dN, scalar), 0.7 * U64.t() @ X264.masked_fill(dN, 0),
+        (ext.tallreduce(U, X2, 0.7, scalar=scalar), 0.7 * U64.t() @ X264, 0.7 * U64.abs().t() @ X264.abs()),
+        (ext.tallreduce(U, X2, 0.7, dN, scalar=scalar), 0.7 * U64.t() @ X264.masked_fill(dN, 0),
          0.7 * U64.abs().t() @ X264.abs()),
     ]
     for i, (got, want, mag) in enumerate(cases):
@@ -302,3 +302,53 @@ def test_cpp_thin_products_match_torch(shape, scalar):
         assert err <= 4e-7 * max(Kd, R, M) ** 0.5 + 2e-7, f"case {i}: {err:.2e}"
     with pytest.raises(RuntimeError, match="V has"):
         ext.rowdot(X, V[:, :-1], 1.0)
+
+
+@pytest.mark.parametrize("scalar", [False, True], ids=["simd", "scalar"])
+def test_hash_dropout_cpp_matches_reference(scalar):
+    """The counter-based mask: C++ (SIMD and scalar) bit-equal to the torch-ops oracle, for
+    seeds with high bits set and odd shapes; the kernels fed (seed, thr) give exactly what they
+    give for the materialized bool mask."""
+    from qru.kernels._backend import load_cpp_ext
+
+    ext = load_cpp_ext("lora")
+    if ext is None:
+        pytest.skip("no C++ toolchain")
+    for rows, cols, seed, thr in [(1, 1, 0, 1), (7, 25, -1, 3277), (33, 40, 2 ** 62 + 12345, 32768),
+                                  (300, 129, -(2 ** 63), 65535)]:
+        ref = K._hash_drop_reference(rows, cols, torch.tensor(seed), thr)
+        assert torch.equal(ext.drop_mask(rows, cols, seed, thr, scalar=scalar), ref), (rows, cols, seed, thr)
+    M, Kd, R, N = 37, 45, 5, 29
+    g = torch.Generator().manual_seed(0)
+    X, V = torch.randn(M, Kd, generator=g), torch.randn(R, Kd, generator=g)
+    U, V2, X2 = torch.randn(M, R, generator=g), torch.randn(R, N, generator=g), torch.randn(M, N, generator=g)
+    seed, thr = 987654321987, 19661
+    dK = K._hash_drop_reference(M, Kd, torch.tensor(seed), thr)
+    dN = K._hash_drop_reference(M, N, torch.tensor(seed), thr)
+    assert 0 < dK.sum() < dK.numel()
+    assert torch.equal(ext.rowdot(X, V, 0.5, None, seed, thr, scalar=scalar), ext.rowdot(X, V, 0.5, dK, scalar=scalar))
+    assert torch.equal(ext.expand(U, V2, 0.5, None, None, seed, thr, scalar=scalar),
+                       ext.expand(U, V2, 0.5, None, dN, scalar=scalar))
+    assert torch.equal(ext.tallreduce(U, X2, 0.5, None, seed, thr, scalar=scalar),
+                       ext.tallreduce(U, X2, 0.5, dN, scalar=scalar))
+
+
+def test_hash_dropout_statistics():
+    """Rows, columns and neighbours of the 2-D mask behave like independent Bernoulli(p) draws:
+    per-row and per-column drop rates, and agreement between adjacent rows and columns."""
+    rows, cols, p = 512, 1024, 0.1
+    gen = torch.Generator().manual_seed(3)
+    keep_mask, _ = K.make_dropout_mask((rows, cols), p, "cpu", gen)
+    d = (~keep_mask).float()
+    sd = (p * (1 - p)) ** 0.5
+    assert abs(d.mean().item() - p) < 5 * sd / (rows * cols) ** 0.5
+    assert (d.mean(1) - p).abs().max().item() < 5 * sd / cols ** 0.5
+    assert (d.mean(0) - p).abs().max().item() < 5 * sd / rows ** 0.5
+    for a, b in ((d[1:], d[:-1]), (d[:, 1:], d[:, :-1])):  # P(both dropped) = p²
+        both = (a * b).mean().item()
+        assert abs(both - p * p) < 5 * (p * p * (1 - p * p) / a.numel()) ** 0.5
+    # a new draw from the same generator is a different mask; the same state the same mask
+    again, _ = K.make_dropout_mask((rows, cols), p, "cpu", gen)
+    assert not torch.equal(again, keep_mask)
+    same, _ = K.make_dropout_mask((rows, cols), p, "cpu", torch.Generator().manual_seed(3))
+    assert torch.equal(same, keep_mask)

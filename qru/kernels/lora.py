@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from qru.kernels._backend import backend_for, load_cpp_ext
+from qru.kernels._backend import backend_for, forced_backend, load_cpp_ext
 
 # Dropout draws 16-bit uniforms: the drop probability is rounded to a multiple of 1/65536.
 _DROP_LEVELS = 65536
@@ -124,28 +124,88 @@ def nf4_dequantize_reference(w: NF4Weight, dtype: torch.dtype = torch.float32) -
 # ----------------------------------------------------------------------------------------
 # Dropout mask and the reference
 # ----------------------------------------------------------------------------------------
-def _sample_drop(shape, p: float, device, generator: torch.Generator | None = None):
-    """A drop-mask (bool, True = dropped) and the keep rescale ``1/(1-p')``.
+_M32 = 0xFFFFFFFF
 
-    Draws 64 random bits per four elements and compares 16-bit lanes with a threshold
-    (several times cheaper than ``bernoulli_`` on CPU); ``p' = round(p·65536)/65536``.
-    """
+
+def _mul32_(t: torch.Tensor, c: int, tmp: torch.Tensor) -> torch.Tensor:
+    """``t ← t·c mod 2³²`` in place, for int64 ``t`` in [0, 2³²): in 16-bit halves of ``c`` so
+    no product overflows int64."""
+    torch.mul(t, c >> 16, out=tmp)
+    tmp.bitwise_and_(0xFFFF).bitwise_left_shift_(16)
+    return t.mul_(c & 0xFFFF).add_(tmp).bitwise_and_(_M32)
+
+
+def _lowbias32_(t: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """C. Wellons' lowbias32 integer hash, in place on uint32 values held in int64."""
+    for shift, mul in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+        t.bitwise_xor_(torch.bitwise_right_shift(t, shift, out=tmp))
+        _mul32_(t, mul, tmp)
+    return t.bitwise_xor_(torch.bitwise_right_shift(t, 16, out=tmp))
+
+
+def _hash_drop_reference(rows: int, cols: int, seed: torch.Tensor, thr: int) -> torch.Tensor:
+    """The counter-based drop-mask (bool, rows × cols) in torch ops: with ``k0``/``k1`` the low and
+    high 32 bits of ``seed`` (int64, 0-dim, on the mask's device)::
+
+        rowh[m] = h(m ^ k1),  colh[n] = h(n ^ k0),  dropped = h(colh[n] + rowh[m] mod 2³²) >> 16 < thr
+
+    ``h`` = lowbias32, uint32 arithmetic. csrc/lora.cpp computes the same bits on the fly
+    (forward and backward). Here in int64 tensors, in place, a few rows at a time."""
+    dev = seed.device
+    rowh = torch.arange(rows, device=dev).bitwise_xor_((seed >> 32) & _M32)
+    colh = torch.arange(cols, device=dev).bitwise_xor_(seed & _M32)
+    _lowbias32_(rowh, torch.empty_like(rowh))
+    _lowbias32_(colh, torch.empty_like(colh))
+    out = torch.empty((rows, cols), dtype=torch.bool, device=dev)
+    step = max(1, (1 << 18) // max(cols, 1))
+    t = torch.empty((min(step, rows), cols), dtype=torch.int64, device=dev)
+    tmp = torch.empty_like(t)
+    for r0 in range(0, rows, step):
+        n = min(step, rows - r0)
+        tt = torch.add(rowh[r0:r0 + n, None], colh[None, :], out=t[:n]).bitwise_and_(_M32)
+        _lowbias32_(tt, tmp[:n]).bitwise_right_shift_(16)
+        torch.lt(tt, thr, out=out[r0:r0 + n])
+    return out
+
+
+def _drop_params(p: float, device, generator: torch.Generator | None = None):
+    """``(seed, thr, keep)`` for one dropout draw: ``seed`` a 0-dim int64 tensor on ``device``
+    (one 64-bit draw from ``generator``), ``thr = round(p·65536)`` (0: no dropout) and the keep
+    rescale ``1/(1-p')``, ``p' = thr/65536``."""
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-    n = math.prod(shape)
-    drop = int(round(p * _DROP_LEVELS))
-    if drop == 0:
+    thr = int(round(p * _DROP_LEVELS))
+    if thr == 0:
+        return None, 0, 1.0
+    seed = torch.empty((), dtype=torch.int64, device=device).random_(-(2 ** 63), None, generator=generator)
+    return seed, thr, _DROP_LEVELS / (_DROP_LEVELS - thr)
+
+
+def _hash_drop(rows: int, cols: int, seed: torch.Tensor, thr: int) -> torch.Tensor:
+    """The drop-mask of :func:`_hash_drop_reference`, by the C++ kernel on CPU when it is built."""
+    if seed.device.type == "cpu" and forced_backend() != "torch":
+        ext = load_cpp_ext("lora")
+        if ext is not None:
+            return ext.drop_mask(rows, cols, int(seed), thr)
+    return _hash_drop_reference(rows, cols, seed, thr)
+
+
+def _sample_drop(shape, p: float, device, generator: torch.Generator | None = None):
+    """A drop-mask (bool, ``shape``, True = dropped) and the keep rescale ``1/(1-p')``.
+
+    Counter-based: one 64-bit seed from ``generator``, then a hash of (row, column) per element
+    (rows = the flattened leading dims), compared with ``p' = round(p·65536)/65536``."""
+    seed, thr, keep = _drop_params(p, device, generator)
+    if thr == 0:
         return torch.zeros(shape, dtype=torch.bool, device=device), 1.0
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
-    bits.random_(-(2 ** 63), None, generator=generator)
-    lanes = bits.view(torch.int16)[:n]
-    dropped = (lanes < (drop - _DROP_LEVELS // 2)).view(shape)
-    return dropped, _DROP_LEVELS / (_DROP_LEVELS - drop)
+    cols = shape[-1] if len(shape) else 1
+    rows = math.prod(shape[:-1]) if len(shape) else 1
+    return _hash_drop(rows, cols, seed, thr).view(shape), keep
 
 
 def make_dropout_mask(shape, p: float, device, generator: torch.Generator | None = None):
     """The keep-mask (bool, ``shape``) and rescale that :func:`lora_linear` draws for the same
-    ``generator`` state. ``p`` is rounded to a multiple of 1/65536."""
+    ``generator`` state (for an x of that shape). ``p`` is rounded to a multiple of 1/65536."""
     dropped, keep = _sample_drop(shape, p, device, generator)
     return ~dropped, keep
 
@@ -261,41 +321,44 @@ class LoRALinearCppFn(torch.autograd.Function):
         dX = G W + s·k·m⊙(g A)      expand with the mask on store into a fresh dX, then addmm_
         db = Σ_rows G;              W is frozen: no dW, and no GEMM for it.
 
-    Saves ``x`` (the layer input, no dropout copy), the bool ``drop`` and ``u`` (M × r).
+    Saves ``x`` (the layer input, no dropout copy) and ``u`` (M × r). A sampled mask is the
+    counter-based hash of (row, column) under ``seed``/``thr`` (see :func:`_hash_drop_reference`),
+    recomputed by each kernel that needs it and never stored; a given ``dropout_mask`` comes as
+    the bool ``drop``.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, scale, drop, keep, nf4):
+    def forward(ctx, x, weight, bias, A, B, scale, drop, keep, nf4, seed, thr):
         ext = load_cpp_ext("lora")
         W = _dense_base(weight, nf4, x.dtype)
         Ac = A.contiguous()
-        u = ext.rowdot(x, Ac, keep, drop)
-        y = ext.expand(u, B.t().contiguous(), scale, bias.contiguous() if bias is not None else None, None,
-                       CPP_HUGE_PAGES)
+        u = ext.rowdot(x, Ac, keep, drop, seed, thr)
+        y = ext.expand(u, B.t().contiguous(), scale, bias.contiguous() if bias is not None else None,
+                       huge=CPP_HUGE_PAGES)
         y.addmm_(x, W.t())
         ctx.save_for_backward(x, drop, u, weight, Ac, B)
-        ctx.scale, ctx.keep, ctx.nf4 = scale, keep, nf4
+        ctx.scale, ctx.keep, ctx.nf4, ctx.seed, ctx.thr = scale, keep, nf4, seed, thr
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, gy):
         x, drop, u, weight, A, B = ctx.saved_tensors
-        s, keep, nf4 = ctx.scale, ctx.keep, ctx.nf4
+        s, keep, nf4, seed, thr = ctx.scale, ctx.keep, ctx.nf4, ctx.seed, ctx.thr
         ext = load_cpp_ext("lora")
         gy = gy.contiguous()
-        g = ext.rowdot(gy, B.t().contiguous(), 1.0, None)
+        g = ext.rowdot(gy, B.t().contiguous(), 1.0)
         dx = dA = dB = db = None
         if ctx.needs_input_grad[0]:
-            dx = ext.expand(g, A, s * keep, None, drop, CPP_HUGE_PAGES)
+            dx = ext.expand(g, A, s * keep, None, drop, seed, thr, huge=CPP_HUGE_PAGES)
             dx.addmm_(gy, _dense_base(weight, nf4, gy.dtype))
         if ctx.needs_input_grad[3]:
-            dA = ext.tallreduce(g, x, s * keep, drop)
+            dA = ext.tallreduce(g, x, s * keep, drop, seed, thr)
         if ctx.needs_input_grad[4]:
-            dB = ext.tallreduce(u, gy, s, None).t()
+            dB = ext.tallreduce(u, gy, s).t()
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = gy.sum(0)
-        return dx, None, db, dA, dB, None, None, None, None
+        return dx, None, db, dA, dB, None, None, None, None, None, None
 
 
 # Fresh y / dX of 4 MiB or more on 2 MiB transparent huge pages (see csrc/lora.cpp).
@@ -751,16 +814,22 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor
         else:
             y = F.linear(x2, _dense_base(weight, nf4, x.dtype), bias)
         return y.reshape(*lead, y.shape[-1])
-    drop, keep = None, 1.0
+    if backend == "cpp" and not _cpp_ok(x2, weight, bias, lora_A, lora_B):
+        backend = "torch"
+    drop, keep, seed, thr = None, 1.0, None, 0
     if dropout_mask is not None:
         if tuple(dropout_mask.shape) != tuple(x.shape):
             raise ValueError(f"lora_linear: dropout_mask shape {tuple(dropout_mask.shape)} != x shape {tuple(x.shape)}")
         drop = ~dropout_mask.reshape(x2.shape).to(torch.bool)
         keep = 1.0 / (1.0 - dropout_p)
     elif dropout_p > 0.0 and training:
-        drop, keep = _sample_drop(tuple(x2.shape), dropout_p, x.device, generator)
-    if backend == "cpp" and not _cpp_ok(x2, weight, bias, lora_A, lora_B):
-        backend = "torch"
-    fn = {"triton": LoRALinearTritonFn, "cpp": LoRALinearCppFn}.get(backend, LoRALinearTorchFn)
-    y = fn.apply(x2, weight, bias, lora_A, lora_B, float(scale), drop, keep, nf4)
+        seed, thr, keep = _drop_params(dropout_p, x.device, generator)
+        if thr and backend != "cpp":
+            drop = _hash_drop(x2.shape[0], x2.shape[1], seed, thr)
+    if backend == "cpp":
+        y = LoRALinearCppFn.apply(x2, weight, bias, lora_A, lora_B, float(scale), drop, keep, nf4,
+                                  int(seed) if seed is not None and drop is None else 0, thr if drop is None else 0)
+    else:
+        fn = LoRALinearTritonFn if backend == "triton" else LoRALinearTorchFn
+        y = fn.apply(x2, weight, bias, lora_A, lora_B, float(scale), drop, keep, nf4)
     return y.reshape(*lead, y.shape[-1])
