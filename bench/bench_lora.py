@@ -1,19 +1,21 @@
 """LoRA linear forward+backward: qru's fused op against peft's LoRA Linear (same run, same inputs).
 
-CPU: qru (torch autograd Function) vs peft, fp32, tokens 2048, in/out 4096→4096 and
-4096→11008, r 16/32/64, with and without dropout. The two providers alternate call by call
-and the speed-up is the median of the paired ratios, so outside load hits both alike. A
-third row times the two frozen-base GEMMs alone (``x Wᵀ`` and ``dY W``): the floor no
-LoRA implementation can go under with the same fp32 GEMMs. GPU (skipped without CUDA): qru's Triton kernels
+CPU: qru (the default CPU backend: C++ thin products, torch's base GEMMs) vs peft, fp32,
+tokens 2048, in/out 4096→4096 and 4096→11008, r 16/32/64, with and without dropout, forward
+alone (training mode, graph recorded) and forward+backward. The providers alternate call by
+call and the speed-up is the median of the paired ratios, so outside load hits all alike. A
+third row times the frozen-base GEMMs alone (``x Wᵀ``; and ``dY W`` for fwd+bwd): the floor no
+LoRA implementation can go under with the same fp32 GEMMs, so peft/floor bounds qru's speed-up. GPU (skipped without CUDA): qru's Triton kernels
 vs the unfused torch composition and peft, bf16, in TFLOP/s.
 
-    python bench/bench_lora.py [--quick] [--dropout 0 0.05] [--samples N] [--threads N]
+    python bench/bench_lora.py [--quick] [--dropout 0 0.05] [--samples N] [--threads N] [--clock wall|thread]
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -61,6 +63,18 @@ def step(layer, x, gy):
     return run
 
 
+def forward(layer, x):
+    def run():
+        layer(x)  # training-mode forward that records the graph; freed at once
+    return run
+
+
+def base_fwd(x, W):
+    """The forward floor: the frozen-base GEMM ``x Wᵀ`` alone."""
+    xd = x.detach()
+    return lambda: torch.mm(xd, W.t())
+
+
 def base_gemms(x, W, gy):
     """The floor any LoRA fwd+bwd pays: the two frozen-base GEMMs (y = x Wᵀ, dX = dY W), nothing else."""
     xd = x.detach()
@@ -76,6 +90,19 @@ def flops(M, n_in, n_out, r):
     return 4 * M * n_in * n_out + 6 * M * r * (n_in + n_out)
 
 
+# "wall": the harness's wall clock. "thread": CPU time of the calling thread (time.thread_time),
+# blind to time spent descheduled on shared cores; only meaningful with one torch thread.
+CLOCK = "wall"
+
+
+def _once(fn, device: str) -> float:
+    if CLOCK == "thread":
+        t0 = time.thread_time()
+        fn()
+        return time.thread_time() - t0
+    return bench(fn, warmup=0, repeats=1, device=device).median
+
+
 def interleaved(fns: dict, samples: int, device: str) -> tuple[dict[str, Timing], dict[str, float]]:
     """Time the providers one call at a time, in turn, so a burst of outside load hits all of
     them alike. Returns per-provider timings and, per provider, the median over turns of
@@ -85,7 +112,7 @@ def interleaved(fns: dict, samples: int, device: str) -> tuple[dict[str, Timing]
     times = {k: [] for k in fns}
     for _ in range(samples):
         for name, fn in fns.items():
-            times[name].append(bench(fn, warmup=0, repeats=1, device=device).median)
+            times[name].append(_once(fn, device))
     peer = next(iter(fns))
     out, ratios = {}, {}
     for k, s in times.items():
@@ -115,15 +142,21 @@ def cpu_section(shapes, ranks, dropouts, tokens, samples):
                 alpha = 2.0 * r
                 q = qru_layer(W, A, B, alpha, p)
                 pf = peft_layer(W, A, B, alpha, p)
-                fns = {"peft": step(pf, x, gy), "qru": step(q, x, gy), "floor": base_gemms(x, W, gy)}
-                t, ratio = interleaved(fns, samples, "cpu")
                 shape = f"M{tokens} {n_in}->{n_out} r{r} p{p:g}"
-                for k in fns:
-                    rows.append(Row.of(SUITE, "fwd+bwd" if k != "floor" else "x@W^T + dY@W only", k, shape,
-                                       "fp32", "cpu", t[k], ratio=ratio[k]))
-                print(f"  {shape}: qru {t['qru'].median * 1e3:.1f} ms, peft {t['peft'].median * 1e3:.1f} ms, "
-                      f"floor {t['floor'].median * 1e3:.1f} ms; speed-up {ratio['qru']:.2f}x "
-                      f"(median of paired ratios), peft/floor {ratio['floor']:.2f}x", flush=True)
+                groups = (("fwd", "x@W^T only", {"peft": forward(pf, x), "qru": forward(q, x),
+                                                 "floor": base_fwd(x, W)}),
+                          ("fwd+bwd", "x@W^T + dY@W only", {"peft": step(pf, x, gy), "qru": step(q, x, gy),
+                                                            "floor": base_gemms(x, W, gy)}))
+                for op, floor_op, fns in groups:
+                    t, ratio = interleaved(fns, samples, "cpu")
+                    for k in fns:
+                        name = op if k != "floor" else floor_op
+                        rows.append(Row.of(SUITE, name + (" [thread clock]" if CLOCK == "thread" else ""), k, shape,
+                                           "fp32", "cpu", t[k], ratio=ratio[k]))
+                    print(f"  {shape} {op}: qru {t['qru'].median * 1e3:.1f} ms, peft {t['peft'].median * 1e3:.1f} ms, "
+                          f"floor {t['floor'].median * 1e3:.1f} ms; speed-up {ratio['qru']:.2f}x "
+                          f"(median of paired ratios), peft/floor {ratio['floor']:.2f}x (the most any qru can reach "
+                          f"with the same base GEMMs)", flush=True)
                 del q, pf
     return rows
 
@@ -164,16 +197,22 @@ def main(argv=None):
     ap.add_argument("--samples", type=int, default=None, help="timed calls per provider and shape")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--no-gpu", action="store_true")
+    ap.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                    help="CPU timer: wall clock, or the thread's CPU time (needs --threads 1)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "thread" and torch.get_num_threads() != 1:
+        ap.error("--clock thread needs --threads 1")
+    global CLOCK
+    CLOCK = args.clock
     if args.quick:
         tokens, shapes, ranks, samples = 512, [(1024, 1024), (1024, 2752)], [16], args.samples or 9
     else:
         tokens, shapes, ranks, samples = 2048, [(4096, 4096), (4096, 11008)], [16, 32, 64], args.samples or 7
-    print(f"## lora CPU: qru vs peft, fp32, {torch.get_num_threads()} threads")
+    print(f"## lora CPU: qru vs peft, fp32, {torch.get_num_threads()} threads, {CLOCK} clock")
     rows = cpu_section(shapes, ranks, args.dropout, tokens, samples)
-    report("lora forward+backward, CPU (vs peer = peft time / this time)", rows)
+    report("lora forward and forward+backward, CPU (vs peer = peft time / this time)", rows)
     if not args.no_gpu:
         gpu_rows = gpu_section(shapes, ranks, tokens)
         if gpu_rows:

@@ -17,7 +17,6 @@
 #include <torch/extension.h>
 
 #include <omp.h>
-#include <sys/mman.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -34,21 +33,6 @@
 namespace {
 
 int num_threads() { return std::max(1, at::get_num_threads()); }
-
-// A large fresh output is 2 MiB aligned and advised as transparent huge pages (what c10 does
-// under THP_MEM_ALLOC_ENABLE=1): 4 KiB page faults on a fresh 32 MiB buffer otherwise cost a
-// sizeable part of the pass that fills it. Small outputs come from torch's allocator.
-at::Tensor empty2d(int64_t rows, int64_t cols, bool huge) {
-  const int64_t n = rows * cols;
-  const size_t bytes = size_t(n) * sizeof(float);
-  constexpr size_t kHuge = size_t(2) << 20;
-  if (!huge || bytes < (size_t(4) << 20)) return at::empty({rows, cols}, at::kFloat);
-  const size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
-  void* p = nullptr;
-  if (posix_memalign(&p, kHuge, rounded) != 0) return at::empty({rows, cols}, at::kFloat);
-  madvise(p, rounded, MADV_HUGEPAGE);
-  return at::from_blob(p, {rows, cols}, [](void* q) { std::free(q); }, at::TensorOptions().dtype(at::kFloat));
-}
 
 void check2d(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
@@ -334,7 +318,7 @@ inline void expand_rows(const float* U, int64_t ldu, int64_t R, const float* V, 
 }
 
 at::Tensor expand(const at::Tensor& U, const at::Tensor& V, double alpha_d, const c10::optional<at::Tensor>& bias,
-                  const c10::optional<at::Tensor>& drop, int64_t seed, int64_t thr, bool huge, bool scalar) {
+                  const c10::optional<at::Tensor>& drop, int64_t seed, int64_t thr, bool scalar) {
   const bool vec = QRU_AVX2 && !scalar;
   check2d(U, "U");
   check2d(V, "V");
@@ -348,7 +332,7 @@ at::Tensor expand(const at::Tensor& U, const at::Tensor& V, double alpha_d, cons
   }
   Keep keep;
   make_keep(keep, drop, seed, thr, M, N);
-  at::Tensor out = empty2d(M, N, huge);
+  at::Tensor out = at::empty({M, N}, at::kFloat);
   const float* u = U.data_ptr<float>();
   const float* v = V.data_ptr<float>();
   float* o = out.data_ptr<float>();
@@ -475,7 +459,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("scalar") = false);
   m.def("expand", &expand, "out[m,n] = keep(m,n) (b[n] + alpha * sum_j U[m,j] V[j,n])", py::arg("U"), py::arg("V"),
         py::arg("alpha"), py::arg("bias") = py::none(), py::arg("drop") = py::none(), py::arg("seed") = 0,
-        py::arg("thr") = 0, py::arg("huge") = false, py::arg("scalar") = false);
+        py::arg("thr") = 0, py::arg("scalar") = false);
   m.def("tallreduce", &tallreduce, "out[j,n] = alpha * sum_m U[m,j] keep(m,n) X[m,n]", py::arg("U"), py::arg("X"),
         py::arg("alpha"), py::arg("drop") = py::none(), py::arg("seed") = 0, py::arg("thr") = 0,
         py::arg("scalar") = false);

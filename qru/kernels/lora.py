@@ -333,8 +333,7 @@ class LoRALinearCppFn(torch.autograd.Function):
         W = _dense_base(weight, nf4, x.dtype)
         Ac = A.contiguous()
         u = ext.rowdot(x, Ac, keep, drop, seed, thr)
-        y = ext.expand(u, B.t().contiguous(), scale, bias.contiguous() if bias is not None else None,
-                       huge=CPP_HUGE_PAGES)
+        y = ext.expand(u, B.t().contiguous(), scale, bias.contiguous() if bias is not None else None)
         y.addmm_(x, W.t())
         ctx.save_for_backward(x, drop, u, weight, Ac, B)
         ctx.scale, ctx.keep, ctx.nf4, ctx.seed, ctx.thr = scale, keep, nf4, seed, thr
@@ -350,7 +349,7 @@ class LoRALinearCppFn(torch.autograd.Function):
         g = ext.rowdot(gy, B.t().contiguous(), 1.0)
         dx = dA = dB = db = None
         if ctx.needs_input_grad[0]:
-            dx = ext.expand(g, A, s * keep, None, drop, seed, thr, huge=CPP_HUGE_PAGES)
+            dx = ext.expand(g, A, s * keep, None, drop, seed, thr)
             dx.addmm_(gy, _dense_base(weight, nf4, gy.dtype))
         if ctx.needs_input_grad[3]:
             dA = ext.tallreduce(g, x, s * keep, drop, seed, thr)
@@ -359,10 +358,6 @@ class LoRALinearCppFn(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = gy.sum(0)
         return dx, None, db, dA, dB, None, None, None, None, None, None
-
-
-# Fresh y / dX of 4 MiB or more on 2 MiB transparent huge pages (see csrc/lora.cpp).
-CPP_HUGE_PAGES = False
 
 
 # ----------------------------------------------------------------------------------------
