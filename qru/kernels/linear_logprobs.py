@@ -1,0 +1,291 @@
+"""Fused output projection + log-softmax + gather: per-token log-probs straight from hidden states.
+
+    z = h Wᵀ            h: (N, H) hidden states, W: (V, H) the lm_head weight
+    logp[n] = z[n, y[n]] - logsumexp_v z[n, v]        (0 where y[n] == ignore_index)
+
+The rows are processed in chunks, so the (N, V) logits, their softmax and their gradient
+never exist in full: one (chunk, V) block at a time. ``z`` is computed in the dtype of ``h``
+and ``W`` (bf16 under autocast, as ``F.linear`` would) and the softmax math runs in fp32,
+exactly like ``log_softmax(linear(h, W).float())``.
+
+One public entry, :func:`linear_logprobs`, picks the backend at call time:
+
+* ``"triton"`` (CUDA, or ``QRU_BACKEND=triton`` with ``TRITON_INTERPRET=1``): the chunk GEMMs
+  are ``torch.mm`` (cuBLAS); two row kernels do the rest in one pass each over the chunk: an
+  online logsumexp + target gather, and the in-place logits -> gradient transform.
+* ``"cpp"`` (CPU, ``csrc/linear_logprobs.cpp``): AVX2 row kernels, one row at a time while it
+  sits in L2: max, exp-sum (exp written back when the gradient is wanted), scale.
+* ``"torch"`` (CPU without a compiler): the same chunk loop with torch row ops.
+
+:func:`linear_logprobs_reference` (plain autograd over the full logits) is the oracle.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from qru.kernels._backend import backend_for, load_cpp_ext
+from qru.kernels._triton_io import kernel_view, load_f32, store_f32
+
+IGNORE_INDEX = -100
+# Rows per chunk, bounded by the bytes of one fp32 (chunk, V) block. On CPU each row is processed while
+# it sits in L2 whatever the chunk; chunks of ~1000 rows keep the GEMMs efficient (M >= 1024 at V = 32000).
+CPU_CHUNK_BYTES = 128 << 20
+CUDA_CHUNK_BYTES = 512 << 20
+
+
+def linear_logprobs_reference(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                              ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """The oracle: full logits, fp32 ``log_softmax``, gather; 0 where ``labels == ignore_index``."""
+    z = torch.nn.functional.linear(hidden, weight).float()
+    lp = z.log_softmax(-1)
+    keep = labels != ignore_index
+    out = lp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(keep, out, torch.zeros_like(out))
+
+
+# ----------------------------------------------------------------------------------------
+# Row kernels (Triton)
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _lse_gather_kernel(z_ptr, stride_z, y_ptr, lse_ptr, logp_ptr, V, ignore_index,
+                       BLOCK_V: tl.constexpr, IN_BF16: tl.constexpr):
+    """One program per row: online logsumexp over V, then logp = z[y] - lse (0 if ignored)."""
+    row = tl.program_id(0).to(tl.int64)
+    base = z_ptr + row * stride_z
+    offs = tl.arange(0, BLOCK_V)
+    x = load_f32(base, offs, offs < V, IN_BF16)
+    x = tl.where(offs < V, x, float("-inf"))
+    m = tl.max(x, 0)
+    s = tl.sum(tl.exp(x - m), 0)
+    for start in range(BLOCK_V, V, BLOCK_V):
+        o = start + offs
+        x = load_f32(base, o, o < V, IN_BF16)
+        x = tl.where(o < V, x, float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, 0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+        m = m_new
+    lse = m + tl.log(s)
+    y = tl.load(y_ptr + row)
+    valid = y != ignore_index
+    yc = tl.where(valid, y, 0)
+    t = tl.sum(load_f32(base, yc + offs, offs < 1, IN_BF16), 0)
+    tl.store(lse_ptr + row, lse)
+    tl.store(logp_ptr + row, tl.where(valid, t - lse, 0.0))
+
+
+@triton.jit
+def _dlogits_kernel(z_ptr, stride_z, y_ptr, lse_ptr, g_ptr, V, ignore_index,
+                    BLOCK_V: tl.constexpr, IN_BF16: tl.constexpr):
+    """In place: z[n, :] <- g[n]·(e_{y[n]} - softmax(z[n, :])) (0 for ignored rows)."""
+    row = tl.program_id(0).to(tl.int64)
+    base = z_ptr + row * stride_z
+    lse = tl.load(lse_ptr + row)
+    y = tl.load(y_ptr + row)
+    g = tl.load(g_ptr + row).to(tl.float32)
+    g = tl.where(y != ignore_index, g, 0.0)
+    offs = tl.arange(0, BLOCK_V)
+    for start in range(0, V, BLOCK_V):
+        o = start + offs
+        inside = o < V
+        x = load_f32(base, o, inside, IN_BF16)
+        d = g * (tl.where(o == y, 1.0, 0.0) - tl.exp(x - lse))
+        store_f32(base, o, d, inside, IN_BF16)
+
+
+def _block_v(V: int) -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return 64  # several (partial) blocks per row at test sizes
+    return min(4096, triton.next_power_of_2(V))
+
+
+def _rows_lse_triton(z, y, ignore_index):
+    n, V = z.shape
+    lse = torch.empty(n, device=z.device, dtype=torch.float32)
+    logp = torch.empty(n, device=z.device, dtype=torch.float32)
+    if n:
+        _lse_gather_kernel[(n,)](kernel_view(z), z.stride(0), y, lse, logp, V, ignore_index,
+                                 BLOCK_V=_block_v(V), IN_BF16=z.dtype == torch.bfloat16)
+    return lse, logp
+
+
+def _rows_dlogits_triton(z, y, lse, g, ignore_index):
+    n, V = z.shape
+    if n:
+        _dlogits_kernel[(n,)](kernel_view(z), z.stride(0), y, lse, g, V, ignore_index,
+                              BLOCK_V=_block_v(V), IN_BF16=z.dtype == torch.bfloat16)
+    return z
+
+
+# ----------------------------------------------------------------------------------------
+# Row ops (torch)
+# ----------------------------------------------------------------------------------------
+def _rows_lse_torch(z, y, ignore_index):
+    zf = z.float()
+    lse = torch.logsumexp(zf, -1)
+    valid = y != ignore_index
+    t = zf.gather(1, y.clamp(min=0)[:, None]).squeeze(1)
+    return lse, torch.where(valid, t - lse, torch.zeros_like(t))
+
+
+def _rows_dlogits_torch(z, y, lse, g, ignore_index):
+    zf = z if z.dtype == torch.float32 else z.float()
+    g = torch.where(y != ignore_index, g.float(), torch.zeros_like(lse))
+    p = zf.sub_(lse[:, None]).exp_()  # softmax, in place
+    p.mul_(-g[:, None])
+    p.scatter_add_(1, y.clamp(min=0)[:, None], g[:, None])
+    if p is not z:
+        z.copy_(p)
+    return z
+
+
+def _cpp_ext():
+    return load_cpp_ext("linear_logprobs")
+
+
+def _rows(backend):
+    """(lse(z, y, ig) -> (lse, logp), lse_unit_grad(z, y, ig) -> (lse, logp) with z <- e_y - softmax(z),
+    dlogits(z, y, lse, g, ig) -> z <- g (e_y - exp(z - lse))) for a backend."""
+    if backend == "cpp":
+        ext = _cpp_ext()
+        return (lambda z, y, ig: ext.lse_gather(z, y, ig, False),
+                lambda z, y, ig: ext.lse_gather(z, y, ig, True),
+                lambda z, y, lse, g, ig: ext.dlogits_(z, y, lse, g, ig))
+    lse_fn, dz_fn = ((_rows_lse_triton, _rows_dlogits_triton) if backend == "triton"
+                     else (_rows_lse_torch, _rows_dlogits_torch))
+
+    def lse_unit_grad(z, y, ig):
+        lse, logp = lse_fn(z, y, ig)
+        dz_fn(z, y, lse, torch.ones_like(lse), ig)
+        return lse, logp
+    return lse_fn, lse_unit_grad, dz_fn
+
+
+# ----------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------
+class LinearLogprobsFn(torch.autograd.Function):
+    """Chunked ``logp = gather(log_softmax(h Wᵀ), y)``.
+
+    Backward. With ``p_n = softmax(z_n)`` and the upstream gradient ``g_n = ∂L/∂logp_n``:
+    ``∂logp_n/∂z_n = e_{y_n} - p_n``, so ``D_n := ∂L/∂z_n = g_n (e_{y_n} - p_n)`` (``D_n = 0`` for
+    an ignored row, whose logp is the constant 0). As ``z_n = W h_n``:
+    ``∂L/∂h_n = D_n W`` and ``∂L/∂W = Σ_n D_nᵀ h_n = Dᵀ h``.
+
+    Two strategies, chosen in forward, neither storing (N, V):
+
+    * ``W`` needs no gradient (LoRA, frozen head): ``D_n = g_n·U'_n`` with ``U'_n = e_{y_n} - p_n``,
+      so ``∂L/∂h_n = g_n (U'_n W)``. Forward already holds each chunk's softmax and computes
+      ``U = U' W`` (N, H) right there, the one GEMM backward would run anyway; backward is
+      ``dh = g[:, None]·U``. Same GEMM count as unfused autograd, no recomputation.
+    * ``W`` needs a gradient: ``g`` is unknown in forward, so forward saves only ``h`` and the
+      per-row ``lse``; backward recomputes each chunk's ``z``, turns it in place into
+      ``D = g(e_y - exp(z - lse))``, and runs ``dh = D W``, ``dW += Dᵀ h``.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, y, ignore_index, chunk, backend):
+        lse_fn, unit_fn, _ = _rows(backend)
+        n = h.shape[0]
+        lse = torch.empty(n, device=h.device, dtype=torch.float32)
+        logp = torch.empty(n, device=h.device, dtype=torch.float32)
+        eager = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
+        u = torch.empty((n, h.shape[1]), device=h.device, dtype=h.dtype) if eager else None
+        for s in range(0, n, chunk):
+            e = min(s + chunk, n)
+            z = torch.mm(h[s:e], weight.t())
+            if eager:  # z <- e_y - softmax(z), then U = z W: the GEMM backward would run
+                lse[s:e], logp[s:e] = unit_fn(z, y[s:e], ignore_index)
+                torch.mm(z, weight, out=u[s:e])
+            else:
+                lse[s:e], logp[s:e] = lse_fn(z, y[s:e], ignore_index)
+        ctx.eager, ctx.chunk, ctx.ignore_index, ctx.backend = eager, chunk, ignore_index, backend
+        if eager:
+            ctx.save_for_backward(u)
+        else:
+            ctx.save_for_backward(h, weight, y, lse)
+        return logp
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        g = g.float().contiguous()
+        if ctx.eager:
+            (u,) = ctx.saved_tensors
+            return (u * g[:, None]).to(u.dtype), None, None, None, None, None
+        h, weight, y, lse = ctx.saved_tensors
+        dz_fn = _rows(ctx.backend)[2]
+        dh = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        # dW accumulates over chunks in fp32 (a half-precision running sum would round per chunk)
+        dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        for s in range(0, h.shape[0], ctx.chunk):
+            e = min(s + ctx.chunk, h.shape[0])
+            z = torch.mm(h[s:e], weight.t())
+            dz = dz_fn(z, y[s:e], lse[s:e], g[s:e], ctx.ignore_index)
+            if dh is not None:
+                torch.mm(dz, weight, out=dh[s:e])
+            if dw is not None:
+                if dz.dtype == torch.float32:
+                    dw.addmm_(dz.t(), h[s:e])
+                else:
+                    dw += torch.mm(dz.t(), h[s:e])
+        if dw is not None:
+            dw = dw.to(weight.dtype)
+        return dh, dw, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------
+# Public entry
+# ----------------------------------------------------------------------------------------
+def default_chunk(n: int, vocab: int, device: torch.device) -> int:
+    budget = CUDA_CHUNK_BYTES if device.type == "cuda" else CPU_CHUNK_BYTES
+    return max(1, min(n, budget // (4 * vocab)))
+
+
+def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                    ignore_index: int = IGNORE_INDEX, chunk_size: int | None = None) -> torch.Tensor:
+    """fp32 ``log softmax(hidden Wᵀ)[labels]`` over the last dim of ``hidden``; 0 where ignored.
+
+    ``hidden`` (..., H), ``weight`` (V, H), ``labels`` (...) integer in ``[0, V)`` or
+    ``ignore_index``. Equals :func:`linear_logprobs_reference` up to float round-off, with
+    gradients for ``hidden`` and ``weight``. Under ``torch.autocast`` for the device, ``hidden``
+    and ``weight`` are cast to the autocast dtype first, as for ``F.linear``.
+    """
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev) and hidden.is_floating_point():
+        dt = torch.get_autocast_dtype(dev)
+        with torch.autocast(dev, enabled=False):
+            return linear_logprobs(hidden.to(dt), weight.to(dt), labels, ignore_index=ignore_index,
+                                   chunk_size=chunk_size)
+    if weight.dim() != 2:
+        raise ValueError(f"linear_logprobs: weight must be (vocab, hidden), got shape {tuple(weight.shape)}")
+    V, H = weight.shape
+    if hidden.shape[-1] != H:
+        raise ValueError(f"linear_logprobs: hidden has {hidden.shape[-1]} features, weight expects {H}")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"linear_logprobs: labels shape {tuple(labels.shape)} != hidden's leading "
+                         f"shape {tuple(hidden.shape[:-1])}")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"linear_logprobs: hidden is {hidden.dtype} but weight is {weight.dtype}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise TypeError(f"linear_logprobs: labels must be integers, got {labels.dtype}")
+    if weight.device != hidden.device or labels.device != hidden.device:
+        raise ValueError(f"linear_logprobs: hidden ({hidden.device}), weight ({weight.device}) and labels "
+                         f"({labels.device}) must share a device")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
+        raise ValueError(f"linear_logprobs: chunk_size must be a positive integer, got {chunk_size!r}")
+    lead = labels.shape
+    h = hidden.reshape(-1, H)
+    if not h.is_contiguous():
+        h = h.contiguous()
+    y = labels.reshape(-1).long().contiguous()
+    bad = ((y < 0) & (y != ignore_index)) | (y >= V)
+    if bool(bad.any()):
+        raise ValueError(f"linear_logprobs: label {int(y[bad][0])} is outside [0, {V}) and is not "
+                         f"ignore_index={ignore_index}")
+    chunk = chunk_size or default_chunk(h.shape[0], V, hidden.device)
+    backend = backend_for(h, cpp="linear_logprobs")
+    return LinearLogprobsFn.apply(h, weight, y, ignore_index, chunk, backend).view(lead)
