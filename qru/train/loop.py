@@ -297,6 +297,21 @@ def count_params(model: torch.nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in ps if p.requires_grad), sum(p.numel() for p in ps)
 
 
+def model_sequence_logprobs(model, input_ids: torch.Tensor, loss_mask: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence ``(sum of target log-probs, target count)`` of a causal LM on a batch.
+
+    qru's :class:`Llama` with a plain bias-free ``lm_head`` goes through the fused, chunked head
+    (:func:`qru.train.losses.hidden_sequence_logprobs`: no (B, T, V) logits, only target positions
+    projected); any other model through its logits and :func:`qru.train.losses.sequence_logprobs`.
+    """
+    head = getattr(model, "lm_head", None)
+    if isinstance(model, Llama) and type(head) is torch.nn.Linear and head.bias is None:
+        hidden = model(input_ids, return_hidden=True)
+        return L.hidden_sequence_logprobs(hidden, head.weight, input_ids, loss_mask)
+    return L.sequence_logprobs(model(input_ids), input_ids, loss_mask)
+
+
 def _batches(ts: TokenizedSet, bs: int):
     for s in range(0, len(ts), bs):
         yield list(range(s, min(s + bs, len(ts))))
@@ -311,8 +326,7 @@ def eval_nll(model, ts: TokenizedSet, batch_size: int, pad_id: int, device, prec
     for idx in _batches(ts, batch_size):
         b = collate(ts, idx, pad_id).to(device)
         with autocast(device, precision):
-            logits = model(b.input_ids)
-        s, c = L.sequence_logprobs(logits, b.input_ids, b.loss_mask)
+            s, c = model_sequence_logprobs(model, b.input_ids, b.loss_mask)
         tot -= float(s.sum())
         n += float(c.sum())
     model.train(was)
@@ -329,8 +343,7 @@ def sequence_logp_table(model, ts: TokenizedSet, batch_size: int, pad_id: int, d
     for idx in _batches(ts, batch_size):
         b = collate(ts, idx, pad_id).to(device)
         with autocast(device, precision):
-            logits = model(b.input_ids)
-        out[idx] = L.sequence_logprobs(logits, b.input_ids, b.loss_mask)[0].cpu()
+            out[idx] = model_sequence_logprobs(model, b.input_ids, b.loss_mask)[0].cpu()
     model.train(was)
     return out
 
@@ -587,6 +600,54 @@ def _lora():
     return lora
 
 
+def make_unlearn_step(model: torch.nn.Module, *, method: str, reg: str, beta: float,
+                      delta: float = L.SIMNPO_DELTA, forget_weight: float = 1.0, retain_weight: float = 1.0,
+                      ref_logp: torch.Tensor | None = None, ref_model: torch.nn.Module | None = None,
+                      ref_ctx: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> StepFn:
+    """The unlearning loss of one micro-batch: ``step_fn(forget_batch, retain_batch) -> {"loss",
+    "forget_loss", "retain_loss"}`` (the caller runs backward and the optimizer; ``unlearn`` uses it).
+
+    NPO's reference sequence log-probs come from ``ref_logp`` (per example, indexed by
+    ``Batch.index``; what ``unlearn`` passes) or, when it is None, from a no-grad forward of
+    ``ref_model`` under ``ref_ctx()`` on every batch (LoRA: the model itself with
+    ``disable_adapters``; full: a frozen copy). KLR always forwards ``ref_model`` under ``ref_ctx()``.
+    """
+    if method not in METHODS:
+        raise TrainConfigError(f"method must be one of {METHODS}, got {method!r}")
+    if reg not in REGS:
+        raise TrainConfigError(f"reg must be one of {REGS}, got {reg!r}")
+    if method == "npo" and ref_logp is None and ref_model is None:
+        raise TrainConfigError("method='npo' needs ref_logp (a table) or ref_model")
+    if reg == "klr" and ref_model is None:
+        raise TrainConfigError("reg='klr' needs ref_model")
+
+    def step_fn(fb: Batch, rb: Batch | None) -> dict:
+        if method == "npo":
+            if ref_logp is not None:
+                ref = ref_logp[fb.index]
+            else:
+                with torch.no_grad(), ref_ctx():
+                    ref = model_sequence_logprobs(ref_model, fb.input_ids, fb.loss_mask)[0]
+        s, n = model_sequence_logprobs(model, fb.input_ids, fb.loss_mask)
+        if method == "ga":
+            f_loss = L.ga(s, n)
+        elif method == "npo":
+            f_loss = L.npo(s, ref.to(s.device), beta)
+        else:
+            f_loss = L.simnpo(s, n, beta, delta)
+        r_loss = None
+        if reg == "gdr":
+            r_loss = L.gdr(*model_sequence_logprobs(model, rb.input_ids, rb.loss_mask))
+        elif reg == "klr":
+            with torch.no_grad(), ref_ctx():
+                ref_logits = ref_model(rb.input_ids)
+            r_logits = model(rb.input_ids)
+            r_loss = L.klr(r_logits[:, :-1], ref_logits[:, :-1], rb.loss_mask[:, 1:])
+        loss = L.combine(f_loss, r_loss, forget_weight, retain_weight)
+        return {"loss": loss, "forget_loss": f_loss, "retain_loss": r_loss}
+    return step_fn
+
+
 def unlearn(cfg: UnlearnConfig) -> TrainResult:
     """Unlearn ``cfg.forget`` from ``cfg.model``; see the module docstring for the outputs."""
     t0 = time.perf_counter()
@@ -638,25 +699,9 @@ def unlearn(cfg: UnlearnConfig) -> TrainResult:
                 p.requires_grad_(False)
     trainable, total = count_params(model)
 
-    def step_fn(fb: Batch, rb: Batch | None) -> dict:
-        logits = model(fb.input_ids)
-        s, n = L.sequence_logprobs(logits, fb.input_ids, fb.loss_mask)
-        if cfg.method == "ga":
-            f_loss = L.ga(s, n)
-        elif cfg.method == "npo":
-            f_loss = L.npo(s, ref_logp[fb.index].to(s.device), beta)
-        else:
-            f_loss = L.simnpo(s, n, beta, cfg.delta)
-        r_loss = None
-        if cfg.reg == "gdr":
-            r_loss = L.gdr(*L.sequence_logprobs(model(rb.input_ids), rb.input_ids, rb.loss_mask))
-        elif cfg.reg == "klr":
-            with torch.no_grad(), ref_ctx():
-                ref_logits = ref_model(rb.input_ids)
-            r_logits = model(rb.input_ids)
-            r_loss = L.klr(r_logits[:, :-1], ref_logits[:, :-1], rb.loss_mask[:, 1:])
-        loss = L.combine(f_loss, r_loss, cfg.forget_weight, cfg.retain_weight)
-        return {"loss": loss, "forget_loss": f_loss, "retain_loss": r_loss}
+    step_fn = make_unlearn_step(model, method=cfg.method, reg=cfg.reg, beta=beta, delta=cfg.delta,
+                                forget_weight=cfg.forget_weight, retain_weight=cfg.retain_weight,
+                                ref_logp=ref_logp, ref_model=ref_model, ref_ctx=ref_ctx)
 
     evals = {"forget": forget.subset(fixed_sample(len(forget), cfg.eval_samples, cfg.seed))}
     if retain is not None:
@@ -751,7 +796,7 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
     trainable, total = count_params(model)
 
     def step_fn(b: Batch, _unused) -> dict:
-        return {"loss": L.mean_nll(*L.sequence_logprobs(model(b.input_ids), b.input_ids, b.loss_mask))}
+        return {"loss": L.mean_nll(*model_sequence_logprobs(model, b.input_ids, b.loss_mask))}
 
     evals = {"train": data.subset(fixed_sample(len(data), cfg.eval_samples, cfg.seed))}
     info = {"trainable_params": trainable, "total_params": total, "examples": len(data),

@@ -2,7 +2,8 @@
 
 Conventions: ``token_logprobs`` turns logits into fp32 per-token log-probs (zero where
 masked); ``sequence_logprobs`` shifts for next-token prediction and returns per-sequence
-sums and token counts. Every loss below takes those sums/counts (or logits for KLR), so it
+sums and token counts; ``hidden_sequence_logprobs`` does the same from the final hidden states
+and the output weight, never forming the (B, T, V) logits. Every loss below takes those sums/counts (or logits for KLR), so it
 can be checked by hand on tiny tensors. All losses are minimised.
 
 - ``ga``      gradient ascent: -NLL on the forget set (token mean).
@@ -58,6 +59,29 @@ def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: 
     mask = loss_mask[:, 1:]
     lp = token_logprobs(logits[:, :-1], input_ids[:, 1:], mask)
     return lp.sum(-1), mask.sum(-1).float()
+
+
+def hidden_sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor,
+                             loss_mask: torch.Tensor, chunk_size: int | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sequence_logprobs(hidden @ weightᵀ, input_ids, loss_mask)`` without the (B, T, V) logits.
+
+    ``hidden`` (B, T, H) are the final (normed) hidden states and ``weight`` (V, H) the output
+    projection. Only the target positions go through the fused, chunked projection + log-softmax
+    (:func:`qru.kernels.linear_logprobs.linear_logprobs`); the per-sequence sums are scattered back.
+    """
+    from qru.kernels.linear_logprobs import linear_logprobs
+
+    if hidden.dim() != 3 or input_ids.shape != hidden.shape[:2]:
+        raise ValueError(f"hidden (B,T,H) {tuple(hidden.shape)} and input_ids (B,T) {tuple(input_ids.shape)} "
+                         "disagree")
+    if loss_mask.shape != input_ids.shape:
+        raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+    mask = loss_mask[:, 1:].bool()
+    rows, cols = mask.nonzero(as_tuple=True)
+    lp = linear_logprobs(hidden[:, :-1][rows, cols], weight, input_ids[:, 1:][rows, cols], chunk_size=chunk_size)
+    sums = torch.zeros(input_ids.shape[0], device=lp.device, dtype=torch.float32).index_add(0, rows, lp)
+    return sums, mask.sum(-1).float()
 
 
 def mean_nll(logp_sum: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
