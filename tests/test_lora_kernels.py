@@ -352,3 +352,24 @@ def test_hash_dropout_statistics():
     assert not torch.equal(again, keep_mask)
     same, _ = K.make_dropout_mask((rows, cols), p, "cpu", torch.Generator().manual_seed(3))
     assert torch.equal(same, keep_mask)
+
+
+def test_cpp_dropout_keeps_no_mask_or_copy(monkeypatch):
+    """With sampled dropout the C++ path saves x itself and the thin u: no bool mask, no
+    dropped-out copy of x (the mask is recomputed from the seed in backward)."""
+    from qru.kernels._backend import load_cpp_ext
+
+    if load_cpp_ext("lora") is None:
+        pytest.skip("no C++ toolchain")
+    monkeypatch.setenv("QRU_BACKEND", "cpp")
+    x, W, b, A, B = make(64, 48, 40, 4, torch.float32)
+    x.requires_grad_()
+    A.requires_grad_()
+    y = K.lora_linear(x, W, b, A, B, 1.0, dropout_p=0.2, training=True, generator=torch.Generator().manual_seed(1))
+    node = y.grad_fn
+    while type(node).__name__ != "LoRALinearCppFnBackward":
+        node = node.next_functions[0][0]
+    saved = [t for t in node.saved_tensors if t is not None]
+    assert not any(t.dtype == torch.bool for t in saved)
+    big = [t for t in saved if t.numel() >= x.numel()]
+    assert big and all(t.data_ptr() == x.data_ptr() for t in big)

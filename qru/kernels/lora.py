@@ -2,8 +2,11 @@
 
 Shapes: ``x`` (..., in), ``W`` (out, in), ``A`` (r, in), ``B`` (out, r), ``s`` the scale
 (alpha/r, or alpha/sqrt(r) for rsLoRA). Dropout acts on ``x`` on the LoRA path only, as in
-peft. ``W`` may be dense or NF4-packed (:class:`NF4Weight`, QLoRA style); it never gets a
-gradient.
+peft; its mask is counter-based (one 64-bit seed per call from the generator, then a hash of
+row and column, see :func:`_hash_drop_reference`), so the C++ kernels recompute it where
+needed instead of storing it. ``W`` may be dense or NF4-packed (:class:`NF4Weight`, QLoRA
+style); it never gets a gradient. Under ``torch.autocast`` the inputs are cast to the
+autocast dtype first, as for ``F.linear``.
 
 One public entry, :func:`lora_linear`, picks the backend at call time:
 
