@@ -169,6 +169,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", type=int, default=16, help="LoRA rank of the random adapter")
     ap.add_argument("--threads", type=int, default=1, help="OMP threads of the children")
     ap.add_argument("--max-shard-size", default="5GB", help="shard size of the generated checkpoint")
+    ap.add_argument("--quantize-shard-size", default=None,
+                    help="--max-shard-size for qru quantize (its output shards are buffered in memory)")
     ap.add_argument("--no-quantize", action="store_true")
     ap.add_argument("--no-survival", action="store_true")
     args = ap.parse_args(argv)
@@ -218,8 +220,9 @@ def main(argv=None) -> int:
             print("qru quantize is not available in this tree yet: skipping the quantize run")
         else:
             out = work / "nf4"
+            extra = ["--max-shard-size", args.quantize_shard_size] if args.quantize_shard_size else []
             rc, wall, cpu, rss = run_child([str(QRU), "quantize", str(base), "--format", "nf4", "--no-progress",
-                                       "--out", str(out)], args.threads, work / "quantize.log")
+                                            *extra, "--out", str(out)], args.threads, work / "quantize.log")
             tail = (work / "quantize.log").read_text()[-2000:]
             if rc != 0:
                 print(f"qru quantize failed (exit {rc}):\n{tail}")
@@ -228,10 +231,11 @@ def main(argv=None) -> int:
                 print(f"qru quantize nf4: {wall:.0f} s wall, {cpu:.0f} s CPU, peak RSS {rss / 2**30:.2f} GiB "
                       f"(target <= {RSS_TARGET / 2**30:.0f} GiB: {'met' if rss <= RSS_TARGET else 'MISSED'}), "
                       f"output {_dir_bytes(out) / 1e9:.2f} GB")
-                row("quantize nf4 wall", "qru", wall, "s")
-                row("quantize nf4 CPU", "qru", cpu, "s")
-                row("quantize nf4 peak RSS", "qru", rss / 2**30, "GiB")
-                row("quantize nf4 throughput", "qru", nbytes / 1e9 / wall, "GB/s")
+                qs = f" shards {args.quantize_shard_size}" if args.quantize_shard_size else ""
+                row(f"quantize nf4{qs} wall", "qru", wall, "s")
+                row(f"quantize nf4{qs} CPU", "qru", cpu, "s")
+                row(f"quantize nf4{qs} peak RSS", "qru", rss / 2**30, "GiB")
+                row(f"quantize nf4{qs} throughput", "qru", nbytes / 1e9 / wall, "GB/s")
                 if not args.keep:
                     shutil.rmtree(out, ignore_errors=True)
         if not args.no_survival:

@@ -48,7 +48,8 @@ the name, or an ``fnmatch`` pattern of the whole name). Row ``name`` is the modu
 
 Streaming: tensors are read one at a time with :class:`qru.model.checkpoint.ShardReader`
 and processed in row chunks (block-aligned, so the codes equal whole-tensor quantization);
-memory is about one bf16 tensor plus a few fp32 chunks. Calibration runs the base model one
+memory is about one bf16 tensor plus a few fp32 chunks. Sums of squares and inner products
+are fp32 cascade sums per chunk (~1e-7 relative), accumulated in float64. Calibration runs the base model one
 decoder layer at a time (the layer's weights in fp32, the hidden states of ``calib_rows``
 tokens) and analyses that layer's tensors before loading the next. ``Q(W')`` quantizes the
 unlearned weight itself (``ΔW`` is ``fp32(W') − fp32(W)``); with an adapter ``W'`` is the fp32
