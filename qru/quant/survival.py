@@ -466,10 +466,11 @@ def calib_ids(texts: Sequence[str], tokenizer, rows: int, seq_len: int) -> torch
     return torch.tensor(stream[:n], dtype=torch.long).view(-1, seq_len)
 
 
-def _rope(cfg, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _rope(cfg, B: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (B, T, head_dim) for positions 0..T-1, as ``Llama.forward`` builds them."""
     from qru.model.config import rope_inv_freq
 
-    pos = torch.arange(T)[None]
+    pos = torch.arange(T).expand(B, T)
     freqs = pos[:, :, None].float() * rope_inv_freq(cfg)[None, None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
@@ -490,7 +491,7 @@ def stream_inputs(base_dir: str | os.PathLike, ids: torch.Tensor, rows: int, *, 
     emb = index.get("model.embed_tokens.weight")
     x = emb[ids].float()
     del emb
-    cos, sin = _rope(cfg, ids.shape[1])
+    cos, sin = _rope(cfg, *ids.shape)
 
     def grab(mods, into):
         # q/k/v (gate/up) share one input: store it once. The inputs are held (not keyed by
