@@ -334,3 +334,31 @@ def test_corrupt_quant_state_named(base, tmp_path):
     with pytest.raises(CheckpointError, match=r"tensor 'model\.layers\.0\.mlp\.up_proj\.weight\.quant_state\."
                                               r"bitsandbytes__nf4' says shape \[7, 7\]"):
         Llama.from_pretrained(out)
+
+
+@pytest.mark.parametrize("limit", [1, 100, 1 << 20])
+def test_streaming_shard_writer_matches_safetensors(tmp_path, limit):
+    """The tensor-by-tensor shard writer produces files the safetensors library reads back exactly."""
+    import json as _json
+
+    from safetensors.torch import load_file
+
+    from qru.quant.export import _ShardWriter
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a.bf16": torch.randn(3, 5, generator=g).bfloat16(), "b.u8": torch.randint(0, 255, (7, 1),
+               dtype=torch.uint8, generator=g), "c.f32": torch.randn(4, generator=g), "d.empty": torch.empty(0),
+               "e.bool": torch.rand(6, generator=g) > 0.5, "f.i64": torch.arange(3), "g.f16": torch.randn(2, 2).half()}
+    w = _ShardWriter(tmp_path, limit)
+    for k, t in tensors.items():
+        w.add({k: t})
+    w.close()
+    index = _json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    got = {}
+    for f in sorted(set(index["weight_map"].values())):
+        got.update(load_file(str(tmp_path / f)))
+    assert got.keys() == tensors.keys()
+    for k, t in tensors.items():
+        assert got[k].dtype == t.dtype and torch.equal(got[k], t), k
+    assert not list(tmp_path.glob(".shard-*"))
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())

@@ -27,11 +27,10 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from safetensors.torch import save_file
 
 from qru.kernels import quant4
-from qru.model.checkpoint import (INDEX, CheckpointError, ShardReader, assert_finite, checkpoint_files, parse_size,
-                                  staged_dir)
+from qru.model.checkpoint import (INDEX, ST_DTYPES, CheckpointError, ShardReader, assert_finite, checkpoint_files,
+                                  parse_size, staged_dir)
 from qru.quant.formats import DOUBLE_QUANT_BLOCK, FORMATS, DoubleQuant, QTensor, quantize
 from qru.quant.qlinear import (QuantLinear, _as_tuple, _set_submodule, dtype_name, parse_compute_dtype,
                                quantization_config, resolve_block_size, split_linears)
@@ -231,31 +230,65 @@ def swap_in_quantized(model: torch.nn.Module, sd: dict[str, torch.Tensor], confi
 # ----------------------------------------------------------------------------------------
 # Streaming export
 # ----------------------------------------------------------------------------------------
+_ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+
+
 class _ShardWriter:
-    """Buffer tensors and write a safetensors shard each time ``limit`` bytes would be exceeded."""
+    """Write safetensors shards tensor by tensor, holding no tensor after ``add`` returns.
+
+    A safetensors file is ``u64 header length | JSON header | data``, and the header (names,
+    dtypes, shapes, offsets) must come first. Each tensor's bytes are appended to a data file
+    as it arrives; when a shard reaches ``limit`` bytes its header is written to the shard
+    file and the data file is copied behind it in 16 MiB chunks. Memory stays at one tensor
+    whatever the shard size (``save_file`` would hold the whole shard, twice).
+    """
 
     def __init__(self, stage: Path, limit: int):
         self.stage, self.limit = stage, limit
-        self.buf: dict[str, torch.Tensor] = {}
+        self.header: dict[str, dict] = {}
         self.used = 0
         self.files: list[tuple[Path, list[str]]] = []
         self.total = 0
+        self.data = None
+
+    def _data_path(self) -> Path:
+        return self.stage / f".shard-{len(self.files) + 1:05d}.data"
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        if self.buf and self.used + nbytes > self.limit:
+        if self.header and self.used + nbytes > self.limit:
             self.flush()
-        self.buf.update({k: t.contiguous() for k, t in tensors.items()})
-        self.used += nbytes
+        if self.data is None:
+            self.data = open(self._data_path(), "wb")
+        for k, t in tensors.items():
+            if t.dtype not in _ST_NAMES:
+                raise TypeError(f"tensor {k!r}: dtype {t.dtype} cannot be stored in safetensors")
+            n = t.numel() * t.element_size()
+            if n:
+                self.data.write(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+            self.header[k] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape),
+                              "data_offsets": [self.used, self.used + n]}
+            self.used += n
         self.total += nbytes
 
     def flush(self) -> None:
-        if not self.buf:
+        if not self.header:
             return
+        data_path = self._data_path()
+        self.data.close()
+        self.data = None
+        head = json.dumps({"__metadata__": {"format": "pt"}, **self.header}, separators=(",", ":")).encode()
+        head += b" " * (-len(head) % 8)
         path = self.stage / f".shard-{len(self.files) + 1:05d}.safetensors"
-        save_file(self.buf, str(path), metadata={"format": "pt"})
-        self.files.append((path, list(self.buf)))
-        self.buf, self.used = {}, 0
+        with open(path, "wb") as f, open(data_path, "rb") as d:
+            f.write(len(head).to_bytes(8, "little"))
+            f.write(head)
+            shutil.copyfileobj(d, f, 16 << 20)
+            f.flush()
+            os.fsync(f.fileno())
+        data_path.unlink()
+        self.files.append((path, list(self.header)))
+        self.header, self.used = {}, 0
 
     def close(self) -> None:
         """Flush, name the shards ``model-i-of-n.safetensors`` and write the index."""
@@ -268,6 +301,11 @@ class _ShardWriter:
             weight_map.update({k: final for k in keys})
         (self.stage / INDEX).write_text(json.dumps({"metadata": {"total_size": self.total},
                                                     "weight_map": weight_map}, indent=2))
+
+    def abort(self) -> None:
+        if self.data is not None:
+            self.data.close()
+            self.data = None
 
 
 def _check_adapter(adapter, shapes: dict[str, tuple[int, ...]], model_dir: Path):
@@ -378,6 +416,9 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out: str | os.PathLike, fm
                     del t
                     bar.update()
                     bar.set_postfix_str(key, refresh=False)
+        except BaseException:
+            writer.abort()
+            raise
         finally:
             bar.close()
         writer.close()
