@@ -67,6 +67,7 @@ def test_results_schema(demo):
             assert isinstance(r[k], (int, float)) and math.isfinite(r[k]), (k, r)
         for k in ("verbmem_f", "knowmem_f", "knowmem_r"):
             assert 0.0 <= r[k] <= 100.0
+            assert statistics.fmean(r["items"][k]) == pytest.approx(r[k], abs=0.01)  # the metric = item mean
         if r["mode"] in ("target", "retrain"):
             assert r["method"] == r["mode"]
         else:
@@ -121,18 +122,21 @@ def test_report_table(demo):
 
 
 def _recompute_effect(recs, metric, mode, prec):
-    """Independent recomputation: mean paired difference and pooled seed sd."""
-    diffs = {}
+    """Independent recomputation: mean paired difference, pooled seed sd, combined standard error."""
+    diffs, items = {}, []
     for r in recs:
         if r["mode"] == mode and r["precision"] == prec:
             base = [b for b in recs if b["model"] == r["model"] and b["precision"] == "bf16"][0]
             diffs.setdefault(r["method"], []).append(r[metric] - base[metric])
+            items.append([x - y for x, y in zip(r["items"][metric], base["items"][metric])])
     allv = [d for v in diffs.values() for d in v]
     effect = sum(allv) / len(allv)
     var = [statistics.variance(v) for v in diffs.values() if len(v) > 1]
     sd = math.sqrt(sum(var) / len(var))
     n_seeds = max(len(v) for v in diffs.values())
-    return effect, sd, n_seeds
+    se_items = math.sqrt(sum(statistics.variance(d) / len(d) for d in items)) / len(items)
+    se = math.sqrt((sd / math.sqrt(n_seeds)) ** 2 + se_items ** 2)
+    return effect, sd, se
 
 
 def test_conclusion_matches_results(demo):
@@ -143,11 +147,12 @@ def test_conclusion_matches_results(demo):
     concl = md.split("## Conclusion (computed from results.json)", 1)[1].split("## Every precision", 1)[0]
     fmt = cfg.eval.table_format
     for mode, name in (("full", "Full fine-tuning"), ("lora", "LoRA (merged, then quantized)")):
-        effect, sd, n = _recompute_effect(recs, "knowmem_f", mode, fmt)
+        effect, sd, se = _recompute_effect(recs, "knowmem_f", mode, fmt)
         st = conc["restore"][fmt][mode]
         assert st["effect"] == pytest.approx(effect, abs=1e-9)
         assert st["noise_sd"] == pytest.approx(sd, abs=1e-9)
-        shown = abs(effect) >= max(2 * sd / math.sqrt(n), conc["min_effect"])
+        assert st["se"] == pytest.approx(se, abs=1e-9)
+        shown = abs(effect) >= max(2 * se, conc["min_effect"])
         assert st["shown"] == shown
         line = next(ln for ln in concl.splitlines() if ln.startswith(f"- {name}:"))
         assert f"{effect:+.1f} points" in line

@@ -56,19 +56,33 @@ def unlearned_keys(records) -> list[tuple[str, int]]:
 
 def paired(records, metric: str, a: dict, b: dict) -> dict[tuple[str, int], float]:
     """``metric(a) - metric(b)`` per (method, seed); ``a``/``b`` fix mode and precision."""
-    out = {}
+    return paired_items(records, metric, a, b)[0]
+
+
+def paired_items(records, metric: str, a: dict, b: dict):
+    """``(diffs, item_diffs)``: as :func:`paired`, plus the per-eval-item differences where both records
+    carry ``items[metric]`` for the same items."""
+    out, items = {}, {}
     for m, s in unlearned_keys(records):
-        x = _one(records, metric, method=m, seed=s, **a)
-        y = _one(records, metric, method=m, seed=s, **b)
-        if x is not None and y is not None:
-            out[(m, s)] = x - y
-    return out
+        ra = _val(records, method=m, seed=s, **a)
+        rb = _val(records, method=m, seed=s, **b)
+        if not ra or not rb or ra[0][metric] is None or rb[0][metric] is None:
+            continue
+        out[(m, s)] = ra[0][metric] - rb[0][metric]
+        ia, ib = (r[0].get("items", {}).get(metric) for r in (ra, rb))
+        if ia and ib and len(ia) == len(ib) and len(ia) > 1:
+            items[(m, s)] = [x - y for x, y in zip(ia, ib)]
+    return out, items
 
 
-def effect_stats(diffs: dict[tuple[str, int], float]) -> dict:
-    """Mean effect, pooled seed-to-seed sd, standard error of the seed mean, counts."""
+def effect_stats(diffs: dict[tuple[str, int], float], item_diffs: dict | None = None) -> dict:
+    """Mean effect; its noise: pooled seed-to-seed sd (``noise_sd``), the standard error of the seed mean
+    (``se_seed``), the standard error from the finite eval items (``se_items``: the paired per-item
+    differences, sqrt(sum var/n) / pairs) and their combination ``se = sqrt(se_seed^2 + se_items^2)``.
+    Shown when ``|effect| >= max(2 se, MIN_EFFECT)``."""
     if not diffs:
-        return {"effect": None, "noise_sd": None, "se": None, "n_seeds": 0, "n_methods": 0, "shown": False}
+        return {"effect": None, "noise_sd": None, "se_seed": None, "se_items": None, "se": None, "n_seeds": 0,
+                "n_methods": 0, "shown": False}
     methods = sorted({m for m, _ in diffs})
     seeds = sorted({s for _, s in diffs})
     effect = statistics.fmean(diffs.values())
@@ -78,10 +92,19 @@ def effect_stats(diffs: dict[tuple[str, int], float]) -> dict:
         if len(v) >= 2:
             variances.append(statistics.variance(v))
     sd = math.sqrt(statistics.fmean(variances)) if variances else None
-    se = sd / math.sqrt(len(seeds)) if sd is not None else None
+    se_seed = sd / math.sqrt(len(seeds)) if sd is not None else None
+    se_items = None
+    if item_diffs and set(item_diffs) == set(diffs):
+        se_items = math.sqrt(sum(statistics.variance(v) / len(v) for v in item_diffs.values())) / len(item_diffs)
+    se = None if se_seed is None else math.sqrt(se_seed ** 2 + (se_items or 0.0) ** 2)
     shown = se is not None and abs(effect) >= max(2 * se, MIN_EFFECT)
-    return {"effect": effect, "noise_sd": sd, "se": se, "n_seeds": len(seeds), "n_methods": len(methods),
-            "shown": bool(shown)}
+    return {"effect": effect, "noise_sd": sd, "se_seed": se_seed, "se_items": se_items, "se": se,
+            "n_seeds": len(seeds), "n_methods": len(methods), "shown": bool(shown)}
+
+
+def effect(records, metric: str, a: dict, b: dict) -> dict:
+    """:func:`effect_stats` of the paired difference ``metric(a) - metric(b)``, item noise included."""
+    return effect_stats(*paired_items(records, metric, a, b))
 
 
 def _f(x, nd=1, sign=False) -> str:
@@ -98,8 +121,12 @@ def _pm(st: dict) -> str:
     """'+3.2 points (seed sd 1.1, SE 0.8, 2 seeds x 2 methods)'."""
     if st["effect"] is None:
         return "n/a (no paired records)"
-    noise = (f"seed-to-seed sd {_f(st['noise_sd'])}, standard error {_f(st['se'])}" if st["noise_sd"] is not None
-             else "noise unknown: a single unlearning seed")
+    if st["noise_sd"] is None:
+        noise = "noise unknown: a single unlearning seed"
+    else:
+        noise = f"seed-to-seed sd {_f(st['noise_sd'])}, standard error {_f(st['se'])}"
+        if st.get("se_items") is not None:
+            noise += f" (seeds {_f(st['se_seed'])}, eval items {_f(st['se_items'])})"
     return f"{_f(st['effect'], sign=True)} points ({noise}; {st['n_seeds']} seeds x {st['n_methods']} methods)"
 
 
@@ -135,8 +162,9 @@ def conclusions(records, table_format: str = "nf4", utility_bound: float = 0.25)
          "sanity": sanity(records, utility_bound), "restore": {}, "utility": {}, "privleak": {}}
     for fmt in formats:
         for mode in ("full", "lora"):
-            d = paired(records, "knowmem_f", {"mode": mode, "precision": fmt}, {"mode": mode, "precision": "bf16"})
-            st = effect_stats(d)
+            d, it = paired_items(records, "knowmem_f", {"mode": mode, "precision": fmt},
+                                 {"mode": mode, "precision": "bf16"})
+            st = effect_stats(d, it)
             kt = _one(records, "knowmem_f", mode="target", precision="bf16")
             gaps = [kt - _one(records, "knowmem_f", method=m, seed=s, mode=mode, precision="bf16")
                     for (m, s) in d] if kt is not None else []
@@ -144,14 +172,15 @@ def conclusions(records, table_format: str = "nf4", utility_bound: float = 0.25)
             st["forgotten_at_bf16"] = gap
             st["restored_fraction"] = st["effect"] / gap if st["effect"] is not None and gap and gap > 0 else None
             c["restore"].setdefault(fmt, {})[mode] = st
-        ud = paired(records, "knowmem_r", {"mode": "lora", "precision": fmt}, {"mode": "full", "precision": fmt})
-        loss = {mode: effect_stats(paired(records, "knowmem_r", {"mode": mode, "precision": fmt},
-                                          {"mode": mode, "precision": "bf16"})) for mode in ("full", "lora")}
+        loss = {mode: effect(records, "knowmem_r", {"mode": mode, "precision": fmt}, {"mode": mode, "precision": "bf16"})
+                for mode in ("full", "lora")}
         dd = {k: v - paired(records, "knowmem_r", {"mode": "full", "precision": fmt},
                             {"mode": "full", "precision": "bf16"}).get(k, float("nan"))
               for k, v in paired(records, "knowmem_r", {"mode": "lora", "precision": fmt},
                                  {"mode": "lora", "precision": "bf16"}).items()}
-        c["utility"][fmt] = {"lora_minus_full": effect_stats(ud), "quant_loss": loss,
+        c["utility"][fmt] = {"lora_minus_full": effect(records, "knowmem_r", {"mode": "lora", "precision": fmt},
+                                                       {"mode": "full", "precision": fmt}),
+                             "quant_loss": loss,
                              "lora_minus_full_quant_loss": effect_stats({k: v for k, v in dd.items()
                                                                          if not math.isnan(v)})}
         pl = {}

@@ -93,15 +93,13 @@ def summarize_point(records, fmts) -> dict:
     for f in fmts:
         row = {}
         for mode in ("full", "lora"):
-            rest = rpt.effect_stats(rpt.paired(records, "knowmem_f", {"mode": mode, "precision": f},
-                                               {"mode": mode, "precision": "bf16"}))
-            uloss = rpt.effect_stats(rpt.paired(records, "knowmem_r", {"mode": mode, "precision": "bf16"},
-                                                {"mode": mode, "precision": f}))
-            pl = rpt.effect_stats(rpt.paired(records, "privleak", {"mode": mode, "precision": f},
-                                             {"mode": mode, "precision": "bf16"}))
+            rest = rpt.effect(records, "knowmem_f", {"mode": mode, "precision": f}, {"mode": mode, "precision": "bf16"})
+            uloss = rpt.effect(records, "knowmem_r", {"mode": mode, "precision": "bf16"},
+                               {"mode": mode, "precision": f})
+            pl = rpt.effect(records, "privleak", {"mode": mode, "precision": f}, {"mode": mode, "precision": "bf16"})
             row[mode] = {"restored": rest, "utility_loss": uloss, "privleak_change": pl}
-        row["lora_minus_full_utility"] = rpt.effect_stats(
-            rpt.paired(records, "knowmem_r", {"mode": "lora", "precision": f}, {"mode": "full", "precision": f}))
+        row["lora_minus_full_utility"] = rpt.effect(records, "knowmem_r", {"mode": "lora", "precision": f},
+                                                    {"mode": "full", "precision": f})
         out["formats"][f] = row
     return out
 
