@@ -332,10 +332,11 @@ def cmd_demo(args) -> int:
 def cmd_sweep(args) -> int:
     """One-factor-at-a-time sweep of the demo around a preset."""
     from qru.demo import PresetError, parse_overrides
-    from qru.demo.sweep import parse_knobs, run_sweep
+    from qru.demo.sweep import parse_combos, parse_knobs, run_sweep
 
     try:
         res = run_sweep(args.preset, args.out, seed=args.seed, knobs=parse_knobs(args.knob),
+                        combos=parse_combos(args.combo) if args.combo else None,
                         overrides=parse_overrides(args.set), force=args.force, progress=args.progress,
                         device=args.device, threads=args.threads)
     except (PresetError, ValueError, FileNotFoundError) as e:
@@ -350,7 +351,8 @@ def _add_demo_common(p) -> None:
     p.add_argument("--force", action="store_true", help="recompute every stage (ignore the cache)")
     p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                    help="override a preset field, e.g. --set model.hidden=128 (repeatable)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default 1: tiny models; the other core builds the kernels)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
@@ -370,6 +372,9 @@ def _add_sweep(sub) -> None:
     p.add_argument("--knob", action="append", metavar="SECTION.FIELD=V1,V2",
                    help="a swept knob and its values (repeatable; default: width, target length, master dtype, "
                         "unlearning lr and epochs)")
+    p.add_argument("--combo", action="append", metavar="K1=V1,K2=V2",
+                   help="an extra point changing several fields at once (repeatable; default: bf16 master weights "
+                        "with full-FT lr 1e-5 and 3e-5)")
     _add_demo_common(p)
     p.set_defaults(func=cmd_sweep)
 

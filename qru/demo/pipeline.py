@@ -36,14 +36,12 @@ def _log(msg: str) -> None:
 # -- the C++ kernels: built in the background while the models train ---------------------------
 
 class KernelBuild:
-    """Build (JIT, cached by torch) the CPU kernels the pipeline needs, in background threads.
+    """Build (JIT, cached by torch under ``TORCH_EXTENSIONS_DIR``) every C++ kernel of ``csrc/`` in two
+    background threads, in the order the pipeline needs them, while the CPU would otherwise idle or
+    train; the ops themselves then just load the built modules."""
 
-    Two builders: one for the LoRA kernel, one for the rest in the order the pipeline needs them
-    (fused log-probs for training, then the quantization kernels for the quantized evaluation), so
-    that the first build the training waits for shares the machine with the second, not with itself.
-    """
-
-    QUEUES = (("linear_logprobs", "quant", "qmatmul"), ("lora",))
+    # two builders, each starting with a kernel the training needs at once; then LoRA, then quantization
+    QUEUES = (("llama_ops", "quant", "qmatmul"), ("linear_logprobs", "lora"))
 
     def __init__(self, needed: bool):
         self.seconds: float | None = None
@@ -52,7 +50,12 @@ class KernelBuild:
         self.threads: list[threading.Thread] = []
         self._t0 = time.perf_counter()
         if needed and not torch.cuda.is_available() and os.environ.get("QRU_BACKEND", "") in ("", "cpp"):
-            for q in self.QUEUES:
+            from qru.kernels._backend import CSRC
+
+            known = {n for q in self.QUEUES for n in q}
+            extra = tuple(sorted(p.stem for p in CSRC.glob("*.cpp") if p.stem not in known))
+            queues = [self.QUEUES[0], self.QUEUES[1] + extra]
+            for q in queues:
                 t = threading.Thread(target=self._build, args=(q,), name="qru-kernel-build", daemon=True)
                 t.start()
                 self.threads.append(t)
@@ -82,8 +85,9 @@ class KernelBuild:
 
 
 def _threads(build: KernelBuild, max_threads: int | None) -> None:
-    """One compute thread while the compiler holds a core, all of them afterwards."""
-    n = max_threads or os.cpu_count() or 1
+    """``max_threads`` compute threads (default 1: the demo's models are too small to gain from more, and
+    the other core compiles), one less while the compiler runs."""
+    n = max_threads or 1
     torch.set_num_threads(max(1, n - 1) if build.running and n > 1 else n)
 
 
@@ -116,6 +120,7 @@ class DemoRun:
     kernel_each: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
     wall_seconds: float = 0.0
+    cpu_seconds: float = 0.0
 
 
 def _train_common(cfg: DemoConfig, progress: bool, device: str, cache_dir: Path) -> dict:
@@ -323,7 +328,10 @@ def _survival_stage(cache, ref: ModelRef, target, cfg, corpus_dir):
             rep = survival.analyze(target.dir, adapter=ref.adapter, **kw)
         else:
             rep = survival.analyze(target.dir, ref.path, **kw)
-        survival.write_outputs(rep, d / "survival")
+        if cfg.survival_plots:
+            survival.write_outputs(rep, d / "survival")  # survival.json, .csv and two PNGs
+        else:  # the plots cost about a CPU second per model
+            atomic_write_json(d / "survival" / "survival.json", rep)
         overall = {f: r["overall"] for f, r in survival.by_format(rep).items()} if hasattr(survival, "by_format") \
             else {}
         return {"status": "done", "overall": overall}
@@ -331,7 +339,8 @@ def _survival_stage(cache, ref: ModelRef, target, cfg, corpus_dir):
     try:
         st = cache.run(f"survival-{ref.key}", {"target": target.hash, "model": ref.hash,
                                                "formats": list(cfg.survival_formats),
-                                               "block_size": cfg.eval.block_size, "calib": "forget"}, build)
+                                               "block_size": cfg.eval.block_size, "calib": "forget",
+                                               "plots": cfg.survival_plots}, build)
     except Exception as e:  # an analysis failure must not sink the demo's main result
         return {"status": "failed", "reason": f"{type(e).__name__}: {e}"}
     return {**st.result, "dir": str(st.dir / "survival")}
@@ -347,6 +356,7 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, *, seed: int = 0, force: b
     from qru.model.tokenizer import Tokenizer
 
     t_start = time.perf_counter()
+    cpu_start = _cpu_seconds()
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     out = Path(out)
@@ -357,12 +367,16 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, *, seed: int = 0, force: b
     cache = StageCache(Path(stages_root) if stages_root else out / "stages", force=force, log=_log)
     common = _train_common(cfg, progress, device, out / "cache" / "tokens")
 
+    n_train = 5 + cfg.unlearn.seeds * len(cfg.unlearn.methods) * len(cfg.unlearn.modes)
+
     def stage(fn, *a):
         _threads(build, threads)
         st = fn(*a)
         (run.cached if st.cached else run.computed).append(st.name)
         run.stage_times[st.name] = round(st.seconds, 2)
-        _log(f"{st.name}: {'cached' if st.cached else f'done in {st.seconds:.1f}s'}")
+        k = len(run.cached) + len(run.computed)
+        _log(f"[{k}/{n_train} training stages, {time.perf_counter() - t_start:.0f}s] {st.name}: "
+             f"{'cached' if st.cached else f'done in {st.seconds:.1f}s'}")
         return st
 
     corpus = stage(_corpus_stage, cache, cfg, seed)
@@ -414,7 +428,7 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, *, seed: int = 0, force: b
             _note(run, ev)
     build.wait()
     run.kernel_seconds, run.kernel_each = build.seconds, build.each
-    torch.set_num_threads(threads or os.cpu_count() or 1)
+    torch.set_num_threads(threads or 1)
 
     for ref in refs[2:]:
         t0 = time.perf_counter()
@@ -438,9 +452,18 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, *, seed: int = 0, force: b
     if prune and stages_root is None:
         cache.prune()
     run.wall_seconds = time.perf_counter() - t_start
+    run.cpu_seconds = _cpu_seconds() - cpu_start
     if report:
         rpt.write_outputs(run)
     return run
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the compiler), user + system."""
+    import resource
+
+    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
 
 
 def _privleak(auc, ref):

@@ -99,6 +99,7 @@ class DemoConfig:
     unlearn: UnlearnSpec = field(default_factory=UnlearnSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
     survival_formats: tuple[str, ...] = FOUR_BIT
+    survival_plots: bool = False  # qru.quant.survival.write_outputs' per-model PNGs (about 1 CPU-s each)
     note: str = ""  # why this preset's regime (printed in the report)
 
     def to_dict(self) -> dict:
@@ -126,6 +127,7 @@ def _full() -> DemoConfig:
         target=TrainSpec(lr=3e-3, epochs=24, warmup_steps=5),
         unlearn=UnlearnSpec(methods=METHODS, seeds=2),
         eval=EvalSpec(limit=60),
+        survival_plots=True,
         note="all four methods in both modes, a wider model, two unlearning seeds")
 
 
@@ -185,12 +187,12 @@ def apply_overrides(cfg: DemoConfig, overrides: dict | None) -> DemoConfig:
     """``cfg`` with dotted-key overrides (``{"unlearn.lr_full": 3e-5}``) applied and the result validated."""
     for key, value in (overrides or {}).items():
         parts = key.split(".")
-        if len(parts) == 1 and parts[0] == "survival_formats":
-            cfg = dataclasses.replace(cfg, survival_formats=_coerce(value, cfg.survival_formats, key))
+        if len(parts) == 1 and parts[0] in ("survival_formats", "survival_plots"):
+            cfg = dataclasses.replace(cfg, **{key: _coerce(value, getattr(cfg, key), key)})
             continue
         if len(parts) != 2 or parts[0] not in SECTIONS:
             raise PresetError(f"unknown override key {key!r} (expected SECTION.FIELD with SECTION one of "
-                              f"{', '.join(SECTIONS)}, or survival_formats)")
+                              f"{', '.join(SECTIONS)}, or survival_formats / survival_plots)")
         sec, name = parts
         spec = getattr(cfg, sec)
         names = [f.name for f in dataclasses.fields(spec)]

@@ -170,6 +170,8 @@ def conclusions(records, table_format: str = "nf4", utility_bound: float = 0.25)
                     for (m, s) in d] if kt is not None else []
             gap = statistics.fmean(gaps) if gaps else None
             st["forgotten_at_bf16"] = gap
+            tq = _one(records, "knowmem_f", mode="target", precision=fmt)
+            st["target_change"] = tq - kt if tq is not None and kt is not None else None
             st["restored_fraction"] = st["effect"] / gap if st["effect"] is not None and gap and gap > 0 else None
             c["restore"].setdefault(fmt, {})[mode] = st
         loss = {mode: effect(records, "knowmem_r", {"mode": mode, "precision": fmt}, {"mode": mode, "precision": "bf16"})
@@ -215,7 +217,10 @@ def _restore_sentence(st: dict, mode_name: str, fmt: str) -> str:
         verdict = f"NO, the opposite: {fmt} removes more knowledge"
     else:
         verdict = f"NO effect shown: {fmt} does not restore forgotten knowledge beyond the noise"
-    return f"{mode_name}: {verdict}; KnowMem_f({fmt}) - KnowMem_f(bf16) = {_pm(st)}{frac}."
+    ref = st.get("target_change")
+    ref = (f" For reference, the target's own KnowMem_f changes by {_f(ref, sign=True)} at {fmt}."
+           if ref is not None else "")
+    return f"{mode_name}: {verdict}; KnowMem_f({fmt}) - KnowMem_f(bf16) = {_pm(st)}{frac}.{ref}"
 
 
 def answers(c: dict) -> dict:
@@ -259,12 +264,18 @@ def answers(c: dict) -> dict:
             if st["effect"] is None:
                 continue
             a, b = st["bf16_mean"], st["quant_mean"]
-            where = ("toward 0 (less leak)" if b is not None and a is not None and abs(b) < abs(a) else
-                     "away from 0 (more leak / more over-unlearning)")
+            if not st["shown"]:
+                where = "no move beyond the noise"
+            elif abs(b) < abs(a):
+                where = "toward 0 (closer to the retrain model)"
+            else:
+                where = "away from 0 (" + ("more leak" if b < 0 else "more over-unlearning") + ")"
             sign = "negative: the forget set still looks like training data" if b is not None and b < 0 else \
                 "positive: the forget set looks less familiar than unseen text (over-unlearning)"
-            lines.append(f"{name}: PrivLeak moves from {_f(a)} (bf16) to {_f(b)} ({fmt}), {where}; change "
-                         f"{_pm(st)} ({'shown' if st['shown'] else 'not shown'}); at {fmt} it is {sign}.")
+            sat = " (-100 is the floor: forget and holdout texts perfectly separated)" if b is not None and \
+                b <= -99.95 else ""
+            lines.append(f"{name}: PrivLeak goes from {_f(a)} (bf16) to {_f(b)} ({fmt}): {where}; change "
+                         f"{_pm(st)}; at {fmt} it is {sign}{sat}.")
         st = p["lora_minus_full_abs"]
         lines.append(f"|PrivLeak(LoRA)| - |PrivLeak(full)| at {fmt} = {_pm(st)}: "
                      + ("LoRA leaks less." if st["shown"] and st["effect"] < 0 else
@@ -476,9 +487,12 @@ def render(run, c: dict) -> str:
           "## Run", ""]
     comp = [k for k in run.computed]
     L.append(f"- Wall time of this run: **{run.wall_seconds:.0f} s** ({len(comp)} stages computed, "
-             f"{len(run.cached)} cached) on {platform.machine()} with {os.cpu_count()} CPU cores"
-             + (f"; C++ kernel build {run.kernel_seconds:.0f} s (in the background)" if run.kernel_seconds else "")
-             + ".")
+             f"{len(run.cached)} cached) on {platform.machine()} with {os.cpu_count()} CPU cores; CPU time "
+             f"{run.cpu_seconds:.0f} s (this process and the compiler; more than the wall time means both cores "
+             f"were busy, much less means other processes shared the machine)"
+             + (f"; C++ kernels built in the background in {run.kernel_seconds:.0f} s ("
+                + ", ".join(f"{k} {v:.0f}s" for k, v in run.kernel_each.items()) + ")"
+                if run.kernel_seconds and run.kernel_each else "") + ".")
     slow = sorted(((k, v) for k, v in run.stage_times.items() if k in comp), key=lambda kv: -kv[1])[:6]
     if slow:
         L.append("- Slowest computed stages: " + ", ".join(f"{k} {v:.0f}s" for k, v in slow) + ".")
@@ -499,6 +513,8 @@ def write_outputs(run) -> dict[str, Path]:
     paths["report"] = out / "report.md"
     atomic_write_json(out / "run.json", {"preset": cfg.name, "seed": run.seed, "config": cfg.to_dict(),
                                          "wall_seconds": round(run.wall_seconds, 2),
+                                         "cpu_seconds": round(run.cpu_seconds, 2),
+                                         "kernel_build": run.kernel_each,
                                          "kernel_build_seconds": run.kernel_seconds,
                                          "computed": run.computed, "cached": run.cached,
                                          "stage_seconds": run.stage_times, "survival": run.survival,

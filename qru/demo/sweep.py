@@ -27,14 +27,21 @@ from qru.demo.stages import atomic_write_json, atomic_write_text
 # knob -> values; the preset's own value is the centre point
 DEFAULT_KNOBS: dict[str, tuple] = {
     "model.hidden": (64, 128, 192),
-    "target.epochs": (12, 24, 48),
+    "target.epochs": (20, 40, 80),
+    "target.lr": (5e-4, 2e-3),
     "unlearn.master_dtype": ("fp32", "bf16"),
     "unlearn.lr_full": (1e-5, 3e-5, 1e-4, 3e-4),
     "unlearn.epochs": (2, 5, 10),
 }
+# extra points changing several knobs at once (the mechanisms that need two of them together)
+DEFAULT_COMBOS: tuple[dict, ...] = (
+    {"unlearn.master_dtype": "bf16", "unlearn.lr_full": 1e-5},
+    {"unlearn.master_dtype": "bf16", "unlearn.lr_full": 3e-5},
+)
 KNOB_NOTE = {
     "model.hidden": "width (fan-in): the update-to-quantization-step ratio shrinks with width",
-    "target.epochs": "target training length: how over-fit the target is",
+    "target.epochs": "target training length (passes over forget + retain): how over-fit the target is",
+    "target.lr": "fine-tuning LR of base -> target: a smaller LR makes the target base + a smaller delta",
     "unlearn.master_dtype": "bf16 weights without an fp32 master copy: small steps are lost below a bf16 ulp",
     "unlearn.lr_full": "full-FT unlearning learning rate (LoRA keeps its own)",
     "unlearn.epochs": "unlearning length",
@@ -55,14 +62,36 @@ def parse_knobs(items: list[str] | None) -> dict[str, tuple[str, ...]]:
     return out
 
 
+def parse_combos(items: list[str] | None) -> list[dict]:
+    """``["unlearn.master_dtype=bf16,unlearn.lr_full=1e-5"]`` -> ``[{...: "bf16", ...: "1e-5"}]``."""
+    out = []
+    for it in items or []:
+        d = {}
+        for part in it.split(","):
+            if "=" not in part:
+                raise PresetError(f"combo {it!r} must look like K1=V1,K2=V2")
+            k, v = part.split("=", 1)
+            d[k.strip()] = v.strip()
+        out.append(d)
+    return out
+
+
 def _label(v) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def grid(base: DemoConfig, knobs: dict) -> list[tuple[str, str | None, object, DemoConfig]]:
-    """``(label, knob, value, config)`` for the centre and every one-factor change (duplicates dropped)."""
+def grid(base: DemoConfig, knobs: dict, combos=()) -> list[tuple[str, str | None, object, DemoConfig]]:
+    """``(label, knob, value, config)`` for the centre, every one-factor change and every combo
+    (knob ``"combo"``); duplicates dropped."""
     points = [("centre", None, None, base)]
     seen = {rpt_key(base)}
+    for combo in combos:
+        cfg = apply_overrides(base, combo)
+        if rpt_key(cfg) in seen:
+            continue
+        seen.add(rpt_key(cfg))
+        label = "+".join(f"{k}={_label(_get(cfg, k))}" for k in combo)
+        points.append((label, "combo", label, cfg))
     for knob, values in knobs.items():
         for v in values:
             cfg = apply_overrides(base, {knob: v})
@@ -87,6 +116,20 @@ def _get(cfg: DemoConfig, knob: str):
     return getattr(getattr(cfg, sec), name)
 
 
+def survival_means(survival: dict) -> dict:
+    """``{mode: {fmt: {metric: mean over that mode's unlearned models}}}`` of the survival overall aggregates."""
+    acc: dict = {}
+    for key, v in survival.items():
+        if v.get("status") != "done":
+            continue
+        mode = "lora" if "-lora-" in key else "full"
+        for fmt, o in (v.get("overall") or {}).items():
+            for m in ("projection", "survival_ratio", "code_flip_frac", "below_half_step_frac", "delta_rel_norm"):
+                if o.get(m) is not None:
+                    acc.setdefault(mode, {}).setdefault(fmt, {}).setdefault(m, []).append(o[m])
+    return {mode: {f: {m: statistics.fmean(v) for m, v in d.items()} for f, d in fd.items()} for mode, fd in acc.items()}
+
+
 def summarize_point(records, fmts) -> dict:
     """Per format and mode: restored and utility-loss stats; bf16 sanity."""
     out = {"sanity": rpt.sanity(records, 1.0), "formats": {}}
@@ -105,17 +148,19 @@ def summarize_point(records, fmts) -> dict:
 
 
 def run_sweep(preset: str = "quick", out: str | os.PathLike | None = None, *, seed: int = 0,
-              knobs: dict | None = None, overrides: dict | None = None, force: bool = False, progress: bool = True,
-              device: str = "cpu", threads: int | None = None) -> dict:
+              knobs: dict | None = None, combos: list[dict] | None = None, overrides: dict | None = None,
+              force: bool = False, progress: bool = True, device: str = "cpu", threads: int | None = None) -> dict:
     t0 = time.perf_counter()
     base = get_preset(preset, overrides)
-    knobs = DEFAULT_KNOBS if not knobs else knobs
+    if not knobs and combos is None:
+        knobs, combos = DEFAULT_KNOBS, list(DEFAULT_COMBOS)
+    knobs, combos = knobs or {}, combos or []
     base = apply_overrides(base, {"eval.precisions": ("bf16",) + FOUR_BIT})
     if base.eval.table_format not in base.eval.precisions:
         base = apply_overrides(base, {"eval.table_format": "nf4"})
     out = Path(out or f"runs/sweep-{preset}")
     out.mkdir(parents=True, exist_ok=True)
-    points = grid(base, knobs)
+    points = grid(base, knobs, combos)
     print(f"qru sweep: {len(points)} points ({', '.join(p[0] for p in points)})", file=sys.stderr, flush=True)
     results = []
     for i, (label, knob, value, cfg) in enumerate(points):
@@ -125,10 +170,11 @@ def run_sweep(preset: str = "quick", out: str | os.PathLike | None = None, *, se
                          out / "stages")
         fmts = [f for f in FOUR_BIT if f in cfg.eval.precisions]
         results.append({"point": label, "knob": knob, "value": value, "seconds": round(time.perf_counter() - t, 1),
-                        "summary": rpt._jsonable(summarize_point(run.records, fmts)), "records": run.records})
+                        "summary": rpt._jsonable(summarize_point(run.records, fmts)),
+                        "survival": survival_means(run.survival), "records": run.records})
         atomic_write_json(out / "sweep_results.json", {"preset": preset, "seed": seed, "points": results})
     wall = time.perf_counter() - t0
-    md = render_sweep(results, base, preset, seed, knobs, wall)
+    md = render_sweep(results, base, preset, seed, knobs, wall, combos)
     atomic_write_text(out / "sweep.md", md)
     sweep_plots(results, base, out)
     print(f"qru sweep: done in {wall:.0f}s; table in {out / 'sweep.md'}", file=sys.stderr)
@@ -142,6 +188,17 @@ def _run_point(cfg, out, seed, force, progress, device, threads, stages):
                     stages_root=stages, prune=False)
 
 
+def _short(st: dict) -> str:
+    if st is None or st.get("effect") is None:
+        return "n/a"
+    return f"{st['effect']:+.1f}{'*' if st.get('shown') else ''}"
+
+
+def _mean_metric(records, metric, mode, precision):
+    v = [r[metric] for r in records if r["mode"] == mode and r["precision"] == precision]
+    return statistics.fmean(v) if v else None
+
+
 def _cell(st: dict) -> str:
     if st is None or st.get("effect") is None:
         return "n/a"
@@ -149,30 +206,43 @@ def _cell(st: dict) -> str:
     return f"{st['effect']:+.1f}{sd}{' *' if st.get('shown') else ''}"
 
 
-def render_sweep(results, base: DemoConfig, preset, seed, knobs, wall) -> str:
+def render_sweep(results, base: DemoConfig, preset, seed, knobs, wall, combos=()) -> str:
     fmts = [f for f in FOUR_BIT if f in base.eval.precisions]
     L = [f"# qru sweep — preset `{preset}`, seed {seed}", "",
          f"One factor at a time around the `{preset}` preset; {len(results)} points, wall time {wall:.0f} s on "
          f"{platform.machine()} with {os.cpu_count()} CPU cores.",
          "Restored = KnowMem_f(4-bit) − KnowMem_f(bf16) (positive: quantization brings forgotten knowledge back); "
-         "utility loss = KnowMem_r(bf16) − KnowMem_r(4-bit). Mean ± seed-to-seed sd over methods x unlearning seeds; "
-         f"* = shown (|effect| >= 2 standard errors and >= {rpt.MIN_EFFECT:g} points).", ""]
-    L.append("| Point | target gap | forgot full / LoRA | "
-             + " | ".join(f"restored {f} full | restored {f} LoRA | util. loss {f} full | util. loss {f} LoRA"
-                          for f in fmts) + " |")
-    L.append("|" + "---|" * (3 + 4 * len(fmts)))
+         "utility loss = KnowMem_r(bf16) − KnowMem_r(4-bit); forgot = share of the target − retrain KnowMem_f gap "
+         "removed at bf16.", ""]
+    fl = " / ".join(fmts)
+    L.append(f"| Point | target gap | forgot at bf16 full / LoRA | utility bf16 full / LoRA | restored full ({fl}) "
+             f"| restored LoRA ({fl}) | 4-bit utility loss full ({fl}) | 4-bit utility loss LoRA ({fl}) | "
+             f"LoRA − full utility at 4-bit ({fl}) | {fmts[0]} projection full / LoRA | "
+             f"{fmts[0]} share of |ΔW| < step/2 full / LoRA |")
+    L.append("|" + "---|" * 11)
     for r in results:
         s = r["summary"]["sanity"]
         fr = [s["modes"].get(m, {}).get("forgotten_fraction") for m in ("full", "lora")]
+        ut = [_mean_metric(r["records"], "knowmem_r", m, "bf16") for m in ("full", "lora")]
         cells = [r["point"], "n/a" if s["target_gap"] is None else f"{s['target_gap']:.1f}",
-                 " / ".join("n/a" if x is None else f"{100 * x:.0f}%" for x in fr)]
-        for f in fmts:
-            row = r["summary"]["formats"][f]
-            cells += [_cell(row["full"]["restored"]), _cell(row["lora"]["restored"]),
-                      _cell(row["full"]["utility_loss"]), _cell(row["lora"]["utility_loss"])]
+                 " / ".join("n/a" if x is None else f"{100 * x:.0f}%" for x in fr),
+                 " / ".join("n/a" if x is None else f"{x:.1f}" for x in ut)]
+        fm = r["summary"]["formats"]
+        cells += [" / ".join(_short(fm[f][m]["restored"]) for f in fmts) for m in ("full", "lora")]
+        cells += [" / ".join(_short(fm[f][m]["utility_loss"]) for f in fmts) for m in ("full", "lora")]
+        cells.append(" / ".join(_short(fm[f]["lora_minus_full_utility"]) for f in fmts))
+        sv = r.get("survival") or {}
+        for m in ("projection", "below_half_step_frac"):
+            vals = [sv.get(mode, {}).get(fmts[0], {}).get(m) for mode in ("full", "lora")]
+            cells.append(" / ".join("n/a" if x is None else f"{x:.2f}" for x in vals))
         L.append("| " + " | ".join(cells) + " |")
+    L += ["", "Cells: mean over methods x unlearning seeds (KnowMem points); * = shown (|effect| >= 2 standard "
+          "errors combining seed-to-seed and eval-item noise, and >= "
+          f"{rpt.MIN_EFFECT:g} points). Standard deviations are in sweep_results.json."]
     L += ["", "Knobs: " + "; ".join(f"`{k}` = {', '.join(map(str, v))} ({KNOB_NOTE.get(k, '')})"
-                                    for k, v in knobs.items()), ""]
+                                    for k, v in knobs.items())
+          + ("; combos: " + "; ".join(", ".join(f"{k}={v}" for k, v in c.items()) for c in combos) if combos else ""),
+          ""]
     L += ["## Where the effects appear (computed)", ""]
     L += regimes(results, fmts)
     L += ["", "![restored](sweep_restored.png)", "", "![utility loss](sweep_utility_loss.png)", ""]
@@ -211,7 +281,7 @@ def sweep_plots(results, base: DemoConfig, out: Path) -> None:
 
     fmts = [f for f in FOUR_BIT if f in base.eval.precisions]
     centre = next(r for r in results if r["knob"] is None)
-    knobs = list(dict.fromkeys(r["knob"] for r in results if r["knob"] is not None))
+    knobs = list(dict.fromkeys(r["knob"] for r in results if r["knob"] not in (None, "combo")))
     if not knobs:
         return
     for what, fname, title in (("restored", "sweep_restored.png", "knowledge restored by 4-bit (KnowMem_f points)"),
