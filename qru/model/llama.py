@@ -2,7 +2,10 @@
 
 RMSNorm in fp32, RoPE in HF's rotate-half convention (with rope_scaling), GQA attention
 through ``scaled_dot_product_attention``, SwiGLU MLP, a static KV cache. Linear layers are
-plain ``nn.Linear`` so LoRA and quantized modules plug in by module swap.
+plain ``nn.Linear`` so LoRA and quantized modules plug in by module swap. RMSNorm, RoPE (with
+the head transpose) and the SwiGLU gate run as fused kernel ops (``qru.kernels.rmsnorm`` /
+``rope`` / ``swiglu``: C++ on CPU, Triton on CUDA), each equal to the plain composite it
+replaces up to float round-off.
 """
 from __future__ import annotations
 
@@ -14,6 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from qru.kernels.rmsnorm import rms_norm
+from qru.kernels.rope import rope
+from qru.kernels.swiglu import swiglu
 from qru.model.config import LlamaConfig, rope_inv_freq
 
 
@@ -24,10 +30,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -80,10 +83,9 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q = rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
+        k = rope(self.k_proj(x).view(B, T, self.n_kv, self.head_dim), cos, sin)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         gqa = self.n_kv != self.n_heads
@@ -103,7 +105,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=b)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

@@ -1,0 +1,402 @@
+// CPU kernels for the element-wise parts of a Llama layer (qru.kernels.rmsnorm / rope / swiglu):
+// one pass over memory each way instead of torch's chain of ops and saved temporaries.
+//
+//   rmsnorm_fwd(x, w, eps)            y = w * round(x * rstd), rstd = 1/sqrt(mean(x^2) + eps)  -> (y, rstd)
+//   rmsnorm_bwd(dy, x, w, rstd)       dx = rstd (dn - x rstd^2 mean(dn x)), dn = dy w;  dw = sum_rows dy round(x rstd)
+//   rope_fwd(x, cos, sin, out_dtype)  x (B, T, NH, D) any strides -> out (B, NH, T, D) contiguous:
+//                                     out[i] = x[i] c[i] - x[i+h] s[i],  out[i+h] = x[i+h] c[i+h] + x[i] s[i+h]
+//   rope_bwd(dout, cos, sin, dtype)   dout (B, NH, T, D) any strides -> dx (B, T, NH, D) contiguous (the transpose)
+//   swiglu_fwd(g, u)                  out = round(silu(g)) * u
+//   swiglu_bwd(dout, g, u)            dg = dout u sig(g) (1 + g (1 - sig(g))),  du = dout silu(g)
+//
+// Tensors are float32 or bfloat16 (read / written as torch rounds: nearest even); all math in
+// fp32 (no fast-math; ISO C++ so no FMA contraction in the scalar code). AVX2 loops where they
+// pay (the norm and SwiGLU), a scalar path otherwise or with scalar=true. OpenMP over rows.
+#include <torch/extension.h>
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define QRU_AVX2 1
+#else
+#define QRU_AVX2 0
+#endif
+
+namespace {
+
+int num_threads() { return std::max(1, at::get_num_threads()); }
+
+inline uint32_t f2u(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+inline float u2f(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline float bf16_to_f32(uint16_t b) { return u2f(uint32_t(b) << 16); }
+inline uint16_t f32_to_bf16(float f) {
+  if (std::isnan(f)) return 0x7FC0;
+  uint32_t u = f2u(f);
+  return uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+inline float ld(const float* p, int64_t i) { return p[i]; }
+inline float ld(const uint16_t* p, int64_t i) { return bf16_to_f32(p[i]); }
+inline void st(float* p, int64_t i, float v) { p[i] = v; }
+inline void st(uint16_t* p, int64_t i, float v) { p[i] = f32_to_bf16(v); }
+// the value a store then a load would give: rounding to the tensor's dtype
+inline float rnd(const float*, float v) { return v; }
+inline float rnd(const uint16_t*, float v) { return bf16_to_f32(f32_to_bf16(v)); }
+
+#if QRU_AVX2
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline __m256i bf16_bits(__m256 v) {
+  __m256i u = _mm256_castps_si256(v);
+  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+  __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+}
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(uint16_t* p, __m256 v) {
+  __m256i r = bf16_bits(v);
+  __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
+inline __m256 rnd8(const float*, __m256 v) { return v; }
+inline __m256 rnd8(const uint16_t*, __m256 v) { return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits(v), 16)); }
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+// Cephes expf (within 2 ulp of expf; 0 below -87.3, clamped above 88.7)
+inline __m256 exp256(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.3f);
+  __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.7f));
+  __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  __m256i n = _mm256_cvtps_epi32(fx);
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+#endif
+
+enum { F32 = 0, BF16 = 1 };
+
+int code(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+  if (t.scalar_type() == at::kFloat) return F32;
+  if (t.scalar_type() == at::kBFloat16) return BF16;
+  TORCH_CHECK(false, name, " must be float32 or bfloat16, got ", t.scalar_type());
+  return F32;
+}
+
+template <typename T>
+T* ptr(const at::Tensor& t) {
+  return reinterpret_cast<T*>(t.data_ptr());
+}
+
+// ---------------------------------------------------------------------------------- RMSNorm
+template <typename T>
+void rms_fwd(const T* x, const T* w, T* y, float* rstd, int64_t N, int64_t H, float eps, bool scalar) {
+#pragma omp parallel for schedule(static) num_threads(num_threads())
+  for (int64_t n = 0; n < N; ++n) {
+    const T* xr = x + n * H;
+    T* yr = y + n * H;
+    int64_t i = 0;
+    float ss = 0.0f;
+#if QRU_AVX2
+    if (!scalar) {
+      __m256 acc = _mm256_setzero_ps();
+      for (; i + 8 <= H; i += 8) { __m256 v = load8(xr + i); acc = _mm256_fmadd_ps(v, v, acc); }
+      ss = hsum(acc);
+    }
+#endif
+    for (; i < H; ++i) { float v = ld(xr, i); ss += v * v; }
+    const float r = 1.0f / std::sqrt(ss / float(H) + eps);
+    rstd[n] = r;
+    i = 0;
+#if QRU_AVX2
+    if (!scalar) {
+      __m256 rr = _mm256_set1_ps(r);
+      for (; i + 8 <= H; i += 8)
+        store8(yr + i, _mm256_mul_ps(load8(w + i), rnd8(yr, _mm256_mul_ps(load8(xr + i), rr))));
+    }
+#endif
+    for (; i < H; ++i) st(yr, i, ld(w, i) * rnd(yr, ld(xr, i) * r));
+  }
+}
+
+template <typename T>
+void rms_bwd(const T* dy, const T* x, const T* w, const float* rstd, T* dx, float* dw, int64_t N, int64_t H,
+             bool scalar) {
+  const int nt = num_threads();
+  std::vector<float> part(size_t(nt) * H, 0.0f);
+#pragma omp parallel num_threads(nt)
+  {
+    float* acc_w = part.data() + size_t(omp_get_thread_num()) * H;
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+      const T* dyr = dy + n * H;
+      const T* xr = x + n * H;
+      T* dxr = dx + n * H;
+      const float r = rstd[n];
+      float dot = 0.0f;
+      int64_t i = 0;
+#if QRU_AVX2
+      __m256 rr = _mm256_set1_ps(r);
+      if (!scalar) {
+        __m256 acc = _mm256_setzero_ps();
+        for (; i + 8 <= H; i += 8) {
+          __m256 g = load8(dyr + i), xv = load8(xr + i);
+          acc = _mm256_fmadd_ps(_mm256_mul_ps(g, load8(w + i)), xv, acc);
+          __m256 nr = rnd8(xr, _mm256_mul_ps(xv, rr));
+          _mm256_storeu_ps(acc_w + i, _mm256_fmadd_ps(g, nr, _mm256_loadu_ps(acc_w + i)));
+        }
+        dot = hsum(acc);
+      }
+#endif
+      for (; i < H; ++i) {
+        const float g = ld(dyr, i), xv = ld(xr, i);
+        dot += g * ld(w, i) * xv;
+        acc_w[i] += g * rnd(xr, xv * r);
+      }
+      const float c = r * r * dot / float(H);
+      i = 0;
+#if QRU_AVX2
+      if (!scalar) {
+        __m256 cc = _mm256_set1_ps(c);
+        for (; i + 8 <= H; i += 8) {
+          __m256 dn = _mm256_mul_ps(load8(dyr + i), load8(w + i));
+          store8(dxr + i, _mm256_mul_ps(rr, _mm256_sub_ps(dn, _mm256_mul_ps(load8(xr + i), cc))));
+        }
+      }
+#endif
+      for (; i < H; ++i) st(dxr, i, r * (ld(dyr, i) * ld(w, i) - ld(xr, i) * c));
+    }
+  }
+  for (int t = 0; t < nt; ++t)
+    for (int64_t i = 0; i < H; ++i) dw[i] += part[size_t(t) * H + i];
+}
+
+void check_rows(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "rmsnorm: x must be contiguous 2-D (rows, hidden)");
+  TORCH_CHECK(w.dim() == 1 && w.is_contiguous() && w.size(0) == x.size(1), "rmsnorm: weight must be (hidden,)");
+  TORCH_CHECK(w.scalar_type() == x.scalar_type(), "rmsnorm: weight dtype must equal x dtype");
+}
+
+std::tuple<at::Tensor, at::Tensor> rmsnorm_fwd(at::Tensor x, at::Tensor w, double eps, bool scalar) {
+  const int dt = code(x, "x");
+  check_rows(x, w);
+  const int64_t N = x.size(0), H = x.size(1);
+  at::Tensor y = at::empty_like(x), rstd = at::empty({N}, at::kFloat);
+  if (dt == F32)
+    rms_fwd<float>(ptr<float>(x), ptr<float>(w), ptr<float>(y), ptr<float>(rstd), N, H, float(eps), scalar);
+  else
+    rms_fwd<uint16_t>(ptr<uint16_t>(x), ptr<uint16_t>(w), ptr<uint16_t>(y), ptr<float>(rstd), N, H, float(eps),
+                      scalar);
+  return {y, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> rmsnorm_bwd(at::Tensor dy, at::Tensor x, at::Tensor w, at::Tensor rstd,
+                                               bool scalar) {
+  const int dt = code(x, "x");
+  check_rows(x, w);
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type() && dy.is_contiguous(),
+              "rmsnorm: dy must be contiguous like x");
+  const int64_t N = x.size(0), H = x.size(1);
+  at::Tensor dx = at::empty_like(x), dw = at::zeros({H}, at::kFloat);
+  if (dt == F32)
+    rms_bwd<float>(ptr<float>(dy), ptr<float>(x), ptr<float>(w), ptr<float>(rstd), ptr<float>(dx), ptr<float>(dw),
+                   N, H, scalar);
+  else
+    rms_bwd<uint16_t>(ptr<uint16_t>(dy), ptr<uint16_t>(x), ptr<uint16_t>(w), ptr<float>(rstd), ptr<uint16_t>(dx),
+                      ptr<float>(dw), N, H, scalar);
+  return {dx, dw};
+}
+
+// ---------------------------------------------------------------------------------- RoPE
+// src element (b, t, h, d) at sb*b + st*t + sh*h + d (unit last stride); dst contiguous with the
+// other layout. FWD: src (B,T,NH,D) -> dst (B,NH,T,D) rotating by +angle; BWD: src (B,NH,T,D)
+// -> dst (B,T,NH,D) rotating by -angle (the transpose of the rotation).
+template <typename TI, typename TO, bool FWD>
+void rope_impl(const TI* src, int64_t sb, int64_t st_, int64_t sh, TO* dst, const float* cs, const float* sn,
+               int64_t B, int64_t T, int64_t NH, int64_t D) {
+  const int64_t half = D / 2;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(num_threads())
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t) {
+      const float* c = cs + (b * T + t) * D;
+      const float* s = sn + (b * T + t) * D;
+      for (int64_t h = 0; h < NH; ++h) {
+        const TI* x = src + b * sb + t * st_ + h * sh;
+        TO* o = FWD ? dst + ((b * NH + h) * T + t) * D : dst + ((b * T + t) * NH + h) * D;
+        for (int64_t i = 0; i < half; ++i) {
+          const float x1 = ld(x, i), x2 = ld(x, i + half);
+          if (FWD) {
+            const float a = x1 * c[i], bb = x2 * s[i];
+            const float p = x2 * c[i + half], q = x1 * s[i + half];
+            st(o, i, a - bb);
+            st(o, i + half, p + q);
+          } else {
+            const float a = x1 * c[i], bb = x2 * s[i + half];
+            const float p = x2 * c[i + half], q = x1 * s[i];
+            st(o, i, a + bb);
+            st(o, i + half, p - q);
+          }
+        }
+      }
+    }
+}
+
+template <bool FWD>
+at::Tensor rope_any(at::Tensor x, at::Tensor cs, at::Tensor sn, int64_t sb, int64_t st_, int64_t sh, int64_t B,
+                    int64_t T, int64_t NH, int64_t D, at::ScalarType out_dtype) {
+  const int di = code(x, "x");
+  TORCH_CHECK(D % 2 == 0, "rope: head_dim must be even");
+  TORCH_CHECK(cs.scalar_type() == at::kFloat && sn.scalar_type() == at::kFloat && cs.is_contiguous() &&
+                  sn.is_contiguous() && cs.numel() == B * T * D && sn.numel() == B * T * D,
+              "rope: cos/sin must be contiguous float32 (B, T, D)");
+  at::Tensor out = FWD ? at::empty({B, NH, T, D}, x.options().dtype(out_dtype))
+                       : at::empty({B, T, NH, D}, x.options().dtype(out_dtype));
+  const int dout = code(out, "out");
+  const float* c = ptr<float>(cs);
+  const float* s = ptr<float>(sn);
+  if (di == F32 && dout == F32)
+    rope_impl<float, float, FWD>(ptr<float>(x), sb, st_, sh, ptr<float>(out), c, s, B, T, NH, D);
+  else if (di == BF16 && dout == BF16)
+    rope_impl<uint16_t, uint16_t, FWD>(ptr<uint16_t>(x), sb, st_, sh, ptr<uint16_t>(out), c, s, B, T, NH, D);
+  else if (di == BF16 && dout == F32)
+    rope_impl<uint16_t, float, FWD>(ptr<uint16_t>(x), sb, st_, sh, ptr<float>(out), c, s, B, T, NH, D);
+  else
+    rope_impl<float, uint16_t, FWD>(ptr<float>(x), sb, st_, sh, ptr<uint16_t>(out), c, s, B, T, NH, D);
+  return out;
+}
+
+at::Tensor rope_fwd(at::Tensor x, at::Tensor cs, at::Tensor sn, at::ScalarType out_dtype) {
+  TORCH_CHECK(x.dim() == 4 && x.stride(3) == 1, "rope: x must be (B, T, NH, D) with unit last stride");
+  return rope_any<true>(x, cs, sn, x.stride(0), x.stride(1), x.stride(2), x.size(0), x.size(1), x.size(2),
+                        x.size(3), out_dtype);
+}
+
+at::Tensor rope_bwd(at::Tensor g, at::Tensor cs, at::Tensor sn, at::ScalarType out_dtype) {
+  TORCH_CHECK(g.dim() == 4 && g.stride(3) == 1, "rope: grad must be (B, NH, T, D) with unit last stride");
+  // src index (b, t, h): strides of g's (b, h, t) dims
+  return rope_any<false>(g, cs, sn, g.stride(0), g.stride(2), g.stride(1), g.size(0), g.size(2), g.size(1),
+                         g.size(3), out_dtype);
+}
+
+// ---------------------------------------------------------------------------------- SwiGLU
+template <typename T>
+void swiglu_fwd_impl(const T* g, const T* u, T* o, int64_t n, bool scalar) {
+  const int64_t blk = 1 << 14;
+#pragma omp parallel for schedule(static) num_threads(num_threads())
+  for (int64_t s = 0; s < n; s += blk) {
+    const int64_t e = std::min(n, s + blk);
+    int64_t i = s;
+#if QRU_AVX2
+    if (!scalar) {
+      const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+      for (; i + 8 <= e; i += 8) {
+        __m256 gv = load8(g + i);
+        __m256 sl = _mm256_div_ps(gv, _mm256_add_ps(one, exp256(_mm256_sub_ps(zero, gv))));
+        store8(o + i, _mm256_mul_ps(rnd8(o, sl), load8(u + i)));
+      }
+    }
+#endif
+    for (; i < e; ++i) {
+      const float gv = ld(g, i);
+      st(o, i, rnd(o, gv / (1.0f + std::exp(-gv))) * ld(u, i));
+    }
+  }
+}
+
+template <typename T>
+void swiglu_bwd_impl(const T* d, const T* g, const T* u, T* dg, T* du, int64_t n, bool scalar) {
+  const int64_t blk = 1 << 14;
+#pragma omp parallel for schedule(static) num_threads(num_threads())
+  for (int64_t s = 0; s < n; s += blk) {
+    const int64_t e = std::min(n, s + blk);
+    int64_t i = s;
+#if QRU_AVX2
+    if (!scalar) {
+      const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+      for (; i + 8 <= e; i += 8) {
+        __m256 gv = load8(g + i), dv = load8(d + i);
+        __m256 sg = _mm256_div_ps(one, _mm256_add_ps(one, exp256(_mm256_sub_ps(zero, gv))));
+        __m256 sl = _mm256_mul_ps(gv, sg);
+        __m256 ds = _mm256_mul_ps(sg, _mm256_add_ps(one, _mm256_mul_ps(gv, _mm256_sub_ps(one, sg))));
+        store8(dg + i, _mm256_mul_ps(_mm256_mul_ps(dv, load8(u + i)), ds));
+        store8(du + i, _mm256_mul_ps(dv, rnd8(du, sl)));
+      }
+    }
+#endif
+    for (; i < e; ++i) {
+      const float gv = ld(g, i), dv = ld(d, i);
+      const float sg = 1.0f / (1.0f + std::exp(-gv));
+      st(dg, i, dv * ld(u, i) * (sg * (1.0f + gv * (1.0f - sg))));
+      st(du, i, dv * rnd(du, gv * sg));
+    }
+  }
+}
+
+void check_same(const at::Tensor& a, const at::Tensor& b, const char* what) {
+  TORCH_CHECK(a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type() && a.is_contiguous() && b.is_contiguous(),
+              "swiglu: ", what, " must be contiguous with the same shape and dtype");
+}
+
+at::Tensor swiglu_fwd(at::Tensor g, at::Tensor u, bool scalar) {
+  const int dt = code(g, "gate");
+  check_same(g, u, "gate and up");
+  at::Tensor o = at::empty_like(g);
+  if (dt == F32)
+    swiglu_fwd_impl<float>(ptr<float>(g), ptr<float>(u), ptr<float>(o), g.numel(), scalar);
+  else
+    swiglu_fwd_impl<uint16_t>(ptr<uint16_t>(g), ptr<uint16_t>(u), ptr<uint16_t>(o), g.numel(), scalar);
+  return o;
+}
+
+std::tuple<at::Tensor, at::Tensor> swiglu_bwd(at::Tensor d, at::Tensor g, at::Tensor u, bool scalar) {
+  const int dt = code(g, "gate");
+  check_same(g, u, "gate and up");
+  check_same(g, d, "grad and gate");
+  at::Tensor dg = at::empty_like(g), du = at::empty_like(u);
+  if (dt == F32)
+    swiglu_bwd_impl<float>(ptr<float>(d), ptr<float>(g), ptr<float>(u), ptr<float>(dg), ptr<float>(du), g.numel(),
+                           scalar);
+  else
+    swiglu_bwd_impl<uint16_t>(ptr<uint16_t>(d), ptr<uint16_t>(g), ptr<uint16_t>(u), ptr<uint16_t>(dg),
+                              ptr<uint16_t>(du), g.numel(), scalar);
+  return {dg, du};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rmsnorm_fwd", &rmsnorm_fwd, py::arg("x"), py::arg("w"), py::arg("eps"), py::arg("scalar") = false);
+  m.def("rmsnorm_bwd", &rmsnorm_bwd, py::arg("dy"), py::arg("x"), py::arg("w"), py::arg("rstd"),
+        py::arg("scalar") = false);
+  m.def("rope_fwd", &rope_fwd, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("out_dtype"));
+  m.def("rope_bwd", &rope_bwd, py::arg("grad"), py::arg("cos"), py::arg("sin"), py::arg("out_dtype"));
+  m.def("swiglu_fwd", &swiglu_fwd, py::arg("gate"), py::arg("up"), py::arg("scalar") = false);
+  m.def("swiglu_bwd", &swiglu_bwd, py::arg("grad"), py::arg("gate"), py::arg("up"), py::arg("scalar") = false);
+  m.def("avx2", []() { return bool(QRU_AVX2); });
+}
