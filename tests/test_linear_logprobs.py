@@ -210,3 +210,15 @@ def test_cuda_triton_matches_reference(wgrad, dtype):
     torch.testing.assert_close(dh.float(), rdh.float(), rtol=tol, atol=tol)
     if wgrad:
         torch.testing.assert_close(dw.float(), rdw.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("wgrad", [False, True])
+def test_no_rows(backend, wgrad):
+    h, W, y, _ = make(N=0, ignore=())
+    W.requires_grad_(wgrad)
+    lp = linear_logprobs(h, W, y)
+    assert lp.shape == (0,)
+    lp.sum().backward()
+    assert h.grad.shape == (0, 24)
+    if wgrad:
+        assert torch.equal(W.grad, torch.zeros_like(W))

@@ -139,3 +139,23 @@ def test_errors():
         make_unlearn_step(m, method="ga", reg="klr", beta=0.1)
     with pytest.raises(TrainConfigError, match="method"):
         make_unlearn_step(m, method="dpo", reg="gdr", beta=0.1)
+
+
+def test_make_optimizer_is_adamw():
+    """The loop's optimizer (fused AdamW where available) takes the same steps as torch's default AdamW."""
+    from qru.train.loop import make_optimizer
+
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(5, 7)), torch.nn.Parameter(torch.randn(3))]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    oa = make_optimizer(a, 1e-2, 0.1)
+    ob = torch.optim.AdamW(b, lr=1e-2, weight_decay=0.1)
+    assert oa.defaults["fused"]
+    for k in range(4):
+        for pa, pb in zip(a, b):
+            g = torch.randn(pa.shape, generator=torch.Generator().manual_seed(k))
+            pa.grad, pb.grad = g.clone(), g.clone()
+        oa.step()
+        ob.step()
+    for pa, pb in zip(a, b):
+        torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)

@@ -220,16 +220,23 @@ class LinearLogprobsFn(torch.autograd.Function):
         dz_fn = _rows(ctx.backend)[2]
         dh = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         # dW accumulates over chunks in fp32 (a half-precision running sum would round per chunk)
-        dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        dw = torch.empty(weight.shape, device=weight.device, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        if dw is not None and h.shape[0] == 0:
+            dw.zero_()
         for s in range(0, h.shape[0], ctx.chunk):
             e = min(s + ctx.chunk, h.shape[0])
             z = torch.mm(h[s:e], weight.t())
             dz = dz_fn(z, y[s:e], lse[s:e], g[s:e], ctx.ignore_index)
             if dh is not None:
                 torch.mm(dz, weight, out=dh[s:e])
-            if dw is not None:
+            if dw is not None:  # the first chunk writes dW, the others add to it
                 if dz.dtype == torch.float32:
-                    dw.addmm_(dz.t(), h[s:e])
+                    if s == 0:
+                        torch.mm(dz.t(), h[s:e], out=dw)
+                    else:
+                        dw.addmm_(dz.t(), h[s:e])
+                elif s == 0:
+                    dw.copy_(torch.mm(dz.t(), h[s:e]))
                 else:
                     dw += torch.mm(dz.t(), h[s:e])
         if dw is not None:

@@ -464,6 +464,13 @@ def _read_metrics(path: Path) -> list[dict]:
 StepFn = Callable[[Batch, "Batch | None"], dict]
 
 
+def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW, torch's fused single-pass kernel where it applies (floating params on CPU or CUDA;
+    what HF's Trainer defaults to on torch >= 2.8), else the multi-tensor one. Same update rule."""
+    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
+
+
 def train_loop(model: torch.nn.Module, step_fn: StepFn, main: TokenizedSet, aux: TokenizedSet | None,
                evals: dict[str, TokenizedSet], opts: TrainOptions, out: Path, pad_id: int,
                device: torch.device, loss_names: tuple[str, ...], extra_state: dict | None = None,
@@ -475,7 +482,7 @@ def train_loop(model: torch.nn.Module, step_fn: StepFn, main: TokenizedSet, aux:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise TrainConfigError("no trainable parameters")
-    optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    optimizer = make_optimizer(params, opts.lr, opts.weight_decay)
     stream = BatchStream(len(main), opts.batch_size, opts.seed)
     aux_stream = BatchStream(len(aux), opts.batch_size, opts.seed + 1) if aux is not None else None
     nb = stream.batches_per_epoch
