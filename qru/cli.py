@@ -324,6 +324,7 @@ def cmd_demo(args) -> int:
     except (PresetError, ValueError, FileNotFoundError) as e:
         print(f"qru demo: error: {e}", file=sys.stderr)
         return 2
+    print("\n".join(run.headline))
     print(f"qru demo: report in {run.out / 'report.md'}; wall time {time.perf_counter() - t0:.1f} s "
           f"({len(run.computed)} stages computed, {len(run.cached)} cached)")
     return 0

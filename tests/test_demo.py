@@ -1,4 +1,4 @@
-"""Integration test of ``qru demo`` on the ``mini`` preset: artifacts, results.json schema, the report's
+"""Integration test of ``qru demo`` on the ``mini`` preset (about 20 s once the C++ kernels are built): artifacts, results.json schema, the report's
 table structure and numbers, the computed conclusion (recomputed here from results.json), the stage
 cache (a second run computes nothing; a changed setting recomputes only what depends on it; --force
 recomputes everything), and preset override errors."""
@@ -14,8 +14,6 @@ import pytest
 from qru.cli import main
 from qru.demo import PresetError, get_preset, parse_overrides
 from qru.demo.pipeline import run_demo
-
-pytestmark = pytest.mark.slow
 
 MODES = {"full", "lora", "target", "retrain"}
 KEYS = ("method", "mode", "precision", "verbmem_f", "knowmem_f", "knowmem_r", "privleak")

@@ -121,6 +121,7 @@ class DemoRun:
     meta: dict = field(default_factory=dict)
     wall_seconds: float = 0.0
     cpu_seconds: float = 0.0
+    headline: list = field(default_factory=list)
 
 
 def _train_common(cfg: DemoConfig, progress: bool, device: str, cache_dir: Path) -> dict:

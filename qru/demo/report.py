@@ -113,6 +113,10 @@ def _f(x, nd=1, sign=False) -> str:
     return f"{x:+.{nd}f}" if sign else f"{x:.{nd}f}"
 
 
+def _shown(st: dict) -> str:
+    return "shown" if st.get("shown") else "not shown"
+
+
 def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.0f}%"
 
@@ -253,9 +257,9 @@ def answers(c: dict) -> dict:
         ql = u["quant_loss"]
         out["q2_utility"] = [
             f"At {fmt}: {verdict}; Utility(LoRA) - Utility(full) = {_pm(st)}.",
-            f"Utility change from bf16 to {fmt}: full {_pm(ql['full'])}; LoRA {_pm(ql['lora'])}; "
-            f"difference (LoRA - full) {_pm(u['lora_minus_full_quant_loss'])}"
-            f" ({'shown' if u['lora_minus_full_quant_loss']['shown'] else 'not shown'})."]
+            f"Utility change from bf16 to {fmt}: full {_pm(ql['full'])} ({_shown(ql['full'])}); LoRA "
+            f"{_pm(ql['lora'])} ({_shown(ql['lora'])}); difference (LoRA - full) "
+            f"{_pm(u['lora_minus_full_quant_loss'])} ({_shown(u['lora_minus_full_quant_loss'])})."]
     p = c["privleak"].get(fmt)
     if p:
         lines = []
@@ -511,6 +515,15 @@ def write_outputs(run) -> dict[str, Path]:
         paths[p.stem] = p
     atomic_write_text(out / "report.md", render(run, c))
     paths["report"] = out / "report.md"
+    a = c["answers"]
+    sa = c["sanity"]
+    pre = (f"Setting: target KnowMem_f {_f(sa['target_knowmem_f'])} vs retrain {_f(sa['retrain_knowmem_f'])} "
+           f"({'the target knows the forget facts' if sa['target_knows'] else 'the target does NOT know the facts'})"
+           + "".join(f"; {m} unlearning removes {_pct(v['forgotten_fraction'])} of that gap at bf16, utility -"
+                     f"{_pct(v['utility_drop_mean'])}" for m, v in sa["modes"].items()))
+    run.headline = ([pre, "Does 4-bit restore forgotten knowledge?"] + [f"  {x}" for x in a.get("q1_restore", [])[:2]]
+                    + ["Does LoRA keep more utility at 4 bits?"] + [f"  {x}" for x in a.get("q2_utility", [])[:1]]
+                    + ["Where does PrivLeak move?"] + [f"  {x}" for x in a.get("q3_privleak", [])[:2]])
     atomic_write_json(out / "run.json", {"preset": cfg.name, "seed": run.seed, "config": cfg.to_dict(),
                                          "wall_seconds": round(run.wall_seconds, 2),
                                          "cpu_seconds": round(run.cpu_seconds, 2),
