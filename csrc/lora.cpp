@@ -34,6 +34,9 @@ namespace {
 
 int num_threads() { return std::max(1, at::get_num_threads()); }
 
+// Floats of the thin operand (R x chunk) kept hot in L2 while rows stream past it: 128 KiB.
+constexpr int64_t kPanelFloats = 32768;
+
 void check2d(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
   TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
@@ -226,6 +229,8 @@ at::Tensor rowdot(const at::Tensor& X, const at::Tensor& V, double alpha_d, cons
   float* o = out.data_ptr<float>();
   const int64_t ldx = X.stride(0), ldv = V.stride(0);
   const float alpha = float(alpha_d);
+  // One block of MR rows at a time over the whole K (measured: K chunks that keep V in L2 did
+  // not pay here); masked rows go through a per-thread buffer.
   constexpr int MR = 3;
   const int64_t blocks = (M + MR - 1) / MR;
 #pragma omp parallel num_threads(num_threads())
@@ -305,9 +310,9 @@ inline void expand_scalar(const float* U, int64_t ldu, int64_t R, const float* V
 }
 
 template <int MR>
-inline void expand_rows(const float* U, int64_t ldu, int64_t R, const float* V, int64_t ldv, int64_t N, float alpha,
-                        const float* bias, const Keep& keep, int64_t m0, float* out, int64_t ldo, bool vec) {
-  int64_t n = 0;
+inline void expand_rows(const float* U, int64_t ldu, int64_t R, const float* V, int64_t ldv, int64_t nb, int64_t N,
+                        float alpha, const float* bias, const Keep& keep, int64_t m0, float* out, int64_t ldo, bool vec) {
+  int64_t n = nb;
 #if QRU_AVX2
   if (vec) {
   for (; n + 24 <= N; n += 24) expand_tile<MR, 3>(U, ldu, R, V, ldv, n, alpha, bias, keep, m0, out, ldo);
@@ -338,30 +343,39 @@ at::Tensor expand(const at::Tensor& U, const at::Tensor& V, double alpha_d, cons
   float* o = out.data_ptr<float>();
   const int64_t ldu = U.stride(0), ldv = V.stride(0);
   const float alpha = float(alpha_d);
+  // Column panels whose slice of V (R x NP) stays in L2 while a group of rows is written.
   constexpr int MR = 4;
-  const int64_t blocks = (M + MR - 1) / MR;
-#pragma omp parallel for schedule(dynamic, 4) num_threads(num_threads())
-  for (int64_t blk = 0; blk < blocks; ++blk) {
-    const int64_t m0 = blk * MR;
-    const int rows = int(std::min<int64_t>(MR, M - m0));
-    const float* ub = u + m0 * ldu;
-    float* ob = o + m0 * N;
-    switch (rows) {
-      case 4: expand_rows<4>(ub, ldu, R, v, ldv, N, alpha, b, keep, m0, ob, N, vec); break;
-      case 3: expand_rows<3>(ub, ldu, R, v, ldv, N, alpha, b, keep, m0, ob, N, vec); break;
-      case 2: expand_rows<2>(ub, ldu, R, v, ldv, N, alpha, b, keep, m0, ob, N, vec); break;
-      default: expand_rows<1>(ub, ldu, R, v, ldv, N, alpha, b, keep, m0, ob, N, vec); break;
+  constexpr int64_t kGroup = 32;
+  const int64_t NP = std::max<int64_t>(24, kPanelFloats / std::max<int64_t>(R, 1) / 24 * 24);
+  const int64_t groups = (M + kGroup - 1) / kGroup, panels = (N + NP - 1) / NP;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads())
+  for (int64_t item = 0; item < groups * panels; ++item) {
+    const int64_t g0 = (item / panels) * kGroup, g1 = std::min(M, g0 + kGroup);
+    const int64_t n0 = (item % panels) * NP, n1 = std::min(N, n0 + NP);
+    for (int64_t m0 = g0; m0 < g1; m0 += MR) {
+      const int rows = int(std::min<int64_t>(MR, g1 - m0));
+      const float* ub = u + m0 * ldu;
+      float* ob = o + m0 * N;
+      switch (rows) {
+        case 4: expand_rows<4>(ub, ldu, R, v, ldv, n0, n1, alpha, b, keep, m0, ob, N, vec); break;
+        case 3: expand_rows<3>(ub, ldu, R, v, ldv, n0, n1, alpha, b, keep, m0, ob, N, vec); break;
+        case 2: expand_rows<2>(ub, ldu, R, v, ldv, n0, n1, alpha, b, keep, m0, ob, N, vec); break;
+        default: expand_rows<1>(ub, ldu, R, v, ldv, n0, n1, alpha, b, keep, m0, ob, N, vec); break;
+      }
     }
   }
   return out;
 }
 
 // --------------------------------------------------------------------------- tallreduce
-// A strip of 16 columns, MT rows at a time, is copied (masked, zero-padded) into a
-// contiguous tile; RB rows of the output strip accumulate over the tile in registers.
-constexpr int64_t kStrip = 16;
-constexpr int64_t kTileRows = 512;
+// A strip of kStrip columns, kTileRows rows at a time, is copied (masked, zero-padded) into a
+// contiguous tile (64 KiB: wide rows so each page of X is visited for 256 bytes, not 64);
+// for each 16-column sub-strip, RB rows of the output accumulate over the tile in registers.
+constexpr int64_t kStrip = 64;
+constexpr int64_t kSub = 16;
+constexpr int64_t kTileRows = 256;
 
+// acc[(j0 + j) * kStrip + c] += sum_m U[m, j0 + j] tile[m * kStrip + c], c < kSub (tile, acc at the sub-strip)
 template <int RB>
 inline void tall_tile(const float* U, int64_t ldu, int64_t j0, const float* tile, int64_t rows, float* acc_out,
                       bool vec) {
@@ -393,7 +407,7 @@ inline void tall_tile(const float* U, int64_t ldu, int64_t j0, const float* tile
   for (int64_t m = 0; m < rows; ++m)
     _Pragma("GCC unroll 16")
     for (int j = 0; j < RB; ++j)
-      for (int64_t c = 0; c < kStrip; ++c) acc_out[(j0 + j) * kStrip + c] += U[m * ldu + j0 + j] * tile[m * kStrip + c];
+      for (int64_t c = 0; c < kSub; ++c) acc_out[(j0 + j) * kStrip + c] += U[m * ldu + j0 + j] * tile[m * kStrip + c];
 }
 
 at::Tensor tallreduce(const at::Tensor& U, const at::Tensor& X, double alpha_d, const c10::optional<at::Tensor>& drop,
@@ -419,6 +433,7 @@ at::Tensor tallreduce(const at::Tensor& U, const at::Tensor& X, double alpha_d, 
     for (int64_t s = 0; s < strips; ++s) {
       const int64_t n0 = s * kStrip;
       const int64_t w = std::min(kStrip, N - n0);
+      const int64_t subs = (w + kSub - 1) / kSub;
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (int64_t m0 = 0; m0 < M; m0 += kTileRows) {
         const int64_t rows = std::min(kTileRows, M - m0);
@@ -428,20 +443,24 @@ at::Tensor tallreduce(const at::Tensor& U, const at::Tensor& X, double alpha_d, 
           if (w == kStrip) {
             mask_row(xr, keep, m0 + m, n0, t, kStrip, vec);
           } else {
-            for (int64_t c = 0; c < kStrip; ++c)
+            for (int64_t c = 0; c < subs * kSub; ++c)
               t[c] = (c < w && !keep.dropped(m0 + m, n0 + c)) ? xr[c] : 0.0f;
           }
         }
         const float* ub = u + m0 * ldu;
-        int64_t j = 0;
-        for (; j + 6 <= R; j += 6) tall_tile<6>(ub, ldu, j, tile.data(), rows, acc.data(), vec);
-        switch (R - j) {
-          case 5: tall_tile<5>(ub, ldu, j, tile.data(), rows, acc.data(), vec); break;
-          case 4: tall_tile<4>(ub, ldu, j, tile.data(), rows, acc.data(), vec); break;
-          case 3: tall_tile<3>(ub, ldu, j, tile.data(), rows, acc.data(), vec); break;
-          case 2: tall_tile<2>(ub, ldu, j, tile.data(), rows, acc.data(), vec); break;
-          case 1: tall_tile<1>(ub, ldu, j, tile.data(), rows, acc.data(), vec); break;
-          default: break;
+        for (int64_t q = 0; q < subs; ++q) {
+          const float* tq = tile.data() + q * kSub;
+          float* aq = acc.data() + q * kSub;
+          int64_t j = 0;
+          for (; j + 6 <= R; j += 6) tall_tile<6>(ub, ldu, j, tq, rows, aq, vec);
+          switch (R - j) {
+            case 5: tall_tile<5>(ub, ldu, j, tq, rows, aq, vec); break;
+            case 4: tall_tile<4>(ub, ldu, j, tq, rows, aq, vec); break;
+            case 3: tall_tile<3>(ub, ldu, j, tq, rows, aq, vec); break;
+            case 2: tall_tile<2>(ub, ldu, j, tq, rows, aq, vec); break;
+            case 1: tall_tile<1>(ub, ldu, j, tq, rows, aq, vec); break;
+            default: break;
+          }
         }
       }
       for (int64_t j = 0; j < R; ++j)

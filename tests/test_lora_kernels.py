@@ -264,10 +264,12 @@ def test_autocast_disabled_inside_and_base_only(backend):
 
 @pytest.mark.parametrize("scalar", [False, True], ids=["simd", "scalar"])
 @pytest.mark.parametrize("shape", [(1, 8, 1, 8), (7, 24, 3, 20), (33, 40, 8, 56), (5, 17, 20, 19),
-                                   (100, 1030, 16, 777), (600, 64, 13, 33)], ids=lambda s: "x".join(map(str, s)))
+                                   (100, 1030, 16, 777), (600, 64, 13, 33), (100, 2100, 64, 1100)],
+                         ids=lambda s: "x".join(map(str, s)))
 def test_cpp_thin_products_match_torch(shape, scalar):
     """csrc/lora.cpp's three products (SIMD micro-tiles and the portable scalar path) against
-    torch on odd shapes: row/column/rank tails, a bool drop-mask, row-strided X, bias."""
+    torch on odd shapes: row/column/rank tails, a bool drop-mask, row-strided X, bias; the
+    last shape spans several K chunks (rowdot), column panels (expand) and row groups."""
     from qru.kernels._backend import load_cpp_ext
 
     ext = load_cpp_ext("lora")

@@ -15,10 +15,10 @@ One public entry, :func:`lora_linear`, picks the backend at call time:
   accumulator tile before the single store of ``y``. The backward reuses the two kernels for
   ``g = dY B`` and ``dX = dY W + s·(g A)⊙mask``, and an outer-product kernel reduces over
   tokens for ``dA`` and ``dB``. The NF4 base is decoded tile by tile inside the GEMM.
-* ``"cpp"`` (CPU, fp32; the default when ``csrc/lora.cpp`` builds): the rank-r products in
-  C++ (AVX2/FMA micro-tiles, OpenMP) with the dropout mask applied as x is read and as dX is
-  stored, so no dropped-out copy of x exists; the two frozen-base GEMMs stay with torch
-  (``addmm_`` accumulating into the thin result). Other dtypes take the torch path.
+* ``"cpp"`` (CPU, fp32; the default when ``csrc/lora.cpp`` builds): with dropout, the three
+  rank-r products that see the mask in C++ (AVX2/FMA micro-tiles, OpenMP), the mask applied as
+  x is read and as dX is stored, so neither a dropped-out copy of x nor the mask is kept; the
+  other GEMMs stay with torch. Without dropout, and for other dtypes, the torch path below.
 * ``"torch"`` (CPU fallback, and bf16/fp16 on CPU): the same math as a custom autograd Function
   over ``addmm`` with ``beta``/``out`` accumulation, never materialising ``W + s·B A``.
 
@@ -307,27 +307,27 @@ def _cpp_ok(x, weight, bias, A, B) -> bool:
 
 
 class LoRALinearCppFn(torch.autograd.Function):
-    """Fused LoRA linear on 2-D fp32 ``x`` (M, in): the rank-r products in C++ with the dropout
-    mask applied on load/store, the two frozen-base GEMMs in torch.
+    """Fused LoRA linear with dropout on 2-D fp32 ``x`` (M, in): the three rank-r products that
+    touch the mask in C++ (mask applied as x is read / as dX is stored), the rest with torch.
 
     Forward, ``m`` the keep-mask (``drop = ¬m``), ``k`` its rescale, ``x̃ = k·(m⊙x)``::
 
-        u = x̃ Aᵀ                    rowdot: x masked row by row in cache, never x̃ in memory
-        y = b + s·u Bᵀ              expand (fresh y, written once)
-        y += x Wᵀ                   addmm_ with beta=1: the big GEMM accumulates into y
+        u = x̃ Aᵀ                    C++ rowdot: x masked row by row in cache, x̃ never in memory
+        y = b + (s·u) Bᵀ, then y += x Wᵀ   (torch addmm; beta=1 accumulates the big GEMM into y)
 
     Backward, ``G = dL/dy``. ``y`` depends on ``A, B`` only through ``s·u Bᵀ``, so with
     ``g = G B`` (M × r, computed once) ``∂L/∂u = s·g`` and::
 
-        dB = s·Gᵀ u                 tallreduce over tokens (u saved from the forward)
-        dA = (s·g)ᵀ ∂u/∂A = s·k·gᵀ(m⊙x)   tallreduce, mask applied as x is read
-        dX = G W + s·k·m⊙(g A)      expand with the mask on store into a fresh dX, then addmm_
+        dB = s·Gᵀ u                 (torch mm; u saved from the forward)
+        dA = (s·g)ᵀ ∂u/∂A = s·k·gᵀ(m⊙x)   C++ tallreduce over tokens, mask applied as x is read
+        dX = G W + s·k·m⊙(g A)      C++ expand with the mask on store into a fresh dX, then addmm_
         db = Σ_rows G;              W is frozen: no dW, and no GEMM for it.
 
     Saves ``x`` (the layer input, no dropout copy) and ``u`` (M × r). A sampled mask is the
     counter-based hash of (row, column) under ``seed``/``thr`` (see :func:`_hash_drop_reference`),
     recomputed by each kernel that needs it and never stored; a given ``dropout_mask`` comes as
-    the bool ``drop``.
+    the bool ``drop``. Without dropout MKL's thin GEMMs are as fast as these kernels (faster
+    for r ≥ 32), so that case takes :class:`LoRALinearTorchFn`.
     """
 
     @staticmethod
@@ -336,7 +336,8 @@ class LoRALinearCppFn(torch.autograd.Function):
         W = _dense_base(weight, nf4, x.dtype)
         Ac = A.contiguous()
         u = ext.rowdot(x, Ac, keep, drop, seed, thr)
-        y = ext.expand(u, B.t().contiguous(), scale, bias.contiguous() if bias is not None else None)
+        us = u * scale
+        y = torch.addmm(bias, us, B.t()) if bias is not None else torch.mm(us, B.t())
         y.addmm_(x, W.t())
         ctx.save_for_backward(x, drop, u, weight, Ac, B)
         ctx.scale, ctx.keep, ctx.nf4, ctx.seed, ctx.thr = scale, keep, nf4, seed, thr
@@ -349,7 +350,7 @@ class LoRALinearCppFn(torch.autograd.Function):
         s, keep, nf4, seed, thr = ctx.scale, ctx.keep, ctx.nf4, ctx.seed, ctx.thr
         ext = load_cpp_ext("lora")
         gy = gy.contiguous()
-        g = ext.rowdot(gy, B.t().contiguous(), 1.0)
+        g = torch.mm(gy, B)
         dx = dA = dB = db = None
         if ctx.needs_input_grad[0]:
             dx = ext.expand(g, A, s * keep, None, drop, seed, thr)
@@ -357,7 +358,8 @@ class LoRALinearCppFn(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             dA = ext.tallreduce(g, x, s * keep, drop, seed, thr)
         if ctx.needs_input_grad[4]:
-            dB = ext.tallreduce(u, gy, s).t()
+            dB = torch.mm(gy.t(), u)
+            dB.mul_(s)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = gy.sum(0)
         return dx, None, db, dA, dB, None, None, None, None, None, None
@@ -824,7 +826,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor
         seed, thr, keep = _drop_params(dropout_p, x.device, generator)
         if thr and backend != "cpp":
             drop = _hash_drop(x2.shape[0], x2.shape[1], seed, thr)
-    if backend == "cpp":
+    if backend == "cpp" and (drop is not None or thr):
         y = LoRALinearCppFn.apply(x2, weight, bias, lora_A, lora_B, float(scale), drop, keep, nf4,
                                   int(seed) if seed is not None and drop is None else 0, thr if drop is None else 0)
     else:
