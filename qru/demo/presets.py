@@ -121,14 +121,14 @@ def _quick() -> DemoConfig:
 def _full() -> DemoConfig:
     return DemoConfig(
         name="full",
-        corpus=CorpusSpec(people=10, retain=20, holdout=10, general=30),
+        corpus=CorpusSpec(people=10, retain=10, holdout=10, general=30),
         model=ModelSpec(hidden=128, layers=2),
-        base=TrainSpec(lr=3e-3, epochs=8),
-        target=TrainSpec(lr=3e-3, epochs=24, warmup_steps=5),
-        unlearn=UnlearnSpec(methods=METHODS, seeds=2),
+        base=TrainSpec(lr=3e-3, epochs=40, batch_size=8),
+        target=TrainSpec(lr=2e-3, epochs=40, batch_size=4, warmup_steps=5),
+        unlearn=UnlearnSpec(methods=METHODS, seeds=2, lr_lora=1e-3),
         eval=EvalSpec(limit=60),
         survival_plots=True,
-        note="all four methods in both modes, a wider model, two unlearning seeds")
+        note="all four methods in both modes, hidden 128, two unlearning seeds")
 
 
 def _mini() -> DemoConfig:

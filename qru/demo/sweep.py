@@ -250,27 +250,45 @@ def render_sweep(results, base: DemoConfig, preset, seed, knobs, wall, combos=()
 
 
 def regimes(results, fmts) -> list[str]:
-    """Plain statements: at which points each effect is shown (with the bf16 preconditions)."""
-    lines = []
-    zhang, seedp = [], []
+    """Plain statements: at which points each effect (or its opposite) is shown, with the bf16 preconditions."""
+    cats = {k: [] for k in ("z_yes", "z_no", "s_yes", "s_no", "q_full", "q_lora")}
     for r in results:
         s = r["summary"]
-        valid = s["sanity"]["target_knows"] and s["sanity"]["modes"].get("full", {}).get("forgets")
+        sane = s["sanity"]
+        full_ok = sane["target_knows"] and sane["modes"].get("full", {}).get("forgets")
+        hits = {k: [] for k in cats}
         for f in fmts:
             row = s["formats"][f]
             st = row["full"]["restored"]
-            if st["shown"] and st["effect"] > 0:
-                zhang.append(f"{r['point']} ({f}: {st['effect']:+.1f}{'' if valid else '; preconditions not met'})")
+            if st["shown"]:
+                hits["z_yes" if st["effect"] > 0 else "z_no"].append(f"{f} {st['effect']:+.1f}")
             u = row["lora_minus_full_utility"]
+            if u["shown"]:
+                hits["s_yes" if u["effect"] > 0 else "s_no"].append(f"{f} {u['effect']:+.1f}")
             fl, ll = row["full"]["utility_loss"], row["lora"]["utility_loss"]
-            if u["shown"] and u["effect"] > 0:
-                seedp.append(f"{r['point']} ({f}: LoRA − full utility {u['effect']:+.1f}; 4-bit utility loss full "
-                             f"{fl['effect']:+.1f}, LoRA {ll['effect']:+.1f})")
-    lines.append("- Zhang et al. (4-bit restores knowledge that full-FT unlearning removed): "
-                 + ("shown at " + "; ".join(zhang) + "." if zhang else "not shown at any point of this grid."))
-    lines.append("- Seed paper (LoRA merged before quantization keeps more utility at 4 bits): "
-                 + ("shown at " + "; ".join(seedp) + "." if seedp else "not shown at any point of this grid."))
-    return lines
+            f_loss = fl["shown"] and fl["effect"] > 0
+            l_loss = ll["shown"] and ll["effect"] > 0
+            if f_loss and not l_loss:
+                hits["q_full"].append(f"{f}: full {fl['effect']:+.1f}, LoRA {ll['effect']:+.1f}")
+            if l_loss and not f_loss:
+                hits["q_lora"].append(f"{f}: LoRA {ll['effect']:+.1f}, full {fl['effect']:+.1f}")
+        for k, v in hits.items():
+            if v:
+                note = "; full FT did not forget at bf16" if k.startswith("z") and not full_ok else ""
+                cats[k].append(f"`{r['point']}` ({', '.join(v)}{note})")
+
+    def say(items):
+        return "; ".join(items) + "." if items else "nowhere."
+
+    return [
+        "- **Zhang et al.** (4-bit restores knowledge that full-FT unlearning removed; KnowMem_f points): shown at "
+        + say(cats["z_yes"]) + " The opposite (4-bit lowers KnowMem_f further) is shown at " + say(cats["z_no"]),
+        "- **Seed paper, utility** (LoRA merged before quantization keeps more utility at 4 bits than full FT; "
+        "Utility(LoRA) − Utility(full) at 4-bit): shown at " + say(cats["s_yes"])
+        + " The opposite (full FT keeps more) is shown at " + say(cats["s_no"]),
+        "- **Utility lost to quantization** (bf16 − 4-bit, shown for one mode only): only full FT loses at "
+        + say(cats["q_full"]) + " Only LoRA loses at " + say(cats["q_lora"]),
+    ]
 
 
 def sweep_plots(results, base: DemoConfig, out: Path) -> None:
