@@ -125,7 +125,7 @@ def _full() -> DemoConfig:
         model=ModelSpec(hidden=128, layers=2),
         base=TrainSpec(lr=3e-3, epochs=40, batch_size=8),
         target=TrainSpec(lr=2e-3, epochs=40, batch_size=4, warmup_steps=5),
-        unlearn=UnlearnSpec(methods=METHODS, seeds=2, lr_lora=1e-3),
+        unlearn=UnlearnSpec(methods=METHODS, seeds=2, lr_lora=7e-4),
         eval=EvalSpec(limit=60),
         survival_plots=True,
         note="all four methods in both modes, hidden 128, two unlearning seeds")
