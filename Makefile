@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/qru smoke
+	$(BIN)/qru demo --preset quick
 
 smoke: $(STAMP)
 	$(BIN)/qru smoke
