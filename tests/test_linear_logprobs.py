@@ -222,3 +222,40 @@ def test_no_rows(backend, wgrad):
     assert h.grad.shape == (0, 24)
     if wgrad:
         assert torch.equal(W.grad, torch.zeros_like(W))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_weight_gradient_no_recompute(backend, dtype, monkeypatch):
+    """Trainable W, rows in groups with a per-group constant upstream gradient (per-sequence sums):
+    the grouped strategy gives the reference gradients without recomputing the logits."""
+    h, W, y, _ = make(N=30, dtype=dtype, wgrad=True, ignore=(4,))
+    sizes = torch.tensor([7, 0, 12, 11])
+    c = torch.tensor([0.5, 9.0, -1.5, 2.0])
+    up = c.repeat_interleave(sizes)
+
+    def boom(*a, **k):
+        raise AssertionError("recomputed")
+    monkeypatch.setattr(LLP.LinearLogprobsFn, "_recompute", staticmethod(boom))
+    lp, dh, dw = grads(linear_logprobs, h, W, y, up, chunk_size=8, group_sizes=sizes)
+    monkeypatch.undo()
+    rlp, rdh, rdw = grads(linear_logprobs_reference, h, W, y, up)
+    t = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=3e-2)
+    torch.testing.assert_close(lp, rlp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dh.float(), rdh.float(), **t)
+    torch.testing.assert_close(dw.float(), rdw.float(), **t)
+
+
+def test_grouped_falls_back_when_gradient_varies_or_budget_small(backend, monkeypatch):
+    h, W, y, up = make(N=30, wgrad=True)
+    sizes = torch.tensor([10, 20])
+    rlp, rdh, rdw = grads(linear_logprobs_reference, h, W, y, up)
+    lp, dh, dw = grads(linear_logprobs, h, W, y, up, chunk_size=8, group_sizes=sizes)  # g varies in a group
+    torch.testing.assert_close(dh, rdh, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dw, rdw, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(LLP, "GROUPED_BYTES", 10)
+    up2 = torch.tensor([1.0, -2.0]).repeat_interleave(sizes)
+    rlp, rdh, rdw = grads(linear_logprobs_reference, h, W, y, up2)
+    lp, dh, dw = grads(linear_logprobs, h, W, y, up2, chunk_size=8, group_sizes=sizes)
+    torch.testing.assert_close(dw, rdw, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="group_sizes"):
+        linear_logprobs(h, W, y, group_sizes=torch.tensor([3, 4]))

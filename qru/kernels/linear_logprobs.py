@@ -35,6 +35,8 @@ IGNORE_INDEX = -100
 # it sits in L2 whatever the chunk; chunks of ~1000 rows keep the GEMMs efficient (M >= 1024 at V = 32000).
 CPU_CHUNK_BYTES = 128 << 20
 CUDA_CHUNK_BYTES = 512 << 20
+# Bound on the per-group (G, V, H) fp32 weight-gradient partials of the "grouped" strategy.
+GROUPED_BYTES = 512 << 20
 
 
 def linear_logprobs_reference(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -173,54 +175,106 @@ class LinearLogprobsFn(torch.autograd.Function):
     Backward. With ``p_n = softmax(z_n)`` and the upstream gradient ``g_n = ∂L/∂logp_n``:
     ``∂logp_n/∂z_n = e_{y_n} - p_n``, so ``D_n := ∂L/∂z_n = g_n (e_{y_n} - p_n)`` (``D_n = 0`` for
     an ignored row, whose logp is the constant 0). As ``z_n = W h_n``:
-    ``∂L/∂h_n = D_n W`` and ``∂L/∂W = Σ_n D_nᵀ h_n = Dᵀ h``.
+    ``∂L/∂h_n = D_n W`` and ``∂L/∂W = Σ_n D_nᵀ h_n = Dᵀ h``. Write ``U'_n = e_{y_n} - p_n`` (the
+    unit gradient, known in forward) so ``D_n = g_n U'_n``.
 
-    Two strategies, chosen in forward, neither storing (N, V):
+    Three strategies, chosen in forward, none storing (N, V):
 
-    * ``W`` needs no gradient (LoRA, frozen head): ``D_n = g_n·U'_n`` with ``U'_n = e_{y_n} - p_n``,
-      so ``∂L/∂h_n = g_n (U'_n W)``. Forward already holds each chunk's softmax and computes
-      ``U = U' W`` (N, H) right there, the one GEMM backward would run anyway; backward is
-      ``dh = g[:, None]·U``. Same GEMM count as unfused autograd, no recomputation.
-    * ``W`` needs a gradient: ``g`` is unknown in forward, so forward saves only ``h`` and the
-      per-row ``lse``; backward recomputes each chunk's ``z``, turns it in place into
-      ``D = g(e_y - exp(z - lse))``, and runs ``dh = D W``, ``dW += Dᵀ h``.
+    * ``"unit"``: ``W`` needs no gradient (LoRA, frozen head). ``∂L/∂h_n = g_n (U'_n W)``: forward
+      holds each chunk's softmax anyway and computes ``U = U' W`` (N, H) right there, the one
+      GEMM backward would run; backward is ``dh = g[:, None]·U``. No recomputation.
+    * ``"grouped"``: ``W`` needs a gradient and the rows come in ``G`` contiguous groups (sequences)
+      whose upstream gradient is constant per group (``g_n = c_b``, as when the log-probs are
+      summed per sequence and the loss depends on the sums). Then
+      ``∂L/∂W = Σ_b c_b Σ_{n∈b} U'_nᵀ h_n``: forward accumulates one (V, H) fp32 partial per group
+      (bounded by ``GROUPED_BYTES``) next to ``U``; backward checks ``g`` is constant per group
+      and combines ``dW = Σ_b c_b M_b``, ``dh = g[:, None]·U``: the GEMMs unfused autograd runs,
+      no recomputation. If ``g`` turns out not to be constant per group, it recomputes as below.
+    * ``"recompute"``: forward saves ``h`` and the per-row ``lse``; backward recomputes each chunk's
+      ``z``, turns it in place into ``D = g(e_y - exp(z - lse))``, and runs ``dh = D W``,
+      ``dW += Dᵀ h`` (one extra (chunk, V, H) GEMM per chunk).
     """
 
     @staticmethod
-    def forward(ctx, h, weight, y, ignore_index, chunk, backend):
+    def forward(ctx, h, weight, y, group_sizes, ignore_index, chunk, backend):
         lse_fn, unit_fn, _ = _rows(backend)
         n = h.shape[0]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        strategy = None
+        if need_h and not need_w:
+            strategy = "unit"
+        elif need_w:
+            fits = (group_sizes is not None
+                    and group_sizes.numel() * weight.shape[0] * weight.shape[1] * 4 <= GROUPED_BYTES)
+            strategy = "grouped" if fits else "recompute"
         lse = torch.empty(n, device=h.device, dtype=torch.float32)
         logp = torch.empty(n, device=h.device, dtype=torch.float32)
-        eager = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
-        u = torch.empty((n, h.shape[1]), device=h.device, dtype=h.dtype) if eager else None
+        eager = strategy in ("unit", "grouped")
+        u = torch.empty((n, h.shape[1]), device=h.device, dtype=h.dtype) if eager and need_h else None
+        parts, bounds = None, None
+        if strategy == "grouped":
+            ends = group_sizes.cumsum(0).tolist()
+            bounds = list(zip([0] + ends[:-1], ends))
+            parts = torch.empty((len(bounds),) + tuple(weight.shape), device=h.device, dtype=torch.float32)
+            touched = [False] * len(bounds)
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
             z = torch.mm(h[s:e], weight.t())
-            if eager:  # z <- e_y - softmax(z), then U = z W: the GEMM backward would run
-                lse[s:e], logp[s:e] = unit_fn(z, y[s:e], ignore_index)
-                torch.mm(z, weight, out=u[s:e])
-            else:
+            if not eager:
                 lse[s:e], logp[s:e] = lse_fn(z, y[s:e], ignore_index)
-        ctx.eager, ctx.chunk, ctx.ignore_index, ctx.backend = eager, chunk, ignore_index, backend
-        if eager:
-            ctx.save_for_backward(u)
-        else:
-            ctx.save_for_backward(h, weight, y, lse)
+                continue
+            lse[s:e], logp[s:e] = unit_fn(z, y[s:e], ignore_index)  # z <- U' = e_y - softmax(z)
+            if u is not None:
+                torch.mm(z, weight, out=u[s:e])
+            if parts is not None:  # M_b += U'ᵀ h over this chunk's rows of group b
+                for b, (g0, g1) in enumerate(bounds):
+                    r0, r1 = max(s, g0), min(e, g1)
+                    if r0 >= r1:
+                        continue
+                    zt, hh = z[r0 - s:r1 - s].t(), h[r0:r1]
+                    if z.dtype == torch.float32:
+                        if touched[b]:
+                            parts[b].addmm_(zt, hh)
+                        else:
+                            torch.mm(zt, hh, out=parts[b])
+                    elif touched[b]:
+                        parts[b] += torch.mm(zt, hh)
+                    else:
+                        parts[b].copy_(torch.mm(zt, hh))
+                    touched[b] = True
+        if parts is not None:
+            for b, t in enumerate(touched):
+                if not t:
+                    parts[b].zero_()
+        ctx.strategy, ctx.chunk, ctx.ignore_index, ctx.backend = strategy, chunk, ignore_index, backend
+        ctx.bounds = bounds
+        ctx.save_for_backward(h, weight, y, lse, u, parts, group_sizes)
         return logp
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         g = g.float().contiguous()
-        if ctx.eager:
-            (u,) = ctx.saved_tensors
-            return (u * g[:, None]).to(u.dtype), None, None, None, None, None
-        h, weight, y, lse = ctx.saved_tensors
+        h, weight, y, lse, u, parts, group_sizes = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if ctx.strategy == "unit":
+            return (u * g[:, None]).to(u.dtype), None, None, None, None, None, None
+        if ctx.strategy == "grouped":
+            c = torch.zeros(group_sizes.shape, device=g.device, dtype=g.dtype)  # c_b = g at group b's first row
+            nonempty = group_sizes > 0
+            c[nonempty] = g[(group_sizes.cumsum(0) - group_sizes)[nonempty]]
+            if torch.equal(g, c.repeat_interleave(group_sizes)):
+                dh = (u * g[:, None]).to(u.dtype) if need_h else None
+                dw = torch.tensordot(c, parts, dims=1).to(weight.dtype)
+                return dh, dw, None, None, None, None, None
+        return LinearLogprobsFn._recompute(ctx, g, h, weight, y, lse, need_h, need_w)
+
+    @staticmethod
+    def _recompute(ctx, g, h, weight, y, lse, need_h, need_w):
         dz_fn = _rows(ctx.backend)[2]
-        dh = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        dh = torch.empty_like(h) if need_h else None
         # dW accumulates over chunks in fp32 (a half-precision running sum would round per chunk)
-        dw = torch.empty(weight.shape, device=weight.device, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        dw = torch.empty(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
         if dw is not None and h.shape[0] == 0:
             dw.zero_()
         for s in range(0, h.shape[0], ctx.chunk):
@@ -241,7 +295,7 @@ class LinearLogprobsFn(torch.autograd.Function):
                     dw += torch.mm(dz.t(), h[s:e])
         if dw is not None:
             dw = dw.to(weight.dtype)
-        return dh, dw, None, None, None, None
+        return dh, dw, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------
@@ -253,20 +307,24 @@ def default_chunk(n: int, vocab: int, device: torch.device) -> int:
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                    ignore_index: int = IGNORE_INDEX, chunk_size: int | None = None) -> torch.Tensor:
+                    ignore_index: int = IGNORE_INDEX, chunk_size: int | None = None,
+                    group_sizes: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 ``log softmax(hidden Wᵀ)[labels]`` over the last dim of ``hidden``; 0 where ignored.
 
     ``hidden`` (..., H), ``weight`` (V, H), ``labels`` (...) integer in ``[0, V)`` or
     ``ignore_index``. Equals :func:`linear_logprobs_reference` up to float round-off, with
-    gradients for ``hidden`` and ``weight``. Under ``torch.autocast`` for the device, ``hidden``
-    and ``weight`` are cast to the autocast dtype first, as for ``F.linear``.
+    gradients for ``hidden`` and ``weight``. ``group_sizes`` (G,) optionally says the flattened
+    rows form G consecutive groups (e.g. sequences) whose log-probs will be summed; it only
+    selects a faster backward for a trainable ``weight`` (see :class:`LinearLogprobsFn`), never
+    the result. Under ``torch.autocast`` for the device, ``hidden`` and ``weight`` are cast to the
+    autocast dtype first, as for ``F.linear``.
     """
     dev = hidden.device.type
     if torch.is_autocast_enabled(dev) and hidden.is_floating_point():
         dt = torch.get_autocast_dtype(dev)
         with torch.autocast(dev, enabled=False):
             return linear_logprobs(hidden.to(dt), weight.to(dt), labels, ignore_index=ignore_index,
-                                   chunk_size=chunk_size)
+                                   chunk_size=chunk_size, group_sizes=group_sizes)
     if weight.dim() != 2:
         raise ValueError(f"linear_logprobs: weight must be (vocab, hidden), got shape {tuple(weight.shape)}")
     V, H = weight.shape
@@ -293,6 +351,11 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     if bool(bad.any()):
         raise ValueError(f"linear_logprobs: label {int(y[bad][0])} is outside [0, {V}) and is not "
                          f"ignore_index={ignore_index}")
+    if group_sizes is not None:
+        group_sizes = group_sizes.to(device=h.device, dtype=torch.long).reshape(-1)
+        if bool((group_sizes < 0).any()) or int(group_sizes.sum()) != h.shape[0]:
+            raise ValueError(f"linear_logprobs: group_sizes must be non-negative and sum to the {h.shape[0]} rows, "
+                             f"got sum {int(group_sizes.sum())}")
     chunk = chunk_size or default_chunk(h.shape[0], V, hidden.device)
     backend = backend_for(h, cpp="linear_logprobs")
-    return LinearLogprobsFn.apply(h, weight, y, ignore_index, chunk, backend).view(lead)
+    return LinearLogprobsFn.apply(h, weight, y, group_sizes, ignore_index, chunk, backend).view(lead)

@@ -79,9 +79,11 @@ def hidden_sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, input_i
         raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
     mask = loss_mask[:, 1:].bool()
     rows, cols = mask.nonzero(as_tuple=True)
-    lp = linear_logprobs(hidden[:, :-1][rows, cols], weight, input_ids[:, 1:][rows, cols], chunk_size=chunk_size)
+    counts = mask.sum(-1)
+    lp = linear_logprobs(hidden[:, :-1][rows, cols], weight, input_ids[:, 1:][rows, cols], chunk_size=chunk_size,
+                         group_sizes=counts)  # rows come sequence by sequence; the sums below are per sequence
     sums = torch.zeros(input_ids.shape[0], device=lp.device, dtype=torch.float32).index_add(0, rows, lp)
-    return sums, mask.sum(-1).float()
+    return sums, counts.float()
 
 
 def mean_nll(logp_sum: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
