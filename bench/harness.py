@@ -1,8 +1,14 @@
 """The one timing helper every benchmark suite uses.
 
 CPU: ``time.perf_counter`` with a fixed thread count; CUDA: ``triton.testing.do_bench``.
-Each suite prints a table (machine description on top) and appends its rows to
-``bench/results.csv``. Speed targets live here in the printed output, never in tests.
+``bench`` times one callable (warm-up, repeats, median with p20/p80); ``paired`` times several
+providers call by call in turn (ABBA order), so outside load on a shared machine hits all alike,
+and reports per provider the median of the paired ratios. Peak memory: RSS on CPU
+(``/proc/self`` high-water mark, resettable), ``max_memory_allocated`` on CUDA
+(``reset_peak_memory`` / ``peak_memory``); ``peak_allocated_during(fn)`` gives the tensor memory
+one call allocates at its peak (CPU: the profiler's allocator accounting). Each suite prints a table (machine description on
+top) and appends its rows to ``bench/results.csv``. Speed targets live in the printed output,
+never in tests.
 """
 from __future__ import annotations
 
@@ -20,7 +26,8 @@ from typing import Callable
 
 import torch
 
-RESULTS_CSV = Path(__file__).resolve().parent / "results.csv"
+# QRU_BENCH_CSV redirects the appended rows (e.g. to /dev/null for trial runs).
+RESULTS_CSV = Path(os.environ.get("QRU_BENCH_CSV") or Path(__file__).resolve().parent / "results.csv")
 COLUMNS = ["suite", "op", "provider", "shape", "dtype", "device", "median", "p20", "p80",
            "unit", "ratio_vs_peer", "git_sha", "timestamp"]
 
@@ -65,9 +72,97 @@ def bench(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 10,
     return Timing(statistics.median(samples), _quantile(samples, 0.2), _quantile(samples, 0.8), samples)
 
 
+def paired(fns: dict[str, Callable[[], object]], samples: int, *, device: str = "cpu", warmup: int = 1
+           ) -> tuple[dict[str, Timing], dict[str, float]]:
+    """Time each provider once per turn, in turn, ``samples`` turns, alternating the order
+    (ABBA...) so slow drift charges all alike. Returns per-provider timings and, per provider,
+    the median over turns of (first provider's time / this provider's time): the speed-up
+    against the first provider, robust to load bursts that hit one turn."""
+    names = list(fns)
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for i in range(samples):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fns[name]()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    first = names[0]
+    out = {k: Timing(statistics.median(v), _quantile(v, 0.2), _quantile(v, 0.8), v) for k, v in times.items()}
+    ratios = {k: statistics.median(a / b for a, b in zip(times[first], v)) for k, v in times.items()}
+    return out, ratios
+
+
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (Linux: ru_maxrss is KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident set size of this process so far (the high-water mark; see ``reset_peak_memory``)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def current_rss_bytes() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def reset_peak_memory(device: str = "cpu") -> int:
+    """Reset the peak-memory counter; returns the memory in use now (the baseline).
+    CPU: writes 5 to ``/proc/self/clear_refs`` (resets VmHWM to the current RSS)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    return current_rss_bytes()
+
+
+def peak_allocated_during(fn: Callable[[], object], device: str = "cpu") -> int:
+    """Peak bytes of tensor memory allocated by ``fn()`` above what was allocated when it started.
+    CUDA: ``max_memory_allocated``; CPU: the profiler's allocator accounting (``profile_memory``),
+    which, unlike RSS, does not depend on what the C allocator keeps cached from earlier work."""
+    if device == "cuda":
+        base = reset_peak_memory("cuda")
+        fn()
+        return peak_memory("cuda") - base
+    import json
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as d:
+        trace = Path(d) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events
+              if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type", 0) == 0]
+    return max([0, *totals])
+
+
+def peak_memory(device: str = "cpu") -> int:
+    """Peak bytes since ``reset_peak_memory``: RSS high-water mark on CPU, ``max_memory_allocated`` on CUDA."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    return peak_rss_bytes()
 
 
 def git_sha() -> str:
@@ -116,7 +211,8 @@ class Row:
 
 
 def append_csv(rows: list[Row], path: Path = RESULTS_CSV) -> None:
-    new = not path.exists()
+    path = Path(path)
+    new = not path.exists() or path.stat().st_size == 0 and path.is_file()
     sha, ts = git_sha(), _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     with open(path, "a", newline="") as f:
         w = csv.writer(f)
