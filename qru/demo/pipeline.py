@@ -36,26 +36,22 @@ def _log(msg: str) -> None:
 # -- the C++ kernels: built in the background while the models train ---------------------------
 
 class KernelBuild:
-    """Build (JIT, cached by torch under ``TORCH_EXTENSIONS_DIR``) every C++ kernel of ``csrc/`` in two
-    background threads, in the order the pipeline needs them, while the CPU would otherwise idle or
-    train; the ops themselves then just load the built modules."""
+    """Build (JIT, cached by torch under ``TORCH_EXTENSIONS_DIR``) the C++ kernels of ``csrc/`` the pipeline
+    uses, in two background threads, in the order it needs them, while the CPU would otherwise idle or
+    train; the ops themselves then just load the built modules (any other kernel builds on first use)."""
 
     # two builders, each starting with a kernel the training needs at once; then LoRA, then quantization
-    QUEUES = (("llama_ops", "quant", "qmatmul"), ("linear_logprobs", "lora"))
+    QUEUES = (("llama_ops", "quant", "qmatmul"), ("linear_logprobs", "lora", "bf16_linear"))
 
-    def __init__(self, needed: bool):
+    def __init__(self, needed: bool, skip: tuple[str, ...] = ()):
         self.seconds: float | None = None
         self.error: str | None = None
         self.each: dict[str, float] = {}
         self.threads: list[threading.Thread] = []
         self._t0 = time.perf_counter()
         if needed and not torch.cuda.is_available() and os.environ.get("QRU_BACKEND", "") in ("", "cpp"):
-            from qru.kernels._backend import CSRC
-
-            known = {n for q in self.QUEUES for n in q}
-            extra = tuple(sorted(p.stem for p in CSRC.glob("*.cpp") if p.stem not in known))
-            queues = [self.QUEUES[0], self.QUEUES[1] + extra]
-            for q in queues:
+            for q in self.QUEUES:
+                q = tuple(n for n in q if n not in skip)
                 t = threading.Thread(target=self._build, args=(q,), name="qru-kernel-build", daemon=True)
                 t.start()
                 self.threads.append(t)
@@ -364,7 +360,11 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, *, seed: int = 0, force: b
     out.mkdir(parents=True, exist_ok=True)
     run = DemoRun(out, cfg, seed)
     quantized = any(p != "bf16" for p in cfg.eval.precisions)
-    build = KernelBuild(quantized)
+    skip = () if "bf16" in (cfg.base.master_dtype, cfg.target.master_dtype, cfg.unlearn.master_dtype) \
+        else ("bf16_linear",)  # bf16 compute happens only with bf16 master weights (evaluation runs in fp32)
+    skip += () if "lora" in cfg.unlearn.modes else ("lora",)
+    skip += () if quantized else ("quant", "qmatmul")
+    build = KernelBuild(True, skip)
     cache = StageCache(Path(stages_root) if stages_root else out / "stages", force=force, log=_log)
     common = _train_common(cfg, progress, device, out / "cache" / "tokens")
 
