@@ -151,18 +151,19 @@ def section(kw: dict, formats, batch: int, new: int, samples: int, device: str, 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer timed calls (make bench)")
+    ap.add_argument("--quick", action="store_true", help="2 timed calls each, 32 new tokens (make bench)")
     ap.add_argument("--formats", nargs="+", default=["bf16", "nf4"], choices=["bf16", "nf4"])
     ap.add_argument("--samples", type=int, default=None, help="timed calls per provider")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: decoding is many small calls, and on a shared 2-core "
                          "machine each 2-thread parallel region can stall ~15 ms on a descheduled worker)")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--new", type=int, default=64, help="max_new_tokens")
+    ap.add_argument("--new", type=int, default=None, help="max_new_tokens (default 64; 32 with --quick)")
     ap.add_argument("--no-gpu", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     samples = args.samples or (2 if args.quick else 5)
+    args.new = args.new or (32 if args.quick else 64)
     rows = section(SMALL, args.formats, args.batch, args.new, samples, "cpu", f"{torch.get_num_threads()} threads")
     print(f"  target: qru >= {TARGET}x transformers (bf16, same-run ratio above)")
     report("greedy generation, CPU (tok/s; vs peer = transformers time / this time)", rows)
