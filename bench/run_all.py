@@ -48,7 +48,7 @@ def run_suite(name: str, full: bool, scale: float) -> tuple[float, int, list[str
             deadline = None if full else t0 + limit * scale
             for line in p.stdout:
                 sys.stdout.write(line)
-                if line.startswith(SUMMARY_PREFIXES) or "target" in line:
+                if "|" not in line and (line.startswith(SUMMARY_PREFIXES) or "target >=" in line):
                     keep.append(line.rstrip())
                 if deadline is not None and time.perf_counter() > deadline:
                     p.kill()
