@@ -3,7 +3,7 @@
 For each (suite, device), the latest run (its timestamp) becomes one figure: a panel per
 (op, unit), grouped bars per shape, one bar per provider at the median with a p20-p80 whisker,
 the ratio against the peer written above each bar. A summary figure ``speedups.png`` plots every
-latest ratio of a qru provider against its peer, with the machine-independent line at 1.
+latest ratio of a qru provider against its peer (time or throughput rows), with a line at 1.
 
     python bench/plot.py [--csv bench/results.csv] [--out bench/plots]
 """
@@ -99,8 +99,11 @@ def speedup_figure(runs: dict, out: Path) -> Path | None:
     pts = []
     for (suite, device), rows in sorted(runs.items()):
         for r in rows:
-            if r["ratio_vs_peer"] and r["provider"].startswith("qru") and r["unit"] != "MiB":
-                pts.append((f"{suite}/{device}: {r['op']} {r['shape']}"[:70], float(r["ratio_vs_peer"])))
+            # peer ratios of qru's providers; GB/s rows carry a fraction of the copy roofline instead
+            if (r["ratio_vs_peer"] and r["provider"].startswith("qru") and r["unit"] not in ("MiB", "GB/s")
+                    and r["provider"] != "qru-reference"):
+                pts.append((f"{suite}/{device}: {r['op']} [{r['provider']}] {r['shape']}"[:80],
+                            float(r["ratio_vs_peer"])))
     if not pts:
         return None
     fig, ax = plt.subplots(figsize=(9, 0.28 * len(pts) + 1.2))
