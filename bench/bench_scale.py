@@ -215,7 +215,7 @@ def main(argv=None) -> int:
 
         results = {}
         if args.no_quantize:
-            pass
+            print("--no-quantize: skipping the quantize run")
         elif not _has_quantize():
             print("qru quantize is not available in this tree yet: skipping the quantize run")
         else:

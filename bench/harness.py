@@ -98,25 +98,25 @@ def paired(fns: dict[str, Callable[[], object]], samples: int, *, device: str = 
     return out, ratios
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (the high-water mark; see ``reset_peak_memory``)."""
+def _proc_status_bytes(key: str) -> int | None:
+    """A ``/proc/self/status`` memory field (``VmHWM``, ``VmRSS``) in bytes; None off Linux."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        return None
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (the high-water mark; see ``reset_peak_memory``)."""
+    hwm = _proc_status_bytes("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
 def current_rss_bytes() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return _proc_status_bytes("VmRSS") or 0
 
 
 def reset_peak_memory(device: str = "cpu") -> int:

@@ -32,11 +32,8 @@ def native_bf16_cpu() -> bool:
     """True when this CPU multiplies bf16 natively (torch's bf16 GEMM is then the fast path)."""
     for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
         fn = getattr(torch.cpu, probe, None)
-        try:
-            if fn is not None and fn():
-                return True
-        except Exception:
-            pass
+        if fn is not None and fn():
+            return True
     return False
 
 
