@@ -4,47 +4,13 @@
 // (bf16: half the bytes of fp32), widened exactly to fp32 in registers, and multiplied into up to
 // 8 rows of x at a time with fp32 FMA accumulation; the result is rounded once to bf16
 // (nearest even), bias added in fp32 before the rounding. OpenMP over output columns.
-#include <torch/extension.h>
-
-#include <omp.h>
-
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <vector>
-
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define QRU_AVX2 1
-#else
-#define QRU_AVX2 0
-#endif
+#include "qru_common.h"
 
 namespace {
 
-int num_threads() { return std::max(1, at::get_num_threads()); }
-
-inline float bf16_to_f32(uint16_t b) { uint32_t u = uint32_t(b) << 16; float f; std::memcpy(&f, &u, 4); return f; }
-inline uint16_t f32_to_bf16(float f) {
-  if (std::isnan(f)) return 0x7FC0;
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
+using namespace qru;
 
 #if QRU_AVX2
-inline __m256 load_bf16x8(const uint16_t* p) {
-  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
-
 // out[m] = sum_k x[m, k] w[k] for MB (<= 8) rows of fp32 x (row stride K)
 template <int MB>
 inline void dot_rows(const float* x, int64_t K, const uint16_t* w, float* out) {
@@ -52,7 +18,7 @@ inline void dot_rows(const float* x, int64_t K, const uint16_t* w, float* out) {
   for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 8 <= K; k += 8) {
-    const __m256 wv = load_bf16x8(w + k);
+    const __m256 wv = load8(w + k);
     for (int m = 0; m < MB; ++m) acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * K + k), wv, acc[m]);
   }
   for (int m = 0; m < MB; ++m) {
@@ -125,8 +91,7 @@ at::Tensor skinny_linear(at::Tensor x, at::Tensor w, c10::optional<at::Tensor> b
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("skinny_linear", &skinny_linear, "y = x W^T + b, bf16, fp32 accumulation, few rows of x", py::arg("x"),
-        py::arg("w"), py::arg("bias") = py::none(), py::arg("scalar") = false);
-  m.def("avx2", []() { return bool(QRU_AVX2); });
+TORCH_LIBRARY(qru_bf16_linear, m) {
+  // y = x W^T + b, bf16, fp32 accumulation, few rows of x
+  m.def("skinny_linear(Tensor x, Tensor w, Tensor? bias=None, bool scalar=False) -> Tensor", &skinny_linear);
 }

@@ -10,99 +10,15 @@
 // written as torch rounds: nearest even); the math is fp32. exp: AVX2/FMA Cephes polynomial
 // (within 2 ulp of expf; 0 below -87.3), scalar std::exp when compiled without AVX2 or with
 // scalar=true. OpenMP over rows, torch's thread count.
-#include <torch/extension.h>
+#include "qru_common.h"
 
-#include <omp.h>
-
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
 #include <limits>
-
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define QRU_AVX2 1
-#else
-#define QRU_AVX2 0
-#endif
 
 namespace {
 
-int num_threads() { return std::max(1, at::get_num_threads()); }
-
-inline uint32_t f2u(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
-inline float u2f(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
-inline float bf16_to_f32(uint16_t b) { return u2f(uint32_t(b) << 16); }
-inline uint16_t f32_to_bf16(float f) {
-  if (std::isnan(f)) return 0x7FC0;
-  uint32_t u = f2u(f);
-  return uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-
-constexpr float kExpLo = -87.3f;  // below: exp -> 0 (fp32 denormal range, irrelevant to a softmax)
-constexpr float kExpHi = 88.7f;
-
-#if QRU_AVX2
-// Cephes expf: x = n ln2 + r, |r| <= ln2/2, exp(r) by a degree-6 polynomial, times 2^n.
-inline __m256 exp256(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(kExpLo);
-  __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(kExpHi));
-  __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  __m256i n = _mm256_cvtps_epi32(fx);
-  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23);
-  __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-  return _mm256_andnot_ps(under, y);
-}
-
-inline float hmax(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
-  return _mm_cvtss_f32(m);
-}
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
-
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const uint16_t* p) {
-  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
-inline void store8(uint16_t* p, __m256 v) {
-  // round to nearest even, NaN -> 0x7FC0 (torch's fp32 -> bf16)
-  __m256i u = _mm256_castps_si256(v);
-  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
-  __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
-  __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
-}
-#endif
+using namespace qru;
 
 inline float exp1(float x) { return x < kExpLo ? 0.0f : std::exp(std::min(x, kExpHi)); }
-inline float ld(const float* p, int64_t i) { return p[i]; }
-inline float ld(const uint16_t* p, int64_t i) { return bf16_to_f32(p[i]); }
-inline void st(float* p, int64_t i, float v) { p[i] = v; }
-inline void st(uint16_t* p, int64_t i, float v) { p[i] = f32_to_bf16(v); }
 
 template <typename T>
 float row_max(const T* z, int64_t V, bool scalar) {
@@ -264,10 +180,11 @@ at::Tensor dlogits_(at::Tensor z, at::Tensor y, at::Tensor lse, at::Tensor g, in
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("lse_gather", &lse_gather, "(lse, logp) per row; with dlogits, z <- e_y - softmax(z) in place",
-        py::arg("z"), py::arg("y"), py::arg("ignore_index"), py::arg("dlogits") = false, py::arg("scalar") = false);
-  m.def("dlogits_", &dlogits_, "z <- g (e_y - exp(z - lse)) in place", py::arg("z"), py::arg("y"), py::arg("lse"),
-        py::arg("g"), py::arg("ignore_index"), py::arg("scalar") = false);
-  m.def("avx2", []() { return bool(QRU_AVX2); });
+TORCH_LIBRARY(qru_linear_logprobs, m) {
+  // (lse, logp) per row; with dlogits, z <- e_y - softmax(z) in place
+  m.def("lse_gather(Tensor(a!) z, Tensor y, int ignore_index, bool dlogits=False, bool scalar=False) -> (Tensor, Tensor)",
+        &lse_gather);
+  // z <- g (e_y - exp(z - lse)) in place
+  m.def("dlogits_(Tensor(a!) z, Tensor y, Tensor lse, Tensor g, int ignore_index, bool scalar=False) -> Tensor(a!)",
+        &dlogits_);
 }

@@ -12,94 +12,11 @@
 // Tensors are float32 or bfloat16 (read / written as torch rounds: nearest even); all math in
 // fp32 (no fast-math; ISO C++ so no FMA contraction in the scalar code). AVX2 loops where they
 // pay (the norm and SwiGLU), a scalar path otherwise or with scalar=true. OpenMP over rows.
-#include <torch/extension.h>
-
-#include <omp.h>
-
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <vector>
-
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define QRU_AVX2 1
-#else
-#define QRU_AVX2 0
-#endif
+#include "qru_common.h"
 
 namespace {
 
-int num_threads() { return std::max(1, at::get_num_threads()); }
-
-inline uint32_t f2u(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
-inline float u2f(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
-inline float bf16_to_f32(uint16_t b) { return u2f(uint32_t(b) << 16); }
-inline uint16_t f32_to_bf16(float f) {
-  if (std::isnan(f)) return 0x7FC0;
-  uint32_t u = f2u(f);
-  return uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-
-inline float ld(const float* p, int64_t i) { return p[i]; }
-inline float ld(const uint16_t* p, int64_t i) { return bf16_to_f32(p[i]); }
-inline void st(float* p, int64_t i, float v) { p[i] = v; }
-inline void st(uint16_t* p, int64_t i, float v) { p[i] = f32_to_bf16(v); }
-// the value a store then a load would give: rounding to the tensor's dtype
-inline float rnd(const float*, float v) { return v; }
-inline float rnd(const uint16_t*, float v) { return bf16_to_f32(f32_to_bf16(v)); }
-
-#if QRU_AVX2
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const uint16_t* p) {
-  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-inline __m256i bf16_bits(__m256 v) {
-  __m256i u = _mm256_castps_si256(v);
-  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
-  __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
-}
-inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
-inline void store8(uint16_t* p, __m256 v) {
-  __m256i r = bf16_bits(v);
-  __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
-}
-inline __m256 rnd8(const float*, __m256 v) { return v; }
-inline __m256 rnd8(const uint16_t*, __m256 v) { return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits(v), 16)); }
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
-// Cephes expf (within 2 ulp of expf; 0 below -87.3, clamped above 88.7)
-inline __m256 exp256(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.3f);
-  __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.7f));
-  __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  __m256i n = _mm256_cvtps_epi32(fx);
-  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
-}
-#endif
-
-enum { F32 = 0, BF16 = 1 };
+using namespace qru;
 
 int code(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
@@ -390,13 +307,11 @@ std::tuple<at::Tensor, at::Tensor> swiglu_bwd(at::Tensor d, at::Tensor g, at::Te
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("rmsnorm_fwd", &rmsnorm_fwd, py::arg("x"), py::arg("w"), py::arg("eps"), py::arg("scalar") = false);
-  m.def("rmsnorm_bwd", &rmsnorm_bwd, py::arg("dy"), py::arg("x"), py::arg("w"), py::arg("rstd"),
-        py::arg("scalar") = false);
-  m.def("rope_fwd", &rope_fwd, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("out_dtype"));
-  m.def("rope_bwd", &rope_bwd, py::arg("grad"), py::arg("cos"), py::arg("sin"), py::arg("out_dtype"));
-  m.def("swiglu_fwd", &swiglu_fwd, py::arg("gate"), py::arg("up"), py::arg("scalar") = false);
-  m.def("swiglu_bwd", &swiglu_bwd, py::arg("grad"), py::arg("gate"), py::arg("up"), py::arg("scalar") = false);
-  m.def("avx2", []() { return bool(QRU_AVX2); });
+TORCH_LIBRARY(qru_llama_ops, m) {
+  m.def("rmsnorm_fwd(Tensor x, Tensor w, float eps, bool scalar=False) -> (Tensor, Tensor)", &rmsnorm_fwd);
+  m.def("rmsnorm_bwd(Tensor dy, Tensor x, Tensor w, Tensor rstd, bool scalar=False) -> (Tensor, Tensor)", &rmsnorm_bwd);
+  m.def("rope_fwd(Tensor x, Tensor cos, Tensor sin, ScalarType out_dtype) -> Tensor", &rope_fwd);
+  m.def("rope_bwd(Tensor grad, Tensor cos, Tensor sin, ScalarType out_dtype) -> Tensor", &rope_bwd);
+  m.def("swiglu_fwd(Tensor gate, Tensor up, bool scalar=False) -> Tensor", &swiglu_fwd);
+  m.def("swiglu_bwd(Tensor grad, Tensor gate, Tensor up, bool scalar=False) -> (Tensor, Tensor)", &swiglu_bwd);
 }

@@ -14,25 +14,13 @@
 // it is needed (forward and backward), never stored.
 // fp32 accumulation in registers (AVX2/FMA micro-tiles, scalar tails; ``scalar=true`` or a
 // build without AVX2 takes the portable path). OpenMP, torch's thread count.
-#include <torch/extension.h>
+#include "qru_common.h"
 
-#include <omp.h>
-
-#include <algorithm>
-#include <cstdint>
 #include <cstdlib>
-#include <vector>
-
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define QRU_AVX2 1
-#else
-#define QRU_AVX2 0
-#endif
 
 namespace {
 
-int num_threads() { return std::max(1, at::get_num_threads()); }
+using namespace qru;
 
 // Floats of the thin operand (R x chunk) kept hot in L2 while rows stream past it: 128 KiB.
 constexpr int64_t kPanelFloats = 32768;
@@ -52,15 +40,6 @@ inline uint32_t lowbias32(uint32_t x) {
   x ^= x >> 16;
   return x;
 }
-
-#if QRU_AVX2
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-#endif
 
 // Where the dropout keep-mask comes from: nothing (all kept), a bool drop tensor, or the hash.
 struct Keep {
@@ -472,17 +451,16 @@ at::Tensor tallreduce(const at::Tensor& U, const at::Tensor& X, double alpha_d, 
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("rowdot", &rowdot, "out[m,j] = alpha * sum_k keep(m,k) X[m,k] V[j,k]", py::arg("X"), py::arg("V"),
-        py::arg("alpha"), py::arg("drop") = py::none(), py::arg("seed") = 0, py::arg("thr") = 0,
-        py::arg("scalar") = false);
-  m.def("expand", &expand, "out[m,n] = keep(m,n) (b[n] + alpha * sum_j U[m,j] V[j,n])", py::arg("U"), py::arg("V"),
-        py::arg("alpha"), py::arg("bias") = py::none(), py::arg("drop") = py::none(), py::arg("seed") = 0,
-        py::arg("thr") = 0, py::arg("scalar") = false);
-  m.def("tallreduce", &tallreduce, "out[j,n] = alpha * sum_m U[m,j] keep(m,n) X[m,n]", py::arg("U"), py::arg("X"),
-        py::arg("alpha"), py::arg("drop") = py::none(), py::arg("seed") = 0, py::arg("thr") = 0,
-        py::arg("scalar") = false);
-  m.def("drop_mask", &drop_mask, "bool (rows, cols): the counter-based dropout mask", py::arg("rows"),
-        py::arg("cols"), py::arg("seed"), py::arg("thr"), py::arg("scalar") = false);
-  m.def("avx2", []() { return bool(QRU_AVX2); });
+TORCH_LIBRARY(qru_lora, m) {
+  // out[m,j] = alpha * sum_k keep(m,k) X[m,k] V[j,k]
+  m.def("rowdot(Tensor X, Tensor V, float alpha, Tensor? drop=None, int seed=0, int thr=0, bool scalar=False) -> Tensor",
+        &rowdot);
+  // out[m,n] = keep(m,n) (b[n] + alpha * sum_j U[m,j] V[j,n])
+  m.def("expand(Tensor U, Tensor V, float alpha, Tensor? bias=None, Tensor? drop=None, int seed=0, int thr=0, "
+        "bool scalar=False) -> Tensor", &expand);
+  // out[j,n] = alpha * sum_m U[m,j] keep(m,n) X[m,n]
+  m.def("tallreduce(Tensor U, Tensor X, float alpha, Tensor? drop=None, int seed=0, int thr=0, bool scalar=False) "
+        "-> Tensor", &tallreduce);
+  // bool (rows, cols): the counter-based dropout mask
+  m.def("drop_mask(int rows, int cols, int seed, int thr, bool scalar=False) -> Tensor", &drop_mask);
 }

@@ -11,41 +11,14 @@
 // AVX2 + FMA + F16C path (8 lanes, 16-entry table lookup = two permutes and a blend) and a
 // portable scalar path (``scalar=true`` forces it; also used for block heads / tails that are
 // not 32-element aligned). OpenMP over output rows, thread count = torch's.
-#include <torch/extension.h>
-
-#include <omp.h>
-
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <vector>
-
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#include <immintrin.h>
-#define QRU_AVX2 1
-#else
-#define QRU_AVX2 0
-#endif
+#include "qru_common.h"
 
 namespace {
 
-enum DType { F32 = 0, BF16 = 1, F16 = 2 };
+using namespace qru;
+
 enum Kind { Q4_CODE = 0, INT4 = 1, INT4_SYM = 2, INT8 = 3 };
 constexpr int kMaxRows = 8;
-
-inline uint32_t f2u(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
-inline float u2f(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
-
-int dtype_code(at::ScalarType t, const char* what) {
-  switch (t) {
-    case at::kFloat: return F32;
-    case at::kBFloat16: return BF16;
-    case at::kHalf: return F16;
-    default: TORCH_CHECK(false, what, " must be float32, bfloat16 or float16, got ", t);
-  }
-  return F32;
-}
 
 // torch's fp32 -> bf16 / fp16 (round to nearest even), back to fp32.
 inline float round_bf16(float f) {
@@ -124,7 +97,7 @@ void row_scalar(const Problem& p, int64_t n, float* acc) {
 
 // ---------------------------------------------------------------- AVX2
 
-#if QRU_AVX2
+#if QRU_AVX2_F16C
 template <int WD>
 inline __m256 round_w8(__m256 v) {
   if constexpr (WD == BF16) {
@@ -144,12 +117,6 @@ inline __m256 round_w8(__m256 v) {
 inline __m256 lut16(__m256i idx, __m256 lo, __m256 hi) {
   const __m256 a = _mm256_permutevar8x32_ps(lo, idx), b = _mm256_permutevar8x32_ps(hi, idx);
   return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
-}
-
-inline float hsum(__m256 v) {
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
 }
 
 // Accumulators per activation row: enough independent FMA chains for small M.
@@ -258,7 +225,7 @@ void run(const Problem& p, void* out, bool scalar) {
 #pragma omp parallel for schedule(dynamic, chunk) num_threads(threads) if (threads > 1)
   for (int64_t n = 0; n < p.N; ++n) {
     float acc[M];
-#if QRU_AVX2
+#if QRU_AVX2_F16C
     if (!scalar) row_avx2<M, WD>(p, n, acc);
     else row_scalar<M, WD>(p, n, acc);
 #else
@@ -342,9 +309,8 @@ at::Tensor quant_linear_small(const at::Tensor& x, const at::Tensor& w, const at
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "qru fused dequantize + matmul for a few activation rows (nf4/fp4/int4/int4_sym/int8), CPU";
-  m.def("quant_linear_small", &quant_linear_small, "y = x W^T + b with W dequantized on the fly (M <= 8)");
-  m.attr("max_rows") = kMaxRows;
-  m.attr("has_avx2") = bool(QRU_AVX2);
+TORCH_LIBRARY(qru_qmatmul, m) {
+  // y = x W^T + b with W dequantized on the fly (M <= 8 rows of x)
+  m.def("quant_linear_small(Tensor x, Tensor w, Tensor scales, Tensor zeros, Tensor code, Tensor bias, int kind, "
+        "int n_out, int block_size, bool scalar) -> Tensor", &quant_linear_small);
 }

@@ -5,33 +5,17 @@
 // contraction cannot change a result). The AVX-512 paths and
 // the portable scalar paths compute the same thing; ``scalar=true`` forces the latter
 // (tests compare both). OpenMP over blocks / rows (dynamic chunks), thread count = torch's.
-#include <torch/extension.h>
+#include "qru_common.h"
 
-#include <omp.h>
 #include <sys/mman.h>
-
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <vector>
-
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#include <immintrin.h>
-#define QRU_AVX512 1
-#else
-#define QRU_AVX512 0
-#endif
 
 namespace {
 
-enum DType { F32 = 0, BF16 = 1, F16 = 2 };
+using namespace qru;
+
 constexpr uint32_t kTinyBits = 0x006CE3EEu;  // fp32(1e-38), bitsandbytes' divisor clamp
 constexpr uint32_t kAbsMask = 0x7FFFFFFFu;
 constexpr uint32_t kInfBits = 0x7F800000u;
-
-inline uint32_t f2u(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
-inline float u2f(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 
 inline float half_to_f32(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
 
@@ -42,31 +26,12 @@ inline float load_f32(const void* p, int64_t i) {
   return half_to_f32(static_cast<const uint16_t*>(p)[i]);
 }
 
-// torch's fp32 -> bf16: round to nearest even, NaN -> 0x7FC0.
-inline uint16_t f32_to_bf16_bits(float f) {
-  if (std::isnan(f)) return 0x7FC0;
-  uint32_t u = f2u(f);
-  return uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-
 template <int DT>
 inline void store_f32(void* p, int64_t i, float v) {
   if constexpr (DT == F32) static_cast<float*>(p)[i] = v;
-  if constexpr (DT == BF16) static_cast<uint16_t*>(p)[i] = f32_to_bf16_bits(v);
+  if constexpr (DT == BF16) static_cast<uint16_t*>(p)[i] = f32_to_bf16(v);
   if constexpr (DT == F16) static_cast<uint16_t*>(p)[i] = c10::Half(v).x;
 }
-
-int dtype_code(at::ScalarType t, const char* what) {
-  switch (t) {
-    case at::kFloat: return F32;
-    case at::kBFloat16: return BF16;
-    case at::kHalf: return F16;
-    default: TORCH_CHECK(false, what, " must be float32, bfloat16 or float16, got ", t);
-  }
-  return F32;
-}
-
-int num_threads() { return std::max(1, at::get_num_threads()); }
 
 // Work items per dynamically scheduled chunk (~16K elements): a thread that is descheduled
 // (shared machines) leaves its work to the others instead of holding half of it.
@@ -567,11 +532,17 @@ at::Tensor int_dequantize(const at::Tensor& data, const at::Tensor& scales, cons
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "qru quantization CPU kernels (NF4/FP4 blockwise, int4/int4_sym/int8)";
-  m.def("q4_quantize", &q4_quantize, "NF4/FP4 blockwise quantize -> (packed uint8, absmax fp32)");
-  m.def("q4_dequantize", &q4_dequantize, "NF4/FP4 blockwise dequantize -> flat tensor");
-  m.def("int_quantize", &int_quantize, "int4/int4_sym/int8 quantize -> (data, scales, zeros)");
-  m.def("int_dequantize", &int_dequantize, "int4/int4_sym/int8 dequantize -> flat tensor");
-  m.attr("has_avx512") = bool(QRU_AVX512);
+TORCH_LIBRARY(qru_quant, m) {
+  // NF4/FP4 blockwise quantize -> (packed uint8, absmax fp32)
+  m.def("q4_quantize(Tensor x, Tensor bounds, Tensor order, int block_size, bool scalar) -> (Tensor, Tensor)",
+        &q4_quantize);
+  // NF4/FP4 blockwise dequantize -> flat tensor
+  m.def("q4_dequantize(Tensor packed, Tensor absmax, Tensor code, int block_size, int n, ScalarType dtype, "
+        "bool scalar) -> Tensor", &q4_dequantize);
+  // int4/int4_sym/int8 quantize -> (data, scales, zeros)
+  m.def("int_quantize(Tensor x, int cols, int group, int kind, float eps, bool scalar) -> (Tensor, Tensor, Tensor)",
+        &int_quantize);
+  // int4/int4_sym/int8 dequantize -> flat tensor
+  m.def("int_dequantize(Tensor data, Tensor scales, Tensor zeros, int cols, int group, int kind, ScalarType dtype, "
+        "bool scalar) -> Tensor", &int_dequantize);
 }

@@ -57,11 +57,22 @@ def backend_for(t: torch.Tensor, cpp: str | None = None) -> str:
     return "torch"
 
 
+def _common_header_tag() -> str:
+    """A short hash of ``csrc/qru_common.h``. torch versions a JIT build by its sources and flags,
+    not by the headers they include, so the tag goes into the flags: editing the header rebuilds."""
+    import hashlib
+
+    h = CSRC / "qru_common.h"
+    return hashlib.sha1(h.read_bytes()).hexdigest()[:12] if h.exists() else "none"
+
+
 @functools.lru_cache(maxsize=None)
 def load_cpp_ext(name: str):
-    """Build (once, cached by torch under ``TORCH_EXTENSIONS_DIR``) and import
-    ``csrc/{name}.cpp`` as the module ``qru_{name}_cpu``. Returns None, with a
-    warning, when it cannot be built (no compiler, no ninja, no source)."""
+    """Build (once, cached by torch under ``TORCH_EXTENSIONS_DIR``) and load ``csrc/{name}.cpp``,
+    which registers its ops with ``TORCH_LIBRARY(qru_{name}, ...)``; returns the op namespace
+    ``torch.ops.qru_{name}`` (call ``load_cpp_ext("lora").rowdot(...)``, keywords and defaults as
+    in the schema). Returns None, with a warning, when it cannot be built (no compiler, no
+    ninja, no source)."""
     src = CSRC / f"{name}.cpp"
     if not src.exists():
         warnings.warn(f"qru: C++ source {src} not found; using the torch reference for {name!r}")
@@ -69,14 +80,18 @@ def load_cpp_ext(name: str):
     try:
         from torch.utils.cpp_extension import load
 
-        flags = ["-O3", "-fopenmp", "-march=native", "-std=c++17"]
-        return load(
+        # torch adds -std=c++20; no pybind11 / torch/extension.h, so a file builds in seconds
+        flags = ["-O3", "-fopenmp", "-march=native", f"-DQRU_COMMON_TAG={_common_header_tag()}"]
+        load(
             name=f"qru_{name}_cpu",
             sources=[str(src)],
             extra_cflags=flags,
             extra_ldflags=["-fopenmp"],
+            extra_include_paths=[str(CSRC)],
+            is_python_module=False,
             verbose=False,
         )
+        return getattr(torch.ops, f"qru_{name}")
     except Exception as exc:  # no compiler, no ninja, a build error
         warnings.warn(
             f"qru: could not build the C++ kernel {src.name} ({type(exc).__name__}: "

@@ -1,0 +1,145 @@
+// Shared prelude of the qru CPU kernels (csrc/*.cpp): the few ATen headers they need, the SIMD
+// feature macros, and the scalar / AVX2 helpers every file used to repeat.
+//
+// Headers are deliberately narrow: <torch/extension.h> pulls in the whole C++ frontend and
+// pybind11 (~23 s of parsing per translation unit with g++ -O3); these take ~4 s. The ops are
+// registered with TORCH_LIBRARY (schema strings, so keyword arguments and defaults work from
+// Python as ``torch.ops.qru_<file>.<op>``) instead of a pybind11 module.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define QRU_AVX2 1
+#else
+#define QRU_AVX2 0
+#endif
+#if QRU_AVX2 && defined(__F16C__)
+#define QRU_AVX2_F16C 1
+#else
+#define QRU_AVX2_F16C 0
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define QRU_AVX512 1
+#else
+#define QRU_AVX512 0
+#endif
+
+namespace qru {
+
+// OpenMP team size: torch's intra-op thread count (torch.set_num_threads), at least 1.
+inline int num_threads() { return std::max(1, at::get_num_threads()); }
+
+inline uint32_t f2u(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+inline float u2f(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline float bf16_to_f32(uint16_t b) { return u2f(uint32_t(b) << 16); }
+// torch's fp32 -> bf16: round to nearest even, NaN -> 0x7FC0.
+inline uint16_t f32_to_bf16(float f) {
+  if (std::isnan(f)) return 0x7FC0;
+  const uint32_t u = f2u(f);
+  return uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+// Element access for the fp32 / bf16 row kernels (T = float or uint16_t bf16 bits).
+inline float ld(const float* p, int64_t i) { return p[i]; }
+inline float ld(const uint16_t* p, int64_t i) { return bf16_to_f32(p[i]); }
+inline void st(float* p, int64_t i, float v) { p[i] = v; }
+inline void st(uint16_t* p, int64_t i, float v) { p[i] = f32_to_bf16(v); }
+// the value a store then a load would give: rounding to the tensor's dtype
+inline float rnd(const float*, float v) { return v; }
+inline float rnd(const uint16_t*, float v) { return bf16_to_f32(f32_to_bf16(v)); }
+
+constexpr float kExpLo = -87.3f;  // below: exp -> 0 (fp32 denormal range, irrelevant to a softmax)
+constexpr float kExpHi = 88.7f;
+
+enum DType { F32 = 0, BF16 = 1, F16 = 2 };
+
+inline int dtype_code(at::ScalarType t, const char* what) {
+  switch (t) {
+    case at::kFloat: return F32;
+    case at::kBFloat16: return BF16;
+    case at::kHalf: return F16;
+    default: TORCH_CHECK(false, what, " must be float32, bfloat16 or float16, got ", t);
+  }
+  return F32;
+}
+
+#if QRU_AVX2
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+// 8 bf16 values widened exactly to fp32.
+inline __m256 load8(const uint16_t* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+// fp32 -> bf16 bits in the low half of each lane: round to nearest even, NaN -> 0x7FC0.
+inline __m256i bf16_bits(__m256 v) {
+  __m256i u = _mm256_castps_si256(v);
+  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+  __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+}
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(uint16_t* p, __m256 v) {
+  __m256i r = bf16_bits(v);
+  __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
+inline __m256 rnd8(const float*, __m256 v) { return v; }
+inline __m256 rnd8(const uint16_t*, __m256 v) { return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits(v), 16)); }
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
+}
+
+// Cephes expf: x = n ln2 + r, |r| <= ln2/2, exp(r) by a degree-6 polynomial, times 2^n.
+// Within 2 ulp of expf; 0 below kExpLo, clamped above kExpHi.
+inline __m256 exp256(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(kExpLo);
+  __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(kExpHi));
+  __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  __m256i n = _mm256_cvtps_epi32(fx);
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+#endif
+
+}  // namespace qru
