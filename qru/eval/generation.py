@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from qru.model.generate import cut_at_stop, generate
+from qru.model.generate import cut_at_stop, generate, generate_ids
 
 
 def _lcp(rows: Sequence[Sequence[int]]) -> int:
@@ -34,7 +34,7 @@ def _shared_prefix_batch(model, tokenizer, rows: list[list[int]], p: int, max_ne
     pad, eos = tokenizer.pad_id, tokenizer.eos_id
     cache = model.new_cache(B, p + width + max_new_tokens)
     pre = model.new_cache(1, p)
-    model(torch.tensor([rows[0][:p]], device=dev), cache=pre, num_logits=1)
+    model(torch.tensor([rows[0][:p]], device=dev), cache=pre, num_logits=1, return_hidden=True)
     for layer in range(len(cache.keys)):
         cache.keys[layer][:, :, :p] = pre.keys[layer]
         cache.values[layer][:, :, :p] = pre.values[layer]
@@ -46,28 +46,17 @@ def _shared_prefix_batch(model, tokenizer, rows: list[list[int]], p: int, max_ne
     for r, s in enumerate(suffix):
         ids[r, width - len(s):] = torch.tensor(s, dtype=torch.long)
         mask[r, p + width - len(s):] = 1
-    ids, mask = ids.to(dev), mask.to(dev)
-    out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=dev)
-    done = torch.zeros(B, dtype=torch.bool, device=dev)
-    n = 0
-    for step in range(max_new_tokens):
-        logits = model(ids, attention_mask=mask, cache=cache, num_logits=1)[:, -1]
-        nxt = torch.where(done, torch.full_like(done, pad, dtype=torch.long), logits.argmax(-1))
-        out[:, step] = nxt
-        n = step + 1
-        if eos is not None and eos >= 0:
-            done |= nxt == eos
-        if stop:
-            for r in (~done).nonzero().flatten().tolist():
-                if any(s in tokenizer.decode(out[r, :n].tolist()) for s in stop):
-                    done[r] = True
-        if bool(done.all()):
-            break
-        ids = nxt[:, None]
-        mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+    stopper = None
+    if stop:
+        def stopper(row, new_ids, _stop=tuple(stop)):
+            text = tokenizer.decode(new_ids.tolist())
+            return any(s in text for s in _stop)
+    out = generate_ids(model, ids.to(dev), mask.to(dev), max_new_tokens=max_new_tokens,
+                       eos_token_id=eos if eos is not None and eos >= 0 else None, pad_token_id=pad,
+                       should_stop=stopper, cache=cache)
     texts = []
     for r in range(B):
-        new = [t for t in out[r, :n].tolist() if t != pad]
+        new = [t for t in out[r, width:].tolist() if t != pad]
         if eos in new:
             new = new[:new.index(eos)]
         texts.append(cut_at_stop(tokenizer.decode(new), stop))

@@ -34,46 +34,88 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
                  top_p: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
                  pad_token_id: int | None = None, generator: torch.Generator | None = None,
                  use_cache: bool = True,
-                 should_stop: Callable[[int, torch.Tensor], bool] | None = None) -> torch.Tensor:
+                 should_stop: Callable[[int, torch.Tensor], bool] | None = None,
+                 cache=None, drop_finished: bool = True) -> torch.Tensor:
     """Return (B, T + n) ids: the prompt followed by up to ``max_new_tokens`` new tokens.
 
     Rows that finished (EOS, or ``should_stop(row, new_ids)`` true) are filled with
     ``pad_token_id`` (default: the first EOS id, else 0). Without the cache every step
     re-runs the whole sequence (slow; used as the oracle in tests).
+
+    With the cache: a batch without padding prefills on the plain causal path (no mask);
+    finished rows leave the batch (``drop_finished``) once they are a quarter of it, so the
+    rows still running stop paying for them. ``cache`` may hold a prefilled past (e.g. a
+    shared prefix, ``cache.seen`` positions per row, room for ``T + max_new_tokens`` more);
+    ``attention_mask`` then covers ``(B, cache.seen + T)``.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     B, T = input_ids.shape
     dev = input_ids.device
-    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(dev).long()
+    past = 0 if cache is None else cache.seen
+    if cache is not None and not use_cache:
+        raise ValueError("a prefilled cache needs use_cache=True")
+    mask = torch.ones((B, past + T), dtype=torch.long, device=dev) if attention_mask is None \
+        else attention_mask.to(dev).long()
+    if mask.shape != (B, past + T):
+        raise ValueError(f"attention_mask shape {tuple(mask.shape)} != (batch, past+seq) = {(B, past + T)}")
     eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     eos_t = torch.tensor(eos, device=dev, dtype=torch.long)
     out = input_ids.new_full((B, max_new_tokens), pad)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
-    cache = model.new_cache(B, T + max_new_tokens) if use_cache else None
-    ids, cur_mask = input_ids, mask
     n = 0
-    for step in range(max_new_tokens):
-        if cache is not None:
-            logits = model(ids, attention_mask=cur_mask, cache=cache, num_logits=1)[:, -1]
-        else:
+    if not use_cache:
+        cur_mask = mask
+        for step in range(max_new_tokens):
             full = torch.cat([input_ids, out[:, :step].clamp(min=0)], dim=1)
             logits = model(full, attention_mask=cur_mask, num_logits=1)[:, -1]
+            nxt = sample_next(logits, do_sample, temperature, top_p, generator)
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            out[:, step] = nxt
+            n = step + 1
+            if eos:
+                done |= torch.isin(nxt, eos_t)
+            if should_stop is not None:
+                for r in (~done).nonzero().flatten().tolist():
+                    if should_stop(r, out[r, :n]):
+                        done[r] = True
+            if bool(done.all()):
+                break
+            cur_mask = torch.cat([cur_mask, torch.ones_like(nxt)[:, None]], dim=1)
+        return torch.cat([input_ids, out[:, :n]], dim=1)
+
+    if cache is None:
+        cache = model.new_cache(B, T + max_new_tokens)
+    # The whole mask, preallocated: the new tokens' columns are ones.
+    mask = torch.cat([mask, mask.new_ones(B, max_new_tokens)], dim=1)
+    padded = not bool(mask.all())
+    live = torch.arange(B, device=dev)  # original row of each cache row
+    ids = input_ids
+    for step in range(max_new_tokens):
+        seen = cache.seen + ids.shape[1]
+        logits = model(ids, attention_mask=mask[:, :seen] if padded else None, cache=cache, num_logits=1)[:, -1]
         nxt = sample_next(logits, do_sample, temperature, top_p, generator)
-        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-        out[:, step] = nxt
+        nxt = torch.where(done[live], torch.full_like(nxt, pad), nxt)
+        out[live, step] = nxt
         n = step + 1
         if eos:
-            done |= torch.isin(nxt, eos_t)
+            done[live] |= torch.isin(nxt, eos_t)
         if should_stop is not None:
-            for r in (~done).nonzero().flatten().tolist():
+            for r in live[~done[live]].tolist():
                 if should_stop(r, out[r, :n]):
                     done[r] = True
         if bool(done.all()):
             break
-        ids = torch.where(done, torch.zeros_like(nxt), nxt)[:, None]  # finished rows feed a valid id
-        cur_mask = torch.cat([cur_mask, torch.ones_like(nxt)[:, None]], dim=1)
+        keep = ~done[live]
+        if drop_finished and int(keep.sum()) * 4 <= 3 * len(live):
+            idx = keep.nonzero().flatten()
+            cache.reorder(idx)
+            live, nxt, mask = live[idx], nxt[idx], mask[idx]
+            padded = not bool(mask.all())
+        else:
+            nxt = torch.where(keep, nxt, torch.zeros_like(nxt))  # finished rows feed a valid id
+        ids = nxt[:, None]
     return torch.cat([input_ids, out[:, :n]], dim=1)
 
 
