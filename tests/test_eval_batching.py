@@ -1,17 +1,32 @@
 """Batched evaluation's fast paths against one-at-a-time oracles: generation that drops
-finished rows or starts from a prefilled cache."""
+finished rows or starts from a prefilled cache, scoring that shares a prompt between rows."""
+import numpy as np
 import pytest
 import torch
 
+from eval_helpers import tiny_checkpoint
+from qru.eval import tofu
+from qru.eval.common import score_ids
 from qru.model.config import LlamaConfig
 from qru.model.generate import generate_ids
 from qru.model.llama import KVCache, Llama
+from qru.model.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
     return Llama(LlamaConfig.preset("tiny", vocab_size=97, initializer_range=0.2)).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(shared_data, tmp_path_factory):
+    return tiny_checkpoint(shared_data, tmp_path_factory.getbasetemp() / "eval_tiny")
+
+
+@pytest.fixture(scope="module")
+def model_tok(tiny_dir):
+    return Llama.from_pretrained(tiny_dir).eval(), Tokenizer.from_dir(tiny_dir)
 
 
 def _left_pad(rows, pad=0):
@@ -79,3 +94,67 @@ def test_prefilled_cache_continues_the_prompt(model):
     short.seen = p
     with pytest.raises(ValueError, match="attention_mask shape"):  # the mask must cover the cached prefix
         generate_ids(model, ids, smask, max_new_tokens=2, cache=short)
+
+
+# -- scoring ----------------------------------------------------------------------------------
+
+def _oracle(model, ids, start):
+    with torch.no_grad():
+        lsm = torch.log_softmax(model(torch.tensor([ids]))[0].float(), -1)
+    return lsm[start - 1:-1].gather(-1, torch.tensor(ids[start:])[:, None]).squeeze(-1).double().numpy()
+
+
+def test_score_shared_prompts_equal_unbatched(model, monkeypatch):
+    """Rows sharing a prompt run it once per batch: three prompts of different lengths (so the
+    batch cache has gaps), a prompt too short to share, a row alone with its prompt, rows given
+    in shuffled order. Every row's log-probs equal its own unbatched forward."""
+    from qru.eval import common
+
+    g = torch.Generator().manual_seed(3)
+    rand = lambda n: torch.randint(3, 97, (n,), generator=g).tolist()  # noqa: E731
+    prompts = [rand(20), rand(27), rand(17), rand(4), rand(22)]
+    rows, starts = [], []
+    for k, (p, n) in enumerate(zip(prompts, (4, 3, 2, 3, 1))):
+        for _ in range(n):
+            rows.append([1] + p + rand(int(torch.randint(1, 12, (1,), generator=g))))
+            starts.append(1 + len(p) + (0 if k != 2 else -2))  # group 2 also scores its prompt's tail
+    perm = torch.randperm(len(rows), generator=g).tolist()
+    rows, starts = [rows[i] for i in perm], [starts[i] for i in perm]
+    calls = []
+    real = common._prefix_forward
+    monkeypatch.setattr(common, "_prefix_forward",
+                        lambda m, rs, idx, plen, pad: calls.append([plen[i] for i in idx]) or real(m, rs, idx, plen, pad))
+    for batch_size in (3, 16):
+        calls.clear()
+        got = score_ids(model, rows, starts, batch_size=batch_size, stats=False, min_shared=8)
+        shared = sorted(p for c in calls for p in c)
+        # groups 0-2 share (4 + 3 + 2 rows); the 4-token prompt and the lone row do not
+        assert len(shared) == 9 and set(shared) == {20, 27, 15}
+        assert all(len(c) <= batch_size for c in calls)
+        for r, s, sc in zip(rows, starts, got):
+            np.testing.assert_allclose(sc.logprobs, _oracle(model, r, s), atol=2e-5, rtol=1e-5)
+    plain = score_ids(model, rows, starts, batch_size=16, stats=True, share_prefix=False)
+    shared = score_ids(model, rows, starts, batch_size=16, stats=True)
+    for a, b in zip(plain, shared):
+        np.testing.assert_allclose(a.zscores, b.zscores, atol=2e-4, rtol=1e-4)
+
+
+def test_tofu_scores_with_shared_prompts_equal_one_by_one(model_tok, shared_data, monkeypatch):
+    from qru.eval import common
+
+    model, tok = model_tok
+    calls = []
+    real = common._prefix_forward
+    monkeypatch.setattr(common, "_prefix_forward", lambda *a: calls.append(1) or real(*a))
+    kw = dict(forget_split="forget01", limit=2, max_new_tokens=6, extra_splits=())
+    batched = tofu.evaluate_tofu(model, tok, shared_data / "tofu", batch_size=4, score_batch_size=8, **kw)
+    assert calls
+    calls.clear()
+    single = tofu.evaluate_tofu(model, tok, shared_data / "tofu", batch_size=1, score_batch_size=1, **kw)
+    assert not calls
+    for split in ("forget", "retain"):
+        for a, b in zip(batched["items"][split], single["items"][split]):
+            assert a["output"] == b["output"]
+            assert a["gt_loss"] == pytest.approx(b["gt_loss"], abs=1e-5)
+            assert a["perturbed_loss"] == pytest.approx(b["perturbed_loss"], abs=1e-5)
+            assert a["truth_ratio"] == pytest.approx(b["truth_ratio"], rel=1e-4)

@@ -191,17 +191,66 @@ def _batches(order: list[int], lengths: Sequence[int], batch_size: int, max_toke
     return out
 
 
+def _right_padded(seqs: Sequence[Sequence[int]], width: int, pad_id: int) -> torch.Tensor:
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    for r, q in enumerate(seqs):
+        ids[r, :len(q)] = torch.tensor(q, dtype=torch.long)
+    return ids
+
+
+def _prefix_forward(model, rows: Sequence[Sequence[int]], idx: list[int], plen: Sequence[int], pad_id: int
+                    ) -> torch.Tensor:
+    """Hidden states (len(idx), W, H) of ``rows[i][plen[i]:]`` after their prefix ``rows[i][:plen[i]]``.
+
+    Each distinct prefix of the batch runs once (right padded, causal); its keys/values are
+    copied into the cache rows of every row that starts with it, then the suffixes run on
+    top (right padded; a mask hides the padding between a shorter prefix and its suffix, and
+    the mask-derived positions continue each row's prefix).
+    """
+    dev = model.device
+    heads: dict[tuple, int] = {}
+    for i in idx:
+        heads.setdefault(tuple(rows[i][:plen[i]]), len(heads))
+    prefixes = list(heads)
+    P = max(len(q) for q in prefixes)
+    pre = model.new_cache(len(prefixes), P)
+    model(_right_padded(prefixes, P, pad_id).to(dev), cache=pre, num_logits=1, return_hidden=True)
+    suffixes = [rows[i][plen[i]:] for i in idx]
+    W = max(len(q) for q in suffixes)
+    cache = model.new_cache(len(idx), P + W)
+    g = torch.tensor([heads[tuple(rows[i][:plen[i]])] for i in idx], device=dev)
+    for layer in range(len(cache.keys)):
+        cache.keys[layer][:, :, :P] = pre.keys[layer].index_select(0, g)
+        cache.values[layer][:, :, :P] = pre.values[layer].index_select(0, g)
+    cache.seen = P
+    del pre
+    mask = None
+    if any(plen[i] != P for i in idx):
+        mask = torch.zeros((len(idx), P + W), dtype=torch.long)
+        for r, (i, q) in enumerate(zip(idx, suffixes)):
+            mask[r, :plen[i]] = 1
+            mask[r, P:P + len(q)] = 1
+        mask = mask.to(dev)
+    return model(_right_padded(suffixes, W, pad_id).to(dev), attention_mask=mask, cache=cache, return_hidden=True)
+
+
 @torch.no_grad()
 def score_ids(model, rows: Sequence[Sequence[int]], starts: Sequence[int], batch_size: int = 8,
-              pad_id: int = 0, stats: bool = True, max_batch_tokens: int | None | str = "auto"
-              ) -> list[SequenceScore]:
+              pad_id: int = 0, stats: bool = True, max_batch_tokens: int | None | str = "auto",
+              share_prefix: bool = True, min_shared: int = 16) -> list[SequenceScore]:
     """Score tokens ``rows[i][starts[i]:]`` (each given its prefix) in right-padded batches.
 
     One forward per batch (rows sorted by length so batches pad little); the LM head and an
     fp32 log-softmax run per row over the scored positions only, so memory is O(T*V) per row.
-    A batch holds at most ``batch_size`` rows and ``max_batch_tokens`` padded tokens
-    ("auto": 2048 on CPU, where larger GEMMs fall out of cache and run slower per token;
-    unbounded on GPU).
+    Right padding needs no attention mask: under causal attention no real token sees the
+    padding after it, so batches take the plain causal path. A batch holds at most
+    ``batch_size`` rows and ``max_batch_tokens`` padded tokens ("auto": 2048 on CPU, where
+    larger GEMMs fall out of cache and run slower per token; unbounded on GPU).
+
+    With ``share_prefix``, rows whose unscored part (all but its last token,
+    ``rows[i][:starts[i] - 1]``) is the same sequence of at least ``min_shared`` tokens --
+    e.g. TOFU's answers to one question -- are batched together and that prompt runs once
+    per batch (``_prefix_forward``); the results equal the unshared ones up to float round-off.
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -211,27 +260,42 @@ def score_ids(model, rows: Sequence[Sequence[int]], starts: Sequence[int], batch
         if not 1 <= s <= len(r):
             raise ValueError(f"sequence {i}: start {s} out of range for {len(r)} tokens (need 1 <= start <= len)")
     out: list[SequenceScore | None] = [None] * len(rows)
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
     dev = model.device
     if max_batch_tokens == "auto":
         max_batch_tokens = 2048 if dev.type == "cpu" else None
-    for idx in _batches(order, [len(r) for r in rows], batch_size, max_batch_tokens):
-        width = max(len(rows[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
+    plen = [0] * len(rows)  # tokens of row i computed by a shared prefix pass
+    if share_prefix and batch_size > 1:
+        groups: dict[tuple, list[int]] = {}
+        for i, (r, s) in enumerate(zip(rows, starts)):
+            if s - 1 >= min_shared:
+                groups.setdefault(tuple(r[:s - 1]), []).append(i)
+        for idx in groups.values():
+            if len(idx) > 1:
+                for i in idx:
+                    plen[i] = starts[i] - 1
+    lengths = [len(r) - p for r, p in zip(rows, plen)]
+    plain = sorted((i for i in range(len(rows)) if not plen[i]), key=lambda i: -lengths[i])
+    # Shared rows: group by group (longest suffix first), so a batch holds few distinct prefixes.
+    shared: dict[tuple, list[int]] = {}
+    for i in sorted((i for i in range(len(rows)) if plen[i]), key=lambda i: -lengths[i]):
+        shared.setdefault(tuple(rows[i][:plen[i]]), []).append(i)
+    batches = [(b, False) for b in _batches(plain, lengths, batch_size, max_batch_tokens)]
+    batches += [(b, True) for b in _batches([i for g in shared.values() for i in g], lengths, batch_size,
+                                            max_batch_tokens)]
+    for idx, is_shared in batches:
+        if is_shared:
+            hidden = _prefix_forward(model, rows, idx, plen, pad_id)
+        else:
+            ids = _right_padded([rows[i] for i in idx], max(lengths[i] for i in idx), pad_id)
+            hidden = model(ids.to(dev), return_hidden=True)
         for r, i in enumerate(idx):
-            ids[r, :len(rows[i])] = torch.tensor(rows[i], dtype=torch.long)
-            mask[r, :len(rows[i])] = 1
-        ids, mask = ids.to(dev), mask.to(dev)
-        full = bool(mask.all())
-        hidden = model(ids, attention_mask=None if full else mask, return_hidden=True)
-        for r, i in enumerate(idx):
-            n, s = len(rows[i]), starts[i]
+            n, s, p = len(rows[i]), starts[i], plen[i]
             if s == n:
                 out[i] = SequenceScore(np.zeros(0), np.zeros(0) if stats else None)
                 continue
-            logits = model.lm_head(hidden[r, s - 1:n - 1])
-            lp, z = token_stats(logits, ids[r, s:n], stats=stats)
+            logits = model.lm_head(hidden[r, s - 1 - p:n - 1 - p])
+            targets = torch.tensor(rows[i][s:n], dtype=torch.long, device=dev)
+            lp, z = token_stats(logits, targets, stats=stats)
             out[i] = SequenceScore(lp.double().cpu().numpy(), None if z is None else z.double().cpu().numpy())
     return out  # type: ignore[return-value]
 
