@@ -1,11 +1,14 @@
 """Batched evaluation's fast paths against one-at-a-time oracles: generation that drops
-finished rows or starts from a prefilled cache, scoring that shares a prompt between rows."""
+finished rows or starts from a prefilled cache, scoring that shares a prompt between rows,
+and fp32 linears through oneDNN with packed weights."""
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from eval_helpers import tiny_checkpoint
-from qru.eval import tofu
+from qru.eval import linears, muse, tofu
 from qru.eval.common import score_ids
 from qru.model.config import LlamaConfig
 from qru.model.generate import generate_ids
@@ -158,3 +161,51 @@ def test_tofu_scores_with_shared_prompts_equal_one_by_one(model_tok, shared_data
             assert a["gt_loss"] == pytest.approx(b["gt_loss"], abs=1e-5)
             assert a["perturbed_loss"] == pytest.approx(b["perturbed_loss"], abs=1e-5)
             assert a["truth_ratio"] == pytest.approx(b["truth_ratio"], rel=1e-4)
+
+
+# -- packed linears ---------------------------------------------------------------------------
+
+needs_onednn = pytest.mark.skipif(not linears.available(), reason="oneDNN packed linear unavailable")
+
+
+@needs_onednn
+def test_packed_linears_equal_f_linear():
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Linear(32, 48), nn.Linear(48, 16, bias=False)).eval()
+    ref_fwd = [type(m).forward for m in net]
+    for x in (torch.randn(5, 32), torch.randn(3, 7, 32), torch.randn(3, 9, 32)[:, 2:6], torch.randn(1, 32)):
+        want = F.linear(F.linear(x, net[0].weight, net[0].bias), net[1].weight)
+        with torch.no_grad(), linears.packed_linears(net):
+            assert all("forward" in m.__dict__ for m in net)
+            got = net(x)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert all("forward" not in m.__dict__ for m in net) and [type(m).forward for m in net] == ref_fwd
+    x = torch.randn(4, 32)
+    with torch.no_grad(), linears.packed_linears(net):
+        net(x)
+        net[0].weight.mul_(-2.0)  # changed in place: repacked on the next call
+        torch.testing.assert_close(net[0](x), F.linear(x, net[0].weight, net[0].bias), atol=1e-5, rtol=1e-5)
+    with linears.packed_linears(net):  # autograd on: plain F.linear, gradients flow
+        net(x).sum().backward()
+    assert net[0].weight.grad is not None
+    with linears.packed_linears(net, max_bytes=100):  # too large: left alone
+        assert all("forward" not in m.__dict__ for m in net)
+    with linears.packed_linears(net, enabled=False):
+        assert all("forward" not in m.__dict__ for m in net)
+
+
+@needs_onednn
+def test_muse_with_packed_linears_equals_plain(model_tok, shared_data):
+    model, tok = model_tok
+    kw = dict(limit=2, batch_size=4, score_batch_size=4, max_len=96, verbmem_max_new_tokens=16,
+              knowmem_max_new_tokens=12)
+    fast = muse.evaluate_muse(model, tok, shared_data / "muse-news", **kw)
+    plain = muse.evaluate_muse(model, tok, shared_data / "muse-news", fast_linears=False, **kw)
+    for key in ("verbmem_f", "knowmem_f", "knowmem_r"):
+        assert [x["output"] for x in fast["items"][key]] == [x["output"] for x in plain["items"][key]]
+    for side in ("forget", "holdout"):
+        for a, b in zip(fast["items"]["privleak"][side], plain["items"]["privleak"][side]):
+            assert a["Min-40%"] == pytest.approx(b["Min-40%"], abs=1e-4)
+            assert a["Min-40%++"] == pytest.approx(b["Min-40%++"], abs=1e-3)
+    assert fast["auc"] == plain["auc"]
+
