@@ -1,6 +1,8 @@
 """Batched evaluation's fast paths against one-at-a-time oracles: generation that drops
 finished rows or starts from a prefilled cache, scoring that shares a prompt between rows,
-and fp32 linears through oneDNN with packed weights."""
+fp32 linears through oneDNN with packed weights, attention to a shared prefix held once."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -209,3 +211,67 @@ def test_muse_with_packed_linears_equals_plain(model_tok, shared_data):
             assert a["Min-40%++"] == pytest.approx(b["Min-40%++"], abs=1e-3)
     assert fast["auc"] == plain["auc"]
 
+
+
+# -- shared-prefix attention ------------------------------------------------------------------
+
+@pytest.mark.parametrize("flash", [True, False])
+def test_merged_attention_equals_attention_over_all_keys(flash, monkeypatch):
+    """Prefix (one copy) + per-row keys, merged by log-sum-exp == SDPA over the concatenation,
+    for decode (T=1) and left-padded suffix prefill (T>1, causal + padding), GQA 8 -> 2 heads."""
+    from qru.eval import generation
+
+    if not flash:
+        monkeypatch.setattr(generation, "_FLASH", None)
+        monkeypatch.setattr(generation, "_CHUNK", 500)  # several chunks of rows
+    g = torch.Generator().manual_seed(5)
+    B, H, KV, D, P = 3, 8, 2, 16, 13
+    pk, pv = torch.randn(KV, P, D, generator=g), torch.randn(KV, P, D, generator=g)
+    for T, S in ((1, 9), (6, 6), (4, 10)):
+        q = torch.randn(B, H, T, D, generator=g)
+        k, v = torch.randn(B, KV, S, D, generator=g), torch.randn(B, KV, S, D, generator=g)
+        lens = torch.tensor([S, S - 2, 1])  # left padding per row
+        pad = torch.arange(S)[None] >= (S - lens)[:, None]
+        causal = torch.ones(T, S, dtype=torch.bool).tril(S - T)
+        diag = torch.arange(S)[None, :] == torch.arange(S - T, S)[:, None]  # a padding query sees itself (as Llama)
+        mask = (pad[:, None, None, :] & causal[None, None]) | diag[None, None]
+        full_k = torch.cat([pk[None].expand(B, -1, -1, -1), k], 2)
+        full_v = torch.cat([pv[None].expand(B, -1, -1, -1), v], 2)
+        full_m = torch.cat([torch.ones(B, 1, T, P, dtype=torch.bool), mask.expand(B, 1, T, S)], -1)
+        want = F.scaled_dot_product_attention(q, full_k, full_v, attn_mask=full_m, enable_gqa=True)
+        got = generation.merged_attention(q, pk, pv, k, v, mask)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # no padding, no mask: causal over the rows' own keys (suffix prefill, S == T)
+    T = S = 5
+    q = torch.randn(B, H, T, D, generator=g)
+    k, v = torch.randn(B, KV, S, D, generator=g), torch.randn(B, KV, S, D, generator=g)
+    full_k = torch.cat([pk[None].expand(B, -1, -1, -1), k], 2)
+    full_v = torch.cat([pv[None].expand(B, -1, -1, -1), v], 2)
+    full_m = torch.cat([torch.ones(T, P, dtype=torch.bool), torch.ones(T, S, dtype=torch.bool).tril()], -1)
+    want = F.scaled_dot_product_attention(q, full_k, full_v, attn_mask=full_m, enable_gqa=True)
+    torch.testing.assert_close(generation.merged_attention(q, pk, pv, k, v, None), want, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_prefix_generation_keeps_one_prefix_copy(model_tok, shared_data, monkeypatch):
+    """KnowMem-style prompts: the prefix is prefilled once into a one-row cache, the batch
+    cache holds only suffixes and new tokens, and the texts equal one-by-one ``generate``
+    (rows ending at different steps through the stop strings)."""
+    from qru.eval.generation import generate_batched
+    from qru.model.generate import generate
+
+    model, tok = model_tok
+    icl = json.load(open(shared_data / "muse-news" / "knowmem" / "forget_qa_icl.json"))[:3]
+    qa = json.load(open(shared_data / "muse-news" / "knowmem" / "forget_qa.json"))[:6]
+    prompts = [muse.knowmem_prompt(d["question"], [(x["question"], x["answer"]) for x in icl]) for d in qa]
+    enc = [tok.encode(p, bos=True) for p in prompts]
+    from qru.eval.generation import _lcp
+
+    p = _lcp(enc)
+    shapes = []
+    real = type(model).new_cache
+    monkeypatch.setattr(model, "new_cache", lambda b, n, *a: shapes.append((b, n)) or real(model, b, n, *a))
+    stop = (" the", "\n")
+    got = generate_batched(model, tok, prompts, 20, stop=stop, batch_size=6)
+    width = max(len(e) for e in enc) - p
+    assert shapes == [(1, p), (6, width + 20)]
+    assert got == generate(model, tok, prompts, max_new_tokens=20, stop=stop, batch_size=1)

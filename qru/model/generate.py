@@ -35,7 +35,7 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
                  pad_token_id: int | None = None, generator: torch.Generator | None = None,
                  use_cache: bool = True,
                  should_stop: Callable[[int, torch.Tensor], bool] | None = None,
-                 cache=None, drop_finished: bool = True) -> torch.Tensor:
+                 cache=None, drop_finished: bool = True, position_offset: int = 0) -> torch.Tensor:
     """Return (B, T + n) ids: the prompt followed by up to ``max_new_tokens`` new tokens.
 
     Rows that finished (EOS, or ``should_stop(row, new_ids)`` true) are filled with
@@ -46,15 +46,17 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     finished rows leave the batch (``drop_finished``) once they are a quarter of it, so the
     rows still running stop paying for them. ``cache`` may hold a prefilled past (e.g. a
     shared prefix, ``cache.seen`` positions per row, room for ``T + max_new_tokens`` more);
-    ``attention_mask`` then covers ``(B, cache.seen + T)``.
+    ``attention_mask`` then covers ``(B, cache.seen + T)``. ``position_offset`` shifts every
+    position by that many tokens the model attends to outside ``cache`` (a prefix shared by
+    all rows, see ``qru.eval.generation``).
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     B, T = input_ids.shape
     dev = input_ids.device
     past = 0 if cache is None else cache.seen
-    if cache is not None and not use_cache:
-        raise ValueError("a prefilled cache needs use_cache=True")
+    if (cache is not None or position_offset) and not use_cache:
+        raise ValueError("a prefilled cache or a position offset needs use_cache=True")
     mask = torch.ones((B, past + T), dtype=torch.long, device=dev) if attention_mask is None \
         else attention_mask.to(dev).long()
     if mask.shape != (B, past + T):
@@ -93,8 +95,13 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     live = torch.arange(B, device=dev)  # original row of each cache row
     ids = input_ids
     for step in range(max_new_tokens):
-        seen = cache.seen + ids.shape[1]
-        logits = model(ids, attention_mask=mask[:, :seen] if padded else None, cache=cache, num_logits=1)[:, -1]
+        past, seen = cache.seen, cache.seen + ids.shape[1]
+        pos = None
+        if position_offset:  # the model's own rule (real tokens counted), shifted
+            pos = (mask[:, :seen].cumsum(-1) - 1).clamp(min=0)[:, past:] + position_offset if padded else \
+                torch.arange(past, seen, device=dev).expand(len(ids), -1) + position_offset
+        logits = model(ids, attention_mask=mask[:, :seen] if padded else None, position_ids=pos, cache=cache,
+                       num_logits=1)[:, -1]
         nxt = sample_next(logits, do_sample, temperature, top_p, generator)
         nxt = torch.where(done[live], torch.full_like(nxt, pad), nxt)
         out[live, step] = nxt
