@@ -101,6 +101,35 @@ def test_prefilled_cache_continues_the_prompt(model):
         generate_ids(model, ids, smask, max_new_tokens=2, cache=short)
 
 
+def test_prefill_in_row_groups(model, monkeypatch):
+    """A prefill over more tokens than ``prefill_tokens`` runs in groups of rows into one
+    cache: same tokens as the single prefill, for a left-padded batch and a prefilled cache."""
+    torch.manual_seed(6)
+    rows = [torch.randint(3, 97, (n,)) for n in (9, 4, 7, 6, 8)]
+    ids, mask = _left_pad(rows)
+    W = ids.shape[1]
+    widths = []
+    real = type(model).forward
+    monkeypatch.setattr(type(model), "forward",
+                        lambda self, x, *a, **k: (widths.append(tuple(x.shape)) if x.shape[1] > 1 else None)
+                        or real(self, x, *a, **k))
+    want = generate_ids(model, ids, mask, max_new_tokens=6, prefill_tokens=None)
+    for budget, groups in ((W, [1, 1, 1, 1, 1]), (2 * W + 1, [2, 2, 1])):
+        widths.clear()
+        assert torch.equal(generate_ids(model, ids, mask, max_new_tokens=6, prefill_tokens=budget), want)
+        assert widths == [(b, W) for b in groups]
+    # on top of a prefilled prefix, positions offset
+    prefix = torch.randint(3, 97, (5,))
+    cache = model.new_cache(len(rows), 5 + W + 6)
+    with torch.no_grad():
+        model(prefix[None].repeat(len(rows), 1), cache=cache)
+    full = torch.cat([torch.ones(len(rows), 5, dtype=torch.long), mask], 1)
+    got = generate_ids(model, ids, full, max_new_tokens=6, cache=cache, prefill_tokens=W)
+    for i, r in enumerate(rows):
+        alone = generate_ids(model, torch.cat([prefix, r])[None], max_new_tokens=6)
+        assert torch.equal(got[i, W:], alone[0, 5 + len(r):]), i
+
+
 # -- scoring ----------------------------------------------------------------------------------
 
 def _oracle(model, ids, start):

@@ -35,7 +35,8 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
                  pad_token_id: int | None = None, generator: torch.Generator | None = None,
                  use_cache: bool = True,
                  should_stop: Callable[[int, torch.Tensor], bool] | None = None,
-                 cache=None, drop_finished: bool = True, position_offset: int = 0) -> torch.Tensor:
+                 cache=None, drop_finished: bool = True, position_offset: int = 0,
+                 prefill_tokens: int | None | str = "auto") -> torch.Tensor:
     """Return (B, T + n) ids: the prompt followed by up to ``max_new_tokens`` new tokens.
 
     Rows that finished (EOS, or ``should_stop(row, new_ids)`` true) are filled with
@@ -48,7 +49,9 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     shared prefix, ``cache.seen`` positions per row, room for ``T + max_new_tokens`` more);
     ``attention_mask`` then covers ``(B, cache.seen + T)``. ``position_offset`` shifts every
     position by that many tokens the model attends to outside ``cache`` (a prefix shared by
-    all rows, see ``qru.eval.generation``).
+    all rows, see ``qru.eval.generation``). A prefill over more than ``prefill_tokens`` tokens
+    (rows x width; "auto": 2048 on CPU, where larger GEMMs fall out of cache and run slower per
+    token, unbounded elsewhere) runs in groups of rows into the same cache.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -89,6 +92,8 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
 
     if cache is None:
         cache = model.new_cache(B, T + max_new_tokens)
+    if prefill_tokens == "auto":
+        prefill_tokens = 2048 if dev.type == "cpu" else None
     # The whole mask, preallocated: the new tokens' columns are ones.
     mask = torch.cat([mask, mask.new_ones(B, max_new_tokens)], dim=1)
     padded = not bool(mask.all())
@@ -100,8 +105,7 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
         if position_offset:  # the model's own rule (real tokens counted), shifted
             pos = (mask[:, :seen].cumsum(-1) - 1).clamp(min=0)[:, past:] + position_offset if padded else \
                 torch.arange(past, seen, device=dev).expand(len(ids), -1) + position_offset
-        logits = model(ids, attention_mask=mask[:, :seen] if padded else None, position_ids=pos, cache=cache,
-                       num_logits=1)[:, -1]
+        logits = _forward_rows(model, ids, mask[:, :seen] if padded else None, pos, cache, prefill_tokens)
         nxt = sample_next(logits, do_sample, temperature, top_p, generator)
         nxt = torch.where(done[live], torch.full_like(nxt, pad), nxt)
         out[live, step] = nxt
@@ -124,6 +128,23 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
             nxt = torch.where(keep, nxt, torch.zeros_like(nxt))  # finished rows feed a valid id
         ids = nxt[:, None]
     return torch.cat([input_ids, out[:, :n]], dim=1)
+
+
+def _forward_rows(model, ids, mask, pos, cache, max_tokens: int | None) -> torch.Tensor:
+    """Last-position logits (B, V) of ``model(ids, ...)`` with ``cache``; rows in groups of at
+    most ``max_tokens`` tokens, each writing its rows of the cache."""
+    B, T = ids.shape
+    rows = B if max_tokens is None else max(1, max_tokens // T)
+    if rows >= B:
+        return model(ids, attention_mask=mask, position_ids=pos, cache=cache, num_logits=1)[:, -1]
+    past, out = cache.seen, []
+    for r0 in range(0, B, rows):
+        sl = slice(r0, r0 + rows)
+        part = type(cache)([k[sl] for k in cache.keys], [v[sl] for v in cache.values], past)
+        out.append(model(ids[sl], attention_mask=None if mask is None else mask[sl],
+                         position_ids=None if pos is None else pos[sl], cache=part, num_logits=1)[:, -1])
+    cache.seen = past + T
+    return torch.cat(out)
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
