@@ -3,7 +3,12 @@ a time, on CPU, in the same run. Tokens/s counts prompt + generated tokens for g
 stages and scored-sequence tokens for PrivLeak / TOFU scoring; both providers process the
 same tokens, so the ratio is the speed-up. Target: batched >= 3x one-by-one.
 
-    .venv/bin/python bench/bench_eval.py [--preset small] [--n 16] [--repeats 3]
+The two providers are timed call by call in turn (ABBA, ``harness.paired``); a stage's ratio
+is the median of the per-turn ratios, the overall one is the sum of one-by-one medians over
+the sum of batched medians. ``--plain-linears`` turns off the oneDNN packed fp32 linears
+(``qru.eval.linears``) for both providers.
+
+    .venv/bin/python bench/bench_eval.py [--preset small] [--n 16] [--repeats 3] [--threads 1]
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.harness import Row, bench, report  # noqa: E402
+from bench.harness import Row, Timing, paired, report  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -45,9 +50,10 @@ def main() -> int:
     ap.add_argument("--preset", default="small")
     ap.add_argument("--n", type=int, default=16, help="items per evaluated set")
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="ABBA turns per stage")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads; 1 by default: on a shared 2-core box multi-threaded small GEMMs stall")
+    ap.add_argument("--plain-linears", action="store_true", help="F.linear (MKL) instead of oneDNN packed linears")
     args = ap.parse_args()
     if not DATA.exists():
         print(f"shared data not found at {DATA}; nothing to benchmark")
@@ -57,40 +63,43 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         model, tok = build(args.preset, Path(tmp))
-    n, bs = args.n, args.batch_size
+    n, bs, fast = args.n, args.batch_size, not args.plain_linears
     max_len = min(512, model.config.max_position_embeddings)
     workloads = {
         "muse_verbmem": lambda b: muse.evaluate_muse(model, tok, DATA / "muse-news", limit=n // 2, batch_size=b,
-                                                     metrics=["verbmem_f"]),
+                                                     metrics=["verbmem_f"], fast_linears=fast),
         "muse_knowmem": lambda b: muse.evaluate_muse(model, tok, DATA / "muse-news", limit=n, batch_size=b,
-                                                     metrics=["knowmem_f", "knowmem_r"]),
+                                                     metrics=["knowmem_f", "knowmem_r"], fast_linears=fast),
         "muse_privleak": lambda b: muse.evaluate_muse(model, tok, DATA / "muse-news", limit=n // 2,
                                                       score_batch_size=max(1, b // 2), metrics=["privleak"],
-                                                      max_len=max_len),
+                                                      max_len=max_len, fast_linears=fast),
         "tofu": lambda b: tofu.evaluate_tofu(model, tok, DATA / "tofu", forget_split="forget01", limit=n // 2,
-                                             batch_size=b, score_batch_size=b, max_new_tokens=64),
+                                             batch_size=b, score_batch_size=b, max_new_tokens=64,
+                                             fast_linears=fast),
     }
+    tag = f"t={args.threads}" + ("" if fast else " plain-linears")
     rows, tot = [], {"batched": [0, 0.0], "one-by-one": [0, 0.0]}
     for name, run in workloads.items():
-        res = {}
-        for provider, b in (("batched", bs), ("one-by-one", 1)):
-            tokens = run(b)["throughput"]["tokens"]
-            t = bench(lambda: run(b), warmup=0, repeats=args.repeats, threads=args.threads)
-            res[provider] = (tokens, t)
-            tot[provider][0] += tokens
-            tot[provider][1] += t.median
-        ratio = (res["batched"][0] / res["batched"][1].median) / (res["one-by-one"][0] / res["one-by-one"][1].median)
-        for provider, (tokens, t) in res.items():
-            rows.append(Row.of("eval", name, provider, f"{args.preset} n={n} bs={bs if provider == 'batched' else 1}",
-                               "fp32", "cpu", t, unit="tok/s", scale=lambda s, k=tokens: k / s,
-                               ratio=ratio if provider == "batched" else None))
-    from bench.harness import Timing
-
+        sizes = {"one-by-one": 1, "batched": bs}  # the first is the reference of paired's ratios
+        tokens = {p: run(b)["throughput"]["tokens"] for p, b in sizes.items()}  # also the warm-up
+        if tokens["batched"] != tokens["one-by-one"]:
+            raise RuntimeError(f"{name}: providers counted different tokens {tokens}")
+        times, ratios = paired({p: (lambda b=b: run(b)) for p, b in sizes.items()}, samples=args.repeats,
+                               warmup=0)
+        ratio = ratios["batched"]  # median over turns of one-by-one time / batched time
+        for p in ("batched", "one-by-one"):
+            tot[p][0] += tokens[p]
+            tot[p][1] += times[p].median
+            rows.append(Row.of("eval", name, p, f"{args.preset} n={n} bs={sizes[p]} {tag}", "fp32", "cpu",
+                               times[p], unit="tok/s", scale=lambda s, k=tokens[p]: k / s,
+                               ratio=ratio if p == "batched" else None))
+        print(f"{name}: batched {times['batched'].median:.3f} s, one-by-one {times['one-by-one'].median:.3f} s, "
+              f"{ratio:.2f}x", flush=True)
     rates = {p: tot[p][0] / tot[p][1] for p in tot}
     overall = rates["batched"] / rates["one-by-one"]
     for p in tot:
         t = Timing(tot[p][1], tot[p][1], tot[p][1])
-        rows.append(Row.of("eval", "all (sum of medians)", p, f"{args.preset} n={n}", "fp32", "cpu", t,
+        rows.append(Row.of("eval", "all (sum of medians)", p, f"{args.preset} n={n} {tag}", "fp32", "cpu", t,
                            unit="tok/s", scale=lambda s, k=tot[p][0]: k / s,
                            ratio=overall if p == "batched" else None))
     report("eval throughput: batched vs one-by-one (CPU)", rows)
