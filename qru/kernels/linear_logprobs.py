@@ -17,6 +17,8 @@ One public entry, :func:`linear_logprobs`, picks the backend at call time:
   sits in L2: max, exp-sum (exp written back when the gradient is wanted), scale.
 * ``"torch"`` (CPU without a compiler): the same chunk loop with torch row ops.
 
+The chunk GEMMs go through :func:`qru.kernels.dense.dense_linear` (fp32 CPU: oneDNN; else torch).
+
 :func:`linear_logprobs_reference` (plain autograd over the full logits) is the oracle.
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ import triton
 import triton.language as tl
 
 from qru.kernels._backend import backend_for, load_cpp_ext
+from qru.kernels.dense import dense_linear
 from qru.kernels._triton_io import kernel_view, load_f32, store_f32
 
 IGNORE_INDEX = -100
@@ -219,13 +222,13 @@ class LinearLogprobsFn(torch.autograd.Function):
             touched = [False] * len(bounds)
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
-            z = torch.mm(h[s:e], weight.t())
+            z = dense_linear(h[s:e], weight)
             if not eager:
                 lse[s:e], logp[s:e] = lse_fn(z, y[s:e], ignore_index)
                 continue
             lse[s:e], logp[s:e] = unit_fn(z, y[s:e], ignore_index)  # z <- U' = e_y - softmax(z)
             if u is not None:
-                torch.mm(z, weight, out=u[s:e])
+                u[s:e] = dense_linear(z, weight.t())
             if parts is not None:  # M_b += U'ᵀ h over this chunk's rows of group b
                 for b, (g0, g1) in enumerate(bounds):
                     r0, r1 = max(s, g0), min(e, g1)
@@ -234,9 +237,9 @@ class LinearLogprobsFn(torch.autograd.Function):
                     zt, hh = z[r0 - s:r1 - s].t(), h[r0:r1]
                     if z.dtype == torch.float32:
                         if touched[b]:
-                            parts[b].addmm_(zt, hh)
+                            parts[b] = dense_linear(zt, hh.t(), add=parts[b], accumulate=True)
                         else:
-                            torch.mm(zt, hh, out=parts[b])
+                            parts[b] = dense_linear(zt, hh.t())
                     elif touched[b]:
                         parts[b] += torch.mm(zt, hh)
                     else:
@@ -279,16 +282,13 @@ class LinearLogprobsFn(torch.autograd.Function):
             dw.zero_()
         for s in range(0, h.shape[0], ctx.chunk):
             e = min(s + ctx.chunk, h.shape[0])
-            z = torch.mm(h[s:e], weight.t())
+            z = dense_linear(h[s:e], weight)
             dz = dz_fn(z, y[s:e], lse[s:e], g[s:e], ctx.ignore_index)
             if dh is not None:
-                torch.mm(dz, weight, out=dh[s:e])
+                dh[s:e] = dense_linear(dz, weight.t())
             if dw is not None:  # the first chunk writes dW, the others add to it
                 if dz.dtype == torch.float32:
-                    if s == 0:
-                        torch.mm(dz.t(), h[s:e], out=dw)
-                    else:
-                        dw.addmm_(dz.t(), h[s:e])
+                    dw = dense_linear(dz.t(), h[s:e].t(), add=None if s == 0 else dw, accumulate=True)
                 elif s == 0:
                     dw.copy_(torch.mm(dz.t(), h[s:e]))
                 else:

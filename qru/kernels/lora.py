@@ -22,6 +22,10 @@ One public entry, :func:`lora_linear`, picks the backend at call time:
 * ``"torch"`` (CPU fallback, and bf16/fp16 on CPU): the same math as a custom autograd Function
   over ``addmm`` with ``beta``/``out`` accumulation, never materialising ``W + s·B A``.
 
+On CPU both paths run the two big frozen-base GEMMs (``x Wᵀ``, ``dY W``) through
+:func:`qru.kernels.dense.dense_linear` (fp32: oneDNN with a fused add, about 2x MKL's sgemm
+on the AVX-512 AMD development VM; torch's ``addmm`` otherwise).
+
 :func:`lora_linear_reference` is the plain-autograd oracle the tests compare against.
 """
 from __future__ import annotations
@@ -36,6 +40,7 @@ import triton
 import triton.language as tl
 
 from qru.kernels._backend import backend_for, forced_backend, load_cpp_ext
+from qru.kernels.dense import dense_linear
 
 # Dropout draws 16-bit uniforms: the drop probability is rounded to a multiple of 1/65536.
 _DROP_LEVELS = 65536
@@ -237,7 +242,7 @@ class LoRALinearTorchFn(torch.autograd.Function):
     Forward, with ``m`` the keep-mask, ``k`` its rescale and ``x̃ = k·(m⊙x)``::
 
         u = x̃ Aᵀ                      (M, r)   computed once, saved
-        y = b + (s·u) Bᵀ, then y += x Wᵀ  (addmm with beta=1 accumulates the big GEMM into y)
+        y = b + (s·u) Bᵀ, then y += x Wᵀ  (the big GEMM accumulates into y: dense_linear's add)
 
     Backward, ``G = dL/dy``::
 
@@ -263,7 +268,7 @@ class LoRALinearTorchFn(torch.autograd.Function):
             u.mul_(keep)
         us = u * scale  # scale the thin (M, r) factor, never an (M, out) tensor
         y = torch.addmm(bias.to(dtype), us, Bc.t()) if bias is not None else torch.mm(us, Bc.t())
-        y.addmm_(x, W.t())
+        y = dense_linear(x, W, add=y, accumulate=True)
         ctx.save_for_backward(xd, drop, u, weight, A, B)
         ctx.scale, ctx.keep, ctx.nf4 = scale, keep, nf4
         ctx.has_bias = bias is not None
@@ -284,7 +289,7 @@ class LoRALinearTorchFn(torch.autograd.Function):
             dx = torch.mm(gs, Ac)
             if drop is not None:
                 dx.masked_fill_(drop, 0)
-            dx.addmm_(gy, W)
+            dx = dense_linear(gy, W.t(), add=dx, accumulate=True)
         if ctx.needs_input_grad[3]:
             dA = torch.mm(gs.t(), xd).to(A.dtype)
         if ctx.needs_input_grad[4]:
@@ -313,14 +318,14 @@ class LoRALinearCppFn(torch.autograd.Function):
     Forward, ``m`` the keep-mask (``drop = ¬m``), ``k`` its rescale, ``x̃ = k·(m⊙x)``::
 
         u = x̃ Aᵀ                    C++ rowdot: x masked row by row in cache, x̃ never in memory
-        y = b + (s·u) Bᵀ, then y += x Wᵀ   (torch addmm; beta=1 accumulates the big GEMM into y)
+        y = b + (s·u) Bᵀ, then y += x Wᵀ   (dense_linear with add: the big GEMM accumulates into y)
 
     Backward, ``G = dL/dy``. ``y`` depends on ``A, B`` only through ``s·u Bᵀ``, so with
     ``g = G B`` (M × r, computed once) ``∂L/∂u = s·g`` and::
 
         dB = s·Gᵀ u                 (torch mm; u saved from the forward)
         dA = (s·g)ᵀ ∂u/∂A = s·k·gᵀ(m⊙x)   C++ tallreduce over tokens, mask applied as x is read
-        dX = G W + s·k·m⊙(g A)      C++ expand with the mask on store into a fresh dX, then addmm_
+        dX = G W + s·k·m⊙(g A)      C++ expand with the mask on store into a fresh dX, then dense_linear adds G W
         db = Σ_rows G;              W is frozen: no dW, and no GEMM for it.
 
     Saves ``x`` (the layer input, no dropout copy) and ``u`` (M × r). A sampled mask is the
@@ -338,7 +343,7 @@ class LoRALinearCppFn(torch.autograd.Function):
         u = ext.rowdot(x, Ac, keep, drop, seed, thr)
         us = u * scale
         y = torch.addmm(bias, us, B.t()) if bias is not None else torch.mm(us, B.t())
-        y.addmm_(x, W.t())
+        y = dense_linear(x, W, add=y, accumulate=True)
         ctx.save_for_backward(x, drop, u, weight, Ac, B)
         ctx.scale, ctx.keep, ctx.nf4, ctx.seed, ctx.thr = scale, keep, nf4, seed, thr
         ctx.has_bias = bias is not None
@@ -354,7 +359,7 @@ class LoRALinearCppFn(torch.autograd.Function):
         dx = dA = dB = db = None
         if ctx.needs_input_grad[0]:
             dx = ext.expand(g, A, s * keep, None, drop, seed, thr)
-            dx.addmm_(gy, _dense_base(weight, nf4, gy.dtype))
+            dx = dense_linear(gy, _dense_base(weight, nf4, gy.dtype).t(), add=dx, accumulate=True)
         if ctx.needs_input_grad[3]:
             dA = ext.tallreduce(g, x, s * keep, drop, seed, thr)
         if ctx.needs_input_grad[4]:

@@ -1,0 +1,78 @@
+"""Dense fp32 GEMMs on CPU through oneDNN: ``y = x Wᵀ (+ b) (+ add)``.
+
+PyTorch sends a CPU fp32 ``mm``/``linear`` to MKL's sgemm, which on CPUs it does not take
+for Intel runs its AVX2 code path. oneDNN (bundled with torch) uses the widest ISA the CPU
+has. On the 2-core AMD EPYC (AVX-512) development VM, one thread: MKL 88-93 GFLOP/s, oneDNN
+150-215 GFLOP/s on the training shapes (M 1024-2048, K and N 512-32000; any operand
+strides, no weight pre-packing needed). Results equal torch's up to float round-off (a
+different summation order).
+
+One entry, :func:`dense_linear`, picks the path at call time: oneDNN for fp32 CPU tensors
+with more than one row of ``x`` (a single row is a GEMV, where MKL is as fast) unless
+``QRU_BACKEND=torch``; otherwise :func:`dense_linear_reference` (torch's ``addmm``/``mm``),
+which is also the oracle in tests. The ops that use it (the LoRA linear, the fused
+log-probs head) call it inside their own autograd Functions; it records no graph itself.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from qru.kernels._backend import forced_backend
+
+
+def dense_linear_reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+                           add: torch.Tensor | None = None, accumulate: bool = False) -> torch.Tensor:
+    """``x Wᵀ + bias + add`` with torch ops; ``x`` (M, K), ``w`` (N, K), ``add`` (M, N).
+    ``accumulate``: the product is added into ``add`` in place (``addmm_``), which is returned."""
+    if add is not None:
+        y = add.addmm_(x, w.t()) if accumulate else torch.addmm(add, x, w.t())
+        return y if bias is None else y.add_(bias)
+    return torch.addmm(bias, x, w.t()) if bias is not None else torch.mm(x, w.t())
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_available() -> bool:
+    """torch's oneDNN linear is present and agrees with ``F.linear`` on a probe."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if op is None:
+        return False
+    g = torch.Generator().manual_seed(0)
+    w, b, x = torch.randn(24, 16, generator=g), torch.randn(24, generator=g), torch.randn(3, 16, generator=g)
+    try:
+        y = op(x, w, b, "none", [], "")
+        y2 = op.binary(x, y, w, None, "add")
+    except (RuntimeError, AttributeError):
+        return False
+    ref = torch.nn.functional.linear(x, w, b)
+    return bool(torch.allclose(y, ref, atol=1e-5, rtol=1e-5)
+                and torch.allclose(y2, ref + x @ w.t(), atol=1e-5, rtol=1e-5))
+
+
+def use_onednn(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether :func:`dense_linear` takes oneDNN for these operands (checked per call)."""
+    f32 = torch.float32
+    return (x.device.type == "cpu" and x.dtype == f32 and w.dtype == f32 and w.device.type == "cpu"
+            and x.dim() == 2 and w.dim() == 2 and x.shape[0] > 1 and x.numel() > 0 and w.numel() > 0
+            and forced_backend() != "torch" and onednn_available())
+
+
+def dense_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+                 add: torch.Tensor | None = None, accumulate: bool = False) -> torch.Tensor:
+    """``y = x Wᵀ + bias + add``: ``x`` (M, K), ``w`` (N, K) (any strides: pass ``W.t()`` for
+    ``x W``), ``bias`` (N,), ``add`` (M, N). Use the return value: with ``accumulate`` the torch
+    path adds into ``add`` in place and returns it, oneDNN returns a new tensor (its fused add
+    reads ``add`` once). No autograd graph through oneDNN: call it from an autograd Function
+    (or under no_grad)."""
+    if x.shape[-1] != w.shape[-1]:
+        raise ValueError(f"dense_linear: x {tuple(x.shape)} and weight {tuple(w.shape)} do not share the "
+                         f"inner dimension")
+    if not use_onednn(x, w) or (bias is not None and bias.dtype != x.dtype) or (add is not None and add.dtype != x.dtype):
+        return dense_linear_reference(x, w, bias, add, accumulate)
+    ops = torch.ops.mkldnn
+    if add is None:
+        return ops._linear_pointwise(x, w, bias, "none", [], "")
+    return ops._linear_pointwise.binary(x, add, w, bias, "add")
