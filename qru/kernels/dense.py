@@ -12,12 +12,18 @@ with more than one row of ``x`` (a single row is a GEMV, where MKL is as fast) u
 ``QRU_BACKEND=torch``; otherwise :func:`dense_linear_reference` (torch's ``addmm``/``mm``),
 which is also the oracle in tests. The ops that use it (the LoRA linear, the fused
 log-probs head) call it inside their own autograd Functions; it records no graph itself.
+:func:`linear` is the autograd-capable ``F.linear`` on top (:class:`DenseLinearFn`), and
+:func:`dense_linears` routes a model's plain fp32 ``nn.Linear`` modules through it for a block
+(the training loops' forward passes).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from qru.kernels._backend import forced_backend
 
@@ -76,3 +82,67 @@ def dense_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
     if add is None:
         return ops._linear_pointwise(x, w, bias, "none", [], "")
     return ops._linear_pointwise.binary(x, add, w, bias, "add")
+
+
+class DenseLinearFn(torch.autograd.Function):
+    """``y = x Wᵀ + b`` on 2-D fp32 CPU ``x`` (M, K), ``W`` (N, K), every GEMM through oneDNN.
+
+    Backward, ``G = ∂L/∂y`` (M, N). From ``y_mn = Σ_k x_mk W_nk + b_n``: ``∂y_mn/∂x_mk = W_nk``,
+    ``∂y_mn/∂W_nk = x_mk``, ``∂y_mn/∂b_n = 1``, so::
+
+        dX = G W        (M, K)   dense_linear(G, Wᵀ)
+        dW = Gᵀ X       (N, K)   dense_linear(Gᵀ, Xᵀ)  (transposed views, no copies)
+        db = Σ_m G[m]   (N,)
+
+    Saves ``x`` and ``W`` (what ``F.linear``'s autograd saves); each gradient only when needed.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        ctx.save_for_backward(x, w)
+        ctx.has_bias = b is not None
+        return dense_linear(x, w, b)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = dense_linear(g, w.t())
+        if ctx.needs_input_grad[1]:
+            dw = dense_linear(g.t(), x.t())
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = g.sum(0)
+        return dx, dw, db
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` with autograd, its GEMMs through oneDNN where :func:`use_onednn` holds for the
+    flattened ``x`` (fp32 CPU, more than one row); ``F.linear`` itself otherwise."""
+    x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+    if not use_onednn(x2, w) or (bias is not None and bias.dtype != torch.float32):
+        return F.linear(x, w, bias)
+    y = DenseLinearFn.apply(x2, w, bias)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], w.shape[0])
+
+
+def _forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return linear(x, module.weight, module.bias)
+
+
+@contextlib.contextmanager
+def dense_linears(model: nn.Module):
+    """Within the block, every plain fp32 CPU ``nn.Linear`` of ``model`` (not already re-routed)
+    runs :func:`linear`; graphs recorded inside keep their oneDNN backward after the block.
+    Restores the modules' own forward afterwards. Hooks still run (only ``forward`` changes)."""
+    mods = [m for m in model.modules() if type(m) is nn.Linear and m.weight.dtype == torch.float32
+            and m.weight.device.type == "cpu" and "forward" not in m.__dict__]
+    if not onednn_available() or forced_backend() == "torch":
+        mods = []
+    for m in mods:
+        m.forward = functools.partial(_forward, m)
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.__dict__.pop("forward", None)

@@ -39,6 +39,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from qru.kernels.dense import dense_linears
 from qru.model.checkpoint import staged_dir
 from qru.model.config import LlamaConfig, atomic_write_text
 from qru.model.llama import Llama
@@ -529,7 +530,7 @@ def train_loop(model: torch.nn.Module, step_fn: StepFn, main: TokenizedSet, aux:
         tqdm = None
     bar = tqdm(total=total, initial=step, desc=desc, disable=not opts.progress or tqdm is None, dynamic_ncols=True,
                file=sys.stderr) if tqdm else None
-    with _SigintGuard() as guard, (bar if bar is not None else contextlib.nullcontext()):
+    with _SigintGuard() as guard, (bar if bar is not None else contextlib.nullcontext()), _dense_gemms(model):
         while step < total:
             in_epoch = step % steps_per_epoch
             n_micro = min(opts.grad_accum, nb - in_epoch * opts.grad_accum)
@@ -607,6 +608,19 @@ def _lora():
     return lora
 
 
+def _dense_gemms(*models) -> contextlib.ExitStack:
+    """The models' plain fp32 CPU linears run their GEMMs through oneDNN (``qru.kernels.dense``) for
+    the forward passes of a step (the backward follows the recorded graph). ``train_loop`` also holds
+    it around the whole loop, so a gradient-checkpointing recomputation takes the same path."""
+    stack = contextlib.ExitStack()
+    seen = set()
+    for m in models:
+        if m is not None and id(m) not in seen:
+            seen.add(id(m))
+            stack.enter_context(dense_linears(m))
+    return stack
+
+
 def make_unlearn_step(model: torch.nn.Module, *, method: str, reg: str, beta: float,
                       delta: float = L.SIMNPO_DELTA, forget_weight: float = 1.0, retain_weight: float = 1.0,
                       ref_logp: torch.Tensor | None = None, ref_model: torch.nn.Module | None = None,
@@ -629,6 +643,10 @@ def make_unlearn_step(model: torch.nn.Module, *, method: str, reg: str, beta: fl
         raise TrainConfigError("reg='klr' needs ref_model")
 
     def step_fn(fb: Batch, rb: Batch | None) -> dict:
+        with _dense_gemms(model, ref_model):
+            return _step(fb, rb)
+
+    def _step(fb: Batch, rb: Batch | None) -> dict:
         if method == "npo":
             if ref_logp is not None:
                 ref = ref_logp[fb.index]
@@ -803,7 +821,8 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
     trainable, total = count_params(model)
 
     def step_fn(b: Batch, _unused) -> dict:
-        return {"loss": L.mean_nll(*model_sequence_logprobs(model, b.input_ids, b.loss_mask))}
+        with _dense_gemms(model):
+            return {"loss": L.mean_nll(*model_sequence_logprobs(model, b.input_ids, b.loss_mask))}
 
     evals = {"train": data.subset(fixed_sample(len(data), cfg.eval_samples, cfg.seed))}
     info = {"trainable_params": trainable, "total_params": total, "examples": len(data),
