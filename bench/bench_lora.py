@@ -1,11 +1,13 @@
 """LoRA linear forward+backward: qru's fused op against peft's LoRA Linear (same run, same inputs).
 
-CPU: qru (the default CPU backend: C++ thin products, torch's base GEMMs) vs peft, fp32,
+CPU: qru (the default CPU backend: C++ thin products, base GEMMs through ``qru.kernels.dense``:
+oneDNN) vs peft (torch's GEMMs: MKL), fp32,
 tokens 2048, in/out 4096→4096 and 4096→11008, r 16/32/64, with and without dropout, forward
 alone (training mode, graph recorded) and forward+backward. The providers alternate call by
 call and the speed-up is the median of the paired ratios, so outside load hits all alike. A
-third row times the frozen-base GEMMs alone (``x Wᵀ``; and ``dY W`` for fwd+bwd): the floor no
-LoRA implementation can go under with the same fp32 GEMMs, so peft/floor bounds qru's speed-up. GPU (skipped without CUDA): qru's Triton kernels
+``floor`` row times the frozen-base GEMMs alone with torch (``x Wᵀ``; and ``dY W`` for fwd+bwd):
+the floor of any LoRA built on torch's fp32 GEMMs, as peft is; a ``dense floor`` row times the same
+two GEMMs through ``qru.kernels.dense``, the floor under qru's own layer. GPU (skipped without CUDA): qru's Triton kernels
 vs the unfused torch composition and peft, bf16, in TFLOP/s.
 
     python bench/bench_lora.py [--quick] [--dropout 0 0.05] [--samples N] [--threads N] [--clock wall|thread]
@@ -85,6 +87,19 @@ def base_gemms(x, W, gy):
     return run
 
 
+def dense_gemms(x, W, gy, backward: bool):
+    """The same frozen-base GEMMs through qru.kernels.dense (what qru's layer runs them with)."""
+    from qru.kernels.dense import dense_linear
+
+    xd = x.detach()
+
+    def run():
+        dense_linear(xd, W)
+        if backward:
+            dense_linear(gy, W.t())
+    return run
+
+
 def flops(M, n_in, n_out, r):
     """Forward + backward (no dW): 2 big GEMMs and 6 thin ones."""
     return 4 * M * n_in * n_out + 6 * M * r * (n_in + n_out)
@@ -144,19 +159,23 @@ def cpu_section(shapes, ranks, dropouts, tokens, samples):
                 pf = peft_layer(W, A, B, alpha, p)
                 shape = f"M{tokens} {n_in}->{n_out} r{r} p{p:g}"
                 groups = (("fwd", "x@W^T only", {"peft": forward(pf, x), "qru": forward(q, x),
-                                                 "floor": base_fwd(x, W)}),
+                                                 "floor": base_fwd(x, W),
+                                                 "dense floor": dense_gemms(x, W, gy, False)}),
                           ("fwd+bwd", "x@W^T + dY@W only", {"peft": step(pf, x, gy), "qru": step(q, x, gy),
-                                                            "floor": base_gemms(x, W, gy)}))
+                                                            "floor": base_gemms(x, W, gy),
+                                                            "dense floor": dense_gemms(x, W, gy, True)}))
                 for op, floor_op, fns in groups:
                     t, ratio = interleaved(fns, samples, "cpu")
                     for k in fns:
-                        name = op if k != "floor" else floor_op
+                        name = op if "floor" not in k else floor_op
                         rows.append(Row.of(SUITE, name + (" [thread clock]" if CLOCK == "thread" else ""), k, shape,
                                            "fp32", "cpu", t[k], ratio=ratio[k]))
                     print(f"  {shape} {op}: qru {t['qru'].median * 1e3:.1f} ms, peft {t['peft'].median * 1e3:.1f} ms, "
-                          f"floor {t['floor'].median * 1e3:.1f} ms; speed-up {ratio['qru']:.2f}x "
-                          f"(median of paired ratios), peft/floor {ratio['floor']:.2f}x (the most any qru can reach "
-                          f"with the same base GEMMs)", flush=True)
+                          f"torch GEMMs alone {t['floor'].median * 1e3:.1f} ms, qru's dense GEMMs alone "
+                          f"{t['dense floor'].median * 1e3:.1f} ms; speed-up {ratio['qru']:.2f}x (median of paired "
+                          f"ratios); peft/torch floor {ratio['floor']:.2f}x (the most a LoRA on torch's GEMMs can "
+                          f"reach), qru over its floor {t['qru'].median / t['dense floor'].median:.2f}x",
+                          flush=True)
                 del q, pf
     return rows
 
