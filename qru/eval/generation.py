@@ -54,7 +54,7 @@ def _softmax_parts(scores: torch.Tensor, values: torch.Tensor):
 def _attend(q, k, v, mask, scale):
     """(softmax attention output, log-sum-exp) of q (N, KV, L, D) over k/v (N, KV, S, D), fp32;
     ``mask`` bool broadcastable to (N, 1, L, S) or None."""
-    if _FLASH is not None:
+    if _FLASH is not None and q.device.type == "cpu":
         fm = None if mask is None else torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
             ~mask, float("-inf"))
         o, lse = _FLASH(q, k, v, attn_mask=fm, scale=scale)
@@ -78,7 +78,8 @@ def merged_attention(q: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor, k: tor
     qg = q.reshape(B, KV, g * T, D)
     gm = _grouped_mask(mask, B, g, T, S, q.device)
     out = torch.empty((B, KV, g * T, D), dtype=torch.float32, device=q.device)
-    step = B if _FLASH is not None else max(1, _CHUNK // max(1, KV * g * T * max(pk.shape[1], S)))
+    flash = _FLASH is not None and q.device.type == "cpu"
+    step = B if flash else max(1, _CHUNK // max(1, KV * g * T * max(pk.shape[1], S)))
     for b0 in range(0, B, step):
         b1 = min(B, b0 + step)
         n = b1 - b0
@@ -164,7 +165,8 @@ def generate_batched(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
     """Greedy continuations (prompt excluded, cut at the first stop string) in input order.
 
     Prompts are sorted by length into batches; a batch whose rows share at least
-    ``min_shared`` leading tokens reuses the prefix's KV cache, the others use ``generate``.
+    ``min_shared`` leading tokens prefills that prefix once and attends to one copy of its
+    keys/values (``shared_prefix_attention``), the others use ``generate``.
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
