@@ -34,6 +34,15 @@ def model_tok(tiny_dir):
     return Llama.from_pretrained(tiny_dir).eval(), Tokenizer.from_dir(tiny_dir)
 
 
+@pytest.fixture
+def one_thread():
+    """The packed path runs with one torch thread only (conftest sets two)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _left_pad(rows, pad=0):
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -156,8 +165,12 @@ def test_score_shared_prompts_equal_unbatched(model, monkeypatch):
     rows, starts = [rows[i] for i in perm], [starts[i] for i in perm]
     calls = []
     real = common._prefix_forward
-    monkeypatch.setattr(common, "_prefix_forward",
-                        lambda m, rs, idx, plen, pad: calls.append([plen[i] for i in idx]) or real(m, rs, idx, plen, pad))
+
+    def spy(m, rs, idx, plen, pad):
+        calls.append([plen[i] for i in idx])
+        return real(m, rs, idx, plen, pad)
+
+    monkeypatch.setattr(common, "_prefix_forward", spy)
     for batch_size in (3, 16):
         calls.clear()
         got = score_ids(model, rows, starts, batch_size=batch_size, stats=False, min_shared=8)
@@ -173,7 +186,7 @@ def test_score_shared_prompts_equal_unbatched(model, monkeypatch):
         np.testing.assert_allclose(a.zscores, b.zscores, atol=2e-4, rtol=1e-4)
 
 
-def test_tofu_scores_with_shared_prompts_equal_one_by_one(model_tok, shared_data, monkeypatch):
+def test_tofu_scores_with_shared_prompts_equal_one_by_one(model_tok, shared_data, monkeypatch, one_thread):
     from qru.eval import common
 
     model, tok = model_tok
@@ -200,7 +213,7 @@ needs_onednn = pytest.mark.skipif(not linears.available(), reason="oneDNN packed
 
 
 @needs_onednn
-def test_packed_linears_equal_f_linear():
+def test_packed_linears_equal_f_linear(one_thread):
     torch.manual_seed(4)
     net = nn.Sequential(nn.Linear(32, 48), nn.Linear(48, 16, bias=False)).eval()
     ref_fwd = [type(m).forward for m in net]
@@ -209,7 +222,13 @@ def test_packed_linears_equal_f_linear():
         with torch.no_grad(), linears.packed_linears(net):
             assert all("forward" in m.__dict__ for m in net)
             got = net(x)
+            assert (net[0].forward.weight is None) == (x.numel() == x.shape[-1])  # one row: F.linear
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with torch.no_grad(), linears.packed_linears(net):  # two threads: F.linear
+        torch.set_num_threads(2)
+        net(torch.randn(5, 32))
+        assert net[0].forward.weight is None
+        torch.set_num_threads(1)
     assert all("forward" not in m.__dict__ for m in net) and [type(m).forward for m in net] == ref_fwd
     x = torch.randn(4, 32)
     with torch.no_grad(), linears.packed_linears(net):
@@ -226,7 +245,7 @@ def test_packed_linears_equal_f_linear():
 
 
 @needs_onednn
-def test_muse_with_packed_linears_equals_plain(model_tok, shared_data):
+def test_muse_with_packed_linears_equals_plain(model_tok, shared_data, one_thread):
     model, tok = model_tok
     kw = dict(limit=2, batch_size=4, score_batch_size=4, max_len=96, verbmem_max_new_tokens=16,
               knowmem_max_new_tokens=12)
@@ -239,6 +258,9 @@ def test_muse_with_packed_linears_equals_plain(model_tok, shared_data):
             assert a["Min-40%"] == pytest.approx(b["Min-40%"], abs=1e-4)
             assert a["Min-40%++"] == pytest.approx(b["Min-40%++"], abs=1e-3)
     assert fast["auc"] == plain["auc"]
+    single = muse.evaluate_muse(model, tok, shared_data / "muse-news", **{**kw, "batch_size": 1, "score_batch_size": 1})
+    for key in ("verbmem_f", "knowmem_f", "knowmem_r"):
+        assert [x["output"] for x in fast["items"][key]] == [x["output"] for x in single["items"][key]]
 
 
 

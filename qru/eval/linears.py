@@ -8,10 +8,16 @@ widest ISA the CPU has, and a weight packed once is reused by every call. On the
 ``bench/bench_eval.py``. A single row (one-by-one decode) keeps ``F.linear``: MKL's GEMV is
 as fast there. Results equal ``F.linear``'s up to float round-off (a different summation order).
 
+Only with one torch thread: oneDNN parallelises every call, however small, and when another
+process holds one of the box's two cores each call waits for the descheduled thread. With 2
+threads and another process busy on the other core, TOFU (n=8, batched) took 64.8 s through
+oneDNN against 0.65 s through MKL (and 0.53 s with oneDNN on 1 thread), so with more threads
+the linears stay on ``F.linear``.
+
 ``packed_linears(model)`` is a context: inside it every plain fp32 CPU ``nn.Linear`` of the
-model runs this way when autograd is off; a weight changed in place is repacked on its next
-call. The packed copies cost as much memory as the weights, so models whose fp32 linear
-weights exceed ``max_bytes`` are left alone.
+model runs this way when autograd is off and torch uses one thread; a weight changed in place
+is repacked on its next call. The packed copies cost as much memory as the weights, so models
+whose fp32 linear weights exceed ``max_bytes`` are left alone.
 """
 from __future__ import annotations
 
@@ -54,7 +60,7 @@ class _Packed:
         m = self.module
         w = m.weight
         if (torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu"
-                or w.dtype != torch.float32 or x.numel() <= x.shape[-1]):
+                or w.dtype != torch.float32 or x.numel() <= x.shape[-1] or torch.get_num_threads() != 1):
             return F.linear(x, w, m.bias)
         if self.version != w._version or self.weight is None:
             self.weight = torch.ops.mkldnn._reorder_linear_weight(w.detach())
@@ -71,7 +77,8 @@ def eligible(model: nn.Module) -> list[nn.Linear]:
 @contextlib.contextmanager
 def packed_linears(model: nn.Module, enabled: bool = True, max_bytes: int = MAX_BYTES):
     """Within the block, plain fp32 CPU linears of ``model`` run oneDNN with packed weights
-    (when available, no grad, more than one row). Restores the modules afterwards."""
+    (when available, no grad, one torch thread, more than one row). Restores the modules
+    afterwards."""
     mods = eligible(model) if enabled and available() else []
     if sum(m.weight.numel() * m.weight.element_size() for m in mods) > max_bytes:
         mods = []
