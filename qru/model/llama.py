@@ -47,6 +47,21 @@ def apply_rope(q, k, cos, sin):
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of one query position: q (B, H, 1, D), k/v (B, KV, S, D) with H a multiple of KV,
+    mask (B, 1, 1, S) bool or None. The scores, softmax and weighted sum in fp32 (what SDPA's CPU
+    kernel accumulates in), as two small batched matmuls: on CPU, SDPA's flash kernel spends
+    ~0.7 ms per call on a decode step (B 8, H 8, S 130) that this does in ~0.17 ms."""
+    B, H, _, D = q.shape
+    KV = k.shape[1]
+    qg = q.reshape(B, KV, H // KV, D).float()
+    s = torch.matmul(qg, k.float().transpose(-1, -2)).mul_(D ** -0.5)  # (B, KV, G, S)
+    if mask is not None:
+        s.masked_fill_(~mask, float("-inf"))
+    out = torch.matmul(s.softmax(-1), v.float())  # (B, KV, G, D)
+    return out.to(q.dtype).reshape(B, H, 1, D)
+
+
 @dataclass
 class KVCache:
     """Static per-layer key/value buffers of shape (B, kv_heads, max_len, head_dim)."""
@@ -92,7 +107,9 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         gqa = self.n_kv != self.n_heads
-        if mask is None:
+        if T == 1 and q.device.type == "cpu" and not torch.is_grad_enabled():
+            out = decode_attention(q, k, v, mask)
+        elif mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
