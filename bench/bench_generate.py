@@ -33,7 +33,9 @@ from qru.model.llama import Llama  # noqa: E402
 
 SUITE = "generate"
 TARGET = 1.5
-SMALL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
+# intermediate 1408 = 22 x 64: bitsandbytes' packed CPU path (AVX-512 CPUs) needs in_features divisible by
+# the block size (it fails on 1376 = 21.5 x 64); Llama's own 11008 = 172 x 64 is
+SMALL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
              max_position_embeddings=2048)
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                  num_attention_heads=32, max_position_embeddings=4096)
@@ -136,7 +138,7 @@ def run_one(path: Path, fmt: str, batch: int, new: int, samples: int, device: st
 
 
 def section(kw: dict, formats, batch: int, new: int, samples: int, device: str, label: str) -> list[Row]:
-    shape = f"L{kw['num_hidden_layers']} H{kw['hidden_size']} V{kw['vocab_size']} B{batch} new{new}"
+    shape = f"L{kw['num_hidden_layers']} H{kw['hidden_size']} I{kw['intermediate_size']} V{kw['vocab_size']} B{batch} new{new}"
     print(f"\n## greedy generation, {device}: {label}\nconfig: Llama {kw['num_hidden_layers']} layers, hidden "
           f"{kw['hidden_size']}, intermediate {kw['intermediate_size']}, heads {kw['num_attention_heads']}, vocab "
           f"{kw['vocab_size']}, bf16 checkpoint; batch {batch} left-padded prompts of 32..96 tokens, "
