@@ -8,6 +8,15 @@ from qru.kernels.dense import dense_linear, dense_linear_reference, use_onednn
 SHAPES = [(2, 1, 1), (7, 13, 5), (33, 17, 65), (130, 96, 257)]  # (M, N, K)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread, so these small shapes take oneDNN (with more, small GEMMs stay with torch)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _f64(x, w, bias=None, add=None):
     y = x.double() @ w.double().t()
     if bias is not None:
@@ -68,7 +77,16 @@ def test_dispatch(monkeypatch):
     """oneDNN for fp32 CPU with > 1 row (when torch has it); torch for one row, other dtypes,
     and under QRU_BACKEND=torch. The torch path is exactly addmm/mm."""
     x, w = torch.randn(5, 8), torch.randn(3, 8)
-    assert use_onednn(x, w) == dense.onednn_available()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert use_onednn(x, w) == dense.onednn_available()
+        torch.set_num_threads(2)  # several threads: small GEMMs stay with torch, large ones do not
+        assert not use_onednn(x, w)
+        big = torch.empty(256, 256)
+        assert use_onednn(big, big) == dense.onednn_available()
+    finally:
+        torch.set_num_threads(threads)
     assert not use_onednn(x[:1], w)
     assert not use_onednn(x.bfloat16(), w.bfloat16())
     monkeypatch.setenv("QRU_BACKEND", "torch")

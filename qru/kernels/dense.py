@@ -58,11 +58,18 @@ def onednn_available() -> bool:
                 and torch.allclose(y2, ref + x @ w.t(), atol=1e-5, rtol=1e-5))
 
 
+# With several threads, a GEMM this small (multiply-adds) stays with torch: oneDNN splits every call
+# across the team, and on a shared machine one descheduled thread stalls each such call (seen in
+# batched evaluation: 64.8 s vs 0.65 s); large GEMMs amortise the wait.
+SMALL_MACS = 1 << 24
+
+
 def use_onednn(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether :func:`dense_linear` takes oneDNN for these operands (checked per call)."""
     f32 = torch.float32
     return (x.device.type == "cpu" and x.dtype == f32 and w.dtype == f32 and w.device.type == "cpu"
             and x.dim() == 2 and w.dim() == 2 and x.shape[0] > 1 and x.numel() > 0 and w.numel() > 0
+            and (torch.get_num_threads() == 1 or x.shape[0] * w.shape[0] * w.shape[1] >= SMALL_MACS)
             and forced_backend() != "torch" and onednn_available())
 
 
