@@ -8,11 +8,14 @@
 //   rope_bwd(dout, cos, sin, dtype)   dout (B, NH, T, D) any strides -> dx (B, T, NH, D) contiguous (the transpose)
 //   swiglu_fwd(g, u)                  out = round(silu(g)) * u
 //   swiglu_bwd(dout, g, u)            dg = dout u sig(g) (1 + g (1 - sig(g))),  du = dout silu(g)
+//   decode_attn(q, k, v, mask, scale) one query position: softmax(scale q kᵀ, masked) v, K/V read in place
 //
 // Tensors are float32 or bfloat16 (read / written as torch rounds: nearest even); all math in
 // fp32 (no fast-math; ISO C++ so no FMA contraction in the scalar code). AVX2 loops where they
 // pay (the norm and SwiGLU), a scalar path otherwise or with scalar=true. OpenMP over rows.
 #include "qru_common.h"
+
+#include <limits>
 
 namespace {
 
@@ -305,6 +308,91 @@ std::tuple<at::Tensor, at::Tensor> swiglu_bwd(at::Tensor d, at::Tensor g, at::Te
   return {dg, du};
 }
 
+// ------------------------------------------------------------------------- decode attention
+// One query position per (batch, head) against S cached keys/values, read in their own dtype:
+//   s_j = scale * q . k_j (fp32), masked -> -inf;  p = softmax(s);  out = sum_j p_j v_j (fp32, rounded once).
+// q (B, H, D), k / v (B, KV, S, D) with unit last stride (cache views), head h reads kv head h / (H/KV).
+template <typename T>
+void decode_attn_impl(const T* q, int64_t qb, int64_t qh, const T* k, int64_t kb, int64_t kh, int64_t ks,
+                      const T* v, int64_t vb, int64_t vh, int64_t vs, const uint8_t* mask, T* out, int64_t B,
+                      int64_t H, int64_t KV, int64_t S, int64_t D, float scale) {
+  const int64_t G = H / KV;
+#pragma omp parallel num_threads(num_threads())
+  {
+    std::vector<float> s(S), acc(D), qf(D);
+#pragma omp for schedule(static)
+    for (int64_t bh = 0; bh < B * H; ++bh) {
+      const int64_t b = bh / H, h = bh % H, g = h / G;
+      const T* qp = q + b * qb + h * qh;
+      const T* kp = k + b * kb + g * kh;
+      const T* vp = v + b * vb + g * vh;
+      const uint8_t* mrow = mask ? mask + b * S : nullptr;
+      for (int64_t d = 0; d < D; ++d) qf[d] = ld(qp, d);
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < S; ++j) {
+        if (mrow && !mrow[j]) { s[j] = -std::numeric_limits<float>::infinity(); continue; }
+        const T* kr = kp + j * ks;
+        float dot = 0.0f;
+        int64_t d = 0;
+#if QRU_AVX2
+        __m256 a = _mm256_setzero_ps();
+        for (; d + 8 <= D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qf.data() + d), load8(kr + d), a);
+        dot = hsum(a);
+#endif
+        for (; d < D; ++d) dot += qf[d] * ld(kr, d);
+        s[j] = dot * scale;
+        mx = std::max(mx, s[j]);
+      }
+      float l = 0.0f;
+      for (int64_t j = 0; j < S; ++j) { s[j] = std::exp(s[j] - mx); l += s[j]; }
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t j = 0; j < S; ++j) {
+        const float pj = s[j];
+        if (pj == 0.0f) continue;
+        const T* vr = vp + j * vs;
+        int64_t d = 0;
+#if QRU_AVX2
+        const __m256 pv = _mm256_set1_ps(pj);
+        for (; d + 8 <= D; d += 8)
+          _mm256_storeu_ps(acc.data() + d, _mm256_fmadd_ps(pv, load8(vr + d), _mm256_loadu_ps(acc.data() + d)));
+#endif
+        for (; d < D; ++d) acc[d] += pj * ld(vr, d);
+      }
+      T* op = out + bh * D;
+      const float inv = 1.0f / l;
+      for (int64_t d = 0; d < D; ++d) st(op, d, acc[d] * inv);
+    }
+  }
+}
+
+at::Tensor decode_attn(at::Tensor q, at::Tensor k, at::Tensor v, c10::optional<at::Tensor> mask, double scale) {
+  const int dt = code(q, "q");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "decode_attn: q, k, v dtypes differ");
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && k.dim() == 4 && v.dim() == 4, "decode_attn: q (B,H,1,D), k/v (B,KV,S,D)");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), KV = k.size(1), S = k.size(2);
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B && k.size(3) == D && v.size(3) == D && v.size(1) == KV &&
+                  v.size(2) == S && KV > 0 && H % KV == 0, "decode_attn: shapes do not match");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "decode_attn: unit last stride needed");
+  const uint8_t* mp = nullptr;
+  at::Tensor m;
+  if (mask.has_value()) {
+    m = *mask;
+    TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 2 && m.size(0) == B && m.size(1) == S && m.is_contiguous(),
+                "decode_attn: mask must be a contiguous bool (B, S)");
+    mp = reinterpret_cast<const uint8_t*>(m.data_ptr());
+  }
+  at::Tensor out = at::empty({B, H, 1, D}, q.options());
+  if (dt == F32)
+    decode_attn_impl(ptr<float>(q), q.stride(0), q.stride(1), ptr<float>(k), k.stride(0), k.stride(1), k.stride(2),
+                     ptr<float>(v), v.stride(0), v.stride(1), v.stride(2), mp, ptr<float>(out), B, H, KV, S, D,
+                     float(scale));
+  else
+    decode_attn_impl(ptr<uint16_t>(q), q.stride(0), q.stride(1), ptr<uint16_t>(k), k.stride(0), k.stride(1),
+                     k.stride(2), ptr<uint16_t>(v), v.stride(0), v.stride(1), v.stride(2), mp, ptr<uint16_t>(out), B, H,
+                     KV, S, D, float(scale));
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(qru_llama_ops, m) {
@@ -314,4 +402,5 @@ TORCH_LIBRARY(qru_llama_ops, m) {
   m.def("rope_bwd(Tensor grad, Tensor cos, Tensor sin, ScalarType out_dtype) -> Tensor", &rope_bwd);
   m.def("swiglu_fwd(Tensor gate, Tensor up, bool scalar=False) -> Tensor", &swiglu_fwd);
   m.def("swiglu_bwd(Tensor grad, Tensor gate, Tensor up, bool scalar=False) -> (Tensor, Tensor)", &swiglu_bwd);
+  m.def("decode_attn(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor", &decode_attn);
 }
