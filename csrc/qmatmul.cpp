@@ -8,6 +8,7 @@
 // the codes index it in registers. So every weight value equals the reference dequantize
 // bit for bit; only the summation order differs from ``F.linear`` (fp32 accumulation).
 //
+// AVX-512 path for the 4-bit kinds (16 lanes, the table in one register, one permute), an
 // AVX2 + FMA + F16C path (8 lanes, 16-entry table lookup = two permutes and a blend) and a
 // portable scalar path (``scalar=true`` forces it; also used for block heads / tails that are
 // not 32-element aligned). OpenMP over output rows, thread count = torch's.
