@@ -72,6 +72,16 @@ inline int64_t segment(const Problem& p, int64_t n, int64_t k, float* lut) {
 
 inline int nibble(const uint8_t* w, int64_t e) { return (e & 1) ? (w[e >> 1] & 0xF) : (w[e >> 1] >> 4); }
 
+// acc[m] += sum_{k in [k0, k1)} x[m, k] lut[code of (n, k)]: elements one at a time through the table
+// (the scalar path, and the vector paths' unaligned block heads and tails).
+template <int M>
+inline void lut_dot(const Problem& p, const float* lut, int64_t e0, int64_t k0, int64_t k1, float* acc) {
+  for (int64_t k = k0; k < k1; ++k) {
+    const float wv = lut[nibble(p.w, e0 + k)];
+    for (int m = 0; m < M; ++m) acc[m] += p.x[m * p.K + k] * wv;
+  }
+}
+
 // ---------------------------------------------------------------- scalar
 
 template <int M, int WD>
@@ -89,10 +99,8 @@ void row_scalar(const Problem& p, int64_t n, float* acc) {
   float lut[16];
   for (int64_t k = 0; k < p.K;) {
     const int64_t end = segment<WD>(p, n, k, lut);
-    for (; k < end; ++k) {
-      const float wv = lut[nibble(p.w, e0 + k)];
-      for (int m = 0; m < M; ++m) acc[m] += p.x[m * p.K + k] * wv;
-    }
+    lut_dot<M>(p, lut, e0, k, end, acc);
+    k = end;
   }
 }
 
@@ -181,8 +189,7 @@ void row_avx2(const Problem& p, int64_t n, float* out_acc) {
       if (odd) {  // a block starting on a low nibble: one element through the table
         _mm256_store_ps(lut, lo);
         _mm256_store_ps(lut + 8, hi);
-        const float wv = lut[nibble(p.w, e0 + k)];
-        for (int m = 0; m < M; ++m) tail[m] += x[m * K + k] * wv;
+        lut_dot<M>(p, lut, e0, k, k + 1, tail);
         ++k;
       }
       for (; k + 32 <= end; k += 32) {
@@ -200,10 +207,8 @@ void row_avx2(const Problem& p, int64_t n, float* out_acc) {
       if (k < end) {
         _mm256_store_ps(lut, lo);
         _mm256_store_ps(lut + 8, hi);
-        for (; k < end; ++k) {
-          const float wv = lut[nibble(p.w, e0 + k)];
-          for (int m = 0; m < M; ++m) tail[m] += x[m * K + k] * wv;
-        }
+        lut_dot<M>(p, lut, e0, k, end, tail);
+        k = end;
       }
     }
   }
@@ -260,8 +265,7 @@ void row_avx512(const Problem& p, int64_t n, float* out_acc) {
     }
     if ((e0 + k) & 1) {  // a block starting on a low nibble: one element through the table
       _mm512_store_ps(lut, t);
-      const float wv = lut[nibble(p.w, e0 + k)];
-      for (int m = 0; m < M; ++m) tail[m] += x[m * K + k] * wv;
+      lut_dot<M>(p, lut, e0, k, k + 1, tail);
       ++k;
     }
     for (; k + 32 <= end; k += 32) {
@@ -276,10 +280,8 @@ void row_avx512(const Problem& p, int64_t n, float* out_acc) {
     }
     if (k < end) {
       _mm512_store_ps(lut, t);
-      for (; k < end; ++k) {
-        const float wv = lut[nibble(p.w, e0 + k)];
-        for (int m = 0; m < M; ++m) tail[m] += x[m * K + k] * wv;
-      }
+      lut_dot<M>(p, lut, e0, k, end, tail);
+      k = end;
     }
   }
   for (int m = 0; m < M; ++m) out_acc[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) + tail[m];

@@ -21,6 +21,32 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (conftest sets two): the tiny models gain nothing from a
+    second, on shared cores one is far faster, and some paths (oneDNN) take it only then."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(shared_data, tmp_path_factory):
+    """The tiny Llama + tokenizer checkpoint of eval_helpers, built once per session."""
+    from eval_helpers import tiny_checkpoint
+
+    return tiny_checkpoint(shared_data, tmp_path_factory.getbasetemp() / "eval_tiny")
+
+
+@pytest.fixture(scope="module")
+def model_tok(tiny_dir):
+    from qru.model.llama import Llama
+    from qru.model.tokenizer import Tokenizer
+
+    return Llama.from_pretrained(tiny_dir).eval(), Tokenizer.from_dir(tiny_dir)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -43,3 +43,14 @@ def tiny_checkpoint(shared_data: Path, root: Path, name: str = "tiny", seed: int
     tok.save(out / Tokenizer.FILE_NAME)
     _CACHE[key] = out
     return out
+
+
+def left_pad_rows(rows, pad=0):
+    """Test inputs: token rows (lists or tensors) left-padded with ``pad`` -> (ids, mask)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.as_tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids, mask

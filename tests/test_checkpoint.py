@@ -1,6 +1,5 @@
 """Config and checkpoint I/O: round trips and clear errors for bad input."""
 import json
-import warnings
 
 import pytest
 import torch

@@ -50,3 +50,12 @@ def test_bad_shapes_named():
     k = torch.randn(2, 2, 5, 8)
     with pytest.raises(ValueError, match=r"H a multiple of KV"):
         decode_attention(q, k, k, None)
+
+
+def test_broadcast_mask_batch():
+    """A (1, 1, 1, S) mask applies to every batch entry, as in the reference."""
+    q, k, v, mask = _inputs(3, 4, 2, 11, 8, torch.float32)
+    with torch.no_grad():
+        got = decode_attention(q, k, v, mask[:1])
+        ref = decode_attention_reference(q, k, v, mask[:1])
+    torch.testing.assert_close(got, ref, **TOL[torch.float32])

@@ -8,13 +8,7 @@ from qru.kernels.dense import dense_linear, dense_linear_reference, use_onednn
 SHAPES = [(2, 1, 1), (7, 13, 5), (33, 17, 65), (130, 96, 257)]  # (M, N, K)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread, so these small shapes take oneDNN (with more, small GEMMs stay with torch)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small shapes take oneDNN only with one thread
 
 
 def _f64(x, w, bias=None, add=None):

@@ -9,48 +9,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eval_helpers import tiny_checkpoint
+from eval_helpers import left_pad_rows
 from qru.eval import linears, muse, tofu
 from qru.eval.common import score_ids
 from qru.model.config import LlamaConfig
 from qru.model.generate import generate_ids
 from qru.model.llama import KVCache, Llama
-from qru.model.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
     return Llama(LlamaConfig.preset("tiny", vocab_size=97, initializer_range=0.2)).eval()
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(shared_data, tmp_path_factory):
-    return tiny_checkpoint(shared_data, tmp_path_factory.getbasetemp() / "eval_tiny")
-
-
-@pytest.fixture(scope="module")
-def model_tok(tiny_dir):
-    return Llama.from_pretrained(tiny_dir).eval(), Tokenizer.from_dir(tiny_dir)
-
-
-@pytest.fixture
-def one_thread():
-    """The packed path runs with one torch thread only (conftest sets two)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _left_pad(rows, pad=0):
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = r
-        mask[i, width - len(r):] = 1
-    return ids, mask
 
 
 # -- generation -----------------------------------------------------------------------------
@@ -60,7 +30,7 @@ def test_finished_rows_leave_the_batch(model, monkeypatch):
     others' tokens equal the run that keeps every row and each row generated alone."""
     torch.manual_seed(1)
     rows = [torch.randint(3, 97, (n,)) for n in (9, 4, 7, 6, 8)]
-    ids, mask = _left_pad(rows)
+    ids, mask = left_pad_rows(rows)
     free = generate_ids(model, ids, mask, max_new_tokens=12, drop_finished=False)
     W = ids.shape[1]
     eos = int(free[0, W + 2])  # row 0 ends at its third token (other rows may hit it too)
@@ -94,7 +64,7 @@ def test_prefilled_cache_continues_the_prompt(model):
     torch.manual_seed(2)
     prefix = torch.randint(3, 97, (11,))
     suffixes = [torch.randint(3, 97, (n,)) for n in (3, 1, 5)]
-    ids, smask = _left_pad(suffixes)
+    ids, smask = left_pad_rows(suffixes)
     B, W, p, new = len(suffixes), ids.shape[1], len(prefix), 9
     cache = model.new_cache(B, p + W + new)
     with torch.no_grad():
@@ -115,7 +85,7 @@ def test_prefill_in_row_groups(model, monkeypatch):
     cache: same tokens as the single prefill, for a left-padded batch and a prefilled cache."""
     torch.manual_seed(6)
     rows = [torch.randint(3, 97, (n,)) for n in (9, 4, 7, 6, 8)]
-    ids, mask = _left_pad(rows)
+    ids, mask = left_pad_rows(rows)
     W = ids.shape[1]
     widths = []
     real = type(model).forward

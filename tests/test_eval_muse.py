@@ -11,7 +11,6 @@ import torch
 from rouge_score import rouge_scorer
 from sklearn.metrics import roc_auc_score
 
-from eval_helpers import tiny_checkpoint
 from qru.eval import muse
 from qru.eval.common import score_ids, score_sequences
 from qru.eval.precision import PrecisionUnavailable, build_model, eval_at_precisions
@@ -20,16 +19,6 @@ from qru.model.tokenizer import Tokenizer
 
 LIMIT = 3
 MAX_LEN = 160
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(shared_data, tmp_path_factory):
-    return tiny_checkpoint(shared_data, tmp_path_factory.getbasetemp() / "eval_tiny")
-
-
-@pytest.fixture(scope="module")
-def model_tok(tiny_dir):
-    return Llama.from_pretrained(tiny_dir).eval(), Tokenizer.from_dir(tiny_dir)
 
 
 @pytest.fixture(scope="module")

@@ -9,22 +9,9 @@ import torch
 from rouge_score import rouge_scorer
 from scipy.stats import hmean, ks_2samp
 
-from eval_helpers import tiny_checkpoint
 from qru.eval import tofu
-from qru.model.llama import Llama
-from qru.model.tokenizer import Tokenizer
 
 LIMIT = 3
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(shared_data, tmp_path_factory):
-    return tiny_checkpoint(shared_data, tmp_path_factory.getbasetemp() / "eval_tiny")
-
-
-@pytest.fixture(scope="module")
-def model_tok(tiny_dir):
-    return Llama.from_pretrained(tiny_dir).eval(), Tokenizer.from_dir(tiny_dir)
 
 
 @pytest.fixture(scope="module")

@@ -6,21 +6,13 @@ from qru.model.config import LlamaConfig
 from qru.model.generate import cut_at_stop, generate_ids, sample_next
 from qru.model.llama import Llama
 
+from eval_helpers import left_pad_rows
+
 
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
     return Llama(LlamaConfig.preset("tiny", vocab_size=97, initializer_range=0.2)).eval()
-
-
-def _left_pad(rows, pad=0):
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = r
-        mask[i, width - len(r):] = 1
-    return ids, mask
 
 
 def test_cache_equals_no_cache(model):
@@ -41,7 +33,7 @@ def test_cached_logits_equal_full_forward(model):
 
 def test_left_padded_batch_equals_one_by_one(model):
     rows = [torch.randint(3, 97, (n,)) for n in (9, 4, 7, 1)]
-    ids, mask = _left_pad(rows)
+    ids, mask = left_pad_rows(rows)
     batch = generate_ids(model, ids, mask, max_new_tokens=10)
     for i, r in enumerate(rows):
         alone = generate_ids(model, r[None], max_new_tokens=10)
@@ -54,7 +46,7 @@ def test_matches_transformers_greedy(model, tmp_path):
     model.save_pretrained(tmp_path)
     hf = LlamaForCausalLM.from_pretrained(tmp_path).eval()
     rows = [torch.randint(3, 97, (n,)) for n in (8, 5, 8)]
-    ids, mask = _left_pad(rows)
+    ids, mask = left_pad_rows(rows)
     ref = hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
                       eos_token_id=None, pad_token_id=0)
     assert torch.equal(generate_ids(model, ids, mask, max_new_tokens=12), ref)
@@ -101,3 +93,25 @@ def test_cli_smoke(tmp_path, capsys):
     assert main(["smoke", "--out", str(tmp_path / "tiny")]) == 0
     assert "identical after reload: True" in capsys.readouterr().out
     assert (tmp_path / "tiny" / "config.json").exists()
+
+
+def test_left_pad_and_decode_new_by_hand():
+    from qru.model.generate import decode_new, left_pad, stop_checker
+
+    ids, mask = left_pad([[5, 6, 7], [8], []], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8], [0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 0, 0]]
+
+    class Tok:  # ids -> letters; pad 0
+        pad_id = 0
+
+        @staticmethod
+        def decode(ids):
+            return "".join(chr(ord("a") + i) for i in ids)
+
+    # padding dropped, cut at EOS (3), then at the first stop string
+    assert decode_new(Tok, [0, 1, 2, 3, 4], eos=3, stop=()) == "bc"
+    assert decode_new(Tok, [1, 2, 1, 2], eos=None, stop=["cb"]) == "b"  # "bcbc" cut at "cb"
+    assert stop_checker(Tok, ()) is None
+    check = stop_checker(Tok, ["cb"])
+    assert check(0, torch.tensor([1, 2])) is False and check(0, torch.tensor([1, 2, 1])) is True

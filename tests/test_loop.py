@@ -24,13 +24,7 @@ N_RETAIN = 80
 LR = {("ga", "full"): 7e-4, ("npo", "full"): 7e-4, ("ga", "lora"): 5e-3, ("npo", "lora"): 4e-3}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The tiny model gains nothing from a second thread, and on shared cores one thread is far faster.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="session")

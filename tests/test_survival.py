@@ -30,12 +30,7 @@ TOP_KEYS = {"format", "block_size", "layers", "by_module_type", "by_layer_index"
 ROW_KEYS = {"name", *S.METRICS}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _m(w, wp, fmt, x=None):

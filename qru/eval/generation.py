@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 
 from qru.kernels.rope import rope
-from qru.model.generate import cut_at_stop, generate, generate_ids
+from qru.model.generate import decode_new, generate, generate_ids, left_pad, stop_checker
 from qru.model.llama import Attention
 
 _CHUNK = 1 << 22  # score elements per chunk of rows in the plain merged attention
@@ -131,33 +131,17 @@ def _shared_prefix_batch(model, tokenizer, rows: list[list[int]], p: int, max_ne
                          stop: Sequence[str]) -> list[str]:
     dev = model.device
     B = len(rows)
-    suffix = [r[p:] for r in rows]
-    width = max(len(s) for s in suffix)
     pad, eos = tokenizer.pad_id, tokenizer.eos_id
+    eos = eos if eos is not None and eos >= 0 else None
     pre = model.new_cache(1, p)
     model(torch.tensor([rows[0][:p]], device=dev), cache=pre, num_logits=1, return_hidden=True)
-    ids = torch.full((B, width), pad, dtype=torch.long)
-    mask = torch.zeros((B, width), dtype=torch.long)
-    for r, s in enumerate(suffix):
-        ids[r, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[r, width - len(s):] = 1
-    stopper = None
-    if stop:
-        def stopper(row, new_ids, _stop=tuple(stop)):
-            text = tokenizer.decode(new_ids.tolist())
-            return any(s in text for s in _stop)
+    ids, mask = left_pad([r[p:] for r in rows], pad)
+    width = ids.shape[1]
     with shared_prefix_attention(model, [k[0] for k in pre.keys], [v[0] for v in pre.values]):
-        out = generate_ids(model, ids.to(dev), mask.to(dev), max_new_tokens=max_new_tokens,
-                           eos_token_id=eos if eos is not None and eos >= 0 else None, pad_token_id=pad,
-                           should_stop=stopper, cache=model.new_cache(B, width + max_new_tokens),
-                           position_offset=p)
-    texts = []
-    for r in range(B):
-        new = [t for t in out[r, width:].tolist() if t != pad]
-        if eos in new:
-            new = new[:new.index(eos)]
-        texts.append(cut_at_stop(tokenizer.decode(new), stop))
-    return texts
+        out = generate_ids(model, ids.to(dev), mask.to(dev), max_new_tokens=max_new_tokens, eos_token_id=eos,
+                           pad_token_id=pad, should_stop=stop_checker(tokenizer, stop),
+                           cache=model.new_cache(B, width + max_new_tokens), position_offset=p)
+    return [decode_new(tokenizer, out[r, width:].tolist(), eos, stop) for r in range(B)]
 
 
 def generate_batched(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str] = (),

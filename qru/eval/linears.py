@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qru.kernels._backend import plain_cpu_linears, rerouted
 from qru.kernels.dense import onednn_available
 
 MAX_BYTES = 2 << 30
@@ -60,23 +61,13 @@ class _Packed:
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, bias, "none", [], "")
 
 
-def eligible(model: nn.Module) -> list[nn.Linear]:
-    return [m for m in model.modules() if type(m) is nn.Linear and m.weight.dtype == torch.float32
-            and m.weight.device.type == "cpu" and "forward" not in m.__dict__]
-
-
 @contextlib.contextmanager
 def packed_linears(model: nn.Module, enabled: bool = True, max_bytes: int = MAX_BYTES):
     """Within the block, plain fp32 CPU linears of ``model`` run oneDNN with packed weights
     (when available, no grad, one torch thread, more than one row). Restores the modules
     afterwards."""
-    mods = eligible(model) if enabled and available() else []
+    mods = plain_cpu_linears(model, torch.float32) if enabled and available() else []
     if sum(m.weight.numel() * m.weight.element_size() for m in mods) > max_bytes:
         mods = []
-    for m in mods:
-        m.forward = _Packed(m)
-    try:
+    with rerouted(mods, _Packed):
         yield model
-    finally:
-        for m in mods:
-            m.__dict__.pop("forward", None)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qru.kernels._backend import forced_backend, load_cpp_ext
+from qru.kernels._backend import forced_backend, load_cpp_ext, plain_cpu_linears, rerouted
 
 SKINNY_ROWS = 16
 
@@ -65,17 +65,9 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 def fast_linears(model: nn.Module):
     """Within the block, every plain bf16 ``nn.Linear`` of ``model`` runs :func:`bf16_linear`
     (a no-op where it would not apply). Restores the modules' own forward afterwards."""
-    mods = [m for m in model.modules() if type(m) is nn.Linear and m.weight.dtype == torch.bfloat16
-            and m.weight.device.type == "cpu" and "forward" not in m.__dict__]
-    if native_bf16_cpu():
-        mods = []
-    for m in mods:
-        m.forward = functools.partial(_forward, m)
-    try:
+    mods = [] if native_bf16_cpu() else plain_cpu_linears(model, torch.bfloat16)
+    with rerouted(mods, lambda m: functools.partial(_forward, m)):
         yield model
-    finally:
-        for m in mods:
-            m.__dict__.pop("forward", None)
 
 
 def _forward(m: nn.Linear, x: torch.Tensor) -> torch.Tensor:

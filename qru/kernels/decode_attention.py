@@ -40,10 +40,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
           and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1 and not torch.is_grad_enabled())
     if ok and backend_for(q, cpp="llama_ops") == "cpp":
         m = None
-        if mask is not None:
-            m = mask.reshape(mask.shape[0], -1) if mask.shape[1:3] == (1, 1) else None
-            if m is None or m.shape != (q.shape[0], k.shape[2]):
+        if mask is not None:  # the kernel takes one (B, S) row per batch entry, shared by the heads
+            if mask.dim() != 4 or mask.shape[1:3] != (1, 1) or mask.dtype != torch.bool:
                 return decode_attention_reference(q, k, v, mask)
-            m = m.contiguous()
+            m = mask[:, 0, 0, :].expand(q.shape[0], k.shape[2]).contiguous()
         return load_cpp_ext("llama_ops").decode_attn(q, k, v, m, q.shape[-1] ** -0.5)
     return decode_attention_reference(q, k, v, mask)

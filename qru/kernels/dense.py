@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qru.kernels._backend import forced_backend
+from qru.kernels._backend import forced_backend, plain_cpu_linears, rerouted
 
 
 def dense_linear_reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
@@ -142,14 +142,6 @@ def dense_linears(model: nn.Module):
     """Within the block, every plain fp32 CPU ``nn.Linear`` of ``model`` (not already re-routed)
     runs :func:`linear`; graphs recorded inside keep their oneDNN backward after the block.
     Restores the modules' own forward afterwards. Hooks still run (only ``forward`` changes)."""
-    mods = [m for m in model.modules() if type(m) is nn.Linear and m.weight.dtype == torch.float32
-            and m.weight.device.type == "cpu" and "forward" not in m.__dict__]
-    if not onednn_available() or forced_backend() == "torch":
-        mods = []
-    for m in mods:
-        m.forward = functools.partial(_forward, m)
-    try:
+    on = onednn_available() and forced_backend() != "torch"
+    with rerouted(plain_cpu_linears(model, torch.float32) if on else [], lambda m: functools.partial(_forward, m)):
         yield model
-    finally:
-        for m in mods:
-            m.__dict__.pop("forward", None)

@@ -235,11 +235,11 @@ class LinearLogprobsFn(torch.autograd.Function):
                     if r0 >= r1:
                         continue
                     zt, hh = z[r0 - s:r1 - s].t(), h[r0:r1]
-                    if z.dtype == torch.float32:
-                        if touched[b]:
-                            parts[b] = dense_linear(zt, hh.t(), add=parts[b], accumulate=True)
-                        else:
-                            parts[b] = dense_linear(zt, hh.t())
+                    if z.dtype == torch.float32:  # the torch path adds into parts[b] in place
+                        acc = parts[b]
+                        r = dense_linear(zt, hh.t(), add=acc if touched[b] else None, accumulate=True)
+                        if r.data_ptr() != acc.data_ptr():
+                            acc.copy_(r)
                     elif touched[b]:
                         parts[b] += torch.mm(zt, hh)
                     else:

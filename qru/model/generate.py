@@ -158,6 +158,35 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     return text[:cut]
 
 
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows left-padded to the longest: ``(ids, attention_mask)``, both (B, width) int64."""
+    width = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, r in enumerate(rows):
+        if len(r):
+            ids[b, width - len(r):] = torch.as_tensor(r, dtype=torch.long)
+            mask[b, width - len(r):] = 1
+    return ids, mask
+
+
+def stop_checker(tokenizer, stop: Sequence[str]) -> Callable[[int, torch.Tensor], bool] | None:
+    """``should_stop`` for :func:`generate_ids`: a row stops once its decoded new tokens contain a
+    stop string (None without stop strings)."""
+    if not stop:
+        return None
+    stop = tuple(stop)
+    return lambda row, new_ids: any(s in tokenizer.decode(new_ids.tolist()) for s in stop)
+
+
+def decode_new(tokenizer, new_ids: Sequence[int], eos: int | None, stop: Sequence[str]) -> str:
+    """The text of one row's generated tokens: padding dropped, cut at EOS, then at a stop string."""
+    new = [t for t in new_ids if t != tokenizer.pad_id]
+    if eos is not None and eos in new:
+        new = new[:new.index(eos)]
+    return cut_at_stop(tokenizer.decode(new), stop)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32,
              stop: Sequence[str] = (), batch_size: int = 16, add_bos: bool = True,
@@ -184,23 +213,10 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32,
     dev = model.device
     for start in batches:
         idx = order[start:start + batch_size]
-        width = max(len(encoded[i]) for i in idx)
-        ids = torch.full((len(idx), width), tokenizer.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        ids, mask = left_pad([encoded[i] for i in idx], tokenizer.pad_id)
+        width = ids.shape[1]
+        out = generate_ids(model, ids.to(dev), mask.to(dev), max_new_tokens=max_new_tokens, eos_token_id=eos,
+                           pad_token_id=tokenizer.pad_id, should_stop=stop_checker(tokenizer, stop), **sampling)
         for r, i in enumerate(idx):
-            e = encoded[i]
-            ids[r, width - len(e):] = torch.tensor(e, dtype=torch.long)
-            mask[r, width - len(e):] = 1
-        stopper = None
-        if stop:
-            def stopper(row, new_ids, _stop=tuple(stop)):
-                text = tokenizer.decode(new_ids.tolist())
-                return any(s in text for s in _stop)
-        out = generate_ids(model, ids.to(dev), mask.to(dev), max_new_tokens=max_new_tokens,
-                           eos_token_id=eos, pad_token_id=tokenizer.pad_id, should_stop=stopper, **sampling)
-        for r, i in enumerate(idx):
-            new = [t for t in out[r, width:].tolist() if t != tokenizer.pad_id]
-            if eos is not None and eos in new:
-                new = new[:new.index(eos)]
-            results[i] = cut_at_stop(tokenizer.decode(new), stop)
+            results[i] = decode_new(tokenizer, out[r, width:].tolist(), eos, stop)
     return results
