@@ -42,6 +42,11 @@
 #else
 #define QRU_AVX512 0
 #endif
+#if QRU_AVX512 && defined(__AVX512BF16__)
+#define QRU_AVX512_BF16 1  // vdpbf16ps: bf16 pair dot products into fp32 lanes
+#else
+#define QRU_AVX512_BF16 0
+#endif
 
 namespace qru {
 

@@ -1,5 +1,6 @@
 """bf16 CPU inference linear (qru.kernels.bf16_linear) against float64 and torch's bf16 F.linear:
-the C++ skinny kernel (AVX2 and scalar), the fp32-GEMM path for many rows, bias, fallbacks, and the
+the C++ skinny kernel (every implementation built on this CPU: AVX512-BF16, AVX2, scalar; tails in
+M, N and K; the prefetching paths), the GEMM path for many rows, bias, fallbacks, and the
 model-level swap (Llama bf16 inference equals the plain-linear model)."""
 import pytest
 import torch
@@ -36,18 +37,44 @@ def within_one_rounding(y, x, w, b):
     assert torch.all((y.double() - e).abs() <= bound)
 
 
+def impls():
+    e = load_cpp_ext("bf16_linear")
+    return list(e.impls()) if e is not None else ["scalar"]
+
+
+@pytest.mark.parametrize("impl", impls())
 @pytest.mark.parametrize("M", [1, 3, 8, 13, 16])
-@pytest.mark.parametrize("K", [8, 37, 512])
+@pytest.mark.parametrize("K", [8, 37, 512, 1100])
 @pytest.mark.parametrize("bias", [False, True])
-def test_skinny_kernel_vs_fp64(M, K, bias):
+def test_skinny_kernel_vs_fp64(impl, M, K, bias):
     e = ext()
     x, w, b = data(M, K, 67, bias)
-    y = e.skinny_linear(x, w, b)
-    ys = e.skinny_linear(x, w, b, scalar=True)
+    y = e.skinny_linear(x, w, b, impl=impl)
     assert y.dtype == torch.bfloat16 and y.shape == (M, 67)
     within_one_rounding(y, x, w, b)
-    within_one_rounding(ys, x, w, b)
     torch.testing.assert_close(y.float(), F.linear(x, w, b).float(), rtol=1.6e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("impl", impls())
+@pytest.mark.parametrize("N, K", [(333, 64), (41, 2200)])
+def test_skinny_kernel_prefetching_shapes(impl, N, K):
+    """Weights long enough that tiles prefetch ahead (short rows: two tiles; long rows: within the
+    row), with an N tail; every output column checked."""
+    e = ext()
+    x, w, b = data(8, K, N, bias=True, seed=3)
+    within_one_rounding(e.skinny_linear(x, w, b, impl=impl), x, w, b)
+
+
+def test_skinny_kernel_impls_agree_and_bad_impl():
+    e = ext()
+    x, w, _ = data(5, 300, 19, seed=1)
+    ys = [e.skinny_linear(x, w, impl=i) for i in e.impls()]
+    assert e.impls()[-1] == "scalar"
+    assert torch.equal(e.skinny_linear(x, w), ys[0])  # "auto" is the first (best) one
+    for y in ys[1:]:  # fp32 sums in different orders: equal or one bf16 rounding apart
+        torch.testing.assert_close(y.float(), ys[0].float(), rtol=2 ** -7, atol=1e-6)
+    with pytest.raises(RuntimeError, match="impl 'nope' is not built"):
+        e.skinny_linear(x, w, impl="nope")
 
 
 @pytest.mark.parametrize("M", [2, 40])
@@ -72,7 +99,7 @@ def test_fast_linears_swaps_and_restores():
     x = torch.randn(3, 16).bfloat16()
     with torch.no_grad(), BL.fast_linears(lin):
         y = lin(x)
-        assert ("forward" in lin.__dict__) != BL.native_bf16_cpu()
+        assert "forward" in lin.__dict__
     assert "forward" not in lin.__dict__
     within_one_rounding(y, x, lin.weight.detach(), None)
 

@@ -1,17 +1,21 @@
-"""Inference linear for bf16 on CPUs without native bf16 matmul (no AVX512-BF16 / AMX).
+"""Inference linear for bf16 on CPUs: decoding's skinny GEMMs (few rows of ``x``) in C++.
 
-There, torch's bf16 GEMM converts its operands and runs several times slower than fp32. Same
-math, faster: ``y = round_bf16(x Wᵀ + b)`` with exact bf16 -> fp32 widening and fp32
-accumulation (what a bf16 GEMM computes), by
+Same math as a bf16 GEMM: ``y = round_bf16(x Wᵀ + b)`` with exact bf16 products and fp32
+accumulation, by
 
-* ``"cpp"`` (``csrc/bf16_linear.cpp``) for few rows of ``x`` (decoding: ``M <= SKINNY_ROWS``): each
-  weight row is read once, widened in registers and multiplied into up to 8 rows of ``x``;
-* an fp32 GEMM on the widened operands, rounded once to bf16, for more rows (prefill).
+* ``"cpp"`` (``csrc/bf16_linear.cpp``) for few rows of ``x`` (``M <= skinny_rows()``): each weight
+  row is read once per call, with software prefetch, and multiplied into every row of ``x``. With
+  AVX512-BF16 by ``vdpbf16ps`` on 4 x 4 tiles (impl ``"dpbf16"``), else widened to fp32 in
+  registers and FMA'd (``"fma"``, AVX2), else ``"scalar"``. On AVX512-BF16 CPUs torch's oneDNN
+  bf16 GEMM reads a cold weight at ~12-17 GB/s for such shapes; the kernel at ~20-30 GB/s;
+* more rows: torch's bf16 GEMM where the CPU multiplies bf16 natively, else an fp32 GEMM on the
+  widened operands, rounded once to bf16 (torch's own bf16 GEMM converts and is several times
+  slower there).
 
 Inference only (no autograd): :func:`bf16_linear` is called under ``torch.no_grad``;
 :func:`fast_linears` swaps it into a model's bf16 ``nn.Linear`` modules for the duration of a
-``with`` block (``qru.model.generate`` does this). Elsewhere (CUDA, native-bf16 CPUs, gradients,
-other dtypes) it is ``F.linear``, the reference.
+``with`` block (``Llama.forward`` does this without gradients). Elsewhere (CUDA, gradients, other
+dtypes) it is ``F.linear``, the reference.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from torch import nn
 from qru.kernels._backend import forced_backend, load_cpp_ext, plain_cpu_linears, rerouted
 
 SKINNY_ROWS = 16
+NATIVE_SKINNY_ROWS = 8  # with AVX512-BF16 the kernel's vdpbf16ps tiles beat oneDNN up to ~8-12 rows
 
 
 @functools.lru_cache(maxsize=None)
@@ -43,8 +48,13 @@ def bf16_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
-            and not torch.is_grad_enabled() and not native_bf16_cpu() and forced_backend() != "torch"
+            and not torch.is_grad_enabled() and forced_backend() != "torch"
             and not torch.is_autocast_enabled("cpu"))
+
+
+def skinny_rows() -> int:
+    """Most rows of ``x`` the C++ kernel takes: beyond it a GEMM wins (native bf16: torch's)."""
+    return NATIVE_SKINNY_ROWS if native_bf16_cpu() else SKINNY_ROWS
 
 
 def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -53,9 +63,12 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         return F.linear(x, weight, bias)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    ext = load_cpp_ext("bf16_linear") if x2.shape[0] <= SKINNY_ROWS else None
+    rows = x2.shape[0]
+    ext = load_cpp_ext("bf16_linear") if rows <= skinny_rows() else None
     if ext is not None:
         y = ext.skinny_linear(x2.contiguous(), weight.contiguous(), bias)
+    elif native_bf16_cpu():
+        return F.linear(x, weight, bias)
     else:
         y = F.linear(x2.float(), weight.float(), None if bias is None else bias.float()).to(torch.bfloat16)
     return y.view(*lead, weight.shape[0])
@@ -65,7 +78,7 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 def fast_linears(model: nn.Module):
     """Within the block, every plain bf16 ``nn.Linear`` of ``model`` runs :func:`bf16_linear`
     (a no-op where it would not apply). Restores the modules' own forward afterwards."""
-    mods = [] if native_bf16_cpu() else plain_cpu_linears(model, torch.bfloat16)
+    mods = plain_cpu_linears(model, torch.bfloat16)
     with rerouted(mods, lambda m: functools.partial(_forward, m)):
         yield model
 
