@@ -42,32 +42,6 @@ inline void dot_rows(const float* x, int64_t K, const uint16_t* w, float* out) {
 #endif
 
 #if QRU_AVX512_BF16
-inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
-
-// Sums of 16 vectors' lanes, in order, as one vector: out[i] = sum(lanes of v[i]).
-inline __m512 reduce16(__m512* v) {
-  // pairwise: each step halves the vector count and doubles the partial sums per vector
-  __m512 a[8], b[4], c[2];
-  for (int i = 0; i < 8; ++i) {  // lanes (0..15) of v[2i] and v[2i+1] -> 8+8 pair sums interleaved by 64 bits
-    __m512 lo = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
-    __m512 hi = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
-    a[i] = _mm512_add_ps(lo, hi);  // per 128-bit lane: [v0a v1a v0b v1b]
-  }
-  for (int i = 0; i < 4; ++i) {
-    __m512 lo = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a[2 * i]), _mm512_castps_pd(a[2 * i + 1])));
-    __m512 hi = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a[2 * i]), _mm512_castps_pd(a[2 * i + 1])));
-    b[i] = _mm512_add_ps(lo, hi);  // per 128-bit lane j: [v0 v1 v2 v3] partial sums (lane j of 4)
-  }
-  for (int i = 0; i < 2; ++i) {  // combine 128-bit lanes: (0,1,2,3) of b0 with b1 -> pairs
-    __m512 lo = _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0));
-    __m512 hi = _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1));
-    c[i] = _mm512_add_ps(lo, hi);
-  }
-  __m512 lo = _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0));
-  __m512 hi = _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1));
-  return _mm512_add_ps(lo, hi);
-}
-
 // out[m * 4 + n] = sum_k x[m, k] w[n, k] for MB (<= 4) rows of x and NB (<= 4) rows of w (row stride K)
 // pf: elements ahead of each line of w read to prefetch into L1 (0: none), see prefetch_distance.
 template <int MB, int NB>

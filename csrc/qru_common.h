@@ -147,4 +147,41 @@ inline __m256 exp256(__m256 x) {
 }
 #endif
 
+#if QRU_AVX512
+// Sums of 16 vectors' lanes, in order, as one vector: out[i] = sum(lanes of v[i]).
+inline __m512 reduce16(const __m512* v) {
+  // pairwise: each step halves the vector count and doubles the partial sums per vector
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i) {  // lanes (0..15) of v[2i] and v[2i+1] -> 8+8 pair sums interleaved by 64 bits
+    __m512 lo = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+    __m512 hi = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+    a[i] = _mm512_add_ps(lo, hi);  // per 128-bit lane: [v0a v1a v0b v1b]
+  }
+  for (int i = 0; i < 4; ++i) {
+    __m512 lo = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a[2 * i]), _mm512_castps_pd(a[2 * i + 1])));
+    __m512 hi = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a[2 * i]), _mm512_castps_pd(a[2 * i + 1])));
+    b[i] = _mm512_add_ps(lo, hi);  // per 128-bit lane j: [v0 v1 v2 v3] partial sums (lane j of 4)
+  }
+  for (int i = 0; i < 2; ++i) {  // combine 128-bit lanes: (0,1,2,3) of b0 with b1 -> pairs
+    __m512 lo = _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0));
+    __m512 hi = _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1));
+    c[i] = _mm512_add_ps(lo, hi);
+  }
+  __m512 lo = _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0));
+  __m512 hi = _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1));
+  return _mm512_add_ps(lo, hi);
+}
+
+// The first 8 of reduce16: out[i] = sum(lanes of v[i]) for i < 8 (v[8..15] unused).
+inline __m256 reduce8(const __m512* v) {
+  __m512 w[16];
+  for (int i = 0; i < 8; ++i) w[i] = v[i];
+  for (int i = 8; i < 16; ++i) w[i] = _mm512_setzero_ps();
+  return _mm512_castps512_ps256(reduce16(w));
+}
+#endif
+#if QRU_AVX512_BF16
+inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
+#endif
+
 }  // namespace qru

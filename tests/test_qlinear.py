@@ -97,6 +97,24 @@ def test_cpp_fused_every_row_count(cpp):
                 assert_linear_close(y, ref, x, w)
 
 
+@pytest.mark.parametrize("fmt,block,shape", [("nf4", 64, (9, 256)), ("nf4", 128, (5, 389)), ("int4", 64, (6, 320)),
+                                              ("int4_sym", 128, (3, 512))])
+def test_cpp_fused_long_blocks_bf16(cpp, fmt, block, shape):
+    """bf16 activations, every row count, blocks of 64/128 (the AVX512-BF16 path's two-chain
+    loop over 64 weights, and for odd in_features blocks starting on a low nibble)."""
+    n, k = shape
+    g = torch.Generator().manual_seed(11)
+    q = Q.quantize(torch.randn(shape, generator=g) * 0.5, fmt, block)
+    data, scales, zeros = _packed(q)
+    w = q.dequantize(torch.bfloat16)
+    for m in range(1, qmatmul.FUSED_MAX_ROWS + 1):
+        x = torch.randn(m, k, generator=g).bfloat16()
+        ref = qmatmul.quant_linear_reference(x, data, scales, zeros, fmt, q.block_size, n, k)
+        for scalar in (False, True):
+            assert_linear_close(qmatmul._quant_linear_cpp_fused(x, data, scales, zeros, fmt, q.block_size, n, None,
+                                                                scalar), ref, x, w)
+
+
 def test_cpp_fused_uses_exact_weights(cpp):
     """One-hot activations read single weights: the fused path's weight values equal the
     reference dequantization bit for bit (the table holds round(code * absmax))."""
