@@ -9,6 +9,7 @@
 //   swiglu_fwd(g, u)                  out = round(silu(g)) * u
 //   swiglu_bwd(dout, g, u)            dg = dout u sig(g) (1 + g (1 - sig(g))),  du = dout silu(g)
 //   decode_attn(q, k, v, mask, scale) one query position: softmax(scale q kᵀ, masked) v, K/V read in place
+//     (vector path: one task per (batch, kv head) for its query heads, 8 keys per score block)
 //
 // Tensors are float32 or bfloat16 (read / written as torch rounds: nearest even); all math in
 // fp32 (no fast-math; ISO C++ so no FMA contraction in the scalar code). AVX2 loops where they
@@ -312,11 +313,96 @@ std::tuple<at::Tensor, at::Tensor> swiglu_bwd(at::Tensor d, at::Tensor g, at::Te
 // One query position per (batch, head) against S cached keys/values, read in their own dtype:
 //   s_j = scale * q . k_j (fp32), masked -> -inf;  p = softmax(s);  out = sum_j p_j v_j (fp32, rounded once).
 // q (B, H, D), k / v (B, KV, S, D) with unit last stride (cache views), head h reads kv head h / (H/KV).
+//
+// Vector path (AVX2, D % 8 == 0): one task per (batch, kv head) serves its G query heads, so the
+// keys and values are streamed from memory once (then from L1/L2 for the other heads); scores
+// for 8 keys at a time with 8 accumulators reduced together (hsum8x8); exp over the score row
+// in 8 lanes (exp256, within 2 ulp of expf); the weighted sum of values with the output row in
+// registers, 32 dims at a time. The scalar path: one (batch, head) at a time, plain loops.
+#if QRU_AVX2
+// {sum(v[0]), ..., sum(v[7])}
+inline __m256 hsum8x8(const __m256* v) {
+  const __m256 a = _mm256_hadd_ps(v[0], v[1]), b = _mm256_hadd_ps(v[2], v[3]);
+  const __m256 c = _mm256_hadd_ps(v[4], v[5]), d = _mm256_hadd_ps(v[6], v[7]);
+  const __m256 ab = _mm256_hadd_ps(a, b), cd = _mm256_hadd_ps(c, d);  // lanes: 0..3 | 0..3 halves
+  return _mm256_add_ps(_mm256_permute2f128_ps(ab, cd, 0x20), _mm256_permute2f128_ps(ab, cd, 0x31));
+}
+
+template <typename T>
+void decode_attn_head_vec(const float* qf, const T* kp, int64_t ks, const T* vp, int64_t vs, const uint8_t* mrow,
+                          int64_t S, int64_t D, float scale, float* s, T* op) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  int64_t j = 0;
+  for (; j + 8 <= S; j += 8) {
+    __m256 acc[8];
+    for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) {
+      const __m256 qv = _mm256_loadu_ps(qf + d);
+      for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(qv, load8(kp + (j + i) * ks + d), acc[i]);
+    }
+    _mm256_storeu_ps(s + j, _mm256_mul_ps(hsum8x8(acc), _mm256_set1_ps(scale)));
+  }
+  for (; j < S; ++j) {
+    __m256 a = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qf + d), load8(kp + j * ks + d), a);
+    s[j] = hsum(a) * scale;
+  }
+  float mx = ninf;
+  for (j = 0; j < S; ++j) {
+    if (mrow && !mrow[j]) s[j] = ninf;
+    mx = std::max(mx, s[j]);
+  }
+  // exp(s - mx); masked (-inf) -> 0. All masked: mx = -inf, every p 0, output 0/0 as the scalar path.
+  const __m256 m8 = _mm256_set1_ps(mx);
+  __m256 l8 = _mm256_setzero_ps();
+  for (j = 0; j + 8 <= S; j += 8) {
+    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j), m8));
+    _mm256_storeu_ps(s + j, e);
+    l8 = _mm256_add_ps(l8, e);
+  }
+  float l = hsum(l8);
+  for (; j < S; ++j) { s[j] = std::exp(s[j] - mx); l += s[j]; }
+  const float inv = 1.0f / l;
+  for (int64_t d0 = 0; d0 < D; d0 += 32) {
+    const int nd = int(std::min<int64_t>(32, D - d0)) / 8;  // 1..4 vectors of 8
+    __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (j = 0; j < S; ++j) {
+      const float pj = s[j];
+      if (pj == 0.0f) continue;  // masked or underflowed: adds nothing (and never reads padding's values)
+      const __m256 pv = _mm256_set1_ps(pj);
+      const T* vr = vp + j * vs + d0;
+      for (int i = 0; i < 4; ++i)
+        if (i < nd) a[i] = _mm256_fmadd_ps(pv, load8(vr + 8 * i), a[i]);
+    }
+    for (int i = 0; i < nd; ++i) store8(op + d0 + 8 * i, _mm256_mul_ps(a[i], _mm256_set1_ps(inv)));
+  }
+}
+#endif
+
 template <typename T>
 void decode_attn_impl(const T* q, int64_t qb, int64_t qh, const T* k, int64_t kb, int64_t kh, int64_t ks,
                       const T* v, int64_t vb, int64_t vh, int64_t vs, const uint8_t* mask, T* out, int64_t B,
                       int64_t H, int64_t KV, int64_t S, int64_t D, float scale) {
   const int64_t G = H / KV;
+#if QRU_AVX2
+  if (D % 8 == 0) {
+#pragma omp parallel num_threads(num_threads())
+    {
+      std::vector<float> s(S), qf(D);
+#pragma omp for schedule(static)
+      for (int64_t bg = 0; bg < B * KV; ++bg) {
+        const int64_t b = bg / KV, g = bg % KV;
+        for (int64_t h = g * G; h < (g + 1) * G; ++h) {
+          const T* qp = q + b * qb + h * qh;
+          for (int64_t d = 0; d < D; ++d) qf[d] = ld(qp, d);
+          decode_attn_head_vec(qf.data(), k + b * kb + g * kh, ks, v + b * vb + g * vh, vs,
+                               mask ? mask + b * S : nullptr, S, D, scale, s.data(), out + (b * H + h) * D);
+        }
+      }
+    }
+    return;
+  }
+#endif
 #pragma omp parallel num_threads(num_threads())
   {
     std::vector<float> s(S), acc(D), qf(D);
@@ -333,13 +419,7 @@ void decode_attn_impl(const T* q, int64_t qb, int64_t qh, const T* k, int64_t kb
         if (mrow && !mrow[j]) { s[j] = -std::numeric_limits<float>::infinity(); continue; }
         const T* kr = kp + j * ks;
         float dot = 0.0f;
-        int64_t d = 0;
-#if QRU_AVX2
-        __m256 a = _mm256_setzero_ps();
-        for (; d + 8 <= D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qf.data() + d), load8(kr + d), a);
-        dot = hsum(a);
-#endif
-        for (; d < D; ++d) dot += qf[d] * ld(kr, d);
+        for (int64_t d = 0; d < D; ++d) dot += qf[d] * ld(kr, d);
         s[j] = dot * scale;
         mx = std::max(mx, s[j]);
       }
@@ -350,13 +430,7 @@ void decode_attn_impl(const T* q, int64_t qb, int64_t qh, const T* k, int64_t kb
         const float pj = s[j];
         if (pj == 0.0f) continue;
         const T* vr = vp + j * vs;
-        int64_t d = 0;
-#if QRU_AVX2
-        const __m256 pv = _mm256_set1_ps(pj);
-        for (; d + 8 <= D; d += 8)
-          _mm256_storeu_ps(acc.data() + d, _mm256_fmadd_ps(pv, load8(vr + d), _mm256_loadu_ps(acc.data() + d)));
-#endif
-        for (; d < D; ++d) acc[d] += pj * ld(vr, d);
+        for (int64_t d = 0; d < D; ++d) acc[d] += pj * ld(vr, d);
       }
       T* op = out + bh * D;
       const float inv = 1.0f / l;

@@ -92,10 +92,11 @@ def test_prefill_in_row_groups(model, monkeypatch):
     monkeypatch.setattr(type(model), "forward",
                         lambda self, x, *a, **k: (widths.append(tuple(x.shape)) if x.shape[1] > 1 else None)
                         or real(self, x, *a, **k))
-    want = generate_ids(model, ids, mask, max_new_tokens=6, prefill_tokens=None)
+    want = generate_ids(model, ids, mask, max_new_tokens=6, prefill_tokens=None, unpadded_prefill=False)
     for budget, groups in ((W, [1, 1, 1, 1, 1]), (2 * W + 1, [2, 2, 1])):
         widths.clear()
-        assert torch.equal(generate_ids(model, ids, mask, max_new_tokens=6, prefill_tokens=budget), want)
+        assert torch.equal(generate_ids(model, ids, mask, max_new_tokens=6, prefill_tokens=budget,
+                                        unpadded_prefill=False), want)
         assert widths == [(b, W) for b in groups]
     # on top of a prefilled prefix, positions offset
     prefix = torch.randint(3, 97, (5,))
@@ -107,6 +108,32 @@ def test_prefill_in_row_groups(model, monkeypatch):
     for i, r in enumerate(rows):
         alone = generate_ids(model, torch.cat([prefix, r])[None], max_new_tokens=6)
         assert torch.equal(got[i, W:], alone[0, 5 + len(r):]), i
+
+
+def test_unpadded_prefill(model, monkeypatch):
+    """A left-padded batch prefills row groups of equal length without their padding (causal
+    path, no mask), consecutive rows and scattered ones alike, with a token budget: every row's
+    tokens equal the row generated alone, and no forward sees a padded position."""
+    torch.manual_seed(8)
+    rows = [torch.randint(3, 97, (n,)) for n in (9, 4, 7, 4, 4, 8)]
+    ids, mask = left_pad_rows(rows)
+    W = ids.shape[1]
+    widths = []
+    real = type(model).forward
+    monkeypatch.setattr(type(model), "forward",
+                        lambda self, x, *a, **k: (widths.append(tuple(x.shape)) if x.shape[1] > 1 else None)
+                        or real(self, x, *a, **k))
+    alone = [generate_ids(model, r[None], max_new_tokens=6)[0, len(r):] for r in rows]
+    for budget, want_widths in ((None, [(3, 4), (1, 7), (1, 8), (1, 9)]), (8, [(2, 4), (1, 4), (1, 7), (1, 8), (1, 9)])):
+        widths.clear()
+        got = generate_ids(model, ids, mask, max_new_tokens=6, prefill_tokens=budget)
+        assert widths == want_widths
+        for i in range(len(rows)):
+            assert torch.equal(got[i, W:], alone[i]), (budget, i)
+    right = torch.zeros_like(mask)
+    right[:, :3] = 1
+    with pytest.raises(ValueError, match="left padding"):
+        generate_ids(model, ids, right, max_new_tokens=2)
 
 
 # -- scoring ----------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
                  use_cache: bool = True,
                  should_stop: Callable[[int, torch.Tensor], bool] | None = None,
                  cache=None, drop_finished: bool = True, position_offset: int = 0,
-                 prefill_tokens: int | None | str = "auto") -> torch.Tensor:
+                 prefill_tokens: int | None | str = "auto", unpadded_prefill: bool = True) -> torch.Tensor:
     """Return (B, T + n) ids: the prompt followed by up to ``max_new_tokens`` new tokens.
 
     Rows that finished (EOS, or ``should_stop(row, new_ids)`` true) are filled with
@@ -53,6 +53,11 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     all rows, see ``qru.eval.generation``). A prefill over more than ``prefill_tokens`` tokens
     (rows x width; "auto": 2048 on CPU, where larger GEMMs fall out of cache and run slower per
     token, unbounded elsewhere) runs in groups of rows into the same cache.
+
+    ``unpadded_prefill``: a left-padded prompt batch prefills into an empty cache row by row
+    (rows of equal length together), each on the plain causal path over its own tokens, written
+    to its cache row behind the padding (:func:`_prefill_unpadded`): no compute on padding and
+    causal attention at half the cost of a masked one; the numbers are those of the row alone.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -106,7 +111,10 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
         if position_offset:  # the model's own rule (real tokens counted), shifted
             pos = (mask[:, :seen].cumsum(-1) - 1).clamp(min=0)[:, past:] + position_offset if padded else \
                 torch.arange(past, seen, device=dev).expand(len(ids), -1) + position_offset
-        logits = _forward_rows(model, ids, mask[:, :seen] if padded else None, pos, cache, prefill_tokens)
+        if padded and past == 0 and ids.shape[1] > 1 and unpadded_prefill:
+            logits = _prefill_unpadded(model, ids, mask[:, :seen], cache, position_offset, prefill_tokens)
+        else:
+            logits = _forward_rows(model, ids, mask[:, :seen] if padded else None, pos, cache, prefill_tokens)
         nxt = sample_next(logits, do_sample, temperature, top_p, generator)
         nxt = torch.where(done[live], torch.full_like(nxt, pad), nxt)
         out[live, step] = nxt
@@ -129,6 +137,43 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
             nxt = torch.where(keep, nxt, torch.zeros_like(nxt))  # finished rows feed a valid id
         ids = nxt[:, None]
     return torch.cat([input_ids, out[:, :n]], dim=1)
+
+
+def _prefill_unpadded(model, ids, mask, cache, position_offset: int = 0, max_tokens: int | None = None) -> torch.Tensor:
+    """Last-position logits (B, V) of a left-padded prompt batch into an empty ``cache``: rows of
+    equal length run together, unpadded, on the causal path (no mask), writing their keys/values
+    at the cache positions behind their padding; the padded positions stay as they were (zeros)
+    and are masked in later steps. Positions start at ``position_offset`` in every row. At most
+    ``max_tokens`` tokens per forward (None: no limit)."""
+    B, T = ids.shape
+    lens = mask.sum(-1).tolist()
+    if any(int(m[T - n:].sum()) != n for m, n in zip(mask, lens)):
+        raise ValueError("unpadded prefill needs left padding: each row's ones at its end")
+    out = [None] * B
+    for n in sorted(set(lens)):
+        same = [r for r in range(B) if lens[r] == n]
+        if n == 0:
+            raise ValueError(f"row {same[0]} of the prompt batch has no tokens")
+        step = len(same) if max_tokens is None else max(1, max_tokens // n)
+        for i0 in range(0, len(same), step):
+            rows = same[i0:i0 + step]
+            if rows[-1] - rows[0] == len(rows) - 1:  # consecutive rows: views, no copies
+                sl = slice(rows[0], rows[-1] + 1)
+                part = type(cache)([k[sl] for k in cache.keys], [v[sl] for v in cache.values], 0)
+            else:
+                sl = torch.tensor(rows, device=ids.device)
+                part = type(cache)([k[sl] for k in cache.keys], [v[sl] for v in cache.values], 0)
+            view = type(cache)([k[:, :, T - n:] for k in part.keys], [v[:, :, T - n:] for v in part.values], 0)
+            pos = torch.arange(position_offset, position_offset + n, device=ids.device).expand(len(rows), -1)
+            logits = model(ids[sl, T - n:], attention_mask=None, position_ids=pos, cache=view, num_logits=1)[:, -1]
+            if not isinstance(sl, slice):  # the gathered rows back into the batch's cache
+                for layer in range(len(cache.keys)):
+                    cache.keys[layer][sl] = part.keys[layer]
+                    cache.values[layer][sl] = part.values[layer]
+            for i, r in enumerate(rows):
+                out[r] = logits[i]
+    cache.seen = T
+    return torch.stack(out)
 
 
 def _forward_rows(model, ids, mask, pos, cache, max_tokens: int | None) -> torch.Tensor:
