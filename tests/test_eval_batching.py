@@ -136,6 +136,21 @@ def test_unpadded_prefill(model, monkeypatch):
         generate_ids(model, ids, right, max_new_tokens=2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_equals_forward_logits(model, dtype):
+    """``Llama.head`` on ``return_hidden`` states gives ``forward``'s logits (bf16: the same
+    inference linears), which the unpadded prefill relies on."""
+    m = model.to(dtype)
+    try:
+        ids = torch.randint(3, 97, (3, 5), generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            want = m(ids, num_logits=1)
+            got = m.head(m(ids, num_logits=1, return_hidden=True))
+        assert got.dtype == dtype and torch.equal(got, want)
+    finally:
+        model.float()
+
+
 # -- scoring ----------------------------------------------------------------------------------
 
 def _oracle(model, ids, start):

@@ -146,6 +146,7 @@ def _prefill_unpadded(model, ids, mask, cache, position_offset: int = 0, max_tok
     and are masked in later steps. Positions start at ``position_offset`` in every row. At most
     ``max_tokens`` tokens per forward (None: no limit)."""
     B, T = ids.shape
+    head = getattr(model, "head", None)
     lens = mask.sum(-1).tolist()
     if any(int(m[T - n:].sum()) != n for m, n in zip(mask, lens)):
         raise ValueError("unpadded prefill needs left padding: each row's ones at its end")
@@ -165,15 +166,17 @@ def _prefill_unpadded(model, ids, mask, cache, position_offset: int = 0, max_tok
                 part = type(cache)([k[sl] for k in cache.keys], [v[sl] for v in cache.values], 0)
             view = type(cache)([k[:, :, T - n:] for k in part.keys], [v[:, :, T - n:] for v in part.values], 0)
             pos = torch.arange(position_offset, position_offset + n, device=ids.device).expand(len(rows), -1)
-            logits = model(ids[sl, T - n:], attention_mask=None, position_ids=pos, cache=view, num_logits=1)[:, -1]
+            out_h = model(ids[sl, T - n:], attention_mask=None, position_ids=pos, cache=view, num_logits=1,
+                          **({"return_hidden": True} if head else {}))[:, -1]
             if not isinstance(sl, slice):  # the gathered rows back into the batch's cache
                 for layer in range(len(cache.keys)):
                     cache.keys[layer][sl] = part.keys[layer]
                     cache.values[layer][sl] = part.values[layer]
             for i, r in enumerate(rows):
-                out[r] = logits[i]
+                out[r] = out_h[i]
     cache.seen = T
-    return torch.stack(out)
+    # one lm_head over all rows (its weight read once, not once per group)
+    return head(torch.stack(out)) if head else torch.stack(out)
 
 
 def _forward_rows(model, ids, mask, pos, cache, max_tokens: int | None) -> torch.Tensor:

@@ -216,8 +216,7 @@ class Llama(nn.Module):
         cos, sin = self._rope(position_ids, x.dtype)
         mask = self._mask(attention_mask, B, T, past, input_ids.device)
         # bf16 inference on a CPU without native bf16 matmul: the same products, faster (bf16_linear)
-        fast = not torch.is_grad_enabled() and x.dtype == torch.bfloat16 and x.device.type == "cpu"
-        with fast_linears(self) if fast else contextlib.nullcontext():
+        with self._inference_linears(x):
             for layer in self.model.layers:
                 if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                     x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
@@ -231,6 +230,17 @@ class Llama(nn.Module):
             if return_hidden:
                 return x
             return self.lm_head(x)
+
+    def _inference_linears(self, x: torch.Tensor):
+        """bf16 inference on a CPU: the same products, faster (``qru.kernels.bf16_linear``)."""
+        fast = not torch.is_grad_enabled() and x.dtype == torch.bfloat16 and x.device.type == "cpu"
+        return fast_linears(self) if fast else contextlib.nullcontext()
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of final hidden states (``forward(..., return_hidden=True)``'s output): the
+        ``lm_head`` as ``forward`` runs it."""
+        with self._inference_linears(hidden):
+            return self.lm_head(hidden)
 
     @staticmethod
     def _mask(attention_mask, B, T, past, device):
