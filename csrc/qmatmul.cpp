@@ -249,16 +249,14 @@ inline __m512 round_w16(__m512 v) {
   }
 }
 
-template <int M, int WD>
-void row_avx512(const Problem& p, int64_t n, float* out_acc) {
-  __m512 acc[M][2];
-  for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
-  float tail[M];
-  for (int m = 0; m < M; ++m) tail[m] = 0.0f;
+// The walk over row n's blocks / groups shared by the 16-lane paths: per block its table t
+// (16 lanes, rounded to the compute dtype), a low-nibble head element and the unaligned tail
+// through lut_dot into tail[], and body(t, k, end) for the rest, which consumes whole 32-weight
+// steps from k and returns where it stopped.
+template <int M, int WD, class Body>
+inline void walk_blocks16(const Problem& p, int64_t n, float* tail, Body&& body) {
   const int64_t K = p.K, e0 = n * K;
-  const float* x = p.x;
   alignas(64) float lut[16];
-  const __m128i nib = _mm_set1_epi8(0x0F);
   const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512 code = _mm512_loadu_ps(p.code);
   int64_t blk = p.kind == Q4_CODE ? e0 / p.bs : n * p.groups;
@@ -277,6 +275,25 @@ void row_avx512(const Problem& p, int64_t n, float* out_acc) {
       lut_dot<M>(p, lut, e0, k, k + 1, tail);
       ++k;
     }
+    k = body(t, k, end);
+    if (k < end) {
+      _mm512_store_ps(lut, t);
+      lut_dot<M>(p, lut, e0, k, end, tail);
+      k = end;
+    }
+  }
+}
+
+template <int M, int WD>
+void row_avx512(const Problem& p, int64_t n, float* out_acc) {
+  __m512 acc[M][2];
+  for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  float tail[M];
+  for (int m = 0; m < M; ++m) tail[m] = 0.0f;
+  const int64_t K = p.K, e0 = n * K;
+  const float* x = p.x;
+  const __m128i nib = _mm_set1_epi8(0x0F);
+  walk_blocks16<M, WD>(p, n, tail, [&](__m512 t, int64_t k, int64_t end) __attribute__((always_inline)) {
     for (; k + 32 <= end; k += 32) {
       const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.w + ((e0 + k) >> 1)));
       const __m128i h = _mm_and_si128(_mm_srli_epi16(bytes, 4), nib), l = _mm_and_si128(bytes, nib);
@@ -287,12 +304,8 @@ void row_avx512(const Problem& p, int64_t n, float* out_acc) {
         acc[m][1] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * K + k + 16), w1, acc[m][1]);
       }
     }
-    if (k < end) {
-      _mm512_store_ps(lut, t);
-      lut_dot<M>(p, lut, e0, k, end, tail);
-      k = end;
-    }
-  }
+    return k;
+  });
   for (int m = 0; m < M; ++m) out_acc[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) + tail[m];
 }
 #endif
@@ -317,29 +330,11 @@ void row_dpbf16(const Problem& p, int64_t n, float* out_acc) {
   float tail[M];
   for (int m = 0; m < M; ++m) tail[m] = 0.0f;
   const int64_t K = p.K, e0 = n * K;
-  alignas(64) float lut[16];
   const __m512i lo4 = _mm512_set1_epi32(0x0F);
-  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512 code = _mm512_loadu_ps(p.code);
-  int64_t blk = p.kind == Q4_CODE ? e0 / p.bs : n * p.groups;
-  int64_t blk_end = p.kind == Q4_CODE ? (blk + 1) * p.bs - e0 : p.bs;
-  for (int64_t k = 0; k < K; ++blk, blk_end += p.bs) {
-    const int64_t end = std::min(K, blk_end);
-    __m512 t;
-    if (p.kind == Q4_CODE) {
-      t = round_w16<BF16>(_mm512_mul_ps(code, _mm512_set1_ps(p.scales[blk])));
-    } else {
-      const __m512 z = _mm512_set1_ps(p.kind == INT4 ? float(p.zeros[blk]) : 8.0f);
-      t = round_w16<BF16>(_mm512_mul_ps(_mm512_sub_ps(iota, z), _mm512_set1_ps(p.scales[blk])));
-    }
-    if ((e0 + k) & 1) {  // a block starting on a low nibble: one element through the table
-      _mm512_store_ps(lut, t);
-      lut_dot<M>(p, lut, e0, k, k + 1, tail);
-      ++k;
-    }
+  walk_blocks16<M, BF16>(p, n, tail, [&](__m512 t, int64_t k, int64_t end) __attribute__((always_inline)) {
     // the table as 16 bf16 words (exact: t is bf16-rounded); 32 codes index it in one vpermw
     const __m512i tb = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(t));
-    // 32 weights from k into acc[a + m]: byte i holds elements 2i (high nibble) and 2i+1 (low),
+    // 32 weights from kk into acc[a + m]: byte i holds elements 2i (high nibble) and 2i+1 (low),
     // so one dword per byte, its low word the first element's code and its high word the
     // second's, gives 32 word indices in element order
     auto step = [&](int64_t kk, int a) __attribute__((always_inline)) {
@@ -358,12 +353,8 @@ void row_dpbf16(const Problem& p, int64_t n, float* out_acc) {
       }
     }
     for (; k + 32 <= end; k += 32) step(k, 0);
-    if (k < end) {
-      _mm512_store_ps(lut, t);
-      lut_dot<M>(p, lut, e0, k, end, tail);
-      k = end;
-    }
-  }
+    return k;
+  });
   alignas(32) float r[8];
   _mm256_store_ps(r, reduce8(acc));
   for (int m = 0; m < M; ++m) out_acc[m] = (M <= 2 ? r[m] + r[4 + m] : r[m]) + tail[m];

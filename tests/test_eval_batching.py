@@ -80,6 +80,16 @@ def test_prefilled_cache_continues_the_prompt(model):
         generate_ids(model, ids, smask, max_new_tokens=2, cache=short)
 
 
+def prefill_widths(model, monkeypatch) -> list:
+    """The (rows, tokens) shape of every multi-token forward of ``model`` from now on."""
+    widths = []
+    real = type(model).forward
+    monkeypatch.setattr(type(model), "forward",
+                        lambda self, x, *a, **k: (widths.append(tuple(x.shape)) if x.shape[1] > 1 else None)
+                        or real(self, x, *a, **k))
+    return widths
+
+
 def test_prefill_in_row_groups(model, monkeypatch):
     """A prefill over more tokens than ``prefill_tokens`` runs in groups of rows into one
     cache: same tokens as the single prefill, for a left-padded batch and a prefilled cache."""
@@ -87,11 +97,7 @@ def test_prefill_in_row_groups(model, monkeypatch):
     rows = [torch.randint(3, 97, (n,)) for n in (9, 4, 7, 6, 8)]
     ids, mask = left_pad_rows(rows)
     W = ids.shape[1]
-    widths = []
-    real = type(model).forward
-    monkeypatch.setattr(type(model), "forward",
-                        lambda self, x, *a, **k: (widths.append(tuple(x.shape)) if x.shape[1] > 1 else None)
-                        or real(self, x, *a, **k))
+    widths = prefill_widths(model, monkeypatch)
     want = generate_ids(model, ids, mask, max_new_tokens=6, prefill_tokens=None, unpadded_prefill=False)
     for budget, groups in ((W, [1, 1, 1, 1, 1]), (2 * W + 1, [2, 2, 1])):
         widths.clear()
@@ -118,11 +124,7 @@ def test_unpadded_prefill(model, monkeypatch):
     rows = [torch.randint(3, 97, (n,)) for n in (9, 4, 7, 4, 4, 8)]
     ids, mask = left_pad_rows(rows)
     W = ids.shape[1]
-    widths = []
-    real = type(model).forward
-    monkeypatch.setattr(type(model), "forward",
-                        lambda self, x, *a, **k: (widths.append(tuple(x.shape)) if x.shape[1] > 1 else None)
-                        or real(self, x, *a, **k))
+    widths = prefill_widths(model, monkeypatch)
     alone = [generate_ids(model, r[None], max_new_tokens=6)[0, len(r):] for r in rows]
     for budget, want_widths in ((None, [(3, 4), (1, 7), (1, 8), (1, 9)]), (8, [(2, 4), (1, 4), (1, 7), (1, 8), (1, 9)])):
         widths.clear()

@@ -158,17 +158,15 @@ def _prefill_unpadded(model, ids, mask, cache, position_offset: int = 0, max_tok
         step = len(same) if max_tokens is None else max(1, max_tokens // n)
         for i0 in range(0, len(same), step):
             rows = same[i0:i0 + step]
-            if rows[-1] - rows[0] == len(rows) - 1:  # consecutive rows: views, no copies
-                sl = slice(rows[0], rows[-1] + 1)
-                part = type(cache)([k[sl] for k in cache.keys], [v[sl] for v in cache.values], 0)
-            else:
-                sl = torch.tensor(rows, device=ids.device)
-                part = type(cache)([k[sl] for k in cache.keys], [v[sl] for v in cache.values], 0)
+            # consecutive rows: a slice gives views (no copies); others are gathered and put back
+            sl = slice(rows[0], rows[-1] + 1) if rows[-1] - rows[0] == len(rows) - 1 \
+                else torch.tensor(rows, device=ids.device)
+            part = type(cache)([k[sl] for k in cache.keys], [v[sl] for v in cache.values], 0)
             view = type(cache)([k[:, :, T - n:] for k in part.keys], [v[:, :, T - n:] for v in part.values], 0)
             pos = torch.arange(position_offset, position_offset + n, device=ids.device).expand(len(rows), -1)
             out_h = model(ids[sl, T - n:], attention_mask=None, position_ids=pos, cache=view, num_logits=1,
                           **({"return_hidden": True} if head else {}))[:, -1]
-            if not isinstance(sl, slice):  # the gathered rows back into the batch's cache
+            if not isinstance(sl, slice):
                 for layer in range(len(cache.keys)):
                     cache.keys[layer][sl] = part.keys[layer]
                     cache.values[layer][sl] = part.values[layer]
