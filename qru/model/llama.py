@@ -1,7 +1,8 @@
 """A from-scratch Llama with Hugging Face module names, so HF checkpoints load with no key map.
 
 RMSNorm in fp32, RoPE in HF's rotate-half convention (with rope_scaling), GQA attention
-through ``scaled_dot_product_attention``, SwiGLU MLP, a static KV cache. Linear layers are
+through ``scaled_dot_product_attention`` (CPU inference: ``qru.kernels.causal_attention`` for
+prompts and ``decode_attention`` for decode steps), SwiGLU MLP, a static KV cache. Linear layers are
 plain ``nn.Linear`` so LoRA and quantized modules plug in by module swap. RMSNorm, RoPE (with
 the head transpose) and the SwiGLU gate run as fused kernel ops (``qru.kernels.rmsnorm`` /
 ``rope`` / ``swiglu``: C++ on CPU, Triton on CUDA), each equal to the plain composite it
@@ -20,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from qru.kernels.bf16_linear import fast_linears
+from qru.kernels.causal_attention import causal_attention
 from qru.kernels.decode_attention import decode_attention
 from qru.kernels.rmsnorm import rms_norm
 from qru.kernels.rope import rope
@@ -95,6 +97,8 @@ class Attention(nn.Module):
         gqa = self.n_kv != self.n_heads
         if T == 1 and q.device.type == "cpu" and not torch.is_grad_enabled():
             out = decode_attention(q, k, v, mask)
+        elif mask is None and k.shape[2] == T:
+            out = causal_attention(q, k, v)
         elif mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
