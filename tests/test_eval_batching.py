@@ -340,3 +340,14 @@ def test_shared_prefix_generation_keeps_one_prefix_copy(model_tok, shared_data, 
     width = max(len(e) for e in enc) - p
     assert shapes == [(1, p), (6, width + 20)]
     assert got == generate(model, tok, prompts, max_new_tokens=20, stop=stop, batch_size=1)
+
+
+def test_cpu_token_budget_scales_with_width():
+    """8 MiB of the widest fp32 activation per forward, between 256 and 2048 tokens (hand-computed)."""
+    from qru.model.config import LlamaConfig
+    from qru.model.generate import cpu_token_budget
+
+    assert cpu_token_budget(LlamaConfig.preset("small")) == 2048  # 8 MiB / (4 x 688) = 3048 -> capped
+    assert cpu_token_budget(LlamaConfig.preset("small", hidden_size=768, intermediate_size=2048)) == 1024
+    assert cpu_token_budget(LlamaConfig.preset("small", intermediate_size=3000)) == 699  # 8388608 // 12000
+    assert cpu_token_budget(LlamaConfig.preset("llama2-7b")) == 256  # 190 -> the floor

@@ -28,6 +28,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from qru.model.generate import cpu_token_budget
+
 
 class EvalDataError(ValueError):
     """Malformed evaluation data. The message names the file, the item and the field."""
@@ -244,8 +246,8 @@ def score_ids(model, rows: Sequence[Sequence[int]], starts: Sequence[int], batch
     fp32 log-softmax run per row over the scored positions only, so memory is O(T*V) per row.
     Right padding needs no attention mask: under causal attention no real token sees the
     padding after it, so batches take the plain causal path. A batch holds at most
-    ``batch_size`` rows and ``max_batch_tokens`` padded tokens ("auto": 2048 on CPU, where
-    larger GEMMs fall out of cache and run slower per token; unbounded on GPU).
+    ``batch_size`` rows and ``max_batch_tokens`` padded tokens ("auto": on CPU
+    :func:`qru.model.generate.cpu_token_budget`, unbounded on GPU).
 
     With ``share_prefix``, rows whose unscored part (all but its last token,
     ``rows[i][:starts[i] - 1]``) is the same sequence of at least ``min_shared`` tokens --
@@ -262,7 +264,7 @@ def score_ids(model, rows: Sequence[Sequence[int]], starts: Sequence[int], batch
     out: list[SequenceScore | None] = [None] * len(rows)
     dev = model.device
     if max_batch_tokens == "auto":
-        max_batch_tokens = 2048 if dev.type == "cpu" else None
+        max_batch_tokens = cpu_token_budget(model.config) if dev.type == "cpu" else None
     plen = [0] * len(rows)  # tokens of row i computed by a shared prefix pass
     if share_prefix and batch_size > 1:
         groups: dict[tuple, list[int]] = {}
