@@ -30,7 +30,9 @@ SUITES = {
     "qlinear": ("bench_qlinear.py", ["--quick", "--formats", "nf4", "--threads", "1"], [], 60),
     "step": ("bench_step.py", ["--quick", "--threads", "1"], ["--threads", "1"], 260),
     "generate": ("bench_generate.py", ["--quick", "--threads", "1"], ["--threads", "1"], 160),
-    "eval": ("bench_eval.py", ["--n", "8", "--repeats", "2", "--threads", "1"], [], 120),
+    "eval": ("bench_eval.py", ["--n", "16", "--repeats", "2", "--threads", "1"], [], 120),
+    "eval-medium": ("bench_eval.py", ["--model", "medium", "--n", "16", "--repeats", "1", "--threads", "1"],
+                    ["--model", "medium"], 300),
 }
 SUMMARY_PREFIXES = ("unlearn_step ", "generate ")
 

@@ -343,11 +343,11 @@ def test_shared_prefix_generation_keeps_one_prefix_copy(model_tok, shared_data, 
 
 
 def test_cpu_token_budget_scales_with_width():
-    """8 MiB of the widest fp32 activation per forward, between 256 and 2048 tokens (hand-computed)."""
+    """4 MiB of the widest fp32 activation per forward, between 256 and 2048 tokens (hand-computed)."""
     from qru.model.config import LlamaConfig
     from qru.model.generate import cpu_token_budget
 
-    assert cpu_token_budget(LlamaConfig.preset("small")) == 2048  # 8 MiB / (4 x 688) = 3048 -> capped
-    assert cpu_token_budget(LlamaConfig.preset("small", hidden_size=768, intermediate_size=2048)) == 1024
-    assert cpu_token_budget(LlamaConfig.preset("small", intermediate_size=3000)) == 699  # 8388608 // 12000
-    assert cpu_token_budget(LlamaConfig.preset("llama2-7b")) == 256  # 190 -> the floor
+    assert cpu_token_budget(LlamaConfig.preset("small")) == 1524  # 4194304 // (4 x 688)
+    assert cpu_token_budget(LlamaConfig.preset("small", hidden_size=768, intermediate_size=2048)) == 512
+    assert cpu_token_budget(LlamaConfig.preset("tiny")) == 2048  # 5957 -> capped
+    assert cpu_token_budget(LlamaConfig.preset("llama2-7b")) == 256  # 95 -> the floor
