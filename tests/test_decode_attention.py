@@ -21,7 +21,8 @@ def _inputs(B, H, KV, S, D, dtype, smax=None, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("B,H,KV,S,D", [(1, 1, 1, 1, 8), (3, 4, 2, 17, 12), (2, 8, 8, 130, 64), (2, 6, 3, 33, 5)])
+@pytest.mark.parametrize("B,H,KV,S,D", [(1, 1, 1, 1, 8), (3, 4, 2, 17, 12), (2, 8, 8, 130, 64), (2, 6, 3, 33, 5),
+                                     (2, 8, 4, 47, 32), (1, 8, 1, 40, 16), (2, 12, 2, 35, 80), (1, 2, 2, 19, 128)])
 @pytest.mark.parametrize("masked", [False, True])
 def test_cpp_matches_reference_and_sdpa(dtype, B, H, KV, S, D, masked):
     if load_cpp_ext("llama_ops") is None:
