@@ -28,6 +28,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from qru.kernels.token_stats import token_stats as kernel_token_stats
 from qru.model.generate import cpu_token_budget
 
 
@@ -156,16 +157,13 @@ def token_stats(logits: torch.Tensor, targets: torch.Tensor, stats: bool = True
     """Log-prob of each target under ``logits`` (T, V) in fp32, and its Min-K%++ z-score.
 
     z_t = (log p(x_t) - mu_t) / sigma_t, mu_t = sum_v p_v log p_v,
-    sigma_t^2 = sum_v p_v (log p_v)^2 - mu_t^2 (floored at 1e-12 so a flat distribution stays finite).
+    sigma_t^2 = sum_v p_v (log p_v - mu_t)^2 (floored at 1e-12 so a flat distribution stays finite);
+    computed by :func:`qru.kernels.token_stats.token_stats` without (T, V) temporaries.
     """
-    lsm = torch.log_softmax(logits.float(), dim=-1)
-    lp = lsm.gather(-1, targets[:, None]).squeeze(-1)
+    lp, mu, var = kernel_token_stats(logits, targets)
     if not stats:
         return lp, None
-    p = lsm.exp()
-    mu = (p * lsm).sum(-1)
-    var = ((p * lsm * lsm).sum(-1) - mu * mu).clamp_min(1e-12)
-    return lp, (lp - mu) / var.sqrt()
+    return lp, (lp - mu) / var.clamp_min(1e-12).sqrt()
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
