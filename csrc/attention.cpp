@@ -24,14 +24,6 @@ namespace {
 
 using namespace qru;
 
-int code(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "causal_attn: ", name, " must be a CPU tensor");
-  if (t.scalar_type() == at::kFloat) return F32;
-  if (t.scalar_type() == at::kBFloat16) return BF16;
-  TORCH_CHECK(false, "causal_attn: ", name, " must be float32 or bfloat16, got ", t.scalar_type());
-  return F32;
-}
-
 template <typename T>
 T* ptr(const at::Tensor& t) {
   return reinterpret_cast<T*>(t.data_ptr());
@@ -175,7 +167,9 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tens
 }
 
 at::Tensor causal_attn(at::Tensor q, at::Tensor k, at::Tensor v, double scale, bool scalar) {
-  const int dt = code(q, "q");
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "causal_attn: CPU tensors needed");
+  const int dt = dtype_code(q.scalar_type(), "causal_attn: q");
+  TORCH_CHECK(dt != F16, "causal_attn: q must be float32 or bfloat16, got float16");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "causal_attn: q, k, v dtypes differ");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "causal_attn: q (B,H,T,D), k/v (B,KV,T,D)");
   const int64_t B = q.size(0), H = q.size(1), Tn = q.size(2), D = q.size(3), KV = k.size(1);

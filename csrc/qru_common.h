@@ -180,6 +180,13 @@ inline __m256 reduce8(const __m512* v) {
   return _mm512_castps512_ps256(reduce16(w));
 }
 
+// 16 fp32 lanes from fp32, or from bf16 widened exactly.
+inline __m512 wide16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 wide16(const uint16_t* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
 // exp256 on 16 lanes (the same Cephes polynomial and range handling).
 inline __m512 exp512(__m512 x) {
   const __m512 lo = _mm512_set1_ps(kExpLo);

@@ -16,14 +16,6 @@ namespace {
 
 using namespace qru;
 
-#if QRU_AVX512
-inline __m512 wide16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 wide16(const uint16_t* p) {
-  return _mm512_castsi512_ps(
-      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
-#endif
-
 // Returns (lp, mu, var) of one row; e: scratch of V floats.
 template <typename T>
 void row_stats(const T* z, int64_t V, int64_t y, float* e, bool scalar, float* lp, float* mu, float* var) {
