@@ -30,6 +30,7 @@ SUITES = {
     "qlinear": ("bench_qlinear.py", ["--quick", "--formats", "nf4", "--threads", "1"], [], 60),
     "step": ("bench_step.py", ["--quick", "--threads", "1"], ["--threads", "1"], 260),
     "generate": ("bench_generate.py", ["--quick", "--threads", "1"], ["--threads", "1"], 160),
+    "attention": ("bench_attention.py", ["--quick", "--threads", "1"], ["--threads", "1"], 60),
     "eval": ("bench_eval.py", ["--n", "16", "--repeats", "2", "--threads", "1"], [], 120),
     "eval-medium": ("bench_eval.py", ["--model", "medium", "--n", "16", "--repeats", "1", "--threads", "1"],
                     ["--model", "medium"], 300),

@@ -29,6 +29,22 @@ def load_f32(ptr, offs, mask, IN_BF16: tl.constexpr):
 
 
 @triton.jit
+def row_logsumexp(base, V, BLOCK_V: tl.constexpr, IN_BF16: tl.constexpr):
+    """``log Σ_v exp(x_v)`` of the row ``base[0:V]`` in fp32: an online max / rescaled sum over blocks."""
+    offs = tl.arange(0, BLOCK_V)
+    x = tl.where(offs < V, load_f32(base, offs, offs < V, IN_BF16), float("-inf"))
+    m = tl.max(x, 0)
+    s = tl.sum(tl.exp(x - m), 0)
+    for start in range(BLOCK_V, V, BLOCK_V):
+        o = start + offs
+        x = tl.where(o < V, load_f32(base, o, o < V, IN_BF16), float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, 0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+        m = m_new
+    return m + tl.log(s)
+
+
+@triton.jit
 def store_f32(ptr, offs, v, mask, OUT_BF16: tl.constexpr):
     """Store fp32 ``v`` rounded to the destination dtype (``OUT_BF16``: int16 bits of bf16)."""
     if OUT_BF16:

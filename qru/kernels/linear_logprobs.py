@@ -31,7 +31,7 @@ import triton.language as tl
 
 from qru.kernels._backend import backend_for, load_cpp_ext
 from qru.kernels.dense import dense_linear
-from qru.kernels._triton_io import kernel_view, load_f32, store_f32
+from qru.kernels._triton_io import kernel_view, load_f32, row_logsumexp, store_f32
 
 IGNORE_INDEX = -100
 # Rows per chunk, bounded by the bytes of one fp32 (chunk, V) block. On CPU each row is processed while
@@ -62,18 +62,7 @@ def _lse_gather_kernel(z_ptr, stride_z, y_ptr, lse_ptr, logp_ptr, V, ignore_inde
     row = tl.program_id(0).to(tl.int64)
     base = z_ptr + row * stride_z
     offs = tl.arange(0, BLOCK_V)
-    x = load_f32(base, offs, offs < V, IN_BF16)
-    x = tl.where(offs < V, x, float("-inf"))
-    m = tl.max(x, 0)
-    s = tl.sum(tl.exp(x - m), 0)
-    for start in range(BLOCK_V, V, BLOCK_V):
-        o = start + offs
-        x = load_f32(base, o, o < V, IN_BF16)
-        x = tl.where(o < V, x, float("-inf"))
-        m_new = tl.maximum(m, tl.max(x, 0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
-        m = m_new
-    lse = m + tl.log(s)
+    lse = row_logsumexp(base, V, BLOCK_V, IN_BF16)
     y = tl.load(y_ptr + row)
     valid = y != ignore_index
     yc = tl.where(valid, y, 0)

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from qru.kernels._backend import backend_for, load_cpp_ext
-from qru.kernels._triton_io import kernel_view, load_f32
+from qru.kernels._triton_io import kernel_view, load_f32, row_logsumexp
 
 
 def token_stats_reference(logits: torch.Tensor, targets: torch.Tensor
@@ -53,15 +53,7 @@ def _stats_kernel(z_ptr, stride_z, y_ptr, lp_ptr, mu_ptr, var_ptr, V,
     row = tl.program_id(0).to(tl.int64)
     base = z_ptr + row * stride_z
     offs = tl.arange(0, BLOCK_V)
-    m = tl.max(tl.where(offs < V, load_f32(base, offs, offs < V, IN_BF16), float("-inf")), 0)
-    s = tl.sum(tl.where(offs < V, tl.exp(load_f32(base, offs, offs < V, IN_BF16) - m), 0.0), 0)
-    for start in range(BLOCK_V, V, BLOCK_V):
-        o = start + offs
-        x = tl.where(o < V, load_f32(base, o, o < V, IN_BF16), float("-inf"))
-        m_new = tl.maximum(m, tl.max(x, 0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
-        m = m_new
-    lse = m + tl.log(s)
+    lse = row_logsumexp(base, V, BLOCK_V, IN_BF16)
     mu = 0.0
     for start in range(0, V, BLOCK_V):
         o = start + offs

@@ -35,11 +35,9 @@ CPU_ACTIVATION_BYTES = 4 << 20
 def cpu_token_budget(config) -> int:
     """Tokens (rows x width) per CPU forward of a batch of whole sequences (prefill, scoring):
     the widest fp32 activation (tokens x max(intermediate, hidden)) stays near 4 MiB, between
-    256 and 2048 tokens. Such forwards are compute-bound; past this size their operands fall out
-    of cache and run slower per token. Scoring eight 512-token texts, one thread: the 4M-parameter
-    demo model took 0.31 s in 2048-token batches and 0.25-0.26 s in 1024-token ones; a
-    41M-parameter model (intermediate 2048) 1.81-1.85 s in 1024-token batches, 1.57-1.62 s in
-    512-token ones."""
+    256 and 2048 tokens. Such forwards are compute-bound (larger batches save nothing), and past
+    this size their operands fall out of cache and run slower per token; ``bench/bench_eval.py``
+    shows batched PrivLeak scoring level with one text at a time for both of its models."""
     width = max(config.intermediate_size, config.hidden_size)
     return max(256, min(2048, CPU_ACTIVATION_BYTES // (4 * width)))
 
