@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -26,10 +25,14 @@ from typing import Callable
 
 import torch
 
+from qru.kernels.machine import describe as describe_machine
+
 # QRU_BENCH_CSV redirects the appended rows (e.g. to /dev/null for trial runs).
 RESULTS_CSV = Path(os.environ.get("QRU_BENCH_CSV") or Path(__file__).resolve().parent / "results.csv")
+# The machine columns name where each row was measured (qru.kernels.machine.describe()).
+MACHINE_COLUMNS = ["cpu_model", "isa", "cores", "torch", "threads", "allocator"]
 COLUMNS = ["suite", "op", "provider", "shape", "dtype", "device", "median", "p20", "p80",
-           "unit", "ratio_vs_peer", "git_sha", "timestamp"]
+           "unit", "ratio_vs_peer", "git_sha", "timestamp", *MACHINE_COLUMNS]
 
 
 @dataclass
@@ -174,15 +177,9 @@ def git_sha() -> str:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    desc = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    m = describe_machine()
+    desc = (f"{m['cpu_model']} ({m['isa']}), {m['cores']} cores, torch {m['torch']}, {m['threads']} threads, "
+            f"allocator {m['allocator']}")
     if torch.cuda.is_available():
         desc += f", GPU {torch.cuda.get_device_name()}"
     return desc
@@ -210,10 +207,31 @@ class Row:
         return cls(suite, op, provider, shape, dtype, device, f(t.median), lo, hi, unit, ratio)
 
 
+def _migrate_header(path: Path) -> None:
+    """Rewrite a CSV written before the machine columns existed with those columns added (empty:
+    the machine was not recorded), atomically; a file with the current header is left alone."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows or rows[0] == COLUMNS:
+        return
+    head = rows[0]
+    if head != COLUMNS[:len(head)]:
+        raise ValueError(f"{path}: unexpected header {head} (expected a prefix of {COLUMNS})")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(COLUMNS)
+        w.writerows(r + [""] * (len(COLUMNS) - len(r)) for r in rows[1:])
+    os.replace(tmp, path)
+
+
 def append_csv(rows: list[Row], path: Path = RESULTS_CSV) -> None:
     path = Path(path)
     new = not path.exists() or path.stat().st_size == 0 and path.is_file()
+    if not new:
+        _migrate_header(path)
     sha, ts = git_sha(), _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    m = describe_machine()
     with open(path, "a", newline="") as f:
         w = csv.writer(f)
         if new:
@@ -221,7 +239,8 @@ def append_csv(rows: list[Row], path: Path = RESULTS_CSV) -> None:
         for r in rows:
             w.writerow([r.suite, r.op, r.provider, r.shape, r.dtype, r.device, f"{r.median:.6g}",
                         f"{r.p20:.6g}", f"{r.p80:.6g}", r.unit,
-                        "" if r.ratio_vs_peer is None else f"{r.ratio_vs_peer:.3f}", sha, ts])
+                        "" if r.ratio_vs_peer is None else f"{r.ratio_vs_peer:.3f}", sha, ts,
+                        *(m[c] for c in MACHINE_COLUMNS)])
 
 
 def print_table(title: str, rows: list[Row]) -> None:

@@ -1,6 +1,7 @@
 """Draw PNGs from ``bench/results.csv`` (matplotlib, Agg) into ``bench/plots/``.
 
-For each (suite, device), the latest run (its timestamp) becomes one figure: a panel per
+Rows are grouped by machine (CPU model and ISA level, the CSV's machine columns). For each
+(suite, device, machine), the latest run (its timestamp) becomes one figure: a panel per
 (op, unit), grouped bars per shape, one bar per provider at the median with a p20-p80 whisker,
 the ratio against the peer written above each bar. A summary figure ``speedups.png`` plots every
 latest ratio of a qru provider against its peer (time or throughput rows), with a line at 1.
@@ -30,11 +31,23 @@ def read(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def latest_runs(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
-    """(suite, device) -> the rows of its most recent run (largest timestamp)."""
-    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+def machine_of(r: dict) -> str:
+    """The machine a row was measured on, as ``cpu model (isa)``; ``unrecorded`` for rows without it."""
+    cpu, isa = r.get("cpu_model") or "", r.get("isa") or ""
+    return f"{cpu} ({isa})" if cpu or isa else "unrecorded"
+
+
+def machine_slug(r: dict) -> str:
+    """A file-name part for a row's machine: ISA level first, then the CPU model."""
+    raw = f"{r.get('isa') or 'unrecorded'}-{r.get('cpu_model') or ''}"
+    return "_".join("".join(c if c.isalnum() else " " for c in raw).split())[:48]
+
+
+def latest_runs(rows: list[dict]) -> dict[tuple[str, str, str], list[dict]]:
+    """(suite, device, machine) -> the rows of its most recent run there (largest timestamp)."""
+    groups: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
     for r in rows:
-        groups[(r["suite"], r["device"])].append(r)
+        groups[(r["suite"], r["device"], machine_of(r))].append(r)
     out = {}
     for key, rs in groups.items():
         ts = max(r["timestamp"] for r in rs)
@@ -55,7 +68,7 @@ def save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def suite_figure(suite: str, device: str, rows: list[dict], out: Path) -> Path:
+def suite_figure(suite: str, device: str, machine: str, rows: list[dict], out: Path) -> Path:
     panels: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in rows:
         panels[(r["op"], r["unit"])].append(r)
@@ -89,20 +102,20 @@ def suite_figure(suite: str, device: str, rows: list[dict], out: Path) -> Path:
         ax.set_title(op, fontsize=9)
         ax.legend(fontsize=7)
     r0 = rows[0]
-    fig.suptitle(f"{suite} ({device}) - {r0['timestamp']} @ {r0['git_sha']}", fontsize=10)
-    path = out / f"{suite}_{device}.png"
+    fig.suptitle(f"{suite} ({device}) - {machine}\n{r0['timestamp']} @ {r0['git_sha']}", fontsize=10)
+    path = out / f"{suite}_{device}_{machine_slug(r0)}.png"
     save(fig, path)
     return path
 
 
 def speedup_figure(runs: dict, out: Path) -> Path | None:
     pts = []
-    for (suite, device), rows in sorted(runs.items()):
+    for (suite, device, machine), rows in sorted(runs.items()):
         for r in rows:
             # peer ratios of qru's providers; GB/s rows carry a fraction of the copy roofline instead
             if (r["ratio_vs_peer"] and r["provider"].startswith("qru") and r["unit"] not in ("MiB", "GB/s")
                     and r["provider"] != "qru-reference"):
-                pts.append((f"{suite}/{device}: {r['op']} [{r['provider']}] {r['shape']}"[:80],
+                pts.append((f"{r.get('isa') or '?'} {suite}/{device}: {r['op']} [{r['provider']}] {r['shape']}"[:90],
                             float(r["ratio_vs_peer"])))
     if not pts:
         return None
@@ -132,8 +145,8 @@ def main(argv=None) -> int:
         return 1
     args.out.mkdir(parents=True, exist_ok=True)
     runs = latest_runs(rows)
-    for (suite, device), rs in sorted(runs.items()):
-        print(f"plot: {suite_figure(suite, device, rs, args.out)}")
+    for (suite, device, machine), rs in sorted(runs.items()):
+        print(f"plot: {suite_figure(suite, device, machine, rs, args.out)}")
     sp = speedup_figure(runs, args.out)
     if sp:
         print(f"plot: {sp}")

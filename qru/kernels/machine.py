@@ -1,0 +1,76 @@
+"""What machine this is, as the benchmarks and the CPU dispatch need it named: the CPU model, its
+instruction-set level, cores, torch version and threads, and the allocator settings. Read from
+``/proc/cpuinfo`` and the environment; nothing is assumed from the vendor."""
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import torch
+
+# Highest level first: each needs the flags of the levels below it too.
+ISA_LEVELS = (
+    ("amx", ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f")),
+    ("avx512_bf16", ("avx512_bf16", "avx512f")),
+    ("avx512", ("avx512f", "avx512bw", "avx512vl")),
+    ("avx2", ("avx2", "fma")),
+)
+MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX", "MALLOC_TOP_PAD_")
+
+
+def parse_cpuinfo(text: str) -> tuple[str, set[str]]:
+    """``(model name, flags)`` of the first processor in a ``/proc/cpuinfo`` text."""
+    model, flags = "", set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and not model:
+            model = value.strip()
+        elif key == "flags" and not flags:
+            flags = set(value.split())
+        if model and flags:
+            break
+    return model, flags
+
+
+@functools.lru_cache(maxsize=None)
+def _cpuinfo() -> tuple[str, frozenset[str]]:
+    try:
+        model, flags = parse_cpuinfo(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        model, flags = "", set()
+    if not model:
+        import platform
+
+        model = platform.processor() or platform.machine()
+    return model, frozenset(flags)
+
+
+def cpu_model() -> str:
+    return _cpuinfo()[0]
+
+
+def isa_level(flags: set[str] | frozenset[str] | None = None) -> str:
+    """The highest of ``amx``, ``avx512_bf16``, ``avx512``, ``avx2`` whose flags the CPU has, else ``baseline``."""
+    flags = _cpuinfo()[1] if flags is None else flags
+    for level, need in ISA_LEVELS:
+        if all(f in flags for f in need):
+            return level
+    return "baseline"
+
+
+def allocator(env: dict[str, str] | None = None) -> str:
+    """The C allocator: a preloaded one (``jemalloc``, ``tcmalloc``, ...) or ``glibc``, with any
+    glibc ``MALLOC_*`` tunables set, e.g. ``glibc MALLOC_MMAP_THRESHOLD_=33554432``."""
+    env = os.environ if env is None else env
+    pre = [Path(p).name.split(".so")[0] for p in env.get("LD_PRELOAD", "").replace(":", " ").split() if p]
+    name = "+".join(pre) or "glibc"
+    tun = [f"{k}={env[k]}" for k in MALLOC_ENV if env.get(k)]
+    return " ".join([name, *tun])
+
+
+def describe() -> dict[str, str]:
+    """The machine as benchmark rows record it."""
+    return {"cpu_model": cpu_model(), "isa": isa_level(), "cores": str(os.cpu_count() or 0),
+            "torch": torch.__version__, "threads": str(torch.get_num_threads()), "allocator": allocator()}
