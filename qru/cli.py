@@ -380,9 +380,47 @@ def _add_sweep(sub) -> None:
     p.set_defaults(func=cmd_sweep)
 
 
+# --- doctor ---------------------------------------------------------------------------
+
+def cmd_doctor(args) -> int:
+    """The machine, the per-machine kernel choices (measured once and cached) and why."""
+    import os
+
+    import torch
+
+    from qru.kernels import calibrate, machine
+
+    threads = sorted({int(t) for t in _csv(args.threads)}) if args.threads else sorted({1, os.cpu_count() or 1})
+    if any(t < 1 for t in threads):
+        print(f"qru doctor: error: --threads must be positive integers, got {args.threads!r}", file=sys.stderr)
+        return 2
+    m = machine.describe()
+    print(f"machine: {m['cpu_model']}; ISA level {m['isa']}; {m['cores']} cores; torch {m['torch']}; "
+          f"allocator {m['allocator']}; CUDA {'yes: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'}")
+    print(f"calibration cache: {calibrate.cache_root()}")
+    for t in threads:
+        print(f"\n{t} thread{'s' if t > 1 else ''} ({calibrate.cache_path(t).name}):")
+        for choice in calibrate.CHOICES:
+            try:
+                d = calibrate.decide(choice, threads=t, recalibrate=args.recalibrate)
+            except ValueError as e:
+                print(f"qru doctor: error: {e}", file=sys.stderr)
+                return 2
+            print(f"  {choice:12s} -> {d.pick:7s} [{d.source}] {d.why}")
+    print("\noverride a choice with QRU_<CHOICE>=<pick> (e.g. QRU_DENSE_FP32=torch); --recalibrate measures again")
+    return 0
+
+
+def _add_doctor(sub) -> None:
+    p = sub.add_parser("doctor", help="the machine, the per-machine kernel choices and why, the cache path")
+    p.add_argument("--threads", default=None, help="comma list of torch thread counts (default: 1 and all cores)")
+    p.add_argument("--recalibrate", action="store_true", help="measure again and rewrite the cache")
+    p.set_defaults(func=cmd_doctor)
+
+
 # --- registry --------------------------------------------------------------------------
 
-_ADDERS = [_add_smoke, _add_eval, _add_data, _add_pretrain, _add_unlearn, _add_demo, _add_sweep, _add_survival, _add_quantize]
+_ADDERS = [_add_smoke, _add_doctor, _add_eval, _add_data, _add_pretrain, _add_unlearn, _add_demo, _add_sweep, _add_survival, _add_quantize]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,6 +11,12 @@ SHAPES = [(2, 1, 1), (7, 13, 5), (33, 17, 65), (130, 96, 257)]  # (M, N, K)
 pytestmark = pytest.mark.usefixtures("one_thread")  # small shapes take oneDNN only with one thread
 
 
+@pytest.fixture(autouse=True)
+def _onednn_picked(monkeypatch):
+    """These tests check the oneDNN path, whatever this machine's calibration picked."""
+    monkeypatch.setenv("QRU_DENSE_FP32", "onednn")
+
+
 def _f64(x, w, bias=None, add=None):
     y = x.double() @ w.double().t()
     if bias is not None:
@@ -83,6 +89,9 @@ def test_dispatch(monkeypatch):
         torch.set_num_threads(threads)
     assert not use_onednn(x[:1], w)
     assert not use_onednn(x.bfloat16(), w.bfloat16())
+    monkeypatch.setenv("QRU_DENSE_FP32", "torch")  # the calibration's pick (here: overridden)
+    assert not use_onednn(x, w)
+    monkeypatch.setenv("QRU_DENSE_FP32", "onednn")
     monkeypatch.setenv("QRU_BACKEND", "torch")
     assert not use_onednn(x, w)
     assert torch.equal(dense_linear(x, w), torch.mm(x, w.t()))

@@ -227,7 +227,8 @@ needs_onednn = pytest.mark.skipif(not linears.available(), reason="oneDNN packed
 
 
 @needs_onednn
-def test_packed_linears_equal_f_linear(one_thread):
+def test_packed_linears_equal_f_linear(one_thread, monkeypatch):
+    monkeypatch.setenv("QRU_PACKED_FP32", "onednn")  # the oneDNN path, whatever the calibration picked
     torch.manual_seed(4)
     net = nn.Sequential(nn.Linear(32, 48), nn.Linear(48, 16, bias=False)).eval()
     ref_fwd = [type(m).forward for m in net]
@@ -243,6 +244,14 @@ def test_packed_linears_equal_f_linear(one_thread):
         net(torch.randn(5, 32))
         assert net[0].forward.weight is None
         torch.set_num_threads(1)
+    torch.set_num_threads(2)
+    with torch.no_grad(), linears.packed_linears(net):  # entered with two threads: left alone
+        assert all("forward" not in m.__dict__ for m in net)
+    torch.set_num_threads(1)
+    monkeypatch.setenv("QRU_PACKED_FP32", "torch")
+    with torch.no_grad(), linears.packed_linears(net):  # the calibration (here: overridden) says F.linear
+        assert all("forward" not in m.__dict__ for m in net)
+    monkeypatch.setenv("QRU_PACKED_FP32", "onednn")
     assert all("forward" not in m.__dict__ for m in net) and [type(m).forward for m in net] == ref_fwd
     x = torch.randn(4, 32)
     with torch.no_grad(), linears.packed_linears(net):
@@ -259,7 +268,8 @@ def test_packed_linears_equal_f_linear(one_thread):
 
 
 @needs_onednn
-def test_muse_with_packed_linears_equals_plain(model_tok, shared_data, one_thread):
+def test_muse_with_packed_linears_equals_plain(model_tok, shared_data, one_thread, monkeypatch):
+    monkeypatch.setenv("QRU_PACKED_FP32", "onednn")
     model, tok = model_tok
     kw = dict(limit=2, batch_size=4, score_batch_size=4, max_len=96, verbmem_max_new_tokens=16,
               knowmem_max_new_tokens=12)

@@ -34,3 +34,13 @@ def test_readme_python_example(tmp_path, monkeypatch):
     fresh = ns["Llama"].from_pretrained("base", dtype=torch.float32)
     want = ns["quantize_model"](fresh, "nf4", 64, compute_dtype=torch.bfloat16)(ns["ids"])
     torch.testing.assert_close(ns["deployed"](ns["ids"]).float(), want.float())
+
+
+def test_readme_command_table_lists_every_subcommand():
+    """Each ``qru`` subcommand has a row in the README's command table."""
+    from qru.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    rows = set(re.findall(r"^\| `qru ([a-z-]+)", README.read_text(), flags=re.M))
+    assert set(sub.choices) <= rows, f"missing from the README table: {sorted(set(sub.choices) - rows)}"

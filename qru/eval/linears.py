@@ -15,7 +15,9 @@ oneDNN against 0.65 s through MKL (and 0.53 s with oneDNN on 1 thread), so with 
 the linears stay on ``F.linear``.
 
 ``packed_linears(model)`` is a context: inside it every plain fp32 CPU ``nn.Linear`` of the
-model runs this way when autograd is off and torch uses one thread; a weight changed in place
+model runs this way when autograd is off, torch uses one thread and the per-machine calibration
+(:mod:`qru.kernels.calibrate`, choice ``packed_fp32``, override ``QRU_PACKED_FP32``) found it
+faster than ``F.linear``; a weight changed in place
 is repacked on its next call. The packed copies cost as much memory as the weights, so models
 whose fp32 linear weights exceed ``max_bytes`` are left alone.
 """
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qru.kernels._backend import plain_cpu_linears, rerouted
-from qru.kernels.dense import onednn_available
+from qru.kernels.calibrate import onednn_available, pick
 
 MAX_BYTES = 2 << 30
 
@@ -66,7 +68,8 @@ def packed_linears(model: nn.Module, enabled: bool = True, max_bytes: int = MAX_
     """Within the block, plain fp32 CPU linears of ``model`` run oneDNN with packed weights
     (when available, no grad, one torch thread, more than one row). Restores the modules
     afterwards."""
-    mods = plain_cpu_linears(model, torch.float32) if enabled and available() else []
+    on = enabled and available() and torch.get_num_threads() == 1 and pick("packed_fp32") == "onednn"
+    mods = plain_cpu_linears(model, torch.float32) if on else []
     if sum(m.weight.numel() * m.weight.element_size() for m in mods) > max_bytes:
         mods = []
     with rerouted(mods, _Packed):

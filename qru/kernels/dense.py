@@ -4,12 +4,14 @@ PyTorch sends a CPU fp32 ``mm``/``linear`` to MKL's sgemm, which on CPUs it does
 for Intel runs its AVX2 code path. oneDNN (bundled with torch) uses the widest ISA the CPU
 has. On the 2-core AMD EPYC (AVX-512) development VM, one thread: MKL 88-93 GFLOP/s, oneDNN
 150-215 GFLOP/s on the training shapes (M 1024-2048, K and N 512-32000; any operand
-strides, no weight pre-packing needed). Results equal torch's up to float round-off (a
-different summation order).
+strides, no weight pre-packing needed); on an Intel Xeon both reach the same rate. So the
+choice is measured per machine (:mod:`qru.kernels.calibrate`, choice ``dense_fp32``,
+override ``QRU_DENSE_FP32=onednn|torch``), not assumed. Results equal torch's up to float
+round-off (a different summation order).
 
 One entry, :func:`dense_linear`, picks the path at call time: oneDNN for fp32 CPU tensors
-with more than one row of ``x`` (a single row is a GEMV, where MKL is as fast) unless
-``QRU_BACKEND=torch``; otherwise :func:`dense_linear_reference` (torch's ``addmm``/``mm``),
+with more than one row of ``x`` (a single row is a GEMV, where MKL is as fast) where the
+calibration picked it, unless ``QRU_BACKEND=torch``; otherwise :func:`dense_linear_reference` (torch's ``addmm``/``mm``),
 which is also the oracle in tests. The ops that use it (the LoRA linear, the fused
 log-probs head) call it inside their own autograd Functions; it records no graph itself.
 :func:`linear` is the autograd-capable ``F.linear`` on top (:class:`DenseLinearFn`), and
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qru.kernels._backend import forced_backend, plain_cpu_linears, rerouted
+from qru.kernels.calibrate import onednn_available, pick
 
 
 def dense_linear_reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
@@ -36,26 +39,6 @@ def dense_linear_reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor 
         y = add.addmm_(x, w.t()) if accumulate else torch.addmm(add, x, w.t())
         return y if bias is None else y.add_(bias)
     return torch.addmm(bias, x, w.t()) if bias is not None else torch.mm(x, w.t())
-
-
-@functools.lru_cache(maxsize=None)
-def onednn_available() -> bool:
-    """torch's oneDNN linear is present and agrees with ``F.linear`` on a probe."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
-    if op is None:
-        return False
-    g = torch.Generator().manual_seed(0)
-    w, b, x = torch.randn(24, 16, generator=g), torch.randn(24, generator=g), torch.randn(3, 16, generator=g)
-    try:
-        y = op(x, w, b, "none", [], "")
-        y2 = op.binary(x, y, w, None, "add")
-    except (RuntimeError, AttributeError):
-        return False
-    ref = torch.nn.functional.linear(x, w, b)
-    return bool(torch.allclose(y, ref, atol=1e-5, rtol=1e-5)
-                and torch.allclose(y2, ref + x @ w.t(), atol=1e-5, rtol=1e-5))
 
 
 # With several threads, a GEMM this small (multiply-adds) stays with torch: oneDNN splits every call
@@ -70,7 +53,7 @@ def use_onednn(x: torch.Tensor, w: torch.Tensor) -> bool:
     return (x.device.type == "cpu" and x.dtype == f32 and w.dtype == f32 and w.device.type == "cpu"
             and x.dim() == 2 and w.dim() == 2 and x.shape[0] > 1 and x.numel() > 0 and w.numel() > 0
             and (torch.get_num_threads() == 1 or x.shape[0] * w.shape[0] * w.shape[1] >= SMALL_MACS)
-            and forced_backend() != "torch" and onednn_available())
+            and forced_backend() != "torch" and onednn_available() and pick("dense_fp32") == "onednn")
 
 
 def dense_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
@@ -142,6 +125,6 @@ def dense_linears(model: nn.Module):
     """Within the block, every plain fp32 CPU ``nn.Linear`` of ``model`` (not already re-routed)
     runs :func:`linear`; graphs recorded inside keep their oneDNN backward after the block.
     Restores the modules' own forward afterwards. Hooks still run (only ``forward`` changes)."""
-    on = onednn_available() and forced_backend() != "torch"
+    on = onednn_available() and forced_backend() != "torch" and pick("dense_fp32") == "onednn"
     with rerouted(plain_cpu_linears(model, torch.float32) if on else [], lambda m: functools.partial(_forward, m)):
         yield model

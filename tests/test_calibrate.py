@@ -1,0 +1,126 @@
+"""qru.kernels.calibrate: per-machine choices, measured once, cached per machine, overridable."""
+import json
+
+import pytest
+import torch
+
+from qru.kernels import calibrate
+
+
+@pytest.fixture
+def fake(monkeypatch, tmp_path):
+    """A private cache directory and a fake probe for dense_fp32 whose timings the test sets."""
+    monkeypatch.setenv("QRU_CACHE", str(tmp_path))
+    monkeypatch.delenv("QRU_DENSE_FP32", raising=False)
+    calibrate.clear_memo()
+    state = {"calls": 0, "secs": {"torch": 0.010, "onednn": 0.005}}
+
+    def probe():
+        state["calls"] += 1
+        return dict(state["secs"])
+
+    cands, default, _, usable = calibrate.CHOICES["dense_fp32"]
+    monkeypatch.setitem(calibrate.CHOICES, "dense_fp32", (cands, default, probe, lambda: True))
+    yield state
+    calibrate.clear_memo()
+
+
+def test_pick_follows_the_measurement_with_a_margin(fake):
+    assert calibrate.measure("dense_fp32").pick == "onednn"  # 2x faster
+    fake["secs"] = {"torch": 0.010, "onednn": 0.0098}  # 2% faster: not worth leaving the default
+    d = calibrate.measure("dense_fp32")
+    assert d.pick == "torch" and "not at least 5%" in d.why
+    fake["secs"] = {"torch": 0.010, "onednn": 0.020}
+    assert calibrate.measure("dense_fp32").pick == "torch"
+
+
+def test_cache_is_written_once_and_then_used(fake, tmp_path):
+    d1 = calibrate.decide("dense_fp32", threads=1)
+    assert (d1.source, d1.pick, fake["calls"]) == ("measured", "onednn", 1)
+    path = calibrate.cache_path(threads=1)
+    assert path.parent == tmp_path / "calibration"
+    data = json.loads(path.read_text())
+    assert data["version"] == calibrate.CACHE_VERSION and data["choices"]["dense_fp32"]["pick"] == "onednn"
+    assert data["machine"]["threads"] == "1" and data["machine"]["torch"] == torch.__version__
+    calibrate.clear_memo()
+    fake["secs"] = {"torch": 0.001, "onednn": 0.010}  # would flip the pick if it were measured again
+    d2 = calibrate.decide("dense_fp32", threads=1)
+    assert (d2.source, d2.pick, fake["calls"]) == ("cache", "onednn", 1)
+    d3 = calibrate.decide("dense_fp32", threads=1, recalibrate=True)
+    assert (d3.source, d3.pick, fake["calls"]) == ("measured", "torch", 2)
+
+
+def test_thread_counts_are_cached_apart(fake):
+    assert calibrate.cache_path(threads=1) != calibrate.cache_path(threads=2)
+    calibrate.decide("dense_fp32", threads=1)
+    calibrate.decide("dense_fp32", threads=2)
+    assert fake["calls"] == 2
+
+
+@pytest.mark.parametrize("stale", ["version", "key", "garbage"])
+def test_stale_cache_is_measured_again(fake, stale):
+    calibrate.decide("dense_fp32", threads=1)
+    path = calibrate.cache_path(threads=1)
+    data = json.loads(path.read_text())
+    if stale == "garbage":
+        path.write_text("{not json")
+    else:
+        data[stale] = "other"  # another schema version, or a file copied from another machine
+        path.write_text(json.dumps(data))
+    calibrate.clear_memo()
+    fake["secs"] = {"torch": 0.001, "onednn": 0.010}
+    d = calibrate.decide("dense_fp32", threads=1)
+    assert (d.source, d.pick, fake["calls"]) == ("measured", "torch", 2)
+    assert json.loads(path.read_text())["version"] == calibrate.CACHE_VERSION
+
+
+def test_override_wins_over_cache_and_measurement(fake, monkeypatch):
+    calibrate.decide("dense_fp32", threads=1)  # cached: onednn
+    monkeypatch.setenv("QRU_DENSE_FP32", "torch")
+    d = calibrate.decide("dense_fp32", threads=1)
+    assert (d.source, d.pick) == ("override", "torch") and fake["calls"] == 1
+    monkeypatch.setenv("QRU_DENSE_FP32", "mkl")
+    with pytest.raises(ValueError, match="QRU_DENSE_FP32='mkl' is not one of onednn, torch"):
+        calibrate.decide("dense_fp32")
+
+
+def test_dispatch_follows_the_pick(fake, monkeypatch, one_thread):
+    from qru.kernels.dense import onednn_available, use_onednn
+
+    x, w = torch.randn(5, 8), torch.randn(3, 8)
+    assert use_onednn(x, w) == onednn_available()  # fake probe: onednn 2x faster
+    calibrate.clear_memo()
+    calibrate.decide("dense_fp32", recalibrate=True)  # flip by a new measurement
+    fake["secs"] = {"torch": 0.001, "onednn": 0.010}
+    calibrate.decide("dense_fp32", recalibrate=True)
+    assert not use_onednn(x, w)
+
+
+def test_real_probes_time_both_candidates(monkeypatch, tmp_path, one_thread):
+    if not calibrate.onednn_available():
+        pytest.skip("this torch build has no oneDNN")
+    for choice in calibrate.CHOICES:
+        d = calibrate.measure(choice)
+        assert set(d.seconds) == {"onednn", "torch"} and all(s > 0 for s in d.seconds.values())
+        assert d.pick in ("onednn", "torch")
+
+
+def test_unknown_choice_is_named():
+    with pytest.raises(ValueError, match="unknown calibration choice 'gemm'"):
+        calibrate.decide("gemm")
+
+
+def test_doctor_prints_machine_choices_and_cache(fake, capsys):
+    from qru.cli import main
+    from qru.kernels import machine
+
+    assert main(["doctor", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    m = machine.describe()
+    assert m["cpu_model"] in out and f"ISA level {m['isa']}" in out
+    assert str(calibrate.cache_root()) in out and calibrate.cache_path(1).name in out
+    assert "dense_fp32   -> onednn  [measured] onednn 5.0 ms vs torch 10.0 ms" in out
+    calibrate.clear_memo()
+    assert main(["doctor", "--threads", "1"]) == 0  # a new process: from the cache
+    assert "dense_fp32   -> onednn  [cache]" in capsys.readouterr().out
+    assert main(["doctor", "--threads", "0"]) == 2
