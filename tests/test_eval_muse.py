@@ -83,16 +83,19 @@ def test_muse_on_shared_data(muse_result, model_tok, shared_data):
         assert it["gt"] == gt and d["gt"].startswith(gt[:20])
         f1.append(ref.score(gt, it["output"])["rougeL"].fmeasure)
     assert r["verbmem_f"] == pytest.approx(100 * np.mean(f1))
-    # KnowMem: ROUGE-L recall x100 of the cut answer
+    # KnowMem: ROUGE-L F1 x100 of the cut answer (MUSE's mean_rougeL); recall x100 beside it
     for key, name in (("knowmem_f", "forget_qa"), ("knowmem_r", "retain_qa")):
         qa = json.load(open(shared_data / "muse-news" / "knowmem" / f"{name}.json"))[:LIMIT]
         items = r["items"][key]
         assert [it["answer"] for it in items] == [d["answer"] for d in qa]
-        rec = []
+        f1, rec = [], []
         for it in items:
             assert not any(s in it["output"] for s in muse.KNOWMEM_STOP)
-            rec.append(ref.score(it["answer"], it["output"])["rougeL"].recall)
-        assert r[key] == pytest.approx(100 * np.mean(rec))
+            s = ref.score(it["answer"], it["output"])["rougeL"]
+            f1.append(s.fmeasure)
+            rec.append(s.recall)
+        assert r[key] == pytest.approx(100 * np.mean(f1))
+        assert r[f"{key}_recall"] == pytest.approx(100 * np.mean(rec))
         assert 0 <= r[key] <= 100
     # PrivLeak: sklearn AUC on the logged Min-40% scores, MUSE orientation, then the formula
     f = [d["Min-40%"] for d in r["items"]["privleak"]["forget"]]

@@ -7,8 +7,12 @@ target and retrain models of the centre point. Per point and 4-bit format the sw
 * restored = KnowMem_f(4-bit) - KnowMem_f(bf16) of the same unlearned model (Zhang et al.'s effect),
 * utility loss = KnowMem_r(bf16) - KnowMem_r(4-bit) (the seed paper's: smaller with LoRA?),
 
-each as mean and seed-to-seed sd (``qru.demo.report.effect_stats``), for full FT and LoRA, plus the
+each with its 95% Student-t interval and p-value (``qru.demo.stats``), for full FT and LoRA, plus the
 bf16 sanity numbers (does the target know the facts, do the unlearned models forget).
+
+The sweep makes many comparisons, so "shown" is decided after Holm's step-down correction over the
+whole family (:data:`FAMILY`: every point x 4-bit format x effect); the unadjusted decision is kept as
+``shown_unadjusted`` and the adjusted p-value as ``p_holm``.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import time
 from pathlib import Path
 
 from qru.demo import report as rpt
+from qru.demo import stats
 from qru.demo.presets import FOUR_BIT, DemoConfig, PresetError, apply_overrides, get_preset
 from qru.demo.stages import atomic_write_json, atomic_write_text
 
@@ -147,6 +152,29 @@ def summarize_point(records, fmts) -> dict:
     return out
 
 
+# The comparisons "shown" is decided over, per point and 4-bit format: (mode or None, summary key).
+FAMILY: tuple[tuple[str | None, str], ...] = (("full", "restored"), ("lora", "restored"), ("full", "utility_loss"),
+                                              ("lora", "utility_loss"), (None, "lora_minus_full_utility"))
+
+
+def holm_family(results, fmts) -> int:
+    """Apply Holm's correction in place over every (point x format x FAMILY effect) with a p-value: sets
+    ``p_holm``, ``shown_unadjusted`` and ``shown`` (adjusted p < 0.05 and |effect| >= MIN_EFFECT).
+    Returns the family size."""
+    sts = []
+    for r in results:
+        for f in fmts:
+            row = r["summary"]["formats"][f]
+            for mode, key in FAMILY:
+                sts.append(row[key] if mode is None else row[mode][key])
+    adj = stats.holm([st.get("p") for st in sts])
+    for st, p in zip(sts, adj):
+        st["shown_unadjusted"] = st.get("shown_unadjusted", st.get("shown", False))
+        st["p_holm"] = p
+        st["shown"] = bool(p is not None and p < stats.ALPHA and abs(st["effect"]) >= rpt.MIN_EFFECT)
+    return sum(p is not None for p in adj)
+
+
 def run_sweep(preset: str = "quick", out: str | os.PathLike | None = None, *, seed: int = 0,
               knobs: dict | None = None, combos: list[dict] | None = None, overrides: dict | None = None,
               force: bool = False, progress: bool = True, device: str = "cpu", threads: int | None = None) -> dict:
@@ -173,8 +201,12 @@ def run_sweep(preset: str = "quick", out: str | os.PathLike | None = None, *, se
                         "summary": rpt._jsonable(summarize_point(run.records, fmts)),
                         "survival": survival_means(run.survival), "records": run.records})
         atomic_write_json(out / "sweep_results.json", {"preset": preset, "seed": seed, "points": results})
+    fmts = [f for f in FOUR_BIT if f in base.eval.precisions]
+    family = holm_family(results, fmts)
+    atomic_write_json(out / "sweep_results.json", {"preset": preset, "seed": seed, "correction": "holm",
+                                                   "family_size": family, "points": results})
     wall = time.perf_counter() - t0
-    md = render_sweep(results, base, preset, seed, knobs, wall, combos)
+    md = render_sweep(results, base, preset, seed, knobs, wall, combos, family)
     atomic_write_text(out / "sweep.md", md)
     sweep_plots(results, base, out)
     print(f"qru sweep: done in {wall:.0f}s; table in {out / 'sweep.md'}", file=sys.stderr)
@@ -206,7 +238,7 @@ def _cell(st: dict) -> str:
     return f"{st['effect']:+.1f}{sd}{' *' if st.get('shown') else ''}"
 
 
-def render_sweep(results, base: DemoConfig, preset, seed, knobs, wall, combos=()) -> str:
+def render_sweep(results, base: DemoConfig, preset, seed, knobs, wall, combos=(), family: int | None = None) -> str:
     fmts = [f for f in FOUR_BIT if f in base.eval.precisions]
     L = [f"# qru sweep — preset `{preset}`, seed {seed}", "",
          f"One factor at a time around the `{preset}` preset; {len(results)} points, wall time {wall:.0f} s on "
@@ -236,9 +268,13 @@ def render_sweep(results, base: DemoConfig, preset, seed, knobs, wall, combos=()
             vals = [sv.get(mode, {}).get(fmts[0], {}).get(m) for mode in ("full", "lora")]
             cells.append(" / ".join("n/a" if x is None else f"{x:.2f}" for x in vals))
         L.append("| " + " | ".join(cells) + " |")
-    L += ["", "Cells: mean over methods x unlearning seeds (KnowMem points); * = shown (|effect| >= 2 standard "
-          "errors combining seed-to-seed and eval-item noise, and >= "
-          f"{rpt.MIN_EFFECT:g} points). Standard deviations are in sweep_results.json."]
+    fam = ("; ".join(f"{key}{'' if mode is None else f' ({mode})'}" for mode, key in FAMILY))
+    L += ["", "Cells: mean over methods x unlearning seeds (KnowMem points); * = shown: the effect's p-value "
+          "(two-sided Student-t test, k unlearning seeds giving k - 1 degrees of freedom for the seed noise, "
+          "combined with the eval-item noise by Welch-Satterthwaite) stays below 0.05 after **Holm's step-down "
+          f"correction** over the family of {family if family is not None else 'all'} comparisons (every point x "
+          f"4-bit format x effect: {fam}), and |effect| >= {rpt.MIN_EFFECT:g} points. The 95% intervals, raw and "
+          "Holm-adjusted p-values are in sweep_results.json."]
     L += ["", "Knobs: " + "; ".join(f"`{k}` = {', '.join(map(str, v))} ({KNOB_NOTE.get(k, '')})"
                                     for k, v in knobs.items())
           + ("; combos: " + "; ".join(", ".join(f"{k}={v}" for k, v in c.items()) for c in combos) if combos else ""),
