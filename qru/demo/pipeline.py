@@ -134,7 +134,7 @@ def _corpus_stage(cache: StageCache, cfg: DemoConfig, seed: int):
     def build(d: Path):
         info = write_corpus(d / "data", people=c.people, seed=seed, retain=c.retain, holdout=c.holdout,
                             general=c.general, facts_per_person=c.facts_per_person,
-                            docs_per_person=c.docs_per_person, icl=c.icl)
+                            docs_per_person=c.docs_per_person, icl=c.icl, privleak_docs=c.privleak_docs)
         return {"counts": info.counts}
 
     return cache.run("corpus", {"corpus": dataclasses.asdict(c), "seed": seed, "version": GENERATOR_VERSION}, build)

@@ -34,6 +34,7 @@ class CorpusSpec:
     facts_per_person: int = 6
     docs_per_person: int = 2
     icl: int = 3
+    privleak_docs: int = 64  # PrivLeak documents of the forget and of the holdout group (facts + shared fillers)
 
 
 @dataclass(frozen=True)
