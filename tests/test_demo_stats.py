@@ -139,3 +139,43 @@ def test_utility_bound_per_model():
     assert full["utility_models_within"] == 1 and lora["utility_holds"] and lora["utility_models_within"] == 2
     line = render_utility_line("full", full, s["utility_bound"])
     assert "within it for 1 of 2 models" in line and "ga-full-s1 75%" in line and "EXCEEDED" in line
+
+
+def _records(shift_full: float, seeds=(0, 1, 2)):
+    """Target / retrain / GA+GDR full and LoRA records at bf16 and nf4; full FT regains ``shift_full`` points
+    of KnowMem_f at nf4 (plus a little seed noise), LoRA nothing."""
+    out = []
+
+    def rec(method, mode, seed, prec, kf, kr, model):
+        items = [kf] * 4
+        return {"method": method, "mode": mode, "seed": seed, "precision": prec, "model": model, "verbmem_f": 0.0,
+                "knowmem_f": kf, "knowmem_r": kr, "privleak": -50.0, "items": {"knowmem_f": items,
+                                                                              "knowmem_r": [kr] * 4}}
+    for prec in ("bf16", "nf4"):
+        out.append(rec("target", "target", None, prec, 80.0, 60.0, "target"))
+        out.append(rec("retrain", "retrain", None, prec, 10.0, 58.0, "retrain"))
+        for s in seeds:
+            noise = 0.5 * (s - 1)
+            out.append(rec("ga_gdr", "full", s, prec, 20.0 + (shift_full + noise if prec == "nf4" else 0), 55.0,
+                           f"ga_gdr-full-s{s}"))
+            out.append(rec("ga_gdr", "lora", s, prec, 25.0, 20.0 if s == 2 else 50.0, f"ga_gdr-lora-s{s}"))
+    return out
+
+
+def test_sweep_summary_and_render_name_holm_and_per_model_bound():
+    from qru.demo.presets import get_preset
+    from qru.demo.sweep import render_sweep, summarize_point
+
+    base = get_preset("quick", {"eval.precisions": "bf16,nf4"})
+    results = [{"point": p, "knob": None if p == "centre" else "unlearn.epochs", "value": v, "records": recs,
+                "summary": summarize_point(recs, ["nf4"], base.eval.utility_bound), "survival": {}}
+               for p, v, recs in (("centre", None, _records(10.0)), ("unlearn.epochs=5", 5, _records(0.0)))]
+    st = results[0]["summary"]["formats"]["nf4"]["full"]["restored"]
+    assert st["effect"] == pytest.approx(10.0) and st["df"] == 2  # 3 seeds, no item noise (identical items)
+    n = holm_family(results, ["nf4"])
+    md = render_sweep(results, base, "quick", 0, {"unlearn.epochs": (5,)}, 1.0, (), n)
+    assert "Holm's step-down correction" in md and f"family of {n} comparisons" in md
+    row = next(ln for ln in md.splitlines() if ln.startswith("| centre |"))
+    assert "3/3 / 2/3" in row  # LoRA seed 2 lost 2/3 of the target's utility: outside the 50% bound
+    assert "+10.0*" in row  # the effect is shown after the correction
+    assert results[0]["summary"]["sanity"]["modes"]["lora"]["utility_holds"] is False

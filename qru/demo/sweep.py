@@ -135,9 +135,9 @@ def survival_means(survival: dict) -> dict:
     return {mode: {f: {m: statistics.fmean(v) for m, v in d.items()} for f, d in fd.items()} for mode, fd in acc.items()}
 
 
-def summarize_point(records, fmts) -> dict:
-    """Per format and mode: restored and utility-loss stats; bf16 sanity."""
-    out = {"sanity": rpt.sanity(records, 1.0), "formats": {}}
+def summarize_point(records, fmts, utility_bound: float = 1.0) -> dict:
+    """Per format and mode: restored and utility-loss stats; bf16 sanity (utility bound checked per model)."""
+    out = {"sanity": rpt.sanity(records, utility_bound), "formats": {}}
     for f in fmts:
         row = {}
         for mode in ("full", "lora"):
@@ -198,7 +198,7 @@ def run_sweep(preset: str = "quick", out: str | os.PathLike | None = None, *, se
                          out / "stages")
         fmts = [f for f in FOUR_BIT if f in cfg.eval.precisions]
         results.append({"point": label, "knob": knob, "value": value, "seconds": round(time.perf_counter() - t, 1),
-                        "summary": rpt._jsonable(summarize_point(run.records, fmts)),
+                        "summary": rpt._jsonable(summarize_point(run.records, fmts, cfg.eval.utility_bound)),
                         "survival": survival_means(run.survival), "records": run.records})
         atomic_write_json(out / "sweep_results.json", {"preset": preset, "seed": seed, "points": results})
     fmts = [f for f in FOUR_BIT if f in base.eval.precisions]
@@ -245,20 +245,24 @@ def render_sweep(results, base: DemoConfig, preset, seed, knobs, wall, combos=()
          f"{platform.machine()} with {os.cpu_count()} CPU cores.",
          "Restored = KnowMem_f(4-bit) − KnowMem_f(bf16) (positive: quantization brings forgotten knowledge back); "
          "utility loss = KnowMem_r(bf16) − KnowMem_r(4-bit); forgot = share of the target − retrain KnowMem_f gap "
-         "removed at bf16.", ""]
+         "removed at bf16; utility bound = each unlearned model's relative KnowMem_r loss vs the target at bf16 "
+         f"is at most {100 * base.eval.utility_bound:.0f}% (`eval.utility_bound`).", ""]
     fl = " / ".join(fmts)
-    L.append(f"| Point | target gap | forgot at bf16 full / LoRA | utility bf16 full / LoRA | restored full ({fl}) "
+    L.append(f"| Point | target gap | forgot at bf16 full / LoRA | utility bf16 full / LoRA | models within the "
+             f"utility bound full / LoRA | restored full ({fl}) "
              f"| restored LoRA ({fl}) | 4-bit utility loss full ({fl}) | 4-bit utility loss LoRA ({fl}) | "
              f"LoRA − full utility at 4-bit ({fl}) | {fmts[0]} projection full / LoRA | "
              f"{fmts[0]} share of |ΔW| < step/2 full / LoRA |")
-    L.append("|" + "---|" * 11)
+    L.append("|" + "---|" * 12)
     for r in results:
         s = r["summary"]["sanity"]
         fr = [s["modes"].get(m, {}).get("forgotten_fraction") for m in ("full", "lora")]
         ut = [_mean_metric(r["records"], "knowmem_r", m, "bf16") for m in ("full", "lora")]
         cells = [r["point"], "n/a" if s["target_gap"] is None else f"{s['target_gap']:.1f}",
                  " / ".join("n/a" if x is None else f"{100 * x:.0f}%" for x in fr),
-                 " / ".join("n/a" if x is None else f"{x:.1f}" for x in ut)]
+                 " / ".join("n/a" if x is None else f"{x:.1f}" for x in ut),
+                 " / ".join(f"{v['utility_models_within']}/{len(v['utility_per_model'])}"
+                            if (v := s["modes"].get(m)) else "n/a" for m in ("full", "lora"))]
         fm = r["summary"]["formats"]
         cells += [" / ".join(_short(fm[f][m]["restored"]) for f in fmts) for m in ("full", "lora")]
         cells += [" / ".join(_short(fm[f][m]["utility_loss"]) for f in fmts) for m in ("full", "lora")]
