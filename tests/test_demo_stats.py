@@ -162,9 +162,9 @@ def _records(shift_full: float, seeds=(0, 1, 2)):
     return out
 
 
-def test_sweep_summary_and_render_name_holm_and_per_model_bound():
+def test_sweep_summary_and_render_name_holm_and_per_model_bound(tmp_path):
     from qru.demo.presets import get_preset
-    from qru.demo.sweep import render_sweep, summarize_point
+    from qru.demo.sweep import render_sweep, summarize_point, sweep_plots
 
     base = get_preset("quick", {"eval.precisions": "bf16,nf4"})
     results = [{"point": p, "knob": None if p == "centre" else "unlearn.epochs", "value": v, "records": recs,
@@ -179,3 +179,5 @@ def test_sweep_summary_and_render_name_holm_and_per_model_bound():
     assert "3/3 / 2/3" in row  # LoRA seed 2 lost 2/3 of the target's utility: outside the 50% bound
     assert "+10.0*" in row  # the effect is shown after the correction
     assert results[0]["summary"]["sanity"]["modes"]["lora"]["utility_holds"] is False
+    sweep_plots(results, base, tmp_path)
+    assert (tmp_path / "sweep_restored.png").read_bytes()[:4] == b"\x89PNG"

@@ -231,13 +231,6 @@ def _mean_metric(records, metric, mode, precision):
     return statistics.fmean(v) if v else None
 
 
-def _cell(st: dict) -> str:
-    if st is None or st.get("effect") is None:
-        return "n/a"
-    sd = f" ± {st['noise_sd']:.1f}" if st.get("noise_sd") is not None else ""
-    return f"{st['effect']:+.1f}{sd}{' *' if st.get('shown') else ''}"
-
-
 def render_sweep(results, base: DemoConfig, preset, seed, knobs, wall, combos=(), family: int | None = None) -> str:
     fmts = [f for f in FOUR_BIT if f in base.eval.precisions]
     L = [f"# qru sweep — preset `{preset}`, seed {seed}", "",
@@ -353,7 +346,8 @@ def sweep_plots(results, base: DemoConfig, out: Path) -> None:
             for f, ls in zip(fmts, ("-", "--", ":")):
                 for mode, color in (("full", "C0"), ("lora", "C1")):
                     y = [p[1]["summary"]["formats"][f][mode][what]["effect"] for p in pts]
-                    e = [p[1]["summary"]["formats"][f][mode][what]["noise_sd"] or 0 for p in pts]
+                    sts = [p[1]["summary"]["formats"][f][mode][what] for p in pts]
+                    e = [st["ci"][1] - st["effect"] if st.get("ci") else 0 for st in sts]  # 95% CI half-width
                     y = [float("nan") if v is None else v for v in y]
                     ax.errorbar(xs, y, yerr=e, color=color, ls=ls, marker="o", ms=3, capsize=2,
                                 label=f"{mode} {f}")
@@ -361,7 +355,7 @@ def sweep_plots(results, base: DemoConfig, out: Path) -> None:
             ax.set_xticks(xs, [_label(p[0]) for p in pts])
             ax.set_xlabel(knob)
             ax.grid(alpha=0.3)
-        axes[0][0].set_ylabel(title)
+        axes[0][0].set_ylabel(title + "\nbars: 95% CI (unadjusted)")
         axes[0][0].legend(fontsize=7)
         fig.tight_layout()
         tmp = out / f".{fname}.tmp-{os.getpid()}.png"
