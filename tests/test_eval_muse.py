@@ -103,6 +103,9 @@ def test_muse_on_shared_data(muse_result, model_tok, shared_data):
     y = [0] * len(f) + [1] * len(h)
     assert r["auc"] == pytest.approx(roc_auc_score(y, -np.array(f + h)))
     assert r["privleak"] == pytest.approx((r["auc"] - 0.4772) / 0.4772 * 100)
+    # the Min-40% gap (holdout minus forget score) with its bootstrap interval around it
+    g = r["min_k_gap"]
+    assert g["gap"] == pytest.approx(np.mean(h) - np.mean(f)) and g["ci"][0] <= g["gap"] <= g["ci"][1]
     assert set(r["aucs"]) == {"PPL", "PPL/zlib", "Min-40%", "Min-40%++"}
     assert all(d["n_tokens"] == MAX_LEN - 1 for d in r["items"]["privleak"]["forget"])
     th = r["throughput"]
