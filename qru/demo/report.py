@@ -102,15 +102,16 @@ def _pct(x) -> str:
 
 
 def _pm(st: dict) -> str:
-    """'+3.2 points (95% CI -1.0 to +7.4; t(1.3) ...; 2 seeds x 2 methods)'."""
+    """'+3.2 points (95% CI -1.0 to +7.4, p = ...; SE ..., t(df) = ...; 2 seeds x 2 methods)'."""
     if st["effect"] is None:
         return "n/a (no paired records)"
     if st["ci"] is None:
         noise = "no interval: a single unlearning seed"
     else:
         noise = (f"95% CI {_f(st['ci'][0], sign=True)} to {_f(st['ci'][1], sign=True)}, p = {st['p']:.2g}; "
-                 f"SE {_f(st['se'])} = seeds {_f(st['se_seed'])}"
-                 + (f" + eval items {_f(st['se_items'])}" if st.get("se_items") is not None else "")
+                 f"SE {_f(st['se'])}"
+                 + (f" (seeds {_f(st['se_seed'])}, eval items {_f(st['se_items'])}, in quadrature)"
+                    if st.get("se_items") is not None else " (seeds)")
                  + f", t({st['df']:.1f}) = {st['t_crit']:.2f}")
     return f"{_f(st['effect'], sign=True)} points ({noise}; {st['n_seeds']} seeds x {st['n_methods']} methods)"
 
