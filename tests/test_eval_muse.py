@@ -280,3 +280,24 @@ def test_adapter_merged_before_precision(tiny_dir, tmp_path, shared_data):
                  "--retrain-auc", "0.5", "--out", str(out)]) == 0
     recs = json.loads(out.read_text())["records"]
     assert [r["precision"] for r in recs] == ["fp32", "bf16"] and all(r["adapter"] == str(adapter) for r in recs)
+
+
+def test_min_k_gap_scaled_against_reference_scores(model_tok, shared_data, muse_result):
+    model, tok = model_tok
+    r = muse_result
+    own = {side: [d["Min-40%"] for d in r["items"]["privleak"][side]] for side in ("forget", "holdout")}
+    m = float(np.mean(own["forget"] + own["holdout"]))
+    flat = {side: [m] * len(v) for side, v in own.items()}  # no forget/holdout gap at all
+    kw = dict(limit=LIMIT, score_batch_size=4, max_len=MAX_LEN, metrics=["privleak"])
+    # as its own target, against a reference without a gap: exactly 1; as its own retrain model: 0
+    a = muse.evaluate_muse(model, tok, shared_data / "muse-news", gap_refs={"target": own, "retrain": flat}, **kw)
+    g = own["holdout"], own["forget"]
+    assert a["min_k_gap_scaled"]["value"] == pytest.approx(1.0, abs=1e-6)
+    assert a["min_k_gap_scaled"]["gap"] == pytest.approx(np.mean(g[0]) - np.mean(g[1]), abs=1e-9)
+    b = muse.evaluate_muse(model, tok, shared_data / "muse-news", gap_refs={"target": flat, "retrain": own}, **kw)
+    assert b["min_k_gap_scaled"]["value"] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="gap_refs"):
+        muse.evaluate_muse(model, tok, shared_data / "muse-news", gap_refs={"target": own}, **kw)
+    with pytest.raises(ValueError, match=r"gap_refs\['retrain'\]\['forget'\] has 1 scores"):
+        muse.evaluate_muse(model, tok, shared_data / "muse-news",
+                           gap_refs={"target": own, "retrain": {"forget": [0.0], "holdout": own["holdout"]}}, **kw)

@@ -284,7 +284,7 @@ def evaluate_muse(model, tokenizer, data_dir: str | Path, *, retrain_auc: float 
                   max_len: int | None = None, k: float = 0.4, metrics: Sequence[str] = METRICS,
                   files: dict | None = None, verbmem_max_new_tokens: int = VERBMEM_MAX_NEW,
                   knowmem_max_new_tokens: int = KNOWMEM_MAX_NEW, share_prefix: bool = True,
-                  progress: bool = False, fast_linears: bool = True) -> dict:
+                  progress: bool = False, fast_linears: bool = True, gap_refs: dict | None = None) -> dict:
     """Run the MUSE metrics on one (already built) model.
 
     ``files`` overrides entries of ``DEFAULT_FILES`` (relative to ``data_dir`` or absolute).
@@ -294,12 +294,17 @@ def evaluate_muse(model, tokenizer, data_dir: str | Path, *, retrain_auc: float 
     ``fast_linears`` runs fp32 CPU linears through oneDNN with packed weights (``qru.eval.linears``).
     Returns a dict with ``verbmem_f``, ``knowmem_f``, ``knowmem_r`` (ROUGE-L F1 x100, as MUSE),
     ``knowmem_f_recall``/``knowmem_r_recall`` (ROUGE-L recall x100), ``auc`` (Min-k%), ``aucs`` (all score kinds),
-    ``privleak`` (None without ``retrain_auc``), ``min_k_gap`` (:func:`gap_interval` of the Min-k% scores;
-    scale it against a target and a retrain model with :func:`scaled_gap` on ``items["privleak"]``),
+    ``privleak`` (None without ``retrain_auc``), ``min_k_gap`` (:func:`gap_interval` of the Min-k% scores),
+    ``min_k_gap_scaled`` (:func:`scaled_gap`, target = 1, retrain = 0; only with ``gap_refs``:
+    ``{"target": {"forget": [...], "holdout": [...]}, "retrain": {...}}``, those models' per-text Min-k%
+    scores of the same texts, e.g. from their own ``items["privleak"]``),
     per-item ``items`` and ``throughput``.
     """
     if retrain_auc is not None:
         check_retrain_auc(retrain_auc)
+    if gap_refs is not None and not (isinstance(gap_refs, dict) and {"target", "retrain"} <= set(gap_refs)):
+        raise ValueError("gap_refs must be a dict with 'target' and 'retrain' Min-k% scores "
+                         "({'forget': [...], 'holdout': [...]} each)")
     take([], limit)  # validates limit
     paths = resolve_files(data_dir, metrics, files)
     # Load and validate everything before the first (slow) model call.
@@ -313,11 +318,17 @@ def evaluate_muse(model, tokenizer, data_dir: str | Path, *, retrain_auc: float 
     if "privleak" in metrics:
         data["privleak_forget"] = _texts(paths["privleak_forget"], limit)
         data["privleak_holdout"] = _texts(paths["privleak_holdout"], limit)
+        for name, ref in (gap_refs or {}).items():
+            for side in ("forget", "holdout"):
+                n = len(ref.get(side, ())) if isinstance(ref, dict) else -1
+                if n != len(data[f"privleak_{side}"]):
+                    raise ValueError(f"gap_refs[{name!r}][{side!r}] has {n} scores for "
+                                     f"{len(data[f'privleak_{side}'])} {side} texts")
 
     meter = Meter()
     out: dict = {"verbmem_f": None, "knowmem_f": None, "knowmem_r": None, "knowmem_f_recall": None,
-                 "knowmem_r_recall": None, "auc": None, "aucs": None, "min_k_gap": None, "privleak": None,
-                 "retrain_auc": retrain_auc, "k": k, "items": {}, "n_items": {}}
+                 "knowmem_r_recall": None, "auc": None, "aucs": None, "min_k_gap": None, "min_k_gap_scaled": None,
+                 "privleak": None, "retrain_auc": retrain_auc, "k": k, "items": {}, "n_items": {}}
     was_training = model.training
     model.eval()
     try:
@@ -339,7 +350,10 @@ def evaluate_muse(model, tokenizer, data_dir: str | Path, *, retrain_auc: float 
                 out["aucs"] = privleak_aucs(f, h)
                 key = f"Min-{int(round(k * 100))}%"
                 out["auc"] = out["aucs"][key]
-                out["min_k_gap"] = gap_interval([d[key] for d in f], [d[key] for d in h])
+                mine = {"forget": [d[key] for d in f], "holdout": [d[key] for d in h]}
+                out["min_k_gap"] = gap_interval(mine["forget"], mine["holdout"])
+                if gap_refs is not None:
+                    out["min_k_gap_scaled"] = scaled_gap(mine, gap_refs["target"], gap_refs["retrain"])
                 if retrain_auc is not None:
                     out["privleak"] = privleak_from_auc(out["auc"], retrain_auc)
                 out["items"]["privleak"] = {"forget": [{"i": i, **d} for i, d in enumerate(f)],
