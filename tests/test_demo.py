@@ -119,21 +119,28 @@ def test_report_table(demo):
 
 
 def _recompute_effect(recs, metric, mode, prec):
-    """Independent recomputation: mean paired difference, pooled seed sd, combined standard error."""
-    diffs, items = {}, []
+    """Independent recomputation: per-seed mean paired difference; Student-t interval with k - 1 df for the
+    seeds, combined with the eval-item noise (Welch-Satterthwaite); scipy's t distribution."""
+    from scipy.stats import t as tdist
+
+    by_seed, items = {}, []
     for r in recs:
         if r["mode"] == mode and r["precision"] == prec:
             base = [b for b in recs if b["model"] == r["model"] and b["precision"] == "bf16"][0]
-            diffs.setdefault(r["method"], []).append(r[metric] - base[metric])
+            by_seed.setdefault(r["seed"], []).append(r[metric] - base[metric])
             items.append([x - y for x, y in zip(r["items"][metric], base["items"][metric])])
-    allv = [d for v in diffs.values() for d in v]
-    effect = sum(allv) / len(allv)
-    var = [statistics.variance(v) for v in diffs.values() if len(v) > 1]
-    sd = math.sqrt(sum(var) / len(var))
-    n_seeds = max(len(v) for v in diffs.values())
-    se_items = math.sqrt(sum(statistics.variance(d) / len(d) for d in items)) / len(items)
-    se = math.sqrt((sd / math.sqrt(n_seeds)) ** 2 + se_items ** 2)
-    return effect, sd, se
+    d = [statistics.fmean(v) for v in by_seed.values()]
+    k = len(d)
+    effect, sd = statistics.fmean(d), statistics.stdev(d)
+    se_s = sd / math.sqrt(k)
+    per_item = [statistics.fmean(c) for c in zip(*items)]
+    se_i = statistics.stdev(per_item) / math.sqrt(len(per_item))
+    se = math.sqrt(se_s ** 2 + se_i ** 2)
+    den = se_s ** 4 / (k - 1) + se_i ** 4 / (len(per_item) - 1)
+    df = se ** 4 / den if den > 0 else k - 1  # no noise at all (e.g. every score 0): the seeds' df
+    half = tdist.ppf(0.975, df) * se
+    p = 2 * tdist.sf(abs(effect) / se, df) if se > 0 else (1.0 if effect == 0 else 0.0)
+    return effect, sd, se, [effect - half, effect + half], p
 
 
 def test_conclusion_matches_results(demo):
@@ -144,12 +151,13 @@ def test_conclusion_matches_results(demo):
     concl = md.split("## Conclusion (computed from results.json)", 1)[1].split("## Every precision", 1)[0]
     fmt = cfg.eval.table_format
     for mode, name in (("full", "Full fine-tuning"), ("lora", "LoRA (merged, then quantized)")):
-        effect, sd, se = _recompute_effect(recs, "knowmem_f", mode, fmt)
+        effect, sd, se, ci, p = _recompute_effect(recs, "knowmem_f", mode, fmt)
         st = conc["restore"][fmt][mode]
         assert st["effect"] == pytest.approx(effect, abs=1e-9)
         assert st["noise_sd"] == pytest.approx(sd, abs=1e-9)
         assert st["se"] == pytest.approx(se, abs=1e-9)
-        shown = abs(effect) >= max(2 * se, conc["min_effect"])
+        assert st["ci"] == pytest.approx(ci, abs=1e-6) and st["p"] == pytest.approx(p, abs=1e-9)
+        shown = p < 0.05 and abs(effect) >= conc["min_effect"]
         assert st["shown"] == shown
         line = next(ln for ln in concl.splitlines() if ln.startswith(f"- {name}:"))
         assert f"{effect:+.1f} points" in line
@@ -165,9 +173,40 @@ def test_conclusion_matches_results(demo):
     assert conc["utility"][fmt]["lora_minus_full"]["effect"] == pytest.approx(sum(pairs) / len(pairs), abs=1e-9)
     assert "**2. Does LoRA keep more utility at 4 bits?**" in concl
     assert "**3. Where does PrivLeak move?**" in concl
-    # sanity numbers are the records'
+    # sanity numbers are the records'; the utility bound is checked for every unlearned model
     tk = [r["knowmem_f"] for r in recs if r["mode"] == "target" and r["precision"] == "bf16"][0]
     assert conc["sanity"]["target_knowmem_f"] == tk
+    ut = [r["knowmem_r"] for r in recs if r["mode"] == "target" and r["precision"] == "bf16"][0]
+    for mode, v in conc["sanity"]["modes"].items():
+        bf = {r["model"]: r for r in recs if r["mode"] == mode and r["precision"] == "bf16"}
+        if ut == 0:  # no utility to lose (the mini model's scores are often 0): nothing to check against
+            assert v["utility_per_model"] == [] and not v["utility_holds"]
+            continue
+        assert {m["model"] for m in v["utility_per_model"]} == set(bf)
+        for m in v["utility_per_model"]:
+            drop = (ut - bf[m["model"]]["knowmem_r"]) / ut
+            assert m["utility_drop"] == pytest.approx(drop) and m["holds"] == (drop <= cfg.eval.utility_bound)
+        assert v["utility_holds"] == all(m["holds"] for m in v["utility_per_model"])
+        assert f"within it for {v['utility_models_within']} of {len(bf)} models" in md
+
+
+def test_knowmem_f1_recall_and_min_k_gap(demo):
+    cfg, out, run = demo
+    recs = json.loads((out / "results.json").read_text())
+    md = (out / "report.md").read_text()
+    for r in recs:
+        for k in ("knowmem_f", "knowmem_r"):  # F1 <= ... both in [0, 100]; recall kept beside F1
+            assert 0.0 <= r[f"{k}_recall"] <= 100.0
+    one = lambda mode: [r for r in recs if r["mode"] == mode and r["precision"] == "bf16"][0]
+    assert one("target")["min_k_gap"] == pytest.approx(1.0) and one("retrain")["min_k_gap"] == pytest.approx(0.0)
+    for r in recs:
+        lo, hi = r["min_k_gap_ci"]
+        assert lo - 1e-9 <= r["min_k_gap"] <= hi + 1e-9
+        t, rt = one("target")["min_k_gap_raw"], one("retrain")["min_k_gap_raw"]
+        assert r["min_k_gap"] == pytest.approx((r["min_k_gap_raw"] - rt) / (t - rt))
+    assert "Min-40% gap, scaled" in md
+    # mini lowers the generation lengths, and its report says so
+    assert cfg.eval.verbmem_tokens < 128 and "lowered by this preset" in md
 
 
 def test_cache_reuse_changed_setting_and_force(demo, tmp_path):

@@ -83,16 +83,19 @@ def test_muse_on_shared_data(muse_result, model_tok, shared_data):
         assert it["gt"] == gt and d["gt"].startswith(gt[:20])
         f1.append(ref.score(gt, it["output"])["rougeL"].fmeasure)
     assert r["verbmem_f"] == pytest.approx(100 * np.mean(f1))
-    # KnowMem: ROUGE-L recall x100 of the cut answer
+    # KnowMem: ROUGE-L F1 x100 of the cut answer (MUSE's mean_rougeL); recall x100 beside it
     for key, name in (("knowmem_f", "forget_qa"), ("knowmem_r", "retain_qa")):
         qa = json.load(open(shared_data / "muse-news" / "knowmem" / f"{name}.json"))[:LIMIT]
         items = r["items"][key]
         assert [it["answer"] for it in items] == [d["answer"] for d in qa]
-        rec = []
+        f1, rec = [], []
         for it in items:
             assert not any(s in it["output"] for s in muse.KNOWMEM_STOP)
-            rec.append(ref.score(it["answer"], it["output"])["rougeL"].recall)
-        assert r[key] == pytest.approx(100 * np.mean(rec))
+            s = ref.score(it["answer"], it["output"])["rougeL"]
+            f1.append(s.fmeasure)
+            rec.append(s.recall)
+        assert r[key] == pytest.approx(100 * np.mean(f1))
+        assert r[f"{key}_recall"] == pytest.approx(100 * np.mean(rec))
         assert 0 <= r[key] <= 100
     # PrivLeak: sklearn AUC on the logged Min-40% scores, MUSE orientation, then the formula
     f = [d["Min-40%"] for d in r["items"]["privleak"]["forget"]]
@@ -100,6 +103,9 @@ def test_muse_on_shared_data(muse_result, model_tok, shared_data):
     y = [0] * len(f) + [1] * len(h)
     assert r["auc"] == pytest.approx(roc_auc_score(y, -np.array(f + h)))
     assert r["privleak"] == pytest.approx((r["auc"] - 0.4772) / 0.4772 * 100)
+    # the Min-40% gap (holdout minus forget score) with its bootstrap interval around it
+    g = r["min_k_gap"]
+    assert g["gap"] == pytest.approx(np.mean(h) - np.mean(f)) and g["ci"][0] <= g["gap"] <= g["ci"][1]
     assert set(r["aucs"]) == {"PPL", "PPL/zlib", "Min-40%", "Min-40%++"}
     assert all(d["n_tokens"] == MAX_LEN - 1 for d in r["items"]["privleak"]["forget"])
     th = r["throughput"]
@@ -274,3 +280,24 @@ def test_adapter_merged_before_precision(tiny_dir, tmp_path, shared_data):
                  "--retrain-auc", "0.5", "--out", str(out)]) == 0
     recs = json.loads(out.read_text())["records"]
     assert [r["precision"] for r in recs] == ["fp32", "bf16"] and all(r["adapter"] == str(adapter) for r in recs)
+
+
+def test_min_k_gap_scaled_against_reference_scores(model_tok, shared_data, muse_result):
+    model, tok = model_tok
+    r = muse_result
+    own = {side: [d["Min-40%"] for d in r["items"]["privleak"][side]] for side in ("forget", "holdout")}
+    m = float(np.mean(own["forget"] + own["holdout"]))
+    flat = {side: [m] * len(v) for side, v in own.items()}  # no forget/holdout gap at all
+    kw = dict(limit=LIMIT, score_batch_size=4, max_len=MAX_LEN, metrics=["privleak"])
+    # as its own target, against a reference without a gap: exactly 1; as its own retrain model: 0
+    a = muse.evaluate_muse(model, tok, shared_data / "muse-news", gap_refs={"target": own, "retrain": flat}, **kw)
+    g = own["holdout"], own["forget"]
+    assert a["min_k_gap_scaled"]["value"] == pytest.approx(1.0, abs=1e-6)
+    assert a["min_k_gap_scaled"]["gap"] == pytest.approx(np.mean(g[0]) - np.mean(g[1]), abs=1e-9)
+    b = muse.evaluate_muse(model, tok, shared_data / "muse-news", gap_refs={"target": flat, "retrain": own}, **kw)
+    assert b["min_k_gap_scaled"]["value"] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="gap_refs"):
+        muse.evaluate_muse(model, tok, shared_data / "muse-news", gap_refs={"target": own}, **kw)
+    with pytest.raises(ValueError, match=r"gap_refs\['retrain'\]\['forget'\] has 1 scores"):
+        muse.evaluate_muse(model, tok, shared_data / "muse-news",
+                           gap_refs={"target": own, "retrain": {"forget": [0.0], "holdout": own["holdout"]}}, **kw)

@@ -67,7 +67,7 @@ def test_default_sizes():
     assert len(c.knowmem["forget_qa"]) == 20 * 6 and len(c.knowmem["retain_qa"]) == 40 * 6
     assert len(c.knowmem["forget_qa_icl"]) == len(c.knowmem["retain_qa_icl"]) == 3
     assert len(c.verbmem) == 20
-    assert [len(c.privleak[g]) for g in ("forget", "retain", "holdout")] == [80, 160, 80]
+    assert [len(c.privleak[g]) for g in ("forget", "retain", "holdout")] == [64, 160, 64]
     assert all(len(p.facts) == 6 and len(p.docs) == 4 for ps in c.people.values() for p in ps)
 
 
@@ -134,12 +134,54 @@ def test_verbmem_prompt_and_gt_split_a_forget_document(corpus):
         assert item["gt"].startswith(" ") and len(item["gt"]) > len(item["prompt"])
 
 
-def test_privleak_texts_are_prose_documents_of_their_group(corpus):
-    for g in ("forget", "retain", "holdout"):
-        texts = corpus.privleak[g]
-        assert texts == [d for p in corpus.people[g] for d in p.docs]
-        assert set(texts) <= set(_docs(corpus.raw[g]))
+def test_privleak_retain_texts_are_prose_documents(corpus):
+    texts = corpus.privleak["retain"]
+    assert texts == [d for p in corpus.people["retain"] for d in p.docs]
+    assert set(texts) <= set(_docs(corpus.raw["retain"]))
+
+
+def _sents(doc: str) -> list[str]:
+    parts = doc.split(". ")
+    return [x + "." for x in parts[:-1]] + [parts[-1]]
+
+
+def test_privleak_forget_and_holdout_sets():
+    from qru.data.synthetic import FILLER_POOL, _fillers
+
+    c = make_corpus(people=8, retain=8, holdout=8, general=24, docs_per_person=2, seed=2)
+    pool = set(_fillers(2, FILLER_POOL))
+    raw = {g: _docs(c.raw[g]) for g in c.raw}
+    fill_used = {}
+    for g in ("forget", "holdout"):
+        texts = c.privleak[g]
+        assert len(texts) >= 64 and len(set(texts)) == len(texts)
         assert not any("Question:" in t for t in texts)
+        # each document: one person's facts (1 or more), named in it, plus 1-5 shared filler sentences
+        fill_used[g] = set()
+        for i, t in enumerate(texts):
+            p = c.people[g][i % len(c.people[g])]
+            sents = _sents(t)
+            fill = [x for x in sents if x in pool]
+            facts = [x for x in sents if x not in pool]
+            assert 1 <= len(fill) <= 5 and 1 <= len(facts) <= len(p.facts), t
+            assert _mentions(p.name, t)
+            assert all(any(v in x for v in p.facts.values()) for x in facts), t
+            fill_used[g] |= set(fill)
+            # every PrivLeak document is in its group's raw file exactly once, and in no other file
+            assert raw[g].count(t) == 1
+            assert all(t not in raw[o] for o in raw if o != g)
+        lengths = [len(_sents(t)) for t in texts]
+        assert len(set(lengths)) >= 5 and max(lengths) >= 2 * min(lengths)  # varied lengths
+    assert len(fill_used["forget"] & fill_used["holdout"]) >= 0.8 * len(pool)  # fillers shared by both groups
+    # a forget document is seen once; each fact it carries is seen in more documents (paraphrases)
+    forget_docs = raw["forget"]
+    for i, t in enumerate(c.privleak["forget"]):
+        p = c.people["forget"][i % len(c.people["forget"])]
+        for v in p.facts.values():
+            if v in t:
+                carriers = [d for d in forget_docs if v in d and _mentions(p.name, d)]
+                assert len(carriers) > forget_docs.count(t), (p.name, v)
+                assert len([d for d in carriers if d not in c.privleak["forget"]]) >= 2  # prose + QA
 
 
 def test_formats_match_muse(shared_data, tmp_path):

@@ -15,13 +15,22 @@ each fact with a randomly chosen phrasing; the first document names the person i
 ``qa_docs``, one ``Question: ...\\nAnswer: ...`` document per fact (the exact KnowMem question; general people
 always get them so the base learns the format). Documents in ``raw/*.txt`` are separated by blank lines.
 
+PrivLeak documents (``privleak_docs`` for the forget and for the holdout group, by default 64 each) are
+built apart from the prose documents so that membership is not trivially separable: each one states a
+random subset (1 to all) of one person's facts, each with a randomly chosen phrasing, mixed with 1-5
+filler sentences drawn from one pool shared by both groups, so lengths vary and the filler text is
+equally familiar on both sides. A forget PrivLeak document is in ``raw/forget.txt`` once, while every
+fact it carries is also taught by the person's prose (and QA) documents in other words: the facts are
+seen more often than the document. Holdout PrivLeak documents go to ``raw/holdout.txt`` (never trained).
+
 Written files (JSON exactly as MUSE's: ``json.dumps`` defaults, one line, no trailing newline)::
 
     raw/{forget,retain,holdout,general}.txt
     knowmem/{forget,retain}_qa.json       [{"question", "answer"}], every fact of every forget/retain person
     knowmem/{forget,retain}_qa_icl.json   [{"question", "answer"}], ``icl`` general people each
     verbmem/forget.json                   [{"prompt", "gt"}], first prose document of each forget person
-    privleak/{forget,retain,holdout}.json [str], the prose documents of that group
+    privleak/{forget,holdout}.json        [str], the PrivLeak documents of that group (above)
+    privleak/retain.json                  [str], the prose documents of the retain people
     meta.json                             parameters and counts (not part of MUSE)
 
 Same arguments give byte-identical files; every person's content depends only on (seed, group, index).
@@ -36,7 +45,9 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
+PRIVLEAK_DOCS = 64  # default number of forget and of holdout PrivLeak documents
+FILLER_POOL = 48  # filler sentences shared by the forget and holdout PrivLeak documents
 GROUPS = ("forget", "retain", "holdout", "general")
 
 # -- vocabularies (mutually disjoint; values are the KnowMem answers) ----------------------------------------
@@ -272,6 +283,50 @@ def _generic_doc(rng: random.Random) -> str:
     return " ".join(sents)
 
 
+def _fillers(seed: int, n: int) -> list[str]:
+    """``n`` distinct generic sentences (no person in them): the filler pool of the PrivLeak documents."""
+    rng = random.Random(f"qru-synth:{seed}:fillers")
+    out: list[str] = []
+    for _ in range(100 * n):
+        if len(out) == n:
+            break
+        t = rng.choice(FACT_TYPES)
+        v = rng.choice(VOCAB[t])
+        sent = _cap(rng.choice(GENERIC[t]).format(v=v, V=_cap(v), a=_article(v), A=_cap(_article(v))))
+        if sent not in out:
+            out.append(sent)
+    return out
+
+
+def _privleak_docs(seed: int, group: str, people: tuple[Person, ...], n: int, fillers: list[str]) -> list[str]:
+    """``n`` distinct documents, person by person in turn: a random subset of the person's facts, each
+    in a random phrasing, shuffled together with 1-5 sentences of ``fillers``; the first fact sentence
+    names the person, later ones may use the pronoun."""
+    rng = random.Random(f"qru-synth:{seed}:privleak:{group}")
+    docs: list[str] = []
+    seen: set[str] = set()
+    for i in range(n):
+        p = people[i % len(people)]
+        for _attempt in range(50):
+            types = rng.sample(list(p.facts), rng.randint(1, len(p.facts)))
+            parts = [("fact", t) for t in types] + [("fill", f) for f in rng.sample(fillers, rng.randint(1, 5))]
+            rng.shuffle(parts)
+            sents, named = [], False
+            for kind, x in parts:
+                if kind == "fill":
+                    sents.append(x)
+                else:
+                    sents.append(_render(rng.choice(PROSE[x]), p.name, p.gender, p.facts[x],
+                                         not named or rng.random() < 0.5))
+                    named = True
+            doc = " ".join(sents)
+            if doc not in seen:
+                break
+        seen.add(doc)
+        docs.append(doc)
+    return docs
+
+
 def _split_prompt(doc_sentences: list[str], prompt_sentences: int) -> dict[str, str]:
     k = min(prompt_sentences, len(doc_sentences) - 1)
     prompt = " ".join(doc_sentences[:k])
@@ -280,13 +335,15 @@ def _split_prompt(doc_sentences: list[str], prompt_sentences: int) -> dict[str, 
 
 def make_corpus(people: int = 20, seed: int = 0, *, retain: int | None = None, holdout: int | None = None,
                 general: int = 60, facts_per_person: int = 6, docs_per_person: int = 4, qa_docs: bool = True,
-                icl: int = 3, generic_docs: int | None = None, prompt_sentences: int = 2) -> Corpus:
+                icl: int = 3, generic_docs: int | None = None, prompt_sentences: int = 2,
+                privleak_docs: int = PRIVLEAK_DOCS) -> Corpus:
     """Build the corpus in memory.
 
     ``people`` forget people; ``retain`` (default ``2 * people``), ``holdout`` (default ``people``) and
     ``general`` people; ``generic_docs`` generic paragraphs in ``general.txt`` (default ``general``);
     ``icl`` few-shot QA pairs per ``*_qa_icl.json``; verbmem prompts are the first ``prompt_sentences``
-    sentences of a document.
+    sentences of a document; ``privleak_docs`` PrivLeak documents for the forget and for the holdout group
+    (module docstring).
     """
     people = _check_int("people", people, 1)
     retain = _check_int("retain", 2 * people if retain is None else retain, 1)
@@ -297,6 +354,7 @@ def make_corpus(people: int = 20, seed: int = 0, *, retain: int | None = None, h
     facts_per_person = _check_int("facts_per_person", facts_per_person, 1, len(FACT_TYPES))
     docs_per_person = _check_int("docs_per_person", docs_per_person, 1)
     prompt_sentences = _check_int("prompt_sentences", prompt_sentences, 1, facts_per_person)
+    privleak_docs = _check_int("privleak_docs", privleak_docs, 1)
     seed = _check_int("seed", seed, -(2 ** 63))
     if not isinstance(qa_docs, bool):
         raise TypeError(f"qa_docs must be a bool, got {type(qa_docs).__name__} {qa_docs!r}")
@@ -311,9 +369,15 @@ def make_corpus(people: int = 20, seed: int = 0, *, retain: int | None = None, h
                                qa_docs or g == "general") for i in range(n))
               for g, n in sizes.items()}
 
+    fillers = _fillers(seed, FILLER_POOL)
+    privleak = {g: _privleak_docs(seed, g, groups[g], privleak_docs, fillers) for g in ("forget", "holdout")}
+    privleak = {"forget": privleak["forget"], "retain": [d for p in groups["retain"] for d in p.docs],
+                "holdout": privleak["holdout"]}
     raw = {}
     for g, ps in groups.items():
         docs = [d for p in ps for d in p.docs + p.qa_docs]
+        if g in ("forget", "holdout"):
+            docs += privleak[g]
         if g == "general":
             grng = random.Random(f"qru-synth:{seed}:generic")
             docs += [_generic_doc(grng) for _ in range(generic_docs)]
@@ -336,10 +400,10 @@ def make_corpus(people: int = 20, seed: int = 0, *, retain: int | None = None, h
     knowmem = {k: knowmem[k] for k in ("forget_qa", "retain_qa", "forget_qa_icl", "retain_qa_icl")}
 
     verbmem = [_split_prompt(_sentences(p, 0), prompt_sentences) for p in groups["forget"]]
-    privleak = {g: [d for p in groups[g] for d in p.docs] for g in ("forget", "retain", "holdout")}
     params = {"people": people, "seed": seed, "retain": retain, "holdout": holdout, "general": general,
               "facts_per_person": facts_per_person, "docs_per_person": docs_per_person, "qa_docs": qa_docs,
-              "icl": icl, "generic_docs": generic_docs, "prompt_sentences": prompt_sentences}
+              "icl": icl, "generic_docs": generic_docs, "prompt_sentences": prompt_sentences,
+              "privleak_docs": privleak_docs}
     return Corpus(groups, raw, knowmem, verbmem, privleak, params)
 
 

@@ -22,6 +22,7 @@ import torch
 
 from qru.demo.presets import DemoConfig, stable_hash
 from qru.demo.stages import StageCache, atomic_write_json
+from qru.eval.muse import scaled_gap
 
 RAW = ("general", "forget", "retain", "holdout")
 FLOAT_WEIGHTS = ("bf16", "fp16")
@@ -133,7 +134,7 @@ def _corpus_stage(cache: StageCache, cfg: DemoConfig, seed: int):
     def build(d: Path):
         info = write_corpus(d / "data", people=c.people, seed=seed, retain=c.retain, holdout=c.holdout,
                             general=c.general, facts_per_person=c.facts_per_person,
-                            docs_per_person=c.docs_per_person, icl=c.icl)
+                            docs_per_person=c.docs_per_person, icl=c.icl, privleak_docs=c.privleak_docs)
         return {"counts": info.counts}
 
     return cache.run("corpus", {"corpus": dataclasses.asdict(c), "seed": seed, "version": GENERATOR_VERSION}, build)
@@ -283,13 +284,16 @@ def _evaluate_one(ref: ModelRef, precision: str, tok, data_dir: Path, cfg: DemoC
     pl = None
     if retrain_auc is not None and 0.0 < retrain_auc < 1.0:
         pl = privleak_from_auc(auc, retrain_auc)
-    rec = {"verbmem_f": o["verbmem_f"], "knowmem_f": o["knowmem_f"], "knowmem_r": o["knowmem_r"], "privleak": pl,
-           "auc": auc, "build_seconds": round(built, 3), "eval_seconds": round(time.perf_counter() - t0 - built, 3),
-           "linear_modules": kinds}
+    rec = {"verbmem_f": o["verbmem_f"], "knowmem_f": o["knowmem_f"], "knowmem_r": o["knowmem_r"],
+           "knowmem_f_recall": o["knowmem_f_recall"], "knowmem_r_recall": o["knowmem_r_recall"], "privleak": pl,
+           "auc": auc, "min_k_gap": o["min_k_gap"], "build_seconds": round(built, 3),
+           "eval_seconds": round(time.perf_counter() - t0 - built, 3), "linear_modules": kinds}
+    mk = f"Min-{int(round(o['k'] * 100))}%"
     items = {"verbmem_f": [x["rougeL_f"] for x in o["items"]["verbmem_f"]],
-             "knowmem_f": [x["rougeL_r"] for x in o["items"]["knowmem_f"]],
-             "knowmem_r": [x["rougeL_r"] for x in o["items"]["knowmem_r"]],
-             "knowmem_f_outputs": [x["output"] for x in o["items"]["knowmem_f"][:8]]}
+             "knowmem_f": [x["rougeL_f"] for x in o["items"]["knowmem_f"]],
+             "knowmem_r": [x["rougeL_f"] for x in o["items"]["knowmem_r"]],
+             "knowmem_f_outputs": [x["output"] for x in o["items"]["knowmem_f"][:8]],
+             "min_k": {side: [x[mk] for x in o["items"]["privleak"][side]] for side in ("forget", "holdout")}}
     return rec, items
 
 
@@ -302,7 +306,7 @@ def _eval_stage(cache, ref: ModelRef, precision: str, cfg, tok, data_dir, device
         return {"record": rec}
 
     key = {"model": ref.hash, "precision": precision, "eval": _eval_keys(cfg), "retrain_auc": retrain_auc,
-           "compute": "fp32"}
+           "compute": "fp32", "knowmem": "rougeL-f1", "min_k_gap": 1}
     st = cache.run(f"eval-{ref.key}-{precision}", key, build)
     if bar is not None:
         bar.set_postfix_str(f"{ref.key} {precision}", refresh=False)
@@ -437,15 +441,23 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, *, seed: int = 0, force: b
         if run.survival[ref.key].get("status") == "done":
             run.stage_times[f"survival-{ref.key}"] = round(time.perf_counter() - t0, 2)
 
+    def _items(key, p):
+        return json.loads((evals[(key, p)].dir / "items.json").read_text())
+
+    # Min-40% gap references: the target (= 1) and the retrain model (= 0), both at bf16
+    gap_ref = {"target": _items(refs[0].key, "bf16")["min_k"], "retrain": _items(refs[1].key, "bf16")["min_k"]}
     for ref in refs:
         for p in precisions:
             r = dict(evals[(ref.key, p)].result["record"])
             if ref is refs[1]:  # the retrain model's own PrivLeak, against its own bf16 AUC
                 r["privleak"] = _privleak(r["auc"], retrain_auc)
-            items = json.loads((evals[(ref.key, p)].dir / "items.json").read_text())
+            items = _items(ref.key, p)
+            sg = scaled_gap(items["min_k"], gap_ref["target"], gap_ref["retrain"], seed=seed)
             run.records.append({"method": ref.method, "mode": ref.mode, "precision": p, "verbmem_f": r["verbmem_f"],
                                 "knowmem_f": r["knowmem_f"], "knowmem_r": r["knowmem_r"], "privleak": r["privleak"],
-                                "auc": r["auc"], "seed": ref.seed, "model": ref.key,
+                                "knowmem_f_recall": r["knowmem_f_recall"], "knowmem_r_recall": r["knowmem_r_recall"],
+                                "auc": r["auc"], "min_k_gap": sg["value"], "min_k_gap_ci": sg["ci"],
+                                "min_k_gap_raw": sg["gap"], "seed": ref.seed, "model": ref.key,
                                 "items": {k: [round(100 * x, 3) for x in items[k]]
                                           for k in ("verbmem_f", "knowmem_f", "knowmem_r")}})
     run.meta = {"retrain_auc": retrain_auc, "stages": {k: v.result for k, v in cache.used.items()

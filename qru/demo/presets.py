@@ -14,6 +14,10 @@ METHODS = ("ga_gdr", "ga_klr", "npo_gdr", "npo_klr")
 MODES = ("full", "lora")
 EVAL_PRECISIONS = ("bf16", "int8", "nf4", "fp4", "int4")
 FOUR_BIT = ("nf4", "fp4", "int4")
+# MUSE's generation lengths (``qru.eval.muse.VERBMEM_MAX_NEW`` / ``KNOWMEM_MAX_NEW``; kept here so presets stay
+# importable without torch; a test checks they agree). A preset may lower them; its report then says so.
+MUSE_VERBMEM_TOKENS = 128
+MUSE_KNOWMEM_TOKENS = 32
 
 
 class PresetError(ValueError):
@@ -30,6 +34,7 @@ class CorpusSpec:
     facts_per_person: int = 6
     docs_per_person: int = 2
     icl: int = 3
+    privleak_docs: int = 64  # PrivLeak documents of the forget and of the holdout group (facts + shared fillers)
 
 
 @dataclass(frozen=True)
@@ -82,11 +87,11 @@ class EvalSpec:
     precisions: tuple[str, ...] = EVAL_PRECISIONS
     table_format: str = "nf4"
     limit: int = 48  # first N items of each evaluated file
-    verbmem_tokens: int = 48
-    knowmem_tokens: int = 12
+    verbmem_tokens: int = MUSE_VERBMEM_TOKENS  # new tokens per VerbMem continuation (gt cut to the same length)
+    knowmem_tokens: int = MUSE_KNOWMEM_TOKENS  # new tokens per KnowMem answer
     block_size: int = 0  # 0: each format's default (nf4/fp4 64, int4 group 128)
     batch_size: int = 16
-    utility_bound: float = 0.5  # largest accepted mean utility (KnowMem_r) loss of unlearned bf16 models, relative
+    utility_bound: float = 0.5  # largest accepted utility (KnowMem_r) loss of each unlearned bf16 model, relative
 
 
 @dataclass(frozen=True)
@@ -129,9 +134,8 @@ def _full() -> DemoConfig:
         unlearn=UnlearnSpec(methods=METHODS, seeds=2, lr_lora=7e-4),
         eval=EvalSpec(limit=60),
         survival_plots=True,
-        note="all four methods in both modes, hidden 128, two unlearning seeds; the same regime as `quick` because "
-             "the sweep in docs/findings.md found no regime in which 4-bit quantization restores forgotten knowledge "
-             "(or LoRA keeps more utility at 4 bits), so there is no effect-showing regime to switch to")
+        note="all four methods in both modes, hidden 128, two unlearning seeds, otherwise the `quick` regime; "
+             "`qru sweep` maps how the effects depend on width, target length, master dtype and learning rate")
 
 
 def _mini() -> DemoConfig:
@@ -243,6 +247,8 @@ def validate(cfg: DemoConfig) -> None:
     _need(all(f in FOUR_BIT + ("int8",) for f in cfg.survival_formats), "survival_formats", cfg.survival_formats,
           f"a subset of {FOUR_BIT + ('int8',)}")
     _need(e.limit >= 1, "eval.limit", e.limit, ">= 1")
+    _need(e.verbmem_tokens >= 1, "eval.verbmem_tokens", e.verbmem_tokens, ">= 1")
+    _need(e.knowmem_tokens >= 1, "eval.knowmem_tokens", e.knowmem_tokens, ">= 1")
     _need(e.block_size >= 0, "eval.block_size", e.block_size, ">= 0")
     _need(0 < e.utility_bound <= 1, "eval.utility_bound", e.utility_bound, "in (0, 1]")
     _need(m.hidden % m.heads == 0 and (m.hidden // m.heads) % 2 == 0, "model.hidden", m.hidden,

@@ -4,13 +4,14 @@ conclusion computed from the records, never written by hand), PNG plots.
 Every number of the conclusion is derived from ``results.json`` alone by :func:`conclusions`:
 
 * an *effect* is a paired difference per (method, unlearning seed), e.g. KnowMem_f at 4-bit minus
-  KnowMem_f at bf16 of the same unlearned model, averaged over methods and seeds;
-* its *noise* is the seed-to-seed standard deviation: for each method the sample sd of the
-  effect over the unlearning seeds, pooled (root mean square) over methods. The corpus, base,
-  target and retrain models are fixed within a run, so this is the noise of the unlearning stage
-  (data order, LoRA init) plus the evaluation's sensitivity to it;
-* the effect is *shown* when ``|effect| >= 2 * noise / sqrt(seeds)`` (two standard errors of the
-  seed mean) and ``|effect| >= MIN_EFFECT`` points; with one seed nothing can be shown.
+  KnowMem_f at bf16 of the same unlearned model, averaged over methods, then over seeds;
+* its 95% interval uses a Student-t critical value: k unlearning seeds give k - 1 degrees of freedom
+  for the seed-to-seed noise, combined with the noise of the finite evaluation items
+  (Welch-Satterthwaite); see :mod:`qru.demo.stats`. The corpus, base, target and retrain models are
+  fixed within a run, so the seed noise is that of the unlearning stage (data order, LoRA init);
+* the effect is *shown* when its interval excludes 0 and ``|effect| >= MIN_EFFECT`` points; with one
+  seed nothing can be shown. Each comparison of the report is tested on its own (no multiplicity
+  correction; ``qru sweep`` applies Holm's across its grid).
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ import platform
 import statistics
 from pathlib import Path
 
-from qru.demo.presets import FOUR_BIT
+from qru.demo import stats
+from qru.demo.presets import FOUR_BIT, MUSE_KNOWMEM_TOKENS, MUSE_VERBMEM_TOKENS
 from qru.demo.stages import atomic_write_json, atomic_write_text
 
 MIN_EFFECT = 2.0  # points (metrics are 0-100 scores); smaller effects are never called "shown"
@@ -76,30 +78,8 @@ def paired_items(records, metric: str, a: dict, b: dict):
 
 
 def effect_stats(diffs: dict[tuple[str, int], float], item_diffs: dict | None = None) -> dict:
-    """Mean effect; its noise: pooled seed-to-seed sd (``noise_sd``), the standard error of the seed mean
-    (``se_seed``), the standard error from the finite eval items (``se_items``: the paired per-item
-    differences, sqrt(sum var/n) / pairs) and their combination ``se = sqrt(se_seed^2 + se_items^2)``.
-    Shown when ``|effect| >= max(2 se, MIN_EFFECT)``."""
-    if not diffs:
-        return {"effect": None, "noise_sd": None, "se_seed": None, "se_items": None, "se": None, "n_seeds": 0,
-                "n_methods": 0, "shown": False}
-    methods = sorted({m for m, _ in diffs})
-    seeds = sorted({s for _, s in diffs})
-    effect = statistics.fmean(diffs.values())
-    variances = []
-    for m in methods:
-        v = [d for (mm, _), d in diffs.items() if mm == m]
-        if len(v) >= 2:
-            variances.append(statistics.variance(v))
-    sd = math.sqrt(statistics.fmean(variances)) if variances else None
-    se_seed = sd / math.sqrt(len(seeds)) if sd is not None else None
-    se_items = None
-    if item_diffs and set(item_diffs) == set(diffs):
-        se_items = math.sqrt(sum(statistics.variance(v) / len(v) for v in item_diffs.values())) / len(item_diffs)
-    se = None if se_seed is None else math.sqrt(se_seed ** 2 + (se_items or 0.0) ** 2)
-    shown = se is not None and abs(effect) >= max(2 * se, MIN_EFFECT)
-    return {"effect": effect, "noise_sd": sd, "se_seed": se_seed, "se_items": se_items, "se": se,
-            "n_seeds": len(seeds), "n_methods": len(methods), "shown": bool(shown)}
+    """:func:`qru.demo.stats.effect_stats` with this report's ``MIN_EFFECT``."""
+    return stats.effect_stats(diffs, item_diffs, min_effect=MIN_EFFECT)
 
 
 def effect(records, metric: str, a: dict, b: dict) -> dict:
@@ -122,16 +102,26 @@ def _pct(x) -> str:
 
 
 def _pm(st: dict) -> str:
-    """'+3.2 points (seed sd 1.1, SE 0.8, 2 seeds x 2 methods)'."""
+    """'+3.2 points (95% CI -1.0 to +7.4, p = ...; SE ..., t(df) = ...; 2 seeds x 2 methods)'."""
     if st["effect"] is None:
         return "n/a (no paired records)"
-    if st["noise_sd"] is None:
-        noise = "noise unknown: a single unlearning seed"
+    if st["ci"] is None:
+        noise = "no interval: a single unlearning seed"
     else:
-        noise = f"seed-to-seed sd {_f(st['noise_sd'])}, standard error {_f(st['se'])}"
-        if st.get("se_items") is not None:
-            noise += f" (seeds {_f(st['se_seed'])}, eval items {_f(st['se_items'])})"
+        noise = (f"95% CI {_f(st['ci'][0], sign=True)} to {_f(st['ci'][1], sign=True)}, p = {st['p']:.2g}; "
+                 f"SE {_f(st['se'])}"
+                 + (f" (seeds {_f(st['se_seed'])}, eval items {_f(st['se_items'])}, in quadrature)"
+                    if st.get("se_items") is not None else " (seeds)")
+                 + f", t({st['df']:.1f}) = {st['t_crit']:.2f}")
     return f"{_f(st['effect'], sign=True)} points ({noise}; {st['n_seeds']} seeds x {st['n_methods']} methods)"
+
+
+def _gap_pm(st: dict) -> str:
+    """A scaled-gap change (a fraction, not points): effect and 95% CI, two decimals."""
+    if st["ci"] is None:
+        return f"{_f(st['effect'], 2, sign=True)} (no interval: a single unlearning seed)"
+    return (f"{_f(st['effect'], 2, sign=True)} (95% CI {_f(st['ci'][0], 2, sign=True)} to "
+            f"{_f(st['ci'][1], 2, sign=True)}, p = {st['p']:.2g}; {st['n_seeds']} seeds x {st['n_methods']} methods)")
 
 
 # -- conclusions ----------------------------------------------------------------------------
@@ -149,12 +139,16 @@ def sanity(records, utility_bound: float) -> dict:
         if not rs or gap is None:
             continue
         removed = statistics.fmean((kt - r["knowmem_f"]) / gap for r in rs) if gap > 0 else None
-        drops = [(ut - r["knowmem_r"]) / ut for r in rs] if ut else []
+        per_model = [{"model": r.get("model"), "utility_drop": (ut - r["knowmem_r"]) / ut,
+                      "holds": (ut - r["knowmem_r"]) / ut <= utility_bound} for r in rs] if ut else []
+        drops = [m["utility_drop"] for m in per_model]
         out["modes"][mode] = {
             "forgotten_fraction": removed, "forgets": removed is not None and removed >= FORGET_FRACTION,
             "utility_drop_mean": statistics.fmean(drops) if drops else None,
             "utility_drop_max": max(drops) if drops else None,
-            "utility_holds": bool(drops) and statistics.fmean(drops) <= utility_bound}
+            "utility_per_model": per_model,
+            "utility_models_within": sum(m["holds"] for m in per_model),
+            "utility_holds": bool(per_model) and all(m["holds"] for m in per_model)}
     out["utility_bound"] = utility_bound
     return out
 
@@ -197,6 +191,13 @@ def conclusions(records, table_format: str = "nf4", utility_bound: float = 0.25)
             at_q = [r["privleak"] for r in _val(records, mode=mode, precision=fmt) if r["privleak"] is not None]
             move["bf16_mean"] = statistics.fmean(at_bf16) if at_bf16 else None
             move["quant_mean"] = statistics.fmean(at_q) if at_q else None
+            gap = stats.effect_stats(paired(records, "min_k_gap", {"mode": mode, "precision": fmt},
+                                      {"mode": mode, "precision": "bf16"}))
+            gb = [r["min_k_gap"] for r in _val(records, mode=mode, precision="bf16") if r.get("min_k_gap") is not None]
+            gq = [r["min_k_gap"] for r in _val(records, mode=mode, precision=fmt) if r.get("min_k_gap") is not None]
+            gap["bf16_mean"] = statistics.fmean(gb) if gb else None
+            gap["quant_mean"] = statistics.fmean(gq) if gq else None
+            move["min_k_gap"] = gap
             pl[mode] = move
         absd = {}
         for (m, s) in unlearned_keys(records):
@@ -280,6 +281,12 @@ def answers(c: dict) -> dict:
                 b <= -99.95 else ""
             lines.append(f"{name}: PrivLeak goes from {_f(a)} (bf16) to {_f(b)} ({fmt}): {where}; change "
                          f"{_pm(st)}; at {fmt} it is {sign}{sat}.")
+            g = st.get("min_k_gap") or {}
+            if g.get("effect") is not None:
+                lines.append(f"{name}: the scaled Min-40% gap (target 1, retrain 0) goes from {_f(g['bf16_mean'], 2)} "
+                             f"(bf16) to {_f(g['quant_mean'], 2)} ({fmt}); change {_gap_pm(g)}: "
+                             + ("toward the target (more membership signal)." if g["shown"] and g["effect"] > 0 else
+                                "toward the retrain model." if g["shown"] else "no move shown."))
         st = p["lora_minus_full_abs"]
         lines.append(f"|PrivLeak(LoRA)| - |PrivLeak(full)| at {fmt} = {_pm(st)}: "
                      + ("LoRA leaks less." if st["shown"] and st["effect"] < 0 else
@@ -290,13 +297,25 @@ def answers(c: dict) -> dict:
 
 # -- tables ----------------------------------------------------------------------------------
 
-def _cell(records, metric, **match) -> str:
-    v = [r[metric] for r in _val(records, **match) if r[metric] is not None]
-    if not v:
+def _cell(records, metric, nd: int = 1, **match) -> str:
+    rs = [r for r in _val(records, **match) if r.get(metric) is not None]
+    if not rs:
         return "n/a"
-    if len(v) == 1:
-        return _f(v[0])
-    return f"{statistics.fmean(v):.1f} ± {statistics.stdev(v):.1f}"
+    if len(rs) == 1:
+        ci = rs[0].get(f"{metric}_ci")
+        return _f(rs[0][metric], nd) + (f" [{_f(ci[0], nd)}, {_f(ci[1], nd)}]" if ci else "")
+    v = [r[metric] for r in rs]
+    return f"{statistics.fmean(v):.{nd}f} ± {statistics.stdev(v):.{nd}f}"
+
+
+def generation_lengths(cfg) -> str:
+    """'VerbMem 128 and KnowMem 32 new tokens (MUSE's)' or the lowered lengths, named as such."""
+    e = cfg.eval
+    if (e.verbmem_tokens, e.knowmem_tokens) == (MUSE_VERBMEM_TOKENS, MUSE_KNOWMEM_TOKENS):
+        return f"VerbMem {e.verbmem_tokens} and KnowMem {e.knowmem_tokens} new tokens (MUSE's lengths)"
+    return (f"VerbMem {e.verbmem_tokens} and KnowMem {e.knowmem_tokens} new tokens (**lowered by this preset**; "
+            f"MUSE uses {MUSE_VERBMEM_TOKENS} and {MUSE_KNOWMEM_TOKENS}; the VerbMem reference is cut to the same "
+            f"length)")
 
 
 def paper_table(records, fmt: str) -> list[str]:
@@ -319,13 +338,13 @@ def paper_table(records, fmt: str) -> list[str]:
     return lines
 
 
-def precision_table(records, metric: str, precisions) -> list[str]:
+def precision_table(records, metric: str, precisions, nd: int = 1) -> list[str]:
     lines = ["| Model | " + " | ".join(precisions) + " |", "|" + "---|" * (1 + len(precisions))]
     groups = [("target", "target"), ("retrain", "retrain")]
     groups += sorted({(r["method"], r["mode"]) for r in records if r["mode"] in ("full", "lora")})
     for method, mode in groups:
         label = METHOD_LABEL.get(method, method) + ("" if mode in ("target", "retrain") else f" ({mode})")
-        lines.append(f"| {label} | " + " | ".join(_cell(records, metric, method=method, mode=mode, precision=p)
+        lines.append(f"| {label} | " + " | ".join(_cell(records, metric, nd, method=method, mode=mode, precision=p)
                                                  for p in precisions) + " |")
     return lines
 
@@ -423,6 +442,18 @@ def _methods_line(records) -> str:
             f"unlearning seeds {', '.join(map(str, seeds))}")
 
 
+def render_utility_line(mode: str, v: dict, bound: float) -> str:
+    """The sanity line of one mode: share of the gap forgotten, and the utility bound checked per model."""
+    return (f"- Unlearned ({mode}) at bf16 removes {_pct(v['forgotten_fraction'])} of the target-retrain "
+            f"KnowMem_f gap (mean over methods and seeds; forgets = >= {100 * FORGET_FRACTION:.0f}%): "
+            f"**{'yes' if v['forgets'] else 'NO'}**. Utility loss vs the target: mean "
+            f"{_pct(v['utility_drop_mean'])}, worst {_pct(v['utility_drop_max'])}; bound {100 * bound:.0f}% per "
+            f"model: within it for {v['utility_models_within']} of {len(v['utility_per_model'])} models ("
+            + (", ".join(f"{m['model']} {_pct(m['utility_drop'])}" for m in v["utility_per_model"])
+               or "no target utility to lose")
+            + f"): **{'holds' if v['utility_holds'] else 'EXCEEDED'}**.")
+
+
 def render(run, c: dict) -> str:
     cfg, records = run.cfg, run.records
     fmt = cfg.eval.table_format
@@ -441,20 +472,16 @@ def render(run, c: dict) -> str:
           f"{cfg.unlearn.rank}), {cfg.unlearn.master_dtype} master weights. LoRA adapters are merged into the fp32 "
           f"target, then the model is cast (bf16) or quantized in memory (`qru.quant.quantize_model`, the code path "
           f"of `qru quantize`; block size {cfg.eval.block_size or 'format default'}).",
-          f"MUSE metrics on the first {cfg.eval.limit} items of each set (VerbMem: {cfg.eval.verbmem_tokens} new "
-          f"tokens; KnowMem: {cfg.eval.knowmem_tokens} new tokens); PrivLeak against the retrain model's bf16 "
-          f"AUC ({_f(run.meta['retrain_auc'], 3)}).", ""]
+          f"MUSE metrics on the first {cfg.eval.limit} items of each set: VerbMem and KnowMem are mean ROUGE-L F1 "
+          f"x100 (as MUSE; KnowMem's ROUGE-L recall is in results.json), {generation_lengths(cfg)}; PrivLeak "
+          f"against the retrain model's bf16 AUC ({_f(run.meta['retrain_auc'], 3)}).", ""]
 
     L += ["## Is this a real experiment?", ""]
     L.append(f"- The target knows the forget facts: KnowMem_f target {_f(s['target_knowmem_f'])} vs retrain "
              f"{_f(s['retrain_knowmem_f'])} (gap {_f(s['target_gap'])}; required >= {TARGET_GAP:g}): "
              f"**{'yes' if s['target_knows'] else 'NO'}**.")
     for mode, v in s["modes"].items():
-        L.append(f"- Unlearned ({mode}) at bf16 removes {_pct(v['forgotten_fraction'])} of the target-retrain "
-                 f"KnowMem_f gap (mean over methods and seeds; forgets = >= {100 * FORGET_FRACTION:.0f}%): "
-                 f"**{'yes' if v['forgets'] else 'NO'}**. Utility loss vs the target: mean "
-                 f"{_pct(v['utility_drop_mean'])}, worst {_pct(v['utility_drop_max'])} (bound "
-                 f"{100 * s['utility_bound']:.0f}% on the mean): **{'holds' if v['utility_holds'] else 'EXCEEDED'}**.")
+        L.append(render_utility_line(mode, v, s["utility_bound"]))
     valid = s["target_knows"] and all(v["forgets"] for v in s["modes"].values())
     if not valid:
         L.append("- **Caveat:** a check above failed, so the effects below are measured on a setting that does not "
@@ -466,10 +493,12 @@ def render(run, c: dict) -> str:
           "LoRA adapter merged; 4-bit = the same models quantized.", ""]
     L += paper_table(records, fmt)
     L += ["", "## Conclusion (computed from results.json)", "",
-          f"Effects are paired differences per (method, unlearning seed), averaged. Noise = seed-to-seed sd of the "
-          f"effect (pooled over methods; the unlearning seeds vary data order and LoRA init, corpus and target are "
-          f"fixed). An effect counts as shown when |effect| >= 2 standard errors of the seed mean and >= "
-          f"{MIN_EFFECT:g} points.", ""]
+          f"Effects are paired differences per (method, unlearning seed), averaged over methods, then seeds. "
+          f"Intervals are 95% Student-t intervals: k unlearning seeds give k - 1 degrees of freedom for the "
+          f"seed-to-seed noise (the seeds vary data order and LoRA init; corpus and target are fixed), combined with "
+          f"the noise of the finite eval items (Welch-Satterthwaite degrees of freedom). An effect counts as shown "
+          f"when its interval excludes 0 and |effect| >= {MIN_EFFECT:g} points. Each comparison is tested on its "
+          f"own (no multiplicity correction here; `qru sweep` applies Holm's over its grid).", ""]
     a = c["answers"]
     L.append("**1. Does 4-bit quantization restore forgotten knowledge?**")
     L += [f"- {x}" for x in a.get("q1_restore", [])]
@@ -483,6 +512,11 @@ def render(run, c: dict) -> str:
     L += precision_table(records, "knowmem_r", cfg.eval.precisions)
     L += ["", "PrivLeak:", ""]
     L += precision_table(records, "privleak", cfg.eval.precisions)
+    L += ["", "Min-40% gap, scaled (target at bf16 = 1, retrain at bf16 = 0): the mean Min-40% score of the holdout "
+          "texts minus that of the forget texts, which unlike PrivLeak's AUC does not saturate when the sets "
+          "separate. Single models show their paired-bootstrap 95% interval; unlearned rows show mean ± sd over "
+          "seeds:", ""]
+    L += precision_table(records, "min_k_gap", cfg.eval.precisions, nd=2)
     L += ["", "## Survival of the unlearning update under quantization (vs the target)", "",
           "projection = ⟨D, ΔW⟩/‖ΔW‖² with D = deq(Q(W+ΔW)) − deq(Q(W)): 1 = the quantized model keeps the update, "
           "0 = quantization erases it (`qru.quant.survival`; overall aggregate of the linear layers).", ""]

@@ -7,8 +7,12 @@ target and retrain models of the centre point. Per point and 4-bit format the sw
 * restored = KnowMem_f(4-bit) - KnowMem_f(bf16) of the same unlearned model (Zhang et al.'s effect),
 * utility loss = KnowMem_r(bf16) - KnowMem_r(4-bit) (the seed paper's: smaller with LoRA?),
 
-each as mean and seed-to-seed sd (``qru.demo.report.effect_stats``), for full FT and LoRA, plus the
+each with its 95% Student-t interval and p-value (``qru.demo.stats``), for full FT and LoRA, plus the
 bf16 sanity numbers (does the target know the facts, do the unlearned models forget).
+
+The sweep makes many comparisons, so "shown" is decided after Holm's step-down correction over the
+whole family (:data:`FAMILY`: every point x 4-bit format x effect); the unadjusted decision is kept as
+``shown_unadjusted`` and the adjusted p-value as ``p_holm``.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import time
 from pathlib import Path
 
 from qru.demo import report as rpt
+from qru.demo import stats
 from qru.demo.presets import FOUR_BIT, DemoConfig, PresetError, apply_overrides, get_preset
 from qru.demo.stages import atomic_write_json, atomic_write_text
 
@@ -130,9 +135,9 @@ def survival_means(survival: dict) -> dict:
     return {mode: {f: {m: statistics.fmean(v) for m, v in d.items()} for f, d in fd.items()} for mode, fd in acc.items()}
 
 
-def summarize_point(records, fmts) -> dict:
-    """Per format and mode: restored and utility-loss stats; bf16 sanity."""
-    out = {"sanity": rpt.sanity(records, 1.0), "formats": {}}
+def summarize_point(records, fmts, utility_bound: float = 1.0) -> dict:
+    """Per format and mode: restored and utility-loss stats; bf16 sanity (utility bound checked per model)."""
+    out = {"sanity": rpt.sanity(records, utility_bound), "formats": {}}
     for f in fmts:
         row = {}
         for mode in ("full", "lora"):
@@ -145,6 +150,29 @@ def summarize_point(records, fmts) -> dict:
                                                     {"mode": "full", "precision": f})
         out["formats"][f] = row
     return out
+
+
+# The comparisons "shown" is decided over, per point and 4-bit format: (mode or None, summary key).
+FAMILY: tuple[tuple[str | None, str], ...] = (("full", "restored"), ("lora", "restored"), ("full", "utility_loss"),
+                                              ("lora", "utility_loss"), (None, "lora_minus_full_utility"))
+
+
+def holm_family(results, fmts) -> int:
+    """Apply Holm's correction in place over every (point x format x FAMILY effect) with a p-value: sets
+    ``p_holm``, ``shown_unadjusted`` and ``shown`` (adjusted p < 0.05 and |effect| >= MIN_EFFECT).
+    Returns the family size."""
+    sts = []
+    for r in results:
+        for f in fmts:
+            row = r["summary"]["formats"][f]
+            for mode, key in FAMILY:
+                sts.append(row[key] if mode is None else row[mode][key])
+    adj = stats.holm([st.get("p") for st in sts])
+    for st, p in zip(sts, adj):
+        st["shown_unadjusted"] = st.get("shown_unadjusted", st.get("shown", False))
+        st["p_holm"] = p
+        st["shown"] = bool(p is not None and p < stats.ALPHA and abs(st["effect"]) >= rpt.MIN_EFFECT)
+    return sum(p is not None for p in adj)
 
 
 def run_sweep(preset: str = "quick", out: str | os.PathLike | None = None, *, seed: int = 0,
@@ -170,11 +198,15 @@ def run_sweep(preset: str = "quick", out: str | os.PathLike | None = None, *, se
                          out / "stages")
         fmts = [f for f in FOUR_BIT if f in cfg.eval.precisions]
         results.append({"point": label, "knob": knob, "value": value, "seconds": round(time.perf_counter() - t, 1),
-                        "summary": rpt._jsonable(summarize_point(run.records, fmts)),
+                        "summary": rpt._jsonable(summarize_point(run.records, fmts, cfg.eval.utility_bound)),
                         "survival": survival_means(run.survival), "records": run.records})
         atomic_write_json(out / "sweep_results.json", {"preset": preset, "seed": seed, "points": results})
+    fmts = [f for f in FOUR_BIT if f in base.eval.precisions]
+    family = holm_family(results, fmts)
+    atomic_write_json(out / "sweep_results.json", {"preset": preset, "seed": seed, "correction": "holm",
+                                                   "family_size": family, "points": results})
     wall = time.perf_counter() - t0
-    md = render_sweep(results, base, preset, seed, knobs, wall, combos)
+    md = render_sweep(results, base, preset, seed, knobs, wall, combos, family)
     atomic_write_text(out / "sweep.md", md)
     sweep_plots(results, base, out)
     print(f"qru sweep: done in {wall:.0f}s; table in {out / 'sweep.md'}", file=sys.stderr)
@@ -199,34 +231,31 @@ def _mean_metric(records, metric, mode, precision):
     return statistics.fmean(v) if v else None
 
 
-def _cell(st: dict) -> str:
-    if st is None or st.get("effect") is None:
-        return "n/a"
-    sd = f" ± {st['noise_sd']:.1f}" if st.get("noise_sd") is not None else ""
-    return f"{st['effect']:+.1f}{sd}{' *' if st.get('shown') else ''}"
-
-
-def render_sweep(results, base: DemoConfig, preset, seed, knobs, wall, combos=()) -> str:
+def render_sweep(results, base: DemoConfig, preset, seed, knobs, wall, combos=(), family: int | None = None) -> str:
     fmts = [f for f in FOUR_BIT if f in base.eval.precisions]
     L = [f"# qru sweep — preset `{preset}`, seed {seed}", "",
          f"One factor at a time around the `{preset}` preset; {len(results)} points, wall time {wall:.0f} s on "
          f"{platform.machine()} with {os.cpu_count()} CPU cores.",
          "Restored = KnowMem_f(4-bit) − KnowMem_f(bf16) (positive: quantization brings forgotten knowledge back); "
          "utility loss = KnowMem_r(bf16) − KnowMem_r(4-bit); forgot = share of the target − retrain KnowMem_f gap "
-         "removed at bf16.", ""]
+         "removed at bf16; utility bound = each unlearned model's relative KnowMem_r loss vs the target at bf16 "
+         f"is at most {100 * base.eval.utility_bound:.0f}% (`eval.utility_bound`).", ""]
     fl = " / ".join(fmts)
-    L.append(f"| Point | target gap | forgot at bf16 full / LoRA | utility bf16 full / LoRA | restored full ({fl}) "
+    L.append(f"| Point | target gap | forgot at bf16 full / LoRA | utility bf16 full / LoRA | models within the "
+             f"utility bound full / LoRA | restored full ({fl}) "
              f"| restored LoRA ({fl}) | 4-bit utility loss full ({fl}) | 4-bit utility loss LoRA ({fl}) | "
              f"LoRA − full utility at 4-bit ({fl}) | {fmts[0]} projection full / LoRA | "
              f"{fmts[0]} share of |ΔW| < step/2 full / LoRA |")
-    L.append("|" + "---|" * 11)
+    L.append("|" + "---|" * 12)
     for r in results:
         s = r["summary"]["sanity"]
         fr = [s["modes"].get(m, {}).get("forgotten_fraction") for m in ("full", "lora")]
         ut = [_mean_metric(r["records"], "knowmem_r", m, "bf16") for m in ("full", "lora")]
         cells = [r["point"], "n/a" if s["target_gap"] is None else f"{s['target_gap']:.1f}",
                  " / ".join("n/a" if x is None else f"{100 * x:.0f}%" for x in fr),
-                 " / ".join("n/a" if x is None else f"{x:.1f}" for x in ut)]
+                 " / ".join("n/a" if x is None else f"{x:.1f}" for x in ut),
+                 " / ".join(f"{v['utility_models_within']}/{len(v['utility_per_model'])}"
+                            if (v := s["modes"].get(m)) else "n/a" for m in ("full", "lora"))]
         fm = r["summary"]["formats"]
         cells += [" / ".join(_short(fm[f][m]["restored"]) for f in fmts) for m in ("full", "lora")]
         cells += [" / ".join(_short(fm[f][m]["utility_loss"]) for f in fmts) for m in ("full", "lora")]
@@ -236,9 +265,13 @@ def render_sweep(results, base: DemoConfig, preset, seed, knobs, wall, combos=()
             vals = [sv.get(mode, {}).get(fmts[0], {}).get(m) for mode in ("full", "lora")]
             cells.append(" / ".join("n/a" if x is None else f"{x:.2f}" for x in vals))
         L.append("| " + " | ".join(cells) + " |")
-    L += ["", "Cells: mean over methods x unlearning seeds (KnowMem points); * = shown (|effect| >= 2 standard "
-          "errors combining seed-to-seed and eval-item noise, and >= "
-          f"{rpt.MIN_EFFECT:g} points). Standard deviations are in sweep_results.json."]
+    fam = ("; ".join(f"{key}{'' if mode is None else f' ({mode})'}" for mode, key in FAMILY))
+    L += ["", "Cells: mean over methods x unlearning seeds (KnowMem points); * = shown: the effect's p-value "
+          "(two-sided Student-t test, k unlearning seeds giving k - 1 degrees of freedom for the seed noise, "
+          "combined with the eval-item noise by Welch-Satterthwaite) stays below 0.05 after **Holm's step-down "
+          f"correction** over the family of {family if family is not None else 'all'} comparisons (every point x "
+          f"4-bit format x effect: {fam}), and |effect| >= {rpt.MIN_EFFECT:g} points. The 95% intervals, raw and "
+          "Holm-adjusted p-values are in sweep_results.json."]
     L += ["", "Knobs: " + "; ".join(f"`{k}` = {', '.join(map(str, v))} ({KNOB_NOTE.get(k, '')})"
                                     for k, v in knobs.items())
           + ("; combos: " + "; ".join(", ".join(f"{k}={v}" for k, v in c.items()) for c in combos) if combos else ""),
@@ -313,7 +346,8 @@ def sweep_plots(results, base: DemoConfig, out: Path) -> None:
             for f, ls in zip(fmts, ("-", "--", ":")):
                 for mode, color in (("full", "C0"), ("lora", "C1")):
                     y = [p[1]["summary"]["formats"][f][mode][what]["effect"] for p in pts]
-                    e = [p[1]["summary"]["formats"][f][mode][what]["noise_sd"] or 0 for p in pts]
+                    sts = [p[1]["summary"]["formats"][f][mode][what] for p in pts]
+                    e = [st["ci"][1] - st["effect"] if st.get("ci") else 0 for st in sts]  # 95% CI half-width
                     y = [float("nan") if v is None else v for v in y]
                     ax.errorbar(xs, y, yerr=e, color=color, ls=ls, marker="o", ms=3, capsize=2,
                                 label=f"{mode} {f}")
@@ -321,7 +355,7 @@ def sweep_plots(results, base: DemoConfig, out: Path) -> None:
             ax.set_xticks(xs, [_label(p[0]) for p in pts])
             ax.set_xlabel(knob)
             ax.grid(alpha=0.3)
-        axes[0][0].set_ylabel(title)
+        axes[0][0].set_ylabel(title + "\nbars: 95% CI (unadjusted)")
         axes[0][0].legend(fontsize=7)
         fig.tight_layout()
         tmp = out / f".{fname}.tmp-{os.getpid()}.png"

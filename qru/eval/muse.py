@@ -5,18 +5,26 @@
   encodes with special tokens), mean x100.
 - KnowMem: few-shot prompt of ``Question: {q}\\nAnswer: {a}\\n\\n`` pairs from ``*_qa_icl.json``
   then ``Question: {q}\\nAnswer: ``; greedy 32 new tokens cut at "\\n\\n", "\\nQuestion",
-  "Question:"; ROUGE-L recall against the answer, mean x100 (F1 is reported too).
+  "Question:"; ROUGE-L F1 (``fmeasure``, rouge-score, no stemmer) against the answer, mean x100:
+  the reference's ``knowmem_agg_key='mean_rougeL'`` (``RougeEvalLogger``). The mean ROUGE-L recall
+  is reported beside it (``knowmem_f_recall`` / ``knowmem_r_recall``).
 - PrivLeak: Min-40% scores on ``privleak/forget.json`` vs ``privleak/holdout.json``; AUC
   with MUSE's orientation (see ``common.auc_forget_holdout``);
   PrivLeak = (AUC - AUC_retrain) / AUC_retrain x 100. Near 0 is good; strongly negative means
   the forget set still looks memorised (under-unlearning), positive means over-unlearning.
 - Utility: KnowMem on ``knowmem/retain_qa.json`` (``knowmem_r``).
+- Min-40% gap (not in MUSE; a PrivLeak companion that cannot saturate): mean Min-40% score of
+  the holdout texts minus that of the forget texts (the scores are -mean of the lowest 40% token
+  log-probs, so the gap is how much more likely the forget texts are), with a bootstrap 95%
+  interval; :func:`scaled_gap` maps it so that the target model = 1 and the retrain model = 0.
 """
 from __future__ import annotations
 
 import time
 from pathlib import Path
 from typing import Sequence
+
+import numpy as np
 
 from qru.eval.common import (EvalDataError, Meter, auc_forget_holdout, load_records, membership_scores,
                              rouge_l, score_sequences, take)
@@ -155,7 +163,8 @@ def eval_verbmem(model, tokenizer, items: list[dict], *, max_new_tokens: int = V
 def eval_knowmem(model, tokenizer, qa: list[dict], icl: list[dict], *, max_new_tokens: int = KNOWMEM_MAX_NEW,
                  batch_size: int = 16, meter: Meter | None = None, stage: str = "knowmem",
                  progress: bool = False, share_prefix: bool = True) -> tuple[float, float, list]:
-    """``(mean ROUGE-L recall x100, mean ROUGE-L F1 x100, per-item log)`` of few-shot answers.
+    """``(mean ROUGE-L F1 x100, mean ROUGE-L recall x100, per-item log)`` of few-shot answers
+    (F1 is MUSE's KnowMem; recall is kept as an extra).
 
     With ``share_prefix`` the ICL prefix common to a batch is prefilled once per batch
     (``qru.eval.generation``); a progress bar is only shown without it.
@@ -172,7 +181,7 @@ def eval_knowmem(model, tokenizer, qa: list[dict], icl: list[dict], *, max_new_t
         log.append({"i": i, "question": d["question"], "answer": d["answer"], "output": ans,
                     "rougeL_f": f, "rougeL_r": r})
     n = len(log)
-    return 100.0 * sum(x["rougeL_r"] for x in log) / n, 100.0 * sum(x["rougeL_f"] for x in log) / n, log
+    return 100.0 * sum(x["rougeL_f"] for x in log) / n, 100.0 * sum(x["rougeL_r"] for x in log) / n, log
 
 
 def privleak_scores(model, tokenizer, texts: Sequence[str], *, k: float = 0.4, batch_size: int = 8,
@@ -189,6 +198,73 @@ def privleak_aucs(forget: list[dict], holdout: list[dict]) -> dict[str, float]:
     """``forget_holdout`` AUC for every score kind present."""
     keys = [k for k in forget[0] if k != "n_tokens"]
     return {k: auc_forget_holdout([d[k] for d in forget], [d[k] for d in holdout]) for k in keys}
+
+
+def min_k_gap(forget: Sequence[float], holdout: Sequence[float]) -> float:
+    """Mean Min-k% score of the holdout texts minus that of the forget texts: > 0 when the forget
+    texts are more likely (scores are -mean of the lowest k% log-probs, lower = member-like)."""
+    f, h = np.asarray(forget, dtype=np.float64), np.asarray(holdout, dtype=np.float64)
+    if f.size == 0 or h.size == 0:
+        raise ValueError(f"Min-k% gap needs both sets non-empty (forget={f.size}, holdout={h.size})")
+    return float(h.mean() - f.mean())
+
+
+def _resamples(n_f: int, n_h: int, n_boot: int, seed: int):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, n_f, (n_boot, n_f)), rng.integers(0, n_h, (n_boot, n_h))
+
+
+def gap_interval(forget: Sequence[float], holdout: Sequence[float], *, n_boot: int = 2000, seed: int = 0,
+                 level: float = 0.95) -> dict:
+    """:func:`min_k_gap` with a percentile bootstrap interval (forget and holdout texts resampled
+    independently): ``{"gap", "ci": [lo, hi], "level", "n_boot"}``."""
+    f, h = np.asarray(forget, dtype=np.float64), np.asarray(holdout, dtype=np.float64)
+    g = min_k_gap(f, h)
+    fi, hi = _resamples(f.size, h.size, n_boot, seed)
+    boot = h[hi].mean(1) - f[fi].mean(1)
+    a = (1 - level) / 2
+    return {"gap": g, "ci": [float(np.quantile(boot, a)), float(np.quantile(boot, 1 - a))], "level": level,
+            "n_boot": n_boot}
+
+
+def scaled_gap(model: dict, target: dict, retrain: dict, *, n_boot: int = 2000, seed: int = 0,
+               level: float = 0.95) -> dict:
+    """The Min-k% gap of ``model`` scaled so that the target = 1 and the retrain model = 0:
+    ``(gap(model) - gap(retrain)) / (gap(target) - gap(retrain))``.
+
+    Each argument is ``{"forget": [...], "holdout": [...]}``: per-text Min-k% scores of the SAME texts
+    (same order) under that model. The interval is a paired percentile bootstrap: each resample draws
+    forget and holdout texts with replacement and applies the same draw to all three models.
+    Unlike the AUC behind PrivLeak, the gap does not saturate when the two sets separate perfectly.
+    Returns ``{"value", "ci", "gap", "target_gap", "retrain_gap", "level", "n_boot"}``; ``value`` and
+    ``ci`` are None when the target and retrain gaps are equal (nothing to scale by).
+    """
+    arrs = {}
+    for name, d in (("model", model), ("target", target), ("retrain", retrain)):
+        for side in ("forget", "holdout"):
+            if side not in d:
+                raise ValueError(f"scaled_gap: {name} has no {side!r} scores")
+            arrs[name, side] = np.asarray(d[side], dtype=np.float64)
+    for side in ("forget", "holdout"):
+        n = {arrs[k, side].size for k in ("model", "target", "retrain")}
+        if len(n) != 1:
+            raise ValueError(f"scaled_gap: the models' {side} score lists differ in length {sorted(n)} "
+                             "(they must score the same texts)")
+    gaps = {k: min_k_gap(arrs[k, "forget"], arrs[k, "holdout"]) for k in ("model", "target", "retrain")}
+    den = gaps["target"] - gaps["retrain"]
+    out = {"value": None, "ci": None, "gap": gaps["model"], "target_gap": gaps["target"],
+           "retrain_gap": gaps["retrain"], "level": level, "n_boot": n_boot}
+    if den == 0:
+        return out
+    out["value"] = (gaps["model"] - gaps["retrain"]) / den
+    fi, hi = _resamples(arrs["model", "forget"].size, arrs["model", "holdout"].size, n_boot, seed)
+    bg = {k: arrs[k, "holdout"][hi].mean(1) - arrs[k, "forget"][fi].mean(1) for k in ("model", "target", "retrain")}
+    bden = bg["target"] - bg["retrain"]
+    ok = bden != 0
+    boot = (bg["model"][ok] - bg["retrain"][ok]) / bden[ok]
+    a = (1 - level) / 2
+    out["ci"] = [float(np.quantile(boot, a)), float(np.quantile(boot, 1 - a))]
+    return out
 
 
 def muse_auc(model, tokenizer, data_dir, *, k: float = 0.4, limit: int | None = None, batch_size: int = 8,
@@ -208,7 +284,7 @@ def evaluate_muse(model, tokenizer, data_dir: str | Path, *, retrain_auc: float 
                   max_len: int | None = None, k: float = 0.4, metrics: Sequence[str] = METRICS,
                   files: dict | None = None, verbmem_max_new_tokens: int = VERBMEM_MAX_NEW,
                   knowmem_max_new_tokens: int = KNOWMEM_MAX_NEW, share_prefix: bool = True,
-                  progress: bool = False, fast_linears: bool = True) -> dict:
+                  progress: bool = False, fast_linears: bool = True, gap_refs: dict | None = None) -> dict:
     """Run the MUSE metrics on one (already built) model.
 
     ``files`` overrides entries of ``DEFAULT_FILES`` (relative to ``data_dir`` or absolute).
@@ -216,12 +292,19 @@ def evaluate_muse(model, tokenizer, data_dir: str | Path, *, retrain_auc: float 
     ``max_len`` caps the scored length of PrivLeak texts (default: the model's context).
     ``share_prefix`` prefills the KnowMem ICL prefix once per generation batch.
     ``fast_linears`` runs fp32 CPU linears through oneDNN with packed weights (``qru.eval.linears``).
-    Returns a dict with ``verbmem_f``, ``knowmem_f``, ``knowmem_r`` (recall x100),
-    ``knowmem_f_f1``/``knowmem_r_f1``, ``auc`` (Min-k%), ``aucs`` (all score kinds),
-    ``privleak`` (None without ``retrain_auc``), per-item ``items`` and ``throughput``.
+    Returns a dict with ``verbmem_f``, ``knowmem_f``, ``knowmem_r`` (ROUGE-L F1 x100, as MUSE),
+    ``knowmem_f_recall``/``knowmem_r_recall`` (ROUGE-L recall x100), ``auc`` (Min-k%), ``aucs`` (all score kinds),
+    ``privleak`` (None without ``retrain_auc``), ``min_k_gap`` (:func:`gap_interval` of the Min-k% scores),
+    ``min_k_gap_scaled`` (:func:`scaled_gap`, target = 1, retrain = 0; only with ``gap_refs``:
+    ``{"target": {"forget": [...], "holdout": [...]}, "retrain": {...}}``, those models' per-text Min-k%
+    scores of the same texts, e.g. from their own ``items["privleak"]``),
+    per-item ``items`` and ``throughput``.
     """
     if retrain_auc is not None:
         check_retrain_auc(retrain_auc)
+    if gap_refs is not None and not (isinstance(gap_refs, dict) and {"target", "retrain"} <= set(gap_refs)):
+        raise ValueError("gap_refs must be a dict with 'target' and 'retrain' Min-k% scores "
+                         "({'forget': [...], 'holdout': [...]} each)")
     take([], limit)  # validates limit
     paths = resolve_files(data_dir, metrics, files)
     # Load and validate everything before the first (slow) model call.
@@ -235,11 +318,17 @@ def evaluate_muse(model, tokenizer, data_dir: str | Path, *, retrain_auc: float 
     if "privleak" in metrics:
         data["privleak_forget"] = _texts(paths["privleak_forget"], limit)
         data["privleak_holdout"] = _texts(paths["privleak_holdout"], limit)
+        for name, ref in (gap_refs or {}).items():
+            for side in ("forget", "holdout"):
+                n = len(ref.get(side, ())) if isinstance(ref, dict) else -1
+                if n != len(data[f"privleak_{side}"]):
+                    raise ValueError(f"gap_refs[{name!r}][{side!r}] has {n} scores for "
+                                     f"{len(data[f'privleak_{side}'])} {side} texts")
 
     meter = Meter()
-    out: dict = {"verbmem_f": None, "knowmem_f": None, "knowmem_r": None, "knowmem_f_f1": None,
-                 "knowmem_r_f1": None, "auc": None, "aucs": None, "privleak": None, "retrain_auc": retrain_auc,
-                 "k": k, "items": {}, "n_items": {}}
+    out: dict = {"verbmem_f": None, "knowmem_f": None, "knowmem_r": None, "knowmem_f_recall": None,
+                 "knowmem_r_recall": None, "auc": None, "aucs": None, "min_k_gap": None, "min_k_gap_scaled": None,
+                 "privleak": None, "retrain_auc": retrain_auc, "k": k, "items": {}, "n_items": {}}
     was_training = model.training
     model.eval()
     try:
@@ -250,7 +339,7 @@ def evaluate_muse(model, tokenizer, data_dir: str | Path, *, retrain_auc: float 
                     batch_size=batch_size, meter=meter, progress=progress)
             for m in ("knowmem_f", "knowmem_r"):
                 if m in metrics:
-                    out[m], out[m + "_f1"], out["items"][m] = eval_knowmem(
+                    out[m], out[m + "_recall"], out["items"][m] = eval_knowmem(
                         model, tokenizer, data[m], data[m + "_icl"], max_new_tokens=knowmem_max_new_tokens,
                         batch_size=batch_size, meter=meter, stage=m, progress=progress, share_prefix=share_prefix)
             if "privleak" in metrics:
@@ -259,7 +348,12 @@ def evaluate_muse(model, tokenizer, data_dir: str | Path, *, retrain_auc: float 
                 h = privleak_scores(model, tokenizer, data["privleak_holdout"], k=k, batch_size=score_batch_size,
                                     max_len=max_len, meter=meter)
                 out["aucs"] = privleak_aucs(f, h)
-                out["auc"] = out["aucs"][f"Min-{int(round(k * 100))}%"]
+                key = f"Min-{int(round(k * 100))}%"
+                out["auc"] = out["aucs"][key]
+                mine = {"forget": [d[key] for d in f], "holdout": [d[key] for d in h]}
+                out["min_k_gap"] = gap_interval(mine["forget"], mine["holdout"])
+                if gap_refs is not None:
+                    out["min_k_gap_scaled"] = scaled_gap(mine, gap_refs["target"], gap_refs["retrain"])
                 if retrain_auc is not None:
                     out["privleak"] = privleak_from_auc(out["auc"], retrain_auc)
                 out["items"]["privleak"] = {"forget": [{"i": i, **d} for i, d in enumerate(f)],
