@@ -67,7 +67,7 @@ def test_pretrain_output_is_a_loadable_checkpoint(target):
     assert target.status == "done"
     for f in ("config.json", "model.safetensors", "tokenizer.model", "run.json", "metrics.jsonl"):
         assert (out / f).is_file(), f
-    assert not (out / T.CKPT_DIR).exists()
+    assert not list(out.glob("checkpoint-*")) and not T.work_dir(out).exists()
     tok = Tokenizer.from_dir(out)
     model = Llama.from_pretrained(out)
     assert model.config.vocab_size == tok.vocab_size
@@ -182,14 +182,17 @@ def test_resume_is_bit_identical(tofu_slice, target, tmp_path, monkeypatch, case
         with pytest.raises(KeyboardInterrupt):
             T.unlearn(_ucfg(tofu_slice, target, out, **kw))
         monkeypatch.undo()
-        assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+        assert json.loads((T.work_dir(out) / "run.json").read_text())["status"] == "interrupted"
         stopped_at = 2
     else:
         part = T.unlearn(_ucfg(tofu_slice, target, out, stop_after=4, **kw))
         assert part.status == "stopped" and part.steps == 4
         assert not (out / "adapter_model.safetensors").exists()
         stopped_at = 4
-    assert torch.load(out / T.CKPT_DIR / "state.pt", weights_only=True)["step"] == stopped_at
+    assert not out.exists() or not any(out.iterdir())  # nothing committed before the run finishes
+    ckpt = T.latest_checkpoint(T.work_dir(out))
+    assert ckpt.name == f"checkpoint-{stopped_at}"
+    assert torch.load(ckpt / "state.pt", weights_only=True)["step"] == stopped_at
     resumed = T.unlearn(_ucfg(tofu_slice, target, out, resume=True, **kw))
     assert resumed.status == "done" and resumed.steps == full.steps
     a, b = _trainable(full.model), _trainable(resumed.model)
@@ -200,7 +203,7 @@ def test_resume_is_bit_identical(tofu_slice, target, tmp_path, monkeypatch, case
     keys = ("loss", "forget_loss", "retain_loss", "lr", "forget_nll", "retain_nll")
     strip = lambda rows: [{k: r.get(k) for k in ("step",) + keys} for r in rows]  # noqa: E731
     assert strip(resumed.metrics) == strip(full.metrics)
-    assert not (out / T.CKPT_DIR).exists()
+    assert not list(out.glob("checkpoint-*")) and not T.work_dir(out).exists()
 
 
 def test_resume_rejects_changed_options(tofu_slice, target, tmp_path):
@@ -218,7 +221,10 @@ def test_periodic_checkpoints(tofu_slice, target, tmp_path, monkeypatch):
     res = T.unlearn(_ucfg(tofu_slice, target, tmp_path / "u", method="ga", reg="gdr", mode="full", lr=1e-4, epochs=1,
                           save_every=2, keep_checkpoint=True))
     assert res.steps == 5 and saved == [2, 4]  # none at the end: the finished model is the output
-    assert torch.load(tmp_path / "u" / T.CKPT_DIR / "state.pt", weights_only=True)["step"] == 4
+    # the last two complete checkpoints are kept, each with its COMPLETE marker
+    assert [p.name for p in T.list_checkpoints(tmp_path / "u")] == ["checkpoint-2", "checkpoint-4"]
+    assert json.loads((tmp_path / "u" / "checkpoint-4" / T.COMPLETE).read_text())["step"] == 4
+    assert torch.load(tmp_path / "u" / "checkpoint-4" / "state.pt", weights_only=True)["step"] == 4
 
 
 def test_gradient_checkpointing_matches(tofu_slice, target, tmp_path):

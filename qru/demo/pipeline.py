@@ -22,6 +22,7 @@ import torch
 
 from qru.demo.presets import DemoConfig, stable_hash
 from qru.demo.stages import StageCache, atomic_write_json
+from qru.io import check_device, check_output
 
 RAW = ("general", "forget", "retain", "holdout")
 FLOAT_WEIGHTS = ("bf16", "fp16")
@@ -347,8 +348,11 @@ def _survival_stage(cache, ref: ModelRef, target, cfg, corpus_dir):
 
 def run_demo(cfg: DemoConfig, out: str | os.PathLike, *, seed: int = 0, force: bool = False, progress: bool = True,
              device: str = "cpu", threads: int | None = None, stages_root: str | os.PathLike | None = None,
-             prune: bool = True, report: bool = True) -> DemoRun:
-    """Run (or resume from the cache) the whole demo into ``out``; returns the run with its records."""
+             prune: bool = True, report: bool = True, overwrite: bool = False) -> DemoRun:
+    """Run (or resume from the cache) the whole demo into ``out``; returns the run with its records.
+
+    ``out`` may be new, empty or an earlier demo output (its cache is reused); any other non-empty
+    directory needs ``overwrite`` (the demo's files are then written into it, each atomically)."""
     from qru.demo import report as rpt
     from qru.model.tokenizer import Tokenizer
 
@@ -357,6 +361,9 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, *, seed: int = 0, force: b
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     out = Path(out)
+    is_demo = (out / "stages").is_dir() or (out / "run.json").is_file()
+    check_output(out, overwrite=overwrite or is_demo)
+    check_device(device)
     out.mkdir(parents=True, exist_ok=True)
     run = DemoRun(out, cfg, seed)
     quantized = any(p != "bf16" for p in cfg.eval.precisions)

@@ -324,9 +324,7 @@ def sweep_plots(results, base: DemoConfig, out: Path) -> None:
         axes[0][0].set_ylabel(title)
         axes[0][0].legend(fontsize=7)
         fig.tight_layout()
-        tmp = out / f".{fname}.tmp-{os.getpid()}.png"
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, out / fname)
+        rpt._save(fig, out / fname, dpi=100)
         plt.close(fig)
 
 
