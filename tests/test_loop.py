@@ -6,6 +6,7 @@ FORGET_RISE nats while the retain NLL ends at most RETAIN_BOUND nats above its s
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -225,6 +226,41 @@ def test_periodic_checkpoints(tofu_slice, target, tmp_path, monkeypatch):
     assert [p.name for p in T.list_checkpoints(tmp_path / "u")] == ["checkpoint-2", "checkpoint-4"]
     assert json.loads((tmp_path / "u" / "checkpoint-4" / T.COMPLETE).read_text())["step"] == 4
     assert torch.load(tmp_path / "u" / "checkpoint-4" / "state.pt", weights_only=True)["step"] == 4
+
+
+def test_rerun_into_finished_output_keeps_it_until_commit(tofu_slice, target, tmp_path):
+    """A finished output needs overwrite=True, and then stays byte-identical (run.json and
+    metrics.jsonl included) until the new run commits; an unfinished run is kept for resume, which
+    skips incomplete checkpoints and appends to metrics.jsonl."""
+    kw = dict(method="ga", reg="gdr", mode="lora", lr=5e-3, epochs=1)
+    out = tmp_path / "u"
+    T.unlearn(_ucfg(tofu_slice, target, out, **kw))
+    tree = lambda d: {p.name: p.read_bytes() for p in d.iterdir()}  # noqa: E731
+    before = tree(out)
+    with pytest.raises(ValueError, match="exists and is not empty; pass --overwrite"):
+        T.unlearn(_ucfg(tofu_slice, target, out, **kw))
+    part = T.unlearn(_ucfg(tofu_slice, target, out, overwrite=True, stop_after=2, **kw))
+    assert part.status == "stopped" and tree(out) == before
+    work = T.work_dir(out)
+    assert [p.name for p in T.list_checkpoints(work)] == ["checkpoint-2"]
+    fresh = tmp_path / "fresh"  # an unfinished run is not discarded by a new run without overwrite
+    T.unlearn(_ucfg(tofu_slice, target, fresh, stop_after=1, **kw))
+    with pytest.raises(T.TrainConfigError, match=r"unfinished run .*checkpoint-1.*resume"):
+        T.unlearn(_ucfg(tofu_slice, target, fresh, **kw))
+    shutil.rmtree(T.work_dir(fresh))
+    # incomplete checkpoints (no COMPLETE, or files not matching it) are never resumed from
+    shutil.copytree(work / "checkpoint-2", work / "checkpoint-4")
+    (work / "checkpoint-4" / T.COMPLETE).unlink()
+    shutil.copytree(work / "checkpoint-2", work / "checkpoint-3")
+    (work / "checkpoint-3" / "state.pt").write_bytes(b"torn")
+    assert T.latest_checkpoint(work).name == "checkpoint-2"
+    n_rows = len((work / T.METRICS).read_text().splitlines())
+    res = T.unlearn(_ucfg(tofu_slice, target, out, overwrite=True, resume=True, **kw))
+    assert res.status == "done" and res.steps == 5 and [r["step"] for r in res.metrics] == list(range(6))
+    lines = (out / T.METRICS).read_text().splitlines()
+    assert len(lines) == n_rows + 3 and T.read_metrics(out / T.METRICS) == res.metrics  # appended, not rewritten
+    assert tree(out) != before and not work.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["u"]
 
 
 def test_gradient_checkpointing_matches(tofu_slice, target, tmp_path):

@@ -9,10 +9,12 @@ survival analysis of each unlearned model against the target -> results.json, re
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -197,6 +199,13 @@ def _summary(res) -> dict:
             "trainable_params": res.trainable_params, "nll_start": nll0, "nll_end": nll}
 
 
+@contextlib.contextmanager
+def _inputs_dir(d: Path):
+    """A temporary directory beside the stage ``d`` for inputs its training reads."""
+    with tempfile.TemporaryDirectory(dir=d.parent, prefix=f".{d.name}.inputs-") as tmp:
+        yield Path(tmp)
+
+
 def _base_stage(cache, cfg, tok, seed, common):
     from qru.train.loop import PretrainConfig, pretrain
 
@@ -204,12 +213,13 @@ def _base_stage(cache, cfg, tok, seed, common):
     vocab = tok.result["vocab_size"]
 
     def build(d: Path):
-        arch = d / "arch.json"
-        arch.write_text(json.dumps(_arch(cfg, vocab)))
-        data = pack([corpus_dir / "raw" / "general.txt"], cfg.base.epochs, seed, d / "packed.txt")
-        res = pretrain(PretrainConfig(out=str(d), data=[str(data)], config=str(arch),
-                                      tokenizer=str(tok.dir / "tokenizer.model"), seed=seed,
-                                      **_pretrain_kwargs(cfg.base), **common))
+        with _inputs_dir(d) as tmp:  # the training inputs live beside the output, never inside it
+            arch = tmp / "arch.json"
+            arch.write_text(json.dumps(_arch(cfg, vocab)))
+            data = pack([corpus_dir / "raw" / "general.txt"], cfg.base.epochs, seed, tmp / "packed.txt")
+            res = pretrain(PretrainConfig(out=str(d), data=[str(data)], config=str(arch),
+                                          tokenizer=str(tok.dir / "tokenizer.model"), seed=seed,
+                                          **_pretrain_kwargs(cfg.base), **common))
         return _summary(res)
 
     return cache.run("base", {"tokenizer": tok.hash, "model": dataclasses.asdict(cfg.model),
@@ -222,9 +232,11 @@ def _finetune_stage(cache, name, cfg, base, files, seed, common):
     corpus_dir = cache.used["corpus"].dir / "data"
 
     def build(d: Path):
-        data = pack([corpus_dir / "raw" / f"{f}.txt" for f in files], cfg.target.epochs, seed, d / "packed.txt")
-        res = pretrain(PretrainConfig(out=str(d), data=[str(data)], init=str(base.dir), seed=seed,
-                                      **_pretrain_kwargs(cfg.target), **common))
+        with _inputs_dir(d) as tmp:
+            data = pack([corpus_dir / "raw" / f"{f}.txt" for f in files], cfg.target.epochs, seed,
+                        tmp / "packed.txt")
+            res = pretrain(PretrainConfig(out=str(d), data=[str(data)], init=str(base.dir), seed=seed,
+                                          **_pretrain_kwargs(cfg.target), **common))
         return _summary(res)
 
     return cache.run(name, {"base": base.hash, "files": list(files), "train": dataclasses.asdict(cfg.target),

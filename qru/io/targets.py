@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Iterable, Mapping
 
+import torch
+
 from qru.io.atomic import OutputError
 
 
@@ -87,8 +89,6 @@ def check_output(out: str | os.PathLike, inputs: Mapping[str, str | os.PathLike 
 
 def check_device(name: str, option: str = "--device"):
     """``torch.device(name)`` (``"auto"`` allowed), refusing an unknown device or CUDA without CUDA."""
-    import torch
-
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
