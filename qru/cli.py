@@ -144,7 +144,7 @@ def _train_config(cls, args):
 
 def _run_training(kind: str, fn, cfg) -> int:
     from qru.train.data import DataError
-    from qru.train.loop import TrainConfigError
+    from qru.train.loop import TrainConfigError, work_dir
 
     try:
         res = fn(cfg)
@@ -155,7 +155,9 @@ def _run_training(kind: str, fn, cfg) -> int:
     first = {k: v for k, v in (res.evals[0] if res.evals else {}).items() if k.endswith("_nll")}
     nll = ", ".join(f"{k} {first.get(k, float('nan')):.3f} -> {v:.3f}" for k, v in last.items())
     print(f"qru {kind}: {res.status} after {res.steps}/{res.total_steps} steps in {res.seconds:.1f}s; "
-          f"trainable params {res.trainable_params:,} of {res.total_params:,}; {nll}; output in {res.out}")
+          f"trainable params {res.trainable_params:,} of {res.total_params:,}; {nll}; "
+          + (f"output in {res.out}" if res.status == "done"
+             else f"unfinished run in {work_dir(res.out)} (continue with --resume)"))
     return 0
 
 

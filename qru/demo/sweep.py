@@ -185,7 +185,7 @@ def _run_point(cfg, out, seed, force, progress, device, threads, stages):
     from qru.demo.pipeline import run_demo
 
     return run_demo(cfg, out, seed=seed, force=force, progress=progress, device=device, threads=threads,
-                    stages_root=stages, prune=False)
+                    stages_root=stages, prune=False, overwrite=True)  # the sweep owns its point directories
 
 
 def _short(st: dict) -> str:

@@ -2,8 +2,6 @@
 write a JSON file with one self-contained record per precision."""
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 from typing import Sequence

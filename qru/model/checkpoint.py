@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 from safetensors.torch import save_file
 
-from qru.io import fault_point, staged_dir  # noqa: F401  (staged_dir: re-exported for the writers)
+from qru.io import fault_point, staged_dir
 from qru.model.config import DTYPES, LlamaConfig
 
 SINGLE = "model.safetensors"
