@@ -220,10 +220,11 @@ def test_periodic_checkpoints(tofu_slice, target, tmp_path, monkeypatch):
     real = T.save_checkpoint
     monkeypatch.setattr(T, "save_checkpoint", lambda out, m, o, st: saved.append(st["step"]) or real(out, m, o, st))
     res = T.unlearn(_ucfg(tofu_slice, target, tmp_path / "u", method="ga", reg="gdr", mode="full", lr=1e-4, epochs=1,
-                          save_every=2, keep_checkpoint=True))
-    assert res.steps == 5 and saved == [2, 4]  # none at the end: the finished model is the output
-    # the last two complete checkpoints are kept, each with its COMPLETE marker
-    assert [p.name for p in T.list_checkpoints(tmp_path / "u")] == ["checkpoint-2", "checkpoint-4"]
+                          save_every=1, keep_checkpoint=True))
+    assert res.steps == 5 and saved == [1, 2, 3, 4]  # none at the end: the finished model is the output
+    # only the last two complete checkpoints are kept, each with its COMPLETE marker
+    assert sorted(p.name for p in (tmp_path / "u").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+    assert [p.name for p in T.list_checkpoints(tmp_path / "u")] == ["checkpoint-3", "checkpoint-4"]
     assert json.loads((tmp_path / "u" / "checkpoint-4" / T.COMPLETE).read_text())["step"] == 4
     assert torch.load(tmp_path / "u" / "checkpoint-4" / "state.pt", weights_only=True)["step"] == 4
 

@@ -204,3 +204,33 @@ def test_check_device():
     if not torch.cuda.is_available():
         with pytest.raises(io.DeviceError, match="--device 'cuda:0': CUDA is not available"):
             io.check_device("cuda:0")
+
+
+# -- writers that commit through the module -------------------------------------------------------
+
+def test_save_adapter_commits_the_directory_whole(tmp_path, monkeypatch):
+    import torch
+
+    import qru.model.lora as L
+    from qru.model.config import LlamaConfig
+    from qru.model.llama import Llama
+
+    torch.manual_seed(0)
+    m = Llama(LlamaConfig.preset("tiny", vocab_size=64))
+    L.apply_lora(m, r=2, alpha=4)
+    d = tmp_path / "adapter"
+    L.save_adapter(m, d)
+    (d / "stale.bin").write_bytes(b"from an older save")
+    before = _tree(d)
+    with torch.no_grad():
+        for _, mod in L.lora_modules(m):
+            mod.lora_B.add_(1.0)
+    monkeypatch.setattr(L, "_atomic_write_text", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):  # weights already staged, config failed: nothing changes
+        L.save_adapter(m, d)
+    assert _tree(d) == before
+    monkeypatch.undo()
+    L.save_adapter(m, d)
+    assert sorted(_tree(d)) == [L.CONFIG_NAME, L.WEIGHTS_NAME]  # replaced as a whole: no stale file
+    assert _tree(d)[L.WEIGHTS_NAME] != before[L.WEIGHTS_NAME]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
