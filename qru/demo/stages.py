@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from qru.demo.presets import stable_hash
-from qru.io import write_json, write_text
+from qru.io import commit_dir, write_json, write_text
 
 MANIFEST = "manifest.json"
 
@@ -85,13 +85,7 @@ class StageCache:
             atomic_write_json(tmp / MANIFEST, {"stage": name, "hash": h, "done": True, "seconds": round(secs, 3),
                                                "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "key": key,
                                                "result": result})
-            trash = None
-            if d.exists():
-                trash = self.root / f".{name}-{h}.old-{uuid.uuid4().hex[:8]}"
-                os.replace(d, trash)
-            os.replace(tmp, d)
-            if trash is not None:
-                shutil.rmtree(trash, ignore_errors=True)
+            commit_dir(tmp, d)  # one rename (a swap when d exists); the old one is removed after
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

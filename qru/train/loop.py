@@ -24,7 +24,9 @@ is unfinished the work directory holds ``checkpoint-<step>/`` directories (every
 steps, at ``stop_after`` and on Ctrl-C), each committed atomically with a ``COMPLETE`` marker written
 last; the last two complete ones are kept. ``resume=True`` continues from the newest complete one
 bit-identically (trainable parameters, AdamW state, step, data positions, RNG states); incomplete
-ones are ignored. ``keep_checkpoint=True`` carries them into ``out``.
+ones are ignored, and a run killed before its first checkpoint restarts from step 0. A new run
+(no ``resume``) discards an unfinished run that has a checkpoint only with ``overwrite=True``.
+``keep_checkpoint=True`` carries the checkpoints into ``out``.
 
 ``metrics.jsonl`` is only ever appended to: after a resume it may hold rows of the interrupted run
 past the resumed checkpoint, so a reader that wants the rows up to a step dedupes by ``step``,

@@ -140,6 +140,7 @@ CASES = [
     pytest.param("unlearn-lora", "after-checkpoint", id="unlearn-lora-after-checkpoint"),
     pytest.param("unlearn-lora", "mid-checkpoint", id="unlearn-lora-mid-checkpoint", marks=pytest.mark.slow),
     pytest.param("pretrain", "mid-checkpoint", id="pretrain-mid-checkpoint"),
+    pytest.param("pretrain", "at-commit", id="pretrain-at-commit", marks=pytest.mark.slow),
 ]
 
 
