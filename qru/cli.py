@@ -58,7 +58,7 @@ def cmd_eval(args) -> int:
                  limit=args.limit, seed=args.seed, batch_size=args.batch_size,
                  score_batch_size=args.score_batch_size, max_len=args.max_len, block_size=args.block_size,
                  forget_split=args.forget_split, retain_split=args.retain_split, device=args.device,
-                 progress=args.progress)
+                 progress=args.progress, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError, PrecisionUnavailable) as e:
         print(f"qru eval: error: {e}", file=sys.stderr)
         return 2
@@ -78,6 +78,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--precision", default="fp32", help="comma list of fp32,bf16,fp16,int8,nf4,fp4,int4,int4_sym")
     p.add_argument("--limit", type=int, default=None, help="first N items of each evaluated set")
     p.add_argument("--out", required=True, help="results JSON (one record per precision)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--batch-size", type=int, default=16, help="generation batch size")
     p.add_argument("--score-batch-size", type=int, default=8, help="log-prob scoring batch size")
     p.add_argument("--max-len", type=int, default=None, help="max scored tokens per text (default: context)")
@@ -99,7 +100,8 @@ def cmd_data_synth(args) -> int:
     try:
         info = write_corpus(args.out, people=args.people, seed=args.seed, retain=args.retain,
                             holdout=args.holdout, general=args.general, facts_per_person=args.facts_per_person,
-                            docs_per_person=args.docs_per_person, qa_docs=not args.no_qa_docs, icl=args.icl)
+                            docs_per_person=args.docs_per_person, qa_docs=not args.no_qa_docs, icl=args.icl,
+                            overwrite=args.overwrite)
     except (TypeError, ValueError, OSError) as e:
         print(f"qru data synth: error: {e}", file=sys.stderr)
         return 2
@@ -116,6 +118,7 @@ def _add_data(sub) -> None:
     dsub = p.add_subparsers(dest="data_command", required=True)
     s = dsub.add_parser("synth", help="write the synthetic fictitious-people corpus in the MUSE layout")
     s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output (it stays intact until the new one is complete)")
     s.add_argument("--people", type=int, default=20, help="forget people")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--retain", type=int, default=None, help="retain people (default 2 x people)")
@@ -141,7 +144,7 @@ def _train_config(cls, args):
 
 def _run_training(kind: str, fn, cfg) -> int:
     from qru.train.data import DataError
-    from qru.train.loop import TrainConfigError
+    from qru.train.loop import TrainConfigError, work_dir
 
     try:
         res = fn(cfg)
@@ -152,7 +155,9 @@ def _run_training(kind: str, fn, cfg) -> int:
     first = {k: v for k, v in (res.evals[0] if res.evals else {}).items() if k.endswith("_nll")}
     nll = ", ".join(f"{k} {first.get(k, float('nan')):.3f} -> {v:.3f}" for k, v in last.items())
     print(f"qru {kind}: {res.status} after {res.steps}/{res.total_steps} steps in {res.seconds:.1f}s; "
-          f"trainable params {res.trainable_params:,} of {res.total_params:,}; {nll}; output in {res.out}")
+          f"trainable params {res.trainable_params:,} of {res.total_params:,}; {nll}; "
+          + (f"output in {res.out}" if res.status == "done"
+             else f"unfinished run in {work_dir(res.out)} (continue with --resume)"))
     return 0
 
 
@@ -193,7 +198,10 @@ def _add_train_options(p) -> None:
     p.add_argument("--eval-samples", type=int, default=S, help="held-fixed examples per eval set")
     p.add_argument("--save-every", type=int, default=S, help="checkpoint every N steps (0: only on Ctrl-C)")
     p.add_argument("--stop-after", type=int, default=S, help="stop with a checkpoint after N steps")
-    p.add_argument("--resume", action="store_true", default=S, help="continue from OUT/checkpoint")
+    p.add_argument("--resume", action="store_true", default=S,
+                   help="continue an interrupted run from its newest complete checkpoint")
+    p.add_argument("--overwrite", action="store_true", default=S,
+                   help="replace an existing non-empty --out (kept intact until the new run finishes)")
     p.add_argument("--keep-checkpoint", action="store_true", default=S)
     p.add_argument("--no-progress", dest="progress", action="store_false", default=S)
     p.add_argument("--cache-dir", default=S, help="token cache (default $QRU_CACHE/tokens or ~/.cache/qru/tokens)")
@@ -241,14 +249,18 @@ def cmd_survival(args) -> int:
     """Per-layer survival of an unlearning update under weight quantization."""
     from qru.quant.survival import analyze, summary_table, write_outputs
 
+    from qru.io import check_output
+
     if args.unlearned is None and args.adapter is None:
         print("qru survival: error: give UNLEARNED, --adapter, or both", file=sys.stderr)
         return 2
+    inputs = {"base": args.base, "unlearned": args.unlearned, "adapter": args.adapter, "calib": args.calib}
     try:
+        check_output(args.out, inputs, overwrite=args.overwrite)
         report = analyze(args.base, args.unlearned, adapter=args.adapter, formats=args.format,
                          block_size=args.block_size, calib=args.calib, calib_rows=args.calib_rows,
                          calib_seq_len=args.calib_seq_len, skip=_csv(args.skip), progress=not args.quiet)
-        paths = write_outputs(report, args.out)
+        paths = write_outputs(report, args.out, overwrite=args.overwrite, inputs=inputs)
     except (ValueError, FileNotFoundError) as e:
         print(f"qru survival: error: {e}", file=sys.stderr)
         return 2
@@ -269,6 +281,7 @@ def _add_survival(sub) -> None:
     p.add_argument("--calib-seq-len", type=int, default=256, help="calibration sequence length")
     p.add_argument("--skip", default="lm_head", help="comma list of name components / globs to skip ('' for none)")
     p.add_argument("--out", required=True, help="output directory (survival.json, .csv, two PNGs)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output (it stays intact until the new one is complete)")
     p.add_argument("--quiet", action="store_true", help="no per-tensor progress lines")
     p.set_defaults(func=cmd_survival)
 
@@ -283,7 +296,7 @@ def cmd_quantize(args) -> int:
         out = quantize_checkpoint(args.model, args.out, args.format, args.block_size, adapter=args.adapter,
                                   skip=_csv(args.skip), double_quant=args.double_quant,
                                   compute_dtype=args.compute_dtype, max_shard_size=args.max_shard_size,
-                                  progress=args.progress)
+                                  progress=args.progress, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError) as e:
         print(f"qru quantize: error: {e}", file=sys.stderr)
         return 2
@@ -303,7 +316,8 @@ def _add_quantize(sub) -> None:
                    help="activation dtype; non-quantized tensors are stored in it")
     p.add_argument("--max-shard-size", default="2GB", help="output shard size, e.g. 2GB, 500MB")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--out", required=True, help="output directory (staged, committed with one rename)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output (it stays intact until the new one is complete)")
     p.set_defaults(func=cmd_quantize)
 
 
@@ -320,7 +334,7 @@ def cmd_demo(args) -> int:
         cfg = get_preset(args.preset, parse_overrides(args.set))
         out = args.out or f"runs/demo-{args.preset}"
         run = run_demo(cfg, out, seed=args.seed, force=args.force, progress=args.progress, device=args.device,
-                       threads=args.threads)
+                       threads=args.threads, overwrite=args.overwrite)
     except (PresetError, ValueError, FileNotFoundError) as e:
         print(f"qru demo: error: {e}", file=sys.stderr)
         return 2
@@ -362,6 +376,8 @@ def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the paper's experiment end to end: train, unlearn, quantize, evaluate, report")
     p.add_argument("--preset", default="quick", choices=["quick", "full", "mini"])
     p.add_argument("--out", default=None, help="output directory (default runs/demo-PRESET)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --out that is not a qru demo output")
     _add_demo_common(p)
     p.set_defaults(func=cmd_demo)
 

@@ -100,5 +100,5 @@ def test_cli_eval_tofu(tiny_dir, shared_data, tmp_path, capsys):
     assert rec["forget_quality"] == pytest.approx(1.0)
     assert rec["precision"] == "fp32" and rec["benchmark"] == "tofu" and "qru_version" in rec
     assert main(["eval", str(tiny_dir), "--benchmark", "tofu", "--data", str(shared_data / "tofu"),
-                 "--forget-split", "forget05", "--out", str(out)]) == 2
+                 "--forget-split", "forget05", "--out", str(tmp_path / "tofu5.json")]) == 2
     assert "forget05" in capsys.readouterr().err

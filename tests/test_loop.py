@@ -6,6 +6,7 @@ FORGET_RISE nats while the retain NLL ends at most RETAIN_BOUND nats above its s
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,7 +68,7 @@ def test_pretrain_output_is_a_loadable_checkpoint(target):
     assert target.status == "done"
     for f in ("config.json", "model.safetensors", "tokenizer.model", "run.json", "metrics.jsonl"):
         assert (out / f).is_file(), f
-    assert not (out / T.CKPT_DIR).exists()
+    assert not list(out.glob("checkpoint-*")) and not T.work_dir(out).exists()
     tok = Tokenizer.from_dir(out)
     model = Llama.from_pretrained(out)
     assert model.config.vocab_size == tok.vocab_size
@@ -182,14 +183,17 @@ def test_resume_is_bit_identical(tofu_slice, target, tmp_path, monkeypatch, case
         with pytest.raises(KeyboardInterrupt):
             T.unlearn(_ucfg(tofu_slice, target, out, **kw))
         monkeypatch.undo()
-        assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+        assert json.loads((T.work_dir(out) / "run.json").read_text())["status"] == "interrupted"
         stopped_at = 2
     else:
         part = T.unlearn(_ucfg(tofu_slice, target, out, stop_after=4, **kw))
         assert part.status == "stopped" and part.steps == 4
         assert not (out / "adapter_model.safetensors").exists()
         stopped_at = 4
-    assert torch.load(out / T.CKPT_DIR / "state.pt", weights_only=True)["step"] == stopped_at
+    assert not out.exists() or not any(out.iterdir())  # nothing committed before the run finishes
+    ckpt = T.latest_checkpoint(T.work_dir(out))
+    assert ckpt.name == f"checkpoint-{stopped_at}"
+    assert torch.load(ckpt / "state.pt", weights_only=True)["step"] == stopped_at
     resumed = T.unlearn(_ucfg(tofu_slice, target, out, resume=True, **kw))
     assert resumed.status == "done" and resumed.steps == full.steps
     a, b = _trainable(full.model), _trainable(resumed.model)
@@ -200,7 +204,7 @@ def test_resume_is_bit_identical(tofu_slice, target, tmp_path, monkeypatch, case
     keys = ("loss", "forget_loss", "retain_loss", "lr", "forget_nll", "retain_nll")
     strip = lambda rows: [{k: r.get(k) for k in ("step",) + keys} for r in rows]  # noqa: E731
     assert strip(resumed.metrics) == strip(full.metrics)
-    assert not (out / T.CKPT_DIR).exists()
+    assert not list(out.glob("checkpoint-*")) and not T.work_dir(out).exists()
 
 
 def test_resume_rejects_changed_options(tofu_slice, target, tmp_path):
@@ -216,9 +220,48 @@ def test_periodic_checkpoints(tofu_slice, target, tmp_path, monkeypatch):
     real = T.save_checkpoint
     monkeypatch.setattr(T, "save_checkpoint", lambda out, m, o, st: saved.append(st["step"]) or real(out, m, o, st))
     res = T.unlearn(_ucfg(tofu_slice, target, tmp_path / "u", method="ga", reg="gdr", mode="full", lr=1e-4, epochs=1,
-                          save_every=2, keep_checkpoint=True))
-    assert res.steps == 5 and saved == [2, 4]  # none at the end: the finished model is the output
-    assert torch.load(tmp_path / "u" / T.CKPT_DIR / "state.pt", weights_only=True)["step"] == 4
+                          save_every=1, keep_checkpoint=True))
+    assert res.steps == 5 and saved == [1, 2, 3, 4]  # none at the end: the finished model is the output
+    # only the last two complete checkpoints are kept, each with its COMPLETE marker
+    assert sorted(p.name for p in (tmp_path / "u").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+    assert [p.name for p in T.list_checkpoints(tmp_path / "u")] == ["checkpoint-3", "checkpoint-4"]
+    assert json.loads((tmp_path / "u" / "checkpoint-4" / T.COMPLETE).read_text())["step"] == 4
+    assert torch.load(tmp_path / "u" / "checkpoint-4" / "state.pt", weights_only=True)["step"] == 4
+
+
+def test_rerun_into_finished_output_keeps_it_until_commit(tofu_slice, target, tmp_path):
+    """A finished output needs overwrite=True, and then stays byte-identical (run.json and
+    metrics.jsonl included) until the new run commits; an unfinished run is kept for resume, which
+    skips incomplete checkpoints and appends to metrics.jsonl."""
+    kw = dict(method="ga", reg="gdr", mode="lora", lr=5e-3, epochs=1)
+    out = tmp_path / "u"
+    T.unlearn(_ucfg(tofu_slice, target, out, **kw))
+    tree = lambda d: {p.name: p.read_bytes() for p in d.iterdir()}  # noqa: E731
+    before = tree(out)
+    with pytest.raises(ValueError, match="exists and is not empty; pass --overwrite"):
+        T.unlearn(_ucfg(tofu_slice, target, out, **kw))
+    part = T.unlearn(_ucfg(tofu_slice, target, out, overwrite=True, stop_after=2, **kw))
+    assert part.status == "stopped" and tree(out) == before
+    work = T.work_dir(out)
+    assert [p.name for p in T.list_checkpoints(work)] == ["checkpoint-2"]
+    fresh = tmp_path / "fresh"  # an unfinished run is not discarded by a new run without overwrite
+    T.unlearn(_ucfg(tofu_slice, target, fresh, stop_after=1, **kw))
+    with pytest.raises(T.TrainConfigError, match=r"unfinished run .*checkpoint-1.*resume"):
+        T.unlearn(_ucfg(tofu_slice, target, fresh, **kw))
+    shutil.rmtree(T.work_dir(fresh))
+    # incomplete checkpoints (no COMPLETE, or files not matching it) are never resumed from
+    shutil.copytree(work / "checkpoint-2", work / "checkpoint-4")
+    (work / "checkpoint-4" / T.COMPLETE).unlink()
+    shutil.copytree(work / "checkpoint-2", work / "checkpoint-3")
+    (work / "checkpoint-3" / "state.pt").write_bytes(b"torn")
+    assert T.latest_checkpoint(work).name == "checkpoint-2"
+    n_rows = len((work / T.METRICS).read_text().splitlines())
+    res = T.unlearn(_ucfg(tofu_slice, target, out, overwrite=True, resume=True, **kw))
+    assert res.status == "done" and res.steps == 5 and [r["step"] for r in res.metrics] == list(range(6))
+    lines = (out / T.METRICS).read_text().splitlines()
+    assert len(lines) == n_rows + 3 and T.read_metrics(out / T.METRICS) == res.metrics  # appended, not rewritten
+    assert tree(out) != before and not work.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["u"]
 
 
 def test_gradient_checkpointing_matches(tofu_slice, target, tmp_path):

@@ -280,7 +280,7 @@ def test_error_bad_arguments(base, tmp_path, capsys):
         E.quantize_checkpoint(tmp_path / "nope", tmp_path / "q", "nf4")
     assert main(["quantize", str(tmp_path / "nope"), "--format", "nf4", "--out", str(tmp_path / "q")]) == 2
     assert "model directory not found" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="is the input model directory"):
+    with pytest.raises(ValueError, match=r"is the input model .*base"):
         E.quantize_checkpoint(base / "base", base / "base", "nf4")
     assert not (tmp_path / "q").exists()
 
@@ -323,7 +323,7 @@ def test_interrupted_run_leaves_no_partial_output(base, tmp_path, monkeypatch, e
     calls.clear()
     monkeypatch.setattr(E, "quantize", failing)
     with pytest.raises(type(exc)):
-        E.quantize_checkpoint(base / "base", prev, "nf4", max_shard_size="10KB")
+        E.quantize_checkpoint(base / "base", prev, "nf4", max_shard_size="10KB", overwrite=True)
     assert {p.name: p.read_bytes() for p in prev.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prev"]
 

@@ -49,13 +49,16 @@ def test_write_is_deterministic_and_seed_dependent(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] and all(not p.name.startswith(".") for p in tmp_path.iterdir())
 
 
-def test_rewrite_existing_dir_replaces_files_and_keeps_others(tmp_path):
+def test_rewrite_existing_dir_needs_overwrite_and_replaces_it_whole(tmp_path):
     out = tmp_path / "corpus"
     write_corpus(out, **SMALL, seed=1)
-    (out / "notes.txt").write_text("keep me")
-    info = write_corpus(out, **SMALL, seed=2)
-    tree = _tree(out)
-    assert tree.pop("notes.txt") == b"keep me"
+    (out / "notes.txt").write_text("old")
+    before = _tree(out)
+    with pytest.raises(ValueError, match=r"corpus exists and is not empty; pass --overwrite"):
+        write_corpus(out, **SMALL, seed=2)
+    assert _tree(out) == before
+    info = write_corpus(out, **SMALL, seed=2, overwrite=True)
+    tree = _tree(out)  # one commit: the new corpus exactly, nothing of the old directory
     assert tree == {k: v.encode("utf-8") for k, v in make_corpus(**SMALL, seed=2).files().items()}
     assert info.root == out and info.counts["people_forget"] == SMALL["people"]
     assert not [p for p in out.rglob(".*")]

@@ -40,10 +40,10 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from qru.io import check_output, staged_dir, write_text
 
 GENERATOR_VERSION = 2
 PRIVLEAK_DOCS = 64  # default number of forget and of holdout PrivLeak documents
@@ -416,42 +416,23 @@ def _sentences(person: Person, doc: int) -> list[str]:
 # -- writing -------------------------------------------------------------------------------------------------
 
 def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_text(path, text)
 
 
-def write_corpus(out_dir: str | os.PathLike, people: int = 20, seed: int = 0, **kwargs) -> CorpusInfo:
+def write_corpus(out_dir: str | os.PathLike, people: int = 20, seed: int = 0, *, overwrite: bool = False,
+                 **kwargs) -> CorpusInfo:
     """Generate (``make_corpus(people, seed, **kwargs)``) and write the corpus under ``out_dir``.
 
-    A new (or empty) ``out_dir`` appears all at once (built in a temporary directory beside it, then
-    renamed); in an existing one, each file is replaced atomically and other files are left alone.
+    ``out_dir`` appears all at once (a staged directory committed with one rename, :mod:`qru.io`);
+    an existing non-empty ``out_dir`` is refused unless ``overwrite``, and then replaced as a whole.
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"out_dir {out} exists and is not a directory")
+    check_output(out, overwrite=overwrite)
     corpus = make_corpus(people, seed, **kwargs)
     files = corpus.files()
-    if out.is_dir() and any(out.iterdir()):
+    with staged_dir(out) as stage:
         for rel, text in files.items():
-            _write(out / rel, text)
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            for rel, text in files.items():
-                _write(tmp / rel, text)
-            if out.is_dir():
-                out.rmdir()  # empty: make room for the rename (fails loudly if something appeared meanwhile)
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            _write(stage / rel, text)
     return CorpusInfo(out, {rel: out / rel for rel in files}, corpus.counts())

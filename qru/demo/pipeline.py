@@ -9,10 +9,12 @@ survival analysis of each unlearned model against the target -> results.json, re
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ import torch
 from qru.demo.presets import DemoConfig, stable_hash
 from qru.demo.stages import StageCache, atomic_write_json
 from qru.eval.muse import scaled_gap
+from qru.io import check_device, check_output
 
 RAW = ("general", "forget", "retain", "holdout")
 FLOAT_WEIGHTS = ("bf16", "fp16")
@@ -197,6 +200,13 @@ def _summary(res) -> dict:
             "trainable_params": res.trainable_params, "nll_start": nll0, "nll_end": nll}
 
 
+@contextlib.contextmanager
+def _inputs_dir(d: Path):
+    """A temporary directory beside the stage ``d`` for inputs its training reads."""
+    with tempfile.TemporaryDirectory(dir=d.parent, prefix=f".{d.name}.inputs-") as tmp:
+        yield Path(tmp)
+
+
 def _base_stage(cache, cfg, tok, seed, common):
     from qru.train.loop import PretrainConfig, pretrain
 
@@ -204,12 +214,13 @@ def _base_stage(cache, cfg, tok, seed, common):
     vocab = tok.result["vocab_size"]
 
     def build(d: Path):
-        arch = d / "arch.json"
-        arch.write_text(json.dumps(_arch(cfg, vocab)))
-        data = pack([corpus_dir / "raw" / "general.txt"], cfg.base.epochs, seed, d / "packed.txt")
-        res = pretrain(PretrainConfig(out=str(d), data=[str(data)], config=str(arch),
-                                      tokenizer=str(tok.dir / "tokenizer.model"), seed=seed,
-                                      **_pretrain_kwargs(cfg.base), **common))
+        with _inputs_dir(d) as tmp:  # the training inputs live beside the output, never inside it
+            arch = tmp / "arch.json"
+            arch.write_text(json.dumps(_arch(cfg, vocab)))
+            data = pack([corpus_dir / "raw" / "general.txt"], cfg.base.epochs, seed, tmp / "packed.txt")
+            res = pretrain(PretrainConfig(out=str(d), data=[str(data)], config=str(arch),
+                                          tokenizer=str(tok.dir / "tokenizer.model"), seed=seed,
+                                          **_pretrain_kwargs(cfg.base), **common))
         return _summary(res)
 
     return cache.run("base", {"tokenizer": tok.hash, "model": dataclasses.asdict(cfg.model),
@@ -222,9 +233,11 @@ def _finetune_stage(cache, name, cfg, base, files, seed, common):
     corpus_dir = cache.used["corpus"].dir / "data"
 
     def build(d: Path):
-        data = pack([corpus_dir / "raw" / f"{f}.txt" for f in files], cfg.target.epochs, seed, d / "packed.txt")
-        res = pretrain(PretrainConfig(out=str(d), data=[str(data)], init=str(base.dir), seed=seed,
-                                      **_pretrain_kwargs(cfg.target), **common))
+        with _inputs_dir(d) as tmp:
+            data = pack([corpus_dir / "raw" / f"{f}.txt" for f in files], cfg.target.epochs, seed,
+                        tmp / "packed.txt")
+            res = pretrain(PretrainConfig(out=str(d), data=[str(data)], init=str(base.dir), seed=seed,
+                                          **_pretrain_kwargs(cfg.target), **common))
         return _summary(res)
 
     return cache.run(name, {"base": base.hash, "files": list(files), "train": dataclasses.asdict(cfg.target),
@@ -351,8 +364,11 @@ def _survival_stage(cache, ref: ModelRef, target, cfg, corpus_dir):
 
 def run_demo(cfg: DemoConfig, out: str | os.PathLike, *, seed: int = 0, force: bool = False, progress: bool = True,
              device: str = "cpu", threads: int | None = None, stages_root: str | os.PathLike | None = None,
-             prune: bool = True, report: bool = True) -> DemoRun:
-    """Run (or resume from the cache) the whole demo into ``out``; returns the run with its records."""
+             prune: bool = True, report: bool = True, overwrite: bool = False) -> DemoRun:
+    """Run (or resume from the cache) the whole demo into ``out``; returns the run with its records.
+
+    ``out`` may be new, empty or an earlier demo output (its cache is reused); any other non-empty
+    directory needs ``overwrite`` (the demo's files are then written into it, each atomically)."""
     from qru.demo import report as rpt
     from qru.model.tokenizer import Tokenizer
 
@@ -361,6 +377,9 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, *, seed: int = 0, force: b
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     out = Path(out)
+    is_demo = (out / "stages").is_dir() or (out / "run.json").is_file()
+    check_output(out, overwrite=overwrite or is_demo)
+    check_device(device)
     out.mkdir(parents=True, exist_ok=True)
     run = DemoRun(out, cfg, seed)
     quantized = any(p != "bf16" for p in cfg.eval.precisions)

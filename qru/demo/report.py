@@ -15,6 +15,7 @@ Every number of the conclusion is derived from ``results.json`` alone by :func:`
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -25,6 +26,7 @@ from pathlib import Path
 from qru.demo import stats
 from qru.demo.presets import FOUR_BIT, MUSE_KNOWMEM_TOKENS, MUSE_VERBMEM_TOKENS
 from qru.demo.stages import atomic_write_json, atomic_write_text
+from qru.io import write_bytes
 
 MIN_EFFECT = 2.0  # points (metrics are 0-100 scores); smaller effects are never called "shown"
 TARGET_GAP = 10.0  # the target "knows" the forget facts: KnowMem_f(target) - KnowMem_f(retrain) >= this
@@ -424,11 +426,10 @@ def plots(records, precisions, fmt: str, out: Path) -> list[Path]:
     return written
 
 
-def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-    return path
+def _save(fig, path: Path, dpi: int = 110) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=dpi, format="png")
+    return write_bytes(path, buf.getvalue())
 
 
 # -- report ----------------------------------------------------------------------------------

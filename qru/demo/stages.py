@@ -18,32 +18,17 @@ from pathlib import Path
 from typing import Callable
 
 from qru.demo.presets import stable_hash
+from qru.io import commit_dir, write_json, write_text
 
 MANIFEST = "manifest.json"
 
 
 def atomic_write_json(path: Path, obj, indent: int | None = 2) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_text(json.dumps(obj, indent=indent, sort_keys=False, default=str) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_json(path, obj, indent=indent, sort_keys=False, default=str)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_text(path, text)
 
 
 @dataclass
@@ -100,13 +85,7 @@ class StageCache:
             atomic_write_json(tmp / MANIFEST, {"stage": name, "hash": h, "done": True, "seconds": round(secs, 3),
                                                "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "key": key,
                                                "result": result})
-            trash = None
-            if d.exists():
-                trash = self.root / f".{name}-{h}.old-{uuid.uuid4().hex[:8]}"
-                os.replace(d, trash)
-            os.replace(tmp, d)
-            if trash is not None:
-                shutil.rmtree(trash, ignore_errors=True)
+            commit_dir(tmp, d)  # one rename (a swap when d exists); the old one is removed after
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

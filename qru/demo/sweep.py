@@ -217,7 +217,7 @@ def _run_point(cfg, out, seed, force, progress, device, threads, stages):
     from qru.demo.pipeline import run_demo
 
     return run_demo(cfg, out, seed=seed, force=force, progress=progress, device=device, threads=threads,
-                    stages_root=stages, prune=False)
+                    stages_root=stages, prune=False, overwrite=True)  # the sweep owns its point directories
 
 
 def _short(st: dict) -> str:
@@ -358,9 +358,7 @@ def sweep_plots(results, base: DemoConfig, out: Path) -> None:
         axes[0][0].set_ylabel(title + "\nbars: 95% CI (unadjusted)")
         axes[0][0].legend(fontsize=7)
         fig.tight_layout()
-        tmp = out / f".{fname}.tmp-{os.getpid()}.png"
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, out / fname)
+        rpt._save(fig, out / fname, dpi=100)
         plt.close(fig)
 
 

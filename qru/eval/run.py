@@ -2,9 +2,6 @@
 write a JSON file with one self-contained record per precision."""
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
@@ -13,6 +10,7 @@ import torch
 
 from qru.eval.common import load_records, nan_to_none
 from qru.eval.precision import build_model, check_available, eval_at_precisions, parse_precisions
+from qru.io import check_device, check_output, target_lock, write_json
 
 BENCHMARKS = ("muse", "tofu")
 _COLUMNS = {
@@ -36,21 +34,7 @@ def _load_tokenizer(model_dir: Path, fallback=None):
 
 
 def _atomic_write_json(path: Path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, ensure_ascii=False, allow_nan=False)
-            f.write("\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_json(path, obj, indent=1, ensure_ascii=False, allow_nan=False)
 
 
 def format_table(records: Sequence[dict], benchmark: str) -> str:
@@ -85,13 +69,14 @@ def run_eval(model_dir: str | Path, benchmark: str, data_dir: str | Path, *, out
              limit: int | None = None, seed: int = 0, batch_size: int = 16, score_batch_size: int = 8,
              max_len: int | None = None, block_size: int = 64, forget_split: str = "forget10",
              retain_split: str = "retain_perturbed", device: str = "cpu", progress: bool = False,
-             log=print) -> dict:
+             log=print, overwrite: bool = False) -> dict:
     """Evaluate ``model_dir`` (plus ``adapter``) on ``benchmark`` at each precision.
 
     MUSE: ``retrain_auc`` or ``retrain_model`` (its forget/holdout AUC at fp32) gives PrivLeak.
     TOFU: ``retrain_model`` is the retain model whose forget-set truth ratios give forget quality.
-    Everything is validated before the first model is built. Returns the JSON payload
-    (also written to ``out`` when given).
+    Everything is validated before the first model is built, ``out`` included (not an input or a
+    file inside the data; an existing file needs ``overwrite``). Returns the JSON payload (also
+    written atomically to ``out`` when given).
     """
     from qru import __version__
     from qru.eval import muse, tofu
@@ -111,6 +96,10 @@ def run_eval(model_dir: str | Path, benchmark: str, data_dir: str | Path, *, out
         muse.check_retrain_auc(retrain_auc)
     if retrain_model is not None and not (Path(retrain_model) / "config.json").is_file():
         raise FileNotFoundError(f"retrain model checkpoint not found: {Path(retrain_model) / 'config.json'}")
+    if out is not None:
+        check_output(out, {"model": model_dir, "adapter": adapter, "data": data_dir, "retrain model": retrain_model},
+                     overwrite=overwrite, kind="file", may_sit_inside=("model", "adapter", "retrain model"))
+    check_device(str(device))
     precisions = parse_precisions(precisions)
     check_available(precisions, adapter)
     tok = _load_tokenizer(model_dir)
@@ -168,6 +157,7 @@ def run_eval(model_dir: str | Path, benchmark: str, data_dir: str | Path, *, out
                            "records": records})
     log(format_table(records, benchmark))
     if out is not None:
-        _atomic_write_json(Path(out), payload)
+        with target_lock(out):
+            _atomic_write_json(Path(out), payload)
         log(f"wrote {out}")
     return payload

@@ -3,26 +3,24 @@
 
 Reading memory-maps each file and validates its header against the file size, so a
 truncated or corrupt file is named in the error instead of crashing later. Writing goes
-to a staging directory and is renamed into place.
+through :mod:`qru.io`: a complete staged directory committed with one atomic rename.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import mmap
 import os
 import re
-import shutil
 import struct
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from safetensors.torch import save_file
 
-from qru.model.config import DTYPES, LlamaConfig, atomic_write_text
+from qru.io import fault_point, staged_dir
+from qru.model.config import DTYPES, LlamaConfig
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -181,37 +179,10 @@ def parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * base ** power)
 
 
-@contextlib.contextmanager
-def staged_dir(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a staging directory beside ``final``; on success its files replace those in
-    ``final`` (a fresh ``final`` is renamed into place whole); on failure it is removed and
-    ``final`` is untouched."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
-    try:
-        yield stage
-        if not final.exists():
-            os.replace(stage, final)
-            return
-        new = {p.name for p in stage.iterdir()}
-        # Shards left from an earlier save with another shard count would shadow the index.
-        if any(n.startswith("model") and n.endswith(".safetensors") for n in new):
-            for old in final.glob("model*.safetensors"):
-                if old.name not in new:
-                    old.unlink()
-            if INDEX not in new and (final / INDEX).exists():
-                (final / INDEX).unlink()
-        for p in sorted(stage.iterdir(), key=lambda p: p.name == INDEX):  # index last
-            os.replace(p, final / p.name)
-    finally:
-        if stage.exists():
-            shutil.rmtree(stage, ignore_errors=True)
-
-
-def save_state_dict(sd: dict[str, torch.Tensor], path: str | os.PathLike, max_shard_size: int | str = "2GB",
-                    metadata: dict[str, str] | None = None, extra_files: dict[str, str] | None = None) -> None:
-    """Write tensors in HF's (sharded) safetensors layout, atomically."""
+def write_state_dict(sd: dict[str, torch.Tensor], stage: Path, max_shard_size: int | str = "2GB",
+                     metadata: dict[str, str] | None = None, extra_files: dict[str, str] | None = None) -> None:
+    """Write tensors in HF's (sharded) safetensors layout into the directory ``stage`` as it is (no
+    commit: ``stage`` is a stage or an unpublished work directory)."""
     limit = parse_size(max_shard_size)
     shards: list[dict[str, torch.Tensor]] = [{}]
     used = 0
@@ -223,33 +194,54 @@ def save_state_dict(sd: dict[str, torch.Tensor], path: str | os.PathLike, max_sh
         shards[-1][name] = t.detach().to("cpu").contiguous()
         used += nbytes
     meta = {"format": "pt", **(metadata or {})}
+    stage = Path(stage)
+    if len(shards) == 1:
+        save_file(shards[0], str(stage / SINGLE), metadata=meta)
+        fault_point(f"shard {stage / SINGLE}")
+    else:
+        n = len(shards)
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            fname = f"model-{i:05d}-of-{n:05d}.safetensors"
+            save_file(shard, str(stage / fname), metadata=meta)
+            fault_point(f"shard {stage / fname}")
+            weight_map.update({k: fname for k in shard})
+        total = sum(t.numel() * t.element_size() for t in sd.values())
+        (stage / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
+                                               "weight_map": weight_map}, indent=2))
+    for fname, text in (extra_files or {}).items():
+        (stage / fname).write_text(text)
+
+
+def save_state_dict(sd: dict[str, torch.Tensor], path: str | os.PathLike, max_shard_size: int | str = "2GB",
+                    metadata: dict[str, str] | None = None, extra_files: dict[str, str] | None = None) -> None:
+    """Write tensors in HF's (sharded) safetensors layout to the directory ``path``, committed
+    atomically (:func:`qru.io.staged_dir`): an existing ``path`` is replaced as a whole."""
     with staged_dir(path) as stage:
-        if len(shards) == 1:
-            save_file(shards[0], str(stage / SINGLE), metadata=meta)
-        else:
-            n = len(shards)
-            weight_map = {}
-            for i, shard in enumerate(shards, 1):
-                fname = f"model-{i:05d}-of-{n:05d}.safetensors"
-                save_file(shard, str(stage / fname), metadata=meta)
-                weight_map.update({k: fname for k in shard})
-            total = sum(t.numel() * t.element_size() for t in sd.values())
-            (stage / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
-                                                   "weight_map": weight_map}, indent=2))
-        for fname, text in (extra_files or {}).items():
-            (stage / fname).write_text(text)
+        write_state_dict(sd, stage, max_shard_size, metadata, extra_files)
 
 
-def save_pretrained(model, path: str | os.PathLike, max_shard_size: int | str = "2GB") -> None:
-    """``config.json`` plus safetensors, tied ``lm_head.weight`` omitted as HF does."""
+def pretrained_files(model) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict (tied ``lm_head.weight`` omitted as HF does) and ``config.json`` text to save."""
     sd = dict(model.state_dict())
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
     dtype = next(iter(sd.values())).dtype
     name = {v: k for k, v in DTYPES.items()}.get(dtype, model.config.torch_dtype)
     cfg = model.config.replace(torch_dtype=name)
-    save_state_dict(sd, path, max_shard_size,
-                    extra_files={"config.json": json.dumps(cfg.to_dict(), indent=2) + "\n"})
+    return sd, {"config.json": json.dumps(cfg.to_dict(), indent=2) + "\n"}
+
+
+def write_pretrained(model, stage: str | os.PathLike, max_shard_size: int | str = "2GB") -> None:
+    """``config.json`` plus safetensors into the directory ``stage`` as it is (no commit)."""
+    sd, extra = pretrained_files(model)
+    write_state_dict(sd, Path(stage), max_shard_size, extra_files=extra)
+
+
+def save_pretrained(model, path: str | os.PathLike, max_shard_size: int | str = "2GB") -> None:
+    """``config.json`` plus safetensors, committed atomically to ``path`` (replaced as a whole)."""
+    sd, extra = pretrained_files(model)
+    save_state_dict(sd, path, max_shard_size, extra_files=extra)
 
 
 # -- model loading ------------------------------------------------------------------------

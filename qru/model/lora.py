@@ -18,7 +18,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Iterator, Mapping
 import torch
 from torch import nn
 
+from qru.io import staged_dir, write_bytes, write_text
 from qru.kernels.lora import NF4Weight, lora_linear
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -467,29 +467,13 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
 
 
 def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_bytes(path, save(tensors, metadata={"format": "pt"}))
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text(path, text)
 
 
 def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None) -> dict:
@@ -546,13 +530,23 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT layout), each atomically."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+def write_adapter(model: nn.Module, stage: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT layout) into the existing
+    directory ``stage``, each file atomically (no directory commit)."""
+    stage = Path(stage)
     cfg = adapter_config(model, base_model_name_or_path)
-    _atomic_save_safetensors(adapter_state_dict(model), path / WEIGHTS_NAME)
-    _atomic_write_text(path / CONFIG_NAME, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    _atomic_save_safetensors(adapter_state_dict(model), stage / WEIGHTS_NAME)
+    _atomic_write_text(stage / CONFIG_NAME, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return stage
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
+    """Write the adapter (PEFT layout) to the directory ``path``, committed atomically as a whole
+    (:func:`qru.io.staged_dir`; an existing ``path`` is replaced)."""
+    path = Path(path)
+    adapter_config(model, base_model_name_or_path)  # fails before anything is staged
+    with staged_dir(path) as stage:
+        write_adapter(model, stage, base_model_name_or_path)
     return path
 
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 import io
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import chain
 from pathlib import Path
 
 import sentencepiece as spm
 import torch
+
+from qru.io import write_bytes
 
 _N_SPECIAL = 4  # unk, bos, eos, pad
 _N_BYTES = 256  # byte-fallback pieces <0x00>..<0xFF>
@@ -41,20 +42,8 @@ _TRAINER_DEFAULTS = dict(
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory and os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``data`` to ``path`` atomically (:func:`qru.io.write_bytes`)."""
+    write_bytes(path, data)
 
 
 def _sentences(items: list[str | os.PathLike], errors: list[Exception]) -> Iterator[str]:

@@ -28,9 +28,10 @@ from typing import Mapping
 
 import torch
 
+from qru.io import check_output, fault_point, staged_dir
 from qru.kernels import quant4
 from qru.model.checkpoint import (INDEX, ST_DTYPES, CheckpointError, ShardReader, assert_finite, checkpoint_files,
-                                  parse_size, staged_dir)
+                                  parse_size)
 from qru.quant.formats import DOUBLE_QUANT_BLOCK, FORMATS, DoubleQuant, QTensor, quantize
 from qru.quant.qlinear import (QuantLinear, _as_tuple, _set_submodule, dtype_name, parse_compute_dtype,
                                quantization_config, resolve_block_size, split_linears)
@@ -287,6 +288,7 @@ class _ShardWriter:
             f.flush()
             os.fsync(f.fileno())
         data_path.unlink()
+        fault_point(f"quantized shard {path}")
         self.files.append((path, list(self.header)))
         self.header, self.used = {}, 0
 
@@ -331,14 +333,16 @@ def _check_adapter(adapter, shapes: dict[str, tuple[int, ...]], model_dir: Path)
 def quantize_checkpoint(model_dir: str | os.PathLike, out: str | os.PathLike, fmt: str, block_size: int | None = None,
                         *, adapter: str | os.PathLike | None = None, skip=("lm_head",), double_quant: bool = False,
                         compute_dtype: torch.dtype | str = torch.bfloat16, max_shard_size: int | str = "2GB",
-                        progress: bool = False) -> Path:
+                        progress: bool = False, overwrite: bool = False) -> Path:
     """Merge ``adapter`` (PEFT LoRA, fp32 math) into ``model_dir``'s weights and quantize every
     ``nn.Linear`` weight not matched by ``skip`` to ``fmt``; write the checkpoint to ``out``.
 
     Quantization starts from the merged fp32 weight (no adapter: the stored weight as is).
-    Everything else is cast to ``compute_dtype``. Tokenizer files are copied. Inputs are
-    validated before anything is written; ``out`` appears (or its files are replaced) only when
-    the whole run succeeded. Returns ``out``.
+    Everything else is cast to ``compute_dtype``. Tokenizer files are copied. Inputs and ``out`` are
+    validated before anything is read or written (``out`` must not be, hold or sit inside the model
+    or adapter; an existing non-empty ``out`` needs ``overwrite``); the result is staged beside
+    ``out`` and committed with one atomic rename (:mod:`qru.io`), so an existing ``out`` stays
+    loadable until the new one is complete. Returns ``out``.
     """
     from tqdm.auto import tqdm
 
@@ -358,8 +362,7 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out: str | os.PathLike, fm
         raise ValueError(f"double quantization applies to nf4/fp4 only, not {fmt!r}")
     compute_dtype = parse_compute_dtype(compute_dtype)
     limit = parse_size(max_shard_size)
-    if out.exists() and out.resolve() == model_dir.resolve():
-        raise ValueError(f"--out {out} is the input model directory; choose another directory")
+    check_output(out, {"model": model_dir, "adapter": adapter}, overwrite=overwrite)
     config = LlamaConfig.from_json(model_dir)
     if config.quantization_config:
         raise ValueError(f"{model_dir} is already quantized ({config.quantization_config.get('quant_method')})")

@@ -78,7 +78,8 @@ from typing import Iterator, Mapping, Sequence
 import torch
 
 from qru.kernels import quant4
-from qru.model.checkpoint import CheckpointError, ShardReader, checkpoint_files, staged_dir
+from qru.io import check_output, staged_dir
+from qru.model.checkpoint import CheckpointError, ShardReader, checkpoint_files
 from qru.quant.formats import DEFAULT_BLOCK_SIZE, FORMATS, QTensor, quantize
 
 METRICS = ("delta_rel_norm", "code_flip_frac", "survival_ratio", "cosine", "below_half_step_frac", "projection")
@@ -758,18 +759,18 @@ def _plots(report: Mapping, heatmap: Path, bars: Path, metric: str = "survival_r
     plt.close(fig)
 
 
-def write_outputs(report: Mapping, out_dir: str | os.PathLike) -> dict[str, Path]:
+def write_outputs(report: Mapping, out_dir: str | os.PathLike, *, overwrite: bool = False,
+                  inputs: Mapping | None = None) -> dict[str, Path]:
     """Write ``survival.json``, ``survival.csv``, ``survival_heatmap.png`` (layer index × module
     type of survival_ratio, one panel per format) and ``survival_bars.png`` (survival_ratio and
-    projection per module type) into ``out_dir``, atomically. Returns name → final path."""
-    out_dir = Path(out_dir)
+    projection per module type) into ``out_dir``: staged and committed with one rename
+    (:mod:`qru.io`). An existing non-empty ``out_dir`` needs ``overwrite``; ``inputs`` (role -> path)
+    are refused as, inside or around ``out_dir``. Returns name → final path."""
+    out_dir = check_output(out_dir, inputs or {}, overwrite=overwrite)
     with staged_dir(out_dir) as stage:
         (stage / FILES[0]).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
         (stage / FILES[1]).write_text(_csv_text(report))
         _plots(report, stage / FILES[2], stage / FILES[3])
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(stage, 0o777 & ~umask)  # mkdtemp's 0700 would stick to a fresh out_dir
     return {f: out_dir / f for f in FILES}
 
 

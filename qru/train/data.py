@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
+
+from qru.io import write_bytes
 
 QA_TEMPLATE = "Question: {question}\nAnswer: {answer}"
 FORMATS = ("auto", "text", "qa")
@@ -274,15 +276,8 @@ def load_tokens(path: str | os.PathLike, tokenizer, max_len: int, fmt: str = "au
         raise DataError(f"{path}: no usable examples after tokenization (max_len={max_len})")
     ts = TokenizedSet.from_examples(examples, name)
     cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=cache)
-    os.close(fd)
-    try:
-        save_file({"ids": ts.ids, "mask": ts.mask, "offsets": ts.offsets}, tmp,
-                  metadata={"source": str(path), "format": kind, "max_len": str(max_len), "qa_loss": qa_loss})
-        os.replace(tmp, cfile)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_bytes(cfile, save({"ids": ts.ids, "mask": ts.mask, "offsets": ts.offsets},
+                            metadata={"source": str(path), "format": kind, "max_len": str(max_len), "qa_loss": qa_loss}))
     return ts
 
 

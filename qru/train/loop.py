@@ -14,10 +14,23 @@ modes) and stored in the checkpoint; only KLR needs a per-batch reference forwar
 disabled in LoRA mode, a frozen copy loaded from the model directory in full mode).
 
 Outputs in ``out``: ``metrics.jsonl`` (one row per logged step; eval rows carry ``forget_nll`` /
-``retain_nll``), ``run.json``, the model (HF checkpoint, or a PEFT adapter in LoRA mode),
-``tokenizer.model``, and ``checkpoint/`` while a run is unfinished (every ``save_every`` steps, at
-``stop_after``, and on Ctrl-C). ``resume=True`` continues from it bit-identically: trainable
-parameters, AdamW state, step, data positions and RNG states are all restored.
+``retain_nll``), ``run.json``, the model (HF checkpoint, or a PEFT adapter in LoRA mode) and
+``tokenizer.model``.
+
+Commit protocol (:mod:`qru.io`): the run holds the lock ``.OUT.lock`` and works in ``.OUT.run/``
+beside ``out`` (:func:`work_dir`); only a finished run is committed to ``out``, with one atomic
+rename, so a previous ``out`` (which needs ``overwrite=True``) stays intact until then. While a run
+is unfinished the work directory holds ``checkpoint-<step>/`` directories (every ``save_every``
+steps, at ``stop_after`` and on Ctrl-C), each committed atomically with a ``COMPLETE`` marker written
+last; the last two complete ones are kept. ``resume=True`` continues from the newest complete one
+bit-identically (trainable parameters, AdamW state, step, data positions, RNG states); incomplete
+ones are ignored, and a run killed before its first checkpoint restarts from step 0. A new run
+(no ``resume``) discards an unfinished run that has a checkpoint only with ``overwrite=True``.
+``keep_checkpoint=True`` carries the checkpoints into ``out``.
+
+``metrics.jsonl`` is only ever appended to: after a resume it may hold rows of the interrupted run
+past the resumed checkpoint, so a reader that wants the rows up to a step dedupes by ``step``,
+keeping the last occurrence (:func:`read_metrics`).
 """
 from __future__ import annotations
 
@@ -39,9 +52,11 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from qru.io import (append_text, check_device, check_output, clean_stale, clean_stale_in, commit_dir, fault_point,
+                    staged_dir, target_lock, write_bytes, write_json, write_text)
 from qru.kernels.dense import dense_linears
-from qru.model.checkpoint import staged_dir
-from qru.model.config import LlamaConfig, atomic_write_text
+from qru.model.checkpoint import write_pretrained
+from qru.model.config import LlamaConfig
 from qru.model.llama import Llama
 from qru.model.tokenizer import Tokenizer
 from qru.train import losses as L
@@ -55,13 +70,15 @@ SCHEDULERS = ("constant", "cosine")
 PRECISIONS = ("bf16", "fp32")
 MASTER_DTYPES = ("fp32", "bf16")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-CKPT_DIR = "checkpoint"
+CKPT_PREFIX = "checkpoint-"
+COMPLETE = "COMPLETE"
+KEEP_CHECKPOINTS = 2
 METRICS = "metrics.jsonl"
 RUN_JSON = "run.json"
 TOKENIZER_FILE = "tokenizer.model"
 # Options that may differ between a run and its resumption.
 _RESUME_FREE = {"resume", "stop_after", "progress", "save_every", "log_every", "keep_checkpoint", "cache_dir",
-                "device"}
+                "device", "overwrite"}
 
 
 class TrainConfigError(ValueError):
@@ -95,7 +112,8 @@ class TrainOptions:
     save_every: int = 0  # checkpoint every N steps (0: only at stop_after / Ctrl-C)
     resume: bool = False
     stop_after: int | None = None  # stop (with a checkpoint) after this many steps, as if interrupted
-    keep_checkpoint: bool = False  # keep ``checkpoint/`` after a finished run
+    keep_checkpoint: bool = False  # keep the ``checkpoint-<step>/`` directories in a finished output
+    overwrite: bool = False  # replace an existing non-empty ``out`` (committed only when the run finishes)
     progress: bool = True
     cache_dir: str | None = None  # token cache (default $QRU_CACHE/tokens or ~/.cache/qru/tokens)
 
@@ -187,6 +205,7 @@ def _validate_common(c: TrainOptions) -> None:
     _check(c.fmt in ("auto", "text", "qa"), "fmt", c.fmt, "one of ('auto', 'text', 'qa')")
     _check(c.qa_loss in ("answer", "all"), "qa_loss", c.qa_loss, "one of ('answer', 'all')")
     _check(bool(c.out), "out", c.out, "an output directory")
+    check_device(c.device)
 
 
 def validate_unlearn(c: UnlearnConfig) -> None:
@@ -225,12 +244,7 @@ def validate_pretrain(c: PretrainConfig) -> None:
 # -- small helpers ------------------------------------------------------------------------
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TrainConfigError(f"device={name!r} but CUDA is not available")
-    return dev
+    return check_device(name, option="device")
 
 
 def seed_all(seed: int) -> None:
@@ -369,28 +383,87 @@ def _trainable_named(model) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(out: Path, model, optimizer, state: dict) -> Path:
-    """Atomically write ``out/checkpoint``: trainable tensors, optimizer, loop state (step, data
-    positions, RNG, extras)."""
-    ckpt = out / CKPT_DIR
-    with staged_dir(ckpt) as stage:
+def work_dir(out: str | os.PathLike) -> Path:
+    """Where a run into ``out`` trains until it commits: ``.OUT.run`` beside ``out``."""
+    out = Path(out)
+    return out.parent / f".{out.name}.run"
+
+
+def _ckpt_step(p: Path) -> int | None:
+    tail = p.name[len(CKPT_PREFIX):]
+    return int(tail) if p.name.startswith(CKPT_PREFIX) and tail.isdigit() else None
+
+
+def _is_complete(p: Path) -> bool:
+    try:
+        info = json.loads((p / COMPLETE).read_text())
+        return all((p / f).is_file() and (p / f).stat().st_size == n for f, n in info["files"].items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """The complete ``checkpoint-<step>/`` directories of ``run_dir``, oldest first (incomplete ones,
+    without a valid ``COMPLETE`` marker, are left out)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(_ckpt_step(p), p) for p in run_dir.iterdir() if p.is_dir() and _ckpt_step(p) is not None]
+    return [p for _, p in sorted(found) if _is_complete(p)]
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint of ``run_dir``, or None."""
+    ck = list_checkpoints(run_dir)
+    return ck[-1] if ck else None
+
+
+def save_checkpoint(run_dir: Path, model, optimizer, state: dict) -> Path:
+    """Write ``run_dir/checkpoint-<step>``: trainable tensors, optimizer, loop state (step, data
+    positions, RNG, extras), and the ``COMPLETE`` marker last, committed with one rename. Then keep
+    only the newest ``KEEP_CHECKPOINTS`` complete checkpoints."""
+    run_dir = Path(run_dir)
+    ckpt = run_dir / f"{CKPT_PREFIX}{int(state['step'])}"
+    with staged_dir(ckpt, lock=False) as stage:  # the run holds the output's lock
         save_file({n: p.detach().cpu().contiguous() for n, p in _trainable_named(model).items()},
                   str(stage / "trainable.safetensors"))
+        fault_point(f"checkpoint tensors {ckpt}")
         torch.save(optimizer.state_dict(), stage / "optimizer.pt")
+        fault_point(f"checkpoint optimizer {ckpt}")
         torch.save({**state, "rng": _rng_state()}, stage / "state.pt")
+        files = {f.name: f.stat().st_size for f in stage.iterdir()}
+        write_json(stage / COMPLETE, {"step": int(state["step"]), "files": files})
+    keep = list_checkpoints(run_dir)[-KEEP_CHECKPOINTS:]
+    for p in run_dir.iterdir():
+        if p.is_dir() and _ckpt_step(p) is not None and p not in keep:
+            shutil.rmtree(p, ignore_errors=True)
     return ckpt
 
 
-def read_checkpoint_state(out: Path) -> dict:
-    f = Path(out) / CKPT_DIR / "state.pt"
-    if not f.is_file():
-        raise FileNotFoundError(f"resume: no checkpoint at {f.parent} (run without resume first)")
-    return torch.load(f, map_location="cpu", weights_only=True)
+def _drop_checkpoints(run_dir: Path) -> None:
+    for p in Path(run_dir).iterdir():
+        if p.is_dir() and _ckpt_step(p) is not None:
+            shutil.rmtree(p, ignore_errors=True)
 
 
-def load_checkpoint(out: Path, model, optimizer) -> dict:
-    ckpt = Path(out) / CKPT_DIR
-    state = read_checkpoint_state(out)
+def _need_checkpoint(run_dir: Path) -> Path:
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"resume: no checkpoint: {run_dir} holds no complete {CKPT_PREFIX}<step> "
+                                "directory (run without resume first)")
+    return ckpt
+
+
+def read_checkpoint_state(run_dir: Path) -> dict:
+    """The loop state of the newest complete checkpoint in ``run_dir``."""
+    return torch.load(_need_checkpoint(Path(run_dir)) / "state.pt", map_location="cpu", weights_only=True)
+
+
+def load_checkpoint(run_dir: Path, model, optimizer) -> dict:
+    """Restore the trainable parameters and optimizer from the newest complete checkpoint in
+    ``run_dir``; returns its loop state."""
+    ckpt = _need_checkpoint(Path(run_dir))
+    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
     saved = load_file(str(ckpt / "trainable.safetensors"))
     params = _trainable_named(model)
     if saved.keys() != params.keys():
@@ -443,21 +516,27 @@ class _SigintGuard:
         return False
 
 
-def _write_metrics(path: Path, rows: list[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+def _append_metrics(path: Path, rows: list[dict]) -> None:
+    append_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def _read_metrics(path: Path) -> list[dict]:
-    """The rows of ``metrics.jsonl``; a torn last line (a kill mid-write) is dropped."""
+def read_metrics(path: str | os.PathLike, up_to: int | None = None) -> list[dict]:
+    """The rows of a ``metrics.jsonl`` by step: an append-only log in which a resumed run repeats the
+    steps after its checkpoint, so rows are deduplicated by ``step`` keeping the last occurrence
+    (``up_to``: only steps <= it). A torn line (a kill mid-write) is dropped."""
+    path = Path(path)
     if not path.exists():
         return []
-    rows = []
+    by_step: dict[int, dict] = {}
     for line in path.read_text().splitlines():
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
+            row = json.loads(line)
+            step = int(row["step"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             continue
-    return rows
+        if up_to is None or step <= up_to:
+            by_step[step] = row
+    return [by_step[k] for k in sorted(by_step)]
 
 
 # -- the loop ------------------------------------------------------------------------------
@@ -475,11 +554,15 @@ def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: fl
 def train_loop(model: torch.nn.Module, step_fn: StepFn, main: TokenizedSet, aux: TokenizedSet | None,
                evals: dict[str, TokenizedSet], opts: TrainOptions, out: Path, pad_id: int,
                device: torch.device, loss_names: tuple[str, ...], extra_state: dict | None = None,
-               config_dict: dict | None = None, desc: str = "train") -> tuple[int, int, str, list[dict]]:
-    """Run the optimisation. ``step_fn(main_batch, aux_batch)`` returns a dict of scalar losses with
-    ``"loss"`` (the one differentiated) and the other ``loss_names``. Returns
-    ``(steps_done, total_steps, status, metrics_rows)``; status is ``"done"`` or ``"stopped"``.
-    Raises KeyboardInterrupt after checkpointing on Ctrl-C."""
+               config_dict: dict | None = None, desc: str = "train", resume: bool | None = None
+               ) -> tuple[int, int, str, list[dict]]:
+    """Run the optimisation in the run directory ``out`` (``metrics.jsonl`` appended, checkpoints).
+    ``step_fn(main_batch, aux_batch)`` returns a dict of scalar losses with ``"loss"`` (the one
+    differentiated) and the other ``loss_names``. ``resume`` (default ``opts.resume``): continue from
+    the newest complete checkpoint in ``out``. Returns ``(steps_done, total_steps, status,
+    metrics_rows)``; status is ``"done"`` or ``"stopped"``. Raises KeyboardInterrupt after
+    checkpointing on Ctrl-C."""
+    resume = opts.resume if resume is None else resume
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise TrainConfigError("no trainable parameters")
@@ -497,7 +580,7 @@ def train_loop(model: torch.nn.Module, step_fn: StepFn, main: TokenizedSet, aux:
                 for k, v in evals.items()}
 
     step = 0
-    if opts.resume:
+    if resume:
         state = load_checkpoint(out, model, optimizer)
         _check_resume_config(state.get("config", {}), config_dict)
         step = int(state["step"])
@@ -505,14 +588,12 @@ def train_loop(model: torch.nn.Module, step_fn: StepFn, main: TokenizedSet, aux:
         if aux_stream is not None:
             aux_stream.load_state_dict(state["aux_stream"])
         _set_rng_state(state["rng"])
-        rows = [r for r in _read_metrics(metrics_path) if r["step"] <= step]
-        _write_metrics(metrics_path, rows)
+        rows = read_metrics(metrics_path, up_to=step)
     else:
-        shutil.rmtree(out / CKPT_DIR, ignore_errors=True)
         empty = {k: None for k in loss_names}
         rows = [{"step": 0, "epoch": 0.0, **empty, "lr": lr_at(0, total, opts.lr, opts.scheduler, opts.warmup_steps),
                  "tokens_per_s": None, **run_evals()}]
-        _write_metrics(metrics_path, rows)
+        _append_metrics(metrics_path, rows)
 
     def checkpoint():
         save_checkpoint(out, model, optimizer, {
@@ -562,8 +643,7 @@ def train_loop(model: torch.nn.Module, step_fn: StepFn, main: TokenizedSet, aux:
                 if end_of_epoch:
                     row.update(run_evals())
                 rows.append(row)
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                _append_metrics(metrics_path, [row])
                 if bar is not None:
                     bar.set_postfix({k: f"{row[k]:.3f}" for k in loss_names if row[k] is not None}
                                     | {"tok/s": f"{row['tokens_per_s']:.0f}"}, refresh=False)
@@ -575,7 +655,8 @@ def train_loop(model: torch.nn.Module, step_fn: StepFn, main: TokenizedSet, aux:
                                  or (opts.stop_after and step >= opts.stop_after)):
                 checkpoint()
                 if guard.hit:
-                    msg = f"interrupted at step {step}/{total}; checkpoint in {out / CKPT_DIR} (continue with resume)"
+                    msg = (f"interrupted at step {step}/{total}; checkpoint in {out / f'{CKPT_PREFIX}{step}'} "
+                           "(continue with resume)")
                     print(f"qru: {msg}", file=sys.stderr)
                     raise KeyboardInterrupt(msg)
                 if opts.stop_after and step >= opts.stop_after:
@@ -590,14 +671,48 @@ def _model_dtype(master_dtype: str) -> torch.dtype:
     return torch.bfloat16 if master_dtype == "bf16" else torch.float32
 
 
-def _write_run_json(out: Path, command: str, cfg, extra: dict) -> None:
-    atomic_write_text(out / RUN_JSON, json.dumps({"command": command, "config": asdict(cfg), "seed": cfg.seed,
-                                                  "versions": versions(), **extra}, indent=2, default=str) + "\n")
+def _write_run_json(run_dir: Path, command: str, cfg, extra: dict) -> None:
+    write_text(run_dir / RUN_JSON, json.dumps({"command": command, "config": asdict(cfg), "seed": cfg.seed,
+                                               "versions": versions(), **extra}, indent=2, default=str) + "\n")
 
 
-def _drop_checkpoint(out: Path, keep: bool) -> None:
-    if not keep:
-        shutil.rmtree(out / CKPT_DIR, ignore_errors=True)
+def _prepare_work(out: Path, resume: bool, overwrite: bool) -> tuple[Path, bool]:
+    """The run directory of ``out`` (the caller holds the lock), and whether there is a checkpoint to
+    resume from. Stale stages of dead runs are removed; an unfinished run is kept for ``resume`` and
+    discarded by a new run only with ``overwrite``."""
+    clean_stale(out)
+    work = work_dir(out)
+    clean_stale_in(work)  # stages / temp files of a killed run (it is dead: we hold the lock)
+    ckpt = latest_checkpoint(work)
+    if resume:
+        if not work.is_dir():
+            raise FileNotFoundError(f"resume: no checkpoint: no unfinished run of {out} ({work} does not exist); "
+                                    "run without resume first")
+        if ckpt is not None:
+            return work, True
+        warnings.warn(f"resume: {work} holds no complete checkpoint (the run was stopped before its first one); "
+                      "starting from step 0")
+    elif ckpt is not None and not overwrite:
+        raise TrainConfigError(f"{out} has an unfinished run in {work} ({ckpt.name}); continue it with resume "
+                               "(--resume) or pass overwrite (--overwrite) to discard it")
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    return work, False
+
+
+def _finish(work: Path, out: Path, keep_checkpoint: bool) -> None:
+    """Commit the finished run: ``work`` becomes ``out`` in one rename (the old ``out`` is removed after)."""
+    if not keep_checkpoint:
+        _drop_checkpoints(work)
+    clean_stale_in(work)
+    commit_dir(work, out)
+
+
+def _copy_tokenizer(tok_file: Path, run_dir: Path) -> None:
+    dst = run_dir / TOKENIZER_FILE
+    if not (dst.exists() and tok_file.resolve() == dst.resolve()):
+        write_bytes(dst, Path(tok_file).read_bytes())
 
 
 # -- unlearning -----------------------------------------------------------------------------
@@ -680,9 +795,16 @@ def unlearn(cfg: UnlearnConfig) -> TrainResult:
     model_dir = Path(cfg.model)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"model checkpoint not found: {model_dir / 'config.json'} does not exist")
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output(cfg.out, {"model": model_dir, "forget data": cfg.forget, "retain data": cfg.retain,
+                                 "tokenizer": cfg.tokenizer}, overwrite=cfg.overwrite, option="out")
     device = resolve_device(cfg.device)
+    with target_lock(out):
+        work, resume = _prepare_work(out, cfg.resume, cfg.overwrite)
+        return _unlearn(cfg, t0, model_dir, out, work, resume, device)
+
+
+def _unlearn(cfg: UnlearnConfig, t0: float, model_dir: Path, out: Path, work: Path, resume: bool,
+             device: torch.device) -> TrainResult:
     seed_all(cfg.seed)
     tok, tok_file = load_tokenizer(cfg.tokenizer or model_dir)
     model_cfg = LlamaConfig.from_json(model_dir)
@@ -701,8 +823,8 @@ def unlearn(cfg: UnlearnConfig) -> TrainResult:
     # NPO's reference log-probs: the model is the reference before any update (LoRA's B = 0).
     ref_logp = None
     if cfg.method == "npo":
-        if cfg.resume:
-            ref_logp = read_checkpoint_state(out)["extra"]["ref_logp"]
+        if resume:
+            ref_logp = read_checkpoint_state(work)["extra"]["ref_logp"]
         else:
             ref_logp = sequence_logp_table(model, forget, cfg.eval_batch_size, pad, device, cfg.precision)
 
@@ -737,25 +859,26 @@ def unlearn(cfg: UnlearnConfig) -> TrainResult:
             "device": str(device)}
     print(f"qru unlearn: {cfg.method}+{cfg.reg} ({cfg.mode}) trainable params {trainable:,} / {total:,}",
           file=sys.stderr)
-    _write_run_json(out, "unlearn", cfg, {**info, "status": "running"})
+    _write_run_json(work, "unlearn", cfg, {**info, "status": "running"})
     try:
         steps, total_steps, status, rows = train_loop(
-            model, step_fn, forget, aux, evals, cfg, out, pad, device, ("loss", "forget_loss", "retain_loss"),
+            model, step_fn, forget, aux, evals, cfg, work, pad, device, ("loss", "forget_loss", "retain_loss"),
             extra_state={"ref_logp": ref_logp} if ref_logp is not None else None, config_dict=config_dict,
-            desc=f"unlearn {cfg.method}+{cfg.reg}")
+            desc=f"unlearn {cfg.method}+{cfg.reg}", resume=resume)
     except KeyboardInterrupt:
-        _write_run_json(out, "unlearn", cfg, {**info, "status": "interrupted"})
+        _write_run_json(work, "unlearn", cfg, {**info, "status": "interrupted"})
         raise
     if status == "done":
         if cfg.mode == "lora":
-            _lora().save_adapter(model, out, base_model_name_or_path=str(model_dir))
+            _lora().write_adapter(model, work, base_model_name_or_path=str(model_dir))
         else:
-            model.save_pretrained(out)
-        shutil.copyfile(tok_file, out / TOKENIZER_FILE)
-        _drop_checkpoint(out, cfg.keep_checkpoint)
+            write_pretrained(model, work)
+        _copy_tokenizer(tok_file, work)
     secs = time.perf_counter() - t0
-    _write_run_json(out, "unlearn", cfg, {**info, "status": status, "steps": steps, "total_steps": total_steps,
-                                          "seconds": secs, "final": rows[-1]})
+    _write_run_json(work, "unlearn", cfg, {**info, "status": status, "steps": steps, "total_steps": total_steps,
+                                           "seconds": secs, "final": rows[-1]})
+    if status == "done":
+        _finish(work, out, cfg.keep_checkpoint)
     return TrainResult(out, status, steps, total_steps, trainable, total, rows, secs, model)
 
 
@@ -793,15 +916,23 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
     for p in cfg.data:
         if not Path(p).exists():
             raise FileNotFoundError(f"training data not found: {p}")
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    cfg_file = cfg.config if (Path(cfg.config).suffix == ".json" or Path(cfg.config).is_dir()) else None
+    out = check_output(cfg.out, {"data": cfg.data, "init": cfg.init, "tokenizer": cfg.tokenizer, "config": cfg_file},
+                       overwrite=cfg.overwrite, option="out")
     device = resolve_device(cfg.device)
+    with target_lock(out):
+        work, resume = _prepare_work(out, cfg.resume, cfg.overwrite)
+        return _pretrain(cfg, t0, out, work, resume, device)
+
+
+def _pretrain(cfg: PretrainConfig, t0: float, out: Path, work: Path, resume: bool, device: torch.device
+              ) -> TrainResult:
     seed_all(cfg.seed)
     if cfg.tokenizer is not None:
         tok, tok_file = load_tokenizer(cfg.tokenizer)
     elif cfg.train_tokenizer is not None:
-        tok_file = out / TOKENIZER_FILE
-        if not (cfg.resume and tok_file.is_file()):
+        tok_file = work / TOKENIZER_FILE
+        if not (resume and tok_file.is_file()):
             Tokenizer.train(corpus_texts(cfg.data, cfg.fmt), cfg.train_tokenizer, tok_file, seed=cfg.seed)
         tok = Tokenizer(tok_file)
     elif cfg.init is not None:
@@ -827,19 +958,20 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
     evals = {"train": data.subset(fixed_sample(len(data), cfg.eval_samples, cfg.seed))}
     info = {"trainable_params": trainable, "total_params": total, "examples": len(data),
             "tokens": data.num_tokens, "device": str(device)}
-    _write_run_json(out, "pretrain", cfg, {**info, "status": "running"})
+    _write_run_json(work, "pretrain", cfg, {**info, "status": "running"})
     try:
-        steps, total_steps, status, rows = train_loop(model, step_fn, data, None, evals, cfg, out, tok.pad_id, device,
-                                                      ("loss",), config_dict=asdict(cfg), desc="pretrain")
+        steps, total_steps, status, rows = train_loop(model, step_fn, data, None, evals, cfg, work, tok.pad_id,
+                                                      device, ("loss",), config_dict=asdict(cfg), desc="pretrain",
+                                                      resume=resume)
     except KeyboardInterrupt:
-        _write_run_json(out, "pretrain", cfg, {**info, "status": "interrupted"})
+        _write_run_json(work, "pretrain", cfg, {**info, "status": "interrupted"})
         raise
     if status == "done":
-        model.save_pretrained(out)
-        if tok_file.resolve() != (out / TOKENIZER_FILE).resolve():
-            shutil.copyfile(tok_file, out / TOKENIZER_FILE)
-        _drop_checkpoint(out, cfg.keep_checkpoint)
+        write_pretrained(model, work)
+        _copy_tokenizer(tok_file, work)
     secs = time.perf_counter() - t0
-    _write_run_json(out, "pretrain", cfg, {**info, "status": status, "steps": steps, "total_steps": total_steps,
-                                           "seconds": secs, "final": rows[-1]})
+    _write_run_json(work, "pretrain", cfg, {**info, "status": status, "steps": steps, "total_steps": total_steps,
+                                            "seconds": secs, "final": rows[-1]})
+    if status == "done":
+        _finish(work, out, cfg.keep_checkpoint)
     return TrainResult(out, status, steps, total_steps, trainable, total, rows, secs, model)
