@@ -380,9 +380,36 @@ def _add_sweep(sub) -> None:
     p.set_defaults(func=cmd_sweep)
 
 
+# --- convert ---------------------------------------------------------------------------
+
+def cmd_convert(args) -> int:
+    """A llama.cpp GGUF Llama -> an HF checkpoint directory with its tokenizer files."""
+    from qru.model.gguf import convert_gguf
+
+    try:
+        out = convert_gguf(args.model, args.out, dtype=args.dtype, overwrite=args.overwrite,
+                           max_shard_size=args.max_shard_size)
+    except (ValueError, OSError) as e:
+        print(f"qru convert: error: {e}", file=sys.stderr)
+        return 2
+    print(f"qru convert: wrote {args.dtype} checkpoint and tokenizer to {out}")
+    return 0
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="GGUF (llama.cpp) Llama -> HF checkpoint + tokenizer files")
+    p.add_argument("model", help="MODEL.gguf (F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q4_K/Q6_K tensors)")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="dtype of the dequantized weights")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--max-shard-size", default="2GB", help="output shard size, e.g. 2GB, 500MB")
+    p.set_defaults(func=cmd_convert)
+
+
 # --- registry --------------------------------------------------------------------------
 
-_ADDERS = [_add_smoke, _add_eval, _add_data, _add_pretrain, _add_unlearn, _add_demo, _add_sweep, _add_survival, _add_quantize]
+_ADDERS = [_add_smoke, _add_eval, _add_data, _add_pretrain, _add_unlearn, _add_demo, _add_sweep, _add_survival, _add_quantize,
+           _add_convert]
 
 
 def build_parser() -> argparse.ArgumentParser:
