@@ -67,7 +67,7 @@ def cmd_eval(args) -> int:
 
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="MUSE / TOFU metrics of a checkpoint at several precisions")
-    p.add_argument("model", help="checkpoint directory (config.json, safetensors, tokenizer.model)")
+    p.add_argument("model", help="checkpoint directory (config.json, safetensors, tokenizer.json or tokenizer.model)")
     p.add_argument("--adapter", default=None, help="LoRA adapter directory, merged in fp32 before quantizing")
     p.add_argument("--benchmark", required=True, choices=["muse", "tofu"])
     p.add_argument("--data", required=True, help="benchmark data directory (MUSE layout or TOFU JSON files)")
@@ -157,7 +157,7 @@ def _run_training(kind: str, fn, cfg) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    """Train (or fine-tune) a model on text / QA data: an HF checkpoint with tokenizer.model beside it."""
+    """Train (or fine-tune) a model on text / QA data: an HF checkpoint with its tokenizer beside it."""
     from qru.train.loop import PretrainConfig, pretrain
 
     return _run_training("pretrain", pretrain, _train_config(PretrainConfig, args))
@@ -205,7 +205,7 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--config", default=S, help="model size preset (tiny, small) or a config.json path")
     p.add_argument("--data", nargs="+", required=True, help="text files, MUSE dirs, QA / text JSON(L) files")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--tokenizer", default=S, help="tokenizer.model (or a directory holding one)")
+    g.add_argument("--tokenizer", default=S, help="tokenizer.model / tokenizer.json (or a directory holding one)")
     g.add_argument("--train-tokenizer", type=int, metavar="VOCAB", default=S,
                    help="train a BPE tokenizer of this vocabulary size on the data")
     p.add_argument("--init", default=S, help="fine-tune this checkpoint instead of training from scratch")
@@ -216,7 +216,7 @@ def _add_pretrain(sub) -> None:
 def _add_unlearn(sub) -> None:
     S = argparse.SUPPRESS
     p = sub.add_parser("unlearn", help="unlearn a forget set: GA / NPO / SimNPO with GDR / KLR, full or LoRA")
-    p.add_argument("--model", required=True, help="HF checkpoint directory (with tokenizer.model)")
+    p.add_argument("--model", required=True, help="HF checkpoint directory (with tokenizer.json or tokenizer.model)")
     p.add_argument("--forget", nargs="+", required=True, help="forget data (QA JSON(L), text, MUSE dir)")
     p.add_argument("--retain", nargs="+", default=S, help="retain data")
     p.add_argument("--method", choices=["ga", "npo", "simnpo"], default=S)
@@ -230,7 +230,7 @@ def _add_unlearn(sub) -> None:
     p.add_argument("--delta", type=float, default=S, help="SimNPO margin")
     p.add_argument("--retain-weight", type=float, default=S, help="alpha in gamma*forget + alpha*retain")
     p.add_argument("--forget-weight", type=float, default=S, help="gamma in gamma*forget + alpha*retain")
-    p.add_argument("--tokenizer", default=S, help="tokenizer.model (default: the model's)")
+    p.add_argument("--tokenizer", default=S, help="tokenizer.model / tokenizer.json (default: the model's)")
     _add_train_options(p)
     p.set_defaults(func=cmd_unlearn)
 

@@ -457,3 +457,57 @@ def test_smollm2_paris_and_transformers_parity():
         a, b = model(ids), hf(ids).logits
     torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-4)
     assert a[0, -1].argmax() == b[0, -1].argmax()
+
+
+# -- one loader, every command -----------------------------------------------------------------------------
+
+def test_load_tokenizer_picks_the_kind_beside_a_model(bpe, tmp_path):
+    path = tmp_path / "t.gguf"
+    write_gguf(path, tiny_llama(len(bpe["tokens"]), True, hidden=64), bpe)
+    g = gguf_tokenizer(path)
+    d = tmp_path / "d"
+    g.save_pretrained(d)
+    for where in (d, d / "tokenizer.json"):
+        t = load_tokenizer(where)
+        assert isinstance(t, BPETokenizer) and [t.encode(x) for x in TEXTS] == [g.encode(x) for x in TEXTS]
+        assert (t.bos_id, t.eos_id, t.pad_id, t.add_bos, t.digest()) == (g.bos_id, g.eos_id, g.pad_id, g.add_bos,
+                                                                         g.digest())
+    sp = Tokenizer.train(CORPUS, 400, tmp_path / "s" / "tokenizer.model", seed=0)
+    assert isinstance(load_tokenizer(tmp_path / "s"), Tokenizer)
+    assert load_tokenizer(tmp_path / "s" / "tokenizer.model").encode("abc") == sp.encode("abc")
+    sp.save_pretrained(d)  # both kinds: tokenizer.json wins
+    assert isinstance(load_tokenizer(d), BPETokenizer)
+    with pytest.raises(FileNotFoundError, match="no tokenizer in .*neither tokenizer.json nor tokenizer.model"):
+        load_tokenizer(tmp_path)
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        load_tokenizer(tmp_path / "missing.json")
+
+
+def test_chunks_start_with_bos_only_when_the_model_uses_one(bpe, tmp_path):
+    from qru.train.data import tokenize_text
+
+    path = tmp_path / "t.gguf"
+    write_gguf(path, tiny_llama(len(bpe["tokens"]), True, hidden=64), bpe)
+    tok = gguf_tokenizer(path)
+    text = "The quick brown fox jumps over the lazy dog. " * 3
+    chunks = tokenize_text([text], tok, max_len=8)
+    assert [i for c, _ in chunks for i in c] == tok.encode(text, eos=True)  # no bos anywhere (add_bos false)
+    assert all(len(c) <= 8 and m == [0] + [1] * (len(c) - 1) for c, m in chunks)
+
+
+def test_unlearn_on_a_converted_gguf_keeps_its_tokenizer(bpe, tmp_path):
+    from qru.train import loop as T
+
+    path = tmp_path / "t.gguf"
+    write_gguf(path, tiny_llama(len(bpe["tokens"]), False, hidden=64), bpe)
+    model_dir = convert_gguf(path, tmp_path / "hf")
+    forget = tmp_path / "forget.txt"
+    forget.write_text("\n".join(CORPUS[:8]) + "\n")
+    res = T.unlearn(T.UnlearnConfig(out=str(tmp_path / "u"), model=str(model_dir), forget=[str(forget)],
+                                    method="ga", reg="none", mode="lora", epochs=1, batch_size=4, max_len=32,
+                                    precision="fp32", eval_samples=4, progress=False))
+    assert res.status == "done"
+    out = tmp_path / "u"
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (out / f).read_bytes() == (model_dir / f).read_bytes(), f
+    assert not (out / "tokenizer.model").exists()

@@ -15,7 +15,7 @@ disabled in LoRA mode, a frozen copy loaded from the model directory in full mod
 
 Outputs in ``out``: ``metrics.jsonl`` (one row per logged step; eval rows carry ``forget_nll`` /
 ``retain_nll``), ``run.json``, the model (HF checkpoint, or a PEFT adapter in LoRA mode),
-``tokenizer.model``, and ``checkpoint/`` while a run is unfinished (every ``save_every`` steps, at
+the model's tokenizer files (``tokenizer.model``, or ``tokenizer.json`` and its configs), and ``checkpoint/`` while a run is unfinished (every ``save_every`` steps, at
 ``stop_after``, and on Ctrl-C). ``resume=True`` continues from it bit-identically: trainable
 parameters, AdamW state, step, data positions and RNG states are all restored.
 """
@@ -43,7 +43,7 @@ from qru.kernels.dense import dense_linears
 from qru.model.checkpoint import staged_dir
 from qru.model.config import LlamaConfig, atomic_write_text
 from qru.model.llama import Llama
-from qru.model.tokenizer import Tokenizer
+from qru.model.tokenizer import Tokenizer, load_tokenizer
 from qru.train import losses as L
 from qru.train.data import (Batch, BatchStream, TokenizedSet, collate, detect_format, fixed_sample, format_qa,
                             load_sets, read_records)
@@ -58,7 +58,7 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 CKPT_DIR = "checkpoint"
 METRICS = "metrics.jsonl"
 RUN_JSON = "run.json"
-TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILE = "tokenizer.model"  # the file pretrain --train-tokenizer writes
 # Options that may differ between a run and its resumption.
 _RESUME_FREE = {"resume", "stop_after", "progress", "save_every", "log_every", "keep_checkpoint", "cache_dir",
                 "device"}
@@ -116,7 +116,7 @@ class UnlearnConfig(TrainOptions):
     delta: float = L.SIMNPO_DELTA
     forget_weight: float = 1.0  # gamma
     retain_weight: float = 1.0  # alpha
-    tokenizer: str | None = None  # default: tokenizer.model beside the model
+    tokenizer: str | None = None  # default: the tokenizer beside the model (tokenizer.json or tokenizer.model)
     qa_loss: str = "answer"
 
     @property
@@ -130,7 +130,7 @@ class UnlearnConfig(TrainOptions):
 class PretrainConfig(TrainOptions):
     data: list[str]
     config: str = "tiny"  # preset name or a config.json path
-    tokenizer: str | None = None  # tokenizer.model file or a directory holding one
+    tokenizer: str | None = None  # tokenizer.json / tokenizer.model file or a directory holding one
     train_tokenizer: int | None = None  # train a BPE tokenizer of this vocab size on the data
     init: str | None = None  # fine-tune this checkpoint instead of training from scratch
     lr: float = 1e-3
@@ -256,15 +256,6 @@ def lr_at(step: int, total: int, base: float, scheduler: str, warmup: int) -> fl
 
 def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-def load_tokenizer(path: str | os.PathLike) -> tuple[Tokenizer, Path]:
-    """A tokenizer from a ``tokenizer.model`` file or a directory holding one."""
-    p = Path(path)
-    f = p / TOKENIZER_FILE if p.is_dir() else p
-    if not f.is_file():
-        raise FileNotFoundError(f"tokenizer not found: {f}")
-    return Tokenizer(f), f
 
 
 def check_vocab(model_vocab: int, tok: Tokenizer, model_src, tok_src) -> None:
@@ -684,9 +675,9 @@ def unlearn(cfg: UnlearnConfig) -> TrainResult:
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     seed_all(cfg.seed)
-    tok, tok_file = load_tokenizer(cfg.tokenizer or model_dir)
+    tok = load_tokenizer(cfg.tokenizer or model_dir)
     model_cfg = LlamaConfig.from_json(model_dir)
-    check_vocab(model_cfg.vocab_size, tok, model_dir, tok_file)
+    check_vocab(model_cfg.vocab_size, tok, model_dir, cfg.tokenizer or model_dir)
     kw = dict(max_len=cfg.max_len, fmt=cfg.fmt, qa_loss=cfg.qa_loss, cache_dir=cfg.cache_dir)
     forget = load_sets(cfg.forget, tok, role="forget", **kw)
     retain = load_sets(cfg.retain, tok, role="retain", **kw) if cfg.retain else None
@@ -751,7 +742,7 @@ def unlearn(cfg: UnlearnConfig) -> TrainResult:
             _lora().save_adapter(model, out, base_model_name_or_path=str(model_dir))
         else:
             model.save_pretrained(out)
-        shutil.copyfile(tok_file, out / TOKENIZER_FILE)
+        tok.save_pretrained(out)
         _drop_checkpoint(out, cfg.keep_checkpoint)
     secs = time.perf_counter() - t0
     _write_run_json(out, "unlearn", cfg, {**info, "status": status, "steps": steps, "total_steps": total_steps,
@@ -798,21 +789,21 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
     device = resolve_device(cfg.device)
     seed_all(cfg.seed)
     if cfg.tokenizer is not None:
-        tok, tok_file = load_tokenizer(cfg.tokenizer)
+        tok, tok_src = load_tokenizer(cfg.tokenizer), cfg.tokenizer
     elif cfg.train_tokenizer is not None:
         tok_file = out / TOKENIZER_FILE
         if not (cfg.resume and tok_file.is_file()):
             Tokenizer.train(corpus_texts(cfg.data, cfg.fmt), cfg.train_tokenizer, tok_file, seed=cfg.seed)
-        tok = Tokenizer(tok_file)
+        tok, tok_src = Tokenizer(tok_file), tok_file
     elif cfg.init is not None:
-        tok, tok_file = load_tokenizer(cfg.init)
+        tok, tok_src = load_tokenizer(cfg.init), cfg.init
     else:
         raise TrainConfigError("pretrain needs a tokenizer: give tokenizer, train_tokenizer or init")
     dtype = _model_dtype(cfg.master_dtype)
     if cfg.init is not None:
         if not (Path(cfg.init) / "config.json").is_file():
             raise FileNotFoundError(f"init checkpoint not found: {Path(cfg.init) / 'config.json'} does not exist")
-        check_vocab(LlamaConfig.from_json(cfg.init).vocab_size, tok, cfg.init, tok_file)
+        check_vocab(LlamaConfig.from_json(cfg.init).vocab_size, tok, cfg.init, tok_src)
         model = Llama.from_pretrained(cfg.init, dtype=dtype, device=device)
     else:
         model = Llama(_model_config(cfg.config, tok, cfg.max_len)).to(device=device, dtype=dtype)
@@ -836,8 +827,7 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
         raise
     if status == "done":
         model.save_pretrained(out)
-        if tok_file.resolve() != (out / TOKENIZER_FILE).resolve():
-            shutil.copyfile(tok_file, out / TOKENIZER_FILE)
+        tok.save_pretrained(out)
         _drop_checkpoint(out, cfg.keep_checkpoint)
     secs = time.perf_counter() - t0
     _write_run_json(out, "pretrain", cfg, {**info, "status": status, "steps": steps, "total_steps": total_steps,
