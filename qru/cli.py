@@ -393,6 +393,11 @@ def cmd_convert(args) -> int:
         print(f"qru convert: error: {e}", file=sys.stderr)
         return 2
     print(f"qru convert: wrote {args.dtype} checkpoint and tokenizer to {out}")
+    import json
+
+    special = json.loads((out / "special_tokens_map.json").read_text())
+    if "pad_token" not in special:
+        print(f"qru convert: note: the file names no pad token; qru pads with eos ({special.get('eos_token')!r})")
     return 0
 
 

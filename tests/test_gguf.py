@@ -341,12 +341,16 @@ def test_convert_bf16_and_overwrite_rules(mixed, tmp_path):
         convert_gguf(path, path)
 
 
-def test_convert_cli(mixed, tmp_path):
+def test_convert_cli(mixed, tmp_path, capsys):
     from qru.cli import main
 
     path, _, _ = mixed
-    main(["convert", str(path), "--out", str(tmp_path / "o"), "--dtype", "fp16"])
+    assert main(["convert", str(path), "--out", str(tmp_path / "o"), "--dtype", "fp16"]) == 0
     assert json.loads((tmp_path / "o" / "config.json").read_text())["torch_dtype"] == "float16"
+    assert "no pad token; qru pads with eos ('<|im_end|>')" in capsys.readouterr().out  # eos is id 2
+    assert main(["convert", str(path), "--out", str(tmp_path / "o")]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert main(["convert", str(path), "--out", str(tmp_path / "o"), "--overwrite"]) == 0
     with pytest.raises(SystemExit):
         main(["convert", str(path), "--out", str(tmp_path / "o"), "--dtype", "int3"])
 

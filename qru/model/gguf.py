@@ -310,6 +310,9 @@ def convert_gguf(path: str | os.PathLike, out: str | os.PathLike, dtype: str | t
                         f"{cfg.vocab_size}")
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(stage, 0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
     try:
         save_state_dict(f.state_dict(dtype), stage, max_shard_size,
                         metadata={"source": f"gguf:{src.name}"}, extra_files={"config.json": _config_json(cfg)})
