@@ -279,6 +279,8 @@ def cmd_quantize(args) -> int:
     """Merge an adapter (fp32) and quantize a checkpoint, streamed shard by shard."""
     from qru.quant.export import quantize_checkpoint
 
+    if args.format.startswith("gguf:"):
+        return _quantize_gguf(args)
     try:
         out = quantize_checkpoint(args.model, args.out, args.format, args.block_size, adapter=args.adapter,
                                   skip=_csv(args.skip), double_quant=args.double_quant,
@@ -291,11 +293,29 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def _quantize_gguf(args) -> int:
+    """``--format gguf:*``: one llama.cpp GGUF file (``qru.quant.gguf_export``)."""
+    from qru.quant.gguf_export import export_gguf
+
+    try:
+        if args.block_size is not None or args.double_quant:
+            raise ValueError("--block-size and --double-quant do not apply to GGUF formats (fixed 32-value blocks)")
+        out = export_gguf(args.model, args.out, args.format, adapter=args.adapter, skip=_csv(args.skip),
+                          progress=args.progress)
+    except (ValueError, OSError) as e:
+        print(f"qru quantize: error: {e}", file=sys.stderr)
+        return 2
+    print(f"qru quantize: wrote {args.format} GGUF file {out}")
+    return 0
+
+
 def _add_quantize(sub) -> None:
     p = sub.add_parser("quantize", help="merge a LoRA adapter in fp32 and quantize a checkpoint (streamed)")
     p.add_argument("model", help="HF checkpoint directory")
     p.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory, merged in fp32 before quantizing")
-    p.add_argument("--format", required=True, choices=["nf4", "fp4", "int4", "int4_sym", "int8"])
+    p.add_argument("--format", required=True, choices=["nf4", "fp4", "int4", "int4_sym", "int8", "gguf:q8_0",
+                                                        "gguf:q4_0", "gguf:q4_1", "gguf:q5_0", "gguf:q5_1"],
+                   help="gguf:* writes one llama.cpp GGUF file to --out (norms F32, --skip modules F16)")
     p.add_argument("--block-size", type=int, default=None, help="4-bit block / int4 group (default 64 / 128)")
     p.add_argument("--skip", default="lm_head", help="comma list of modules kept unquantized ('' for none)")
     p.add_argument("--double-quant", action="store_true", help="nf4/fp4: quantize the absmax too (bnb nested)")
@@ -303,7 +323,7 @@ def _add_quantize(sub) -> None:
                    help="activation dtype; non-quantized tensors are stored in it")
     p.add_argument("--max-shard-size", default="2GB", help="output shard size, e.g. 2GB, 500MB")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--out", required=True, help="output directory, or the .gguf file for gguf:* (written atomically)")
     p.set_defaults(func=cmd_quantize)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,7 +25,7 @@ from gguf import GGMLQuantizationType as QT
 
 from qru.model.checkpoint import assert_finite, save_state_dict
 from qru.model.config import DTYPES, ConfigError, LlamaConfig
-from qru.model.tokenizer import BPETokenizer
+from qru.model.tokenizer import CONTROL, USER_DEFINED, BPETokenizer, Tokenizer, _byte_level_pre
 
 SUPPORTED_TYPES = (QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q4_K, QT.Q6_K)
 # llama.cpp tensor names (without ``.weight``) -> HF module names
@@ -332,3 +333,113 @@ def convert_gguf(path: str | os.PathLike, out: str | os.PathLike, dtype: str | t
 
 def _config_json(cfg: LlamaConfig) -> str:
     return json.dumps(cfg.to_dict(), indent=2) + "\n"
+
+
+# -- writing (export) -------------------------------------------------------------------------------------
+
+def _pre_name(pre_tokenizer_json: dict | None) -> str:
+    """llama.cpp's ``tokenizer.ggml.pre`` name of a byte-level pre-tokenizer built by ``_byte_level_pre``."""
+    for name in ("gpt2", "smollm", "llama-bpe", "qwen2"):
+        if json.loads(_byte_level_pre(name, "").__getstate__()) == pre_tokenizer_json:
+            return name
+    raise GGUFError(f"the tokenizer's pre-tokenizer {pre_tokenizer_json!r} has no llama.cpp name")
+
+
+def tokenizer_metadata(tok: Tokenizer | BPETokenizer) -> dict:
+    """The ``tokenizer.ggml.*`` fields of a qru tokenizer: ``model``, ``tokens``, ``token_type``, ``merges`` /
+    ``scores``, ``pre``, special ids, ``add_bos_token``.
+
+    SentencePiece models become the ``llama`` kind (llama.cpp runs BPE over the whole text by the scores, so
+    a model trained with ``split_by_whitespace`` may split whitespace runs differently there)."""
+    ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "unknown_token_id": tok.unk_id}
+    if isinstance(tok, Tokenizer):
+        sp = tok.sp
+        n = sp.get_piece_size()
+        types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else
+                 5 if sp.is_unused(i) else 1 for i in range(n)]  # (user-defined pieces are not exposed: normal)
+        pad = sp.pad_id()
+        return {"model": "llama", "tokens": [sp.id_to_piece(i) for i in range(n)],
+                "scores": [sp.get_score(i) for i in range(n)], "token_type": types, "add_bos_token": True,
+                "add_space_prefix": True, **ids, **({"padding_token_id": pad} if pad >= 0 else {})}
+    d = json.loads(tok.tk.to_str())
+    model = d["model"]
+    added = {a["id"]: a for a in d.get("added_tokens", [])}
+    n = tok.vocab_size
+    tokens: list[str | None] = [None] * n
+    for t, i in model["vocab"].items():
+        tokens[i] = t
+    for i, a in added.items():
+        tokens[i] = a["content"]
+    if None in tokens:
+        raise GGUFError(f"{tok.source}: token id {tokens.index(None)} has no token (the vocabulary has holes)")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    types = [(CONTROL if added[i]["special"] else USER_DEFINED) if i in added else 1 for i in range(n)]
+    out = {"tokens": tokens, "token_type": types, "add_bos_token": tok.add_bos, **ids}
+    if tok._ids["pad_token"] >= 0:
+        out["padding_token_id"] = tok._ids["pad_token"]
+    if model.get("byte_fallback"):  # the SentencePiece kind: scores that rank the merges
+        rank = {}
+        for r, m in enumerate(merges):
+            rank.setdefault(m.replace(" ", ""), r)
+        out.update(model="llama", scores=[-float(rank.get(t, len(merges))) for t in tokens],
+                   add_space_prefix=d.get("normalizer") is not None and "Prepend" in json.dumps(d["normalizer"]))
+        out["token_type"] = [6 if re.fullmatch(r"<0x[0-9A-F]{2}>", t) else 2 if i == tok.unk_id else ty
+                             for i, (t, ty) in enumerate(zip(tokens, out["token_type"]))]
+    else:
+        out.update(model="gpt2", merges=merges, pre=_pre_name(d.get("pre_tokenizer")))
+    return {k: v for k, v in out.items() if not (k.endswith("_id") and v is not None and v < 0)}
+
+
+FILE_TYPES = {QT.F32: gguf.LlamaFileType.ALL_F32, QT.F16: gguf.LlamaFileType.MOSTLY_F16,
+              QT.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0, QT.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
+              QT.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1, QT.Q5_0: gguf.LlamaFileType.MOSTLY_Q5_0,
+              QT.Q5_1: gguf.LlamaFileType.MOSTLY_Q5_1}
+
+
+def add_metadata(w: gguf.GGUFWriter, cfg: LlamaConfig, tok: Tokenizer | BPETokenizer, qtype, name: str) -> None:
+    """Write the ``general.*``, ``llama.*`` and ``tokenizer.ggml.*`` keys llama.cpp's converter writes."""
+    if cfg.attention_bias or cfg.mlp_bias:
+        raise GGUFError(f"{name}: attention/MLP biases have no place in a llama GGUF")
+    if cfg.rope_type not in ("default", "linear"):
+        raise GGUFError(f"{name}: rope_scaling {cfg.rope_type!r} cannot be written (only linear)")
+    w.add_name(name)
+    w.add_file_type(FILE_TYPES[qtype])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_dimension_count(cfg.head_dim)
+    if cfg.head_dim != cfg.hidden_size // cfg.num_attention_heads:
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    if cfg.rope_type == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(cfg.rope_scaling["factor"])
+    meta = tokenizer_metadata(tok)
+    if len(meta["tokens"]) != cfg.vocab_size:
+        raise GGUFError(f"{name}: the tokenizer has {len(meta['tokens'])} tokens, the model's vocab_size is "
+                        f"{cfg.vocab_size}")
+    w.add_tokenizer_model(meta["model"])
+    if "pre" in meta:
+        w.add_tokenizer_pre(meta["pre"])
+    w.add_token_list(meta["tokens"])
+    w.add_token_types(meta["token_type"])
+    if "merges" in meta:
+        w.add_token_merges(meta["merges"])
+    if "scores" in meta:
+        w.add_token_scores(meta["scores"])
+        w.add_add_space_prefix(meta["add_space_prefix"])
+    for key, fn in (("bos_token_id", w.add_bos_token_id), ("eos_token_id", w.add_eos_token_id),
+                    ("unknown_token_id", w.add_unk_token_id), ("padding_token_id", w.add_pad_token_id)):
+        if meta.get(key) is not None:
+            fn(meta[key])
+    w.add_add_bos_token(meta["add_bos_token"])
+    template = getattr(tok, "extra_config", {}).get("chat_template")
+    if template:
+        w.add_chat_template(template)

@@ -1,0 +1,131 @@
+"""GGUF export (qru.quant.gguf_export) against the oracles: ``gguf.quants.quantize`` of the fp32-merged,
+llama.cpp-permuted weight (bytes), transformers' GGUF loader (logits, tokenizer), qru's own GGUF import."""
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QT
+
+from qru.model.gguf import GGUFFile, gguf_name, gguf_tokenizer, permute_qk
+from qru.model.llama import Llama
+from qru.model.lora import apply_lora, merge_and_unload, save_adapter
+from qru.model.tokenizer import Tokenizer, load_tokenizer
+from qru.quant.gguf_export import GGUF_FORMATS, export_gguf
+from test_gguf import CORPUS, TEXTS, byte_bpe_vocab, tiny_llama, write_gguf
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny HF checkpoint (untied) with a byte-level BPE tokenizer beside it."""
+    d = tmp_path_factory.mktemp("exp")
+    voc = byte_bpe_vocab("llama-bpe")
+    model = tiny_llama(len(voc["tokens"]), False, hidden=64, seed=3)
+    write_gguf(d / "src.gguf", model, voc)  # F32: the GGUF is only the tokenizer's source here
+    model.save_pretrained(d / "base")
+    gguf_tokenizer(d / "src.gguf").save_pretrained(d / "base")
+    return d / "base", model
+
+
+@pytest.fixture(scope="module")
+def adapter(base, tmp_path_factory):
+    _, model = base
+    m = Llama.from_pretrained(base[0])
+    apply_lora(m, r=4, alpha=8, seed=0)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.02)
+    d = tmp_path_factory.mktemp("adapter")
+    save_adapter(m, d)
+    return d, merge_and_unload(m)
+
+
+def _raw(path):
+    return {t.name: t for t in gguf.GGUFReader(path).tensors}
+
+
+@pytest.mark.parametrize("fmt", list(GGUF_FORMATS))
+def test_bytes_equal_gguf_quants_of_the_merged_weights(fmt, base, adapter, tmp_path):
+    model_dir, _ = base
+    out = export_gguf(model_dir, tmp_path / "m.gguf", fmt, adapter=adapter[0])
+    merged = adapter[1].state_dict()
+    cfg = adapter[1].config
+    raw = _raw(out)
+    assert len(raw) == len(merged)
+    for k, w in merged.items():
+        g = gguf_name(k)
+        w = w.float()
+        if k.endswith("q_proj.weight"):
+            w = permute_qk(w, cfg.num_attention_heads)
+        elif k.endswith("k_proj.weight"):
+            w = permute_qk(w, cfg.num_key_value_heads)
+        t = raw[g]
+        if w.dim() == 1:
+            assert t.tensor_type == QT.F32 and np.array_equal(t.data, w.numpy()), g
+        elif k == "lm_head.weight":  # skipped by default: F16
+            assert t.tensor_type == QT.F16 and np.array_equal(t.data, w.numpy().astype(np.float16)), g
+        else:
+            assert t.tensor_type == GGUF_FORMATS[fmt], g
+            want = gguf.quants.quantize(w.numpy(), GGUF_FORMATS[fmt])
+            assert np.array_equal(np.asarray(t.data).reshape(want.shape), want), g
+
+
+def test_transformers_loads_the_export(base, adapter, tmp_path):
+    model_dir, _ = base
+    out = export_gguf(model_dir, tmp_path / "m.gguf", "gguf:q4_0", adapter=adapter[0], skip=())
+    ours = Llama.from_gguf(out).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
+    ids = torch.randint(0, ours.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b, c = ours(ids), hf(ids).logits, adapter[1].eval()(ids)
+    torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    # the merged model, quantized: close to the fp32 merge, within 4-bit noise
+    assert (a - c).abs().mean() < 0.25 * c.abs().mean()
+    # the tokenizer travels: same ids from the file (qru, transformers) as from the source tokenizer.json
+    want = load_tokenizer(model_dir)
+    got, hft = gguf_tokenizer(out), transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    for t in TEXTS:
+        assert got.encode(t) == want.encode(t) == hft(t, add_special_tokens=False)["input_ids"], repr(t)
+    f = GGUFFile(out)
+    assert f.get("tokenizer.ggml.pre") == "llama-bpe" and f.get("general.file_type") == gguf.LlamaFileType.MOSTLY_Q4_0
+
+
+def test_sentencepiece_tokenizer_exports_as_llama_kind(tmp_path):
+    sp = Tokenizer.train(CORPUS, 400, tmp_path / "m" / "tokenizer.model", seed=0, split_by_whitespace=False)
+    model = tiny_llama(sp.vocab_size, True, hidden=64)
+    model.save_pretrained(tmp_path / "m")
+    out = export_gguf(tmp_path / "m", tmp_path / "m.gguf", "gguf:q8_0")
+    tok = gguf_tokenizer(out)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.add_bos) == (sp.bos_id, sp.eos_id, sp.pad_id, True)
+    for t in TEXTS:
+        assert tok.encode(t) == sp.encode(t), repr(t)
+    assert GGUFFile(out).config().tie_word_embeddings
+
+
+def test_export_errors(base, tmp_path):
+    model_dir, _ = base
+    (tmp_path / "x.gguf").write_bytes(b"")
+    with pytest.raises(FileExistsError, match="x.gguf exists"):
+        export_gguf(model_dir, tmp_path / "x.gguf", "gguf:q4_0")
+    with pytest.raises(ValueError, match="unknown GGUF format 'gguf:q3_0'"):
+        export_gguf(model_dir, tmp_path / "y.gguf", "gguf:q3_0")
+    sp = Tokenizer.train(CORPUS, 400, tmp_path / "odd" / "tokenizer.model", seed=0)
+    tiny_llama(sp.vocab_size, False, hidden=48).save_pretrained(tmp_path / "odd")
+    with pytest.raises(ValueError, match=r"tensor 'model.embed_tokens.weight' has rows of 48 values.*Q4_0 block"):
+        export_gguf(tmp_path / "odd", tmp_path / "z.gguf", "gguf:q4_0")
+    assert sorted(p.name for p in tmp_path.iterdir() if "gguf" in p.name) == ["x.gguf"]  # nothing partial left
+
+
+def test_quantize_cli_gguf(base, tmp_path, capsys):
+    from qru.cli import main
+
+    model_dir, _ = base
+    assert main(["quantize", str(model_dir), "--format", "gguf:q8_0", "--out", str(tmp_path / "c.gguf")]) == 0
+    assert GGUFFile(tmp_path / "c.gguf").tensors["model.layers.0.mlp.up_proj.weight"].tensor_type == QT.Q8_0
+    assert main(["quantize", str(model_dir), "--format", "gguf:q8_0", "--block-size", "64",
+                 "--out", str(tmp_path / "d.gguf")]) == 2
+    assert "do not apply to GGUF" in capsys.readouterr().err
