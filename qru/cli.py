@@ -314,8 +314,10 @@ def _add_quantize(sub) -> None:
     p.add_argument("model", help="HF checkpoint directory")
     p.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory, merged in fp32 before quantizing")
     p.add_argument("--format", required=True, choices=["nf4", "fp4", "int4", "int4_sym", "int8", "gguf:q8_0",
-                                                        "gguf:q4_0", "gguf:q4_1", "gguf:q5_0", "gguf:q5_1"],
-                   help="gguf:* writes one llama.cpp GGUF file to --out (norms F32, --skip modules F16)")
+                                                        "gguf:q4_0", "gguf:q4_1", "gguf:q5_0", "gguf:q5_1",
+                                                        "gguf:mxfp4", "gguf:q4_k", "gguf:q6_k"],
+                   help="gguf:* writes one llama.cpp GGUF file to --out (norms F32, --skip modules F16; "
+                        "q4_k/q6_k need the libgguf package)")
     p.add_argument("--block-size", type=int, default=None, help="4-bit block / int4 group (default 64 / 128)")
     p.add_argument("--skip", default="lm_head", help="comma list of modules kept unquantized ('' for none)")
     p.add_argument("--double-quant", action="store_true", help="nf4/fp4: quantize the absmax too (bnb nested)")
@@ -423,7 +425,7 @@ def cmd_convert(args) -> int:
 
 def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="GGUF (llama.cpp) Llama -> HF checkpoint + tokenizer files")
-    p.add_argument("model", help="MODEL.gguf (F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q4_K/Q6_K tensors)")
+    p.add_argument("model", help="MODEL.gguf (F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q4_K/Q6_K/MXFP4 tensors)")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="dtype of the dequantized weights")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")

@@ -37,7 +37,7 @@ TYPE_PLAN = {  # every supported type appears; F32 q/k in layer 0 check the perm
     "blk.0.ffn_gate": QT.Q4_0, "blk.0.ffn_up": QT.Q4_1, "blk.0.ffn_down": QT.Q5_0,
     "blk.1.attn_q": QT.Q5_1, "blk.1.attn_k": QT.Q4_K, "blk.1.attn_v": QT.Q6_K, "blk.1.attn_output": QT.Q8_0,
     "blk.1.ffn_gate": QT.Q6_K, "blk.1.ffn_up": QT.Q4_K, "blk.1.ffn_down": QT.Q8_0,
-    "token_embd": QT.Q8_0, "output": QT.Q4_0,
+    "token_embd": QT.Q8_0, "output": QT.MXFP4,
 }
 
 
@@ -189,8 +189,10 @@ def test_every_type_dequantizes_bit_exactly(mixed):
     path, model, raw = mixed
     f = GGUFFile(path)
     cfg = f.config()
-    assert {qt for _, qt in raw.values()} >= {QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1,
-                                             QT.Q4_K, QT.Q6_K}
+    want_types = {QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q4_K, QT.Q6_K}
+    if not model.config.tie_word_embeddings:
+        want_types.add(QT.MXFP4)  # the output tensor
+    assert {qt for _, qt in raw.values()} >= want_types
     # the test's own inverse of llama.cpp's permutation: an index map through the forward permutation
     def unpermute(a, n_head):
         idx = llama_cpp_permute(np.arange(a.shape[0]), n_head)

@@ -12,7 +12,7 @@ from qru.model.gguf import GGUFFile, gguf_name, gguf_tokenizer, permute_qk
 from qru.model.llama import Llama
 from qru.model.lora import apply_lora, merge_and_unload, save_adapter
 from qru.model.tokenizer import Tokenizer, load_tokenizer
-from qru.quant.gguf_export import GGUF_FORMATS, export_gguf
+from qru.quant.gguf_export import GGUF_FORMATS, K_QUANTS, export_gguf
 from test_gguf import CORPUS, TEXTS, byte_bpe_vocab, tiny_llama, write_gguf
 
 transformers = pytest.importorskip("transformers")
@@ -48,7 +48,7 @@ def _raw(path):
     return {t.name: t for t in gguf.GGUFReader(path).tensors}
 
 
-@pytest.mark.parametrize("fmt", list(GGUF_FORMATS))
+@pytest.mark.parametrize("fmt", [f for f, q in GGUF_FORMATS.items() if q not in K_QUANTS])
 def test_bytes_equal_gguf_quants_of_the_merged_weights(fmt, base, adapter, tmp_path):
     model_dir, _ = base
     out = export_gguf(model_dir, tmp_path / "m.gguf", fmt, adapter=adapter[0])
@@ -72,6 +72,43 @@ def test_bytes_equal_gguf_quants_of_the_merged_weights(fmt, base, adapter, tmp_p
             assert t.tensor_type == GGUF_FORMATS[fmt], g
             want = gguf.quants.quantize(w.numpy(), GGUF_FORMATS[fmt])
             assert np.array_equal(np.asarray(t.data).reshape(want.shape), want), g
+
+
+@pytest.fixture(scope="module")
+def base256(tmp_path_factory):
+    """Rows of 256 values, for the K-quants' super-blocks."""
+    d = tmp_path_factory.mktemp("exp256")
+    voc = byte_bpe_vocab("gpt2")
+    model = tiny_llama(len(voc["tokens"]), True, hidden=256, seed=4)
+    write_gguf(d / "src.gguf", tiny_llama(len(voc["tokens"]), True, hidden=64), voc)
+    model.save_pretrained(d / "base")
+    gguf_tokenizer(d / "src.gguf").save_pretrained(d / "base")
+    return d / "base", model
+
+
+@pytest.mark.parametrize("fmt", ["gguf:q4_k", "gguf:q6_k"])
+def test_k_quants_export_bytes_and_transformers(fmt, base256, tmp_path):
+    libgguf = pytest.importorskip("libgguf")
+    model_dir, model = base256
+    out = export_gguf(model_dir, tmp_path / "k.gguf", fmt, skip=())
+    qt = GGUF_FORMATS[fmt]
+    raw = _raw(out)
+    for k, w in model.state_dict().items():
+        if w.dim() == 2 and k != "lm_head.weight":
+            if k.endswith("q_proj.weight"):
+                w = permute_qk(w, model.config.num_attention_heads)
+            elif k.endswith("k_proj.weight"):
+                w = permute_qk(w, model.config.num_key_value_heads)
+            t = raw[gguf_name(k)]
+            want = np.asarray(libgguf.quantize_rows(w.float().numpy(), int(qt)))
+            assert t.tensor_type == qt and np.array_equal(np.asarray(t.data).reshape(want.shape), want), k
+    ours = Llama.from_gguf(out).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="k.gguf", dtype=torch.float32).eval()
+    ids = torch.randint(0, ours.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b, c = ours(ids), hf(ids).logits, model(ids)
+    torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    assert (a - c).abs().mean() < 0.2 * c.abs().mean()
 
 
 def test_transformers_loads_the_export(base, adapter, tmp_path):
@@ -129,3 +166,24 @@ def test_quantize_cli_gguf(base, tmp_path, capsys):
     assert main(["quantize", str(model_dir), "--format", "gguf:q8_0", "--block-size", "64",
                  "--out", str(tmp_path / "d.gguf")]) == 2
     assert "do not apply to GGUF" in capsys.readouterr().err
+
+
+def test_libgguf_is_the_reference_quantizer():
+    """libgguf (used for Q4_K / Q6_K) gives gguf.quants' bytes on every type both quantize, and its K-quants
+    decode (gguf.quants.dequantize) with the error their bit widths promise."""
+    libgguf = pytest.importorskip("libgguf")
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((32, 512)) * 0.05).astype(np.float32)
+    x[:, :7] *= 20  # outliers
+    for qt in (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.MXFP4):
+        want = gguf.quants.quantize(x, qt)
+        assert np.array_equal(np.asarray(libgguf.quantize_rows(x, int(qt))).reshape(want.shape), want), qt.name
+
+    def err(qt, q):
+        return np.linalg.norm(gguf.quants.dequantize(np.asarray(q).reshape(32, -1), qt) - x) / np.linalg.norm(x)
+
+    e4k = err(QT.Q4_K, libgguf.quantize_rows(x, int(QT.Q4_K)))
+    e6k = err(QT.Q6_K, libgguf.quantize_rows(x, int(QT.Q6_K)))
+    e41 = err(QT.Q4_1, gguf.quants.quantize(x, QT.Q4_1))
+    e8 = err(QT.Q8_0, gguf.quants.quantize(x, QT.Q8_0))
+    assert e4k < e41 and e8 < e6k < e4k / 3, (e4k, e6k, e41, e8)

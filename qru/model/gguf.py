@@ -2,7 +2,7 @@
 
 The file format and the dequantizers are the ``gguf`` package's (llama.cpp's own Python reader and reference
 code): ``gguf.GGUFReader`` memory-maps the file, ``gguf.quants.dequantize`` turns F32, F16, BF16, Q8_0, Q4_0,
-Q4_1, Q5_0, Q5_1, Q4_K and Q6_K blocks into fp32. llama.cpp's converter reorders the rows of ``attn_q`` /
+Q4_1, Q5_0, Q5_1, Q4_K, Q6_K and MXFP4 blocks into fp32. llama.cpp's converter reorders the rows of ``attn_q`` /
 ``attn_k`` (``permute`` in convert_hf_to_gguf.py, from HF's rotate-half RoPE to GGML's interleaved pairs);
 ``unpermute_qk`` undoes it. A file without an ``output`` tensor ties ``lm_head`` to the embedding.
 
@@ -27,7 +27,8 @@ from qru.model.checkpoint import assert_finite, save_state_dict
 from qru.model.config import DTYPES, ConfigError, LlamaConfig
 from qru.model.tokenizer import CONTROL, USER_DEFINED, BPETokenizer, Tokenizer, _byte_level_pre
 
-SUPPORTED_TYPES = (QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q4_K, QT.Q6_K)
+SUPPORTED_TYPES = (QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q4_K, QT.Q6_K,
+                   QT.MXFP4)
 # llama.cpp tensor names (without ``.weight``) -> HF module names
 TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 LAYER_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -393,7 +394,8 @@ def tokenizer_metadata(tok: Tokenizer | BPETokenizer) -> dict:
 FILE_TYPES = {QT.F32: gguf.LlamaFileType.ALL_F32, QT.F16: gguf.LlamaFileType.MOSTLY_F16,
               QT.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0, QT.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
               QT.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1, QT.Q5_0: gguf.LlamaFileType.MOSTLY_Q5_0,
-              QT.Q5_1: gguf.LlamaFileType.MOSTLY_Q5_1}
+              QT.Q5_1: gguf.LlamaFileType.MOSTLY_Q5_1, QT.Q4_K: gguf.LlamaFileType.MOSTLY_Q4_K_S,
+              QT.Q6_K: gguf.LlamaFileType.MOSTLY_Q6_K, QT.MXFP4: gguf.LlamaFileType.MOSTLY_MXFP4_MOE}
 
 
 def add_metadata(w: gguf.GGUFWriter, cfg: LlamaConfig, tok: Tokenizer | BPETokenizer, qtype, name: str) -> None:

@@ -2,7 +2,8 @@
 
 Streams the checkpoint tensor by tensor (``ShardReader``), merges a PEFT LoRA adapter into each targeted
 weight in fp32, applies llama.cpp's q/k row permutation, quantizes with ``gguf.quants.quantize`` (llama.cpp's
-reference quantizers: the bytes are theirs) and writes the tensor at once; peak memory is about one tensor
+reference quantizers: the bytes are theirs; Q4_K / Q6_K, which ``gguf.quants`` cannot quantize, through
+``libgguf``'s bindings of llama.cpp's reference code, an optional dependency) and writes the tensor at once; peak memory is about one tensor
 and its fp32 copy. Tensor names, metadata and the tokenizer follow llama.cpp's converter
 (``qru.model.gguf.add_metadata``). Norms stay F32; 2-D weights matched by ``skip`` are stored F16. The file is
 written beside ``out`` and renamed into place when complete.
@@ -27,7 +28,17 @@ from qru.quant.export import _check_adapter
 from qru.quant.qlinear import _as_tuple, is_skipped
 
 GGUF_FORMATS = {"gguf:q8_0": QT.Q8_0, "gguf:q4_0": QT.Q4_0, "gguf:q4_1": QT.Q4_1, "gguf:q5_0": QT.Q5_0,
-                "gguf:q5_1": QT.Q5_1}
+                "gguf:q5_1": QT.Q5_1, "gguf:mxfp4": QT.MXFP4, "gguf:q4_k": QT.Q4_K, "gguf:q6_k": QT.Q6_K}
+K_QUANTS = (QT.Q4_K, QT.Q6_K)  # quantized by libgguf (pip install libgguf)
+
+
+def _libgguf():
+    """The optional ``libgguf`` module, or None."""
+    try:
+        import libgguf
+    except ImportError:
+        return None
+    return libgguf
 
 
 def _plan(cfg: LlamaConfig, shapes: dict[str, tuple[int, ...]], qtype, skip) -> dict[str, object]:
@@ -53,6 +64,9 @@ def _encode(t: np.ndarray, qtype) -> np.ndarray:
     """F32 / F16 as is, the block types through llama.cpp's reference quantizer (``gguf.quants``)."""
     if qtype in (QT.F32, QT.F16):
         return t.astype(np.float32 if qtype == QT.F32 else np.float16)
+    if qtype in K_QUANTS:
+        lib = _libgguf()
+        return np.asarray(lib.quantize_rows(np.ascontiguousarray(t, dtype=np.float32), int(qtype)), dtype=np.uint8)
     return gguf.quants.quantize(t, qtype)
 
 
@@ -66,6 +80,9 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, fmt: str, 
     if fmt not in GGUF_FORMATS:
         raise ValueError(f"unknown GGUF format {fmt!r} (known: {', '.join(GGUF_FORMATS)})")
     qtype = GGUF_FORMATS[fmt]
+    if qtype in K_QUANTS and _libgguf() is None:
+        raise ValueError(f"{fmt} needs llama.cpp's reference K-quant code: pip install libgguf (or use q4_0/q4_1/"
+                         f"q5_0/q5_1/q8_0/mxfp4)")
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory not found: {model_dir}")
     if out.exists():
