@@ -517,3 +517,14 @@ def test_unlearn_on_a_converted_gguf_keeps_its_tokenizer(bpe, tmp_path):
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         assert (out / f).read_bytes() == (model_dir / f).read_bytes(), f
     assert not (out / "tokenizer.model").exists()
+
+
+def test_convert_spm_kind_autotokenizer_adds_bos_once(tmp_path):
+    voc = spm_vocab(tmp_path)
+    path = tmp_path / "t.gguf"
+    write_gguf(path, tiny_llama(len(voc["tokens"]), True, hidden=64), voc)
+    out = convert_gguf(path, tmp_path / "hf")
+    ours, hf, sp = load_tokenizer(out), transformers.AutoTokenizer.from_pretrained(out), voc["sp"]
+    for t in TEXTS:
+        assert ours.encode(t) == sp.encode(t) == hf(t)["input_ids"], repr(t)
+        assert ours.decode(ours.encode(t)) == sp.decode(sp.encode(t)), repr(t)
