@@ -528,3 +528,20 @@ def test_convert_spm_kind_autotokenizer_adds_bos_once(tmp_path):
     for t in TEXTS:
         assert ours.encode(t) == sp.encode(t) == hf(t)["input_ids"], repr(t)
         assert ours.decode(ours.encode(t)) == sp.decode(sp.encode(t)), repr(t)
+
+
+@pytest.mark.slow
+def test_eval_on_a_converted_gguf_uses_its_tokenizer(bpe, shared_data, tmp_path, monkeypatch):
+    from qru.eval import run as R
+
+    path = tmp_path / "t.gguf"
+    write_gguf(path, tiny_llama(len(bpe["tokens"]), True, hidden=64), bpe)
+    model_dir = convert_gguf(path, tmp_path / "hf")
+    seen = []
+    real = R._load_tokenizer
+    monkeypatch.setattr(R, "_load_tokenizer", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    res = R.run_eval(model_dir, "muse", shared_data / "muse-news", retrain_auc=0.5, limit=2, max_len=64,
+                     log=lambda *a: None)
+    assert isinstance(seen[0], BPETokenizer) and seen[0].digest() == gguf_tokenizer(path).digest()
+    (rec,) = res["records"]
+    assert 0 <= rec["verbmem_f"] <= 100 and 0 <= rec["knowmem_f"] <= 100
