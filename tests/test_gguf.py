@@ -264,7 +264,7 @@ def test_byte_bpe_tokenizer_matches_transformers(pre, tmp_path):
     write_gguf(path, tiny_llama(len(voc["tokens"]), True, hidden=64), voc)
     ours, hf = gguf_tokenizer(path), _hf_tok(path)
     assert (ours.bos_id, ours.eos_id, ours.vocab_size, ours.add_bos) == (1, 2, len(voc["tokens"]), False)
-    assert ours.pad_id == ours.eos_id  # no pad token in the file: eos
+    assert ours.pad_id == ours.eos_id and not ours.has_pad  # no pad token in the file: eos
     for t in TEXTS:
         ids = ours.encode(t)
         assert ids == hf(t, add_special_tokens=False)["input_ids"], repr(t)
@@ -292,7 +292,7 @@ def test_encode_batch_pads_like_sentencepiece_kind(bpe, tmp_path):
     path = tmp_path / "t.gguf"
     write_gguf(path, tiny_llama(len(bpe["tokens"]), True, hidden=64), {**bpe, "pad": 0})
     tok = gguf_tokenizer(path)
-    assert tok.pad_id == 0
+    assert tok.pad_id == 0 and tok.has_pad
     ids, mask = tok.encode_batch(["a b c d", "hello"], eos=True)
     rows = [tok.encode("a b c d", eos=True), tok.encode("hello", eos=True)]
     w = max(map(len, rows))

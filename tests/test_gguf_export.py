@@ -125,6 +125,7 @@ def test_transformers_loads_the_export(base, adapter, tmp_path):
     # the tokenizer travels: same ids from the file (qru, transformers) as from the source tokenizer.json
     want = load_tokenizer(model_dir)
     got, hft = gguf_tokenizer(out), transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    assert (got.bos_id, got.eos_id, got.has_pad, got.add_bos) == (want.bos_id, want.eos_id, want.has_pad, want.add_bos)
     for t in TEXTS:
         assert got.encode(t) == want.encode(t) == hft(t, add_special_tokens=False)["input_ids"], repr(t)
     f = GGUFFile(out)

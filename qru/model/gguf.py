@@ -376,8 +376,8 @@ def tokenizer_metadata(tok: Tokenizer | BPETokenizer) -> dict:
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     types = [(CONTROL if added[i]["special"] else USER_DEFINED) if i in added else 1 for i in range(n)]
     out = {"tokens": tokens, "token_type": types, "add_bos_token": tok.add_bos, **ids}
-    if tok._ids["pad_token"] >= 0:
-        out["padding_token_id"] = tok._ids["pad_token"]
+    if tok.has_pad:
+        out["padding_token_id"] = tok.pad_id
     if model.get("byte_fallback"):  # the SentencePiece kind: scores that rank the merges
         rank = {}
         for r, m in enumerate(merges):

@@ -528,10 +528,14 @@ class BPETokenizer:
         return self._ids["eos_token"]
 
     @property
+    def has_pad(self) -> bool:
+        """Whether the model names a pad token (else ``pad_id`` is ``eos_id``)."""
+        return self._ids["pad_token"] >= 0
+
+    @property
     def pad_id(self) -> int:
         """The pad id, or ``eos_id`` when the model has no pad token."""
-        pad = self._ids["pad_token"]
-        return pad if pad >= 0 else self.eos_id
+        return self._ids["pad_token"] if self.has_pad else self.eos_id
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         if not isinstance(text, str):
