@@ -329,7 +329,8 @@ def bytes_to_unicode() -> dict[int, str]:
 def _byte_level_pre(pre: str | None, source: str):
     kind = BYTE_LEVEL_PRE.get(pre or "default")
     if kind is None:
-        raise ValueError(f"{source}: pre-tokenizer {pre!r} is not supported (known: {', '.join(sorted(BYTE_LEVEL_PRE))})")
+        raise ValueError(f"{source}: pre-tokenizer {pre!r} is not supported "
+                         f"(known: {', '.join(sorted(BYTE_LEVEL_PRE))})")
     if kind == "gpt2":
         return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if kind == "smollm":  # llama.cpp: "\p{N}" then the GPT-2 regex; HF: Digits(individual) + ByteLevel

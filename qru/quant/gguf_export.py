@@ -3,10 +3,10 @@
 Streams the checkpoint tensor by tensor (``ShardReader``), merges a PEFT LoRA adapter into each targeted
 weight in fp32, applies llama.cpp's q/k row permutation, quantizes with ``gguf.quants.quantize`` (llama.cpp's
 reference quantizers: the bytes are theirs; Q4_K / Q6_K, which ``gguf.quants`` cannot quantize, through
-``libgguf``'s bindings of llama.cpp's reference code, an optional dependency) and writes the tensor at once; peak memory is about one tensor
-and its fp32 copy. Tensor names, metadata and the tokenizer follow llama.cpp's converter
-(``qru.model.gguf.add_metadata``). Norms stay F32; 2-D weights matched by ``skip`` are stored F16. The file is
-written beside ``out`` and renamed into place when complete.
+``libgguf``'s bindings of llama.cpp's reference code, an optional dependency) and writes the tensor at once;
+peak memory is about one tensor and its fp32 copy. Tensor names, metadata and the tokenizer follow
+llama.cpp's converter (``qru.model.gguf.add_metadata``). Norms stay F32; 2-D weights matched by ``skip`` are
+stored F16. The file is written beside ``out`` and renamed into place when complete.
 """
 from __future__ import annotations
 

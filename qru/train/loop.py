@@ -14,10 +14,11 @@ modes) and stored in the checkpoint; only KLR needs a per-batch reference forwar
 disabled in LoRA mode, a frozen copy loaded from the model directory in full mode).
 
 Outputs in ``out``: ``metrics.jsonl`` (one row per logged step; eval rows carry ``forget_nll`` /
-``retain_nll``), ``run.json``, the model (HF checkpoint, or a PEFT adapter in LoRA mode),
-the model's tokenizer files (``tokenizer.model``, or ``tokenizer.json`` and its configs), and ``checkpoint/`` while a run is unfinished (every ``save_every`` steps, at
-``stop_after``, and on Ctrl-C). ``resume=True`` continues from it bit-identically: trainable
-parameters, AdamW state, step, data positions and RNG states are all restored.
+``retain_nll``), ``run.json``, the model (HF checkpoint, or a PEFT adapter in LoRA mode), the
+tokenizer files (``tokenizer.model``, or ``tokenizer.json`` and its configs), and ``checkpoint/``
+while a run is unfinished (every ``save_every`` steps, at ``stop_after``, and on Ctrl-C).
+``resume=True`` continues from it bit-identically: trainable parameters, AdamW state, step, data
+positions and RNG states are all restored.
 """
 from __future__ import annotations
 
