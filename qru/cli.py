@@ -67,7 +67,7 @@ def cmd_eval(args) -> int:
 
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="MUSE / TOFU metrics of a checkpoint at several precisions")
-    p.add_argument("model", help="checkpoint directory (config.json, safetensors, tokenizer.model)")
+    p.add_argument("model", help="checkpoint directory (config.json, safetensors, tokenizer.json or tokenizer.model)")
     p.add_argument("--adapter", default=None, help="LoRA adapter directory, merged in fp32 before quantizing")
     p.add_argument("--benchmark", required=True, choices=["muse", "tofu"])
     p.add_argument("--data", required=True, help="benchmark data directory (MUSE layout or TOFU JSON files)")
@@ -162,7 +162,7 @@ def _run_training(kind: str, fn, cfg) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    """Train (or fine-tune) a model on text / QA data: an HF checkpoint with tokenizer.model beside it."""
+    """Train (or fine-tune) a model on text / QA data: an HF checkpoint with its tokenizer beside it."""
     from qru.train.loop import PretrainConfig, pretrain
 
     return _run_training("pretrain", pretrain, _train_config(PretrainConfig, args))
@@ -213,7 +213,7 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--config", default=S, help="model size preset (tiny, small) or a config.json path")
     p.add_argument("--data", nargs="+", required=True, help="text files, MUSE dirs, QA / text JSON(L) files")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--tokenizer", default=S, help="tokenizer.model (or a directory holding one)")
+    g.add_argument("--tokenizer", default=S, help="tokenizer.model / tokenizer.json (or a directory holding one)")
     g.add_argument("--train-tokenizer", type=int, metavar="VOCAB", default=S,
                    help="train a BPE tokenizer of this vocabulary size on the data")
     p.add_argument("--init", default=S, help="fine-tune this checkpoint instead of training from scratch")
@@ -224,7 +224,7 @@ def _add_pretrain(sub) -> None:
 def _add_unlearn(sub) -> None:
     S = argparse.SUPPRESS
     p = sub.add_parser("unlearn", help="unlearn a forget set: GA / NPO / SimNPO with GDR / KLR, full or LoRA")
-    p.add_argument("--model", required=True, help="HF checkpoint directory (with tokenizer.model)")
+    p.add_argument("--model", required=True, help="HF checkpoint directory (with tokenizer.json or tokenizer.model)")
     p.add_argument("--forget", nargs="+", required=True, help="forget data (QA JSON(L), text, MUSE dir)")
     p.add_argument("--retain", nargs="+", default=S, help="retain data")
     p.add_argument("--method", choices=["ga", "npo", "simnpo"], default=S)
@@ -238,7 +238,7 @@ def _add_unlearn(sub) -> None:
     p.add_argument("--delta", type=float, default=S, help="SimNPO margin")
     p.add_argument("--retain-weight", type=float, default=S, help="alpha in gamma*forget + alpha*retain")
     p.add_argument("--forget-weight", type=float, default=S, help="gamma in gamma*forget + alpha*retain")
-    p.add_argument("--tokenizer", default=S, help="tokenizer.model (default: the model's)")
+    p.add_argument("--tokenizer", default=S, help="tokenizer.model / tokenizer.json (default: the model's)")
     _add_train_options(p)
     p.set_defaults(func=cmd_unlearn)
 
@@ -292,6 +292,8 @@ def cmd_quantize(args) -> int:
     """Merge an adapter (fp32) and quantize a checkpoint, streamed shard by shard."""
     from qru.quant.export import quantize_checkpoint
 
+    if args.format.startswith("gguf:"):
+        return _quantize_gguf(args)
     try:
         out = quantize_checkpoint(args.model, args.out, args.format, args.block_size, adapter=args.adapter,
                                   skip=_csv(args.skip), double_quant=args.double_quant,
@@ -304,11 +306,31 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def _quantize_gguf(args) -> int:
+    """``--format gguf:*``: one llama.cpp GGUF file (``qru.quant.gguf_export``)."""
+    from qru.quant.gguf_export import export_gguf
+
+    try:
+        if args.block_size is not None or args.double_quant:
+            raise ValueError("--block-size and --double-quant do not apply to GGUF formats (fixed 32-value blocks)")
+        out = export_gguf(args.model, args.out, args.format, adapter=args.adapter, skip=_csv(args.skip),
+                          progress=args.progress)
+    except (ValueError, OSError) as e:
+        print(f"qru quantize: error: {e}", file=sys.stderr)
+        return 2
+    print(f"qru quantize: wrote {args.format} GGUF file {out}")
+    return 0
+
+
 def _add_quantize(sub) -> None:
     p = sub.add_parser("quantize", help="merge a LoRA adapter in fp32 and quantize a checkpoint (streamed)")
     p.add_argument("model", help="HF checkpoint directory")
     p.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory, merged in fp32 before quantizing")
-    p.add_argument("--format", required=True, choices=["nf4", "fp4", "int4", "int4_sym", "int8"])
+    p.add_argument("--format", required=True, choices=["nf4", "fp4", "int4", "int4_sym", "int8", "gguf:q8_0",
+                                                        "gguf:q4_0", "gguf:q4_1", "gguf:q5_0", "gguf:q5_1",
+                                                        "gguf:mxfp4", "gguf:q4_k", "gguf:q6_k"],
+                   help="gguf:* writes one llama.cpp GGUF file to --out (norms F32, --skip modules F16; "
+                        "q4_k/q6_k need the libgguf package)")
     p.add_argument("--block-size", type=int, default=None, help="4-bit block / int4 group (default 64 / 128)")
     p.add_argument("--skip", default="lm_head", help="comma list of modules kept unquantized ('' for none)")
     p.add_argument("--double-quant", action="store_true", help="nf4/fp4: quantize the absmax too (bnb nested)")
@@ -316,7 +338,7 @@ def _add_quantize(sub) -> None:
                    help="activation dtype; non-quantized tensors are stored in it")
     p.add_argument("--max-shard-size", default="2GB", help="output shard size, e.g. 2GB, 500MB")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    p.add_argument("--out", required=True, help="output directory (staged, committed with one rename)")
+    p.add_argument("--out", required=True, help="output directory, or the .gguf file for gguf:* (staged, committed with one rename)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output (it stays intact until the new one is complete)")
     p.set_defaults(func=cmd_quantize)
 
@@ -434,9 +456,41 @@ def _add_doctor(sub) -> None:
     p.set_defaults(func=cmd_doctor)
 
 
+# --- convert ---------------------------------------------------------------------------
+
+def cmd_convert(args) -> int:
+    """A llama.cpp GGUF Llama -> an HF checkpoint directory with its tokenizer files."""
+    from qru.model.gguf import convert_gguf
+
+    try:
+        out = convert_gguf(args.model, args.out, dtype=args.dtype, overwrite=args.overwrite,
+                           max_shard_size=args.max_shard_size)
+    except (ValueError, OSError) as e:
+        print(f"qru convert: error: {e}", file=sys.stderr)
+        return 2
+    print(f"qru convert: wrote {args.dtype} checkpoint and tokenizer to {out}")
+    import json
+
+    special = json.loads((out / "special_tokens_map.json").read_text())
+    if "pad_token" not in special:
+        print(f"qru convert: note: the file names no pad token; qru pads with eos ({special.get('eos_token')!r})")
+    return 0
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="GGUF (llama.cpp) Llama -> HF checkpoint + tokenizer files")
+    p.add_argument("model", help="MODEL.gguf (F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q4_K/Q6_K/MXFP4 tensors)")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="dtype of the dequantized weights")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--max-shard-size", default="2GB", help="output shard size, e.g. 2GB, 500MB")
+    p.set_defaults(func=cmd_convert)
+
+
 # --- registry --------------------------------------------------------------------------
 
-_ADDERS = [_add_smoke, _add_doctor, _add_eval, _add_data, _add_pretrain, _add_unlearn, _add_demo, _add_sweep, _add_survival, _add_quantize]
+_ADDERS = [_add_smoke, _add_doctor, _add_eval, _add_data, _add_pretrain, _add_unlearn, _add_demo, _add_sweep,
+           _add_survival, _add_quantize, _add_convert]
 
 
 def build_parser() -> argparse.ArgumentParser:

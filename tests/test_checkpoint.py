@@ -175,6 +175,20 @@ def test_resave_fewer_shards_removes_stale(tmp_path):
     Llama.from_pretrained(tmp_path)
 
 
+def test_resave_keeps_files_it_does_not_own(tmp_path):
+    """HF's pattern: tokenizer and weights saved into one directory in either order; a re-save
+    replaces the weights (and drops stale shards) and keeps the tokenizer, in one commit."""
+    m = Llama(LlamaConfig.preset("tiny", vocab_size=64))
+    (tmp_path / "tokenizer.json").write_text('{"k": 1}')
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "notes.txt").write_text("kept")
+    m.save_pretrained(tmp_path, max_shard_size="30KB")
+    m.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors", "sub", "tokenizer.json"]
+    assert (tmp_path / "tokenizer.json").read_text() == '{"k": 1}' and (tmp_path / "sub" / "notes.txt").read_text() == "kept"
+    Llama.from_pretrained(tmp_path)
+
+
 def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     import qru.model.checkpoint as ck
     m = Llama(LlamaConfig.preset("tiny", vocab_size=64))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from qru.demo.presets import DemoConfig, stable_hash
+from qru.demo.presets import DemoConfig
 from qru.demo.stages import StageCache, atomic_write_json
 from qru.eval.muse import scaled_gap
 from qru.io import check_device, check_output

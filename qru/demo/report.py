@@ -535,7 +535,7 @@ def render(run, c: dict) -> str:
     slow = sorted(((k, v) for k, v in run.stage_times.items() if k in comp), key=lambda kv: -kv[1])[:6]
     if slow:
         L.append("- Slowest computed stages: " + ", ".join(f"{k} {v:.0f}s" for k, v in slow) + ".")
-    L.append(f"- Files: results.json (one record per model x precision), conclusions.json, plots, stages/ (cache).")
+    L.append("- Files: results.json (one record per model x precision), conclusions.json, plots, stages/ (cache).")
     return "\n".join(L) + "\n"
 
 

@@ -23,14 +23,12 @@ _COLUMNS = {
 
 
 def _load_tokenizer(model_dir: Path, fallback=None):
-    from qru.model.tokenizer import Tokenizer
+    """The tokenizer beside a checkpoint (``tokenizer.json`` or ``tokenizer.model``), else ``fallback``."""
+    from qru.model.tokenizer import TOKENIZER_FILES, load_tokenizer
 
-    path = Path(model_dir) / Tokenizer.FILE_NAME
-    if path.is_file():
-        return Tokenizer(path)
-    if fallback is not None:
+    if fallback is not None and not any((Path(model_dir) / f).is_file() for f in TOKENIZER_FILES):
         return fallback
-    raise FileNotFoundError(f"no {Tokenizer.FILE_NAME} beside the checkpoint: {path} does not exist")
+    return load_tokenizer(model_dir)
 
 
 def _atomic_write_json(path: Path, obj) -> None:

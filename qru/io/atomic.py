@@ -32,7 +32,7 @@ import signal
 import threading
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 FAULT_ENV = "QRU_FAULT_KILL_AT_WRITE"
 FAULT_LOG_ENV = "QRU_FAULT_LOG"
@@ -353,12 +353,43 @@ def commit_dir(stage: str | os.PathLike, target: str | os.PathLike) -> Path:
     return target
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def carry_over(target: Path, stage: Path, keep: Callable[[str], bool]) -> list[str]:
+    """Put into ``stage`` the entries of the existing directory ``target`` that ``stage`` does not
+    have and ``keep(name)`` accepts (hard links where possible, else copies), so that committing
+    ``stage`` replaces only what the writer owns. Returns the names carried."""
+    if not target.is_dir():
+        return []
+    carried = []
+    for p in sorted(target.iterdir()):
+        dst = stage / p.name
+        if os.path.lexists(dst) or not keep(p.name):
+            continue
+        if p.is_symlink():
+            os.symlink(os.readlink(p), dst)
+        elif p.is_dir():
+            shutil.copytree(p, dst, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(str(p), str(dst))
+        carried.append(p.name)
+    return carried
+
+
 @contextlib.contextmanager
-def staged_dir(target: str | os.PathLike, *, lock: bool = True) -> Iterator[Path]:
+def staged_dir(target: str | os.PathLike, *, lock: bool = True,
+               keep: Callable[[str], bool] | None = None) -> Iterator[Path]:
     """Yield an empty stage directory beside ``target``; when the block succeeds it becomes
     ``target`` in one atomic commit (:func:`commit_dir`), when it fails it is removed and ``target``
     is untouched. Holds the target's lock (unless ``lock=False``: the caller holds it) and first
-    removes stale stages of dead processes."""
+    removes stale stages of dead processes. ``keep``: entries of an existing ``target`` that the
+    block did not write and ``keep(name)`` accepts are carried into the commit (:func:`carry_over`),
+    e.g. the tokenizer files beside re-saved weights; without it ``target`` is replaced whole."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     with target_lock(target) if lock else contextlib.nullcontext():
@@ -368,6 +399,8 @@ def staged_dir(target: str | os.PathLike, *, lock: bool = True) -> Iterator[Path
         os.chmod(stage, 0o777 & ~_umask())
         try:
             yield stage
+            if keep is not None:
+                carry_over(target, stage, keep)
             commit_dir(stage, target)
         finally:
             if stage.exists():

@@ -213,11 +213,18 @@ def write_state_dict(sd: dict[str, torch.Tensor], stage: Path, max_shard_size: i
         (stage / fname).write_text(text)
 
 
+def _not_weights(name: str) -> bool:
+    """Files of a checkpoint directory that a new save of the weights does not replace (tokenizer,
+    README, ...): everything but the old shards and index, which would shadow the new ones."""
+    return not (name.startswith("model") and (name.endswith(".safetensors") or name == INDEX))
+
+
 def save_state_dict(sd: dict[str, torch.Tensor], path: str | os.PathLike, max_shard_size: int | str = "2GB",
                     metadata: dict[str, str] | None = None, extra_files: dict[str, str] | None = None) -> None:
     """Write tensors in HF's (sharded) safetensors layout to the directory ``path``, committed
-    atomically (:func:`qru.io.staged_dir`): an existing ``path`` is replaced as a whole."""
-    with staged_dir(path) as stage:
+    atomically (:func:`qru.io.staged_dir`): in an existing ``path`` the weights, index and the
+    ``extra_files`` are replaced in one rename and its other files (a tokenizer) are kept."""
+    with staged_dir(path, keep=_not_weights) as stage:
         write_state_dict(sd, stage, max_shard_size, metadata, extra_files)
 
 
@@ -239,7 +246,7 @@ def write_pretrained(model, stage: str | os.PathLike, max_shard_size: int | str 
 
 
 def save_pretrained(model, path: str | os.PathLike, max_shard_size: int | str = "2GB") -> None:
-    """``config.json`` plus safetensors, committed atomically to ``path`` (replaced as a whole)."""
+    """``config.json`` plus safetensors, committed atomically to ``path`` (other files there are kept)."""
     sd, extra = pretrained_files(model)
     save_state_dict(sd, path, max_shard_size, extra_files=extra)
 

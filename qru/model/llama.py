@@ -27,6 +27,7 @@ from qru.kernels.rmsnorm import rms_norm
 from qru.kernels.rope import rope
 from qru.kernels.swiglu import swiglu
 from qru.model.config import LlamaConfig, rope_inv_freq
+from qru.model.gguf import load_gguf
 
 
 class RMSNorm(nn.Module):
@@ -268,6 +269,13 @@ class Llama(nn.Module):
         from qru.model.checkpoint import load_pretrained
 
         return load_pretrained(cls, path, dtype=dtype, device=device, check_finite=check_finite)
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike, dtype: torch.dtype | str = torch.float32,
+                  device: str | torch.device = "cpu", check_finite: bool = True) -> "Llama":
+        """A llama.cpp GGUF file (architecture ``llama``), dequantized to ``dtype`` (``qru.model.gguf``).
+        Its tokenizer: ``qru.model.gguf.gguf_tokenizer(path)``."""
+        return load_gguf(cls, path, dtype=dtype, device=device, check_finite=check_finite)
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "2GB") -> None:
         from qru.model.checkpoint import save_pretrained

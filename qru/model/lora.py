@@ -541,11 +541,12 @@ def write_adapter(model: nn.Module, stage: str | os.PathLike, base_model_name_or
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
-    """Write the adapter (PEFT layout) to the directory ``path``, committed atomically as a whole
-    (:func:`qru.io.staged_dir`; an existing ``path`` is replaced)."""
+    """Write the adapter (PEFT layout) to the directory ``path``, committed atomically
+    (:func:`qru.io.staged_dir`): in an existing ``path`` the adapter files are replaced in one rename
+    and other files (a tokenizer, a README) are kept."""
     path = Path(path)
     adapter_config(model, base_model_name_or_path)  # fails before anything is staged
-    with staged_dir(path) as stage:
+    with staged_dir(path, keep=lambda name: not name.startswith("adapter_")) as stage:
         write_adapter(model, stage, base_model_name_or_path)
     return path
 

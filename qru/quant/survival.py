@@ -565,7 +565,7 @@ def analyze(base_dir: str | os.PathLike, unlearned_dir: str | os.PathLike | None
 
     ``unlearned_dir`` and/or ``adapter`` (PEFT LoRA dir) define ``W'``; ``block_size`` applies
     to every format but int8 (per row; reported as null); ``calib`` (text / JSON / MUSE dir,
-    tokenized with ``base_dir/tokenizer.model``) adds ``out_cosine`` / ``out_rel_err`` using the
+    tokenized with the tokenizer in ``base_dir``) adds ``out_cosine`` / ``out_rel_err`` using the
     inputs of ``calib_rows`` tokens (sequences of ``calib_seq_len``); ``skip``: name patterns.
     Raises :class:`SurvivalError` / :class:`CheckpointError` / ``FileNotFoundError`` naming the culprit.
     """
@@ -603,10 +603,10 @@ def analyze(base_dir: str | os.PathLike, unlearned_dir: str | os.PathLike | None
     calib_iter = None
     if calib is not None:
         from qru.model.config import LlamaConfig
-        from qru.model.tokenizer import Tokenizer
+        from qru.model.tokenizer import load_tokenizer
 
         cfg = LlamaConfig.from_json(Path(base_dir) / "config.json")
-        tok = Tokenizer.from_dir(base_dir)
+        tok = load_tokenizer(base_dir)
         ids = calib_ids(calib_texts(calib), tok, calib_rows, min(calib_seq_len, cfg.max_position_embeddings))
         final = any(module_type(k[: -len(".weight")]) == "lm_head" for k in names)
         calib_iter = stream_inputs(base_dir, ids, calib_rows, final=final, index=base)

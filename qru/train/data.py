@@ -207,13 +207,15 @@ def tokenize_qa(records: list[dict], tokenizer, max_len: int, qa_loss: str = "an
 
 
 def tokenize_text(texts: list[str], tokenizer, max_len: int) -> list[tuple[list[int], list[int]]]:
-    """Each document as ``bos`` + tokens + ``eos``, split into chunks of ``max_len`` (each starting with ``bos``)."""
-    step = max_len - 1
+    """Each document as ``bos`` + tokens + ``eos``, split into chunks of ``max_len`` (each starting with ``bos``,
+    for a tokenizer whose model uses one: ``add_bos``)."""
+    head = [tokenizer.bos_id] if tokenizer.add_bos else []
+    step = max_len - len(head)
     out = []
     for t in texts:
         toks = tokenizer.encode(t, bos=False, eos=True)
         for s in range(0, len(toks), step):
-            chunk = [tokenizer.bos_id] + toks[s:s + step]
+            chunk = head + toks[s:s + step]
             out.append((chunk, [0] + [1] * (len(chunk) - 1)))
     return out
 
@@ -230,7 +232,7 @@ def _content_hash(path: Path) -> str:
 
 
 def tokenizer_hash(tokenizer) -> str:
-    return hashlib.sha256(tokenizer.sp.serialized_model_proto()).hexdigest()
+    return tokenizer.digest()
 
 
 def load_tokens(path: str | os.PathLike, tokenizer, max_len: int, fmt: str = "auto", qa_loss: str = "answer",

@@ -14,8 +14,8 @@ modes) and stored in the checkpoint; only KLR needs a per-batch reference forwar
 disabled in LoRA mode, a frozen copy loaded from the model directory in full mode).
 
 Outputs in ``out``: ``metrics.jsonl`` (one row per logged step; eval rows carry ``forget_nll`` /
-``retain_nll``), ``run.json``, the model (HF checkpoint, or a PEFT adapter in LoRA mode) and
-``tokenizer.model``.
+``retain_nll``), ``run.json``, the model (HF checkpoint, or a PEFT adapter in LoRA mode) and the
+tokenizer files (``tokenizer.model``, or ``tokenizer.json`` and its configs).
 
 Commit protocol (:mod:`qru.io`): the run holds the lock ``.OUT.lock`` and works in ``.OUT.run/``
 beside ``out`` (:func:`work_dir`); only a finished run is committed to ``out``, with one atomic
@@ -53,12 +53,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qru.io import (append_text, check_device, check_output, clean_stale, clean_stale_in, commit_dir, fault_point,
-                    staged_dir, target_lock, write_bytes, write_json, write_text)
+                    staged_dir, target_lock, write_json, write_text)
 from qru.kernels.dense import dense_linears
 from qru.model.checkpoint import write_pretrained
 from qru.model.config import LlamaConfig
 from qru.model.llama import Llama
-from qru.model.tokenizer import Tokenizer
+from qru.model.tokenizer import Tokenizer, load_tokenizer
 from qru.train import losses as L
 from qru.train.data import (Batch, BatchStream, TokenizedSet, collate, detect_format, fixed_sample, format_qa,
                             load_sets, read_records)
@@ -75,7 +75,7 @@ COMPLETE = "COMPLETE"
 KEEP_CHECKPOINTS = 2
 METRICS = "metrics.jsonl"
 RUN_JSON = "run.json"
-TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILE = "tokenizer.model"  # the file pretrain --train-tokenizer writes
 # Options that may differ between a run and its resumption.
 _RESUME_FREE = {"resume", "stop_after", "progress", "save_every", "log_every", "keep_checkpoint", "cache_dir",
                 "device", "overwrite"}
@@ -134,7 +134,7 @@ class UnlearnConfig(TrainOptions):
     delta: float = L.SIMNPO_DELTA
     forget_weight: float = 1.0  # gamma
     retain_weight: float = 1.0  # alpha
-    tokenizer: str | None = None  # default: tokenizer.model beside the model
+    tokenizer: str | None = None  # default: the tokenizer beside the model (tokenizer.json or tokenizer.model)
     qa_loss: str = "answer"
 
     @property
@@ -148,7 +148,7 @@ class UnlearnConfig(TrainOptions):
 class PretrainConfig(TrainOptions):
     data: list[str]
     config: str = "tiny"  # preset name or a config.json path
-    tokenizer: str | None = None  # tokenizer.model file or a directory holding one
+    tokenizer: str | None = None  # tokenizer.json / tokenizer.model file or a directory holding one
     train_tokenizer: int | None = None  # train a BPE tokenizer of this vocab size on the data
     init: str | None = None  # fine-tune this checkpoint instead of training from scratch
     lr: float = 1e-3
@@ -270,15 +270,6 @@ def lr_at(step: int, total: int, base: float, scheduler: str, warmup: int) -> fl
 
 def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-def load_tokenizer(path: str | os.PathLike) -> tuple[Tokenizer, Path]:
-    """A tokenizer from a ``tokenizer.model`` file or a directory holding one."""
-    p = Path(path)
-    f = p / TOKENIZER_FILE if p.is_dir() else p
-    if not f.is_file():
-        raise FileNotFoundError(f"tokenizer not found: {f}")
-    return Tokenizer(f), f
 
 
 def check_vocab(model_vocab: int, tok: Tokenizer, model_src, tok_src) -> None:
@@ -709,14 +700,6 @@ def _finish(work: Path, out: Path, keep_checkpoint: bool) -> None:
     commit_dir(work, out)
 
 
-def _copy_tokenizer(tok_file: Path, run_dir: Path) -> None:
-    dst = run_dir / TOKENIZER_FILE
-    if not (dst.exists() and tok_file.resolve() == dst.resolve()):
-        write_bytes(dst, Path(tok_file).read_bytes())
-
-
-# -- unlearning -----------------------------------------------------------------------------
-
 def _lora():
     from qru.model import lora
 
@@ -806,9 +789,9 @@ def unlearn(cfg: UnlearnConfig) -> TrainResult:
 def _unlearn(cfg: UnlearnConfig, t0: float, model_dir: Path, out: Path, work: Path, resume: bool,
              device: torch.device) -> TrainResult:
     seed_all(cfg.seed)
-    tok, tok_file = load_tokenizer(cfg.tokenizer or model_dir)
+    tok = load_tokenizer(cfg.tokenizer or model_dir)
     model_cfg = LlamaConfig.from_json(model_dir)
-    check_vocab(model_cfg.vocab_size, tok, model_dir, tok_file)
+    check_vocab(model_cfg.vocab_size, tok, model_dir, cfg.tokenizer or model_dir)
     kw = dict(max_len=cfg.max_len, fmt=cfg.fmt, qa_loss=cfg.qa_loss, cache_dir=cfg.cache_dir)
     forget = load_sets(cfg.forget, tok, role="forget", **kw)
     retain = load_sets(cfg.retain, tok, role="retain", **kw) if cfg.retain else None
@@ -873,7 +856,7 @@ def _unlearn(cfg: UnlearnConfig, t0: float, model_dir: Path, out: Path, work: Pa
             _lora().write_adapter(model, work, base_model_name_or_path=str(model_dir))
         else:
             write_pretrained(model, work)
-        _copy_tokenizer(tok_file, work)
+        tok.save_pretrained(work)
     secs = time.perf_counter() - t0
     _write_run_json(work, "unlearn", cfg, {**info, "status": status, "steps": steps, "total_steps": total_steps,
                                            "seconds": secs, "final": rows[-1]})
@@ -929,21 +912,21 @@ def _pretrain(cfg: PretrainConfig, t0: float, out: Path, work: Path, resume: boo
               ) -> TrainResult:
     seed_all(cfg.seed)
     if cfg.tokenizer is not None:
-        tok, tok_file = load_tokenizer(cfg.tokenizer)
+        tok, tok_src = load_tokenizer(cfg.tokenizer), cfg.tokenizer
     elif cfg.train_tokenizer is not None:
         tok_file = work / TOKENIZER_FILE
         if not (resume and tok_file.is_file()):
             Tokenizer.train(corpus_texts(cfg.data, cfg.fmt), cfg.train_tokenizer, tok_file, seed=cfg.seed)
-        tok = Tokenizer(tok_file)
+        tok, tok_src = Tokenizer(tok_file), tok_file
     elif cfg.init is not None:
-        tok, tok_file = load_tokenizer(cfg.init)
+        tok, tok_src = load_tokenizer(cfg.init), cfg.init
     else:
         raise TrainConfigError("pretrain needs a tokenizer: give tokenizer, train_tokenizer or init")
     dtype = _model_dtype(cfg.master_dtype)
     if cfg.init is not None:
         if not (Path(cfg.init) / "config.json").is_file():
             raise FileNotFoundError(f"init checkpoint not found: {Path(cfg.init) / 'config.json'} does not exist")
-        check_vocab(LlamaConfig.from_json(cfg.init).vocab_size, tok, cfg.init, tok_file)
+        check_vocab(LlamaConfig.from_json(cfg.init).vocab_size, tok, cfg.init, tok_src)
         model = Llama.from_pretrained(cfg.init, dtype=dtype, device=device)
     else:
         model = Llama(_model_config(cfg.config, tok, cfg.max_len)).to(device=device, dtype=dtype)
@@ -968,7 +951,7 @@ def _pretrain(cfg: PretrainConfig, t0: float, out: Path, work: Path, resume: boo
         raise
     if status == "done":
         write_pretrained(model, work)
-        _copy_tokenizer(tok_file, work)
+        tok.save_pretrained(work)
     secs = time.perf_counter() - t0
     _write_run_json(work, "pretrain", cfg, {**info, "status": status, "steps": steps, "total_steps": total_steps,
                                             "seconds": secs, "final": rows[-1]})

@@ -220,7 +220,8 @@ def test_save_adapter_commits_the_directory_whole(tmp_path, monkeypatch):
     L.apply_lora(m, r=2, alpha=4)
     d = tmp_path / "adapter"
     L.save_adapter(m, d)
-    (d / "stale.bin").write_bytes(b"from an older save")
+    (d / "adapter_model.bin").write_bytes(b"an older save's weights")  # the adapter's own: replaced
+    (d / "tokenizer.json").write_text("{}")  # not the adapter's: kept
     before = _tree(d)
     with torch.no_grad():
         for _, mod in L.lora_modules(m):
@@ -231,6 +232,6 @@ def test_save_adapter_commits_the_directory_whole(tmp_path, monkeypatch):
     assert _tree(d) == before
     monkeypatch.undo()
     L.save_adapter(m, d)
-    assert sorted(_tree(d)) == [L.CONFIG_NAME, L.WEIGHTS_NAME]  # replaced as a whole: no stale file
+    assert sorted(_tree(d)) == sorted([L.CONFIG_NAME, L.WEIGHTS_NAME, "tokenizer.json"])  # no stale adapter file
     assert _tree(d)[L.WEIGHTS_NAME] != before[L.WEIGHTS_NAME]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
