@@ -314,7 +314,7 @@ def _quantize_gguf(args) -> int:
         if args.block_size is not None or args.double_quant:
             raise ValueError("--block-size and --double-quant do not apply to GGUF formats (fixed 32-value blocks)")
         out = export_gguf(args.model, args.out, args.format, adapter=args.adapter, skip=_csv(args.skip),
-                          progress=args.progress)
+                          progress=args.progress, overwrite=args.overwrite)
     except (ValueError, OSError) as e:
         print(f"qru quantize: error: {e}", file=sys.stderr)
         return 2

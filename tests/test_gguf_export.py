@@ -147,8 +147,10 @@ def test_sentencepiece_tokenizer_exports_as_llama_kind(tmp_path):
 def test_export_errors(base, tmp_path):
     model_dir, _ = base
     (tmp_path / "x.gguf").write_bytes(b"")
-    with pytest.raises(FileExistsError, match="x.gguf exists"):
+    with pytest.raises(ValueError, match="x.gguf.*exists.*--overwrite"):
         export_gguf(model_dir, tmp_path / "x.gguf", "gguf:q4_0")
+    with pytest.raises(ValueError, match="inside"):  # an output inside the model directory
+        export_gguf(model_dir, model_dir / "m.gguf", "gguf:q4_0")
     with pytest.raises(ValueError, match="unknown GGUF format 'gguf:q3_0'"):
         export_gguf(model_dir, tmp_path / "y.gguf", "gguf:q3_0")
     sp = Tokenizer.train(CORPUS, 400, tmp_path / "odd" / "tokenizer.model", seed=0)
@@ -164,6 +166,12 @@ def test_quantize_cli_gguf(base, tmp_path, capsys):
     model_dir, _ = base
     assert main(["quantize", str(model_dir), "--format", "gguf:q8_0", "--out", str(tmp_path / "c.gguf")]) == 0
     assert GGUFFile(tmp_path / "c.gguf").tensors["model.layers.0.mlp.up_proj.weight"].tensor_type == QT.Q8_0
+    assert main(["quantize", str(model_dir), "--format", "gguf:q4_0", "--out", str(tmp_path / "c.gguf")]) == 2
+    assert "--overwrite" in capsys.readouterr().err  # an existing file is kept without --overwrite
+    assert main(["quantize", str(model_dir), "--format", "gguf:q4_0", "--out", str(tmp_path / "c.gguf"),
+                 "--overwrite"]) == 0
+    assert GGUFFile(tmp_path / "c.gguf").tensors["model.layers.0.mlp.up_proj.weight"].tensor_type == QT.Q4_0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.gguf"]  # no stage or lock left beside it
     assert main(["quantize", str(model_dir), "--format", "gguf:q8_0", "--block-size", "64",
                  "--out", str(tmp_path / "d.gguf")]) == 2
     assert "do not apply to GGUF" in capsys.readouterr().err

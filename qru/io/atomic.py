@@ -353,6 +353,33 @@ def commit_dir(stage: str | os.PathLike, target: str | os.PathLike) -> Path:
     return target
 
 
+@contextlib.contextmanager
+def staged_file(target: str | os.PathLike, *, lock: bool = True) -> Iterator[Path]:
+    """Yield a stage path ``.NAME.<pid>.<random>.partial`` beside the file ``target`` for a writer
+    that streams into it (too large for :func:`write_bytes`); when the block succeeds the stage is
+    fsynced and renamed onto ``target`` in one step, when it fails it is removed and ``target`` is
+    untouched. Holds the target's lock (unless ``lock=False``) and first removes stale stages."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target_lock(target) if lock else contextlib.nullcontext():
+        clean_stale(target)
+        stage = stage_path(target, "partial")
+        try:
+            yield stage
+            fd = os.open(stage, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.chmod(stage, 0o666 & ~_umask())
+            fault_point(f"rename {stage.name} -> {target}")
+            os.replace(stage, target)
+            _fsync_dir(target.parent)
+        finally:
+            if os.path.lexists(stage):
+                _remove(stage)
+
+
 def _link_or_copy(src: str, dst: str) -> None:
     try:
         os.link(src, dst)

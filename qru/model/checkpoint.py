@@ -162,6 +162,30 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return sd
 
 
+def checkpoint_shapes(path: str | os.PathLike, expected: dict[str, tuple[int, ...]]
+                      ) -> tuple[list[ShardReader], dict[str, tuple[int, ...]]]:
+    """Headers only (no tensor data read): a :class:`ShardReader` per shard of the checkpoint
+    directory ``path`` and every tensor's shape, checked against ``expected`` (name -> shape): no
+    tensor twice, none unexpected, none missing, every shape as expected. Errors name the tensor."""
+    where = f"{path}: "
+    readers = [ShardReader(f) for f in checkpoint_files(path)]
+    shapes: dict[str, tuple[int, ...]] = {}
+    for r in readers:
+        for k in r.keys():
+            if k in shapes:
+                raise CheckpointError(f"{r.path}: tensor {k!r} also appears in another shard")
+            shapes[k] = r.shape(k)
+    for k, s in shapes.items():
+        if k not in expected:
+            raise CheckpointError(f"{where}unexpected tensor {k!r}")
+        if s != tuple(expected[k]):
+            raise CheckpointError(f"{where}tensor {k!r} has shape {s}, the config expects {tuple(expected[k])}")
+    missing = sorted(expected.keys() - shapes.keys())
+    if missing:
+        raise CheckpointError(f"{where}missing tensor {missing[0]!r}")
+    return readers, shapes
+
+
 # -- writing ------------------------------------------------------------------------------
 
 def parse_size(size: int | str) -> int:

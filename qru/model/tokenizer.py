@@ -61,6 +61,24 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     write_bytes(path, data)
 
 
+def _plain_ids(tok, ids: Sequence[int] | torch.Tensor) -> list[int]:
+    """``ids`` (a list or 1-D tensor) as ints, checked against the vocabulary, without ``tok``'s
+    special (control) ids: what either tokenizer kind decodes."""
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() != 1:
+            raise ValueError(f"ids must be 1-D, got shape {tuple(ids.shape)}")
+        ids = ids.tolist()
+    n = tok.vocab_size
+    out = []
+    for i in ids:
+        i = int(i)
+        if not 0 <= i < n:
+            raise ValueError(f"token id {i} out of range for vocab_size={n}")
+        if i not in tok._special:
+            out.append(i)
+    return out
+
+
 def _sentences(items: list[str | os.PathLike], errors: list[Exception]) -> Iterator[str]:
     """Yield non-blank lines from texts (str) and files (PathLike, UTF-8, one sentence per line).
 
@@ -223,19 +241,7 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Decode ids to text, skipping special (control) ids such as bos/eos/pad."""
-        if isinstance(ids, torch.Tensor):
-            if ids.dim() != 1:
-                raise ValueError(f"ids must be 1-D, got shape {tuple(ids.shape)}")
-            ids = ids.tolist()
-        n = self.vocab_size
-        out = []
-        for i in ids:
-            i = int(i)
-            if not 0 <= i < n:
-                raise ValueError(f"token id {i} out of range for vocab_size={n}")
-            if i not in self._special:
-                out.append(i)
-        return self.sp.decode(out)
+        return self.sp.decode(_plain_ids(self, ids))
 
     def encode_batch(self, texts: Sequence[str], bos: bool = True, eos: bool = False,
                      padding_side: str = "left", max_len: int | None = None
@@ -534,19 +540,7 @@ class BPETokenizer:
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Decode ids to text, skipping special tokens such as bos/eos/pad."""
-        if isinstance(ids, torch.Tensor):
-            if ids.dim() != 1:
-                raise ValueError(f"ids must be 1-D, got shape {tuple(ids.shape)}")
-            ids = ids.tolist()
-        n = self.vocab_size
-        out = []
-        for i in ids:
-            i = int(i)
-            if not 0 <= i < n:
-                raise ValueError(f"token id {i} out of range for vocab_size={n}")
-            if i not in self._special:
-                out.append(i)
-        return self.tk.decode(out, skip_special_tokens=False)
+        return self.tk.decode(_plain_ids(self, ids), skip_special_tokens=False)
 
     def encode_batch(self, texts: Sequence[str], bos: bool = True, eos: bool = False,
                      padding_side: str = "left", max_len: int | None = None

@@ -30,8 +30,7 @@ import torch
 
 from qru.io import check_output, fault_point, staged_dir
 from qru.kernels import quant4
-from qru.model.checkpoint import (INDEX, ST_DTYPES, CheckpointError, ShardReader, assert_finite, checkpoint_files,
-                                  parse_size)
+from qru.model.checkpoint import INDEX, ST_DTYPES, CheckpointError, assert_finite, checkpoint_shapes, parse_size
 from qru.quant.formats import DOUBLE_QUANT_BLOCK, FORMATS, DoubleQuant, QTensor, quantize
 from qru.quant.qlinear import (QuantLinear, _as_tuple, _set_submodule, dtype_name, parse_compute_dtype,
                                quantization_config, resolve_block_size, split_linears)
@@ -369,26 +368,12 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out: str | os.PathLike, fm
     where = f"{model_dir}: "
 
     # headers only: names, shapes, the module structure
-    readers = [ShardReader(f) for f in checkpoint_files(model_dir)]
-    shapes: dict[str, tuple[int, ...]] = {}
-    for r in readers:
-        for k in r.keys():
-            if k in shapes:
-                raise CheckpointError(f"{r.path}: tensor {k!r} also appears in another shard")
-            shapes[k] = r.shape(k)
     with torch.device("meta"):
         meta = Llama(config)
     expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
-    for k, s in shapes.items():
-        if k not in expected:
-            raise CheckpointError(f"{where}unexpected tensor {k!r}")
-        if s != expected[k]:
-            raise CheckpointError(f"{where}tensor {k!r} has shape {s}, the config expects {expected[k]}")
-    missing = sorted(expected.keys() - shapes.keys())
-    if missing:
-        raise CheckpointError(f"{where}missing tensor {missing[0]!r}")
+    readers, shapes = checkpoint_shapes(model_dir, expected)
     targets, skipped = split_linears(meta, _as_tuple(skip))
     if config.tie_word_embeddings and any(n == "lm_head" for n, _ in targets):
         raise ValueError("lm_head is tied to model.embed_tokens (tie_word_embeddings); add it to --skip")

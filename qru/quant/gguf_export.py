@@ -11,14 +11,14 @@ stored F16. The file is written beside ``out`` and renamed into place when compl
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
-from qru.model.checkpoint import CheckpointError, ShardReader, assert_finite, checkpoint_files
+from qru.io import check_output, staged_file
+from qru.model.checkpoint import assert_finite, checkpoint_shapes
 from qru.model.config import LlamaConfig
 from qru.model.gguf import add_metadata, expected_shapes, gguf_name, permute_qk
 from qru.model.lora import merge_weight
@@ -70,9 +70,12 @@ def _encode(t: np.ndarray, qtype) -> np.ndarray:
 
 
 def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, fmt: str, *,
-                adapter: str | os.PathLike | None = None, skip=("lm_head",), progress: bool = False) -> Path:
+                adapter: str | os.PathLike | None = None, skip=("lm_head",), progress: bool = False,
+                overwrite: bool = False) -> Path:
     """Write ``model_dir`` (+ ``adapter`` merged in fp32) as a GGUF file ``out`` quantized to ``fmt``
-    (``gguf:q8_0|q4_0|q4_1|q5_0|q5_1``), with the tokenizer beside the model. ``out`` must not exist."""
+    (``gguf:q8_0|q4_0|q4_1|q5_0|q5_1|mxfp4|q4_k|q6_k``), with the tokenizer beside the model. ``out``
+    is checked before any work (not inside an input; an existing file needs ``overwrite``), streamed
+    into a stage beside it under its lock and renamed into place (:func:`qru.io.staged_file`)."""
     from tqdm.auto import tqdm
 
     model_dir, out = Path(model_dir), Path(out)
@@ -84,36 +87,17 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, fmt: str, 
                          f"q5_0/q5_1/q8_0/mxfp4)")
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory not found: {model_dir}")
-    if out.exists():
-        raise FileExistsError(f"output {out} exists; remove it or choose another --out")
+    check_output(out, {"model": model_dir, "adapter": adapter}, overwrite=overwrite, kind="file")
     config = LlamaConfig.from_json(model_dir)
     if config.quantization_config:
         raise ValueError(f"{model_dir} is already quantized ({config.quantization_config.get('quant_method')})")
     tok = load_tokenizer(model_dir)
     where = f"{model_dir}: "
-    readers = [ShardReader(f) for f in checkpoint_files(model_dir)]
-    shapes: dict[str, tuple[int, ...]] = {}
-    for r in readers:
-        for k in r.keys():
-            if k in shapes:
-                raise CheckpointError(f"{r.path}: tensor {k!r} also appears in another shard")
-            shapes[k] = r.shape(k)
-    expected = expected_shapes(config)
-    for k, s in shapes.items():
-        if k not in expected:
-            raise CheckpointError(f"{where}unexpected tensor {k!r}")
-        if s != expected[k]:
-            raise CheckpointError(f"{where}tensor {k!r} has shape {s}, the config expects {expected[k]}")
-    missing = sorted(expected.keys() - shapes.keys())
-    if missing:
-        raise CheckpointError(f"{where}missing tensor {missing[0]!r}")
+    readers, shapes = checkpoint_shapes(model_dir, expected_shapes(config))
     plan = _plan(config, shapes, qtype, _as_tuple(skip))
     merges = _check_adapter(adapter, shapes, model_dir) if adapter is not None else {}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
-    os.close(fd)
-    try:
+    with staged_file(out) as tmp:
         w = gguf.GGUFWriter(tmp, "llama")
         add_metadata(w, config, tok, qtype, model_dir.name)
         order = [(r, k) for r in readers for k in r.keys()]
@@ -143,8 +127,4 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, fmt: str, 
             w.write_tensor_data(_encode(t.numpy(), plan[k]))
             del t
         w.close()
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return out

@@ -82,6 +82,36 @@ def test_failed_stage_leaves_target_untouched(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_staged_file_commits_one_rename_or_nothing(tmp_path):
+    t = tmp_path / "m.gguf"
+    dead = _dead_pid()
+    stale = tmp_path / f".m.gguf.{dead}.0123abcd.partial"
+    stale.write_bytes(b"x" * 100)  # a killed export's stage
+    with io.staged_file(t) as s:
+        assert s.parent == tmp_path and s.name.startswith(".m.gguf.") and s.name.endswith(".partial")
+        s.write_bytes(b"first")
+    assert t.read_bytes() == b"first" and not stale.exists()
+    with pytest.raises(RuntimeError, match="boom"):
+        with io.staged_file(t) as s:
+            s.write_bytes(b"half of a second")
+            raise RuntimeError("boom")
+    assert t.read_bytes() == b"first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
+def test_carry_over_keeps_unowned_entries(tmp_path):
+    t, stage = tmp_path / "out", tmp_path / "stage"
+    (t / "sub").mkdir(parents=True)
+    (t / "tokenizer.json").write_text("tok")
+    (t / "sub" / "x").write_text("x")
+    (t / "model.safetensors").write_text("old weights")
+    stage.mkdir()
+    (stage / "config.json").write_text("new")
+    carried = io.carry_over(t, stage, keep=lambda n: not n.startswith("model"))
+    assert carried == ["sub", "tokenizer.json"]
+    assert _tree(stage) == {"config.json": b"new", "sub/x": b"x", "tokenizer.json": b"tok"}
+
+
 def test_stale_stages_of_dead_processes_are_cleaned(tmp_path):
     t = tmp_path / "out"
     dead = _dead_pid()
