@@ -549,9 +549,15 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT layout), each atomically."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     cfg = adapter_config(model, base_model_name_or_path)
-    _atomic_save_safetensors(adapter_state_dict(model), path / WEIGHTS_NAME)
+    tensors = adapter_state_dict(model)
+    for key, t in tensors.items():
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise AdapterError(f"{path / WEIGHTS_NAME}: not written: adapter tensor {key!r} has {bad} non-finite "
+                               "value(s) (NaN or Inf)")
+    path.mkdir(parents=True, exist_ok=True)
+    _atomic_save_safetensors(tensors, path / WEIGHTS_NAME)
     _atomic_write_text(path / CONFIG_NAME, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return path
 

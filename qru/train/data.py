@@ -328,12 +328,14 @@ class Batch:
                      self.index)
 
 
-def collate(ts: TokenizedSet, indices, pad_id: int) -> Batch:
-    """Right-pad the chosen examples to the longest. With right padding and causal attention the
-    real tokens never see padding, so the model can run without an attention mask."""
+def collate(ts: TokenizedSet, indices, pad_id: int, multiple: int = 1) -> Batch:
+    """Right-pad the chosen examples to the longest, rounded up to a ``multiple`` of tokens. With
+    right padding and causal attention the real tokens never see padding, so the model can run
+    without an attention mask."""
     idx = torch.as_tensor(list(indices), dtype=torch.int64)
     rows = [ts.example(int(i)) for i in idx]
     width = max(len(r[0]) for r in rows)
+    width = -(-width // multiple) * multiple
     ids = torch.full((len(rows), width), pad_id, dtype=torch.int64)
     lm = torch.zeros((len(rows), width), dtype=torch.int64)
     am = torch.zeros((len(rows), width), dtype=torch.int64)
