@@ -12,7 +12,9 @@ from typing import Sequence
 import torch
 
 from qru.eval.common import load_records, nan_to_none
-from qru.eval.precision import build_model, check_available, eval_at_precisions, parse_precisions
+from qru.model.config import LlamaConfig
+from qru.eval.precision import (build_model, check_available, check_stored_precision, eval_at_precisions,
+                                 parse_precisions)
 
 BENCHMARKS = ("muse", "tofu")
 _COLUMNS = {
@@ -33,6 +35,13 @@ def _load_tokenizer(model_dir: Path, fallback=None):
     if fallback is not None:
         return fallback
     raise FileNotFoundError(f"no {Tokenizer.FILE_NAME} beside the checkpoint: {path} does not exist")
+
+
+def _check_vocab(model_dir: Path, tok) -> None:
+    vocab = LlamaConfig.from_json(model_dir).vocab_size
+    if tok.vocab_size > vocab:
+        raise ValueError(f"vocabulary mismatch: the tokenizer {tok.path} has {tok.vocab_size} pieces but the model "
+                         f"{model_dir} has vocab_size={vocab}; use the tokenizer the model was trained with")
 
 
 def _atomic_write_json(path: Path, obj) -> None:
@@ -112,8 +121,14 @@ def run_eval(model_dir: str | Path, benchmark: str, data_dir: str | Path, *, out
     if retrain_model is not None and not (Path(retrain_model) / "config.json").is_file():
         raise FileNotFoundError(f"retrain model checkpoint not found: {Path(retrain_model) / 'config.json'}")
     precisions = parse_precisions(precisions)
-    check_available(precisions, adapter)
+    own = check_stored_precision(model_dir, precisions)
+    if own is not None and adapter is not None:
+        raise ValueError(f"{model_dir} is already quantized ({own}): an adapter cannot be merged into it")
+    check_available([] if own else precisions, adapter)
     tok = _load_tokenizer(model_dir)
+    _check_vocab(model_dir, tok)
+    if retrain_model is not None:
+        _check_vocab(Path(retrain_model), _load_tokenizer(Path(retrain_model), fallback=tok))
     # Fail on bad data before any model work.
     if benchmark == "muse":
         for key, p in muse.resolve_files(data_dir).items():

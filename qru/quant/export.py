@@ -395,6 +395,9 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out: str | os.PathLike, fm
             if k in shapes:
                 raise CheckpointError(f"{r.path}: tensor {k!r} also appears in another shard")
             shapes[k] = r.shape(k)
+            if not ST_DTYPES[r.header[k]["dtype"]].is_floating_point:
+                raise CheckpointError(f"{r.path}: tensor {k!r} has dtype {r.header[k]['dtype']}, expected a "
+                                      "floating-point weight")
     with torch.device("meta"):
         meta = Llama(config)
     expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}

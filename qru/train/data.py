@@ -135,6 +135,13 @@ def read_records(path: str | os.PathLike) -> list[dict]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data file not found: {path}")
+    try:
+        return _read_records(path)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _read_records(path: Path) -> list[dict]:
     if path.is_dir() or path.suffix == ".txt":
         files = _text_files(path) if path.is_dir() else [path]
         if all(not f.read_text(encoding="utf-8").strip() for f in files):
@@ -161,11 +168,19 @@ def read_records(path: str | os.PathLike) -> list[dict]:
 def detect_format(records: list[dict], path: Path | str) -> str:
     keys = set(records[0])
     if {"question", "answer"} <= keys:
-        return "qa"
+        return _check_strings(records, ("question", "answer"), path, "qa")
     if "text" in keys:
-        return "text"
+        return _check_strings(records, ("text",), path, "text")
     raise DataError(f"{path}: records have fields {sorted(keys)}; expected 'question' and 'answer' (QA) "
                     "or 'text' (documents)")
+
+
+def _check_strings(records: list[dict], fields: tuple[str, ...], path, kind: str) -> str:
+    for i, r in enumerate(records):
+        for f in fields:
+            if not isinstance(r.get(f), str):
+                raise DataError(f"{path}: record {i} field {f!r} is {r.get(f)!r}, not a string")
+    return kind
 
 
 # -- tokenizing ---------------------------------------------------------------------------
