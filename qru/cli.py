@@ -428,6 +428,28 @@ def _check_device(args) -> None:
         raise ValueError(f"--device {name!r}: CUDA is not available")
 
 
+# Commands whose --out is a file (the others write a directory there).
+_OUT_IS_FILE = {"eval"}
+
+
+def _check_out(args, cmd: str) -> None:
+    """An ``--out`` of the wrong kind (a file where a directory goes, or the reverse, or below a
+    file) fails before any work, naming the option."""
+    out = getattr(args, "out", None)
+    if out is None:
+        return
+    out = Path(out)
+    want_file = cmd in _OUT_IS_FILE
+    if out.exists() and out.is_dir() == want_file:
+        raise ValueError(f"--out {out} is {'a directory' if want_file else 'a file'}; "
+                         f"expected {'a file' if want_file else 'a directory'} path")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--out {out}: {parent} is a file, not a directory")
+            break
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a command. Errors caused by the input print one line ``qru <command>: error: ...`` and
     exit 2; anything else is a bug: its traceback, under a line asking to report it, exit 1."""
@@ -435,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd = " ".join(filter(None, [args.command, getattr(args, "data_command", None)]))
     try:
         _check_device(args)
+        _check_out(args, cmd)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("qru: interrupted", file=sys.stderr)

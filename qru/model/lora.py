@@ -474,7 +474,7 @@ def _validate_config(cfg: Mapping, where: str = "adapter_config") -> dict:
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config, state dict with PEFT keys) from an adapter directory, validated: a LoRA config qru
-    can apply, at least one tensor, every key a LoRA A/B weight, floating-point tensors."""
+    can apply, at least one tensor, every key a LoRA A/B weight, finite floating-point tensors."""
     path = Path(path)
     cfg_path = path / CONFIG_NAME
     if not cfg_path.exists():
@@ -503,6 +503,9 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
         parse_peft_key(key)
         if not t.is_floating_point():
             raise AdapterError(f"{w_path}: adapter tensor {key!r} has dtype {t.dtype}, expected floating point")
+        if not bool(torch.isfinite(t).all()):
+            raise AdapterError(f"{w_path}: adapter tensor {key!r} has {int((~torch.isfinite(t)).sum())} non-finite "
+                               "value(s) (NaN or Inf)")
     return cfg, sd
 
 

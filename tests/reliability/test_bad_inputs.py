@@ -154,6 +154,15 @@ def _corrupt_resume(which):
     return build
 
 
+def _nan_adapter(ctx, tmp):
+    a = tmp / "nan_adapter"
+    shutil.copytree(ctx["adapter"], a)
+    sd = load_file(a / "adapter_model.safetensors")
+    next(v for k, v in sd.items() if "lora_B" in k)[0, 0] = float("nan")
+    save_file(sd, a / "adapter_model.safetensors")
+    return a
+
+
 def _quantized_eval(tiny_dir, tmp, ctx):
     q = quantize_checkpoint(tiny_dir, tmp / "nf4", "nf4")
     return _eval(q, tmp, ctx, "--precision", "fp32,int8"), ["already quantized (nf4", "--precision nf4"]
@@ -222,9 +231,19 @@ CASES = {
         _unlearn(_small_vocab_model(t, tmp), ctx, tmp / "o"), ["vocab_size=128", "tokenizer"]),
     "tokenizer_larger_than_vocab_eval": lambda t, tmp, ctx: (
         _eval(_small_vocab_model(t, tmp), tmp, ctx), ["vocab_size=128", "tokenizer"]),
-    "out_is_a_file": lambda t, tmp, ctx: ((tmp / "f").write_text("x") and _unlearn(t, ctx, tmp / "f"), [str(tmp / "f")]),
+    "out_is_a_file_unlearn": lambda t, tmp, ctx: ((tmp / "f").write_text("x") and _unlearn(t, ctx, tmp / "f"), [str(tmp / "f")]),
     "device_bogus_unlearn": lambda t, tmp, ctx: (_unlearn(t, ctx, tmp / "o", "--device", "bogus"), ["--device", "bogus"]),
     "device_bogus_eval": lambda t, tmp, ctx: (_eval(t, tmp, ctx, "--device", "bogus"), ["--device", "bogus"]),
+    "out_is_a_file_quantize": lambda t, tmp, ctx: ((tmp / "f").write_text("x") and _quantize(t, tmp, "--out", str(tmp / "f")),
+                                                   ["--out", str(tmp / "f"), "is a file"]),
+    "out_is_a_dir_eval": lambda t, tmp, ctx: (_eval(t, tmp, ctx, "--out", str(tmp)), ["--out", "is a directory"]),
+    "out_below_a_file_eval": lambda t, tmp, ctx: ((tmp / "f").write_text("x") and _eval(t, tmp, ctx, "--out", str(tmp / "f" / "r.json")),
+                                                  [str(tmp / "f"), "is a file"]),
+    "nan_adapter_survival": lambda t, tmp, ctx: (
+        ["survival", str(t), "--adapter", str(_nan_adapter(ctx, tmp)), "--format", "int8", "--quiet", "--out",
+         str(tmp / "s")], ["adapter_model.safetensors", "lora_B", "non-finite"]),
+    "nan_adapter_eval": lambda t, tmp, ctx: (
+        _eval(t, tmp, ctx, "--adapter", str(_nan_adapter(ctx, tmp))), ["adapter_model.safetensors", "non-finite"]),
     "resume_corrupt_state": _corrupt_resume("state.pt"),
     "resume_corrupt_optimizer": _corrupt_resume("optimizer.pt"),
     "eval_quantized_at_other_precision": _quantized_eval,
