@@ -246,6 +246,7 @@ CASES = {
         _eval(t, tmp, ctx, "--adapter", str(_nan_adapter(ctx, tmp))), ["adapter_model.safetensors", "non-finite"]),
     "resume_corrupt_state": _corrupt_resume("state.pt"),
     "resume_corrupt_optimizer": _corrupt_resume("optimizer.pt"),
+    "resume_corrupt_trainable": _corrupt_resume("trainable.safetensors"),
     "eval_quantized_at_other_precision": _quantized_eval,
 }
 CASES["header_not_json"] = lambda t, tmp, ctx: _header_bytes(t, tmp, b"{not json")
@@ -297,3 +298,18 @@ def test_unexpected_errors_still_show_a_traceback(tiny_dir, tmp_path, capsys, mo
     rc = main(["quantize", str(tiny_dir), "--format", "int8", "--out", str(tmp_path / "q")])
     err = capsys.readouterr().err
     assert rc == 1 and "please report it" in err and "Traceback" in err and "KeyError: 'a bug'" in err
+
+
+def test_quantized_checkpoint_is_evaluated_as_stored(tiny_dir, tmp_path):
+    """At its own precision a quantized checkpoint is evaluated as loaded (not re-quantized or cast)."""
+    from qru.eval.precision import eval_at_precisions
+
+    q = quantize_checkpoint(tiny_dir, tmp_path / "nf4", "nf4", skip=())
+    ids = torch.randint(3, 500, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = Llama.from_pretrained(q)(ids)
+        recs = eval_at_precisions(q, None, "nf4", lambda m, p: {"logits": m(ids)})
+    assert [r["precision"] for r in recs] == ["nf4"]
+    assert torch.equal(recs[0]["logits"], want)
+    with pytest.raises(ValueError, match=r"already quantized \(nf4.*not bf16"):
+        eval_at_precisions(q, None, "bf16", lambda m, p: {})
