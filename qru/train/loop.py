@@ -628,6 +628,11 @@ def train_loop(model: torch.nn.Module, step_fn: StepFn, main: TokenizedSet, aux:
                 if opts.stop_after and step >= opts.stop_after:
                     status = "stopped"
                     break
+    if status == "done":  # a finite last step can still leave an Inf weight: never save one as finished
+        for n, p in model.named_parameters():
+            if p.requires_grad and not bool(torch.isfinite(p).all()):
+                raise NonFiniteLossError(f"training diverged at step {step}: parameter {n} has non-finite value(s) "
+                                         "after the optimizer step; the model is not saved")
     return step, total, status, rows
 
 

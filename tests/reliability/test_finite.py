@@ -105,6 +105,24 @@ def test_nan_gradient_is_named_and_not_applied(tiny_dir, data, tmp_path, monkeyp
     assert "stepped" not in seen
 
 
+def test_inf_weight_after_the_last_step_is_not_saved(tiny_dir, data, tmp_path, monkeypatch):
+    orig_step = torch.optim.AdamW.step
+
+    def step(self, *a, **k):
+        out = orig_step(self, *a, **k)
+        with torch.no_grad():
+            self.param_groups[0]["params"][-1].fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    out = tmp_path / "o"
+    with pytest.raises(T.NonFiniteLossError, match=r"step 1: parameter model\.layers\.1\.self_attn\.v_proj\.lora_B "
+                                                    r"has non-finite"):
+        T.unlearn(_cfg(tiny_dir, data, out, batch_size=8))  # one step: the forward never sees the Inf
+    assert not (out / "adapter_model.safetensors").exists()
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
+
+
 def test_grad_check_clips_exactly_like_clip_grad_norm():
     g = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in ((7, 5), (3,), (11, 2))]
