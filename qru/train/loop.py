@@ -231,6 +231,12 @@ def validate_pretrain(c: PretrainConfig) -> None:
     given = [n for n in ("tokenizer", "train_tokenizer") if getattr(c, n) is not None]
     if len(given) > 1:
         raise TrainConfigError("give only one of tokenizer and train_tokenizer")
+    if c.init is None:  # a bad config fails before a tokenizer is trained
+        p = Path(c.config)
+        if p.suffix == ".json" or p.is_dir():
+            LlamaConfig.from_json(p)
+        else:
+            LlamaConfig.preset(c.config)
 
 
 # -- small helpers ------------------------------------------------------------------------

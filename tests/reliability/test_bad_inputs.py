@@ -154,6 +154,15 @@ def _corrupt_resume(which):
     return build
 
 
+def _muse_not_utf8(tiny_dir, tmp, ctx):
+    d = tmp / "muse"
+    shutil.copytree(ctx["muse"], d)
+    (d / "verbmem" / "forget.json").write_bytes(b"[\xff\xfe]")
+    argv = _eval(tiny_dir, tmp, ctx)
+    argv[argv.index("--data") + 1] = str(d)
+    return argv, ["verbmem/forget.json", "UTF-8"]
+
+
 def _nan_adapter(ctx, tmp):
     a = tmp / "nan_adapter"
     shutil.copytree(ctx["adapter"], a)
@@ -226,6 +235,13 @@ CASES = {
     "data_not_utf8": _data_case(b'{"question": "\xff\xfe", "answer": "x"}\n', []),
     "data_json_not_records": _data_case(b'{"a": 1}', [], suffix=".json"),
     "data_json_list_of_numbers": _data_case(b"[1, 2, 3]", ["record 0", "not a string"], suffix=".json"),
+    "eval_data_not_utf8": _muse_not_utf8,
+    "pretrain_config_missing": lambda t, tmp, ctx: (
+        ["pretrain", "--data", str(ctx["forget"]), "--config", str(tmp / "no.json"), "--train-tokenizer", "300",
+         "--out", str(tmp / "p")], ["no.json"]),
+    "pretrain_config_unknown_preset": lambda t, tmp, ctx: (
+        ["pretrain", "--data", str(ctx["forget"]), "--config", "huge", "--train-tokenizer", "300",
+         "--out", str(tmp / "p")], ["preset 'huge'"]),
     # CLI options and run state
     "tokenizer_larger_than_vocab_unlearn": lambda t, tmp, ctx: (
         _unlearn(_small_vocab_model(t, tmp), ctx, tmp / "o"), ["vocab_size=128", "tokenizer"]),
