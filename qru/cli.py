@@ -2,7 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import os
+import pickle
 import sys
+import traceback
+from pathlib import Path
+
+from qru.io import check_device, check_output
 
 
 def _csv(s: str) -> list[str]:
@@ -49,19 +55,14 @@ def _add_smoke(sub) -> None:
 
 def cmd_eval(args) -> int:
     """Evaluate a checkpoint on MUSE or TOFU at one or more precisions."""
-    from qru.eval.precision import PrecisionUnavailable
     from qru.eval.run import run_eval
 
-    try:
-        run_eval(args.model, args.benchmark, args.data, out=args.out, adapter=args.adapter,
-                 retrain_model=args.retrain_model, retrain_auc=args.retrain_auc, precisions=args.precision,
-                 limit=args.limit, seed=args.seed, batch_size=args.batch_size,
-                 score_batch_size=args.score_batch_size, max_len=args.max_len, block_size=args.block_size,
-                 forget_split=args.forget_split, retain_split=args.retain_split, device=args.device,
-                 progress=args.progress, overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError, PrecisionUnavailable) as e:
-        print(f"qru eval: error: {e}", file=sys.stderr)
-        return 2
+    run_eval(args.model, args.benchmark, args.data, out=args.out, adapter=args.adapter,
+             retrain_model=args.retrain_model, retrain_auc=args.retrain_auc, precisions=args.precision,
+             limit=args.limit, seed=args.seed, batch_size=args.batch_size,
+             score_batch_size=args.score_batch_size, max_len=args.max_len, block_size=args.block_size,
+             forget_split=args.forget_split, retain_split=args.retain_split, device=args.device,
+             progress=args.progress, overwrite=args.overwrite)
     return 0
 
 
@@ -97,14 +98,10 @@ def cmd_data_synth(args) -> int:
     """Write the synthetic fictitious-people corpus (MUSE layout) used by ``qru demo``."""
     from qru.data.synthetic import write_corpus
 
-    try:
-        info = write_corpus(args.out, people=args.people, seed=args.seed, retain=args.retain,
-                            holdout=args.holdout, general=args.general, facts_per_person=args.facts_per_person,
-                            docs_per_person=args.docs_per_person, qa_docs=not args.no_qa_docs, icl=args.icl,
-                            overwrite=args.overwrite)
-    except (TypeError, ValueError, OSError) as e:
-        print(f"qru data synth: error: {e}", file=sys.stderr)
-        return 2
+    info = write_corpus(args.out, people=args.people, seed=args.seed, retain=args.retain,
+                        holdout=args.holdout, general=args.general, facts_per_person=args.facts_per_person,
+                        docs_per_person=args.docs_per_person, qa_docs=not args.no_qa_docs, icl=args.icl,
+                        overwrite=args.overwrite)
     c = info.counts
     print(f"wrote {len(info.paths)} files to {info.root}: people forget/retain/holdout/general = "
           f"{c['people_forget']}/{c['people_retain']}/{c['people_holdout']}/{c['people_general']}, "
@@ -143,14 +140,9 @@ def _train_config(cls, args):
 
 
 def _run_training(kind: str, fn, cfg) -> int:
-    from qru.train.data import DataError
-    from qru.train.loop import TrainConfigError, work_dir
+    from qru.train.loop import work_dir
 
-    try:
-        res = fn(cfg)
-    except (TrainConfigError, DataError, FileNotFoundError, ValueError) as e:
-        print(f"qru {kind}: error: {e}", file=sys.stderr)
-        return 2
+    res = fn(cfg)
     last = {k: v for k, v in (res.evals[-1] if res.evals else {}).items() if k.endswith("_nll")}
     first = {k: v for k, v in (res.evals[0] if res.evals else {}).items() if k.endswith("_nll")}
     nll = ", ".join(f"{k} {first.get(k, float('nan')):.3f} -> {v:.3f}" for k, v in last.items())
@@ -249,21 +241,16 @@ def cmd_survival(args) -> int:
     """Per-layer survival of an unlearning update under weight quantization."""
     from qru.quant.survival import analyze, summary_table, write_outputs
 
-    from qru.io import check_output
 
     if args.unlearned is None and args.adapter is None:
         print("qru survival: error: give UNLEARNED, --adapter, or both", file=sys.stderr)
         return 2
     inputs = {"base": args.base, "unlearned": args.unlearned, "adapter": args.adapter, "calib": args.calib}
-    try:
-        check_output(args.out, inputs, overwrite=args.overwrite)
-        report = analyze(args.base, args.unlearned, adapter=args.adapter, formats=args.format,
-                         block_size=args.block_size, calib=args.calib, calib_rows=args.calib_rows,
-                         calib_seq_len=args.calib_seq_len, skip=_csv(args.skip), progress=not args.quiet)
-        paths = write_outputs(report, args.out, overwrite=args.overwrite, inputs=inputs)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"qru survival: error: {e}", file=sys.stderr)
-        return 2
+    check_output(args.out, inputs, overwrite=args.overwrite)
+    report = analyze(args.base, args.unlearned, adapter=args.adapter, formats=args.format,
+                     block_size=args.block_size, calib=args.calib, calib_rows=args.calib_rows,
+                     calib_seq_len=args.calib_seq_len, skip=_csv(args.skip), progress=not args.quiet)
+    paths = write_outputs(report, args.out, overwrite=args.overwrite, inputs=inputs)
     print(summary_table(report))
     print(f"wrote {', '.join(p.name for p in paths.values())} to {args.out}")
     return 0
@@ -294,14 +281,10 @@ def cmd_quantize(args) -> int:
 
     if args.format.startswith("gguf:"):
         return _quantize_gguf(args)
-    try:
-        out = quantize_checkpoint(args.model, args.out, args.format, args.block_size, adapter=args.adapter,
-                                  skip=_csv(args.skip), double_quant=args.double_quant,
-                                  compute_dtype=args.compute_dtype, max_shard_size=args.max_shard_size,
-                                  progress=args.progress, overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"qru quantize: error: {e}", file=sys.stderr)
-        return 2
+    out = quantize_checkpoint(args.model, args.out, args.format, args.block_size, adapter=args.adapter,
+                              skip=_csv(args.skip), double_quant=args.double_quant,
+                              compute_dtype=args.compute_dtype, max_shard_size=args.max_shard_size,
+                              progress=args.progress, overwrite=args.overwrite)
     print(f"qru quantize: wrote {args.format} checkpoint to {out}")
     return 0
 
@@ -310,14 +293,10 @@ def _quantize_gguf(args) -> int:
     """``--format gguf:*``: one llama.cpp GGUF file (``qru.quant.gguf_export``)."""
     from qru.quant.gguf_export import export_gguf
 
-    try:
-        if args.block_size is not None or args.double_quant:
-            raise ValueError("--block-size and --double-quant do not apply to GGUF formats (fixed 32-value blocks)")
-        out = export_gguf(args.model, args.out, args.format, adapter=args.adapter, skip=_csv(args.skip),
-                          progress=args.progress, overwrite=args.overwrite)
-    except (ValueError, OSError) as e:
-        print(f"qru quantize: error: {e}", file=sys.stderr)
-        return 2
+    if args.block_size is not None or args.double_quant:
+        raise ValueError("--block-size and --double-quant do not apply to GGUF formats (fixed 32-value blocks)")
+    out = export_gguf(args.model, args.out, args.format, adapter=args.adapter, skip=_csv(args.skip),
+                      progress=args.progress, overwrite=args.overwrite)
     print(f"qru quantize: wrote {args.format} GGUF file {out}")
     return 0
 
@@ -349,17 +328,13 @@ def cmd_demo(args) -> int:
     """The paper's experiment end to end on the embedded synthetic corpus; prints the wall time."""
     import time
 
-    from qru.demo import PresetError, get_preset, parse_overrides, run_demo
+    from qru.demo import get_preset, parse_overrides, run_demo
 
     t0 = time.perf_counter()
-    try:
-        cfg = get_preset(args.preset, parse_overrides(args.set))
-        out = args.out or f"runs/demo-{args.preset}"
-        run = run_demo(cfg, out, seed=args.seed, force=args.force, progress=args.progress, device=args.device,
-                       threads=args.threads, overwrite=args.overwrite)
-    except (PresetError, ValueError, FileNotFoundError) as e:
-        print(f"qru demo: error: {e}", file=sys.stderr)
-        return 2
+    cfg = get_preset(args.preset, parse_overrides(args.set))
+    out = args.out or f"runs/demo-{args.preset}"
+    run = run_demo(cfg, out, seed=args.seed, force=args.force, progress=args.progress, device=args.device,
+                   threads=args.threads, overwrite=args.overwrite)
     print("\n".join(run.headline))
     print(f"qru demo: report in {run.out / 'report.md'}; wall time {time.perf_counter() - t0:.1f} s "
           f"({len(run.computed)} stages computed, {len(run.cached)} cached)")
@@ -368,17 +343,13 @@ def cmd_demo(args) -> int:
 
 def cmd_sweep(args) -> int:
     """One-factor-at-a-time sweep of the demo around a preset."""
-    from qru.demo import PresetError, parse_overrides
+    from qru.demo import parse_overrides
     from qru.demo.sweep import parse_combos, parse_knobs, run_sweep
 
-    try:
-        res = run_sweep(args.preset, args.out, seed=args.seed, knobs=parse_knobs(args.knob),
-                        combos=parse_combos(args.combo) if args.combo else None,
-                        overrides=parse_overrides(args.set), force=args.force, progress=args.progress,
-                        device=args.device, threads=args.threads)
-    except (PresetError, ValueError, FileNotFoundError) as e:
-        print(f"qru sweep: error: {e}", file=sys.stderr)
-        return 2
+    res = run_sweep(args.preset, args.out, seed=args.seed, knobs=parse_knobs(args.knob),
+                    combos=parse_combos(args.combo) if args.combo else None,
+                    overrides=parse_overrides(args.set), force=args.force, progress=args.progress,
+                    device=args.device, threads=args.threads)
     print(f"qru sweep: {len(res['points'])} points in {res['wall_seconds']:.0f} s; table in {res['out'] / 'sweep.md'}")
     return 0
 
@@ -439,11 +410,7 @@ def cmd_doctor(args) -> int:
     for t in threads:
         print(f"\n{t} thread{'s' if t > 1 else ''} ({calibrate.cache_path(t).name}):")
         for choice in calibrate.CHOICES:
-            try:
-                d = calibrate.decide(choice, threads=t, recalibrate=args.recalibrate)
-            except ValueError as e:
-                print(f"qru doctor: error: {e}", file=sys.stderr)
-                return 2
+            d = calibrate.decide(choice, threads=t, recalibrate=args.recalibrate)
             print(f"  {choice:12s} -> {d.pick:7s} [{d.source}] {d.why}")
     print("\noverride a choice with QRU_<CHOICE>=<pick> (e.g. QRU_DENSE_FP32=torch); --recalibrate measures again")
     return 0
@@ -462,12 +429,8 @@ def cmd_convert(args) -> int:
     """A llama.cpp GGUF Llama -> an HF checkpoint directory with its tokenizer files."""
     from qru.model.gguf import convert_gguf
 
-    try:
-        out = convert_gguf(args.model, args.out, dtype=args.dtype, overwrite=args.overwrite,
-                           max_shard_size=args.max_shard_size)
-    except (ValueError, OSError) as e:
-        print(f"qru convert: error: {e}", file=sys.stderr)
-        return 2
+    out = convert_gguf(args.model, args.out, dtype=args.dtype, overwrite=args.overwrite,
+                       max_shard_size=args.max_shard_size)
     print(f"qru convert: wrote {args.dtype} checkpoint and tokenizer to {out}")
     import json
 
@@ -504,13 +467,78 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# --- errors ----------------------------------------------------------------------------
+
+# Library functions that read a user's file, and the local variable holding its path: an error
+# raised inside one of them (a corrupt torch.save / safetensors file) is reported naming the file.
+_READERS = {("serialization.py", "load"): "f", ("torch.py", "load_file"): "filename"}
+
+
+def _file_being_read(e: BaseException) -> str | None:
+    tb, name = e.__traceback__, None
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        var = _READERS.get((Path(code.co_filename).name, code.co_name))
+        if var is not None and isinstance(tb.tb_frame.f_locals.get(var), (str, os.PathLike)):
+            name = os.fspath(tb.tb_frame.f_locals[var])
+        tb = tb.tb_next
+    return name
+
+
+def _expected_error(e: BaseException) -> str | None:
+    """The one-line message for an error caused by the user's input, or None for a bug."""
+    from safetensors import SafetensorError
+
+    from qru.eval.precision import PrecisionUnavailable
+
+    if isinstance(e, PrecisionUnavailable):
+        return str(e)
+    if isinstance(e, OSError):
+        if e.filename is not None:
+            return f"{e.filename}: {e.strerror or e}"
+        return str(e)
+    if isinstance(e, (pickle.UnpicklingError, EOFError, SafetensorError, RuntimeError)):
+        # never torch's advice to load with weights_only=False: the file is damaged, not unsafe
+        first = str(e).splitlines()[0].split(". ")[0][:160] if str(e) else ""
+        detail = "" if isinstance(e, pickle.UnpicklingError) or not first else f": {first}"
+        f = _file_being_read(e)
+        if f is not None:
+            return f"{f}: corrupt or unreadable file ({type(e).__name__}{detail})"
+        if isinstance(e, RuntimeError):
+            return None
+        return f"corrupt or unreadable file ({type(e).__name__}{detail})"
+    if isinstance(e, ValueError):  # CheckpointError, ConfigError, AdapterError, TrainConfigError, DataError, ...
+        return " ".join(str(e).split()) or type(e).__name__
+    return None
+
+
+def _check_device(args) -> None:
+    """A bad ``--device`` fails before any work, naming the option (:func:`qru.io.check_device`)."""
+    name = getattr(args, "device", None)
+    if name is not None:
+        check_device(str(name))
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a command. Errors caused by the input print one line ``qru <command>: error: ...`` and
+    exit 2; anything else is a bug: its traceback, under a line asking to report it, exit 1."""
     args = build_parser().parse_args(argv)
+    cmd = " ".join(filter(None, [args.command, getattr(args, "data_command", None)]))
     try:
+        _check_device(args)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("qru: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - sorted into expected and unexpected below
+        msg = _expected_error(e)
+        if msg is not None:
+            print(f"qru {cmd}: error: {msg}", file=sys.stderr)
+            return 2
+        print(f"qru {cmd}: internal error: this is a bug in qru; please report it with the traceback below",
+              file=sys.stderr)
+        traceback.print_exc()
+        return 1
 
 
 if __name__ == "__main__":

@@ -49,7 +49,10 @@ def load_records(path: str | Path, keys: Sequence[str] = (), *, allow_str: bool 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"evaluation data file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise EvalDataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     stripped = text.lstrip()
     if not stripped:
         raise EvalDataError(f"{path}: empty file (expected a non-empty list of {what})")

@@ -15,6 +15,9 @@ from typing import Callable, Sequence
 
 import torch
 
+from qru.model.config import LlamaConfig
+from qru.quant.export import checkpoint_format
+
 FLOAT_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 QUANT_PRECISIONS = ("int8", "nf4", "fp4", "int4", "int4_sym")
 PRECISIONS = tuple(FLOAT_PRECISIONS) + QUANT_PRECISIONS
@@ -35,6 +38,26 @@ def parse_precisions(spec: str | Sequence[str]) -> list[str]:
     if bad:
         raise ValueError(f"unknown precision(s) {bad} (known: {', '.join(PRECISIONS)})")
     return list(dict.fromkeys(items))
+
+
+def stored_precision(model_dir: str | Path) -> str | None:
+    """The format of an already-quantized checkpoint (its ``quantization_config``), else None."""
+    config = LlamaConfig.from_json(model_dir)
+    if not config.quantization_config:
+        return None
+    return checkpoint_format(config.quantization_config, f"{Path(model_dir) / 'config.json'}: ")[0]
+
+
+def check_stored_precision(model_dir: str | Path, precisions: Sequence[str]) -> str | None:
+    """A quantized checkpoint is evaluated only at its own precision: anything else (which would
+    silently evaluate the stored weights under another label) raises ValueError saying why."""
+    own = stored_precision(model_dir)
+    if own is not None and list(precisions) != [own]:
+        raise ValueError(f"{model_dir} is already quantized ({own}, per the quantization_config of its "
+                         f"config.json): it can only be evaluated at its own precision, not "
+                         f"{', '.join(precisions)}; pass --precision {own}, or evaluate the unquantized "
+                         f"checkpoint it was exported from at other precisions")
+    return own
 
 
 def _quantize_fn():
@@ -90,6 +113,11 @@ def build_model(model_dir: str | Path, precision: str, adapter: str | Path | Non
     from qru.model.llama import Llama
 
     (precision,) = parse_precisions([precision])
+    if check_stored_precision(model_dir, [precision]) is not None:
+        if adapter is not None:
+            raise ValueError(f"{model_dir} is already quantized: an adapter cannot be merged into it (merge into "
+                             "the unquantized checkpoint with qru quantize --adapter)")
+        return Llama.from_pretrained(model_dir, device=device).eval()  # as stored, in its compute dtype
     model = Llama.from_pretrained(model_dir, dtype=torch.float32, device=device)
     if adapter is not None:
         model = merge_adapter(model, adapter)
@@ -111,7 +139,8 @@ def eval_at_precisions(model_dir: str | Path, adapter: str | Path | None, precis
     Returns one record per precision with ``precision`` and ``build_seconds`` added.
     """
     precisions = parse_precisions(precisions)
-    check_available(precisions, adapter)
+    own = check_stored_precision(model_dir, precisions)
+    check_available([] if own else precisions, adapter)
     records = []
     for p in precisions:
         t0 = time.perf_counter()

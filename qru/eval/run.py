@@ -9,8 +9,10 @@ from typing import Sequence
 import torch
 
 from qru.eval.common import load_records, nan_to_none
-from qru.eval.precision import build_model, check_available, eval_at_precisions, parse_precisions
+from qru.eval.precision import (build_model, check_available, check_stored_precision, eval_at_precisions,
+                                 parse_precisions)
 from qru.io import check_device, check_output, target_lock, write_json
+from qru.model.config import LlamaConfig
 
 BENCHMARKS = ("muse", "tofu")
 _COLUMNS = {
@@ -29,6 +31,13 @@ def _load_tokenizer(model_dir: Path, fallback=None):
     if fallback is not None and not any((Path(model_dir) / f).is_file() for f in TOKENIZER_FILES):
         return fallback
     return load_tokenizer(model_dir)
+
+
+def _check_vocab(model_dir: Path, tok) -> None:
+    vocab = LlamaConfig.from_json(model_dir).vocab_size
+    if tok.vocab_size > vocab:
+        raise ValueError(f"vocabulary mismatch: the tokenizer {tok.path} has {tok.vocab_size} pieces but the model "
+                         f"{model_dir} has vocab_size={vocab}; use the tokenizer the model was trained with")
 
 
 def _atomic_write_json(path: Path, obj) -> None:
@@ -99,8 +108,14 @@ def run_eval(model_dir: str | Path, benchmark: str, data_dir: str | Path, *, out
                      overwrite=overwrite, kind="file", may_sit_inside=("model", "adapter", "retrain model"))
     check_device(str(device))
     precisions = parse_precisions(precisions)
-    check_available(precisions, adapter)
+    own = check_stored_precision(model_dir, precisions)
+    if own is not None and adapter is not None:
+        raise ValueError(f"{model_dir} is already quantized ({own}): an adapter cannot be merged into it")
+    check_available([] if own else precisions, adapter)
     tok = _load_tokenizer(model_dir)
+    _check_vocab(model_dir, tok)
+    if retrain_model is not None:
+        _check_vocab(Path(retrain_model), _load_tokenizer(Path(retrain_model), fallback=tok))
     # Fail on bad data before any model work.
     if benchmark == "muse":
         for key, p in muse.resolve_files(data_dir).items():

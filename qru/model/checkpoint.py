@@ -35,8 +35,20 @@ class CheckpointError(ValueError):
 
 # -- safetensors reading ------------------------------------------------------------------
 
+def _is_uint(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 def read_safetensors_header(path: Path) -> tuple[dict, int]:
-    """The parsed JSON header and the byte offset where tensor data starts."""
+    """The parsed JSON header and the byte offset where tensor data starts.
+
+    Validated in full, as the safetensors format requires: a JSON object whose entries each have
+    a known ``dtype``, a ``shape`` of non-negative ints and ``data_offsets`` ``[begin, end]``
+    (non-negative, begin <= end, the size the shape and dtype need), the entries tiling the data
+    section exactly (no gap, no overlap, nothing past the end of the file); ``__metadata__`` a
+    str -> str object. Anything else raises :class:`CheckpointError` naming the file and tensor.
+    """
+    path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -45,27 +57,54 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
         (n,) = struct.unpack("<Q", head)
         if n > size - 8 or n > 100_000_000:
             raise CheckpointError(f"{path}: corrupt safetensors header (header length {n}, file {size} bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, int too long
+        raise CheckpointError(f"{path}: corrupt safetensors header ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, "
+                              "expected an object)")
     start = 8 + n
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict)
+                                 and all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())):
+        raise CheckpointError(f"{path}: corrupt safetensors header ('__metadata__' must map strings to strings)")
+    spans = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype = ST_DTYPES[info["dtype"]]
-            begin, end = info["data_offsets"]
-            shape = info["shape"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
-        need = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        shape = info.get("shape") if isinstance(info, dict) else None
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(info, dict) and isinstance(info.get("dtype"), str) and isinstance(shape, list)
+                and all(_is_uint(d) for d in shape) and isinstance(offsets, list) and len(offsets) == 2
+                and all(_is_uint(o) for o in offsets)):
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {str(info)[:200]} "
+                                  "(needs dtype, shape of non-negative ints, data_offsets [begin, end])")
+        if info["dtype"] not in ST_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {info['dtype']!r}, not one of "
+                                  f"{', '.join(ST_DTYPES)}")
+        begin, end = offsets
+        if begin > end:
+            raise CheckpointError(f"{path}: tensor {name!r} has data_offsets [{begin}, {end}] (begin > end)")
+        need = math.prod(shape) * torch.empty(0, dtype=ST_DTYPES[info["dtype"]]).element_size()
         if end - begin != need:
             raise CheckpointError(f"{path}: tensor {name!r} spans {end - begin} bytes, its shape "
                                   f"{shape} and dtype {info['dtype']} need {need}")
         if start + end > size:
             raise CheckpointError(f"{path}: truncated file: tensor {name!r} ends at byte {start + end} "
                                   f"but the file has {size} bytes")
+        spans.append((begin, end, name))
+    pos, prev = 0, None
+    for begin, end, name in sorted(spans):
+        if begin != pos:
+            what = (f"overlaps tensor {prev!r}" if begin < pos else
+                    f"leaves a gap of {begin - pos} bytes after {prev!r}" if prev else f"starts at {begin}, not 0")
+            raise CheckpointError(f"{path}: tensor {name!r} (data_offsets [{begin}, {end}]) {what}")
+        pos, prev = end, name
+    if start + pos != size:
+        raise CheckpointError(f"{path}: {size - start - pos} bytes after the last tensor's data "
+                              "(corrupt or not a safetensors file)")
     return header, start
 
 
@@ -83,7 +122,7 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        dtype, (begin, end) = ST_DTYPES[info["dtype"]], info["data_offsets"]
+        dtype, begin = ST_DTYPES[info["dtype"]], info["data_offsets"][0]
         n = math.prod(info["shape"])
         if n == 0:
             out[name] = torch.empty(info["shape"], dtype=dtype)
@@ -124,6 +163,15 @@ class ShardReader:
         return torch.frombuffer(buf, dtype=dtype).view(info["shape"])
 
 
+def _check_shard_name(index: Path, name: str) -> None:
+    """An index may only name files of its own directory: a plain file name, no path. (A shard
+    that is itself a symlink is allowed: Hugging Face's hub cache links every file to a blob.)"""
+    if (not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name
+            or os.path.isabs(name) or Path(name).name != name):
+        raise CheckpointError(f"{index}: shard name {name!r} is not a file name inside {index.parent} "
+                              "(paths are refused)")
+
+
 def checkpoint_files(path: str | os.PathLike) -> list[Path]:
     """The safetensors files of a checkpoint directory, in index order."""
     path = Path(path)
@@ -132,12 +180,17 @@ def checkpoint_files(path: str | os.PathLike) -> list[Path]:
     index = path / INDEX
     if index.exists():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: malformed index ({e})") from None
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
+            raise CheckpointError(f"{index}: malformed index ({type(e).__name__}: {str(e)[:200]})") from None
+        if not (isinstance(weight_map, dict) and weight_map
+                and all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())):
+            raise CheckpointError(f"{index}: malformed index ('weight_map' must be a non-empty object mapping "
+                                  "tensor names to shard file names)")
         files = list(dict.fromkeys(weight_map.values()))
         for f in files:
-            if not (path / f).exists():
+            _check_shard_name(index, f)
+            if not (path / f).is_file():
                 raise CheckpointError(f"{index}: lists shard {f!r}, which is missing from {path}")
         return [path / f for f in files]
     if (path / SINGLE).exists():
@@ -165,8 +218,9 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def checkpoint_shapes(path: str | os.PathLike, expected: dict[str, tuple[int, ...]]
                       ) -> tuple[list[ShardReader], dict[str, tuple[int, ...]]]:
     """Headers only (no tensor data read): a :class:`ShardReader` per shard of the checkpoint
-    directory ``path`` and every tensor's shape, checked against ``expected`` (name -> shape): no
-    tensor twice, none unexpected, none missing, every shape as expected. Errors name the tensor."""
+    directory ``path`` (an unquantized checkpoint) and every tensor's shape, checked against ``expected``
+    (name -> shape): no tensor twice, none unexpected, none missing, every shape as expected, every
+    dtype floating-point. Errors name the tensor."""
     where = f"{path}: "
     readers = [ShardReader(f) for f in checkpoint_files(path)]
     shapes: dict[str, tuple[int, ...]] = {}
@@ -175,6 +229,9 @@ def checkpoint_shapes(path: str | os.PathLike, expected: dict[str, tuple[int, ..
             if k in shapes:
                 raise CheckpointError(f"{r.path}: tensor {k!r} also appears in another shard")
             shapes[k] = r.shape(k)
+            if not ST_DTYPES[r.header[k]["dtype"]].is_floating_point:
+                raise CheckpointError(f"{r.path}: tensor {k!r} has dtype {r.header[k]['dtype']}, expected a "
+                                      "floating-point weight")
     for k, s in shapes.items():
         if k not in expected:
             raise CheckpointError(f"{where}unexpected tensor {k!r}")
@@ -321,6 +378,9 @@ def load_pretrained(cls, path, dtype=None, device="cpu", check_finite: bool = Tr
         raise CheckpointError(f"{path}: unexpected tensor(s) {_names(unexpected)}")
     for name, ref in expected.items():
         t = sd[name]
+        if ref.is_floating_point() != t.is_floating_point():
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {str(t.dtype).removeprefix('torch.')}, "
+                                  f"expected a floating-point weight")
         if tuple(t.shape) != tuple(ref.shape):
             raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, the config "
                                   f"expects {tuple(ref.shape)}")

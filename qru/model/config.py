@@ -32,6 +32,29 @@ _KNOWN_INERT = {"architectures", "model_type", "transformers_version", "use_cach
 _CONSUMED = {"dtype", "rope_parameters"}
 
 
+# Keys other Llama-like configs carry that change the math; refused unless at their no-op value.
+_MATH_KEYS = {"attention_dropout": (0, 0.0, None), "sliding_window": (None,),
+              "use_sliding_window": (False, None), "partial_rotary_factor": (1, 1.0, None),
+              "attn_logit_softcapping": (None,), "final_logit_softcapping": (None,), "logit_scale": (1, 1.0, None),
+              "embedding_multiplier": (1, 1.0, None), "residual_multiplier": (1, 1.0, None),
+              "attention_multiplier": (None,), "logits_scaling": (1, 1.0, None), "use_qk_norm": (False, None),
+              "qk_layernorm": (False, None), "query_pre_attn_scalar": (None,), "layer_types": (None,),
+              "no_rope_layers": (None,), "rope_interleaved": (False, None)}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _positive_number(name: str, v) -> None:
+    if not (_is_number(v) and math.isfinite(v) and v > 0):
+        raise ConfigError(f"config field {name!r} must be a positive finite number, got {v!r}")
+
+
 class ConfigError(ValueError):
     """A malformed or inconsistent model config. The message names the field."""
 
@@ -64,15 +87,19 @@ class LlamaConfig:
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None and self.num_attention_heads:
-            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.head_dim is None and _is_int(self.num_attention_heads) and self.num_attention_heads > 0:
+            if _is_int(self.hidden_size) and self.hidden_size % self.num_attention_heads:
+                raise ConfigError(f"config field 'num_attention_heads'={self.num_attention_heads} does not divide "
+                                  f"'hidden_size'={self.hidden_size} (and no 'head_dim' is given)")
+            self.head_dim = self.hidden_size // self.num_attention_heads if _is_int(self.hidden_size) else None
         self.validate()
 
     # -- checks ------------------------------------------------------------------------
     def validate(self) -> None:
+        """Types and ranges of every field; raises :class:`ConfigError` naming the field."""
         for name in REQUIRED + ("num_key_value_heads", "head_dim", "max_position_embeddings"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            if not _is_int(v) or v <= 0:
                 raise ConfigError(f"config field {name!r} must be a positive integer, got {v!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
@@ -80,14 +107,35 @@ class LlamaConfig:
                 f"'num_attention_heads'={self.num_attention_heads}")
         if self.head_dim % 2:
             raise ConfigError(f"config field 'head_dim'={self.head_dim} must be even for RoPE")
-        if not (isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0):
-            raise ConfigError(f"config field 'rms_norm_eps' must be > 0, got {self.rms_norm_eps!r}")
-        if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
-            raise ConfigError(f"config field 'rope_theta' must be > 0, got {self.rope_theta!r}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            _positive_number(name, getattr(self, name))
+        v = self.initializer_range
+        if not (_is_number(v) and math.isfinite(v) and v >= 0):
+            raise ConfigError(f"config field 'initializer_range' must be a finite number >= 0, got {v!r}")
+        for name in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
+            v = getattr(self, name)
+            if not isinstance(v, bool):
+                raise ConfigError(f"config field {name!r} must be a JSON boolean (true / false), got {v!r}")
+        for name in ("bos_token_id", "pad_token_id"):
+            v = getattr(self, name)
+            if v is not None and not _is_int(v):
+                raise ConfigError(f"config field {name!r} must be an integer or null, got {v!r}")
+        eos = self.eos_token_id
+        if not (eos is None or _is_int(eos) or (isinstance(eos, list) and all(_is_int(e) for e in eos))):
+            raise ConfigError(f"config field 'eos_token_id' must be an integer, a list of integers or null, "
+                              f"got {eos!r}")
         if self.hidden_act != "silu":
             raise ConfigError(f"config field 'hidden_act'={self.hidden_act!r} is not supported (only 'silu')")
         if self.torch_dtype is not None and self.torch_dtype not in DTYPES:
             raise ConfigError(f"config field 'torch_dtype'={self.torch_dtype!r} is not one of {list(DTYPES)}")
+        if self.quantization_config is not None and not isinstance(self.quantization_config, dict):
+            raise ConfigError(f"config field 'quantization_config' must be an object, got {self.quantization_config!r}")
+        if not isinstance(self.extra, dict):
+            raise ConfigError(f"LlamaConfig.extra must be a dict, got {type(self.extra).__name__}")
+        for key, inert in _MATH_KEYS.items():
+            if key in self.extra and self.extra[key] not in inert:
+                raise ConfigError(f"config field {key!r}={self.extra[key]!r} changes the model's math and is not "
+                                  f"supported (only {' or '.join(map(json.dumps, inert))})")
         if self.rope_scaling is not None:
             self._validate_rope_scaling()
 
@@ -99,11 +147,26 @@ class LlamaConfig:
         if kind not in ROPE_TYPES:
             raise ConfigError(f"config field 'rope_scaling': unknown rope type {kind!r} "
                               f"(supported: {', '.join(ROPE_TYPES)})")
-        needs = {"linear": ("factor",),
+        needs = {"default": (), "linear": ("factor",),
                  "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
-        for k in needs.get(kind, ()):
+        for k in needs[kind]:
             if k not in rs:
                 raise ConfigError(f"config field 'rope_scaling' of type {kind!r} is missing {k!r}")
+        known = {"rope_type", "type", "rope_theta", *needs["llama3"]}
+        for k, v in rs.items():
+            if k not in known and not (k == "partial_rotary_factor" and v == 1):
+                raise ConfigError(f"config field 'rope_scaling' key {k!r} is not supported for rope type {kind!r}")
+        for k in ("factor", "low_freq_factor", "high_freq_factor"):
+            if k in rs:
+                _positive_number(f"rope_scaling.{k}", rs[k])
+        if "original_max_position_embeddings" in rs:
+            v = rs["original_max_position_embeddings"]
+            if not _is_int(v) or v <= 0:
+                raise ConfigError(f"config field 'rope_scaling.original_max_position_embeddings' must be a "
+                                  f"positive integer, got {v!r}")
+        if kind == "llama3" and not rs["high_freq_factor"] > rs["low_freq_factor"]:
+            raise ConfigError(f"config field 'rope_scaling': 'high_freq_factor'={rs['high_freq_factor']!r} must "
+                              f"exceed 'low_freq_factor'={rs['low_freq_factor']!r}")
 
     # -- derived -----------------------------------------------------------------------
     @property
@@ -135,6 +198,8 @@ class LlamaConfig:
             raise ConfigError(f"{source}: 'model_type'={d['model_type']!r}, expected 'llama'")
         # transformers v5 layout
         rp = d.pop("rope_parameters", None)
+        if rp is not None and not isinstance(rp, dict):
+            raise ConfigError(f"{source}: config field 'rope_parameters' must be an object, got {rp!r}")
         if isinstance(rp, dict):
             rp = dict(rp)
             if "rope_theta" in rp:
@@ -146,7 +211,7 @@ class LlamaConfig:
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in d.items() if k in names}
         extra = {k: v for k, v in d.items() if k not in names and k not in _CONSUMED}
-        unknown = sorted(k for k in extra if k not in _KNOWN_INERT)
+        unknown = sorted(k for k in extra if k not in _KNOWN_INERT and k not in _MATH_KEYS)
         if unknown:
             warnings.warn(f"{source}: unknown key(s) kept but not used: {', '.join(unknown)}")
         try:
@@ -164,9 +229,9 @@ class LlamaConfig:
         if not path.exists():
             raise FileNotFoundError(f"model config not found: {path}")
         try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: malformed JSON ({e})") from None
+            d = json.loads(path.read_bytes())
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
+            raise ConfigError(f"{path}: malformed JSON ({type(e).__name__}: {str(e)[:200]})") from None
         return cls.from_dict(d, source=str(path))
 
     def to_dict(self) -> dict:

@@ -28,6 +28,7 @@ from torch import nn
 
 from qru.io import staged_dir, write_bytes, write_text
 from qru.kernels.lora import NF4Weight, lora_linear
+from qru.model.checkpoint import load_safetensors
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CONFIG_NAME = "adapter_config.json"
@@ -403,6 +404,8 @@ def merge_state_dict(base_state_dict: Mapping[str, torch.Tensor], adapter_state_
     """
     scales = adapter_scales(adapter_state_dict, adapter_config)
     keymap = map_adapter_keys(adapter_state_dict.keys())
+    if not keymap:
+        raise AdapterError("the adapter has no LoRA tensors")
     out = dict(base_state_dict)
     for wkey, (akey, bkey) in keymap.items():
         if wkey not in base_state_dict:
@@ -426,43 +429,83 @@ def _check_pair(akey, bkey, A, B, w_shape):
 # ----------------------------------------------------------------------------------------
 # PEFT files
 # ----------------------------------------------------------------------------------------
-def _validate_config(cfg: Mapping) -> dict:
+# PEFT LoraConfig fields that change the adapter's math (or the model around it) when set, with
+# the values that leave it unchanged; qru refuses any other value instead of ignoring it.
+_UNSUPPORTED = {"use_dora": (False, None), "fan_in_fan_out": (False, None), "lora_bias": (False, None),
+                "bias": ("none", None), "modules_to_save": (None, []), "layers_to_transform": (None,),
+                "layers_pattern": (None, "", []), "layer_replication": (None,), "trainable_token_indices": (None,),
+                "target_parameters": (None, []), "use_qalora": (False, None), "alora_invocation_tokens": (None,),
+                "megatron_config": (None,), "arrow_config": (None,), "use_bdlora": (None, False),
+                "kasa_config": (None,), "velora_config": (None,), "monteclora_config": (None,)}
+
+
+def _validate_config(cfg: Mapping, where: str = "adapter_config") -> dict:
+    """Check a PEFT ``adapter_config`` (types, and that no unsupported field is set); ``where``
+    names the file in the errors."""
+    if not isinstance(cfg, Mapping):
+        raise AdapterError(f"{where}: expected a JSON object, got {type(cfg).__name__}")
     cfg = dict(cfg)
     if cfg.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"adapter_config field 'peft_type' is {cfg['peft_type']!r}, only 'LORA' is supported")
+        raise AdapterError(f"{where}: field 'peft_type' is {cfg['peft_type']!r}, only 'LORA' is supported")
     for field in ("r", "lora_alpha"):
         if field not in cfg:
-            raise AdapterError(f"adapter_config is missing field {field!r}")
-    for field, ok in (("use_dora", False), ("fan_in_fan_out", False), ("lora_bias", False)):
-        if cfg.get(field) not in (None, ok):
-            raise AdapterError(f"adapter_config field {field!r}={cfg[field]!r} is not supported")
-    if cfg.get("bias", "none") != "none":
-        raise AdapterError(f"adapter_config field 'bias'={cfg['bias']!r} is not supported (only 'none')")
-    if cfg.get("modules_to_save"):
-        raise AdapterError(f"adapter_config field 'modules_to_save'={cfg['modules_to_save']!r} is not supported")
+            raise AdapterError(f"{where}: missing field {field!r}")
+    r, alpha = cfg["r"], cfg["lora_alpha"]
+    if not (isinstance(r, int) and not isinstance(r, bool) and r > 0):
+        raise AdapterError(f"{where}: field 'r' must be a positive integer, got {r!r}")
+    if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha)):
+        raise AdapterError(f"{where}: field 'lora_alpha' must be a finite number, got {alpha!r}")
+    d = cfg.get("lora_dropout", 0.0)
+    if not (isinstance(d, (int, float)) and not isinstance(d, bool) and 0 <= d < 1):
+        raise AdapterError(f"{where}: field 'lora_dropout' must be a number in [0, 1), got {d!r}")
+    if not isinstance(cfg.get("use_rslora", False), bool):
+        raise AdapterError(f"{where}: field 'use_rslora' must be a JSON boolean, got {cfg['use_rslora']!r}")
+    for field, number in (("rank_pattern", int), ("alpha_pattern", (int, float))):
+        pat = cfg.get(field)
+        if pat is not None and not (isinstance(pat, dict) and all(
+                isinstance(k, str) and isinstance(v, number) and not isinstance(v, bool) for k, v in pat.items())):
+            raise AdapterError(f"{where}: field {field!r} must map module names to numbers, got {pat!r}")
+    for field, ok in _UNSUPPORTED.items():
+        if field in cfg and cfg[field] not in ok:
+            raise AdapterError(f"{where}: field {field!r}={cfg[field]!r} is not supported (it changes the "
+                               f"adapter's math; qru needs {ok[0]!r})")
     return cfg
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config, state dict with PEFT keys) from an adapter directory."""
-    from safetensors.torch import load_file
-
+    """(config, state dict with PEFT keys) from an adapter directory, validated: a LoRA config qru
+    can apply, at least one tensor, every key a LoRA A/B weight, finite floating-point tensors."""
     path = Path(path)
     cfg_path = path / CONFIG_NAME
     if not cfg_path.exists():
         raise FileNotFoundError(f"adapter config not found: {cfg_path}")
     try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{cfg_path}: malformed JSON ({e})") from None
-    cfg = _validate_config(cfg)
+        cfg = json.loads(cfg_path.read_bytes())
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
+        raise AdapterError(f"{cfg_path}: malformed JSON ({type(e).__name__}: {str(e)[:200]})") from None
+    cfg = _validate_config(cfg, str(cfg_path))
     w_path = path / WEIGHTS_NAME
     if w_path.exists():
-        sd = load_file(str(w_path))
+        sd = load_safetensors(w_path)
     elif (path / "adapter_model.bin").exists():
-        sd = torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
+        w_path = path / "adapter_model.bin"
+        try:
+            sd = torch.load(w_path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
+            raise AdapterError(f"{w_path}: corrupt or not a PyTorch state dict ({type(e).__name__})") from None
+        if not (isinstance(sd, dict) and all(isinstance(v, torch.Tensor) for v in sd.values())):
+            raise AdapterError(f"{w_path}: not a state dict of tensors")
     else:
         raise FileNotFoundError(f"adapter weights not found: {w_path}")
+    if not sd:
+        raise AdapterError(f"{w_path}: the adapter has no tensors")
+    for key, t in sd.items():
+        parse_peft_key(key)
+        if not t.is_floating_point():
+            raise AdapterError(f"{w_path}: adapter tensor {key!r} has dtype {t.dtype}, expected floating point")
+        if not bool(torch.isfinite(t).all()):
+            raise AdapterError(f"{w_path}: adapter tensor {key!r} has {int((~torch.isfinite(t)).sum())} non-finite "
+                               "value(s) (NaN or Inf)")
     return cfg, sd
 
 
@@ -530,12 +573,20 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_adapter(model: nn.Module, stage: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
+def write_adapter(model: nn.Module, stage: str | os.PathLike, base_model_name_or_path: str | None = None,
+                  name: str | os.PathLike | None = None) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT layout) into the existing
-    directory ``stage``, each file atomically (no directory commit)."""
+    directory ``stage``, each file atomically (no directory commit). A non-finite adapter tensor is
+    refused before anything is written, naming the tensor and the adapter (``name``, else ``stage``)."""
     stage = Path(stage)
     cfg = adapter_config(model, base_model_name_or_path)
-    _atomic_save_safetensors(adapter_state_dict(model), stage / WEIGHTS_NAME)
+    tensors = adapter_state_dict(model)
+    for key, t in tensors.items():
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise AdapterError(f"{Path(name or stage) / WEIGHTS_NAME}: not written: adapter tensor {key!r} has "
+                               f"{bad} non-finite value(s) (NaN or Inf)")
+    _atomic_save_safetensors(tensors, stage / WEIGHTS_NAME)
     _atomic_write_text(stage / CONFIG_NAME, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return stage
 
@@ -543,11 +594,11 @@ def write_adapter(model: nn.Module, stage: str | os.PathLike, base_model_name_or
 def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
     """Write the adapter (PEFT layout) to the directory ``path``, committed atomically
     (:func:`qru.io.staged_dir`): in an existing ``path`` the adapter files are replaced in one rename
-    and other files (a tokenizer, a README) are kept."""
+    and other files (a tokenizer, a README) are kept. A non-finite tensor writes nothing."""
     path = Path(path)
     adapter_config(model, base_model_name_or_path)  # fails before anything is staged
     with staged_dir(path, keep=lambda name: not name.startswith("adapter_")) as stage:
-        write_adapter(model, stage, base_model_name_or_path)
+        write_adapter(model, stage, base_model_name_or_path, name=path)
     return path
 
 
@@ -561,6 +612,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True)
     """
     cfg, sd = read_adapter(path)
     keymap = map_adapter_keys(sd.keys())
+    if not keymap:
+        raise AdapterError(f"{path}: the adapter has no LoRA tensors")
     scales_cfg = {}
     for wkey, (akey, _) in keymap.items():
         module = wkey[: -len(".weight")]
@@ -572,10 +625,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True)
             try:
                 lin = model.get_submodule(module)
             except AttributeError:
-                raise AdapterError(f"adapter key {keymap[module + '.weight'][0]!r}: the model has no module "
+                raise AdapterError(f"{path}: adapter key {keymap[module + '.weight'][0]!r}: the model has no module "
                                    f"{module!r}") from None
             if not isinstance(lin, nn.Linear):
-                raise AdapterError(f"adapter key {keymap[module + '.weight'][0]!r}: module {module!r} is "
+                raise AdapterError(f"{path}: adapter key {keymap[module + '.weight'][0]!r}: module {module!r} is "
                                    f"{type(lin).__name__}, not nn.Linear")
             _check_pair(*keymap[module + ".weight"], sd[keymap[module + ".weight"][0]],
                         sd[keymap[module + ".weight"][1]], (lin.out_features, lin.in_features))
@@ -590,22 +643,22 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True)
     else:
         for module in scales_cfg:
             if module not in existing:
-                raise AdapterError(f"adapter key {keymap[module + '.weight'][0]!r}: module {module!r} has no "
+                raise AdapterError(f"{path}: adapter key {keymap[module + '.weight'][0]!r}: module {module!r} has no "
                                    f"LoRA in the model")
         if strict:
             missing = sorted(set(existing) - set(scales_cfg))
             if missing:
-                raise AdapterError(f"adapter has no weights for LoRA module(s) {missing[:5]}"
+                raise AdapterError(f"{path}: adapter has no weights for LoRA module(s) {missing[:5]}"
                                    f"{' ...' if len(missing) > 5 else ''}")
     for module, (r, alpha) in scales_cfg.items():
         m = existing[module]
         akey, bkey = keymap[module + ".weight"]
         A, B = sd[akey], sd[bkey]
         if tuple(A.shape) != tuple(m.lora_A.shape):
-            raise AdapterError(f"adapter key {akey!r} has shape {tuple(A.shape)}, the model's "
+            raise AdapterError(f"{path}: adapter key {akey!r} has shape {tuple(A.shape)}, the model's "
                                f"{module}.lora_A is {tuple(m.lora_A.shape)}")
         if tuple(B.shape) != tuple(m.lora_B.shape):
-            raise AdapterError(f"adapter key {bkey!r} has shape {tuple(B.shape)}, the model's "
+            raise AdapterError(f"{path}: adapter key {bkey!r} has shape {tuple(B.shape)}, the model's "
                                f"{module}.lora_B is {tuple(m.lora_B.shape)}")
         with torch.no_grad():
             m.lora_A.copy_(A)

@@ -310,9 +310,12 @@ class _ShardWriter:
 
 
 def _check_adapter(adapter, shapes: dict[str, tuple[int, ...]], model_dir: Path):
-    from qru.model.lora import AdapterError, _check_pair, adapter_scales, map_adapter_keys, read_adapter
+    from qru.model.lora import (WEIGHTS_NAME, AdapterError, _check_pair, adapter_scales, map_adapter_keys,
+                                read_adapter)
 
     cfg, asd = read_adapter(adapter)
+    for key, t in asd.items():
+        assert_finite(key, t, f"adapter {Path(adapter) / WEIGHTS_NAME}: ")
     scales = adapter_scales(asd, cfg)
     keymap = map_adapter_keys(asd.keys())
     for wkey, (akey, bkey) in keymap.items():
@@ -327,6 +330,25 @@ def _check_adapter(adapter, shapes: dict[str, tuple[int, ...]], model_dir: Path)
             raise AdapterError(f"adapter {adapter} does not fit {model_dir} (base tensor {wkey!r} has shape "
                                f"{shapes[wkey]}): {e}") from None
     return {w: (asd[a], asd[b], scales[w]) for w, (a, b) in keymap.items()}
+
+
+def _check_output(tensors: dict[str, torch.Tensor], key: str, source: torch.Tensor, compute_dtype: torch.dtype,
+                  path: Path) -> None:
+    """Refuse to write a NaN/Inf: ``source`` (finite) must fit ``compute_dtype``, in which it is stored
+    (non-quantized) or dequantized (quantized: its scales bound the values), and the packed tensors
+    must be finite."""
+    if source.is_floating_point() and source.numel():
+        big = float(source.detach().abs().max())
+        limit = torch.finfo(compute_dtype).max
+        if big > limit:
+            name = dtype_name(compute_dtype)
+            what = "values" if key in tensors else "dequantized values"
+            raise CheckpointError(
+                f"{path}: tensor {key!r}: its {what} overflow {name} (max |value| {big:.4g} > {limit:.4g}); use "
+                f"--compute-dtype {'bf16 or fp32' if compute_dtype == torch.float16 else 'fp32'}")
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{path}: tensor {name!r}: quantizing {key!r} gives non-finite values")
 
 
 def quantize_checkpoint(model_dir: str | os.PathLike, out: str | os.PathLike, fmt: str, block_size: int | None = None,
@@ -365,7 +387,6 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out: str | os.PathLike, fm
     config = LlamaConfig.from_json(model_dir)
     if config.quantization_config:
         raise ValueError(f"{model_dir} is already quantized ({config.quantization_config.get('quant_method')})")
-    where = f"{model_dir}: "
 
     # headers only: names, shapes, the module structure
     with torch.device("meta"):
@@ -391,16 +412,21 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out: str | os.PathLike, fm
             for r in readers:
                 for key in r.keys():
                     t = r.get(key)
+                    if t.is_floating_point():
+                        assert_finite(key, t, f"{r.path}: ")
                     if key in merges:
                         A, B, s = merges[key]
                         t = merge_weight(t.float(), A, B, s)  # fp32, kept fp32 for quantization
-                    if t.is_floating_point():
-                        assert_finite(key, t, where)
+                        if not bool(torch.isfinite(t).all()):
+                            raise CheckpointError(f"adapter {adapter}: merging it into tensor {key!r} of "
+                                                  f"{model_dir} overflows float32 (the adapter is too large)")
                     if key in target_keys:
                         q = quantize(t, fmt, bs, double_quant=double_quant)
-                        writer.add(pack_tensors(target_keys[key], q, compute_dtype))
+                        tensors = pack_tensors(target_keys[key], q, compute_dtype)
                     else:
-                        writer.add({key: t.to(compute_dtype) if t.is_floating_point() else t})
+                        tensors = {key: t.to(compute_dtype) if t.is_floating_point() else t}
+                    _check_output(tensors, key, t, compute_dtype, r.path)
+                    writer.add(tensors)
                     del t
                     bar.update()
                     bar.set_postfix_str(key, refresh=False)

@@ -137,6 +137,13 @@ def read_records(path: str | os.PathLike) -> list[dict]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data file not found: {path}")
+    try:
+        return _read_records(path)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _read_records(path: Path) -> list[dict]:
     if path.is_dir() or path.suffix == ".txt":
         files = _text_files(path) if path.is_dir() else [path]
         if all(not f.read_text(encoding="utf-8").strip() for f in files):
@@ -163,11 +170,19 @@ def read_records(path: str | os.PathLike) -> list[dict]:
 def detect_format(records: list[dict], path: Path | str) -> str:
     keys = set(records[0])
     if {"question", "answer"} <= keys:
-        return "qa"
+        return _check_strings(records, ("question", "answer"), path, "qa")
     if "text" in keys:
-        return "text"
+        return _check_strings(records, ("text",), path, "text")
     raise DataError(f"{path}: records have fields {sorted(keys)}; expected 'question' and 'answer' (QA) "
                     "or 'text' (documents)")
+
+
+def _check_strings(records: list[dict], fields: tuple[str, ...], path, kind: str) -> str:
+    for i, r in enumerate(records):
+        for f in fields:
+            if not isinstance(r.get(f), str):
+                raise DataError(f"{path}: record {i} field {f!r} is {r.get(f)!r}, not a string")
+    return kind
 
 
 # -- tokenizing ---------------------------------------------------------------------------
@@ -325,12 +340,14 @@ class Batch:
                      self.index)
 
 
-def collate(ts: TokenizedSet, indices, pad_id: int) -> Batch:
-    """Right-pad the chosen examples to the longest. With right padding and causal attention the
-    real tokens never see padding, so the model can run without an attention mask."""
+def collate(ts: TokenizedSet, indices, pad_id: int, multiple: int = 1) -> Batch:
+    """Right-pad the chosen examples to the longest, rounded up to a ``multiple`` of tokens. With
+    right padding and causal attention the real tokens never see padding, so the model can run
+    without an attention mask."""
     idx = torch.as_tensor(list(indices), dtype=torch.int64)
     rows = [ts.example(int(i)) for i in idx]
     width = max(len(r[0]) for r in rows)
+    width = -(-width // multiple) * multiple
     ids = torch.full((len(rows), width), pad_id, dtype=torch.int64)
     lm = torch.zeros((len(rows), width), dtype=torch.int64)
     am = torch.zeros((len(rows), width), dtype=torch.int64)

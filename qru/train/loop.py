@@ -73,6 +73,9 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 CKPT_PREFIX = "checkpoint-"
 COMPLETE = "COMPLETE"
 KEEP_CHECKPOINTS = 2
+# Training batches are padded to a multiple of this many tokens: a bounded set of GEMM shapes
+# (oneDNN caches a primitive, ~0.7 MB, per new shape; see qru.train.losses.padded_rows).
+PAD_MULTIPLE = 16
 METRICS = "metrics.jsonl"
 RUN_JSON = "run.json"
 TOKENIZER_FILE = "tokenizer.model"  # the file pretrain --train-tokenizer writes
@@ -83,6 +86,11 @@ _RESUME_FREE = {"resume", "stop_after", "progress", "save_every", "log_every", "
 
 class TrainConfigError(ValueError):
     """An invalid training option. The message names the option."""
+
+
+class NonFiniteLossError(ValueError):
+    """A loss term or a gradient became NaN or Inf; raised before the optimizer applies it.
+    The message names the step and the loss term or parameter."""
 
 
 # -- configs ------------------------------------------------------------------------------
@@ -218,8 +226,11 @@ def validate_unlearn(c: UnlearnConfig) -> None:
     _check(0 <= c.lora_dropout < 1, "lora_dropout", c.lora_dropout, "in [0, 1)")
     _check(bool(c.targets), "targets", c.targets, "a non-empty list of module names")
     _check(c.beta is None or (math.isfinite(c.beta) and c.beta > 0), "beta", c.beta, "None or > 0")
-    _check(c.forget_weight >= 0, "forget_weight", c.forget_weight, ">= 0")
-    _check(c.retain_weight >= 0, "retain_weight", c.retain_weight, ">= 0")
+    _check(math.isfinite(c.delta), "delta", c.delta, "a finite number")
+    _check(math.isfinite(c.forget_weight) and c.forget_weight >= 0, "forget_weight", c.forget_weight,
+           "a finite number >= 0")
+    _check(math.isfinite(c.retain_weight) and c.retain_weight >= 0, "retain_weight", c.retain_weight,
+           "a finite number >= 0")
     if isinstance(c.forget, (str, os.PathLike)):
         c.forget = [str(c.forget)]
     if isinstance(c.retain, (str, os.PathLike)):
@@ -239,6 +250,12 @@ def validate_pretrain(c: PretrainConfig) -> None:
     given = [n for n in ("tokenizer", "train_tokenizer") if getattr(c, n) is not None]
     if len(given) > 1:
         raise TrainConfigError("give only one of tokenizer and train_tokenizer")
+    if c.init is None:  # a bad config fails before a tokenizer is trained
+        p = Path(c.config)
+        if p.suffix == ".json" or p.is_dir():
+            LlamaConfig.from_json(p)
+        else:
+            LlamaConfig.preset(c.config)
 
 
 # -- small helpers ------------------------------------------------------------------------
@@ -535,6 +552,40 @@ def read_metrics(path: str | os.PathLike, up_to: int | None = None) -> list[dict
 StepFn = Callable[[Batch, "Batch | None"], dict]
 
 
+def check_finite_losses(losses: dict, names: tuple[str, ...], step: int) -> None:
+    """Raise :class:`NonFiniteLossError` naming the term(s) if a loss scalar is NaN/Inf (one sync)."""
+    present = [k for k in names if losses.get(k) is not None]
+    vals = torch.stack([losses[k].detach().float().reshape(()) for k in present])
+    if bool(torch.isfinite(vals).all()):
+        return
+    # the loss terms first, then the total they add up to
+    bad = [f"{k} = {float(v)}" for k, v in sorted(zip(present, vals.tolist()), key=lambda kv: kv[0] == "loss")
+           if not math.isfinite(v)]
+    raise NonFiniteLossError(f"training diverged at step {step}: {', '.join(bad)}; stopped before the optimizer "
+                             "step (lower the learning rate or check the loss options)")
+
+
+def check_finite_grads(named: dict[int, str], params: list[torch.nn.Parameter], max_norm: float, step: int) -> None:
+    """Clip the gradients to ``max_norm`` (0: no clipping) as ``clip_grad_norm_`` does, after checking
+    their total norm (one sync); raise :class:`NonFiniteLossError` naming the first parameter with a
+    NaN/Inf gradient."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    norm = torch.nn.utils.get_total_norm(grads)
+    if bool(torch.isfinite(norm)):
+        if max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return
+    for p in params:  # failure path only: find the culprit
+        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+            bad = int((~torch.isfinite(p.grad)).sum())
+            raise NonFiniteLossError(f"training diverged at step {step}: gradient of {named[id(p)]} has {bad} "
+                                     "non-finite value(s) (NaN or Inf); stopped before the optimizer step")
+    raise NonFiniteLossError(f"training diverged at step {step}: the gradient norm overflows ({float(norm)}); "
+                             "stopped before the optimizer step")
+
+
 def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW, torch's fused single-pass kernel where it applies (floating params on CPU or CUDA;
     what HF's Trainer defaults to on torch >= 2.8), else the multi-tensor one. Same update rule."""
@@ -558,6 +609,7 @@ def train_loop(model: torch.nn.Module, step_fn: StepFn, main: TokenizedSet, aux:
     if not params:
         raise TrainConfigError("no trainable parameters")
     optimizer = make_optimizer(params, opts.lr, opts.weight_decay)
+    param_names = {id(p): n for n, p in model.named_parameters()}
     stream = BatchStream(len(main), opts.batch_size, opts.seed)
     aux_stream = BatchStream(len(aux), opts.batch_size, opts.seed + 1) if aux is not None else None
     nb = stream.batches_per_epoch
@@ -610,17 +662,18 @@ def train_loop(model: torch.nn.Module, step_fn: StepFn, main: TokenizedSet, aux:
             for g in optimizer.param_groups:
                 g["lr"] = lr
             for _ in range(n_micro):
-                mb = collate(main, stream.next(), pad_id)
-                ab = collate(aux, aux_stream.next(), pad_id) if aux_stream is not None else None
+                mb = collate(main, stream.next(), pad_id, PAD_MULTIPLE)
+                ab = collate(aux, aux_stream.next(), pad_id, PAD_MULTIPLE) if aux_stream is not None else None
                 tokens += mb.num_tokens + (ab.num_tokens if ab is not None else 0)
                 with autocast(device, opts.precision):
                     losses = step_fn(mb.to(device), ab.to(device) if ab is not None else None)
+                check_finite_losses(losses, loss_names, step + 1)
                 (losses["loss"] / n_micro).backward()
                 for k in loss_names:
                     if losses.get(k) is not None:
                         acc[k] = acc.get(k, 0.0) + losses[k].detach().float() / n_micro
-            if opts.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm)
+                del losses
+            check_finite_grads(param_names, params, opts.max_grad_norm, step + 1)  # and clips
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -653,6 +706,11 @@ def train_loop(model: torch.nn.Module, step_fn: StepFn, main: TokenizedSet, aux:
                 if opts.stop_after and step >= opts.stop_after:
                     status = "stopped"
                     break
+    if status == "done":  # a finite last step can still leave an Inf weight: never save one as finished
+        for n, p in model.named_parameters():
+            if p.requires_grad and not bool(torch.isfinite(p).all()):
+                raise NonFiniteLossError(f"training diverged at step {step}: parameter {n} has non-finite value(s) "
+                                         "after the optimizer step; the model is not saved")
     return step, total, status, rows
 
 
@@ -851,6 +909,9 @@ def _unlearn(cfg: UnlearnConfig, t0: float, model_dir: Path, out: Path, work: Pa
     except KeyboardInterrupt:
         _write_run_json(work, "unlearn", cfg, {**info, "status": "interrupted"})
         raise
+    except NonFiniteLossError as e:
+        _write_run_json(work, "unlearn", cfg, {**info, "status": "failed", "error": str(e)})
+        raise
     if status == "done":
         if cfg.mode == "lora":
             _lora().write_adapter(model, work, base_model_name_or_path=str(model_dir))
@@ -948,6 +1009,9 @@ def _pretrain(cfg: PretrainConfig, t0: float, out: Path, work: Path, resume: boo
                                                       resume=resume)
     except KeyboardInterrupt:
         _write_run_json(work, "pretrain", cfg, {**info, "status": "interrupted"})
+        raise
+    except NonFiniteLossError as e:
+        _write_run_json(work, "pretrain", cfg, {**info, "status": "failed", "error": str(e)})
         raise
     if status == "done":
         write_pretrained(model, work)
