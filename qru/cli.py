@@ -262,7 +262,7 @@ def _add_survival(sub) -> None:
     p.add_argument("base", help="base (pre-unlearning) checkpoint directory")
     p.add_argument("unlearned", nargs="?", default=None, help="unlearned checkpoint (optional with --adapter)")
     p.add_argument("--adapter", default=None, help="LoRA adapter directory: its update s·B·A (merged in fp32)")
-    p.add_argument("--format", default="nf4", help="comma list of nf4,fp4,int4,int4_sym,int8")
+    p.add_argument("--format", default="nf4", help="comma list of nf4,fp4,int4,int4_sym,int8,q8_0,q4_0,q4_1,q5_0,q5_1,q4_k,mxfp4")
     p.add_argument("--block-size", type=int, default=None, help="block / group size (default per format; not int8)")
     p.add_argument("--calib", default=None, help="calibration text / JSON / MUSE dir for output-level metrics")
     p.add_argument("--calib-rows", type=int, default=512, help="calibration token rows per linear")
