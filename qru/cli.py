@@ -75,7 +75,7 @@ def _add_eval(sub) -> None:
     g.add_argument("--retrain-model", default=None,
                    help="retrained (MUSE) / retain (TOFU) reference checkpoint")
     g.add_argument("--retrain-auc", type=float, default=None, help="MUSE: the retrained model's AUC, in (0, 1)")
-    p.add_argument("--precision", default="fp32", help="comma list of fp32,bf16,fp16,int8,nf4,fp4,int4,int4_sym")
+    p.add_argument("--precision", default="fp32", help="comma list of fp32,bf16,fp16,int8,nf4,fp4,int4,int4_sym,q8_0,q4_0,q4_1,q5_0,q5_1,q4_k,mxfp4")
     p.add_argument("--limit", type=int, default=None, help="first N items of each evaluated set")
     p.add_argument("--out", required=True, help="results JSON (one record per precision)")
     p.add_argument("--batch-size", type=int, default=16, help="generation batch size")
