@@ -84,8 +84,10 @@ def test_q4_k_matches_the_ggml_transcription():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_q4_k_backends_agree_and_round_trip(dtype):
     x = awkward(9, 512, seed=3).to(dtype)
-    outs = {name: fn(x) for name, fn in backends("q4_k").items()}
-    assert torch.equal(outs["torch"], outs["cpp"]) and torch.equal(outs["torch"], outs["triton"])
+    outs = {name: fn(x) for name, fn in backends("q4_k").items() if name != "triton"}
+    assert torch.equal(outs["torch"], outs["cpp"])
+    if dtype == torch.bfloat16:  # the interpreter runs q4_k's sequential loops slowly: one dtype, 3 super-blocks
+        assert torch.equal(G._quantize_triton(x.view(-1)[:768], "q4_k"), outs["torch"][: 3 * 144])
     deq = torch.from_numpy(gguf.quants.dequantize(outs["cpp"].numpy().reshape(9, -1), T.Q4_K).reshape(9, 512).copy())
     xf = x.float()
     # per super-block the error is within one 4-bit step of the block's range (q4_k's asymmetric grid)

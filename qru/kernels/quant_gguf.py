@@ -26,8 +26,7 @@ Quantization math per block (fp32; ``fp16()`` rounds to nearest even):
   re-coded against the stored scales; ``w' = d sc q - dmin m``.
 
 Implementations, equal bit for bit: the torch reference, Triton kernels (CUDA, or CPU under
-``TRITON_INTERPRET=1``; ``q4_k`` quantization has no Triton kernel and runs the torch
-reference on the tensor's device) and ``csrc/quant_gguf.cpp``. :func:`quantize_gguf` /
+``TRITON_INTERPRET=1``) and ``csrc/quant_gguf.cpp``. :func:`quantize_gguf` /
 :func:`dequantize_gguf` dispatch at call time (``QRU_BACKEND``).
 """
 from __future__ import annotations
@@ -550,13 +549,153 @@ def _gguf_dequant_kernel(data_ptr, out_ptr, n, nb, KIND: tl.constexpr, TS: tl.co
     store_f32(out_ptr, eo, v, (eo < n) & m2, OUT_BF16)
 
 
+@triton.jit
+def _nearest(v):
+    """ggml's nearest_int as fp32 (round half to even, |v| <= 2**22)."""
+    return (v + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def _q4k_quant_kernel(x_ptr, out_ptr, n, nb, ROWS: tl.constexpr, IN_BF16: tl.constexpr):
+    """``quantize_row_q4_K_ref`` for ROWS super-blocks: the S = 8 ROWS sub-blocks are the vector
+    lanes; ggml's sequential fp32 sums run over the 32 columns, loaded one at a time."""
+    S: tl.constexpr = ROWS * 8
+    sb = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    sub = tl.program_id(0) * S + tl.arange(0, S)  # global sub-block index
+    sok = sub < nb * 8
+    base = sub.to(tl.int64) * 32
+    col = tl.arange(0, 32)
+    offs = base[:, None] + col[None, :]
+    X = load_f32(x_ptr, offs, (offs < n) & sok[:, None], IN_BF16)
+    zero = tl.zeros((S,), dtype=tl.float32)
+    # weights: sqrt(sum x^2 / 32) + |x|
+    sum_x2 = zero
+    for i in range(32):
+        xi = load_f32(x_ptr, base + i, ((base + i) < n) & sok, IN_BF16)
+        sum_x2 = _add(sum_x2, _mul(xi, xi))
+    av_x = tl.math.sqrt_rn(tl.math.div_rn(sum_x2, tl.full((S,), 32.0, tl.float32)))
+    W = av_x[:, None] + tl.abs(X)
+    # make_qkx2_quants(32, 15, x, w, L, &min, Laux, -1, 0.1, 20, false)
+    x0 = load_f32(x_ptr, base, (base < n) & sok, IN_BF16)
+    mn = x0
+    mx = x0
+    sum_w = av_x + tl.abs(x0)
+    sum_x = _mul(sum_w, x0)
+    for i in range(1, 32):
+        xi = load_f32(x_ptr, base + i, ((base + i) < n) & sok, IN_BF16)
+        mn = tl.where(xi < mn, xi, mn)
+        mx = tl.where(xi > mx, xi, mx)
+        wi = av_x + tl.abs(xi)
+        sum_w = _add(sum_w, wi)
+        sum_x = _add(sum_x, _mul(wi, xi))
+    mn = tl.where(mn > 0, 0.0, mn)
+    flat = mx == mn
+    one = tl.full((S,), 1.0, tl.float32)
+    rng = tl.where(flat, one, mx - mn)
+    iscale = tl.math.div_rn(tl.full((S,), 15.0, tl.float32), rng)
+    scale = tl.math.div_rn(one, iscale)
+    L = tl.minimum(tl.maximum(_nearest(_mul(iscale[:, None], X - mn[:, None])), 0.0), 15.0)
+    best = zero
+    for i in range(32):
+        xi = load_f32(x_ptr, base + i, ((base + i) < n) & sok, IN_BF16)
+        li = tl.minimum(tl.maximum(_nearest(_mul(iscale, xi - mn)), 0.0), 15.0)
+        diff = _sub(_add(_mul(scale, li), mn), xi)
+        best = _add(best, _mul(av_x + tl.abs(xi), _mul(diff, diff)))
+    for step in range(21):
+        stepv = zero + step  # fp32 (rmin + rdelta * is + nmax), as ggml rounds it
+        num = _add(_add(tl.full((S,), -1.0, tl.float32), _mul(tl.full((S,), 0.1, tl.float32), stepv)), 15.0)
+        isc = tl.math.div_rn(num, tl.where(flat, one, mx - mn))  # min moves with the best fit
+        s_l = zero
+        s_l2 = zero
+        s_xl = zero
+        for i in range(32):
+            xi = load_f32(x_ptr, base + i, ((base + i) < n) & sok, IN_BF16)
+            li = tl.minimum(tl.maximum(_nearest(_mul(isc, xi - mn)), 0.0), 15.0)
+            wl = _mul(av_x + tl.abs(xi), li)
+            s_l = _add(s_l, wl)
+            s_l2 = _add(s_l2, _mul(wl, li))
+            s_xl = _add(s_xl, _mul(wl, xi))
+        D = _sub(_mul(sum_w, s_l2), _mul(s_l, s_l))
+        pos = D > 0
+        Ds = tl.where(pos, D, one)
+        this_scale = tl.math.div_rn(_sub(_mul(sum_w, s_xl), _mul(sum_x, s_l)), Ds)
+        this_min = tl.math.div_rn(_sub(_mul(s_l2, sum_x), _mul(s_l, s_xl)), Ds)
+        cl = this_min > 0
+        this_min = tl.where(cl, 0.0, this_min)
+        this_scale = tl.where(cl, tl.math.div_rn(s_xl, tl.where(s_l2 == 0, one, s_l2)), this_scale)
+        cur = zero
+        for i in range(32):
+            xi = load_f32(x_ptr, base + i, ((base + i) < n) & sok, IN_BF16)
+            li = tl.minimum(tl.maximum(_nearest(_mul(isc, xi - mn)), 0.0), 15.0)
+            diff = _sub(_add(_mul(this_scale, li), this_min), xi)
+            cur = _add(cur, _mul(av_x + tl.abs(xi), _mul(diff, diff)))
+        better = pos & (cur < best) & (flat == 0)
+        La = tl.minimum(tl.maximum(_nearest(_mul(isc[:, None], X - mn[:, None])), 0.0), 15.0)
+        L = tl.where(better[:, None], La, L)
+        best = tl.where(better, cur, best)
+        scale = tl.where(better, this_scale, scale)
+        mn = tl.where(better, this_min, mn)
+    L = tl.where(flat[:, None], 0.0, L)
+    scale = tl.where(flat, 0.0, scale)
+    mins = 0.0 - mn
+    # super-block: 6-bit scales and mins against fp16 d, dmin
+    sc2 = tl.reshape(scale, (ROWS, 8))
+    mi2 = tl.reshape(mins, (ROWS, 8))
+    max_scale = tl.max(tl.where(sc2 > 0, sc2, 0.0), axis=1)
+    max_min = tl.max(tl.where(mi2 > 0, mi2, 0.0), axis=1)
+    r1 = tl.full((ROWS,), 1.0, tl.float32)
+    c63 = tl.full((ROWS,), 63.0, tl.float32)
+    inv_scale = tl.where(max_scale > 0, tl.math.div_rn(c63, tl.where(max_scale > 0, max_scale, r1)), 0.0)
+    inv_min = tl.where(max_min > 0, tl.math.div_rn(c63, tl.where(max_min > 0, max_min, r1)), 0.0)
+    ls = tl.minimum(_nearest(_mul(inv_scale[:, None], sc2)).to(tl.int32) & 255, 63)
+    lm = tl.minimum(_nearest(_mul(inv_min[:, None], mi2)).to(tl.int32) & 255, 63)
+    d16 = tl.math.div_rn(max_scale, c63).to(tl.float16)
+    dm16 = tl.math.div_rn(max_min, c63).to(tl.float16)
+    dsub = _mul(d16.to(tl.float32)[:, None], ls.to(tl.float32))
+    dmsub = _mul(dm16.to(tl.float32)[:, None], lm.to(tl.float32))
+    dS = tl.reshape(dsub, (S,))
+    dmS = tl.reshape(dmsub, (S,))
+    ok = dS != 0
+    Lr = tl.minimum(tl.maximum(_nearest(tl.math.div_rn(X + dmS[:, None], tl.where(ok, dS, one)[:, None])), 0.0), 15.0)
+    L = tl.where(ok[:, None], Lr, L).to(tl.int32)
+    # bytes
+    bok = sb < nb
+    ob = out_ptr + sb.to(tl.int64) * 144
+    dh = d16.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    mh = dm16.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    tl.store(ob, (dh & 255).to(tl.uint8), mask=bok)
+    tl.store(ob + 1, (dh >> 8).to(tl.uint8), mask=bok)
+    tl.store(ob + 2, (mh & 255).to(tl.uint8), mask=bok)
+    tl.store(ob + 3, (mh >> 8).to(tl.uint8), mask=bok)
+    j8 = tl.arange(0, 8)
+    for j in tl.static_range(4):
+        ls_lo = tl.sum(tl.where(j8[None, :] == j, ls, 0), axis=1)
+        ls_hi = tl.sum(tl.where(j8[None, :] == j + 4, ls, 0), axis=1)
+        lm_lo = tl.sum(tl.where(j8[None, :] == j, lm, 0), axis=1)
+        lm_hi = tl.sum(tl.where(j8[None, :] == j + 4, lm, 0), axis=1)
+        tl.store(ob + 4 + j, (ls_lo | ((ls_hi >> 4) << 6)).to(tl.uint8), mask=bok)
+        tl.store(ob + 8 + j, (lm_lo | ((lm_hi >> 4) << 6)).to(tl.uint8), mask=bok)
+        tl.store(ob + 12 + j, ((ls_hi & 15) | ((lm_hi & 15) << 4)).to(tl.uint8), mask=bok)
+    L4 = tl.reshape(L, (ROWS, 4, 2, 32))
+    lo, hi = tl.split(tl.permute(L4, (0, 1, 3, 2)))
+    byte = (lo | (hi << 4)).to(tl.uint8)  # [ROWS, 4, 32]
+    c4 = tl.arange(0, 4)
+    l32 = tl.arange(0, 32)
+    boffs = 16 + c4[None, :, None] * 32 + l32[None, None, :]
+    tl.store(ob[:, None, None] + boffs, byte, mask=bok[:, None, None])
+
+
 def _quantize_triton(x: torch.Tensor, fmt: str) -> torch.Tensor:
-    if fmt == "q4_k":
-        return quantize_gguf_reference(x, fmt)
     flat = x.reshape(-1).contiguous()
     n = flat.numel()
     nb = n_blocks(fmt, n)
     out = torch.empty(nb * TYPE_SIZE[fmt], dtype=torch.uint8, device=x.device)
+    if fmt == "q4_k":
+        # the interpreter's cost is per program (sequential loops), so it gets few wide ones
+        rows = 4 if x.is_cuda else min(64, triton.next_power_of_2(nb))
+        _q4k_quant_kernel[(triton.cdiv(nb, rows),)](kernel_view(flat), out, n, nb, ROWS=rows,
+                                                    IN_BF16=flat.dtype == torch.bfloat16, enable_fp_fusion=False)
+        return out
     thr, kv = _tables(x.device)
     rows = 32
     _gguf_quant_kernel[(triton.cdiv(nb, rows),)](
