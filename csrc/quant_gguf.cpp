@@ -54,7 +54,7 @@ inline float roundf_away(float v) {
   const float a = std::fabs(v);
   const float f = std::floor(a);
   const float b = f + std::floor(2.0f * (a - f));
-  return v < 0 ? -b : (v > 0 ? b : 0.0f * b);
+  return std::copysign(b, v);  // branchless; a zero's sign is lost in the int8 anyway
 }
 
 inline float e8m0_half(int e) { return u2f(e < 2 ? (0x00200000u << e) : (uint32_t(e - 1) << 23)); }
@@ -282,8 +282,9 @@ void quantize_impl(const void* x, int64_t n, int kind, const int32_t* thr, uint8
 #pragma omp parallel for schedule(dynamic, 64) num_threads(num_threads())
   for (int64_t b = 0; b < nb; ++b) {
     float buf[256];
-    const int64_t start = b * B;
-    for (int i = 0; i < B; ++i) buf[i] = start + i < n ? load_f32<DT>(x, start + i) : 0.0f;
+    const int64_t start = b * B, len = std::min<int64_t>(B, n - start);
+    for (int64_t i = 0; i < len; ++i) buf[i] = load_f32<DT>(x, start + i);
+    for (int64_t i = len; i < B; ++i) buf[i] = 0.0f;  // the zero padding of a partial last block
     uint8_t* y = out + b * TS;
     switch (kind) {
       case Q8_0: quant_q8_0(buf, y); break;
