@@ -278,9 +278,14 @@ def quantize_gguf_reference(x: torch.Tensor, fmt: str) -> torch.Tensor:
         amax = xb.abs().amax(1)
         e = mxfp4_exponent(amax)
         d = e8m0_half(e)
-        _, kv = _tables(x.device)
-        err = (d[:, None, None] * kv - xb[:, :, None]).abs()
-        q = torch.argmin(err, dim=-1)
+        # the first code of least |k d - x| (a running minimum: no [blocks, 32, 16] temporary)
+        best = (d[:, None] * 0.0 - xb).abs()
+        q = torch.zeros(xb.shape, dtype=torch.int64, device=x.device)
+        for k in range(1, 16):
+            err = (d[:, None] * float(MXFP4_VALUES[k]) - xb).abs()
+            better = err < best
+            q = torch.where(better, k, q)
+            best = torch.where(better, err, best)
         return torch.cat([e.to(torch.uint8)[:, None], _pack_halves(q)], dim=1).reshape(-1)
     if fmt in ("q4_0", "q5_0"):
         imax = xb.abs().argmax(1, keepdim=True)
