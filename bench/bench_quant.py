@@ -230,8 +230,8 @@ def gpu_section(shapes, samples):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller shapes, fewer repeats")
-    ap.add_argument("--formats", nargs="+", default=["nf4", "fp4", "int4", "int4_sym", "int8", *quant_gguf.GGUF_FORMATS],
-                    choices=["nf4", "fp4", "int4", "int4_sym", "int8", *quant_gguf.GGUF_FORMATS])
+    all_formats = ["nf4", "fp4", "int4", "int4_sym", "int8", *quant_gguf.GGUF_FORMATS]
+    ap.add_argument("--formats", nargs="+", default=all_formats, choices=all_formats)
     ap.add_argument("--samples", type=int, default=None, help="timed calls per provider")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-gpu", action="store_true")

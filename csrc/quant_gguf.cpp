@@ -351,7 +351,10 @@ void dequant_block(const uint8_t* y, int kind, float* v) {
   const float m = one ? half_to_f32(get16(y + 2)) : 0.0f;
   int off = one ? 4 : 2;
   uint32_t qh = 0;
-  if (five) { qh = uint32_t(y[off]) | (uint32_t(y[off + 1]) << 8) | (uint32_t(y[off + 2]) << 16) | (uint32_t(y[off + 3]) << 24); off += 4; }
+  if (five) {
+    qh = uint32_t(y[off]) | (uint32_t(y[off + 1]) << 8) | (uint32_t(y[off + 2]) << 16) | (uint32_t(y[off + 3]) << 24);
+    off += 4;
+  }
   for (int j = 0; j < 32; ++j) {
     int q = j < 16 ? (y[off + j] & 15) : (y[off + j - 16] >> 4);
     if (five) q |= int((qh >> j) & 1) << 4;

@@ -52,13 +52,12 @@ def np_codes_steps(q, delta):
         dl = np.concatenate([dl, np.zeros(n - dl.size, np.float32)])
         step = np.where(dl > 0, up, dn) * np.repeat(d, 32)
     elif fmt == "q4_k":
-        d, dmin = half(b[:, 0:2]), half(b[:, 2:4])
+        d = half(b[:, 0:2])
         s = b[:, 4:16].astype(np.int64)
         sc = np.concatenate([s[:, 0:4] & 63, (s[:, 8:12] & 15) | ((s[:, 0:4] >> 6) << 4)], 1)
         qs = b[:, 16:].reshape(-1, 4, 32).astype(np.int64)
         codes = np.stack([qs & 15, qs >> 4], 2).reshape(-1, 256)
         step = np.repeat((d[:, None] * sc.astype(np.float32)).reshape(-1), 32)
-        del dmin
     else:
         off = 2 if fmt.endswith("_0") else 4
         c = nib(b[:, off + (4 if fmt.startswith("q5") else 0):])

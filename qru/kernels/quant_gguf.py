@@ -407,6 +407,13 @@ def _sub(a, b):
 
 
 @triton.jit
+def _load_fp16(ptr, mask):
+    """fp32 of the little-endian fp16 at byte ``ptr`` (masked lanes: 0)."""
+    h = tl.load(ptr, mask=mask, other=0).to(tl.int32) | (tl.load(ptr + 1, mask=mask, other=0).to(tl.int32) << 8)
+    return h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
 def _fp16_lo_hi(v):
     """fp32 -> (low byte, high byte) of its fp16 (round to nearest even), as int32."""
     h = v.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
@@ -511,10 +518,8 @@ def _gguf_dequant_kernel(data_ptr, out_ptr, n, nb, KIND: tl.constexpr, TS: tl.co
         low = (sub < 4)[None, :]
         sc = tl.where(low, lo_j & 63, (hi_j & 0xF) | ((lo_j >> 6) << 4))
         mn = tl.where(low, mid_j & 63, (hi_j >> 4) | ((mid_j >> 6) << 4))
-        dh = tl.load(base + 0, mask=m2, other=0).to(tl.int32) | (tl.load(base + 1, mask=m2, other=0).to(tl.int32) << 8)
-        mh = tl.load(base + 2, mask=m2, other=0).to(tl.int32) | (tl.load(base + 3, mask=m2, other=0).to(tl.int32) << 8)
-        d = dh.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        dmin = mh.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        d = _load_fp16(base + 0, m2)
+        dmin = _load_fp16(base + 2, m2)
         v = _sub(_mul(_mul(d, sc.to(tl.float32)), q.to(tl.float32)),
                              _mul(dmin, mn.to(tl.float32)))
     else:
@@ -538,8 +543,7 @@ def _gguf_dequant_kernel(data_ptr, out_ptr, n, nb, KIND: tl.constexpr, TS: tl.co
             kv = tl.where(qi >= 8, 0.0 - mag, mag)  # code 8 is +0.0, as in llama.cpp's int table
             v = _mul(d, kv)
         else:
-            dh = tl.load(base + 0, mask=m2, other=0).to(tl.int32) | (tl.load(base + 1, mask=m2, other=0).to(tl.int32) << 8)
-            d = dh.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            d = _load_fp16(base + 0, m2)
             if KIND == 0:
                 v = _mul(q, d)
             elif KIND == 1:
@@ -547,8 +551,7 @@ def _gguf_dequant_kernel(data_ptr, out_ptr, n, nb, KIND: tl.constexpr, TS: tl.co
             elif KIND == 3:
                 v = _mul(d, (qi - 16).to(tl.float32))
             else:
-                mh = tl.load(base + 2, mask=m2, other=0).to(tl.int32) | (tl.load(base + 3, mask=m2, other=0).to(tl.int32) << 8)
-                m = mh.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                m = _load_fp16(base + 2, m2)
                 v = _add(_mul(d, qi.to(tl.float32)), m)
     eo = blk.to(tl.int64)[:, None] * B + col[None, :]
     store_f32(out_ptr, eo, v, (eo < n) & m2, OUT_BF16)
@@ -579,7 +582,6 @@ def _q4k_quant_kernel(x_ptr, out_ptr, n, nb, ROWS: tl.constexpr, IN_BF16: tl.con
         xi = load_f32(x_ptr, base + i, ((base + i) < n) & sok, IN_BF16)
         sum_x2 = _add(sum_x2, _mul(xi, xi))
     av_x = tl.math.sqrt_rn(tl.math.div_rn(sum_x2, tl.full((S,), 32.0, tl.float32)))
-    W = av_x[:, None] + tl.abs(X)
     # make_qkx2_quants(32, 15, x, w, L, &min, Laux, -1, 0.1, 20, false)
     x0 = load_f32(x_ptr, base, (base < n) & sok, IN_BF16)
     mn = x0

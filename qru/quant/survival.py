@@ -607,7 +607,8 @@ def analyze(base_dir: str | os.PathLike, unlearned_dir: str | os.PathLike | None
     "by_layer_index", "overall"}`` for one format, else ``{fmt: report}``.
 
     ``unlearned_dir`` and/or ``adapter`` (PEFT LoRA dir) define ``W'``; ``block_size`` applies
-    to every format but int8 (per row; reported as null) and the GGUF formats (fixed blocks); ``calib`` (text / JSON / MUSE dir,
+    to every format but int8 (per row; reported as null) and the GGUF formats (fixed blocks);
+    ``calib`` (text / JSON / MUSE dir,
     tokenized with ``base_dir/tokenizer.model``) adds ``out_cosine`` / ``out_rel_err`` using the
     inputs of ``calib_rows`` tokens (sequences of ``calib_seq_len``); ``skip``: name patterns.
     Raises :class:`SurvivalError` / :class:`CheckpointError` / ``FileNotFoundError`` naming the culprit.
