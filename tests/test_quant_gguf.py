@@ -81,6 +81,22 @@ def test_q4_k_matches_the_ggml_transcription():
         assert np.array_equal(fn(x).numpy(), ref), name
 
 
+def test_q4_k_distributions_match_the_ggml_transcription():
+    """Heavy tails, one-signed blocks (the fit's min clamps to 0), sparse and bimodal blocks."""
+    g = torch.Generator().manual_seed(7)
+    u = torch.rand(256, generator=g) - 0.5
+    sbs = [-0.02 * torch.sign(u) * torch.log1p(-2 * u.abs()),          # Laplace
+           torch.rand(256, generator=g) * 0.1 + 0.01,             # all positive
+           -torch.rand(256, generator=g) * 0.1,                    # all non-positive
+           torch.randn(256, generator=g) * (torch.rand(256, generator=g) < 0.1),  # sparse
+           torch.where(torch.rand(256, generator=g) < 0.5, -1.0, 1.0) + torch.randn(256, generator=g) * 1e-3,
+           torch.randn(256, generator=g) * torch.logspace(-4, 1, 256)]  # scales spanning 5 decades
+    x = torch.cat(sbs).float()
+    ref = np.frombuffer(quantize_q4_k(x.numpy()), dtype=np.uint8)
+    assert np.array_equal(G._quantize_cpp(x, "q4_k").numpy(), ref)
+    assert np.array_equal(G.quantize_gguf_reference(x, "q4_k").numpy(), ref)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_q4_k_backends_agree_and_round_trip(dtype):
     x = awkward(9, 512, seed=3).to(dtype)
