@@ -6,12 +6,17 @@ bitsandbytes, qru C++ and the copy are called one at a time, in turn, so outside
 all of them alike; the speed-up is the median of the paired per-turn ratios (peer time /
 provider time). The torch reference is timed after that rotation (ratio of medians): its
 multi-GB temporaries, freed between calls, otherwise slow the next provider's page faults.
-Integer formats (no bitsandbytes peer) compare C++ with the reference.
+Integer formats (no bitsandbytes peer) compare C++ with the reference. llama.cpp's GGUF block
+formats (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, mxfp4) compare with ``gguf.quants`` (llama.cpp's
+reference numpy quantizers; fed the weights already converted to a fp32 numpy array, since numpy
+has no bf16) in the same rotation; gguf cannot quantize q4_k, whose quantize compares with the
+reference. The GPU section covers NF4 only.
 
 CPU targets (printed, not tested): NF4 quantize >= 30x bitsandbytes, NF4 dequantize >= 1.5x.
 GPU section (skipped without CUDA): Triton vs bitsandbytes CUDA as % of peak bandwidth.
 
-    python bench/bench_quant.py [--quick] [--formats nf4 fp4 int4 int4_sym int8] [--samples N] [--threads N]
+    python bench/bench_quant.py [--quick] [--formats nf4 fp4 int4 int4_sym int8 q4_0 q4_k mxfp4 ...]
+                                [--samples N] [--threads N]
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.harness import Row, Timing, bench, report  # noqa: E402
-from qru.kernels import quant4, quant_int  # noqa: E402
+from qru.kernels import quant4, quant_gguf, quant_int  # noqa: E402
 from qru.kernels._backend import load_cpp_ext  # noqa: E402
 
 SUITE = "quant"
@@ -54,7 +59,9 @@ def paired(fns: dict, samples: int, device: str = "cpu") -> tuple[dict[str, Timi
 def traffic(fmt: str, shape: tuple[int, int], block: int | None) -> tuple[int, int]:
     """(bytes read, bytes written) by quantize of a bf16 weight; dequantize swaps them."""
     n = math.prod(shape)
-    if fmt in ("nf4", "fp4"):
+    if fmt in quant_gguf.GGUF_FORMATS:
+        packed = quant_gguf.n_blocks(fmt, n) * quant_gguf.TYPE_SIZE[fmt]
+    elif fmt in ("nf4", "fp4"):
         packed = (n + 1) // 2 + 4 * math.ceil(n / block)
     elif fmt == "int8":
         packed = n + 4 * shape[0]
@@ -106,6 +113,26 @@ def providers_int(w, fmt, group):
     return quant, deq, ref
 
 
+def providers_gguf(w, fmt):
+    import gguf
+
+    qtype = getattr(gguf.GGMLQuantizationType, fmt.upper())
+    n = w.numel()
+    w32 = w.float().numpy()  # gguf.quants works on fp32 numpy arrays (numpy has no bf16)
+    data = quant_gguf._quantize_cpp(w, fmt)
+    rows = data.numpy().reshape(w.shape[0], -1)
+    if fmt != "q4_k" and not (data.numpy() == gguf.quants.quantize(w32, qtype).reshape(-1)).all():
+        raise RuntimeError(f"qru and gguf.quants disagree on {fmt} {tuple(w.shape)}")
+    quant = {"qru-cpp": lambda: quant_gguf._quantize_cpp(w, fmt)}
+    if fmt != "q4_k":  # gguf.quants has no q4_k quantizer
+        quant = {"gguf-numpy": lambda: gguf.quants.quantize(w32, qtype), **quant}
+    deq = {"gguf-numpy": lambda: gguf.quants.dequantize(rows, qtype),
+           "qru-cpp": lambda: quant_gguf._dequantize_cpp(data, fmt, n, w.dtype)}
+    ref = {"quantize": lambda: quant_gguf.quantize_gguf_reference(w, fmt),
+           "dequantize": lambda: quant_gguf.dequantize_gguf_reference(data, fmt, n, w.dtype)}
+    return quant, deq, ref
+
+
 def cpu_section(shapes, formats, samples):
     rows, summary = [], []
     for shape in shapes:
@@ -114,15 +141,20 @@ def cpu_section(shapes, formats, samples):
         sh = f"{shape[0]}x{shape[1]}"
         for fmt in formats:
             block = 64 if fmt in ("nf4", "fp4") else (None if fmt == "int8" else 128)
-            quant, deq, ref = (providers_4bit(w, fmt, block) if fmt in ("nf4", "fp4")
-                               else providers_int(w, fmt, block))
+            if fmt in quant_gguf.GGUF_FORMATS:
+                block = quant_gguf.BLOCK[fmt]
+                quant, deq, ref = providers_gguf(w, fmt)
+            elif fmt in ("nf4", "fp4"):
+                quant, deq, ref = providers_4bit(w, fmt, block)
+            else:
+                quant, deq, ref = providers_int(w, fmt, block)
             read, written = traffic(fmt, shape, block)
             for op, fns in (("quantize", quant), ("dequantize", deq)):
                 fns = dict(fns, **{"copy": copy_fn(read + written)})
                 t, ratio = paired(fns, samples)
                 t["qru-reference"] = bench(ref[op], warmup=1, repeats=max(2, samples // 2))
-                if "bitsandbytes" in fns:  # paired ratios; the reference: ratio of medians
-                    peer = "bitsandbytes"
+                peer = next((p for p in ("bitsandbytes", "gguf-numpy") if p in fns), None)
+                if peer is not None:  # paired ratios; the reference: ratio of medians
                     ratio["qru-reference"] = t[peer].median / t["qru-reference"].median
                 else:
                     peer = "qru-reference"
@@ -198,13 +230,14 @@ def gpu_section(shapes, samples):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller shapes, fewer repeats")
-    ap.add_argument("--formats", nargs="+", default=["nf4", "fp4", "int4", "int4_sym", "int8"])
+    all_formats = ["nf4", "fp4", "int4", "int4_sym", "int8", *quant_gguf.GGUF_FORMATS]
+    ap.add_argument("--formats", nargs="+", default=all_formats, choices=all_formats)
     ap.add_argument("--samples", type=int, default=None, help="timed calls per provider")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-gpu", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if load_cpp_ext("quant") is None:
+    if load_cpp_ext("quant") is None or load_cpp_ext("quant_gguf") is None:
         print("C++ quant extension unavailable (no compiler?): nothing to compare")
         return 1
     if args.quick:
@@ -213,7 +246,8 @@ def main(argv=None):
         shapes, samples = [(4096, 4096), (11008, 4096)], args.samples or 7
     print(f"## quant CPU, bf16 weights, {torch.get_num_threads()} threads, {samples} paired samples")
     rows, summary = cpu_section(shapes, args.formats, samples)
-    report("quant CPU (Gparam/s rows: vs peer = bitsandbytes (ints: reference) time / this time; "
+    report("quant CPU (Gparam/s rows: vs peer = bitsandbytes (GGUF formats: gguf.quants; ints, q4_k quantize: "
+           "reference) time / this time; "
            "GB/s rows of qru-cpp: vs peer = fraction of the plain-copy bandwidth)", rows)
     print_summary(summary)
     if not args.no_gpu:

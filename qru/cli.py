@@ -76,7 +76,7 @@ def _add_eval(sub) -> None:
     g.add_argument("--retrain-model", default=None,
                    help="retrained (MUSE) / retain (TOFU) reference checkpoint")
     g.add_argument("--retrain-auc", type=float, default=None, help="MUSE: the retrained model's AUC, in (0, 1)")
-    p.add_argument("--precision", default="fp32", help="comma list of fp32,bf16,fp16,int8,nf4,fp4,int4,int4_sym")
+    p.add_argument("--precision", default="fp32", help="comma list of fp32,bf16,fp16,int8,nf4,fp4,int4,int4_sym,q8_0,q4_0,q4_1,q5_0,q5_1,q4_k,mxfp4")
     p.add_argument("--limit", type=int, default=None, help="first N items of each evaluated set")
     p.add_argument("--out", required=True, help="results JSON (one record per precision)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
@@ -261,7 +261,7 @@ def _add_survival(sub) -> None:
     p.add_argument("base", help="base (pre-unlearning) checkpoint directory")
     p.add_argument("unlearned", nargs="?", default=None, help="unlearned checkpoint (optional with --adapter)")
     p.add_argument("--adapter", default=None, help="LoRA adapter directory: its update s·B·A (merged in fp32)")
-    p.add_argument("--format", default="nf4", help="comma list of nf4,fp4,int4,int4_sym,int8")
+    p.add_argument("--format", default="nf4", help="comma list of nf4,fp4,int4,int4_sym,int8,q8_0,q4_0,q4_1,q5_0,q5_1,q4_k,mxfp4")
     p.add_argument("--block-size", type=int, default=None, help="block / group size (default per format; not int8)")
     p.add_argument("--calib", default=None, help="calibration text / JSON / MUSE dir for output-level metrics")
     p.add_argument("--calib-rows", type=int, default=512, help="calibration token rows per linear")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from qru.demo.presets import DemoConfig
+from qru.demo.presets import GGUF_FORMATS, DemoConfig
 from qru.demo.stages import StageCache, atomic_write_json
 from qru.eval.muse import scaled_gap
 from qru.io import check_device, check_output
@@ -45,7 +45,7 @@ class KernelBuild:
     train; the ops themselves then just load the built modules (any other kernel builds on first use)."""
 
     # two builders, each starting with a kernel the training needs at once; then LoRA, then quantization
-    QUEUES = (("llama_ops", "quant", "qmatmul"), ("linear_logprobs", "lora", "bf16_linear"))
+    QUEUES = (("llama_ops", "quant", "qmatmul", "quant_gguf"), ("linear_logprobs", "lora", "bf16_linear"))
 
     def __init__(self, needed: bool, skip: tuple[str, ...] = ()):
         self.seconds: float | None = None
@@ -387,6 +387,7 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, *, seed: int = 0, force: b
         else ("bf16_linear",)  # bf16 compute happens only with bf16 master weights (evaluation runs in fp32)
     skip += () if "lora" in cfg.unlearn.modes else ("lora",)
     skip += () if quantized else ("quant", "qmatmul")
+    skip += () if set(GGUF_FORMATS) & set(cfg.eval.precisions + tuple(cfg.survival_formats)) else ("quant_gguf",)
     build = KernelBuild(True, skip)
     cache = StageCache(Path(stages_root) if stages_root else out / "stages", force=force, log=_log)
     common = _train_common(cfg, progress, device, out / "cache" / "tokens")

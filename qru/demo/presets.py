@@ -14,6 +14,13 @@ METHODS = ("ga_gdr", "ga_klr", "npo_gdr", "npo_klr")
 MODES = ("full", "lora")
 EVAL_PRECISIONS = ("bf16", "int8", "nf4", "fp4", "int4")
 FOUR_BIT = ("nf4", "fp4", "int4")
+# llama.cpp's GGUF block formats (``qru.quant.GGUF_FORMATS``; a test checks they agree), and the 4-bit ones
+GGUF_FORMATS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "mxfp4")
+GGUF_FOUR_BIT = ("q4_0", "q4_1", "q4_k", "mxfp4")
+# what eval.precisions may list (the default is EVAL_PRECISIONS), and the 4-bit formats the report compares
+ALLOWED_PRECISIONS = EVAL_PRECISIONS + ("int4_sym",) + GGUF_FORMATS
+TABLE_FORMATS = FOUR_BIT + GGUF_FOUR_BIT
+SURVIVAL_FORMATS = FOUR_BIT + ("int4_sym", "int8") + GGUF_FORMATS
 # MUSE's generation lengths (``qru.eval.muse.VERBMEM_MAX_NEW`` / ``KNOWMEM_MAX_NEW``; kept here so presets stay
 # importable without torch; a test checks they agree). A preset may lower them; its report then says so.
 MUSE_VERBMEM_TOKENS = 128
@@ -240,12 +247,12 @@ def validate(cfg: DemoConfig) -> None:
     _need(all(x in MODES for x in u.modes) and len(u.modes) > 0, "unlearn.modes", u.modes, f"a subset of {MODES}")
     _need(u.seeds >= 1, "unlearn.seeds", u.seeds, ">= 1")
     _need("bf16" in e.precisions, "eval.precisions", e.precisions, "a list that includes bf16 (the reference)")
-    _need(all(p in EVAL_PRECISIONS for p in e.precisions), "eval.precisions", e.precisions,
-          f"a subset of {EVAL_PRECISIONS}")
-    _need(e.table_format in e.precisions and e.table_format in FOUR_BIT, "eval.table_format", e.table_format,
+    _need(all(p in ALLOWED_PRECISIONS for p in e.precisions), "eval.precisions", e.precisions,
+          f"a subset of {ALLOWED_PRECISIONS}")
+    _need(e.table_format in e.precisions and e.table_format in TABLE_FORMATS, "eval.table_format", e.table_format,
           "a 4-bit format listed in eval.precisions")
-    _need(all(f in FOUR_BIT + ("int8",) for f in cfg.survival_formats), "survival_formats", cfg.survival_formats,
-          f"a subset of {FOUR_BIT + ('int8',)}")
+    _need(all(f in SURVIVAL_FORMATS for f in cfg.survival_formats), "survival_formats", cfg.survival_formats,
+          f"a subset of {SURVIVAL_FORMATS}")
     _need(e.limit >= 1, "eval.limit", e.limit, ">= 1")
     _need(e.verbmem_tokens >= 1, "eval.verbmem_tokens", e.verbmem_tokens, ">= 1")
     _need(e.knowmem_tokens >= 1, "eval.knowmem_tokens", e.knowmem_tokens, ">= 1")

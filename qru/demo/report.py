@@ -24,7 +24,7 @@ import statistics
 from pathlib import Path
 
 from qru.demo import stats
-from qru.demo.presets import FOUR_BIT, MUSE_KNOWMEM_TOKENS, MUSE_VERBMEM_TOKENS
+from qru.demo.presets import MUSE_KNOWMEM_TOKENS, MUSE_VERBMEM_TOKENS, TABLE_FORMATS
 from qru.demo.stages import atomic_write_json, atomic_write_text
 from qru.io import write_bytes
 
@@ -157,7 +157,7 @@ def sanity(records, utility_bound: float) -> dict:
 
 def conclusions(records, table_format: str = "nf4", utility_bound: float = 0.25) -> dict:
     """Every computed claim of the report, from the records alone."""
-    formats = [f for f in FOUR_BIT if any(r["precision"] == f for r in records)]
+    formats = [f for f in TABLE_FORMATS if any(r["precision"] == f for r in records)]
     c = {"table_format": table_format, "formats": formats, "min_effect": MIN_EFFECT,
          "sanity": sanity(records, utility_bound), "restore": {}, "utility": {}, "privleak": {}}
     for fmt in formats:

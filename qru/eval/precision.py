@@ -1,7 +1,9 @@
 """Build one checkpoint at several precisions and evaluate each (merge-then-quantize).
 
-``fp32``/``bf16``/``fp16`` cast the weights. ``int8``, ``nf4``, ``fp4``, ``int4`` and
-``int4_sym`` quantize in memory through ``qru.quant.quantize_model(model, fmt, block_size)``,
+``fp32``/``bf16``/``fp16`` cast the weights. ``int8``, ``nf4``, ``fp4``, ``int4``, ``int4_sym`` and
+llama.cpp's GGUF block formats (``q8_0``, ``q4_0``, ``q4_1``, ``q5_0``, ``q5_1``, ``q4_k``, ``mxfp4``;
+fixed blocks, so ``block_size`` does not apply to them) quantize in memory through
+``qru.quant.quantize_model(model, fmt, block_size)``,
 looked up at call time; if that function is not available the precision is reported as
 unavailable (nothing is faked). With an adapter, the LoRA weights are merged into the fp32
 base first (``qru.model.lora.load_adapter`` + ``merge_and_unload``) and the merged model is then cast or quantized.
@@ -19,7 +21,8 @@ from qru.model.config import LlamaConfig
 from qru.quant.export import checkpoint_format
 
 FLOAT_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-QUANT_PRECISIONS = ("int8", "nf4", "fp4", "int4", "int4_sym")
+GGUF_PRECISIONS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "mxfp4")  # = qru.quant.GGUF_FORMATS
+QUANT_PRECISIONS = ("int8", "nf4", "fp4", "int4", "int4_sym") + GGUF_PRECISIONS
 PRECISIONS = tuple(FLOAT_PRECISIONS) + QUANT_PRECISIONS
 _ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
@@ -126,7 +129,7 @@ def build_model(model_dir: str | Path, precision: str, adapter: str | Path | Non
         model.config = model.config.replace(torch_dtype={"fp32": "float32", "bf16": "bfloat16",
                                                          "fp16": "float16"}[precision])
     else:
-        q = _quantize_fn()(model, precision, block_size)
+        q = _quantize_fn()(model, precision, None if precision in GGUF_PRECISIONS else block_size)
         model = q if q is not None else model
     return model.eval()
 

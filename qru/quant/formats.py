@@ -6,10 +6,16 @@ Formats (layouts in docs/formats.md):
   nested (double) quantization of the absmax as bitsandbytes does it;
 * ``int4``: AWQ-style asymmetric groupwise (default group 128), with integer zero points;
 * ``int4_sym``: symmetric groupwise, ``absmax / 7`` (default group 128);
-* ``int8``: per output channel (row), ``absmax / 127``.
+* ``int8``: per output channel (row), ``absmax / 127``;
+* llama.cpp's GGUF block formats ``q8_0``, ``q4_0``, ``q4_1``, ``q5_0``, ``q5_1`` (32-element
+  blocks, fp16 scale, and min for ``_1``), ``q4_k`` (256-element super-blocks, 6-bit sub-block
+  scales and mins) and ``mxfp4`` (OCP MX: E8M0 scale per 32, E2M1 elements). ``data`` holds
+  the llama.cpp block structs of the flattened tensor, byte for byte (``scales`` is empty).
 
-The kernels live in :mod:`qru.kernels.quant4` and :mod:`qru.kernels.quant_int`
-(torch reference, Triton, C++; chosen at call time).
+:data:`FORMATS` are the formats with a safetensors checkpoint layout (``qru quantize``),
+:data:`GGUF_FORMATS` the llama.cpp ones, :data:`ALL_FORMATS` everything :func:`quantize` takes.
+The kernels live in :mod:`qru.kernels.quant4`, :mod:`qru.kernels.quant_int` and
+:mod:`qru.kernels.quant_gguf` (torch reference, Triton, C++; chosen at call time).
 """
 from __future__ import annotations
 
@@ -19,10 +25,12 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from qru.kernels import quant4, quant_int
+from qru.kernels import quant4, quant_gguf, quant_int
 
 FORMATS = ("nf4", "fp4", "int4", "int4_sym", "int8")
-DEFAULT_BLOCK_SIZE = {"nf4": 64, "fp4": 64, "int4": 128, "int4_sym": 128, "int8": None}
+GGUF_FORMATS = quant_gguf.GGUF_FORMATS
+ALL_FORMATS = FORMATS + GGUF_FORMATS
+DEFAULT_BLOCK_SIZE = {"nf4": 64, "fp4": 64, "int4": 128, "int4_sym": 128, "int8": None, **quant_gguf.BLOCK}
 DOUBLE_QUANT_BLOCK = 256
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -44,8 +52,9 @@ class DoubleQuant:
 class QTensor:
     """A quantized tensor.
 
-    ``data``: packed uint8 (flat); ``scales``: fp32 per block / group / row (uint8 codes
-    when ``double_quant`` is set); ``zeros``: uint8 zero points (``int4`` only, else None);
+    ``data``: packed uint8 (flat; GGUF formats: llama.cpp's block structs); ``scales``: fp32 per
+    block / group / row (uint8 codes when ``double_quant`` is set; empty for GGUF formats, whose
+    scales live in ``data``); ``zeros``: uint8 zero points (``int4`` only, else None);
     ``shape`` / ``dtype``: the original tensor's; ``block_size``: the block or group size
     (``int8``: the row length).
     """
@@ -165,8 +174,8 @@ def _nested_dequantize(codes: torch.Tensor, dq: DoubleQuant) -> torch.Tensor:
 def _check_input(w, fmt: str) -> None:
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
-    if fmt not in FORMATS:
-        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+    if fmt not in ALL_FORMATS:
+        raise ValueError(f"fmt must be one of {ALL_FORMATS}, got {fmt!r}")
     if w.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"w must be bfloat16, float16 or float32, got {w.dtype}")
     if w.numel() == 0:
@@ -188,10 +197,11 @@ def quantize(w: torch.Tensor, fmt: str, block_size: int | None = None, *,
     """Quantize ``w`` (bf16/fp16/fp32) to ``fmt``.
 
     ``block_size``: the 4-bit block (default 64) or the int4 group (default 128), a
-    power of two in [32, 4096]; must be None for ``int8``. ``double_quant`` (nf4/fp4
-    only) nests the absmax as bitsandbytes' ``compress_statistics=True``.
-    nf4/fp4 accept any shape (flattened); integer formats group along the last
-    dimension (int4 formats need it even). NaN/Inf raise ValueError.
+    power of two in [32, 4096]; must be None for ``int8``; GGUF formats have a fixed block
+    (None or that value). ``double_quant`` (nf4/fp4 only) nests the absmax as bitsandbytes'
+    ``compress_statistics=True``. nf4/fp4 and GGUF formats accept any shape (flattened, the
+    last block zero-padded); integer formats group along the last dimension (int4 formats
+    need it even). NaN/Inf raise ValueError, as does a GGUF fp16 scale that overflows.
     """
     _check_input(w, fmt)
     if block_size is None:
@@ -199,6 +209,8 @@ def quantize(w: torch.Tensor, fmt: str, block_size: int | None = None, *,
     if double_quant and fmt not in quant4.FORMATS_4BIT:
         raise ValueError(f"double_quant applies to nf4/fp4 only, not {fmt!r}")
     w = w.contiguous()
+    if fmt in GGUF_FORMATS:
+        return _quantize_gguf(w, fmt, block_size)
     if fmt in quant4.FORMATS_4BIT:
         quant4.check_block_size(block_size)
         data, scales = quant4.quantize_4bit(w, fmt, block_size)
@@ -215,6 +227,20 @@ def quantize(w: torch.Tensor, fmt: str, block_size: int | None = None, *,
                    block_size=block_size, double_quant=dq)
 
 
+def _quantize_gguf(w: torch.Tensor, fmt: str, block_size: int) -> QTensor:
+    if block_size != quant_gguf.BLOCK[fmt]:
+        raise ValueError(f"{fmt} has a fixed block of {quant_gguf.BLOCK[fmt]} elements; block_size must be "
+                         f"None or {quant_gguf.BLOCK[fmt]}, got {block_size!r}")
+    if not bool(torch.isfinite(w).all()):
+        _raise_nonfinite(w, fmt)
+    data = quant_gguf.quantize_gguf(w, fmt)
+    if quant_gguf.fp16_scale_overflow(data, fmt):
+        raise ValueError(f"w: |w| up to {w.abs().max().item():.3g} overflows {fmt}'s fp16 block scale; "
+                         f"cannot quantize to {fmt}")
+    return QTensor(data=data, scales=torch.empty(0, dtype=torch.float32, device=w.device), zeros=None,
+                   shape=w.shape, dtype=w.dtype, fmt=fmt, block_size=block_size)
+
+
 def dequantize(q: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Dequantize ``q`` to a tensor of its original shape (``dtype`` defaults to ``q.dtype``)."""
     if not isinstance(q, QTensor):
@@ -223,6 +249,8 @@ def dequantize(q: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     if dtype not in _FLOAT_DTYPES:
         raise TypeError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
     n = math.prod(q.shape)
+    if q.fmt in GGUF_FORMATS:
+        return quant_gguf.dequantize_gguf(q.data, q.fmt, n, dtype).reshape(q.shape)
     if q.fmt in quant4.FORMATS_4BIT:
         out = quant4.dequantize_4bit(q.data, q.absmax(), q.fmt, q.block_size, n, dtype)
         return out.reshape(q.shape)

@@ -3,7 +3,8 @@
 A :class:`QuantLinear` holds a weight as :func:`qru.quant.quantize` packs it (nf4 / fp4 /
 int4 / int4_sym / int8, nested absmax optional) and dequantizes on the fly in its forward
 through :func:`qru.kernels.qmatmul.quant_linear` (fused C++ for decode-sized inputs on CPU,
-Triton on CUDA, dequantize + ``F.linear`` otherwise). Activations are computed in
+Triton on CUDA, dequantize + ``F.linear`` otherwise). GGUF block formats (q8_0, q4_0, q4_1,
+q5_0, q5_1, q4_k, mxfp4) always dequantize + ``F.linear``. Activations are computed in
 ``compute_dtype``; the output comes back in the input's dtype (as bitsandbytes'
 ``Linear4bit``).
 
@@ -17,10 +18,12 @@ from typing import Iterable
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from qru.kernels import quant4, quant_int
 from qru.kernels.qmatmul import quant_linear
-from qru.quant.formats import DEFAULT_BLOCK_SIZE, FORMATS, DoubleQuant, QTensor, _nested_dequantize, quantize
+from qru.quant.formats import (ALL_FORMATS, DEFAULT_BLOCK_SIZE, GGUF_FORMATS, DoubleQuant, QTensor,
+                               _nested_dequantize, quantize)
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                   "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -43,11 +46,17 @@ def parse_compute_dtype(dtype) -> torch.dtype:
 
 def resolve_block_size(fmt: str, block_size: int | None) -> int | None:
     """The effective block (group) size of ``fmt``: the default when None, None for int8
-    (per output channel; a given value is ignored). Raises ``ValueError`` naming a bad value."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown quantization format {fmt!r} (known: {', '.join(FORMATS)})")
+    (per output channel; a given value is ignored); GGUF formats' fixed block (None or that
+    value). Raises ``ValueError`` naming a bad value."""
+    if fmt not in ALL_FORMATS:
+        raise ValueError(f"unknown quantization format {fmt!r} (known: {', '.join(ALL_FORMATS)})")
     if fmt == "int8":
         return None
+    if fmt in GGUF_FORMATS:
+        if block_size not in (None, DEFAULT_BLOCK_SIZE[fmt]):
+            raise ValueError(f"block size {block_size!r} does not fit {fmt}: its block is fixed at "
+                             f"{DEFAULT_BLOCK_SIZE[fmt]}")
+        return DEFAULT_BLOCK_SIZE[fmt]
     if block_size is None:
         return DEFAULT_BLOCK_SIZE[fmt]
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size not in quant4.BLOCK_SIZES:
@@ -155,6 +164,8 @@ class QuantLinear(nn.Module):
     # -- forward -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         inp = x.dtype
+        if self.fmt in GGUF_FORMATS:
+            return F.linear(x.to(self.compute_dtype), self.dequantize_weight(self.compute_dtype), self.bias).to(inp)
         y = quant_linear(x.to(self.compute_dtype), self.qweight, self.fp32_scales(), self.zeros, self.fmt,
                          self.block_size, self.out_features, self.in_features, self.bias)
         return y.to(inp)

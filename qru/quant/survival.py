@@ -1,24 +1,28 @@
 """Does an unlearning update survive weight quantization? Per-linear-layer survival analysis.
 
 For every linear weight ``W`` (base) and update ``ΔW`` (``unlearned − base``, or the merged
-LoRA update ``s·B·A`` of an adapter) and every format ``fmt`` (:data:`qru.quant.FORMATS`),
+LoRA update ``s·B·A`` of an adapter) and every format ``fmt`` (:data:`qru.quant.ALL_FORMATS`),
 with ``W' = W + ΔW`` and ``D = deq(Q(W')) − deq(Q(W))``, all in fp32:
 
 ``delta_rel_norm``      ``‖ΔW‖ / ‖W‖`` (Frobenius).
 ``code_flip_frac``      fraction of weights whose stored code differs between ``Q(W)`` and
-                        ``Q(W')``: the 4-bit nibble (nf4, fp4, int4, int4_sym) or the int8 byte.
+                        ``Q(W')``: the 4-bit nibble (nf4, fp4, int4, int4_sym, q4_0, q4_1, q4_k,
+                        mxfp4), the 5-bit code (q5_0, q5_1) or the 8-bit code (int8, q8_0).
                         It compares code *indices*: when a block's absmax / group scale / int4
                         zero point changes, an unchanged index may decode to a new value (that
                         shows in ``survival_ratio``, not here), and a changed scale can flip codes
-                        where ``ΔW = 0``. fp4's two codes of +0.0 (0 and 8) count as one code.
+                        where ``ΔW = 0``. fp4's and mxfp4's two codes of zero (0 and 8) count as
+                        one code.
 ``survival_ratio``      ``‖D‖ / ‖ΔW‖``.
 ``cosine``              ``⟨D, ΔW⟩ / (‖D‖ ‖ΔW‖)``; 0 when ``D = 0`` (and ``ΔW ≠ 0``).
 ``below_half_step_frac``  fraction of weights with ``|ΔW| < step / 2`` (``ΔW = 0`` always
                         counts), ``step`` the local quantization step at ``W`` under ``Q(W)``:
-                        int4 / int4_sym: the group scale; int8: the row scale; nf4 / fp4: the
-                        block absmax times the gap from the level ``W`` is coded to, to the next
-                        codebook level in the direction of ``ΔW`` (the only neighbour at the
-                        ends of the codebook; fp4's ±0 codes are one level). A weight sitting on
+                        int4 / int4_sym: the group scale; int8: the row scale; q8_0, q4_0,
+                        q4_1, q5_0, q5_1: ``|d|`` of the block; q4_k: ``d · sc`` of the
+                        32-element sub-block; nf4 / fp4 / mxfp4: the block scale times the gap
+                        from the level ``W`` is coded to, to the next codebook level in the
+                        direction of ``ΔW`` (the only neighbour at the ends of the codebook;
+                        ±0 codes are one level). A weight sitting on
                         its level needs ``|ΔW| ≥ step / 2`` to reach the next one; weights off the
                         grid can flip with less, so this is a proxy, not a flip count.
 ``projection``          ``⟨D, ΔW⟩ / ‖ΔW‖²``: the share of the update that survives, signed.
@@ -77,10 +81,10 @@ from typing import Iterator, Mapping, Sequence
 
 import torch
 
-from qru.kernels import quant4
 from qru.io import check_output, staged_dir
+from qru.kernels import quant4, quant_gguf
 from qru.model.checkpoint import CheckpointError, ShardReader, checkpoint_files
-from qru.quant.formats import DEFAULT_BLOCK_SIZE, FORMATS, QTensor, quantize
+from qru.quant.formats import ALL_FORMATS, DEFAULT_BLOCK_SIZE, GGUF_FORMATS, QTensor, quantize
 
 METRICS = ("delta_rel_norm", "code_flip_frac", "survival_ratio", "cosine", "below_half_step_frac", "projection")
 OUT_METRICS = ("out_cosine", "out_rel_err")
@@ -193,7 +197,17 @@ def _tables(fmt: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return level_of, up, down
 
 
-_TABLES = {f: _tables(f) for f in quant4.FORMATS_4BIT}
+@torch.no_grad()
+def _mxfp4_tables() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mxfp4 as :func:`_tables` does nf4 / fp4 (levels in units of the E8M0 half-scale)."""
+    code = torch.tensor(quant_gguf.MXFP4_VALUES, dtype=torch.float32)
+    levels = torch.unique(code)
+    level_of = torch.searchsorted(levels, code)
+    gaps = levels[1:] - levels[:-1]
+    return level_of, torch.cat((gaps, gaps[-1:])), torch.cat((gaps[:1], gaps))
+
+
+_TABLES = {**{f: _tables(f) for f in quant4.FORMATS_4BIT}, "mxfp4": _mxfp4_tables()}
 # (code * 2 + [delta > 0]) -> the codebook gap in that direction (normalized units)
 _GAP = {f: torch.stack((t[2][t[0]], t[1][t[0]]), dim=1).reshape(-1) for f, t in _TABLES.items()}
 _HALF_GAP = {f: 0.5 * g for f, g in _GAP.items()}
@@ -202,9 +216,17 @@ _FP4_CANON = torch.tensor([((b >> 4) & 7 if (b >> 4) == 8 else b >> 4) << 4 | ((
                            for b in range(256)], dtype=torch.uint8)
 
 
+def _gguf_codes(q: QTensor) -> torch.Tensor:
+    c = quant_gguf.block_codes(q.data, q.fmt).reshape(-1)[:math.prod(q.shape)]
+    return _TABLES["mxfp4"][0][c] if q.fmt == "mxfp4" else c
+
+
 def codes(q: QTensor) -> torch.Tensor:
-    """Flat per-element code of ``q`` as compared by ``code_flip_frac`` (fp4: ±0 merged)."""
+    """Flat per-element code of ``q`` as compared by ``code_flip_frac`` (fp4, mxfp4: ±0 merged;
+    mxfp4 codes are then level indices)."""
     n = math.prod(q.shape)
+    if q.fmt in GGUF_FORMATS:
+        return _gguf_codes(q)
     if q.fmt == "int8":
         return q.data.view(torch.int8).reshape(-1)
     c = _nibbles(q.data, n)
@@ -216,6 +238,8 @@ def codes(q: QTensor) -> torch.Tensor:
 def code_flips(qa: QTensor, qb: QTensor) -> int:
     """How many elements' codes differ between ``qa`` and ``qb`` (same shape and format)."""
     a, b = qa.data, qb.data
+    if qa.fmt in GGUF_FORMATS:  # per element: a padded tail's codes may differ and do not count
+        return int((_gguf_codes(qa) != _gguf_codes(qb)).sum())
     if qa.fmt == "int8":
         return int((a != b).sum())
     if qa.fmt == "fp4":
@@ -234,11 +258,27 @@ def local_step(q: QTensor, delta: torch.Tensor) -> torch.Tensor:
     """Flat per-element local quantization step of ``q`` (see module docstring); ``delta``
     (the update, same numel) picks the direction for nf4 / fp4."""
     n = math.prod(q.shape)
+    if q.fmt in GGUF_FORMATS:
+        return _gguf_step(q, delta)
     if q.fmt in quant4.FORMATS_4BIT:
         return torch.take(_GAP[q.fmt], _gap_key(q, delta)) * q.absmax().repeat_interleave(q.block_size)[:n]
     inner = q.shape[-1]
     scales = q.scales.reshape(-1, 1) if q.fmt == "int8" else q.scales
     return scales.repeat_interleave(q.block_size if q.fmt != "int8" else inner, dim=1)[:, :inner].reshape(-1)
+
+
+def _gguf_step(q: QTensor, delta: torch.Tensor) -> torch.Tensor:
+    """GGUF formats: the uniform step ``|d|`` (q4_k: ``d · sc`` per sub-block), or for mxfp4 the
+    E8M0 half-scale times the codebook gap in the direction of ``delta``."""
+    n = delta.numel()
+    scale, _ = quant_gguf.block_affine(q.data, q.fmt)
+    per = quant_gguf.BLOCK[q.fmt] // scale.shape[1]
+    step = scale.abs().repeat_interleave(per, dim=1).reshape(-1)[:n]
+    if q.fmt != "mxfp4":
+        return step
+    c = quant_gguf.block_codes(q.data, q.fmt).reshape(-1)[:n]
+    key = (c << 1) | (delta.reshape(-1) > 0).long()
+    return torch.take(_GAP["mxfp4"], key) * step
 
 
 _TINY = float(torch.nextafter(torch.tensor(0.0), torch.tensor(1.0)))  # |x| < _TINY  <=>  x == 0
@@ -251,6 +291,8 @@ def below_half_step(q: QTensor, delta: torch.Tensor) -> int:
     n = delta.numel()
     ad = delta.reshape(-1).abs()
     bs = q.block_size
+    if q.fmt in GGUF_FORMATS:
+        return int(torch.count_nonzero(ad < (0.5 * _gguf_step(q, delta)).clamp_(min=_TINY)))
     if q.fmt in quant4.FORMATS_4BIT:
         half = torch.take(_HALF_GAP[q.fmt], _gap_key(q, delta))
         am = q.absmax()
@@ -302,12 +344,12 @@ def chunk_sums(w: torch.Tensor, wp: torch.Tensor, fmt: str, block_size: int | No
 
 def row_chunk(shape: Sequence[int], formats: Sequence[str], block_size: Mapping[str, int | None],
               max_elems: int = CHUNK_ELEMS) -> int:
-    """Rows per chunk: about ``max_elems`` elements, and a whole number of 4-bit blocks so the
-    chunked codes equal whole-tensor quantization (integer formats group within rows)."""
+    """Rows per chunk: about ``max_elems`` elements, and a whole number of 4-bit / GGUF blocks so
+    the chunked codes equal whole-tensor quantization (integer formats group within rows)."""
     rows, inner = shape
     m = 1
     for f in formats:
-        if f in quant4.FORMATS_4BIT:
+        if f in quant4.FORMATS_4BIT or f in GGUF_FORMATS:
             b = block_size[f]
             m = math.lcm(m, b // math.gcd(inner, b))
     r = max(m, (max(1, max_elems // max(inner, 1)) // m) * m)
@@ -538,10 +580,10 @@ def _parse_formats(formats) -> list[str]:
         formats = [f.strip() for f in formats.split(",") if f.strip()]
     formats = list(dict.fromkeys(formats))
     if not formats:
-        raise SurvivalError(f"no format given (choose from {', '.join(FORMATS)})")
+        raise SurvivalError(f"no format given (choose from {', '.join(ALL_FORMATS)})")
     for f in formats:
-        if f not in FORMATS:
-            raise SurvivalError(f"unknown format {f!r} (choose from {', '.join(FORMATS)})")
+        if f not in ALL_FORMATS:
+            raise SurvivalError(f"unknown format {f!r} (choose from {', '.join(ALL_FORMATS)})")
     return formats
 
 
@@ -551,7 +593,9 @@ def _block_sizes(formats: Sequence[str], block_size: int | None) -> dict[str, in
             quant4.check_block_size(block_size)
         except ValueError:
             raise SurvivalError(f"block_size must be a power of two between 32 and 4096, got {block_size!r}") from None
-    return {f: None if f == "int8" else (block_size or DEFAULT_BLOCK_SIZE[f]) for f in formats}
+    # int8 is per row; GGUF formats have a fixed block (a given block_size does not apply to them)
+    return {f: None if f == "int8" else DEFAULT_BLOCK_SIZE[f] if f in GGUF_FORMATS
+            else (block_size or DEFAULT_BLOCK_SIZE[f]) for f in formats}
 
 
 def analyze(base_dir: str | os.PathLike, unlearned_dir: str | os.PathLike | None = None, *,
@@ -564,8 +608,9 @@ def analyze(base_dir: str | os.PathLike, unlearned_dir: str | os.PathLike | None
     "by_layer_index", "overall"}`` for one format, else ``{fmt: report}``.
 
     ``unlearned_dir`` and/or ``adapter`` (PEFT LoRA dir) define ``W'``; ``block_size`` applies
-    to every format but int8 (per row; reported as null); ``calib`` (text / JSON / MUSE dir,
-    tokenized with the tokenizer in ``base_dir``) adds ``out_cosine`` / ``out_rel_err`` using the
+    to every format but int8 (per row; reported as null) and the GGUF formats (fixed blocks);
+    ``calib`` (text / JSON / MUSE dir, tokenized with the tokenizer in ``base_dir``) adds
+    ``out_cosine`` / ``out_rel_err`` using the
     inputs of ``calib_rows`` tokens (sequences of ``calib_seq_len``); ``skip``: name patterns.
     Raises :class:`SurvivalError` / :class:`CheckpointError` / ``FileNotFoundError`` naming the culprit.
     """
