@@ -144,7 +144,7 @@ def test_triton_interpreter_equals_reference(fmt):
         for m in (1, 20):
             x = torch.randn(m, k, generator=g).to(dtype)
             ref = qmatmul.quant_linear_reference(x, data, scales, zeros, fmt, q.block_size, n, k, bias)
-            y = qmatmul._quant_linear_triton(x, data, scales, zeros, fmt, q.block_size, n, bias, blocks=(16, 32, 32))
+            y = qmatmul._quant_linear_triton(x, data, scales, zeros, fmt, q.block_size, n, bias, config=(16, 32, 32))
             assert_linear_close(y, ref, x, w)
 
 
