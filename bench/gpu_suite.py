@@ -11,7 +11,7 @@ start after the budget is spent is skipped and says so):
   ``Linear4bit`` (QLoRA), without and with dropout (qru's mask hashed in the kernels), and a
   dense base against peft;
 * ``step``: the unlearning step (NPO+GDR, LoRA and full; bf16) against HF transformers + peft
-  (``bench_step.run_mode``);
+  (``bench_step.run_mode``), and the LoRA step over NF4 bases (QLoRA) against peft + bitsandbytes;
 * ``generate``: greedy generation, bf16 and NF4, against transformers (+ bitsandbytes)
   (``bench_generate.section``).
 
@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.harness import RESULTS_CSV, Row, Timing, bench, report  # noqa: E402
+from bench.harness import RESULTS_CSV, Row, Timing, bench, paired, report  # noqa: E402
 
 SUITE = "gpu"
 BUDGET_S = 300.0
@@ -198,14 +198,69 @@ def lora_section() -> list[Row]:
     return rows
 
 
+def _bnb_linear(lin: torch.nn.Linear):
+    """A bitsandbytes NF4 ``Linear4bit`` (block 64, no nested absmax, bf16 compute) of ``lin``."""
+    import bitsandbytes as bnb
+
+    m = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None, compute_dtype=torch.bfloat16,
+                          compress_statistics=False, quant_type="nf4")
+    m.weight = bnb.nn.Params4bit(lin.weight.detach().cpu(), requires_grad=False, compress_statistics=False,
+                                 quant_type="nf4", blocksize=64)
+    return m.to(lin.weight.device)
+
+
+def qlora_models(cfg, device: str):
+    """The LoRA models of ``bench_step.build_models`` with every targeted base in NF4, the same
+    packed weights on both sides: peft's LoRA layers over bitsandbytes ``Linear4bit`` bases, and
+    qru's ``LoRALinear.from_nf4`` over the bitsandbytes codes and absmax."""
+    from bench import bench_step as BS
+    from qru.kernels.lora import NF4Weight
+    from qru.model import lora as qlora
+    from qru.model.lora import LoRALinear
+
+    (q, _, _), (h, _, h_ctx) = BS.build_models(cfg, "lora", device)
+    hmods = {n.split("base_model.model.", 1)[1]: m for n, m in h.named_modules()
+             if "base_model.model." in n and isinstance(getattr(m, "base_layer", None), torch.nn.Linear)}
+    for name, m in list(qlora.lora_modules(q)):
+        hm = hmods[name]
+        hm.base_layer = _bnb_linear(hm.base_layer)
+        w, st = hm.base_layer.weight, hm.base_layer.weight.quant_state
+        nf4 = NF4Weight(w.data.reshape(-1), st.absmax, (m.out_features, m.in_features), 64, st.code)
+        new = LoRALinear.from_nf4(nf4, m.r, m.lora_alpha, compute_dtype=cfg.dtype, lora_dtype=m.lora_A.dtype,
+                                  init=(m.lora_A.detach(), m.lora_B.detach()))
+        new.lora_A.requires_grad_(True)
+        new.lora_B.requires_grad_(True)
+        q.set_submodule(name, new.train())
+    return (q, q, lambda: qlora.disable_adapters(q)), (h, h, h_ctx)
+
+
+def qlora_step_rows(cfg, pairs: int, device: str = "cuda") -> list[Row]:
+    """The unlearning step (LoRA, reference forward every step on both sides: the same work)
+    over NF4 bases, qru against peft + bitsandbytes."""
+    from bench import bench_step as BS
+
+    (q, q_ref, q_ctx), (h, h_ref, h_ctx) = qlora_models(cfg, device)
+    fb, rb = BS.make_batches(cfg, device)
+    peer = "peft+bitsandbytes"
+    fns = {peer: BS.hf_step(h, h_ref, h_ctx, fb, rb, cfg),
+           "qru": BS.qru_step(q, fb, rb, cfg, ref_model=q_ref, ref_ctx=q_ctx)}
+    BS.first_steps(fns, "qlora", 3e-2)
+    t, ratio = paired(fns, pairs, device=device, warmup=0)
+    tokens = 2 * cfg.batch * cfg.seq
+    return [Row.of(SUITE, "unlearn_step qlora nf4 (same work)", k, cfg.shape, "bf16", device, t[k], unit="tok/s",
+                   scale=lambda s: tokens / s, ratio=ratio[k]) for k in fns]
+
+
 def step_section() -> list[Row]:
     from bench import bench_step as BS
 
     rows = []
+    cfg = BS.StepConfig(seq=512, batch=4, dtype=torch.bfloat16)
     for mode in ("lora", "full"):
-        cfg = BS.StepConfig(seq=512, batch=4, dtype=torch.bfloat16)
         print(f"\n## unlearn step, {mode} mode, CUDA\nconfig: {cfg.describe(mode)}", flush=True)
         rows += BS.run_mode(cfg, mode, 5, "cuda", "bf16")
+    print(f"\n## unlearn step, QLoRA (NF4 bases), CUDA\nconfig: {cfg.describe('lora')}", flush=True)
+    rows += qlora_step_rows(cfg, 5)
     return rows
 
 
