@@ -270,8 +270,9 @@ def generate_section() -> list[Row]:
     return BG.section(BG.SMALL, ["bf16", "nf4"], 8, 64, 3, "cuda", "small")
 
 
-SECTIONS = {"quant": quant_section, "qmatmul": qmatmul_section, "lora": lora_section, "step": step_section,
-            "generate": generate_section}
+# Cheapest first: the budget check runs before each section.
+SECTIONS = {"quant": quant_section, "qmatmul": qmatmul_section, "lora": lora_section,
+            "generate": generate_section, "step": step_section}
 
 
 def main(argv=None, csv_path: Path = RESULTS_CSV) -> int:
