@@ -192,11 +192,15 @@ def _drop_params(p: float, device, generator: torch.Generator | None = None):
 
 
 def _hash_drop(rows: int, cols: int, seed: torch.Tensor, thr: int) -> torch.Tensor:
-    """The drop-mask of :func:`_hash_drop_reference`, by the C++ kernel on CPU when it is built."""
-    if seed.device.type == "cpu" and forced_backend() != "torch":
-        ext = load_cpp_ext("lora")
-        if ext is not None:
-            return ext.drop_mask(rows, cols, int(seed), thr)
+    """The drop-mask of :func:`_hash_drop_reference`, by the C++ kernel on CPU when it is built, by
+    the Triton hash on CUDA."""
+    if forced_backend() != "torch":
+        if seed.device.type == "cuda":
+            return hash_drop_triton(rows, cols, seed, thr)
+        if seed.device.type == "cpu":
+            ext = load_cpp_ext("lora")
+            if ext is not None:
+                return ext.drop_mask(rows, cols, int(seed), thr)
     return _hash_drop_reference(rows, cols, seed, thr)
 
 
