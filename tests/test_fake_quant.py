@@ -239,3 +239,25 @@ def test_bad_input_names_the_culprit(backend, monkeypatch):
         fq.fake_quant_lora(torch.randn(4, 64), torch.randn(2, 32), torch.randn(4, 2), 1.0, "nf4", name="q_proj")
     with pytest.raises(ValueError, match="scale must be a finite number"):
         fq.fake_quant_lora(torch.randn(4, 64), torch.randn(2, 64), torch.randn(4, 2), float("inf"), "nf4")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bit_equal_on_adversarial_values(backend, dtype, monkeypatch):
+    """Blocks spanning 40 orders of magnitude, subnormals, exact codebook midpoints and negative maxima."""
+    g = torch.Generator().manual_seed(11)
+    mag = 10.0 ** (torch.rand(8, 1, generator=g) * 40 - 36)  # one scale per 64-element row
+    w = torch.randn(8, 64, generator=g) * mag
+    w[0, :5] = torch.tensor([1e-40, -1e-41, 0.0, -0.0, 1e-45])
+    w[1, :16] = torch.tensor(fq.quant4.NF4_BOUNDS + [1.0]) * 3.0  # nf4 midpoints of an absmax-3 block
+    w[1, 16:] = torch.randn(48, generator=g) * 0.1
+    w[2, 0] = -5.0  # the largest |x| is negative (q4_0's signed scale)
+    w = w.to(dtype)
+    for fmt in fq.FUSED_FORMATS:
+        bs = 32 if fmt in ("nf4", "fp4", "int4", "int4_sym") else None
+        if fmt in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1"):
+            w_fmt = w.clamp(-6e4, 6e4)  # fp16 block scales
+        else:
+            w_fmt = w
+        ref = oracle(w_fmt, fmt, bs, monkeypatch)
+        monkeypatch.setenv("QRU_BACKEND", backend)
+        assert torch.equal(bits(fq.fake_quant_values(w_fmt, fmt, bs)), bits(ref)), fmt
