@@ -49,22 +49,30 @@ struct Lora {
   float s;
 };
 
-// x[0:len] = the (merged) fp32 values of flat elements start .. start + len of W [rows, cols].
+// x[0:len] = the (merged) fp32 values of flat elements start .. start + len of W [rows, cols]. LoRA: per
+// row segment of the block, acc[j] += B[r, k] * A[k, c + j] for k ascending (contiguous in j, so it
+// vectorizes; each element's sum still runs over k in order), then x = w + s * acc. acc: scratch [len].
 template <int DT>
-inline void fill(const void* w, int64_t start, int64_t len, int64_t cols, const Lora* L, float* x) {
-  for (int64_t i = 0; i < len; ++i) {
-    float v = load_f32<DT>(w, start + i);
-    if (L != nullptr) {
-      const int64_t e = start + i, r = e / cols, c = e % cols;
-      float acc = 0.0f;
-      for (int64_t k = 0; k < L->rank; ++k) {
-        const float p = L->b[r * L->rank + k] * L->a[k * cols + c];
-        acc = acc + p;
+inline void fill(const void* w, int64_t start, int64_t len, int64_t cols, const Lora* L, float* x, float* acc) {
+  for (int64_t i = 0; i < len; ++i) x[i] = load_f32<DT>(w, start + i);
+  if (L == nullptr) return;
+  for (int64_t i = 0; i < len;) {
+    const int64_t e = start + i, r = e / cols, c = e % cols, seg = std::min(len - i, cols - c);
+    float* ac = acc + i;
+    for (int64_t j = 0; j < seg; ++j) ac[j] = 0.0f;
+    for (int64_t k = 0; k < L->rank; ++k) {
+      const float bk = L->b[r * L->rank + k];
+      const float* ak = L->a + k * cols + c;
+      for (int64_t j = 0; j < seg; ++j) {
+        const float p = bk * ak[j];
+        ac[j] = ac[j] + p;
       }
-      const float d = L->s * acc;
-      v = v + d;
     }
-    x[i] = v;
+    for (int64_t j = 0; j < seg; ++j) {
+      const float d = L->s * ac[j];
+      x[i + j] = x[i + j] + d;
+    }
+    i += seg;
   }
 }
 
@@ -82,6 +90,7 @@ void fq_q4(const float* x, int64_t len, bool partial, const Q4Tables& t, float* 
   const float amc = u2f(std::max(m, kTinyBits));
   const float am = partial ? amc : u2f(m);  // the stored absmax
   const float recip = 1.0f / amc;
+#pragma omp simd
   for (int64_t i = 0; i < len; ++i) {
     const float s = std::min(std::max(partial ? x[i] / amc : x[i] * recip, -1.0f), 1.0f);
     int pos = 0;
@@ -110,6 +119,7 @@ void fq_int(const float* x, int64_t len, int kind, float eps, float* v) {
     const float scale = std::max(mx - mn, eps) / 15.0f;
     const float zero = std::min(std::max(std::rint(-mn / scale), 0.0f), 15.0f);
     const int z = int(zero);
+#pragma omp simd
     for (int64_t i = 0; i < len; ++i) {
       const int c = int(std::min(std::max(std::rint(x[i] / scale) + zero, 0.0f), 15.0f));
       v[i] = float(c - z) * scale;
@@ -118,6 +128,7 @@ void fq_int(const float* x, int64_t len, int kind, float eps, float* v) {
   }
   const float qmax = kind == INT4_SYM ? 7.0f : 127.0f;
   const float scale = u2f(am) / qmax;
+#pragma omp simd
   for (int64_t i = 0; i < len; ++i) {
     const float q = scale > 0.0f ? std::min(std::max(std::rint(x[i] / scale), -qmax), qmax) : 0.0f;
     v[i] = float(int(q)) * scale;
@@ -213,11 +224,11 @@ void fq_impl(const void* w, int64_t rows, int64_t cols, int family, int kind, in
     const int64_t g = block, groups = (cols + g - 1) / g;
 #pragma omp parallel num_threads(num_threads())
     {
-      std::vector<float> x(g), v(g);
+      std::vector<float> x(g), v(g), acc(L != nullptr ? g : 0);
 #pragma omp for schedule(dynamic, 16)
       for (int64_t u = 0; u < rows * groups; ++u) {
         const int64_t r = u / groups, c0 = (u % groups) * g, len = std::min(g, cols - c0), start = r * cols + c0;
-        fill<DT>(w, start, len, cols, L, x.data());
+        fill<DT>(w, start, len, cols, L, x.data(), acc.data());
         fq_int(x.data(), len, kind, eps, v.data());
         for (int64_t i = 0; i < len; ++i) store_f32<DT>(out, start + i, v[i]);
       }
@@ -228,11 +239,11 @@ void fq_impl(const void* w, int64_t rows, int64_t cols, int family, int kind, in
   const int64_t nb = (n + B - 1) / B;
 #pragma omp parallel num_threads(num_threads())
   {
-    std::vector<float> x(B), v(B);
+    std::vector<float> x(B), v(B), acc(L != nullptr ? B : 0);
 #pragma omp for schedule(dynamic, 16)
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t start = b * B, len = std::min(B, n - start);
-      fill<DT>(w, start, len, cols, L, x.data());
+      fill<DT>(w, start, len, cols, L, x.data(), acc.data());
       if (family == 0) {
         fq_q4(x.data(), len, len < B, *q4, v.data());
       } else {

@@ -88,6 +88,12 @@ def _check_lora(w, a, b, scale, name: str) -> None:
         raise ValueError(f"{name}: LoRA scale must be a finite number, got {scale!r}")
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """One reduction pass (min and max propagate NaN; ±Inf shows in one of them)."""
+    lo, hi = torch.aminmax(t.reshape(-1))
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 def _raise_nonfinite(w: torch.Tensor, fmt: str, name: str) -> None:
     if not bool(torch.isfinite(w).all()):
         idx = tuple(int(i) for i in (~torch.isfinite(w)).nonzero()[0])
@@ -383,7 +389,7 @@ def fake_quant_values(w: torch.Tensor, fmt: str, block_size: int | None = None, 
         a, b, s = lora
         lora = (a.detach().float().contiguous(), b.detach().float().contiguous(), float(s))
     out = _run(w.detach(), fmt, bs, lora, backend)
-    if check and not bool(torch.isfinite(out).all()):
+    if check and not _all_finite(out):
         _raise_nonfinite(w.detach() if lora is None else merge_reference(w.detach(), *lora), fmt, name)
     return out
 
