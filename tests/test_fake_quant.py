@@ -263,3 +263,12 @@ def test_bit_equal_on_adversarial_values(backend, dtype, monkeypatch):
         ref = oracle(w_fmt, fmt, bs, monkeypatch)
         monkeypatch.setenv("QRU_BACKEND", backend)
         assert torch.equal(bits(fq.fake_quant_values(w_fmt, fmt, bs)), bits(ref)), fmt
+
+
+def test_q4_k_through_triton(monkeypatch):
+    """q4_k is not fused: under QRU_BACKEND=triton it runs quant_gguf's Triton kernels (one super-block
+    plus a partial one, since the interpreter takes seconds per launch)."""
+    w = weight((1, 300), torch.float32, seed=12)
+    ref = oracle(w, "q4_k", None, monkeypatch)
+    monkeypatch.setenv("QRU_BACKEND", "triton")
+    assert torch.equal(bits(fq.fake_quant_values(w, "q4_k")), bits(ref))
