@@ -93,8 +93,11 @@ void fq_q4(const float* x, int64_t len, bool partial, const Q4Tables& t, float* 
 #pragma omp simd
   for (int64_t i = 0; i < len; ++i) {
     const float s = std::min(std::max(partial ? x[i] / amc : x[i] * recip, -1.0f), 1.0f);
-    int pos = 0;
-    for (int k = 0; k < 15; ++k) pos += s > t.bounds[k];
+    // the number of midpoints below s (ascending bounds): a branch-free binary search
+    int pos = s > t.bounds[7] ? 8 : 0;
+    pos += s > t.bounds[pos + 3] ? 4 : 0;
+    pos += s > t.bounds[pos + 1] ? 2 : 0;
+    pos += s > t.bounds[pos] ? 1 : 0;
     v[i] = t.values[pos] * am;
   }
 }
