@@ -24,22 +24,8 @@ constexpr uint32_t kTinyBits = 0x006CE3EEu;  // fp32(1e-38), bitsandbytes' divis
 constexpr uint32_t kAbsMask = 0x7FFFFFFFu;
 constexpr uint32_t kInfBits = 0x7F800000u;
 
-inline float half_to_f32(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
 inline float half_round(float v) { return half_to_f32(c10::Half(v).x); }
 
-template <int DT>
-inline float load_f32(const void* p, int64_t i) {
-  if constexpr (DT == F32) return static_cast<const float*>(p)[i];
-  if constexpr (DT == BF16) return u2f(uint32_t(static_cast<const uint16_t*>(p)[i]) << 16);
-  return half_to_f32(static_cast<const uint16_t*>(p)[i]);
-}
-
-template <int DT>
-inline void store_f32(void* p, int64_t i, float v) {
-  if constexpr (DT == F32) static_cast<float*>(p)[i] = v;
-  if constexpr (DT == BF16) static_cast<uint16_t*>(p)[i] = f32_to_bf16(v);
-  if constexpr (DT == F16) static_cast<uint16_t*>(p)[i] = c10::Half(v).x;
-}
 
 // The LoRA factors (fp32, contiguous): B [rows, rank], A [rank, cols]; null for plain fake-quant.
 struct Lora {

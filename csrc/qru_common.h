@@ -91,6 +91,25 @@ inline int dtype_code(at::ScalarType t, const char* what) {
   return F32;
 }
 
+// fp16 bits <-> fp32, exactly as torch converts (c10::Half).
+inline float half_to_f32(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
+inline uint16_t f32_to_half(float v) { return c10::Half(v).x; }
+
+// Element DT (F32 / BF16 / F16) of a raw buffer, read as or written from fp32 (bf16: round to nearest even).
+template <int DT>
+inline float load_f32(const void* p, int64_t i) {
+  if constexpr (DT == F32) return static_cast<const float*>(p)[i];
+  if constexpr (DT == BF16) return u2f(uint32_t(static_cast<const uint16_t*>(p)[i]) << 16);
+  return half_to_f32(static_cast<const uint16_t*>(p)[i]);
+}
+
+template <int DT>
+inline void store_f32(void* p, int64_t i, float v) {
+  if constexpr (DT == F32) static_cast<float*>(p)[i] = v;
+  if constexpr (DT == BF16) static_cast<uint16_t*>(p)[i] = f32_to_bf16(v);
+  if constexpr (DT == F16) static_cast<uint16_t*>(p)[i] = f32_to_half(v);
+}
+
 #if QRU_AVX2
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 // 8 bf16 values widened exactly to fp32.

@@ -23,22 +23,7 @@ constexpr int kBlock[7] = {32, 32, 32, 32, 32, 256, 32};
 constexpr int kTypeSize[7] = {34, 18, 20, 22, 24, 144, 17};
 constexpr int8_t kMxfp4[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
 
-inline float half_to_f32(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
-inline uint16_t f32_to_half(float v) { return c10::Half(v).x; }
 
-template <int DT>
-inline float load_f32(const void* p, int64_t i) {
-  if constexpr (DT == F32) return static_cast<const float*>(p)[i];
-  if constexpr (DT == BF16) return u2f(uint32_t(static_cast<const uint16_t*>(p)[i]) << 16);
-  return half_to_f32(static_cast<const uint16_t*>(p)[i]);
-}
-
-template <int DT>
-inline void store_f32(void* p, int64_t i, float v) {
-  if constexpr (DT == F32) static_cast<float*>(p)[i] = v;
-  if constexpr (DT == BF16) static_cast<uint16_t*>(p)[i] = f32_to_bf16(v);
-  if constexpr (DT == F16) static_cast<uint16_t*>(p)[i] = c10::Half(v).x;
-}
 
 inline void put16(uint8_t* p, uint16_t v) { p[0] = uint8_t(v & 255); p[1] = uint8_t(v >> 8); }
 inline uint16_t get16(const uint8_t* p) { return uint16_t(p[0] | (p[1] << 8)); }
