@@ -58,7 +58,7 @@ def cmd_eval(args) -> int:
                  limit=args.limit, seed=args.seed, batch_size=args.batch_size,
                  score_batch_size=args.score_batch_size, max_len=args.max_len, block_size=args.block_size,
                  forget_split=args.forget_split, retain_split=args.retain_split, device=args.device,
-                 progress=args.progress, overwrite=args.overwrite)
+                 progress=args.progress, overwrite=args.overwrite, quantize_head=args.quantize_head)
     except (ValueError, FileNotFoundError, PrecisionUnavailable) as e:
         print(f"qru eval: error: {e}", file=sys.stderr)
         return 2
@@ -83,6 +83,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--score-batch-size", type=int, default=8, help="log-prob scoring batch size")
     p.add_argument("--max-len", type=int, default=None, help="max scored tokens per text (default: context)")
     p.add_argument("--block-size", type=int, default=64, help="quantization block size")
+    p.add_argument("--quantize-head", action="store_true",
+                   help="quantize an untied lm_head too (records say head_quantized; a tied head is an error)")
     p.add_argument("--forget-split", default="forget10", help="TOFU forget split (file stem)")
     p.add_argument("--retain-split", default="retain_perturbed", help="TOFU utility split (file stem)")
     p.add_argument("--device", default="cpu")
@@ -154,6 +156,8 @@ def _run_training(kind: str, fn, cfg) -> int:
     last = {k: v for k, v in (res.evals[-1] if res.evals else {}).items() if k.endswith("_nll")}
     first = {k: v for k, v in (res.evals[0] if res.evals else {}).items() if k.endswith("_nll")}
     nll = ", ".join(f"{k} {first.get(k, float('nan')):.3f} -> {v:.3f}" for k, v in last.items())
+    for w in getattr(res, "warnings", []):
+        print(f"qru {kind}: warning: {w}", file=sys.stderr)
     print(f"qru {kind}: {res.status} after {res.steps}/{res.total_steps} steps in {res.seconds:.1f}s; "
           f"trainable params {res.trainable_params:,} of {res.total_params:,}; {nll}; "
           + (f"output in {res.out}" if res.status == "done"
@@ -239,6 +243,13 @@ def _add_unlearn(sub) -> None:
     p.add_argument("--retain-weight", type=float, default=S, help="alpha in gamma*forget + alpha*retain")
     p.add_argument("--forget-weight", type=float, default=S, help="gamma in gamma*forget + alpha*retain")
     p.add_argument("--tokenizer", default=S, help="tokenizer.model / tokenizer.json (default: the model's)")
+    p.add_argument("--train", choices=["all", "linears"], default=S,
+                   help="full mode: train all parameters, or only the linears 4-bit export quantizes "
+                        "(embeddings, norms, lm_head frozen)")
+    p.add_argument("--lr-relative", type=float, default=S, metavar="X",
+                   help="full mode: lr = X * std(W) per weight matrix (replaces --lr)")
+    p.add_argument("--stall-threshold", type=float, default=S,
+                   help="warn when the forget NLL moved less than this many nats (default 0.05)")
     _add_train_options(p)
     p.set_defaults(func=cmd_unlearn)
 
@@ -296,7 +307,7 @@ def cmd_quantize(args) -> int:
         return _quantize_gguf(args)
     try:
         out = quantize_checkpoint(args.model, args.out, args.format, args.block_size, adapter=args.adapter,
-                                  skip=_csv(args.skip), double_quant=args.double_quant,
+                                  skip=_head_skip(args), double_quant=args.double_quant,
                                   compute_dtype=args.compute_dtype, max_shard_size=args.max_shard_size,
                                   progress=args.progress, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError) as e:
@@ -306,6 +317,12 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def _head_skip(args) -> list[str]:
+    """``--skip`` without ``lm_head`` when ``--quantize-head`` is given."""
+    skip = _csv(args.skip)
+    return [s for s in skip if s != "lm_head"] if getattr(args, "quantize_head", False) else skip
+
+
 def _quantize_gguf(args) -> int:
     """``--format gguf:*``: one llama.cpp GGUF file (``qru.quant.gguf_export``)."""
     from qru.quant.gguf_export import export_gguf
@@ -313,6 +330,9 @@ def _quantize_gguf(args) -> int:
     try:
         if args.block_size is not None or args.double_quant:
             raise ValueError("--block-size and --double-quant do not apply to GGUF formats (fixed 32-value blocks)")
+        if args.quantize_head:
+            raise ValueError("--quantize-head applies to nf4/fp4/int4/int4_sym/int8; for gguf:* drop lm_head "
+                             "from --skip instead")
         out = export_gguf(args.model, args.out, args.format, adapter=args.adapter, skip=_csv(args.skip),
                           progress=args.progress)
     except (ValueError, OSError) as e:
@@ -333,6 +353,8 @@ def _add_quantize(sub) -> None:
                         "q4_k/q6_k need the libgguf package)")
     p.add_argument("--block-size", type=int, default=None, help="4-bit block / int4 group (default 64 / 128)")
     p.add_argument("--skip", default="lm_head", help="comma list of modules kept unquantized ('' for none)")
+    p.add_argument("--quantize-head", action="store_true",
+                   help="quantize an untied lm_head too (removes it from --skip; a tied head is an error)")
     p.add_argument("--double-quant", action="store_true", help="nf4/fp4: quantize the absmax too (bnb nested)")
     p.add_argument("--compute-dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
                    help="activation dtype; non-quantized tensors are stored in it")
