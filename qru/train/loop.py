@@ -687,7 +687,8 @@ def train_loop(model: torch.nn.Module, step_fn: StepFn, main: TokenizedSet, aux:
                evals: dict[str, TokenizedSet], opts: TrainOptions, out: Path, pad_id: int,
                device: torch.device, loss_names: tuple[str, ...], extra_state: dict | None = None,
                config_dict: dict | None = None, desc: str = "train", resume: bool | None = None,
-               param_groups: list[dict] | None = None, update_probe: Callable[[], dict] | None = None
+               param_groups: list[dict] | None = None, update_probe: Callable[[], dict] | None = None,
+               stop_check: Callable[[torch.nn.Module], dict] | None = None
                ) -> tuple[int, int, str, list[dict]]:
     """Run the optimisation in the run directory ``out`` (``metrics.jsonl`` appended, checkpoints).
     ``step_fn(main_batch, aux_batch)`` returns a dict of scalar losses with ``"loss"`` (the one
@@ -696,7 +697,9 @@ def train_loop(model: torch.nn.Module, step_fn: StepFn, main: TokenizedSet, aux:
     metrics_rows)``; status is ``"done"`` or ``"stopped"``. Raises KeyboardInterrupt after
     checkpointing on Ctrl-C. ``param_groups``: AdamW groups of the trainable parameters, each with
     its peak lr as ``base_lr`` (default: one group at ``opts.lr``). ``update_probe() -> dict``: logged
-    as ``update`` in every eval row (:class:`UpdateProbe`)."""
+    as ``update`` in every eval row (:class:`UpdateProbe`). ``stop_check(model) -> dict``: called
+    after every eval row but the first (end of each epoch); its dict is logged in the row as ``check``,
+    and ``{"stop": True, ...}`` ends the run there (status ``"done"``, fewer steps than planned)."""
     resume = opts.resume if resume is None else resume
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -778,8 +781,13 @@ def train_loop(model: torch.nn.Module, step_fn: StepFn, main: TokenizedSet, aux:
                 row = {"step": step, "epoch": round(step / steps_per_epoch, 6),
                        **{k: float(acc[k]) / n_acc if k in acc else None for k in loss_names}, "lr": lr,
                        "tokens_per_s": tokens / max(now - t_log, 1e-9)}
+                stop_now = False
                 if end_of_epoch:
                     row.update(run_evals())
+                    if stop_check is not None:
+                        row["check"] = stop_check(model)
+                        model.train()
+                        stop_now = bool(row["check"].get("stop"))
                 rows.append(row)
                 _append_metrics(metrics_path, [row])
                 if bar is not None:
@@ -789,6 +797,8 @@ def train_loop(model: torch.nn.Module, step_fn: StepFn, main: TokenizedSet, aux:
                 n_acc, tokens, t_log = 0, 0, time.perf_counter()
             if bar is not None:
                 bar.update(1)
+            if end_of_epoch and stop_now:
+                break
             if step < total and (guard.hit or (opts.save_every and step % opts.save_every == 0)
                                  or (opts.stop_after and step >= opts.stop_after)):
                 checkpoint()
@@ -918,8 +928,9 @@ def make_unlearn_step(model: torch.nn.Module, *, method: str, reg: str, beta: fl
     return step_fn
 
 
-def unlearn(cfg: UnlearnConfig) -> TrainResult:
-    """Unlearn ``cfg.forget`` from ``cfg.model``; see the module docstring for the outputs."""
+def unlearn(cfg: UnlearnConfig, stop_check: Callable[[torch.nn.Module], dict] | None = None) -> TrainResult:
+    """Unlearn ``cfg.forget`` from ``cfg.model``; see the module docstring for the outputs.
+    ``stop_check``: an early-stopping rule checked at the end of each epoch (:func:`train_loop`)."""
     t0 = time.perf_counter()
     validate_unlearn(cfg)
     model_dir = Path(cfg.model)
@@ -930,11 +941,11 @@ def unlearn(cfg: UnlearnConfig) -> TrainResult:
     device = resolve_device(cfg.device)
     with target_lock(out):
         work, resume = _prepare_work(out, cfg.resume, cfg.overwrite)
-        return _unlearn(cfg, t0, model_dir, out, work, resume, device)
+        return _unlearn(cfg, t0, model_dir, out, work, resume, device, stop_check)
 
 
 def _unlearn(cfg: UnlearnConfig, t0: float, model_dir: Path, out: Path, work: Path, resume: bool,
-             device: torch.device) -> TrainResult:
+             device: torch.device, stop_check=None) -> TrainResult:
     seed_all(cfg.seed)
     tok = load_tokenizer(cfg.tokenizer or model_dir)
     model_cfg = LlamaConfig.from_json(model_dir)
@@ -1001,7 +1012,8 @@ def _unlearn(cfg: UnlearnConfig, t0: float, model_dir: Path, out: Path, work: Pa
         steps, total_steps, status, rows = train_loop(
             model, step_fn, forget, aux, evals, cfg, work, pad, device, ("loss", "forget_loss", "retain_loss"),
             extra_state={"ref_logp": ref_logp} if ref_logp is not None else None, config_dict=config_dict,
-            desc=f"unlearn {cfg.method}+{cfg.reg}", resume=resume, param_groups=groups, update_probe=probe)
+            desc=f"unlearn {cfg.method}+{cfg.reg}", resume=resume, param_groups=groups, update_probe=probe,
+            stop_check=stop_check)
     except KeyboardInterrupt:
         _write_run_json(work, "unlearn", cfg, {**info, "status": "interrupted"})
         raise
@@ -1047,8 +1059,9 @@ def _model_config(spec: str, tok: Tokenizer, max_len: int) -> LlamaConfig:
                         **ids)
 
 
-def pretrain(cfg: PretrainConfig) -> TrainResult:
-    """Train a model from scratch (``config``) or fine-tune one (``init``) on text / QA data."""
+def pretrain(cfg: PretrainConfig, stop_check: Callable[[torch.nn.Module], dict] | None = None) -> TrainResult:
+    """Train a model from scratch (``config``) or fine-tune one (``init``) on text / QA data.
+    ``stop_check``: an early-stopping rule checked at the end of each epoch (:func:`train_loop`)."""
     t0 = time.perf_counter()
     validate_pretrain(cfg)
     for p in cfg.data:
@@ -1060,11 +1073,11 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
     device = resolve_device(cfg.device)
     with target_lock(out):
         work, resume = _prepare_work(out, cfg.resume, cfg.overwrite)
-        return _pretrain(cfg, t0, out, work, resume, device)
+        return _pretrain(cfg, t0, out, work, resume, device, stop_check)
 
 
-def _pretrain(cfg: PretrainConfig, t0: float, out: Path, work: Path, resume: bool, device: torch.device
-              ) -> TrainResult:
+def _pretrain(cfg: PretrainConfig, t0: float, out: Path, work: Path, resume: bool, device: torch.device,
+              stop_check=None) -> TrainResult:
     seed_all(cfg.seed)
     if cfg.tokenizer is not None:
         tok, tok_src = load_tokenizer(cfg.tokenizer), cfg.tokenizer
@@ -1100,7 +1113,7 @@ def _pretrain(cfg: PretrainConfig, t0: float, out: Path, work: Path, resume: boo
     try:
         steps, total_steps, status, rows = train_loop(model, step_fn, data, None, evals, cfg, work, tok.pad_id,
                                                       device, ("loss",), config_dict=asdict(cfg), desc="pretrain",
-                                                      resume=resume)
+                                                      resume=resume, stop_check=stop_check)
     except KeyboardInterrupt:
         _write_run_json(work, "pretrain", cfg, {**info, "status": "interrupted"})
         raise
