@@ -184,3 +184,27 @@ def test_stall_warning(tofu_slice, target, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "warning: forget NLL moved only" in r.stderr
     assert json.loads((tmp_path / "cli" / "run.json").read_text())["config"]["train"] == "linears"
+
+
+def test_demo_preset_knobs(tmp_path):
+    from qru.demo import PresetError, get_preset
+
+    with pytest.raises(PresetError, match="unlearn.train"):
+        get_preset("mini", {"unlearn.train": "embeddings"})
+    with pytest.raises(PresetError, match="pretrained"):
+        get_preset("mini", {"pretrained.facts": "3"})
+    cfg = get_preset("mini", {"unlearn.train": "linears", "eval.quantize_head": "true"})
+    assert cfg.unlearn.train == "linears" and cfg.eval.quantize_head is True
+
+
+@pytest.mark.slow
+def test_demo_with_linears_and_quantized_head(tmp_path):
+    from qru.demo import get_preset, run_demo
+
+    cfg = get_preset("mini", {"unlearn.train": "linears", "eval.quantize_head": "true", "unlearn.modes": "full",
+                              "unlearn.seeds": "1"})
+    run = run_demo(cfg, tmp_path / "d", progress=False, report=False)
+    assert {(r["precision"], r["head_quantized"]) for r in run.records} == {("bf16", False), ("nf4", True)}
+    unl = next((tmp_path / "d" / "stages").glob("unlearn-*"))
+    info = json.loads((unl / "run.json").read_text())
+    assert info["train"] == "linears" and not any("embed" in n or "norm" in n for n in info["trained_tensors"])

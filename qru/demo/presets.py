@@ -67,7 +67,14 @@ class TrainSpec:
 
 @dataclass(frozen=True)
 class UnlearnSpec:
-    """Unlearning runs: every method x mode, for ``seeds`` unlearning seeds (demo seed + 0, 1, ...)."""
+    """Unlearning runs: every method x mode, for ``seeds`` unlearning seeds (demo seed + 0, 1, ...).
+
+    Learning rates by model size: Adam moves each weight by about lr per step, so what matters is
+    lr / std(W), and std(W) falls with the width (about 1/sqrt(hidden)). The presets keep lr_full near
+    1e-3 / sqrt(hidden) (1.25e-4 at hidden 64, 8.8e-5 at 128; at 4096 this is the 1.6e-5 of a 7B run) and
+    LoRA's lr about 4-8 times higher (its B starts at zero). ``train="linears"`` (full mode) freezes the
+    embeddings, norms and head, which 4-bit never rounds (they are 30-60% of a demo model's weights).
+    """
     methods: tuple[str, ...] = ("npo_gdr", "ga_gdr")
     modes: tuple[str, ...] = MODES
     lr_full: float = 1e-4
@@ -79,6 +86,7 @@ class UnlearnSpec:
     seeds: int = 2
     master_dtype: str = "fp32"
     scheduler: str = "constant"
+    train: str = "all"  # full mode: "all" parameters or "linears" (only what 4-bit export quantizes)
 
 
 @dataclass(frozen=True)
@@ -92,6 +100,7 @@ class EvalSpec:
     block_size: int = 0  # 0: each format's default (nf4/fp4 64, int4 group 128)
     batch_size: int = 16
     utility_bound: float = 0.5  # largest accepted utility (KnowMem_r) loss of each unlearned bf16 model, relative
+    quantize_head: bool = False  # quantize the (untied) lm_head too; bitsandbytes leaves it unquantized
 
 
 @dataclass(frozen=True)
@@ -108,7 +117,7 @@ class PretrainedSpec:
     """
     facts: int = 15  # per set: forget, retain, holdout
     facts_per_person: int = 3
-    target_lr: float = 1e-4
+    target_lr: float = 3e-4
     target_max_epochs: int = 24  # the target trains until its bf16 accuracy reaches target_acc
     target_acc: float = 0.95
     batch_size: int = 8
@@ -304,6 +313,7 @@ def validate(cfg: DemoConfig) -> None:
         _need(t.lr > 0 and t.epochs >= 1, f"{sec}.lr/epochs", (t.lr, t.epochs), "positive")
         _need(t.master_dtype in ("fp32", "bf16"), f"{sec}.master_dtype", t.master_dtype, "fp32 or bf16")
     _need(u.master_dtype in ("fp32", "bf16"), "unlearn.master_dtype", u.master_dtype, "fp32 or bf16")
+    _need(u.train in ("all", "linears"), "unlearn.train", u.train, "all or linears")
     _need(u.lr_full > 0 and u.lr_lora > 0 and u.epochs >= 1, "unlearn.lr_full/lr_lora/epochs",
           (u.lr_full, u.lr_lora, u.epochs), "positive")
     if cfg.pretrained is not None:
