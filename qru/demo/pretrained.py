@@ -466,6 +466,8 @@ def run_pretrained(cfg: DemoConfig, out: Path, *, seed: int = 0, force: bool = F
     results["computed_seconds"] = round(sum(st.seconds for st in cache.used.values() if not st.cached), 1)
     results["cold_seconds"] = round(sum(st.seconds for st in cache.used.values()), 1)
     results["machine"] = _machine()
+    if stages_root is None:
+        cache.prune()  # stages of these names built with other settings, leftovers of killed builds
     if report:
         atomic_write_json(out / "results.json", results)
         atomic_write_text(out / "report.md", render_report(results))
