@@ -653,6 +653,10 @@ def render_report(results: dict) -> str:
                          f"NLL {m['forget_nll']:.2f}, F1 {m['forget_f1']:.0f}")
         lines.append(f"| {labels[k]} | " + " | ".join(cells) + " |")
     lines.append("\n## Unlearning runs (stopping rule) and survival diagnostics, per seed\n")
+    lines.append("Changed share: linear weights that differ from the bf16 target's at all. In-bin share: of those, the "
+                 "ones whose quantized value equals the target's. Models kept in fp32 (the control, merged LoRA) differ "
+                 "from the bf16 target in nearly every weight, if only below bf16 resolution, so their changed share is "
+                 "about 1 by construction.\n")
     lines.append("| run | seed | outcome | epochs | changed share | in-bin share (fp4 / nf4 / int4) | "
                  "code flips | projection |")
     lines.append("|---|---|---|---|---|---|---|---|")
