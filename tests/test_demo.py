@@ -65,6 +65,7 @@ def test_results_schema(demo):
         for k in ("verbmem_f", "knowmem_f", "knowmem_r"):
             assert 0.0 <= r[k] <= 100.0
             assert statistics.fmean(r["items"][k]) == pytest.approx(r[k], abs=0.01)  # the metric = item mean
+        assert r["head_quantized"] is False  # the default: lm_head left as bitsandbytes leaves it
         if r["mode"] in ("target", "retrain"):
             assert r["method"] == r["mode"]
         else:

@@ -436,3 +436,31 @@ def write_corpus(out_dir: str | os.PathLike, people: int = 20, seed: int = 0, *,
         for rel, text in files.items():
             _write(stage / rel, text)
     return CorpusInfo(out, {rel: out / rel for rel in files}, corpus.counts())
+
+
+# -- fact sets (``qru demo --preset pretrained``) ------------------------------------------------------------
+
+FACT_GROUPS = ("forget", "retain", "holdout")
+
+
+def fact_sets(facts: int = 15, seed: int = 0, facts_per_person: int = 3) -> dict[str, list[dict[str, str]]]:
+    """Forget, retain and holdout sets of ``facts`` fictitious facts each, from the people of
+    :func:`make_corpus` (``ceil(facts / facts_per_person)`` people per group, their first facts):
+    ``{"person", "type", "question", "answer", "sentence"}`` per fact, ``sentence`` one prose sentence
+    stating it with the person's name (a phrasing drawn per fact). The seed changes the people, hence the
+    facts; the same arguments give the same sets."""
+    facts = _check_int("facts", facts, 1)
+    facts_per_person = _check_int("facts_per_person", facts_per_person, 1, len(FACT_TYPES))
+    n = -(-facts // facts_per_person)
+    c = make_corpus(people=n, seed=seed, retain=n, holdout=n, general=6, facts_per_person=facts_per_person,
+                    docs_per_person=1, privleak_docs=1)
+    out = {}
+    for g in FACT_GROUPS:
+        recs = []
+        for i, p in enumerate(c.people[g]):
+            rng = random.Random(f"qru-synth:{seed}:fact-sentence:{g}:{i}")
+            for t, v in p.facts.items():
+                recs.append({"person": p.name, "type": t, "question": p.questions[t], "answer": v,
+                             "sentence": _render(rng.choice(PROSE[t]), p.name, p.gender, v, True)})
+        out[g] = recs[:facts]
+    return out

@@ -257,13 +257,16 @@ def _unlearn_stage(cache, cfg, target, method, mode, useed, common):
         res = unlearn(UnlearnConfig(out=str(d), model=str(target.dir), forget=[str(corpus_dir / "raw" / "forget.txt")],
                                     retain=[str(corpus_dir / "raw" / "retain.txt")], method=meth, reg=reg, mode=mode,
                                     lr=lr, epochs=u.epochs, batch_size=u.batch_size, rank=u.rank, alpha=u.alpha,
-                                    master_dtype=u.master_dtype, scheduler=u.scheduler, seed=useed, **common))
+                                    master_dtype=u.master_dtype, scheduler=u.scheduler, seed=useed, train=u.train,
+                                    **common))
         return _summary(res)
 
     key = {"target": target.hash, "method": method, "mode": mode, "lr": lr, "epochs": u.epochs,
            "batch_size": u.batch_size, "master_dtype": u.master_dtype, "scheduler": u.scheduler, "seed": useed}
     if mode == "lora":
         key.update(rank=u.rank, alpha=u.alpha)
+    elif u.train != "all":  # keyed only when not the default, so earlier caches stay valid
+        key["train"] = u.train
     return cache.run(name, key, build)
 
 
@@ -271,8 +274,11 @@ def _unlearn_stage(cache, cfg, target, method, mode, useed, common):
 
 def _eval_keys(cfg: DemoConfig) -> dict:
     e = cfg.eval
-    return {"limit": e.limit, "verbmem_tokens": e.verbmem_tokens, "knowmem_tokens": e.knowmem_tokens,
+    keys = {"limit": e.limit, "verbmem_tokens": e.verbmem_tokens, "knowmem_tokens": e.knowmem_tokens,
             "block_size": e.block_size, "batch_size": e.batch_size}
+    if e.quantize_head:  # keyed only when set, so earlier caches stay valid
+        keys["quantize_head"] = True
+    return keys
 
 
 def _evaluate_one(ref: ModelRef, precision: str, tok, data_dir: Path, cfg: DemoConfig, device: str,
@@ -282,7 +288,8 @@ def _evaluate_one(ref: ModelRef, precision: str, tok, data_dir: Path, cfg: DemoC
 
     e = cfg.eval
     t0 = time.perf_counter()
-    model = build_model(ref.path, precision, ref.adapter, block_size=e.block_size or None, device=device)
+    model = build_model(ref.path, precision, ref.adapter, block_size=e.block_size or None, device=device,
+                        quantize_head=e.quantize_head)
     if precision in FLOAT_WEIGHTS:
         # weights rounded to bf16, computed in fp32 like the quantized models (whose compute dtype is the
         # fp32 of the loaded model): the precisions differ only in how the weights are stored, and CPUs
@@ -300,7 +307,8 @@ def _evaluate_one(ref: ModelRef, precision: str, tok, data_dir: Path, cfg: DemoC
     rec = {"verbmem_f": o["verbmem_f"], "knowmem_f": o["knowmem_f"], "knowmem_r": o["knowmem_r"],
            "knowmem_f_recall": o["knowmem_f_recall"], "knowmem_r_recall": o["knowmem_r_recall"], "privleak": pl,
            "auc": auc, "min_k_gap": o["min_k_gap"], "build_seconds": round(built, 3),
-           "eval_seconds": round(time.perf_counter() - t0 - built, 3), "linear_modules": kinds}
+           "eval_seconds": round(time.perf_counter() - t0 - built, 3), "linear_modules": kinds,
+           "head_quantized": bool(e.quantize_head and precision not in FLOAT_WEIGHTS)}
     mk = f"Min-{int(round(o['k'] * 100))}%"
     items = {"verbmem_f": [x["rougeL_f"] for x in o["items"]["verbmem_f"]],
              "knowmem_f": [x["rougeL_f"] for x in o["items"]["knowmem_f"]],
@@ -478,6 +486,7 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, *, seed: int = 0, force: b
                                 "knowmem_f_recall": r["knowmem_f_recall"], "knowmem_r_recall": r["knowmem_r_recall"],
                                 "auc": r["auc"], "min_k_gap": sg["value"], "min_k_gap_ci": sg["ci"],
                                 "min_k_gap_raw": sg["gap"], "seed": ref.seed, "model": ref.key,
+                                "head_quantized": bool(r.get("head_quantized", False)),
                                 "items": {k: [round(100 * x, 3) for x in items[k]]
                                           for k in ("verbmem_f", "knowmem_f", "knowmem_r")}})
     run.meta = {"retrain_auc": retrain_auc, "stages": {k: v.result for k, v in cache.used.items()

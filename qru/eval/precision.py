@@ -110,12 +110,27 @@ def merge_adapter(model, adapter: str | Path):
     return lora.merge_and_unload(model)
 
 
+def check_quantize_head(model_dir: str | Path, quantize_head: bool) -> None:
+    """``quantize_head`` needs an untied ``lm_head``: a head tied to the embeddings (``tie_word_embeddings``)
+    cannot be quantized separately; raise a ValueError naming the checkpoint (read from its config only)."""
+    if not quantize_head:
+        return
+    from qru.model.config import LlamaConfig
+
+    if LlamaConfig.from_json(model_dir).tie_word_embeddings:
+        raise ValueError(f"quantize_head: {model_dir} ties lm_head to model.embed_tokens (tie_word_embeddings), "
+                         "so the head cannot be quantized separately from the embeddings (which stay unquantized); "
+                         "evaluate without --quantize-head")
+
+
 def build_model(model_dir: str | Path, precision: str, adapter: str | Path | None = None, *,
-                block_size: int = 64, device: str | torch.device = "cpu"):
-    """Load ``model_dir`` in fp32, merge ``adapter`` if given, then cast or quantize to ``precision``."""
+                block_size: int = 64, device: str | torch.device = "cpu", quantize_head: bool = False):
+    """Load ``model_dir`` in fp32, merge ``adapter`` if given, then cast or quantize to ``precision``
+    (every linear but ``lm_head``; ``quantize_head``: an untied ``lm_head`` too)."""
     from qru.model.llama import Llama
 
     (precision,) = parse_precisions([precision])
+    check_quantize_head(model_dir, quantize_head)
     if check_stored_precision(model_dir, [precision]) is not None:
         if adapter is not None:
             raise ValueError(f"{model_dir} is already quantized: an adapter cannot be merged into it (merge into "
@@ -129,28 +144,32 @@ def build_model(model_dir: str | Path, precision: str, adapter: str | Path | Non
         model.config = model.config.replace(torch_dtype={"fp32": "float32", "bf16": "bfloat16",
                                                          "fp16": "float16"}[precision])
     else:
-        q = _quantize_fn()(model, precision, None if precision in GGUF_PRECISIONS else block_size)
+        q = _quantize_fn()(model, precision, None if precision in GGUF_PRECISIONS else block_size,
+                           skip=() if quantize_head else ("lm_head",))
         model = q if q is not None else model
     return model.eval()
 
 
 def eval_at_precisions(model_dir: str | Path, adapter: str | Path | None, precisions: Sequence[str] | str,
                        fn: Callable[[object, str], dict], *, block_size: int = 64,
-                       device: str | torch.device = "cpu") -> list[dict]:
+                       device: str | torch.device = "cpu", quantize_head: bool = False) -> list[dict]:
     """For each precision: build the model, call ``fn(model, precision) -> dict``, free it.
 
-    Returns one record per precision with ``precision`` and ``build_seconds`` added.
+    Returns one record per precision with ``precision``, ``build_seconds`` and ``head_quantized``
+    (whether ``lm_head`` was quantized: ``quantize_head`` at a quantized precision) added.
     """
     precisions = parse_precisions(precisions)
     own = check_stored_precision(model_dir, precisions)
     check_available([] if own else precisions, adapter)
+    check_quantize_head(model_dir, quantize_head)
     records = []
     for p in precisions:
         t0 = time.perf_counter()
-        model = build_model(model_dir, p, adapter, block_size=block_size, device=device)
+        model = build_model(model_dir, p, adapter, block_size=block_size, device=device, quantize_head=quantize_head)
         built = time.perf_counter() - t0
         rec = fn(model, p)
-        records.append({"precision": p, **rec, "build_seconds": round(built, 4)})
+        records.append({"precision": p, **rec, "build_seconds": round(built, 4),
+                        "head_quantized": bool(quantize_head and p in QUANT_PRECISIONS)})
         del model
         gc.collect()
     return records

@@ -9,8 +9,8 @@ from typing import Sequence
 import torch
 
 from qru.eval.common import load_records, nan_to_none
-from qru.eval.precision import (build_model, check_available, check_stored_precision, eval_at_precisions,
-                                 parse_precisions)
+from qru.eval.precision import (build_model, check_available, check_quantize_head, check_stored_precision,
+                                 eval_at_precisions, parse_precisions)
 from qru.io import check_device, check_output, target_lock, write_json
 from qru.model.config import LlamaConfig
 
@@ -76,7 +76,7 @@ def run_eval(model_dir: str | Path, benchmark: str, data_dir: str | Path, *, out
              limit: int | None = None, seed: int = 0, batch_size: int = 16, score_batch_size: int = 8,
              max_len: int | None = None, block_size: int = 64, forget_split: str = "forget10",
              retain_split: str = "retain_perturbed", device: str = "cpu", progress: bool = False,
-             log=print, overwrite: bool = False) -> dict:
+             log=print, overwrite: bool = False, quantize_head: bool = False) -> dict:
     """Evaluate ``model_dir`` (plus ``adapter``) on ``benchmark`` at each precision.
 
     MUSE: ``retrain_auc`` or ``retrain_model`` (its forget/holdout AUC at fp32) gives PrivLeak.
@@ -112,6 +112,7 @@ def run_eval(model_dir: str | Path, benchmark: str, data_dir: str | Path, *, out
     if own is not None and adapter is not None:
         raise ValueError(f"{model_dir} is already quantized ({own}): an adapter cannot be merged into it")
     check_available([] if own else precisions, adapter)
+    check_quantize_head(model_dir, quantize_head)
     tok = _load_tokenizer(model_dir)
     _check_vocab(model_dir, tok)
     if retrain_model is not None:
@@ -163,7 +164,8 @@ def run_eval(model_dir: str | Path, benchmark: str, data_dir: str | Path, *, out
     meta = {"benchmark": benchmark, "model": str(model_dir), "adapter": None if adapter is None else str(adapter),
             "data": str(data_dir), "qru_version": __version__, "seed": seed, "limit": limit,
             "retrain_model": None if retrain_model is None else str(retrain_model), "device": str(device)}
-    records = eval_at_precisions(model_dir, adapter, precisions, fn, block_size=block_size, device=device)
+    records = eval_at_precisions(model_dir, adapter, precisions, fn, block_size=block_size, device=device,
+                                 quantize_head=quantize_head)
     records = [{**r, **meta, **({"block_size": block_size} if r["precision"] not in ("fp32", "bf16", "fp16")
                                else {})} for r in records]
     payload = nan_to_none({**meta, "precisions": precisions, "retrain": {k: v for k, v in ref_info.items()},

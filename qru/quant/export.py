@@ -397,7 +397,8 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out: str | os.PathLike, fm
     readers, shapes = checkpoint_shapes(model_dir, expected)
     targets, skipped = split_linears(meta, _as_tuple(skip))
     if config.tie_word_embeddings and any(n == "lm_head" for n, _ in targets):
-        raise ValueError("lm_head is tied to model.embed_tokens (tie_word_embeddings); add it to --skip")
+        raise ValueError(f"{model_dir}: lm_head is tied to model.embed_tokens (tie_word_embeddings), so it cannot "
+                         "be quantized separately from the embeddings; keep lm_head in --skip (no --quantize-head)")
     for name, lin in targets:
         if fmt in ("int4", "int4_sym") and lin.in_features % 2:
             raise ValueError(f"{name}: in_features={lin.in_features} is odd; {fmt} needs it even "

@@ -59,6 +59,7 @@ from qru.model.checkpoint import write_pretrained
 from qru.model.config import LlamaConfig
 from qru.model.llama import Llama
 from qru.model.tokenizer import Tokenizer, load_tokenizer
+from qru.quant.qlinear import split_linears
 from qru.train import losses as L
 from qru.train.data import (Batch, BatchStream, TokenizedSet, collate, detect_format, fixed_sample, format_qa,
                             load_sets, read_records)
@@ -69,6 +70,7 @@ MODES = ("full", "lora")
 SCHEDULERS = ("constant", "cosine")
 PRECISIONS = ("bf16", "fp32")
 MASTER_DTYPES = ("fp32", "bf16")
+TRAIN_SETS = ("all", "linears")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CKPT_PREFIX = "checkpoint-"
 COMPLETE = "COMPLETE"
@@ -126,8 +128,41 @@ class TrainOptions:
     cache_dir: str | None = None  # token cache (default $QRU_CACHE/tokens or ~/.cache/qru/tokens)
 
 
+STALL_THRESHOLD = 0.05
+
+
 @dataclass(kw_only=True)
 class UnlearnConfig(TrainOptions):
+    """Unlearning options (``qru unlearn``).
+
+    ``train`` (full mode): ``"all"`` trains every parameter; ``"linears"`` trains exactly the
+    matrices 4-bit export quantizes with its default skip (:func:`quantized_linear_names`: the seven
+    linears of every layer), with embeddings, norms and ``lm_head`` frozen. At 7B the embeddings
+    and head are about 4% of the weights, in a small model 30-60%, and 4-bit never rounds them, so
+    ``all`` lets a large, unrounded share of the update through quantization.
+
+    ``master_dtype="bf16"`` is pure bf16 training (Zhang et al.'s Trainer setup): the weights are
+    bf16 and AdamW's ``exp_avg`` / ``exp_avg_sq`` are bf16 too (torch allocates the state like the
+    parameter; the fused kernel computes each update in fp32 registers and rounds it back to bf16);
+    no fp32 master copy exists anywhere. Two consequences: an update smaller than half a bf16 ulp
+    of a weight (2^-9 relative) is rounded away, so most small steps change nothing; and the
+    second-moment decay ``v * 0.999`` is a no-op whenever ``0.001 * v`` is below half an ulp of
+    ``v`` (always, for a normal bf16 ``v``: 0.001 < 2^-9), so ``exp_avg_sq`` only grows (or stays)
+    and never decays while gradients shrink; e.g. ``v = 1.0``: ``0.999`` rounds back to ``1.0``.
+    ``exp_avg`` (x 0.9) still decays. ``master_dtype="fp32"`` keeps fp32 weights and state.
+
+    ``lr_relative`` = X sets one AdamW param group per trainable tensor with lr = X * std(W)
+    (X * RMS(w) for a vector, whose std may be 0). Derivation: Adam's update per step has
+    magnitude about lr per entry (the normalised gradient m / sqrt(v) is O(1)), so a step changes a
+    matrix by about lr / std(W) relative to its entries. A 7B model's weights have std about
+    0.01-0.02 and is unlearned at lr 1e-5, a relative update of about 5e-4 to 1e-3 per step. A small
+    model's weights have another std, so the same absolute lr is another relative step (and under
+    bf16 storage, whose ulp is 2^-8 relative, a step below half an ulp rounds away). X = lr_7B /
+    std_7B, about 1e-5 / 0.015 ~ 7e-4, reproduces a 7B update's relative size at any width.
+
+    ``stall_threshold`` (nats): the run summary (``run.json`` ``warnings``, the CLI) warns when the
+    forget NLL (or, without eval rows, the forget loss) moved by less than this, naming the levers.
+    """
     model: str
     forget: list[str]
     retain: list[str] = field(default_factory=list)
@@ -144,6 +179,9 @@ class UnlearnConfig(TrainOptions):
     retain_weight: float = 1.0  # alpha
     tokenizer: str | None = None  # default: the tokenizer beside the model (tokenizer.json or tokenizer.model)
     qa_loss: str = "answer"
+    train: str = "all"  # full mode: "all" parameters | "linears" (only what 4-bit export quantizes)
+    lr_relative: float | None = None  # full mode: lr = lr_relative * std(W) per matrix (``lr`` is then unused)
+    stall_threshold: float = STALL_THRESHOLD  # warn when forget loss / NLL moved less than this (relative)
 
     @property
     def effective_beta(self) -> float:
@@ -179,6 +217,7 @@ class TrainResult:
     metrics: list[dict]  # every row of metrics.jsonl
     seconds: float
     model: torch.nn.Module = field(repr=False, default=None)
+    warnings: list[str] = field(default_factory=list)  # e.g. "nothing happened" (:func:`stall_warnings`)
 
     @property
     def evals(self) -> list[dict]:
@@ -231,6 +270,13 @@ def validate_unlearn(c: UnlearnConfig) -> None:
            "a finite number >= 0")
     _check(math.isfinite(c.retain_weight) and c.retain_weight >= 0, "retain_weight", c.retain_weight,
            "a finite number >= 0")
+    _check(c.train in TRAIN_SETS, "train", c.train, f"one of {TRAIN_SETS}")
+    _check(c.lr_relative is None or (isinstance(c.lr_relative, (int, float)) and math.isfinite(c.lr_relative)
+                                     and c.lr_relative > 0), "lr_relative", c.lr_relative, "None or > 0")
+    _check(c.lr_relative is None or c.mode == "full", "lr_relative", c.lr_relative,
+           "None in LoRA mode (it scales the lr by each trained weight's std: full mode only)")
+    _check(isinstance(c.stall_threshold, (int, float)) and c.stall_threshold >= 0, "stall_threshold",
+           c.stall_threshold, ">= 0")
     if isinstance(c.forget, (str, os.PathLike)):
         c.forget = [str(c.forget)]
     if isinstance(c.retain, (str, os.PathLike)):
@@ -318,6 +364,97 @@ def count_params(model: torch.nn.Module) -> tuple[int, int]:
     """``(trainable, total)`` parameter counts (shared tensors counted once)."""
     ps = list(model.parameters())
     return sum(p.numel() for p in ps if p.requires_grad), sum(p.numel() for p in ps)
+
+
+def quantized_linear_names(model: torch.nn.Module) -> list[str]:
+    """The weight names 4-bit export quantizes with its default skip (``lm_head``): every plain
+    ``nn.Linear`` but the head (:func:`qru.quant.qlinear.split_linears`, the function
+    ``quantize_checkpoint`` / ``quantize_model`` use)."""
+    return [f"{n}.weight" for n, _ in split_linears(model, ("lm_head",))[0]]
+
+
+def module_type(name: str) -> str:
+    """``model.layers.3.mlp.up_proj.weight`` -> ``up_proj``; the embeddings -> ``embed``, ``lm_head``
+    -> ``head``, RMSNorm gains -> ``norm``; LoRA module names (no ``.weight``) likewise."""
+    parts = name.split(".")
+    if "embed_tokens" in parts:
+        return "embed"
+    if parts[0] == "lm_head":
+        return "head"
+    leaf = parts[-2] if parts[-1] in ("weight", "bias") and len(parts) > 1 else parts[-1]
+    return "norm" if leaf.endswith("norm") else leaf
+
+
+class UpdateProbe:
+    """The relative update size ``||ΔW|| / ||W||`` per module type (Frobenius norms, pooled over
+    the layers: sqrt(sum ||ΔW||²) / sqrt(sum ||W||²)), logged at every eval row.
+
+    Full mode keeps a copy of the initial trainable tensors only, in their own dtype. LoRA mode
+    keeps nothing: ΔW = s·B A, and ``||B A||²_F = sum((BᵀB) ⊙ (A Aᵀ))`` costs two r x r products.
+    """
+
+    def __init__(self, model: torch.nn.Module, lora_mode: bool):
+        self.lora = None
+        self.base: dict[str, float] = {}
+        if lora_mode:
+            self.lora = list(_lora().lora_modules(model))
+            for name, m in self.lora:
+                t = module_type(name)
+                self.base[t] = self.base.get(t, 0.0) + float(m.weight.detach().float().pow(2).sum())
+        else:
+            self.init = {n: (p, p.detach().clone()) for n, p in model.named_parameters() if p.requires_grad}
+            for n, (p, _) in self.init.items():
+                t = module_type(n)
+                self.base[t] = self.base.get(t, 0.0) + float(p.detach().float().pow(2).sum())
+
+    @torch.no_grad()
+    def __call__(self) -> dict[str, float]:
+        d: dict[str, float] = {t: 0.0 for t in self.base}
+        if self.lora is not None:
+            for name, m in self.lora:
+                A, B = m.lora_A.float(), m.lora_B.float()
+                d[module_type(name)] += m.scaling ** 2 * float(((B.T @ B) * (A @ A.T)).sum().clamp_min(0))
+        else:
+            for n, (p, w0) in self.init.items():
+                d[module_type(n)] += float((p.float() - w0.float()).pow(2).sum())
+        return {t: math.sqrt(d[t]) / math.sqrt(self.base[t]) if self.base[t] > 0 else 0.0 for t in d}
+
+
+def relative_lr_groups(model: torch.nn.Module, lr_relative: float) -> list[dict]:
+    """One AdamW param group per trainable tensor with lr = ``lr_relative`` x std(W) (x RMS(w) for a
+    vector); see :class:`UnlearnConfig`. Each group keeps its peak lr as ``base_lr`` (the schedule
+    scales it) and its tensor's ``name``."""
+    groups = []
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            w = p.detach().float()
+            scale = float(w.std()) if w.dim() >= 2 and w.numel() > 1 else float(w.pow(2).mean().sqrt())
+            lr = lr_relative * scale
+            if not (math.isfinite(lr) and lr > 0):
+                raise TrainConfigError(f"lr_relative: tensor {n!r} has std {scale}; cannot scale a learning rate by it")
+            groups.append({"params": [p], "lr": lr, "base_lr": lr, "name": n})
+    return groups
+
+
+def stall_warnings(rows: list[dict], threshold: float) -> list[str]:
+    """Warnings when the forget NLL (eval rows; else the logged forget loss) moved less than
+    ``threshold`` nats from the first row to the last, with the update size and the levers."""
+    evals = [r for r in rows if r.get("forget_nll") is not None]
+    if len(evals) >= 2:
+        what, a, b = "forget NLL", evals[0]["forget_nll"], evals[-1]["forget_nll"]
+    else:
+        losses = [r for r in rows if r.get("forget_loss") is not None]
+        if len(losses) < 2:
+            return []
+        what, a, b = "forget loss", losses[0]["forget_loss"], losses[-1]["forget_loss"]
+    if abs(b - a) >= threshold:
+        return []
+    upd = next((r["update"] for r in reversed(rows) if r.get("update")), None)
+    size = f"; largest update ||dW||/||W|| {max(upd.values()):.2g}" if upd else ""
+    return [f"{what} moved only {abs(b - a):.3g} nats ({a:.4g} -> {b:.4g}, threshold {threshold:g}){size}: the "
+            "unlearning did next to nothing. Raise the learning rate (Adam changes each weight by about lr per "
+            "step, so the lr that matters is relative to the weights' size, which depends on the width; "
+            "--lr-relative sets it per matrix) or the epochs"]
 
 
 def model_sequence_logprobs(model, input_ids: torch.Tensor, loss_mask: torch.Tensor
@@ -586,29 +723,39 @@ def check_finite_grads(named: dict[int, str], params: list[torch.nn.Parameter], 
                              "stopped before the optimizer step")
 
 
-def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float,
+                   groups: list[dict] | None = None) -> torch.optim.AdamW:
     """AdamW, torch's fused single-pass kernel where it applies (floating params on CPU or CUDA;
-    what HF's Trainer defaults to on torch >= 2.8), else the multi-tensor one. Same update rule."""
+    what HF's Trainer defaults to on torch >= 2.8), else the multi-tensor one. Same update rule.
+    ``groups`` (param groups over exactly ``params``) replaces the single group at ``lr``. Its
+    state (``exp_avg``, ``exp_avg_sq``) has each parameter's dtype: bf16 parameters get bf16 state."""
     fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
+    return torch.optim.AdamW(groups if groups is not None else params, lr=lr, weight_decay=weight_decay,
+                             fused=fused)
 
 
 def train_loop(model: torch.nn.Module, step_fn: StepFn, main: TokenizedSet, aux: TokenizedSet | None,
                evals: dict[str, TokenizedSet], opts: TrainOptions, out: Path, pad_id: int,
                device: torch.device, loss_names: tuple[str, ...], extra_state: dict | None = None,
-               config_dict: dict | None = None, desc: str = "train", resume: bool | None = None
+               config_dict: dict | None = None, desc: str = "train", resume: bool | None = None,
+               param_groups: list[dict] | None = None, update_probe: Callable[[], dict] | None = None,
+               stop_check: Callable[[torch.nn.Module], dict] | None = None
                ) -> tuple[int, int, str, list[dict]]:
     """Run the optimisation in the run directory ``out`` (``metrics.jsonl`` appended, checkpoints).
     ``step_fn(main_batch, aux_batch)`` returns a dict of scalar losses with ``"loss"`` (the one
     differentiated) and the other ``loss_names``. ``resume`` (default ``opts.resume``): continue from
     the newest complete checkpoint in ``out``. Returns ``(steps_done, total_steps, status,
     metrics_rows)``; status is ``"done"`` or ``"stopped"``. Raises KeyboardInterrupt after
-    checkpointing on Ctrl-C."""
+    checkpointing on Ctrl-C. ``param_groups``: AdamW groups of the trainable parameters, each with
+    its peak lr as ``base_lr`` (default: one group at ``opts.lr``). ``update_probe() -> dict``: logged
+    as ``update`` in every eval row (:class:`UpdateProbe`). ``stop_check(model) -> dict``: called
+    after every eval row but the first (end of each epoch); its dict is logged in the row as ``check``,
+    and ``{"stop": True, ...}`` ends the run there (status ``"done"``, fewer steps than planned)."""
     resume = opts.resume if resume is None else resume
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise TrainConfigError("no trainable parameters")
-    optimizer = make_optimizer(params, opts.lr, opts.weight_decay)
+    optimizer = make_optimizer(params, opts.lr, opts.weight_decay, groups=param_groups)
     param_names = {id(p): n for n, p in model.named_parameters()}
     stream = BatchStream(len(main), opts.batch_size, opts.seed)
     aux_stream = BatchStream(len(aux), opts.batch_size, opts.seed + 1) if aux is not None else None
@@ -619,8 +766,11 @@ def train_loop(model: torch.nn.Module, step_fn: StepFn, main: TokenizedSet, aux:
     config_dict = config_dict or {}
 
     def run_evals() -> dict:
-        return {f"{k}_nll": eval_nll(model, v, opts.eval_batch_size, pad_id, device, opts.precision)
-                for k, v in evals.items()}
+        out = {f"{k}_nll": eval_nll(model, v, opts.eval_batch_size, pad_id, device, opts.precision)
+               for k, v in evals.items()}
+        if update_probe is not None:
+            out["update"] = update_probe()
+        return out
 
     step = 0
     if resume:
@@ -660,7 +810,7 @@ def train_loop(model: torch.nn.Module, step_fn: StepFn, main: TokenizedSet, aux:
             n_micro = min(opts.grad_accum, nb - in_epoch * opts.grad_accum)
             lr = lr_at(step, total, opts.lr, opts.scheduler, opts.warmup_steps)
             for g in optimizer.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr_at(step, total, g["base_lr"], opts.scheduler, opts.warmup_steps) if "base_lr" in g else lr
             for _ in range(n_micro):
                 mb = collate(main, stream.next(), pad_id, PAD_MULTIPLE)
                 ab = collate(aux, aux_stream.next(), pad_id, PAD_MULTIPLE) if aux_stream is not None else None
@@ -684,8 +834,13 @@ def train_loop(model: torch.nn.Module, step_fn: StepFn, main: TokenizedSet, aux:
                 row = {"step": step, "epoch": round(step / steps_per_epoch, 6),
                        **{k: float(acc[k]) / n_acc if k in acc else None for k in loss_names}, "lr": lr,
                        "tokens_per_s": tokens / max(now - t_log, 1e-9)}
+                stop_now = False
                 if end_of_epoch:
                     row.update(run_evals())
+                    if stop_check is not None:
+                        row["check"] = stop_check(model)
+                        model.train()
+                        stop_now = bool(row["check"].get("stop"))
                 rows.append(row)
                 _append_metrics(metrics_path, [row])
                 if bar is not None:
@@ -695,6 +850,8 @@ def train_loop(model: torch.nn.Module, step_fn: StepFn, main: TokenizedSet, aux:
                 n_acc, tokens, t_log = 0, 0, time.perf_counter()
             if bar is not None:
                 bar.update(1)
+            if end_of_epoch and stop_now:
+                break
             if step < total and (guard.hit or (opts.save_every and step % opts.save_every == 0)
                                  or (opts.stop_after and step >= opts.stop_after)):
                 checkpoint()
@@ -829,8 +986,9 @@ def make_unlearn_step(model: torch.nn.Module, *, method: str, reg: str, beta: fl
     return step_fn
 
 
-def unlearn(cfg: UnlearnConfig) -> TrainResult:
-    """Unlearn ``cfg.forget`` from ``cfg.model``; see the module docstring for the outputs."""
+def unlearn(cfg: UnlearnConfig, stop_check: Callable[[torch.nn.Module], dict] | None = None) -> TrainResult:
+    """Unlearn ``cfg.forget`` from ``cfg.model``; see the module docstring for the outputs.
+    ``stop_check``: an early-stopping rule checked at the end of each epoch (:func:`train_loop`)."""
     t0 = time.perf_counter()
     validate_unlearn(cfg)
     model_dir = Path(cfg.model)
@@ -841,11 +999,11 @@ def unlearn(cfg: UnlearnConfig) -> TrainResult:
     device = resolve_device(cfg.device)
     with target_lock(out):
         work, resume = _prepare_work(out, cfg.resume, cfg.overwrite)
-        return _unlearn(cfg, t0, model_dir, out, work, resume, device)
+        return _unlearn(cfg, t0, model_dir, out, work, resume, device, stop_check)
 
 
 def _unlearn(cfg: UnlearnConfig, t0: float, model_dir: Path, out: Path, work: Path, resume: bool,
-             device: torch.device) -> TrainResult:
+             device: torch.device, stop_check=None) -> TrainResult:
     seed_all(cfg.seed)
     tok = load_tokenizer(cfg.tokenizer or model_dir)
     model_cfg = LlamaConfig.from_json(model_dir)
@@ -877,8 +1035,9 @@ def _unlearn(cfg: UnlearnConfig, t0: float, model_dir: Path, out: Path, work: Pa
         ref_ctx = lambda: lora.disable_adapters(model)  # noqa: E731
         ref_model = model
     else:
-        for p in model.parameters():
-            p.requires_grad_(True)
+        train = set(quantized_linear_names(model)) if cfg.train == "linears" else None
+        for n, p in model.named_parameters():
+            p.requires_grad_(train is None or n in train)
         ref_ctx = contextlib.nullcontext
         ref_model = None
         if cfg.reg == "klr":
@@ -886,6 +1045,8 @@ def _unlearn(cfg: UnlearnConfig, t0: float, model_dir: Path, out: Path, work: Pa
             for p in ref_model.parameters():
                 p.requires_grad_(False)
     trainable, total = count_params(model)
+    groups = relative_lr_groups(model, cfg.lr_relative) if cfg.lr_relative is not None else None
+    probe = UpdateProbe(model, cfg.mode == "lora")
 
     step_fn = make_unlearn_step(model, method=cfg.method, reg=cfg.reg, beta=beta, delta=cfg.delta,
                                 forget_weight=cfg.forget_weight, retain_weight=cfg.retain_weight,
@@ -897,7 +1058,11 @@ def _unlearn(cfg: UnlearnConfig, t0: float, model_dir: Path, out: Path, work: Pa
     aux = retain if cfg.reg != "none" else None
     info = {"mode": cfg.mode, "trainable_params": trainable, "total_params": total, "beta": beta,
             "forget_examples": len(forget), "retain_examples": len(retain) if retain is not None else 0,
-            "device": str(device)}
+            "device": str(device), "train": cfg.train if cfg.mode == "full" else "lora adapters",
+            "trained_tensors": sorted(n for n, p in model.named_parameters() if p.requires_grad)
+            if cfg.mode == "full" else None}
+    if groups is not None:
+        info["group_lrs"] = {g["name"]: g["lr"] for g in groups}
     print(f"qru unlearn: {cfg.method}+{cfg.reg} ({cfg.mode}) trainable params {trainable:,} / {total:,}",
           file=sys.stderr)
     _write_run_json(work, "unlearn", cfg, {**info, "status": "running"})
@@ -905,7 +1070,8 @@ def _unlearn(cfg: UnlearnConfig, t0: float, model_dir: Path, out: Path, work: Pa
         steps, total_steps, status, rows = train_loop(
             model, step_fn, forget, aux, evals, cfg, work, pad, device, ("loss", "forget_loss", "retain_loss"),
             extra_state={"ref_logp": ref_logp} if ref_logp is not None else None, config_dict=config_dict,
-            desc=f"unlearn {cfg.method}+{cfg.reg}", resume=resume)
+            desc=f"unlearn {cfg.method}+{cfg.reg}", resume=resume, param_groups=groups, update_probe=probe,
+            stop_check=stop_check)
     except KeyboardInterrupt:
         _write_run_json(work, "unlearn", cfg, {**info, "status": "interrupted"})
         raise
@@ -919,11 +1085,12 @@ def _unlearn(cfg: UnlearnConfig, t0: float, model_dir: Path, out: Path, work: Pa
             write_pretrained(model, work)
         tok.save_pretrained(work)
     secs = time.perf_counter() - t0
+    warns = stall_warnings(rows, cfg.stall_threshold) if status == "done" else []
     _write_run_json(work, "unlearn", cfg, {**info, "status": status, "steps": steps, "total_steps": total_steps,
-                                           "seconds": secs, "final": rows[-1]})
+                                           "seconds": secs, "final": rows[-1], "warnings": warns})
     if status == "done":
         _finish(work, out, cfg.keep_checkpoint)
-    return TrainResult(out, status, steps, total_steps, trainable, total, rows, secs, model)
+    return TrainResult(out, status, steps, total_steps, trainable, total, rows, secs, model, warnings=warns)
 
 
 # -- pre-training --------------------------------------------------------------------------
@@ -953,8 +1120,9 @@ def _model_config(spec: str, tok: Tokenizer, max_len: int) -> LlamaConfig:
                         **ids)
 
 
-def pretrain(cfg: PretrainConfig) -> TrainResult:
-    """Train a model from scratch (``config``) or fine-tune one (``init``) on text / QA data."""
+def pretrain(cfg: PretrainConfig, stop_check: Callable[[torch.nn.Module], dict] | None = None) -> TrainResult:
+    """Train a model from scratch (``config``) or fine-tune one (``init``) on text / QA data.
+    ``stop_check``: an early-stopping rule checked at the end of each epoch (:func:`train_loop`)."""
     t0 = time.perf_counter()
     validate_pretrain(cfg)
     for p in cfg.data:
@@ -966,11 +1134,11 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
     device = resolve_device(cfg.device)
     with target_lock(out):
         work, resume = _prepare_work(out, cfg.resume, cfg.overwrite)
-        return _pretrain(cfg, t0, out, work, resume, device)
+        return _pretrain(cfg, t0, out, work, resume, device, stop_check)
 
 
-def _pretrain(cfg: PretrainConfig, t0: float, out: Path, work: Path, resume: bool, device: torch.device
-              ) -> TrainResult:
+def _pretrain(cfg: PretrainConfig, t0: float, out: Path, work: Path, resume: bool, device: torch.device,
+              stop_check=None) -> TrainResult:
     seed_all(cfg.seed)
     if cfg.tokenizer is not None:
         tok, tok_src = load_tokenizer(cfg.tokenizer), cfg.tokenizer
@@ -1006,7 +1174,7 @@ def _pretrain(cfg: PretrainConfig, t0: float, out: Path, work: Path, resume: boo
     try:
         steps, total_steps, status, rows = train_loop(model, step_fn, data, None, evals, cfg, work, tok.pad_id,
                                                       device, ("loss",), config_dict=asdict(cfg), desc="pretrain",
-                                                      resume=resume)
+                                                      resume=resume, stop_check=stop_check)
     except KeyboardInterrupt:
         _write_run_json(work, "pretrain", cfg, {**info, "status": "interrupted"})
         raise
