@@ -198,3 +198,26 @@ def test_block_codes_and_affine_reproduce_dequantize():
             shift = {"q4_0": 8, "q5_0": 16}.get(fmt, 0)
             val = s[..., None] * (c - shift) + o[..., None]
         assert torch.equal(val.reshape(-1), deq), fmt
+
+
+def test_q4_k_bytes_equal_libgguf():
+    """Two independent routes to llama.cpp's reference Q4_K quantizer agree byte for byte: qru's port
+    of ``quantize_row_q4_K_ref`` (every backend's oracle) and ``libgguf``, which the GGUF export uses."""
+    import numpy as np
+
+    libgguf = pytest.importorskip("libgguf")
+    import gguf
+
+    from qru.quant import quantize
+
+    g = torch.Generator().manual_seed(7)
+    cases = [torch.randn(4, 256, generator=g),
+             torch.randn(37, 512, generator=g) * torch.rand(37, 1, generator=g) * 3,
+             torch.randn(8, 1024, generator=g).pow(3),  # heavy tails
+             torch.zeros(2, 256), torch.full((2, 256), 0.5)]
+    cases[1][3, 17] = 40.0  # one outlier in a sub-block
+    for w in cases:
+        ours = quantize(w, "q4_k").data.numpy().tobytes()
+        ref = libgguf.quantize_rows(np.ascontiguousarray(w.numpy(), dtype=np.float32),
+                                    int(gguf.GGMLQuantizationType.Q4_K))
+        assert ours == np.asarray(ref, dtype=np.uint8).tobytes(), tuple(w.shape)
