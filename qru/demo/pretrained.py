@@ -60,6 +60,7 @@ import torch
 
 from qru.demo.presets import DemoConfig, PretrainedSpec
 from qru.demo.stages import StageCache, atomic_write_json, atomic_write_text
+from qru.kernels.machine import describe as describe_machine
 
 CRITERIA = tuple(" ".join(c.split()) for c in re.findall(r"^C[1-5]\. .*?(?=\nC[1-5]\. |\n\n|\Z)", __doc__,
                                                           flags=re.S | re.M))
@@ -485,15 +486,9 @@ def _copy_model(src: Path, dst: Path) -> None:
 
 
 def _machine() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
+    """The machine, as the report names it (:func:`qru.kernels.machine.describe`)."""
+    m = describe_machine()
+    return f"{m['cpu_model']} ({m['isa']}, {m['cores']} cores, {m['threads']} torch threads)"
 
 
 def restorations(per_seed: list[dict], arm_list: list[Arm], precisions) -> dict:
