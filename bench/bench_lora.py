@@ -33,13 +33,19 @@ SUITE = "lora"
 
 
 def peft_layer(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alpha: float, dropout: float):
-    from peft import LoraConfig, get_peft_model
-
     n_out, n_in = W.shape
     holder = nn.Module()
     holder.proj = nn.Linear(n_in, n_out, bias=False, device=W.device, dtype=W.dtype)
     with torch.no_grad():
         holder.proj.weight.copy_(W)
+    return wrap_peft(holder, A, B, alpha, dropout)
+
+
+def wrap_peft(holder: nn.Module, A: torch.Tensor, B: torch.Tensor, alpha: float, dropout: float):
+    """peft's LoRA layer around ``holder.proj`` (any base: dense or bitsandbytes 4-bit), with the given
+    factors, in train mode."""
+    from peft import LoraConfig, get_peft_model
+
     pm = get_peft_model(holder, LoraConfig(r=A.shape[0], lora_alpha=alpha, lora_dropout=dropout,
                                            target_modules=["proj"]))
     layer = pm.base_model.model.proj

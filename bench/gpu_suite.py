@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.bench_lora import wrap_peft  # noqa: E402
 from bench.harness import RESULTS_CSV, Row, Timing, bench, paired, report  # noqa: E402
 
 SUITE = "gpu"
@@ -147,7 +148,6 @@ def qmatmul_section() -> list[Row]:
 
 def _peft_qlora(W, A, B, alpha, dropout=0.0):
     import bitsandbytes as bnb
-    from peft import LoraConfig, get_peft_model
 
     n_out, n_in = W.shape
     holder = torch.nn.Module()
@@ -156,13 +156,7 @@ def _peft_qlora(W, A, B, alpha, dropout=0.0):
     holder.proj.weight = bnb.nn.Params4bit(W.cpu(), requires_grad=False, compress_statistics=False,
                                            quant_type="nf4", blocksize=64)
     holder.cuda()
-    pm = get_peft_model(holder, LoraConfig(r=A.shape[0], lora_alpha=alpha, lora_dropout=dropout,
-                                           target_modules=["proj"]))
-    layer = pm.base_model.model.proj
-    with torch.no_grad():
-        layer.lora_A["default"].weight.copy_(A)
-        layer.lora_B["default"].weight.copy_(B)
-    return layer.train()
+    return wrap_peft(holder, A, B, alpha, dropout)
 
 
 def lora_section() -> list[Row]:
