@@ -36,6 +36,7 @@ import triton.language as tl
 from qru.kernels import quant4, quant_gguf, quant_int
 from qru.kernels._backend import backend_for, load_cpp_ext
 from qru.kernels._triton_io import kernel_view, load_f32, store_f32
+from qru.kernels.quant_int import int4_asym_codes, rint
 
 FAKE_QUANT_FORMATS = quant4.FORMATS_4BIT + quant_int.INT_FORMATS + quant_gguf.GGUF_FORMATS
 FUSED_FORMATS = tuple(f for f in FAKE_QUANT_FORMATS if f != "q4_k")
@@ -177,12 +178,6 @@ def _merged(w_ptr, a_ptr, b_ptr, s, offs, mask, cols, rank, LORA: tl.constexpr, 
 
 
 @triton.jit
-def _rint(v):
-    """Round half to even for |v| < 2**22."""
-    return (v + 12582912.0) - 12582912.0
-
-
-@triton.jit
 def _fq_q4_kernel(w_ptr, a_ptr, b_ptr, s, table_ptr, out_ptr, n, cols, rank, first_block, n_blocks,
                   BS: tl.constexpr, ROWS: tl.constexpr, PARTIAL: tl.constexpr, IN_BF16: tl.constexpr,
                   TINY: tl.constexpr, LORA: tl.constexpr):
@@ -220,19 +215,13 @@ def _fq_int_kernel(w_ptr, a_ptr, b_ptr, s, out_ptr, rows, cols, rank, eps,
     am_bits = tl.max(tl.where(mask, x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 0), axis=1)
     nonfinite = am_bits >= 0x7F800000
     if KIND == 0:
-        mx = tl.max(tl.where(mask, x, float("-inf")), axis=1)
-        mn = tl.min(tl.where(mask, x, float("inf")), axis=1)
-        scale = tl.math.div_rn(tl.maximum(mx - mn, eps), tl.full((ROWS,), 15.0, tl.float32))
-        zv = tl.math.div_rn(-mn, scale)
-        zero = tl.minimum(tl.maximum(_rint(tl.minimum(tl.maximum(zv, -16.0), 32.0)), 0.0), 15.0)
-        v = tl.minimum(tl.maximum(tl.math.div_rn(x, scale[:, None]), -16.0), 16.0)
-        q = tl.minimum(tl.maximum(_rint(v) + zero[:, None], 0.0), 15.0)
+        scale, zero, q = int4_asym_codes(x, mask, eps, ROWS)
         val = (q - zero[:, None]) * scale[:, None]
     else:
         QMAX: tl.constexpr = 7.0 if KIND == 1 else 127.0
         scale = tl.math.div_rn(am_bits.to(tl.float32, bitcast=True), tl.full((ROWS,), QMAX, tl.float32))
         v = tl.minimum(tl.maximum(tl.math.div_rn(x, scale[:, None]), -QMAX - 1.0), QMAX + 1.0)
-        q = tl.minimum(tl.maximum(_rint(v), -QMAX), QMAX)
+        q = tl.minimum(tl.maximum(rint(v), -QMAX), QMAX)
         q = tl.where(scale[:, None] > 0, q, 0.0)
         val = q * scale[:, None]
     val = tl.where(nonfinite[:, None], float("nan"), val)

@@ -120,9 +120,23 @@ def dequantize_int_reference(data: torch.Tensor, scales: torch.Tensor, zeros: to
 
 
 @triton.jit
-def _rint(v):
+def rint(v):
     """Round half to even for |v| < 2**22 (fp32 add of 1.5 * 2**23 rounds to an integer)."""
     return (v + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def int4_asym_codes(x, mask, eps, ROWS: tl.constexpr):
+    """AWQ-convention asymmetric int4 of each row of ``x`` (one group per row, ``mask`` the valid
+    entries): ``(scale, zero, codes)``, the codes 0..15 as fp32. Shared by quantize and fake-quant."""
+    mx = tl.max(tl.where(mask, x, float("-inf")), axis=1)
+    mn = tl.min(tl.where(mask, x, float("inf")), axis=1)
+    scale = tl.math.div_rn(tl.maximum(mx - mn, eps), tl.full((ROWS,), 15.0, tl.float32))
+    zv = tl.math.div_rn(-mn, scale)
+    zero = tl.minimum(tl.maximum(rint(tl.minimum(tl.maximum(zv, -16.0), 32.0)), 0.0), 15.0)
+    v = tl.minimum(tl.maximum(tl.math.div_rn(x, scale[:, None]), -16.0), 16.0)
+    q = tl.minimum(tl.maximum(rint(v) + zero[:, None], 0.0), 15.0)
+    return scale, zero, q
 
 
 @triton.jit
@@ -139,16 +153,11 @@ def _int4_quant_kernel(x_ptr, data_ptr, scales_ptr, zeros_ptr, rows, cols, n_gro
     if SYM:
         scale = tl.math.div_rn(am_bits.to(tl.float32, bitcast=True), tl.full((ROWS,), 7.0, tl.float32))
         v = tl.math.div_rn(x, scale[:, None])
-        q = tl.minimum(tl.maximum(_rint(tl.minimum(tl.maximum(v, -8.0), 8.0)), -7.0), 7.0)
+        q = tl.minimum(tl.maximum(rint(tl.minimum(tl.maximum(v, -8.0), 8.0)), -7.0), 7.0)
         q = tl.where(scale[:, None] > 0, q, 0.0).to(tl.int32) + 8
     else:
-        mx = tl.max(tl.where(mask, x, float("-inf")), axis=1)
-        mn = tl.min(tl.where(mask, x, float("inf")), axis=1)
-        scale = tl.math.div_rn(tl.maximum(mx - mn, eps), tl.full((ROWS,), 15.0, tl.float32))
-        zv = tl.math.div_rn(-mn, scale)
-        zero = tl.minimum(tl.maximum(_rint(tl.minimum(tl.maximum(zv, -16.0), 32.0)), 0.0), 15.0)
-        v = tl.minimum(tl.maximum(tl.math.div_rn(x, scale[:, None]), -16.0), 16.0)
-        q = tl.minimum(tl.maximum(_rint(v) + zero[:, None], 0.0), 15.0).to(tl.int32)
+        scale, zero, q = int4_asym_codes(x, mask, eps, ROWS)
+        q = q.to(tl.int32)
         tl.store(zeros_ptr + r * n_groups + k, zero.to(tl.uint8), mask=r < rows)
     tl.store(scales_ptr + r * n_groups + k, tl.where(nonfinite, float("nan"), scale), mask=r < rows)
     hi, lo = tl.split(tl.reshape(q, (ROWS, G // 2, 2)))
@@ -176,7 +185,7 @@ def _int8_quant_kernel(x_ptr, data_ptr, scales_ptr, rows, cols,
         mask = rmask[:, None] & (c < cols)[None, :]
         x = load_f32(x_ptr, base + c[None, :], mask, IN_BF16)
         v = tl.minimum(tl.maximum(tl.math.div_rn(x, scale[:, None]), -128.0), 128.0)
-        q = tl.minimum(tl.maximum(_rint(v), -127.0), 127.0)
+        q = tl.minimum(tl.maximum(rint(v), -127.0), 127.0)
         q = tl.where(scale[:, None] > 0, q, 0.0).to(tl.int32)
         tl.store(data_ptr + base + c[None, :], (q & 0xFF).to(tl.uint8), mask=mask)
 
