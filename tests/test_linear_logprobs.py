@@ -7,17 +7,17 @@ import pytest
 import torch
 
 from qru.kernels import linear_logprobs as LLP
-from qru.kernels._backend import load_cpp_ext
 from qru.kernels.linear_logprobs import linear_logprobs, linear_logprobs_reference
 from qru.train import losses as L
+from cpp_helpers import need_cpp
 
 BACKENDS = ["torch", "triton", "cpp"]
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
-    if request.param == "cpp" and load_cpp_ext("linear_logprobs") is None:
-        pytest.skip("no C++ compiler")
+    if request.param == "cpp":
+        need_cpp("linear_logprobs")
     monkeypatch.setenv("QRU_BACKEND", request.param)
     return request.param
 
@@ -97,9 +97,7 @@ def test_large_logits_and_wide_vocab(backend):
 
 
 def test_cpp_scalar_path_equals_avx2():
-    ext = load_cpp_ext("linear_logprobs")
-    if ext is None:
-        pytest.skip("no C++ compiler")
+    ext = need_cpp("linear_logprobs")
     g = torch.Generator().manual_seed(3)
     z = torch.randn(13, 203, generator=g) * 5
     y = torch.randint(0, 203, (13,), generator=g)

@@ -5,26 +5,24 @@ against the composite model."""
 import pytest
 import torch
 
-from qru.kernels._backend import load_cpp_ext
 from qru.kernels.rmsnorm import rms_norm, rms_norm_reference
 from qru.kernels.rope import rope, rope_reference
 from qru.kernels.swiglu import swiglu, swiglu_reference
+from cpp_helpers import need_cpp
 
 BACKENDS = ["torch", "triton", "cpp"]
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
-    if request.param == "cpp" and load_cpp_ext("llama_ops") is None:
-        pytest.skip("no C++ compiler")
+    if request.param == "cpp":
+        need_cpp("llama_ops")
     monkeypatch.setenv("QRU_BACKEND", request.param)
     return request.param
 
 
 def ext():
-    e = load_cpp_ext("llama_ops")
-    if e is None:
-        pytest.skip("no C++ compiler")
+    e = need_cpp("llama_ops")
     return e
 
 

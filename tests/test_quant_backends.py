@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from qru.kernels import quant4, quant_int
-from qru.kernels._backend import load_cpp_ext
+from cpp_helpers import need_cpp
 
 # the interpreter evaluates masked-out lanes too (0/0 for all-zero groups): numpy warns
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
@@ -24,8 +24,7 @@ SUBNORMAL = {torch.float32: 1e-40, torch.bfloat16: 1e-40, torch.float16: 3e-6}
 
 @pytest.fixture(scope="module")
 def cpp():
-    if load_cpp_ext("quant") is None:
-        pytest.skip("C++ quant extension unavailable (no compiler)")
+    need_cpp("quant")
 
 
 def bits(t):

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from qru.kernels._backend import load_cpp_ext
 from qru.kernels.token_stats import token_stats, token_stats_reference
+from cpp_helpers import need_cpp
 
 BACKENDS = ["torch", "triton", "cpp"]
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=2e-5, rtol=2e-5)}
@@ -14,8 +14,8 @@ TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=2e-5
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
-    if request.param == "cpp" and load_cpp_ext("token_stats") is None:
-        pytest.skip("no C++ compiler")
+    if request.param == "cpp":
+        need_cpp("token_stats")
     monkeypatch.setenv("QRU_BACKEND", request.param)
     return request.param
 
@@ -67,9 +67,7 @@ def test_peaked_and_flat_rows(backend):
 
 
 def test_cpp_scalar_path_equals_oracle():
-    ext = load_cpp_ext("token_stats")
-    if ext is None:
-        pytest.skip("no C++ compiler")
+    ext = need_cpp("token_stats")
     for dtype in (torch.float32, torch.bfloat16):
         z, y = make(6, 1000 + 9, dtype=dtype, seed=2)
         for a, b in zip(ext.token_stats(z, y, True), token_stats_reference(z, y)):

@@ -15,7 +15,6 @@ import json
 import os
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from qru.demo.presets import GGUF_FORMATS, DemoConfig
 from qru.demo.stages import StageCache, atomic_write_json
 from qru.eval.muse import scaled_gap
 from qru.io import check_device, check_output
+from qru.kernels._backend import KernelBuild
 
 RAW = ("general", "forget", "retain", "holdout")
 FLOAT_WEIGHTS = ("bf16", "fp16")
@@ -39,49 +39,8 @@ def _log(msg: str) -> None:
 
 # -- the C++ kernels: built in the background while the models train ---------------------------
 
-class KernelBuild:
-    """Build (JIT, cached by torch under ``TORCH_EXTENSIONS_DIR``) the C++ kernels of ``csrc/`` the pipeline
-    uses, in two background threads, in the order it needs them, while the CPU would otherwise idle or
-    train; the ops themselves then just load the built modules (any other kernel builds on first use)."""
-
-    # two builders, each starting with a kernel the training needs at once; then LoRA, then quantization
-    QUEUES = (("llama_ops", "quant", "qmatmul", "quant_gguf"), ("linear_logprobs", "lora", "bf16_linear"))
-
-    def __init__(self, needed: bool, skip: tuple[str, ...] = ()):
-        self.seconds: float | None = None
-        self.error: str | None = None
-        self.each: dict[str, float] = {}
-        self.threads: list[threading.Thread] = []
-        self._t0 = time.perf_counter()
-        if needed and not torch.cuda.is_available() and os.environ.get("QRU_BACKEND", "") in ("", "cpp"):
-            for q in self.QUEUES:
-                q = tuple(n for n in q if n not in skip)
-                t = threading.Thread(target=self._build, args=(q,), name="qru-kernel-build", daemon=True)
-                t.start()
-                self.threads.append(t)
-
-    def _build(self, names):
-        try:
-            from qru.kernels._backend import CSRC, load_cpp_ext
-
-            for n in names:
-                if (CSRC / f"{n}.cpp").exists():
-                    t = time.perf_counter()
-                    load_cpp_ext(n)
-                    self.each[n] = round(time.perf_counter() - t, 1)
-        except Exception as e:  # the ops fall back to the torch reference themselves
-            self.error = f"{type(e).__name__}: {e}"
-        self.seconds = round(time.perf_counter() - self._t0, 1)
-
-    @property
-    def running(self) -> bool:
-        return any(t.is_alive() for t in self.threads)
-
-    def wait(self) -> None:
-        if self.running:
-            _log("waiting for the C++ kernel build to finish ...")
-            for t in self.threads:
-                t.join()
+# two builders, each starting with a kernel the training needs at once; then LoRA, then quantization
+KERNEL_QUEUES = (("llama_ops", "quant", "qmatmul", "quant_gguf"), ("linear_logprobs", "lora", "bf16_linear"))
 
 
 def _threads(build: KernelBuild, max_threads: int | None) -> None:
@@ -396,7 +355,7 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, *, seed: int = 0, force: b
     skip += () if "lora" in cfg.unlearn.modes else ("lora",)
     skip += () if quantized else ("quant", "qmatmul")
     skip += () if set(GGUF_FORMATS) & set(cfg.eval.precisions + tuple(cfg.survival_formats)) else ("quant_gguf",)
-    build = KernelBuild(True, skip)
+    build = KernelBuild(KERNEL_QUEUES, skip)
     cache = StageCache(Path(stages_root) if stages_root else out / "stages", force=force, log=_log)
     common = _train_common(cfg, progress, device, out / "cache" / "tokens")
 
@@ -454,12 +413,12 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, *, seed: int = 0, force: b
         order += [(r, p) for p in precisions if p != "bf16" for r in refs]
         for ref, p in order:
             if p != "bf16":
-                build.wait()
+                build.wait(_log)
             _threads(build, threads)
             ev = _eval_stage(cache, ref, p, cfg, tok, data_dir, device, None if ref is refs[1] else retrain_auc, bar)
             evals[(ref.key, p)] = ev
             _note(run, ev)
-    build.wait()
+    build.wait(_log)
     run.kernel_seconds, run.kernel_each = build.seconds, build.each
     torch.set_num_threads(threads or 1)
 
