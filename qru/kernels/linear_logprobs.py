@@ -31,7 +31,7 @@ import triton.language as tl
 
 from qru.kernels._backend import backend_for, load_cpp_ext
 from qru.kernels.dense import dense_linear
-from qru.kernels._triton_io import kernel_view, load_f32, row_logsumexp, store_f32
+from qru.kernels._triton_io import jit, kernel_view, load_f32, row_logsumexp, store_f32
 
 IGNORE_INDEX = -100
 # Rows per chunk, bounded by the bytes of one fp32 (chunk, V) block. On CPU each row is processed while
@@ -55,7 +55,7 @@ def linear_logprobs_reference(hidden: torch.Tensor, weight: torch.Tensor, labels
 # ----------------------------------------------------------------------------------------
 # Row kernels (Triton)
 # ----------------------------------------------------------------------------------------
-@triton.jit
+@jit
 def _lse_gather_kernel(z_ptr, stride_z, y_ptr, lse_ptr, logp_ptr, V, ignore_index,
                        BLOCK_V: tl.constexpr, IN_BF16: tl.constexpr):
     """One program per row: online logsumexp over V, then logp = z[y] - lse (0 if ignored)."""
@@ -71,7 +71,7 @@ def _lse_gather_kernel(z_ptr, stride_z, y_ptr, lse_ptr, logp_ptr, V, ignore_inde
     tl.store(logp_ptr + row, tl.where(valid, t - lse, 0.0))
 
 
-@triton.jit
+@jit
 def _dlogits_kernel(z_ptr, stride_z, y_ptr, lse_ptr, g_ptr, V, ignore_index,
                     BLOCK_V: tl.constexpr, IN_BF16: tl.constexpr):
     """In place: z[n, :] <- g[n]·(e_{y[n]} - softmax(z[n, :])) (0 for ignored rows)."""

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from qru.kernels._backend import backend_for, load_cpp_ext
-from qru.kernels._triton_io import kernel_view, load_f32, row_logsumexp
+from qru.kernels._triton_io import jit, kernel_view, load_f32, row_logsumexp
 
 
 def token_stats_reference(logits: torch.Tensor, targets: torch.Tensor
@@ -46,7 +46,7 @@ def _stats_torch(z: torch.Tensor, y: torch.Tensor):
     return lsm.gather(-1, y[:, None]).squeeze(-1), mu, var
 
 
-@triton.jit
+@jit
 def _stats_kernel(z_ptr, stride_z, y_ptr, lp_ptr, mu_ptr, var_ptr, V,
                   BLOCK_V: tl.constexpr, IN_BF16: tl.constexpr):
     """One program per row: online logsumexp, then the mean and the centred variance of z - lse."""
