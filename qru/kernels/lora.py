@@ -43,6 +43,7 @@ import triton.language as tl
 
 from qru.kernels._backend import backend_for, forced_backend, load_cpp_ext
 from qru.kernels.dense import dense_linear
+from qru.kernels._triton_io import jit
 
 # Dropout draws 16-bit uniforms: the drop probability is rounded to a multiple of 1/65536.
 _DROP_LEVELS = 65536
@@ -379,7 +380,7 @@ class LoRALinearCppFn(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------
-@triton.jit
+@jit
 def _lowbias32(x):
     """lowbias32 on uint32 (wrapping products), as :func:`_lowbias32_` and csrc/lora.cpp."""
     x = x ^ (x >> 16)
@@ -389,7 +390,7 @@ def _lowbias32(x):
     return x ^ (x >> 16)
 
 
-@triton.jit
+@jit
 def _hash_dropped(rows, cols, seed_ptr, thr):
     """The drop-mask tile (bool, rows × cols) of :func:`_hash_drop_reference` for int64 row and
     column indices: the 64-bit seed is read from ``seed_ptr`` (no host sync), nothing is stored."""
@@ -402,7 +403,7 @@ def _hash_dropped(rows, cols, seed_ptr, thr):
     return (h >> 16).to(tl.int32) < thr
 
 
-@triton.jit
+@jit
 def _hash_mask_kernel(o_ptr, R, C, seed_ptr, thr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Writes the drop-mask (uint8) of :func:`_hash_dropped`; for tests and an explicit mask."""
     rr = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
@@ -421,7 +422,7 @@ def hash_drop_triton(rows: int, cols: int, seed: torch.Tensor, thr: int) -> torc
     return out.view(torch.bool)
 
 
-@triton.jit
+@jit
 def _dropped_tile(m_ptr, smm, smn, seed_ptr, thr, rows, cols, valid, HAS_MASK: tl.constexpr,
                   HASH_DROP: tl.constexpr):
     """Drop-mask tile at (rows, cols): from a stored mask (``HAS_MASK``) or the hash (``HASH_DROP``)."""
@@ -431,7 +432,7 @@ def _dropped_tile(m_ptr, smm, smn, seed_ptr, thr, rows, cols, valid, HAS_MASK: t
         return tl.load(m_ptr + rows[:, None] * smm + cols[None, :] * smn, mask=valid, other=0) != 0
 
 
-@triton.jit
+@jit
 def _nf4_decode(data_ptr, absmax_ptr, code_ptr, flat, valid, NF4_BLOCK: tl.constexpr):
     """fp32 values of the NF4 elements at flat indices ``flat`` (int64), zero where not ``valid``."""
     byte = tl.load(data_ptr + flat // 2, mask=valid, other=0).to(tl.int32)
@@ -441,7 +442,7 @@ def _nf4_decode(data_ptr, absmax_ptr, code_ptr, flat, valid, NF4_BLOCK: tl.const
     return val * amax
 
 
-@triton.jit
+@jit
 def _lora_gemm_kernel(
     x_ptr, w_ptr, wd_ptr, wa_ptr, code_ptr, u_ptr, v_ptr, m_ptr, seed_ptr, b_ptr, c_ptr,
     M, N, K, R, M_BUCKET,
@@ -504,7 +505,7 @@ def _lora_gemm_kernel(
              mask=in_m[:, None] & in_n[None, :])
 
 
-@triton.jit
+@jit
 def _lora_shrink_kernel(
     x_ptr, v_ptr, m_ptr, seed_ptr, o_ptr,
     M, K, R, K_PER_SPLIT, M_BUCKET,
@@ -538,7 +539,7 @@ def _lora_shrink_kernel(
              mask=in_m[:, None] & in_r[None, :])
 
 
-@triton.jit
+@jit
 def _lora_outer_kernel(
     l_ptr, r_ptr, m_ptr, seed_ptr, o_ptr,
     M, P, Q, M_PER_SPLIT, M_BUCKET,
