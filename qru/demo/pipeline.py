@@ -23,14 +23,14 @@ import torch
 
 from qru.demo.presets import GGUF_FORMATS, DemoConfig
 from qru.demo.stages import StageCache, atomic_write_json
-from qru.eval.muse import scaled_gap
+from qru.eval.muse import privleak_from_auc, scaled_gap
 from qru.io import check_device, check_output
 from qru.kernels._backend import KernelBuild
+from qru.quant import survival
 
 RAW = ("general", "forget", "retain", "holdout")
 FLOAT_WEIGHTS = ("bf16", "fp16")
 SPACE = "\u2581"
-METHOD_LABEL = {"ga_gdr": "GA+GDR", "ga_klr": "GA+KLR", "npo_gdr": "NPO+GDR", "npo_klr": "NPO+KLR"}
 
 
 def _log(msg: str) -> None:
@@ -242,7 +242,7 @@ def _eval_keys(cfg: DemoConfig) -> dict:
 
 def _evaluate_one(ref: ModelRef, precision: str, tok, data_dir: Path, cfg: DemoConfig, device: str,
                   retrain_auc: float | None) -> tuple[dict, dict]:
-    from qru.eval.muse import evaluate_muse, privleak_from_auc
+    from qru.eval.muse import evaluate_muse
     from qru.eval.precision import build_model
 
     e = cfg.eval
@@ -260,9 +260,7 @@ def _evaluate_one(ref: ModelRef, precision: str, tok, data_dir: Path, cfg: DemoC
     kinds = sorted({type(m).__name__ for m in model.modules() if "Linear" in type(m).__name__})
     del model
     auc = o["auc"]
-    pl = None
-    if retrain_auc is not None and 0.0 < retrain_auc < 1.0:
-        pl = privleak_from_auc(auc, retrain_auc)
+    pl = _privleak(auc, retrain_auc)
     rec = {"verbmem_f": o["verbmem_f"], "knowmem_f": o["knowmem_f"], "knowmem_r": o["knowmem_r"],
            "knowmem_f_recall": o["knowmem_f_recall"], "knowmem_r_recall": o["knowmem_r_recall"], "privleak": pl,
            "auc": auc, "min_k_gap": o["min_k_gap"], "build_seconds": round(built, 3),
@@ -295,13 +293,6 @@ def _eval_stage(cache, ref: ModelRef, precision: str, cfg, tok, data_dir, device
 
 
 def _survival_stage(cache, ref: ModelRef, target, cfg, corpus_dir):
-    try:
-        from qru.quant import survival
-    except ImportError as e:
-        return {"status": "unavailable", "reason": f"qru.quant.survival cannot be imported: {e}"}
-    if not all(hasattr(survival, n) for n in ("analyze", "write_outputs")):
-        return {"status": "unavailable", "reason": "qru.quant.survival has no analyze / write_outputs"}
-
     def build(d: Path):
         kw = dict(formats=list(cfg.survival_formats), block_size=cfg.eval.block_size or None, progress=False,
                   calib=str(corpus_dir / "raw" / "forget.txt"), calib_rows=256, calib_seq_len=cfg.model.max_len)
@@ -313,8 +304,7 @@ def _survival_stage(cache, ref: ModelRef, target, cfg, corpus_dir):
             survival.write_outputs(rep, d / "survival")  # survival.json, .csv and two PNGs
         else:  # the plots cost about a CPU second per model
             atomic_write_json(d / "survival" / "survival.json", rep)
-        overall = {f: r["overall"] for f, r in survival.by_format(rep).items()} if hasattr(survival, "by_format") \
-            else {}
+        overall = {f: r["overall"] for f, r in survival.by_format(rep).items()}
         return {"status": "done", "overall": overall}
 
     try:
@@ -468,9 +458,10 @@ def _cpu_seconds() -> float:
 
 
 def _privleak(auc, ref):
+    """:func:`qru.eval.muse.privleak_from_auc`, or None where there is no AUC or no usable reference."""
     if auc is None or ref is None or not 0.0 < ref < 1.0:
         return None
-    return (auc - ref) / ref * 100.0
+    return privleak_from_auc(auc, ref)
 
 
 def _note(run: DemoRun, st) -> None:
