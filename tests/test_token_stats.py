@@ -94,3 +94,20 @@ def test_bad_input_named():
         token_stats(z.long(), y)
     with pytest.raises(ValueError, match="empty vocabulary"):
         token_stats(torch.zeros(2, 0), torch.zeros(2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("V", [1, 50, 4097], ids=lambda v: f"V{v}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_tile_under_interpreter(V, dtype):
+    """The tile the GPU launches with (the whole row up to 4096 columns, then 4096-wide tiles), run
+    under the interpreter on awkward widths (one column; a partial tile; one tile plus one column)."""
+    from qru.kernels import token_stats as TS
+    from qru.kernels._triton_io import gpu_row_block
+
+    g = torch.Generator().manual_seed(V)
+    z = (torch.randn(3, V, generator=g) * 4).to(dtype)
+    y = torch.randint(0, V, (3,), generator=g)
+    assert gpu_row_block(V) == min(4096, 1 << (V - 1).bit_length())
+    got = TS._stats_triton(z, y, block_v=gpu_row_block(V))
+    for a, b in zip(got, token_stats_reference(z, y)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import triton
 import triton.language as tl
 from triton import knobs
 from triton.runtime.interpreter import InterpretedFunction
@@ -76,6 +77,18 @@ def jit(fn=None, **kwargs):
         return k
 
     return wrap(fn) if fn is not None else wrap
+
+
+def row_block(V: int) -> int:
+    """The column tile of a one-program-per-row kernel over ``V`` columns: on the GPU
+    :func:`gpu_row_block`; under the interpreter 64, so test rows span several (partial) tiles.
+    Tests run the GPU tile under the interpreter too, through the launchers' ``block_v``."""
+    return 64 if knobs.runtime.interpret else gpu_row_block(V)
+
+
+def gpu_row_block(V: int) -> int:
+    """The GPU's column tile: the whole row up to 4096 columns, else 4096-wide tiles."""
+    return min(4096, triton.next_power_of_2(max(V, 1)))
 
 
 def kernel_view(t: torch.Tensor) -> torch.Tensor:

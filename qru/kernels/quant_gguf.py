@@ -692,14 +692,18 @@ def _q4k_quant_kernel(x_ptr, out_ptr, n, nb, ROWS: tl.constexpr, IN_BF16: tl.con
     tl.store(ob[:, None, None] + boffs, byte, mask=bok[:, None, None])
 
 
-def _quantize_triton(x: torch.Tensor, fmt: str) -> torch.Tensor:
+Q4K_GPU_ROWS = 4  # q4_k super-blocks per program on the GPU
+
+
+def _quantize_triton(x: torch.Tensor, fmt: str, q4k_rows: int | None = None) -> torch.Tensor:
+    """``q4k_rows``: q4_k super-blocks per program (default: the GPU's :data:`Q4K_GPU_ROWS` on CUDA)."""
     flat = x.reshape(-1).contiguous()
     n = flat.numel()
     nb = n_blocks(fmt, n)
     out = torch.empty(nb * TYPE_SIZE[fmt], dtype=torch.uint8, device=x.device)
     if fmt == "q4_k":
         # the interpreter's cost is per program (sequential loops), so it gets few wide ones
-        rows = 4 if x.is_cuda else min(64, triton.next_power_of_2(nb))
+        rows = q4k_rows or (Q4K_GPU_ROWS if x.is_cuda else min(64, triton.next_power_of_2(nb)))
         _q4k_quant_kernel[(triton.cdiv(nb, rows),)](kernel_view(flat), out, n, nb, ROWS=rows,
                                                     IN_BF16=flat.dtype == torch.bfloat16, enable_fp_fusion=False)
         return out
