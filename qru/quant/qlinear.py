@@ -260,7 +260,7 @@ def quantize_model(model: nn.Module, fmt: str, block_size: int | None = None, *,
             raise ValueError(f"{name}.weight has {int(bad.sum())} non-finite value(s) (NaN or Inf); cannot quantize")
     for name, m in targets:
         model.set_submodule(name, QuantLinear.from_linear(m, fmt, bs, double_quant=double_quant,
-                                                            compute_dtype=compute_dtype, name=name))
+                                                          compute_dtype=compute_dtype, name=name))
     model.to(compute_dtype)
     cfg = getattr(model, "config", None)
     if cfg is not None and hasattr(cfg, "replace") and hasattr(cfg, "quantization_config"):
