@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from qru.kernels import hash_dropout
 from qru.kernels._backend import backend_for, load_cpp_ext
 from qru.kernels.dense import dense_linear
+from qru.kernels.linear import PackedWeight, linear
 from qru.kernels.lora_triton import BaseTritonFn, LoRALinearTritonFn
 
 # ----------------------------------------------------------------------------------------
@@ -321,11 +322,14 @@ def _autocast_cast(t, dev: str, dtype: torch.dtype):
 def lora_linear(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                 lora_A: torch.Tensor | None, lora_B: torch.Tensor | None, scale: float, *,
                 dropout_p: float = 0.0, training: bool = True, dropout_mask: torch.Tensor | None = None,
-                generator: torch.Generator | None = None, nf4: NF4Weight | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, nf4: NF4Weight | None = None,
+                packed: PackedWeight | None = None) -> torch.Tensor:
     """``y = x Wᵀ + b + scale·(drop(x) lora_Aᵀ) lora_Bᵀ`` over the last dim of ``x``.
 
     ``weight`` (out, in) is frozen; pass ``nf4`` (and ``weight=None``) for an NF4 base.
-    ``lora_A=lora_B=None`` gives the base linear alone. Dropout (prob ``dropout_p``, when
+    ``lora_A=lora_B=None`` gives the base linear alone: off CUDA that is the one linear dispatch
+    (:func:`qru.kernels.linear.linear`, with ``packed`` the caller's cache slot for a dense
+    base's packed weight). Dropout (prob ``dropout_p``, when
     ``training``) masks ``x`` on the LoRA path only; ``dropout_mask`` (bool, x's shape) fixes
     the mask, rescaled by ``1/(1-dropout_p)``. A and B may be in another dtype than ``x``:
     products run in x's dtype with fp32 accumulation; their gradients come back in their own.
@@ -340,7 +344,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor
         x, weight, bias, lora_A, lora_B = (_autocast_cast(t, dev, dt) for t in (x, weight, bias, lora_A, lora_B))
         with torch.autocast(dev, enabled=False):
             return lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p=dropout_p, training=training,
-                               dropout_mask=dropout_mask, generator=generator, nf4=nf4)
+                               dropout_mask=dropout_mask, generator=generator, nf4=nf4, packed=packed)
     _check(x, weight, bias, lora_A, lora_B, nf4)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"lora_linear: dropout_p must be in [0, 1), got {dropout_p}")
@@ -357,7 +361,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor
         if backend == "triton":
             y = BaseTritonFn.apply(x2, weight, bias, nf4)
         else:
-            y = F.linear(x2, _dense_base(weight, nf4, x.dtype), bias)
+            y = linear(x2, _dense_base(weight, nf4, x.dtype), bias, packed if nf4 is None else None)
         return y.reshape(*lead, y.shape[-1])
     if backend == "cpp" and not _cpp_ok(x2, weight, bias, lora_A, lora_B):
         backend = "torch"
