@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.autograd.graph import increment_version
 
 from qru.io import check_device
 from qru.model.linear import Linear
@@ -205,6 +206,17 @@ def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: fl
                              fused=fused)
 
 
+def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer.step()``, then bump every parameter's in-place version counter: torch's fused
+    AdamW updates the parameters without bumping it, and the layers' packed-weight caches
+    (``qru.kernels.linear.PackedWeight``) are keyed on it, so an eval after the step would
+    otherwise run on the packed copy of the old weights."""
+    optimizer.step()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if params:
+        increment_version(params)
+
+
 def train_loop(model: torch.nn.Module, step_fn: StepFn, main: TokenizedSet, aux: TokenizedSet | None,
                evals: dict[str, TokenizedSet], opts: TrainOptions, out: Path, pad_id: int,
                device: torch.device, loss_names: tuple[str, ...], extra_state: dict | None = None,
@@ -295,7 +307,7 @@ def train_loop(model: torch.nn.Module, step_fn: StepFn, main: TokenizedSet, aux:
                         acc[k] = acc.get(k, 0.0) + losses[k].detach().float() / n_micro
                 del losses
             check_finite_grads(param_names, params, opts.max_grad_norm, step + 1)  # and clips
-            optimizer.step()
+            optimizer_step(optimizer)
             optimizer.zero_grad(set_to_none=True)
             step += 1
             n_acc += 1
