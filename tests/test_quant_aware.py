@@ -1,15 +1,18 @@
 """qru.train.quant_aware: export targets and skip rules, fake-quantized parameters for functional_call,
-and code_flip_frac on hand-computed tensors."""
-import functools
+code_flip_frac on hand-computed tensors, and the model-side seam (parametrization / LoRA state): the
+quantized forward of a whole Llama bit-equal to the model with quantize->dequantize weights, its STE
+gradient against finite differences of the unrounded path (float64), plain weights after detach."""
+import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from qru.kernels.fake_quant import fake_quant, fake_quant_lora
-from qru.kernels._backend import rerouted
-from qru.model.lora import LoRALinear
+from qru.kernels.fake_quant import fake_quant, fake_quant_lora, fake_quant_lora_reference, fake_quant_values
+from qru.model.config import LlamaConfig
+from qru.model.llama import Llama
+from qru.model.lora import LoRALinear, apply_lora
+from qru.quant import dequantize, quantize
 from qru.train import quant_aware as qa
 
 
@@ -100,12 +103,13 @@ def test_fake_quant_params_lora_mode_functional_call():
     wq = params["layers.0.q_proj.weight"]
     assert torch.equal(wq, fake_quant_lora(lo.weight, lo.lora_A, lo.lora_B, lo.scaling, "q4_0"))
     x = torch.randn(3, 64)
-    # the LoRA kernel refuses a base weight that carries a gradient, so the quantized forward
-    # reroutes the targets (the project's rerouted(), restored on exit) to F.linear(x, W_q)
-    wq_of = {id(mod): w for _, mod, w in qa.fake_quant_targets(m, "q4_0")}
-    with rerouted([lo], lambda mod: functools.partial(F.linear, weight=wq_of[id(mod)], bias=mod.bias)):
-        y = m(x)
-    assert "forward" not in lo.__dict__
+    qa.attach(m)
+    try:
+        with qa.fake_quantized(m, "q4_0"):  # LoRALinear's explicit fake_quant state
+            y = m(x)
+    finally:
+        qa.detach(m)
+    assert "forward" not in lo.__dict__ and lo.fake_quant is None
     assert torch.allclose(y, m.lm_head(x) + x @ wq.t())
     y.sum().backward()
     G = x.sum(0, keepdim=True)  # dL/dW_q
@@ -119,3 +123,179 @@ def test_parse_formats_names_the_bad_one():
         qa.parse_formats("nf4,int3")
     with pytest.raises(ValueError, match="at least one format"):
         qa.parse_formats("")
+
+
+# -- the model-side seam on a whole Llama ----------------------------------------------------------
+
+def tiny_llama(seed=0, **over):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig.preset("tiny", num_hidden_layers=1, vocab_size=96, **over)
+    m = Llama(cfg)
+    m.init_weights(seed)
+    return m
+
+
+def test_attach_keeps_parameters_and_detach_restores_plain_weights():
+    m = tiny_llama()
+    before = dict(m.named_parameters())
+    keys = list(m.state_dict())
+    names = qa.attach(m)
+    assert names == [n for n, mod in m.named_modules() if isinstance(mod, nn.Linear) and n != "lm_head"]
+    after = dict(m.named_parameters())
+    assert "model.layers.0.mlp.up_proj.parametrizations.weight.original" in after
+    assert {qa.plain_name(n): id(p) for n, p in after.items()} == {n: id(p) for n, p in before.items()}
+    with pytest.raises(ValueError, match="already attached"):
+        qa.attach(m)
+    qa.detach(m)
+    assert list(m.state_dict()) == keys
+    assert all(type(mod) is nn.Linear for n, mod in m.named_modules() if n.endswith("proj"))
+    assert {n: id(p) for n, p in m.named_parameters()} == {n: id(p) for n, p in before.items()}
+    with pytest.raises(ValueError, match="needs an attached model"):
+        with qa.fake_quantized(m, "nf4"):
+            pass
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int4", "int8", "q4_0"])
+def test_full_mode_quantized_forward_bit_equal_to_dequantized_model(fmt):
+    """Oracle: a copy of the model whose targets hold dequantize(quantize(W)), run plainly."""
+    m = tiny_llama(1)
+    oracle = copy.deepcopy(m)
+    bs = 32 if fmt == "int4" else None  # a non-default group, passed through as `qru quantize --block-size`
+    with torch.no_grad():
+        for name, mod in qa.quant_targets(oracle):
+            mod.weight.copy_(dequantize(quantize(mod.weight, fmt, bs)))
+    x = torch.randint(0, 96, (2, 11))
+    with qa.attached(m):
+        plain = m(x)
+        with qa.fake_quantized(m, fmt, bs):
+            yq = m(x)
+        again = m(x)  # the context restored the full-precision pass
+    assert torch.equal(yq, oracle(x))
+    assert torch.equal(plain, again) and not torch.equal(plain, yq)
+    assert torch.equal(m.lm_head.weight, oracle.lm_head.weight)  # skipped at export, as `qru quantize`
+
+
+def test_lora_mode_quantized_forward_bit_equal_to_merged_fake_quant():
+    m = tiny_llama(2)
+    apply_lora(m, r=2, alpha=4, seed=0)
+    with torch.no_grad():
+        for _, mod in qa.quant_targets(m):
+            mod.lora_B.normal_(0, 0.05)
+    oracle = copy.deepcopy(m)
+    targets = dict(qa.quant_targets(oracle))
+    with torch.no_grad():
+        for name, mod in targets.items():  # the materialised merge, fake-quantized: a plain linear
+            lin = nn.Linear(mod.in_features, mod.out_features, bias=False)
+            lin.weight.copy_(fake_quant_lora_reference(mod.weight, mod.lora_A, mod.lora_B, mod.scaling, "nf4"))
+            parent, _, leaf = name.rpartition(".")
+            setattr(oracle.get_submodule(parent), leaf, lin)
+    x = torch.randint(0, 96, (2, 9))
+    with qa.attached(m):
+        with qa.fake_quantized(m, "nf4"):
+            yq = m(x)
+    assert torch.equal(yq, oracle(x))
+
+
+def test_skip_and_applicability_name_the_culprit():
+    m = tiny_llama()
+    assert [n for n, _ in qa.check_applicable(m, ["nf4"], skip="mlp,lm_head")] == [
+        f"model.layers.0.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    odd = tiny_llama(intermediate_size=175)
+    with pytest.raises(ValueError, match=r"int4: cannot apply to model\.layers\.0\.mlp\.down_proj\.weight"):
+        qa.check_applicable(odd, ["nf4", "int4"])  # int4 packs pairs along a row of odd width 175
+    assert len(qa.check_applicable(odd, ["nf4", "int4"], skip="down_proj,lm_head")) == 6
+    with pytest.raises(ValueError, match="block size 64 does not fit q4_0"):
+        qa.check_applicable(m, ["q4_0"], block_size=64)
+    with pytest.raises(ValueError, match="no linear to quantize"):
+        qa.check_applicable(m, ["nf4"], skip="layers,lm_head")
+    with torch.device("meta"):  # shapes only: validation before any weight is loaded
+        meta = Llama(LlamaConfig.preset("tiny"))
+    assert len(qa.check_applicable(meta, ["nf4", "q8_0"])) == 14
+
+
+def _ce(logits, y):
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+def test_full_mode_ste_gradient_matches_finite_differences_of_unrounded_path():
+    """Through the whole model: the STE gradient of L(model with D(Q(W))) w.r.t. a target W equals
+    the derivative of the unrounded path h(W) = L(model with W + R), R = D(Q(W)) - W frozen, by
+    central differences in float64."""
+    m = tiny_llama(3)
+    x, y = torch.randint(0, 96, (2, 7)), torch.randint(0, 96, (2, 7))
+    with qa.attached(m):
+        with qa.fake_quantized(m, "nf4"):
+            _ce(m(x), y).backward()
+    m64 = copy.deepcopy(m).double()
+    name = "model.layers.0.mlp.down_proj"
+    with torch.no_grad():
+        for n, mod in qa.quant_targets(m64):
+            w32 = m.get_submodule(n).weight
+            mod.weight.copy_(fake_quant_values(w32, "nf4").double())  # = W + R exactly
+    w = m64.get_submodule(name).weight
+    r = fake_quant_values(m.get_submodule(name).weight, "nf4").double() - m.get_submodule(name).weight.double()
+    assert (r != 0).any()
+    grad = m.get_submodule(name).weight.grad
+    eps = 1e-3  # the fused norm / rope kernels keep fp32 internals: smaller steps drown in their round-off
+    for idx in [(0, 0), (5, 100), (40, 7), (63, 175)]:
+        with torch.no_grad():
+            w0 = w[idx].item()
+            w[idx] = w0 + eps
+            lp = _ce(m64(x), y).item()
+            w[idx] = w0 - eps
+            lm = _ce(m64(x), y).item()
+            w[idx] = w0
+        fd = (lp - lm) / (2 * eps)
+        assert abs(grad[idx].item() - fd) <= 5e-3 * abs(fd) + 1e-6, (idx, grad[idx].item(), fd)
+    plain = copy.deepcopy(m)
+    plain.zero_grad()
+    _ce(plain(x), y).backward()  # the gradient at the unrounded weights differs: the check is not trivial
+    assert not torch.allclose(plain.get_submodule(name).weight.grad, grad, rtol=1e-2, atol=1e-5)
+
+
+def test_lora_mode_ste_gradient_matches_finite_differences_of_unrounded_path():
+    m = tiny_llama(4)
+    apply_lora(m, r=2, alpha=4, seed=0)
+    with torch.no_grad():
+        for _, mod in qa.quant_targets(m):
+            mod.lora_B.normal_(0, 0.05)
+    x, y = torch.randint(0, 96, (2, 7)), torch.randint(0, 96, (2, 7))
+    with qa.attached(m):
+        with qa.fake_quantized(m, "int4_sym", 32):
+            _ce(m(x), y).backward()
+    name = "model.layers.0.self_attn.v_proj"
+    lo = m.get_submodule(name)
+    # float64 oracle: plain linears holding W + s·B·A + R, with R frozen and A, B free
+    m64 = copy.deepcopy(m).double()
+    resid = {}
+    with torch.no_grad():
+        for n, mod in qa.quant_targets(m):
+            merged = mod.weight.double() + mod.scaling * mod.lora_B.double() @ mod.lora_A.double()
+            resid[n] = fake_quant_values(mod.weight, "int4_sym", 32, lora=(mod.lora_A, mod.lora_B, mod.scaling)
+                                         ).double() - merged
+            mod64 = m64.get_submodule(n)
+            mod64.fake_quant = None
+    lo64 = m64.get_submodule(name)
+
+    def h():
+        with torch.no_grad():
+            for n, mod in qa.quant_targets(m64):
+                mod.weight.copy_(m.get_submodule(n).weight.double() + resid[n])
+            # the LoRA path adds s·B·A to W + R: exactly W + s·B·A + R
+            return _ce(m64(x), y).item()
+
+    assert (resid[name] != 0).any()
+    eps = 1e-3
+    for tensor, grad, idx in [(lo64.lora_A, lo.lora_A.grad, (0, 3)), (lo64.lora_A, lo.lora_A.grad, (1, 50)),
+                              (lo64.lora_B, lo.lora_B.grad, (10, 0)), (lo64.lora_B, lo.lora_B.grad, (31, 1))]:
+        with torch.no_grad():
+            t0 = tensor[idx].item()
+            tensor[idx] = t0 + eps
+        lp = h()
+        with torch.no_grad():
+            tensor[idx] = t0 - eps
+        lm = h()
+        with torch.no_grad():
+            tensor[idx] = t0
+        fd = (lp - lm) / (2 * eps)
+        assert abs(grad[idx].item() - fd) <= 5e-3 * abs(fd) + 1e-6, (idx, grad[idx].item(), fd)

@@ -24,9 +24,11 @@ from pathlib import Path
 from typing import Iterator, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qru.io import staged_dir, write_bytes, write_text
+from qru.kernels.fake_quant import fake_quant_lora
 from qru.kernels.lora import NF4Weight, lora_linear
 from qru.model.checkpoint import load_safetensors
 
@@ -54,7 +56,11 @@ class LoRALinear(nn.Module):
     ``init``: ``"default"`` (peft: A kaiming-uniform with a=√5, B zero), ``"gaussian"``
     (A ~ N(0, 1/r), B zero), or a pair ``(A, B)`` of tensors to copy. ``lora_dtype`` defaults
     to fp32 for a half-precision base (as peft's ``autocast_adapter_dtype``), else the base
-    dtype. ``disabled=True`` runs the base alone. An NF4 base (QLoRA) comes through
+    dtype. ``disabled=True`` runs the base alone. ``fake_quant = (fmt, block_size, name)`` (set by
+    :func:`qru.train.quant_aware.fake_quantized` for a quantization-aware pass) runs
+    ``F.linear(x, fake_quant_lora(W, A, B, s, fmt, block_size))``: the adapter merged blockwise and
+    fake-quantized as export would, straight-through gradients to ``A`` and ``B``, no dropout (the
+    adapter is inside the weight, as deployed); ``disabled`` wins over it. An NF4 base (QLoRA) comes through
     :meth:`from_nf4` and lives in the buffers ``weight_nf4``/``weight_absmax``/``weight_code``.
     """
 
@@ -76,6 +82,7 @@ class LoRALinear(nn.Module):
         self.r, self.lora_alpha, self.use_rslora = r, float(alpha), bool(use_rslora)
         self.lora_dropout = float(dropout)
         self.disabled = False
+        self.fake_quant: tuple[str, int | None, str] | None = None
         if weight is not None:
             weight.requires_grad_(False)
         if bias is not None:
@@ -172,6 +179,10 @@ class LoRALinear(nn.Module):
         nf4 = self.nf4_weight()
         if self.disabled:
             return lora_linear(x, self.weight, self.bias, None, None, 0.0, nf4=nf4)
+        if self.fake_quant is not None:  # quantization-aware pass: x D(Q(W + s·B A))ᵀ + b, STE to A and B
+            fmt, block_size, name = self.fake_quant
+            wq = fake_quant_lora(self.weight, self.lora_A, self.lora_B, self.scaling, fmt, block_size, name=name)
+            return F.linear(x, wq, self.bias)
         return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
                            dropout_p=self.lora_dropout, training=self.training, nf4=nf4)
 
