@@ -15,6 +15,8 @@ the format's export block size (:func:`qru.quant.qlinear.resolve_block_size`).
   parametrizations and puts the same ``Parameter`` objects back as plain weights, so
   checkpoints, merge and export see plain weights; :func:`plain_name` maps a parametrized
   parameter name (``….parametrizations.weight.original``) back to ``….weight``.
+* :func:`quant_aware_step`: wraps the loop's step function into ``L(full precision) + λ·L(quantized)``
+  (the method's forget term and its regularizer alike), one random format per step or the sum.
 * :func:`fake_quant_targets` / :func:`fake_quant_params`: each target's ``W_q = D(Q(W_eff))`` as
   tensors (``torch.func.functional_call`` in full mode).
 * :func:`snapshot`, :func:`code_flip_frac`: monitoring, the share of the targets' codes that the
@@ -275,3 +277,34 @@ _PARAM_NAME = re.compile(r"(^|\.)parametrizations\.([^.]+)\.original$")
 def plain_name(name: str) -> str:
     """``a.q_proj.parametrizations.weight.original`` -> ``a.q_proj.weight`` (other names unchanged)."""
     return _PARAM_NAME.sub(lambda m: f"{m.group(1)}{m.group(2)}", name)
+
+
+SAMPLES = ("random", "sum")
+
+
+def quant_aware_step(step_fn, model: nn.Module, formats: Iterable[str], weight: float = 1.0, sample: str = "random",
+                     block_size: int | None = None):
+    """Wrap a step function ``step_fn(forget_batch, retain_batch) -> {"loss", "forget_loss",
+    "retain_loss"}`` (the method's whole loss: forget term and regularizer) of a ``model`` prepared by
+    :func:`attach`: the returned step computes ``L(full precision) + weight · L(quantized)``, where
+    ``L(quantized)`` is ``step_fn`` run under :func:`fake_quantized` in one format drawn uniformly per
+    call from ``formats`` (``sample="random"``; torch's global generator, so a seeded run draws the
+    same formats and a resumed one continues the sequence: the loop checkpoints that state) or the
+    sum over all of them (``"sum"``). The dict keeps the full-precision terms under their names and
+    adds ``loss_q`` (the quantized total, summed over the formats run)."""
+    fmts = parse_formats(formats)
+    if sample not in SAMPLES:
+        raise ValueError(f"--qa-sample must be one of {SAMPLES}, got {sample!r}")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"--qa-weight must be a finite number >= 0, got {weight!r}")
+
+    def step(fb, rb) -> dict:
+        out = step_fn(fb, rb)
+        chosen = fmts if sample == "sum" or len(fmts) == 1 else [fmts[int(torch.randint(len(fmts), ()))]]
+        loss_q = None
+        for fmt in chosen:
+            with fake_quantized(model, fmt, block_size):
+                q = step_fn(fb, rb)["loss"]
+            loss_q = q if loss_q is None else loss_q + q
+        return {**out, "loss": out["loss"] + weight * loss_q, "loss_q": loss_q}
+    return step
