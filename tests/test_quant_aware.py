@@ -1,7 +1,7 @@
 """qru.train.quant_aware: export targets and skip rules, fake-quantized parameters for functional_call,
-code_flip_frac on hand-computed tensors, and the model-side seam (parametrization / LoRA state): the
+code_flip_frac on hand-computed tensors, and the model-side seam (the layers' weight transform): the
 quantized forward of a whole Llama bit-equal to the model with quantize->dequantize weights, its STE
-gradient against finite differences of the unrounded path (float64), plain weights after detach."""
+gradient against finite differences of the unrounded path (float64), the model untouched outside."""
 import copy
 
 import pytest
@@ -10,6 +10,7 @@ from torch import nn
 
 from qru.kernels.fake_quant import fake_quant, fake_quant_lora, fake_quant_lora_reference, fake_quant_values
 from qru.model.config import LlamaConfig
+from qru.model.linear import Linear
 from qru.model.llama import Llama
 from qru.model.lora import LoRALinear, apply_lora
 from qru.quant import dequantize, quantize
@@ -20,8 +21,8 @@ class Tiny(nn.Module):
     def __init__(self):
         super().__init__()
         self.layers = nn.ModuleList([nn.Module()])
-        self.layers[0].q_proj = nn.Linear(64, 1, bias=False)
-        self.lm_head = nn.Linear(64, 1, bias=False)
+        self.layers[0].q_proj = Linear(64, 1, bias=False)
+        self.lm_head = Linear(64, 1, bias=False)
 
     def forward(self, x):
         return self.lm_head(x) + self.layers[0].q_proj(x)
@@ -105,11 +106,11 @@ def test_fake_quant_params_lora_mode_functional_call():
     x = torch.randn(3, 64)
     qa.attach(m)
     try:
-        with qa.fake_quantized(m, "q4_0"):  # LoRALinear's explicit fake_quant state
+        with qa.fake_quantized(m, "q4_0"):  # the layer's weight transform: linear(x, W_q)
             y = m(x)
     finally:
         qa.detach(m)
-    assert "forward" not in lo.__dict__ and lo.fake_quant is None
+    assert "forward" not in lo.__dict__ and lo.weight_transform is None
     assert torch.allclose(y, m.lm_head(x) + x @ wq.t())
     y.sum().backward()
     G = x.sum(0, keepdim=True)  # dL/dW_q
@@ -135,24 +136,31 @@ def tiny_llama(seed=0, **over):
     return m
 
 
-def test_attach_keeps_parameters_and_detach_restores_plain_weights():
+def test_attach_leaves_the_model_untouched_outside_the_quantized_pass():
     m = tiny_llama()
-    before = dict(m.named_parameters())
+    params = {n: id(p) for n, p in m.named_parameters()}
     keys = list(m.state_dict())
     names = qa.attach(m)
     assert names == [n for n, mod in m.named_modules() if isinstance(mod, nn.Linear) and n != "lm_head"]
-    after = dict(m.named_parameters())
-    assert "model.layers.0.mlp.up_proj.parametrizations.weight.original" in after
-    assert {qa.plain_name(n): id(p) for n, p in after.items()} == {n: id(p) for n, p in before.items()}
     with pytest.raises(ValueError, match="already attached"):
         qa.attach(m)
+    targets = [m.get_submodule(n) for n in names]
+    assert all(t.weight_transform is None for t in targets)
+    with qa.fake_quantized(m, "nf4"):
+        assert all(t.weight_transform is not None for t in targets) and m.lm_head.weight_transform is None
+    assert all(t.weight_transform is None for t in targets)
+    with pytest.raises(RuntimeError, match="boom"):
+        with qa.fake_quantized(m, "int8"):
+            raise RuntimeError("boom")
+    assert all(t.weight_transform is None for t in targets)  # cleared on error too
     qa.detach(m)
-    assert list(m.state_dict()) == keys
-    assert all(type(mod) is nn.Linear for n, mod in m.named_modules() if n.endswith("proj"))
-    assert {n: id(p) for n, p in m.named_parameters()} == {n: id(p) for n, p in before.items()}
+    assert list(m.state_dict()) == keys and {n: id(p) for n, p in m.named_parameters()} == params
     with pytest.raises(ValueError, match="needs an attached model"):
         with qa.fake_quantized(m, "nf4"):
             pass
+    plain = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="0 is a Linear, not a qru Linear"):
+        qa.attach(plain, skip=())
 
 
 @pytest.mark.parametrize("fmt", ["nf4", "int4", "int8", "q4_0"])
@@ -273,8 +281,6 @@ def test_lora_mode_ste_gradient_matches_finite_differences_of_unrounded_path():
             merged = mod.weight.double() + mod.scaling * mod.lora_B.double() @ mod.lora_A.double()
             resid[n] = fake_quant_values(mod.weight, "int4_sym", 32, lora=(mod.lora_A, mod.lora_B, mod.scaling)
                                          ).double() - merged
-            mod64 = m64.get_submodule(n)
-            mod64.fake_quant = None
     lo64 = m64.get_submodule(name)
 
     def h():

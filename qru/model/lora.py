@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Iterator, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qru.io import staged_dir, write_bytes, write_text
-from qru.kernels.fake_quant import fake_quant_lora
+from qru.kernels.linear import PackedWeight, linear
 from qru.kernels.lora import NF4Weight, lora_linear
 from qru.model.checkpoint import load_safetensors
+from qru.model.linear import Linear, WeightTransformable
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CONFIG_NAME = "adapter_config.json"
@@ -50,18 +50,17 @@ def lora_scale(r: int, alpha: float, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(WeightTransformable, nn.Module):
     """``y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ`` with frozen ``weight``/``bias`` and trainable ``lora_A``/``lora_B``.
 
     ``init``: ``"default"`` (peft: A kaiming-uniform with a=√5, B zero), ``"gaussian"``
     (A ~ N(0, 1/r), B zero), or a pair ``(A, B)`` of tensors to copy. ``lora_dtype`` defaults
     to fp32 for a half-precision base (as peft's ``autocast_adapter_dtype``), else the base
-    dtype. ``disabled=True`` runs the base alone. ``fake_quant = (fmt, block_size, name)`` (set by
-    :func:`qru.train.quant_aware.fake_quantized` for a quantization-aware pass) runs
-    ``F.linear(x, fake_quant_lora(W, A, B, s, fmt, block_size))``: the adapter merged blockwise and
-    fake-quantized as export would, straight-through gradients to ``A`` and ``B``, no dropout (the
-    adapter is inside the weight, as deployed); ``disabled`` wins over it. An NF4 base (QLoRA) comes through
+    dtype. ``disabled=True`` runs the base alone. An NF4 base (QLoRA) comes through
     :meth:`from_nf4` and lives in the buffers ``weight_nf4``/``weight_absmax``/``weight_code``.
+    With a weight transform (:func:`qru.model.linear.set_weight_transform`, e.g. fake quantization)
+    the forward is ``linear(x, fn(self, weight), bias)``: ``fn`` returns the whole effective weight,
+    adapter included (``weight`` is None for an NF4 base).
     """
 
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float, *, dropout: float = 0.0,
@@ -79,10 +78,10 @@ class LoRALinear(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"lora dropout must be in [0, 1), got {dropout}")
         self.in_features, self.out_features = in_features, out_features
+        self.packed_weight = PackedWeight()  # the dense base's packed copy (qru.kernels.linear), adapters off
         self.r, self.lora_alpha, self.use_rslora = r, float(alpha), bool(use_rslora)
         self.lora_dropout = float(dropout)
         self.disabled = False
-        self.fake_quant: tuple[str, int | None, str] | None = None
         if weight is not None:
             weight.requires_grad_(False)
         if bias is not None:
@@ -176,13 +175,11 @@ class LoRALinear(nn.Module):
         return self.weight if dtype is None else self.weight.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_transform is not None:
+            return linear(x, self.weight_transform(self, self.weight), self.bias)
         nf4 = self.nf4_weight()
         if self.disabled:
-            return lora_linear(x, self.weight, self.bias, None, None, 0.0, nf4=nf4)
-        if self.fake_quant is not None:  # quantization-aware pass: x D(Q(W + s·B A))ᵀ + b, STE to A and B
-            fmt, block_size, name = self.fake_quant
-            wq = fake_quant_lora(self.weight, self.lora_A, self.lora_B, self.scaling, fmt, block_size, name=name)
-            return F.linear(x, wq, self.bias)
+            return lora_linear(x, self.weight, self.bias, None, None, 0.0, nf4=nf4, packed=self.packed_weight)
         return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
                            dropout_p=self.lora_dropout, training=self.training, nf4=nf4)
 
@@ -340,10 +337,11 @@ def _state_key_order(sd):
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """In place and explicit: replace every LoRALinear by an ``nn.Linear`` holding the merged weight."""
+    """In place and explicit: replace every LoRALinear by a :class:`qru.model.linear.Linear` holding
+    the merged weight."""
     for name, m in list(lora_modules(model)):
         W = m.merged_weight()
-        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=W.device, dtype=W.dtype)
+        lin = Linear(m.in_features, m.out_features, bias=m.bias is not None, device=W.device, dtype=W.dtype)
         with torch.no_grad():
             lin.weight.copy_(W)
             if m.bias is not None:

@@ -5,16 +5,12 @@ every :class:`~qru.model.lora.LoRALinear` whose name no ``skip`` entry matches
 (:func:`qru.quant.qlinear.is_skipped`; default ``("lm_head",)``, as ``qru quantize --skip``), with
 the format's export block size (:func:`qru.quant.qlinear.resolve_block_size`).
 
-* The seam: :func:`attach` registers a :class:`FakeQuantWeight` parametrization
-  (``torch.nn.utils.parametrize``) on each plain target's ``weight``; it is the identity until
-  :func:`fake_quantized` (a context) sets a format, and then returns ``D(Q(W))`` with the
-  straight-through gradient (:func:`qru.kernels.fake_quant.fake_quant`), so the module's own
-  forward reads the fake-quantized weight. A ``LoRALinear`` target needs no parametrization: the
-  context sets its explicit ``fake_quant`` state and its forward uses
-  ``fake_quant_lora(W, A, B, s)``. :func:`detach` (or leaving :func:`attached`) removes the
-  parametrizations and puts the same ``Parameter`` objects back as plain weights, so
-  checkpoints, merge and export see plain weights; :func:`plain_name` maps a parametrized
-  parameter name (``….parametrizations.weight.original``) back to ``….weight``.
+* The seam is the layers' own weight transform (:func:`qru.model.linear.set_weight_transform`):
+  within :func:`fake_quantized` (a context) every target of a model registered by :func:`attach`
+  computes with ``D(Q(W_eff))``: a qru ``Linear`` with ``fake_quant(W)``, a ``LoRALinear`` with
+  ``fake_quant_lora(W, A, B, s)`` (adapter merged blockwise; its reference pass with adapters
+  disabled stays full precision), gradients straight through the rounding. Outside the context
+  nothing is set, so parameters, names, checkpoints, merge and export are untouched.
 * :func:`quant_aware_step`: wraps the loop's step function into ``L(full precision) + λ·L(quantized)``
   (the method's forget term and its regularizer alike), one random format per step or the sum.
 * :func:`fake_quant_targets` / :func:`fake_quant_params`: each target's ``W_q = D(Q(W_eff))`` as
@@ -26,16 +22,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 import weakref
 from typing import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from qru.kernels import fake_quant as _fq
 from qru.kernels.fake_quant import FAKE_QUANT_FORMATS, fake_quant, fake_quant_lora
+from qru.model.linear import WeightTransformable, set_weight_transform
 from qru.model.lora import LoRALinear, merge_weight
 from qru.quant import quantize
 from qru.quant.qlinear import is_skipped, resolve_block_size
@@ -61,18 +56,13 @@ def parse_skip(skip) -> tuple[str, ...]:
     return tuple(s.strip() for s in skip.split(",") if s.strip()) if isinstance(skip, str) else tuple(skip or ())
 
 
-def _is_plain_linear(m: nn.Module) -> bool:
-    """A plain ``nn.Linear``, also while it carries a parametrization (whose class derives from it)."""
-    return type(m) is nn.Linear or (parametrize.is_parametrized(m) and type(m).__bases__ == (nn.Linear,))
-
-
 def quant_targets(model: nn.Module, skip=DEFAULT_SKIP) -> list[tuple[str, nn.Module]]:
-    """(name, module) of the linears quantized at export (plain ``nn.Linear`` or ``LoRALinear``), in
-    module order. A QLoRA (NF4) base raises: its weight is already quantized."""
+    """(name, module) of the linears quantized at export (``nn.Linear``, qru's ``Linear`` included, or
+    ``LoRALinear``), in module order. A QLoRA (NF4) base raises: its weight is already quantized."""
     skip = parse_skip(skip)
     out = []
     for name, m in model.named_modules():
-        if isinstance(m, LoRALinear) or _is_plain_linear(m):
+        if isinstance(m, (LoRALinear, nn.Linear)):
             if is_skipped(name, skip):
                 continue
             if isinstance(m, LoRALinear) and m.is_nf4:
@@ -90,7 +80,7 @@ def fake_quant_weight(module: nn.Module, fmt: str, block_size: int | None = None
         if module.disabled:
             return fake_quant(module.weight, fmt, bs, name=name)
         return fake_quant_lora(module.weight, module.lora_A, module.lora_B, module.scaling, fmt, bs, name=name)
-    return fake_quant(raw_weight(module), fmt, bs, name=name)
+    return fake_quant(module.weight, fmt, bs, name=name)
 
 
 def fake_quant_targets(model: nn.Module, fmt: str, block_size: int | None = None, skip=DEFAULT_SKIP
@@ -105,20 +95,13 @@ def fake_quant_params(model: nn.Module, fmt: str, block_size: int | None = None,
     return {f"{n}.weight": w for n, _, w in fake_quant_targets(model, fmt, block_size, skip)}
 
 
-def raw_weight(module: nn.Module) -> torch.Tensor:
-    """A target's stored weight (under a parametrization: its ``original``, never the fake-quantized one)."""
-    if parametrize.is_parametrized(module, "weight"):
-        return module.parametrizations.weight.original
-    return module.weight
-
-
 @torch.no_grad()
 def effective_weight(module: nn.Module) -> torch.Tensor:
     """The weight that export quantizes: ``W`` as stored, or (LoRA) the fp32 merge ``W + s·B·A``."""
     if isinstance(module, LoRALinear):
         w = module.weight.detach().float()
         return w if module.disabled else merge_weight(w, module.lora_A, module.lora_B, module.scaling)
-    return raw_weight(module).detach()
+    return module.weight.detach()
 
 
 @torch.no_grad()
@@ -160,33 +143,19 @@ def code_flip_frac(base: Mapping[str, torch.Tensor], model: nn.Module, formats: 
 # ----------------------------------------------------------------------------- the model-side seam
 
 
-class FakeQuantWeight(nn.Module):
-    """Parametrization of a plain linear's ``weight``: the identity while ``fmt`` is None, else
-    ``fake_quant(W, fmt, block_size)`` (``D(Q(W))`` forward, straight-through backward ``dL/dW =
-    dL/dW_q``). Set through :func:`fake_quantized`."""
-
-    def __init__(self, name: str):
-        super().__init__()
-        self.name = name
-        self.fmt: str | None = None
-        self.block_size: int | None = None
-
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        if self.fmt is None:
-            return w
-        return fake_quant(w, self.fmt, self.block_size, name=self.name)
-
-    def extra_repr(self) -> str:
-        return f"{self.name}, fmt={self.fmt}, block_size={self.block_size}"
-
-
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, list[tuple[str, nn.Module]]]" = weakref.WeakKeyDictionary()
 
 
-def _parametrization(m: nn.Module) -> FakeQuantWeight | None:
-    if not parametrize.is_parametrized(m, "weight"):
-        return None
-    return next((p for p in m.parametrizations.weight if isinstance(p, FakeQuantWeight)), None)
+def _transform(fmt: str, block_size: int | None, name: str):
+    """The weight transform of one target: ``fn(layer, weight) -> D(Q(W_eff))`` (STE)."""
+    def fn(layer, w):
+        if isinstance(layer, LoRALinear):
+            if layer.disabled:  # the NPO / KLR reference pass: the base at full precision
+                return w
+            return fake_quant_lora(w, layer.lora_A, layer.lora_B, layer.scaling, fmt, block_size, name=name)
+        return fake_quant(w, fmt, block_size, name=name)
+    fn.__name__ = f"fake_quant[{fmt}]"
+    return fn
 
 
 def check_applicable(model: nn.Module, formats: Iterable[str], block_size: int | None = None,
@@ -201,36 +170,32 @@ def check_applicable(model: nn.Module, formats: Iterable[str], block_size: int |
         bs = resolve_block_size(fmt, block_size)
         for name, m in targets:
             try:
-                _fq.resolve_block_size(fmt, bs, tuple(raw_weight(m).shape))
+                _fq.resolve_block_size(fmt, bs, tuple(m.weight.shape))
             except ValueError as e:
                 raise ValueError(f"--quant-aware {fmt}: cannot apply to {name}.weight "
-                                 f"{tuple(raw_weight(m).shape)}: {e}") from None
+                                 f"{tuple(m.weight.shape)}: {e}") from None
     return targets
 
 
 def attach(model: nn.Module, skip=DEFAULT_SKIP) -> list[str]:
-    """Prepare ``model`` for quantized passes: a :class:`FakeQuantWeight` parametrization (inactive)
-    on every plain target's ``weight``; ``LoRALinear`` targets need none. The ``Parameter`` objects
-    stay the same (an optimizer built before or after sees the same tensors). Returns the targets'
-    names. :func:`detach` undoes it."""
+    """Register ``model``'s targets for quantized passes (:func:`fake_quantized`); the model is not
+    modified. Every target must be one of qru's layers (``Linear`` / ``LoRALinear``, which carry the
+    weight-transform seam). Returns the targets' names. :func:`detach` undoes it."""
     if model in _ATTACHED:
         raise ValueError("quant-aware: the model is already attached")
     targets = quant_targets(model, skip)
-    for name, m in targets:
-        if not isinstance(m, LoRALinear):
-            parametrize.register_parametrization(m, "weight", FakeQuantWeight(f"{name}.weight"))
+    bad = [n for n, m in targets if not isinstance(m, WeightTransformable)]
+    if bad:
+        raise ValueError(f"quant-aware: {bad[0]} is a {type(model.get_submodule(bad[0])).__name__}, not a qru Linear "
+                         "or LoRALinear (the layers with a weight-transform seam)")
     _ATTACHED[model] = targets
     return [n for n, _ in targets]
 
 
 def detach(model: nn.Module) -> None:
-    """Remove :func:`attach`'s parametrizations: each target's ``weight`` is its plain ``Parameter``
-    again (the same object), LoRA targets' ``fake_quant`` state is cleared."""
+    """Forget ``model``'s registration and clear any weight transform its targets still hold."""
     for _, m in _ATTACHED.pop(model, []):
-        if isinstance(m, LoRALinear):
-            m.fake_quant = None
-        elif _parametrization(m) is not None:
-            parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
+        set_weight_transform(m, None)
 
 
 @contextlib.contextmanager
@@ -246,8 +211,9 @@ def attached(model: nn.Module, skip=DEFAULT_SKIP) -> Iterator[list[str]]:
 @contextlib.contextmanager
 def fake_quantized(model: nn.Module, fmt: str, block_size: int | None = None) -> Iterator[nn.Module]:
     """Within the block every target of the attached ``model`` computes with its fake-quantized
-    weight ``D(Q(W_eff))`` in ``fmt`` (export's block size; gradients straight through). Gradient
-    checkpointing would recompute outside the block: not supported."""
+    weight ``D(Q(W_eff))`` in ``fmt`` (export's block size; gradients straight through), through the
+    layers' weight-transform seam; on exit the transforms are removed. Gradient checkpointing would
+    recompute outside the block: not supported."""
     if model not in _ATTACHED:
         raise ValueError("quant-aware: fake_quantized needs an attached model (call attach first)")
     (fmt,) = parse_formats([fmt])
@@ -255,28 +221,11 @@ def fake_quantized(model: nn.Module, fmt: str, block_size: int | None = None) ->
     targets = _ATTACHED[model]
     try:
         for name, m in targets:
-            if isinstance(m, LoRALinear):
-                m.fake_quant = (fmt, bs, f"{name}.weight")
-            else:
-                p = _parametrization(m)
-                p.fmt, p.block_size = fmt, bs
+            set_weight_transform(m, _transform(fmt, bs, f"{name}.weight"))
         yield model
     finally:
         for _, m in targets:
-            if isinstance(m, LoRALinear):
-                m.fake_quant = None
-            else:
-                p = _parametrization(m)
-                if p is not None:
-                    p.fmt, p.block_size = None, None
-
-
-_PARAM_NAME = re.compile(r"(^|\.)parametrizations\.([^.]+)\.original$")
-
-
-def plain_name(name: str) -> str:
-    """``a.q_proj.parametrizations.weight.original`` -> ``a.q_proj.weight`` (other names unchanged)."""
-    return _PARAM_NAME.sub(lambda m: f"{m.group(1)}{m.group(2)}", name)
+            set_weight_transform(m, None)
 
 
 SAMPLES = ("random", "sum")

@@ -32,7 +32,6 @@ from safetensors.torch import load_file, save_file
 from qru.io import (append_text, clean_stale, clean_stale_in, commit_dir, fault_point, staged_dir, write_json,
                     write_text)
 from qru.train.config import TrainConfigError
-from qru.train.quant_aware import plain_name
 
 CKPT_PREFIX = "checkpoint-"
 COMPLETE = "COMPLETE"
@@ -74,9 +73,7 @@ def set_rng_state(st: dict) -> None:
 
 
 def _trainable_named(model) -> dict[str, torch.nn.Parameter]:
-    """Trainable parameters by their plain names (a quant-aware run's parametrized
-    ``….parametrizations.weight.original`` is saved as ``….weight``)."""
-    return {plain_name(n): p for n, p in model.named_parameters() if p.requires_grad}
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
 def work_dir(out: str | os.PathLike) -> Path:

@@ -35,7 +35,7 @@ from qru.train.config import (METHODS, REGS, TrainConfigError, TrainResult, Unle
 from qru.train import quant_aware as qa
 from qru.train import saliency as sal
 from qru.train.data import Batch, collate, fixed_sample, load_sets
-from qru.train.loop import (PAD_MULTIPLE, NonFiniteLossError, StepFn, _dense_gemms, autocast, count_params, eval_nll,
+from qru.train.loop import (PAD_MULTIPLE, NonFiniteLossError, StepFn, autocast, count_params, eval_nll,
                             model_sequence_logprobs, resolve_device, seed_all, sequence_logp_table, train_loop)
 from qru.train.state import finish_run, prepare_work, read_checkpoint_state, write_run_json
 
@@ -158,10 +158,6 @@ def make_unlearn_step(model: torch.nn.Module, *, method: str, reg: str, beta: fl
         raise TrainConfigError("reg='klr' needs ref_model")
 
     def step_fn(fb: Batch, rb: Batch | None) -> dict:
-        with _dense_gemms(model, ref_model):
-            return _step(fb, rb)
-
-    def _step(fb: Batch, rb: Batch | None) -> dict:
         if method == "npo":
             if ref_logp is not None:
                 ref = ref_logp[fb.index]
