@@ -147,13 +147,23 @@ _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, list[tuple[str, nn.Module]]]" =
 
 
 def _transform(fmt: str, block_size: int | None, name: str):
-    """The weight transform of one target: ``fn(layer, weight) -> D(Q(W_eff))`` (STE)."""
+    """The weight transform of one target: ``fn(layer, weight) -> D(Q(W_eff))`` (STE). Within one
+    quantized pass the weights do not change, so ``W_q`` is computed once and reused by the pass's
+    later forwards (e.g. the forget and the retain batch), keyed by the tensors' versions and the
+    grad mode (a no-grad ``W_q`` has no graph)."""
+    cache: dict = {}
+
     def fn(layer, w):
-        if isinstance(layer, LoRALinear):
-            if layer.disabled:  # the NPO / KLR reference pass: the base at full precision
-                return w
-            return fake_quant_lora(w, layer.lora_A, layer.lora_B, layer.scaling, fmt, block_size, name=name)
-        return fake_quant(w, fmt, block_size, name=name)
+        lora = isinstance(layer, LoRALinear) and not layer.disabled
+        if isinstance(layer, LoRALinear) and layer.disabled:  # the NPO / KLR reference: full precision
+            return w
+        key = (torch.is_grad_enabled(), w._version, w.data_ptr()) + (
+            (layer.lora_A._version, layer.lora_B._version, layer.scaling) if lora else ())
+        if cache.get("key") != key:
+            wq = (fake_quant_lora(w, layer.lora_A, layer.lora_B, layer.scaling, fmt, block_size, name=name) if lora
+                  else fake_quant(w, fmt, block_size, name=name))
+            cache.update(key=key, wq=wq)
+        return cache["wq"]
     fn.__name__ = f"fake_quant[{fmt}]"
     return fn
 
