@@ -6,6 +6,10 @@ once for the whole forget set before the first step (the model *is* the referenc
 modes) and stored in the checkpoint; only KLR needs a per-batch reference forward (adapters
 disabled in LoRA mode, a frozen copy loaded from the model directory in full mode).
 
+Quantization-aware unlearning (``UnlearnConfig.quant_aware``, :mod:`qru.train.quant_aware`) adds
+``L(quantized)`` to every step and ``code_flip_frac`` / ``forget_nll_q`` (per format) to the eval
+rows; ``saliency_mask`` (:mod:`qru.train.saliency`) trains only the top-K modules by forget gradient.
+
 Outputs in ``out``: ``metrics.jsonl`` (one row per logged step; eval rows carry ``forget_nll`` /
 ``retain_nll``), ``run.json``, the model (HF checkpoint, or a PEFT adapter in LoRA mode) and the
 tokenizer files (``tokenizer.model``, or ``tokenizer.json`` and its configs); committed as
