@@ -222,7 +222,8 @@ def train_loop(model: torch.nn.Module, step_fn: StepFn, main: TokenizedSet, aux:
                device: torch.device, loss_names: tuple[str, ...], extra_state: dict | None = None,
                config_dict: dict | None = None, desc: str = "train", resume: bool | None = None,
                param_groups: list[dict] | None = None, update_probe: Callable[[], dict] | None = None,
-               stop_check: Callable[[torch.nn.Module], dict] | None = None
+               stop_check: Callable[[torch.nn.Module], dict] | None = None,
+               eval_extra: Callable[[], dict] | None = None
                ) -> tuple[int, int, str, list[dict]]:
     """Run the optimisation in the run directory ``out`` (``metrics.jsonl`` appended, checkpoints).
     ``step_fn(main_batch, aux_batch)`` returns a dict of scalar losses with ``"loss"`` (the one
@@ -233,7 +234,8 @@ def train_loop(model: torch.nn.Module, step_fn: StepFn, main: TokenizedSet, aux:
     its peak lr as ``base_lr`` (default: one group at ``opts.lr``). ``update_probe() -> dict``: logged
     as ``update`` in every eval row (:class:`UpdateProbe`). ``stop_check(model) -> dict``: called
     after every eval row but the first (end of each epoch); its dict is logged in the row as ``check``,
-    and ``{"stop": True, ...}`` ends the run there (status ``"done"``, fewer steps than planned)."""
+    and ``{"stop": True, ...}`` ends the run there (status ``"done"``, fewer steps than planned).
+    ``eval_extra() -> dict``: merged into every eval row (quant-aware monitoring)."""
     resume = opts.resume if resume is None else resume
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -253,6 +255,8 @@ def train_loop(model: torch.nn.Module, step_fn: StepFn, main: TokenizedSet, aux:
                for k, v in evals.items()}
         if update_probe is not None:
             out["update"] = update_probe()
+        if eval_extra is not None:
+            out.update(eval_extra())
         return out
 
     step = 0
