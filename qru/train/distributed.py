@@ -37,6 +37,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from qru.train.data import Batch, TokenizedSet, collate
+
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 SHARDED_MARKER = ".metadata"  # the file DCP writes last into a checkpoint directory
 
@@ -207,6 +209,23 @@ def split_batch(index: torch.Tensor, target_counts: torch.Tensor, rank: int, wor
         return index[:1], 0.0, 0.0
     tokens = float(target_counts.sum())
     return index[mine], mine.numel() / len(index), float(target_counts[mine].sum()) / tokens if tokens else 0.0
+
+
+def target_counts(ts: TokenizedSet, index: torch.Tensor) -> torch.Tensor:
+    """Target-token count of each listed example (position 0 is never a target)."""
+    return torch.tensor([int(ts.example(int(i))[1].sum()) for i in index], dtype=torch.int64)
+
+
+def rank_batch(d: Dist | None, ts: TokenizedSet, index, pad_id: int, multiple: int = 1) -> Batch:
+    """This rank's part of the global batch ``index`` (the whole batch in one process), collated,
+    with its ``row_share`` / ``token_share`` set (:func:`split_batch`)."""
+    index = torch.as_tensor(list(index) if not torch.is_tensor(index) else index, dtype=torch.int64)
+    if d is None:
+        return collate(ts, index, pad_id, multiple)
+    mine, row_share, token_share = split_batch(index, target_counts(ts, index), d.rank, d.world)
+    b = collate(ts, mine, pad_id, multiple)
+    b.row_share, b.token_share = row_share, token_share
+    return b
 
 
 # -- sharding ---------------------------------------------------------------------------------
