@@ -2,6 +2,7 @@
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -24,6 +25,26 @@ def case_check(out: Path) -> None:
             D.agree(d, "the forget data (examples)", 10 + d.rank)
         except D.LaunchError as e:
             (out / f"agree{d.rank}.txt").write_text(str(e))
+
+
+def case_train(spec: Path) -> None:
+    """Run the unlearn / pretrain configs listed in the JSON file ``spec`` one after the other (each
+    call joins the process group the first one created); rank 0 records each run's status or error."""
+    from qru.train import loop as T
+
+    runs = json.loads(spec.read_text())
+    results = []
+    with D.session(torch.device("cpu")):
+        for run in runs:
+            cfg = (T.UnlearnConfig if run["kind"] == "unlearn" else T.PretrainConfig)(**run["cfg"])
+            try:
+                res = (T.unlearn if run["kind"] == "unlearn" else T.pretrain)(cfg)
+                results.append({"status": res.status, "steps": res.steps})
+            except Exception as e:  # noqa: BLE001 - the test checks the message
+                traceback.print_exc()
+                results.append({"error": f"{type(e).__name__}: {e}"})
+    if int(os.environ["RANK"]) == 0:
+        spec.with_suffix(".result.json").write_text(json.dumps(results))
 
 
 if __name__ == "__main__":

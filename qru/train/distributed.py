@@ -156,27 +156,31 @@ def on_main(d: Dist | None, fn: Callable[[], object]):
     return res
 
 
-def check_all(d: Dist | None, fn: Callable[[], object]) -> list:
-    """Run ``fn`` on every rank; if it raises on any rank, raise on every rank a
-    :class:`LaunchError` naming the rank(s), their hosts and errors. Returns every rank's result."""
+def check_all(d: Dist | None, fn: Callable[[], object]):
+    """Run ``fn`` on every rank and return this rank's result; if it raises on any rank, raise on
+    every rank a :class:`LaunchError` naming the rank(s), their hosts and errors (in one process
+    the exception propagates as it is)."""
     if d is None:
-        return [fn()]
+        return fn()
     res, err = None, None
     try:
         res = fn()
     except Exception as e:  # noqa: BLE001 - reported on every rank below
         err = f"{type(e).__name__}: {e}"
     gathered: list = [None] * d.world
-    dist.all_gather_object(gathered, (socket.gethostname(), res, err))
-    bad = [(r, host, e) for r, (host, _, e) in enumerate(gathered) if e is not None]
+    dist.all_gather_object(gathered, (socket.gethostname(), err))
+    bad = [(r, host, e) for r, (host, e) in enumerate(gathered) if e is not None]
     if bad:
         raise LaunchError("; ".join(f"rank {r} (host {host}) failed: {e}" for r, host, e in bad))
-    return [g[1] for g in gathered]
+    return res
 
 
 def agree(d: Dist | None, what: str, value) -> None:
     """Raise a :class:`LaunchError` on every rank unless every rank has the same ``value``."""
-    values = check_all(d, lambda: value)
+    if d is None:
+        return
+    values: list = [None] * d.world
+    dist.all_gather_object(values, value)
     if any(v != values[0] for v in values):
         detail = ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(values))
         raise LaunchError(f"ranks disagree on {what} ({detail}): every rank must see the same data and options")
@@ -297,6 +301,15 @@ def is_sharded(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
+
+
+def reshard(model: nn.Module) -> None:
+    """Put a sharded model's parameters back in their shards. FSDP2 keeps the root unit
+    (embeddings, norm, head) gathered after a forward, for the backward; after a forward-only pass
+    (evaluation, reference log-probs) the module would otherwise expose the gathered tensors,
+    not the sharded parameters the optimizer and the checkpoints hold."""
+    if is_sharded(model):
+        model.reshard()
 
 
 @contextlib.contextmanager
