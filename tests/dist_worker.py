@@ -30,15 +30,17 @@ def case_check(out: Path) -> None:
 def case_train(spec: Path) -> None:
     """Run the unlearn / pretrain configs listed in the JSON file ``spec`` one after the other (each
     call joins the process group the first one created); rank 0 records each run's status or error."""
-    from qru.train import loop as T
+    from qru.train.config import PretrainConfig, UnlearnConfig
+    from qru.train.pretrain import pretrain
+    from qru.train.unlearn import unlearn
 
     runs = json.loads(spec.read_text())
     results = []
     with D.session(torch.device("cpu")):
         for run in runs:
-            cfg = (T.UnlearnConfig if run["kind"] == "unlearn" else T.PretrainConfig)(**run["cfg"])
+            cfg = (UnlearnConfig if run["kind"] == "unlearn" else PretrainConfig)(**run["cfg"])
             try:
-                res = (T.unlearn if run["kind"] == "unlearn" else T.pretrain)(cfg)
+                res = (unlearn if run["kind"] == "unlearn" else pretrain)(cfg)
                 results.append({"status": res.status, "steps": res.steps})
             except Exception as e:  # noqa: BLE001 - the test checks the message
                 traceback.print_exc()

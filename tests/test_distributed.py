@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from qru.train import distributed as D
-from qru.train import loop as T
+from qru.train.config import UnlearnConfig
+from qru.train.state import METRICS, RUN_JSON, read_metrics, work_dir
+from qru.train.unlearn import unlearn
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,7 +90,7 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
 
 
 def _losses(out: Path) -> list[tuple]:
-    rows = T.read_metrics(out / T.METRICS)
+    rows = read_metrics(out / METRICS)
     return [(r["step"], r.get("loss"), r.get("forget_nll")) for r in rows]
 
 
@@ -117,11 +119,11 @@ def test_world2_equals_one_process(tiny_dir, small_sets, tmp_path, one_thread):
     res = _run_dist(2, runs, tmp_path, "equiv")
     assert all(r.get("status") == "done" for r in res), res
     for k, kw in cases.items():
-        one = T.unlearn(T.UnlearnConfig(**_ucfg(tiny_dir, small_sets, tmp_path / f"w1_{k}", **kw)))
+        one = unlearn(UnlearnConfig(**_ucfg(tiny_dir, small_sets, tmp_path / f"w1_{k}", **kw)))
         assert one.status == "done"
         w = _assert_same_run(tmp_path / f"w2_{k}", tmp_path / f"w1_{k}", **tol.get(k, {}))
         base = _weights(tiny_dir)
         if kw["mode"] == "full":  # the run changed the weights (so equality is not trivial)
             assert any(not torch.equal(w[n], base[n]) for n in w)
-        run = json.loads((tmp_path / f"w2_{k}" / T.RUN_JSON).read_text())
+        run = json.loads((tmp_path / f"w2_{k}" / RUN_JSON).read_text())
         assert run["world_size"] == 2

@@ -37,6 +37,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from qru.model import lora
+from qru.model.checkpoint import write_pretrained
 from qru.train.data import Batch, TokenizedSet, collate
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -128,6 +130,14 @@ def session(device: torch.device) -> Iterator[Dist | None]:
     finally:
         if created and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def check_batch(d: Dist | None, batch_size: int) -> None:
+    """A data-parallel launch needs at least one row of every full global batch per rank."""
+    if d is not None and batch_size < d.world:
+        raise LaunchError(f"world size mismatch: batch_size {batch_size} is smaller than the world size {d.world} "
+                          "(torchrun --nproc-per-node x --nnodes): every rank needs a row of each global batch; "
+                          "raise --batch-size or launch fewer processes")
 
 
 # -- agreement and reductions ---------------------------------------------------------------
@@ -335,6 +345,28 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def write_model(model: nn.Module, stage: Path, d: Dist | None) -> None:
+    """The HF checkpoint (``config.json`` + safetensors) into ``stage``; sharded: gathered on rank 0,
+    which writes it (rank 0 holds the whole state dict in CPU memory for it)."""
+    if d is None:
+        write_pretrained(model, stage)
+        return
+    sd = full_state_dict(model)
+    if d.is_main:
+        write_pretrained(model, stage, sd=sd)
+
+
+def write_adapter(model: nn.Module, stage: Path, d: Dist | None, base_model_name_or_path: str | None = None) -> None:
+    """The PEFT adapter into ``stage``; sharded: the adapters gathered, rank 0 writes them."""
+    if d is None:
+        lora.write_adapter(model, stage, base_model_name_or_path=base_model_name_or_path)
+        return
+    names = [f"{n}.{w}" for n, _ in lora.lora_modules(model) for w in ("lora_A", "lora_B")]
+    with gathered(model, names):
+        if d.is_main:
+            lora.write_adapter(model, stage, base_model_name_or_path=base_model_name_or_path)
 
 
 # -- sharded checkpoints ------------------------------------------------------------------------
