@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from qru.train import distributed as D
-from qru.train.config import TrainConfigError, UnlearnConfig
+from qru.train.config import PretrainConfig, TrainConfigError, UnlearnConfig
+from qru.train.pretrain import pretrain
 from qru.train.state import METRICS, RUN_JSON, read_metrics, work_dir
 from qru.train.unlearn import unlearn
 
@@ -74,6 +75,12 @@ def _ucfg(tiny_dir, data, out, **kw) -> dict:
     return base
 
 
+def _pcfg(tiny_dir, data, out) -> dict:
+    return dict(out=str(out), data=[str(data / "forget.jsonl"), str(data / "retain.jsonl")], init=str(tiny_dir),
+                epochs=2, batch_size=5, max_len=64, precision="fp32", eval_samples=5, eval_batch_size=3,
+                progress=False, cache_dir=str(data / "cache"), lr=1e-3, warmup_steps=0)
+
+
 def _run_dist(nproc: int, runs: list[dict], tmp_path, name: str) -> list[dict]:
     spec = tmp_path / f"{name}.json"
     spec.write_text(json.dumps(runs))
@@ -116,11 +123,15 @@ def test_world2_equals_one_process(tiny_dir, small_sets, tmp_path, one_thread):
     # (every weight, lr 1e-3, 4 steps) the runs then agree to 3e-4 in the weights, 1e-3 in the losses
     cases = {"full_npo_gdr": dict(mode="full", method="npo", reg="gdr"),
              "lora_npo_klr": dict(mode="lora", method="npo", reg="klr", lr=1e-2),
-             "full_ga_klr": dict(mode="full", method="ga", reg="klr", grad_accum=2)}
+             "full_ga_klr": dict(mode="full", method="ga", reg="klr", grad_accum=2),
+             "lora_simnpo_none": dict(mode="lora", method="simnpo", reg="none", lr=1e-2)}
     tol = {"full_ga_klr": dict(rtol=1e-3, atol=3e-4)}
     runs = [{"kind": "unlearn", "cfg": _ucfg(tiny_dir, small_sets, tmp_path / f"w2_{k}", **kw)} for k, kw in cases.items()]
+    runs.append({"kind": "pretrain", "cfg": _pcfg(tiny_dir, small_sets, tmp_path / "w2_pretrain")})
     res = _run_dist(2, runs, tmp_path, "equiv")
     assert all(r.get("status") == "done" for r in res), res
+    assert pretrain(PretrainConfig(**_pcfg(tiny_dir, small_sets, tmp_path / "w1_pretrain"))).status == "done"
+    _assert_same_run(tmp_path / "w2_pretrain", tmp_path / "w1_pretrain")
     for k, kw in cases.items():
         one = unlearn(UnlearnConfig(**_ucfg(tiny_dir, small_sets, tmp_path / f"w1_{k}", **kw)))
         assert one.status == "done"
@@ -134,7 +145,7 @@ def test_world2_equals_one_process(tiny_dir, small_sets, tmp_path, one_thread):
 
 @pytest.mark.slow
 def test_stopped_at_world2_resumed_at_world1_equals_uninterrupted(tiny_dir, small_sets, tmp_path, one_thread):
-    kw = dict(mode="full", method="npo", reg="gdr")
+    kw = dict(mode="full", method="npo", reg="gdr", eval_batch_size=16)  # the command line's default
     out = tmp_path / "resumed"
     runs = [{"kind": "unlearn", "cfg": _ucfg(tiny_dir, small_sets, tmp_path / "bad", batch_size=1, **kw)},
             {"kind": "unlearn", "cfg": _ucfg(tiny_dir, small_sets, out, stop_after=2, **kw)}]
@@ -150,9 +161,14 @@ def test_stopped_at_world2_resumed_at_world1_equals_uninterrupted(tiny_dir, smal
     with pytest.raises(TrainConfigError, match="world size mismatch: .*checkpoint-2 is a sharded checkpoint of a "
                                                "2-process run"):
         unlearn(UnlearnConfig(**_ucfg(tiny_dir, small_sets, out, resume=True, **kw)))
-    (resumed,) = _run_dist(1, [{"kind": "unlearn", "cfg": _ucfg(tiny_dir, small_sets, out, resume=True, **kw)}],
-                           tmp_path, "resume")
-    assert resumed == {"status": "done", "steps": 6}
+    # resumed at world size 1 through the command line: torchrun --nproc-per-node 1 -m qru unlearn --resume
+    c = _ucfg(tiny_dir, small_sets, out, **kw)
+    r = torchrun(1, ["-m", "qru", "unlearn", "--model", c["model"], "--forget", *c["forget"], "--retain", *c["retain"],
+                     "--out", c["out"], "--mode", "full", "--method", "npo", "--reg", "gdr", "--epochs", "2",
+                     "--batch-size", "3", "--max-len", "64", "--precision", "fp32", "--eval-samples", "5",
+                     "--lr", "1e-3", "--no-progress", "--cache-dir", c["cache_dir"], "--resume"])
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "qru unlearn: done after 6/6 steps" in r.stdout
     whole = unlearn(UnlearnConfig(**_ucfg(tiny_dir, small_sets, tmp_path / "whole", **kw)))
     assert whole.status == "done"
     _assert_same_run(out, tmp_path / "whole")

@@ -8,6 +8,8 @@ the step needs (the framework's own memory is not included, nor counted by the p
 tolerance: the plan is within 25 % of the measured peak (measured: about +13 % without and -13 %
 with gradient checkpointing on this model).
 """
+import json
+
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -23,7 +25,7 @@ TOLERANCE = 0.25
 
 def test_plan_llama2_7b_by_hand():
     cfg = LlamaConfig.preset("llama2-7b")
-    p = plan_memory(cfg, mode="full", world=8, seq=2048, batch=8, master_dtype="fp32", precision="bf16",
+    p = plan_memory(cfg, mode="full", world=8, seq=2048, batch=1, master_dtype="fp32", precision="bf16",
                     gradient_checkpointing=False, forwards=2)
     # per layer: 4 * 4096^2 + 3 * 4096 * 11008 + 2 * 4096 = 202_383_360; root: 2 * 32000 * 4096 + 4096
     layer, root = 202_383_360, 262_148_096
@@ -34,9 +36,9 @@ def test_plan_llama2_7b_by_hand():
     assert p.optimizer == 2 * P * 4 // 8 == 6_738_415_616
     # 1 row x 2048 tokens per rank, 2 passes, bf16: s = 4*4096 + 2*4096 + 2*4096 + 3*11008 = 65_792
     assert p.activations == 2 * 2048 * 2 * (32 * 65_792 + 2 * 4096) == 17_314_086_912
-    gc = plan_memory(cfg, mode="full", world=8, seq=2048, batch=8, gradient_checkpointing=True)
+    gc = plan_memory(cfg, mode="full", world=8, seq=2048, batch=1, gradient_checkpointing=True)
     assert gc.activations == 2 * 2048 * 2 * (32 * 4096 + 65_792 + 2 * 4096)
-    lora = plan_memory(cfg, mode="lora", world=8, seq=2048, batch=8, rank=16)
+    lora = plan_memory(cfg, mode="lora", world=8, seq=2048, batch=1, rank=16)
     per_layer = 16 * (4 * (4096 + 4096) + 3 * (4096 + 11008))  # q, k, v, o (square) + gate, up, down
     assert lora.trainable == 32 * per_layer
     assert lora.optimizer == 2 * 32 * per_layer * 4 // 8
@@ -49,7 +51,7 @@ def test_plan_inputs():
         plan_memory(model_config("tiny"), world=0)
     with pytest.raises(PlanError, match="targets"):
         plan_memory(model_config("tiny"), mode="lora", targets=("qproj",))
-    rows = plan_table(model_config("tiny"), worlds=(1, 2), seq=64, batch=2)
+    rows = plan_table(model_config("tiny"), worlds=(1, 2), seq=64, batch=1)
     assert len(rows) == 8 and all(r["total"] > 0 for r in rows)
     by = {(r["mode"], r["world"], r["checkpointing"]): r for r in rows}
     assert by[("full", 2, False)]["optimizer"] == pytest.approx(by[("full", 1, False)]["optimizer"] / 2)
@@ -90,3 +92,19 @@ def test_plan_matches_measured_peak(checkpointing, one_thread):
     planned = plan_memory(cfg, mode="full", world=1, seq=S, batch=B, master_dtype="fp32", precision="fp32",
                           gradient_checkpointing=checkpointing, forwards=2).total
     assert abs(planned - measured) <= TOLERANCE * measured, (planned, measured)
+
+
+def test_plan_command(capsys):
+    from qru.cli import main
+
+    assert main(["plan", "--model", "llama2-7b", "--mode", "full", "--world-size", "8", "--seq", "2048",
+                 "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [(r["world"], r["checkpointing"]) for r in rows] == [(8, False), (8, True)]
+    want = plan_memory(LlamaConfig.preset("llama2-7b"), mode="full", world=8, seq=2048, batch=1)
+    assert rows[0]["total"] == pytest.approx(want.total / 2**30)
+    assert main(["plan", "--model", "llama2-7b", "--world-size", "1", "8"]) == 0
+    table = capsys.readouterr().out
+    assert "| full | 8 | no |" in table and "| lora | 1 | yes |" in table
+    assert main(["plan", "--model", "no-such-preset"]) == 2
+    assert "unknown config preset 'no-such-preset'" in capsys.readouterr().err

@@ -45,7 +45,7 @@ ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 SHARDED_MARKER = ".metadata"  # the file DCP writes last into a checkpoint directory
 
 
-class LaunchError(RuntimeError):
+class LaunchError(ValueError):
     """A multi-process launch that cannot work (environment, world size, a rank missing data).
     The message names the rank and the problem."""
 

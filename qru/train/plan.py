@@ -16,7 +16,8 @@ The formula (bytes per rank; W ranks, every count in elements):
 - **grads** ``= T * m / W`` (sharded), plus when sharded one layer unit's unsharded gradient in the
   compute dtype and its fp32 reduce-scatter input: ``T_layer * (c + 4)``.
 - **optimizer** (AdamW, two moments in the parameter's dtype) ``= 2 T * m / W``.
-- **activations** of ``n = ceil(batch / W) * seq`` tokens per forward pass, ``f`` forward passes
+- **activations** of ``n = batch * seq`` tokens per forward pass (``batch``: rows per rank, i.e.
+  ``qru unlearn --batch-size`` / W), ``f`` forward passes
   alive at the backward (2 for unlearning with a retain regulariser: forget + retain batch; 1
   otherwise). A decoder layer saves per token ``s = 4H + 2 q + 2 kv + 3 I`` values (the two norm
   inputs and outputs, q, k, v and the attention output, gate, up and the SwiGLU output; ``q`` =
@@ -131,12 +132,12 @@ def lora_params_per_layer(cfg: LlamaConfig, r: int, targets=TARGETS) -> int:
     return sum(r * (a + b) for a, b in (shapes[t] for t in targets))
 
 
-def plan_memory(cfg: LlamaConfig, *, mode: str = "full", world: int = 1, seq: int = 2048, batch: int = 8,
+def plan_memory(cfg: LlamaConfig, *, mode: str = "full", world: int = 1, seq: int = 2048, batch: int = 1,
                 master_dtype: str = "fp32", precision: str = "bf16", gradient_checkpointing: bool = False,
                 rank: int = 8, targets=TARGETS, train: str = "all", forwards: int = 2,
                 sharded: bool | None = None) -> MemoryPlan:
     """Per-rank memory of one training step (the formula of the module docstring). ``batch``: rows
-    of one global micro-batch (split over the ranks); ``forwards``: forward passes alive at the
+    per rank of one micro-batch (the global batch / ``world``); ``forwards``: forward passes alive at the
     backward; ``sharded`` (default ``world > 1``): FSDP2's gathered copies are counted."""
     for name, v, lo in (("world", world, 1), ("seq", seq, 1), ("batch", batch, 1), ("forwards", forwards, 1),
                         ("rank", rank, 1)):
@@ -172,7 +173,7 @@ def plan_memory(cfg: LlamaConfig, *, mode: str = "full", world: int = 1, seq: in
         weights += (p_root + 2 * (p_layer + lora_layer)) * c
         grads += t_layer * (c + 4)
     optimizer = 2 * T * m / world
-    n = -(-batch // world) * seq
+    n = batch * seq
     s = 4 * H + 2 * q + 2 * kv + 3 * I + (len(targets) * rank if mode == "lora" else 0)
     per_token = (L * H + s + 2 * H) if gradient_checkpointing else (L * s + 2 * H)
     acts = forwards * n * a * per_token
