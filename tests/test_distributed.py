@@ -12,7 +12,7 @@ import torch
 from qru.train import distributed as D
 from qru.train.config import PretrainConfig, TrainConfigError, UnlearnConfig
 from qru.train.pretrain import pretrain
-from qru.train.state import METRICS, RUN_JSON, read_metrics, work_dir
+from qru.train.state import METRICS, RUN_JSON, list_checkpoints, read_metrics, work_dir
 from qru.train.unlearn import unlearn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,10 +81,10 @@ def _pcfg(tiny_dir, data, out) -> dict:
                 progress=False, cache_dir=str(data / "cache"), lr=1e-3, warmup_steps=0)
 
 
-def _run_dist(nproc: int, runs: list[dict], tmp_path, name: str) -> list[dict]:
+def _run_dist(nproc: int, runs: list[dict], tmp_path, name: str, env=None) -> list[dict]:
     spec = tmp_path / f"{name}.json"
     spec.write_text(json.dumps(runs))
-    r = torchrun(nproc, [str(ROOT / "tests" / "dist_worker.py"), "train", str(spec)])
+    r = torchrun(nproc, [str(ROOT / "tests" / "dist_worker.py"), "train", str(spec)], env=env)
     assert r.returncode == 0, r.stderr[-4000:]
     return json.loads(spec.with_suffix(".result.json").read_text())
 
@@ -171,4 +171,28 @@ def test_stopped_at_world2_resumed_at_world1_equals_uninterrupted(tiny_dir, smal
     assert "qru unlearn: done after 6/6 steps" in r.stdout
     whole = unlearn(UnlearnConfig(**_ucfg(tiny_dir, small_sets, tmp_path / "whole", **kw)))
     assert whole.status == "done"
+    _assert_same_run(out, tmp_path / "whole")
+
+
+@pytest.mark.slow
+def test_killed_while_checkpointing_at_world2_resumes_at_world1(tiny_dir, small_sets, tmp_path, one_thread):
+    """Rank 0 SIGKILLed (QRU_FAULT_KILL_AT_WRITE) after the shards of checkpoint-4 are written but before
+    its commit: the stage is ignored, the run resumes from checkpoint-2 at world size 1, and ends as an
+    uninterrupted run does."""
+    kw = dict(mode="lora", method="npo", reg="gdr", lr=1e-2, save_every=2)
+    log = tmp_path / "faults.log"
+    _run_dist(2, [{"kind": "unlearn", "cfg": _ucfg(tiny_dir, small_sets, tmp_path / "probe", **kw)}], tmp_path, "probe",
+              env={"QRU_FAULT_LOG": str(log)})
+    points = [line.split(" ", 1) for line in log.read_text().splitlines()]
+    (n,) = [int(i) for i, label in points if label.startswith("checkpoint shards") and label.endswith("checkpoint-4")]
+    out = tmp_path / "killed"
+    spec = tmp_path / "kill.json"
+    spec.write_text(json.dumps([{"kind": "unlearn", "cfg": _ucfg(tiny_dir, small_sets, out, **kw)}]))
+    r = torchrun(2, [str(ROOT / "tests" / "dist_worker.py"), "train", str(spec)], env={"QRU_FAULT_KILL_AT_WRITE": str(n)})
+    assert r.returncode != 0 and not out.exists()
+    assert [p.name for p in list_checkpoints(work_dir(out))] == ["checkpoint-2"]
+    (resumed,) = _run_dist(1, [{"kind": "unlearn", "cfg": _ucfg(tiny_dir, small_sets, out, resume=True, **kw)}],
+                           tmp_path, "resume")
+    assert resumed == {"status": "done", "steps": 6}
+    assert unlearn(UnlearnConfig(**_ucfg(tiny_dir, small_sets, tmp_path / "whole", **kw))).status == "done"
     _assert_same_run(out, tmp_path / "whole")

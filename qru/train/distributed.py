@@ -371,10 +371,12 @@ def write_adapter(model: nn.Module, stage: Path, d: Dist | None, base_model_name
 
 # -- sharded checkpoints ------------------------------------------------------------------------
 
-def _opts():
+def _opts(strict: bool = True):
+    """Trainable tensors only (a frozen LoRA base is not checkpointed); loading them cannot be strict
+    about the frozen keys the state dict leaves out (:func:`load_sharded` checks the trainable ones)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(ignore_frozen_params=True)
+    return StateDictOptions(ignore_frozen_params=True, strict=strict)
 
 
 def save_sharded(d: Dist, stage: Path | None, model: nn.Module, optimizer) -> Path:
@@ -396,6 +398,12 @@ def load_sharded(d: Dist, ckpt: Path, model: nn.Module, optimizer) -> None:
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     msd, osd = get_state_dict(model, optimizer, options=_opts())
+    names = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}  # tied: both names
+    unique = {n for n, p in model.named_parameters() if p.requires_grad}
+    if not (unique <= set(msd) <= names):  # what DCP will fill must be exactly the trainable tensors
+        raise LaunchError(f"resume: {ckpt}: the state to restore does not match the trainable parameters "
+                          f"(differ: {sorted(set(msd) ^ unique)[:5]})")
     sd = {"model": msd, "optim": osd}
-    dcp.load(sd, checkpoint_id=str(ckpt))
-    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"], options=_opts())
+    dcp.load(sd, checkpoint_id=str(ckpt))  # raises naming a key the checkpoint lacks
+    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
+                   options=_opts(strict=False))
