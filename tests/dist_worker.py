@@ -21,6 +21,20 @@ def case_check(out: Path) -> None:
         except D.LaunchError as e:
             (out / f"error{d.rank}.txt").write_text(str(e))
         D.agree(d, "a constant", 3)
+        # a sharded model's HF checkpoint, streamed file by file, is the one the unsharded model writes
+        from qru.model.checkpoint import write_pretrained
+        from qru.model.config import LlamaConfig
+        from qru.model.llama import Llama
+
+        torch.manual_seed(0)
+        model = Llama(LlamaConfig.preset("tiny", tie_word_embeddings=True))
+        if d.is_main:
+            (out / "plain").mkdir()
+            write_pretrained(model, out / "plain", max_shard_size="100KB")
+            (out / "sharded").mkdir()
+        D.shard_model(model, d)
+        D.barrier(d)
+        D.write_model(model, out / "sharded", d, max_shard_size="100KB")
         try:
             D.agree(d, "the forget data (examples)", 10 + d.rank)
         except D.LaunchError as e:

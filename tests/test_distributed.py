@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from qru.train import distributed as D
 from qru.train.config import PretrainConfig, TrainConfigError, UnlearnConfig
@@ -44,7 +45,7 @@ def test_split_batch_shares():
 
 
 @pytest.mark.slow
-def test_rank_that_cannot_see_data_fails_on_every_rank(tmp_path):
+def test_rank_that_cannot_see_data_fails_on_every_rank_and_gathered_checkpoint(tmp_path):
     r = torchrun(2, [str(ROOT / "tests" / "dist_worker.py"), "check", str(tmp_path)])
     assert r.returncode == 0, r.stderr[-3000:]
     for rank in (0, 1):
@@ -52,6 +53,16 @@ def test_rank_that_cannot_see_data_fails_on_every_rank(tmp_path):
         assert "rank 1 (host" in msg and "data-rank1.json" in msg and "rank 0" not in msg
         agree = (tmp_path / f"agree{rank}.txt").read_text()
         assert "ranks disagree on the forget data (examples)" in agree and "rank 1: 11" in agree
+    # the same files (several shards, tied head left out as HF does), index and config as one process writes
+    names = sorted(p.name for p in (tmp_path / "plain").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "sharded").iterdir()) and len(names) > 3
+    for name in names:
+        a, b = tmp_path / "plain" / name, tmp_path / "sharded" / name
+        if name.endswith(".safetensors"):
+            wa, wb = load_file(str(a)), load_file(str(b))
+            assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+        else:
+            assert a.read_text() == b.read_text(), name
 
 
 # -- end to end: torchrun -m qru's training functions on gloo, against one process ------------------
@@ -90,8 +101,6 @@ def _run_dist(nproc: int, runs: list[dict], tmp_path, name: str, env=None) -> li
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     f = out / "adapter_model.safetensors"
     return load_file(str(f if f.is_file() else out / "model.safetensors"))
 

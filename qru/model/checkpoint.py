@@ -322,11 +322,9 @@ def pretrained_files(model, sd: dict[str, torch.Tensor] | None = None
     return sd, {"config.json": json.dumps(cfg.to_dict(), indent=2) + "\n"}
 
 
-def write_pretrained(model, stage: str | os.PathLike, max_shard_size: int | str = "2GB",
-                     sd: dict[str, torch.Tensor] | None = None) -> None:
-    """``config.json`` plus safetensors into the directory ``stage`` as it is (no commit); ``sd`` as in
-    :func:`pretrained_files`."""
-    sd, extra = pretrained_files(model, sd)
+def write_pretrained(model, stage: str | os.PathLike, max_shard_size: int | str = "2GB") -> None:
+    """``config.json`` plus safetensors into the directory ``stage`` as it is (no commit)."""
+    sd, extra = pretrained_files(model)
     write_state_dict(sd, Path(stage), max_shard_size, extra_files=extra)
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 import socket
 from dataclasses import dataclass
@@ -35,10 +36,12 @@ from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
 from torch import nn
 
 from qru.model import lora
-from qru.model.checkpoint import write_pretrained
+from qru.io import fault_point
+from qru.model.checkpoint import INDEX, SINGLE, parse_size, pretrained_files, write_pretrained
 from qru.train.data import Batch, TokenizedSet, collate
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -340,22 +343,41 @@ def gathered(model: nn.Module, names: list[str]) -> Iterator[None]:
             mod._parameters[leaf] = p
 
 
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole state dict of a sharded model on rank 0's CPU (an empty dict on the others)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def write_model(model: nn.Module, stage: Path, d: Dist | None) -> None:
-    """The HF checkpoint (``config.json`` + safetensors) into ``stage``; sharded: gathered on rank 0,
-    which writes it (rank 0 holds the whole state dict in CPU memory for it)."""
+def write_model(model: nn.Module, stage: Path, d: Dist | None, max_shard_size: int | str = "2GB") -> None:
+    """The HF checkpoint (``config.json`` + safetensors, the layout of
+    :func:`qru.model.checkpoint.write_state_dict`) into ``stage``. Sharded: streamed shard by shard,
+    each file's tensors gathered (every rank takes part) and written by rank 0, which holds one
+    file's tensors at a time."""
     if d is None:
-        write_pretrained(model, stage)
+        write_pretrained(model, stage, max_shard_size)
         return
-    sd = full_state_dict(model)
+    sd, extra = pretrained_files(model, model.state_dict())  # sharded tensors: only names, shapes, dtypes read
+    limit = parse_size(max_shard_size)
+    files: list[list[str]] = [[]]
+    used = 0
+    for name, t in sd.items():  # the same split as write_state_dict
+        nbytes = t.numel() * t.element_size()
+        if files[-1] and used + nbytes > limit:
+            files.append([])
+            used = 0
+        files[-1].append(name)
+        used += nbytes
+    n, weight_map = len(files), {}
+    for i, names in enumerate(files, 1):
+        tensors = {k: full(sd[k].detach()).cpu().contiguous() for k in names}
+        if d.is_main:
+            fname = SINGLE if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+            save_file(tensors, str(stage / fname), metadata={"format": "pt"})
+            fault_point(f"shard {stage / fname}")
+            weight_map.update({k: fname for k in names})
+        del tensors
     if d.is_main:
-        write_pretrained(model, stage, sd=sd)
+        if n > 1:
+            total = sum(t.numel() * t.element_size() for t in sd.values())
+            (stage / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                  indent=2))
+        for fname, text in extra.items():
+            (stage / fname).write_text(text)
 
 
 def write_adapter(model: nn.Module, stage: Path, d: Dist | None, base_model_name_or_path: str | None = None) -> None:
