@@ -273,7 +273,7 @@ def _unlearn(cfg: UnlearnConfig, t0: float, model_dir: Path, out: Path, work: Pa
     # NPO's reference log-probs: the model is the reference before any update (LoRA's B = 0).
     ref_logp = None
     if cfg.method == "npo" and resume:
-        ref_logp = read_checkpoint_state(work)["extra"]["ref_logp"]
+        ref_logp = D.check_all(d, lambda: read_checkpoint_state(work)["extra"]["ref_logp"])
     if d is None:
         model = Llama.from_pretrained(model_dir, dtype=dtype, device=device)
         model.gradient_checkpointing = cfg.gradient_checkpointing
