@@ -13,6 +13,7 @@ from pathlib import Path
 from qru.cli.data import add_data
 from qru.cli.demo import add_demo, add_sweep
 from qru.cli.evaluate import add_eval
+from qru.cli.plan import add_plan
 from qru.cli.quant import add_quantize, add_survival
 from qru.cli.tools import add_convert, add_doctor, add_smoke
 from qru.cli.train import add_pretrain, add_unlearn
@@ -20,7 +21,7 @@ from qru.io import check_device
 
 # --- registry --------------------------------------------------------------------------
 
-_ADDERS = [add_smoke, add_doctor, add_eval, add_data, add_pretrain, add_unlearn, add_demo, add_sweep,
+_ADDERS = [add_smoke, add_doctor, add_eval, add_data, add_pretrain, add_unlearn, add_plan, add_demo, add_sweep,
            add_survival, add_quantize, add_convert]
 
 
@@ -92,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     exit 2; anything else is a bug: its traceback, under a line asking to report it, exit 1."""
     args = build_parser().parse_args(argv)
     cmd = " ".join(filter(None, [args.command, getattr(args, "data_command", None)]))
+    if os.environ.get("WORLD_SIZE", "1") != "1" and "RANK" in os.environ:  # under torchrun: name the rank
+        cmd += f" (rank {os.environ['RANK']})"
     try:
         _check_device(args)
         return int(args.func(args) or 0)

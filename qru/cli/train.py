@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from qru.cli.common import csv_list
@@ -18,6 +19,8 @@ def _run_training(kind: str, fn, cfg) -> int:
     from qru.train.state import work_dir
 
     res = fn(cfg)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 reports the run
+        return 0
     last = {k: v for k, v in (res.evals[-1] if res.evals else {}).items() if k.endswith("_nll")}
     first = {k: v for k, v in (res.evals[0] if res.evals else {}).items() if k.endswith("_nll")}
     nll = ", ".join(f"{k} {first.get(k, float('nan')):.3f} -> {v:.3f}" for k, v in last.items())
@@ -39,7 +42,8 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_unlearn(args) -> int:
-    """Unlearn a forget set (GA / NPO / SimNPO with GDR / KLR) in full or LoRA mode."""
+    """Unlearn a forget set (GA / NPO / SimNPO with GDR / KLR) in full or LoRA mode. Under
+    ``torchrun --nproc-per-node N -m qru unlearn ...``: data parallel on FSDP2 (qru.train.distributed)."""
     from qru.train.config import UnlearnConfig
     from qru.train.unlearn import unlearn
 

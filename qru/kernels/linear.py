@@ -92,7 +92,7 @@ class PackedWeight:
     tensor with the same storage and in-place version. Copies (``copy.deepcopy``) and pickles of a
     layer get an empty slot. An in-place update that bypasses the version counter (torch's fused
     AdamW does; so do writes through ``.data``) must bump it with
-    ``torch.autograd.graph.increment_version``, as ``qru.train.loop.optimizer_step`` does."""
+    ``torch.autograd.graph.increment_version``, as ``qru.train.loop.make_optimizer``'s step hook does."""
 
     __slots__ = ("_entry", "_nbytes")
 

@@ -309,9 +309,11 @@ def save_state_dict(sd: dict[str, torch.Tensor], path: str | os.PathLike, max_sh
         write_state_dict(sd, stage, max_shard_size, metadata, extra_files)
 
 
-def pretrained_files(model) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The state dict (tied ``lm_head.weight`` omitted as HF does) and ``config.json`` text to save."""
-    sd = dict(model.state_dict())
+def pretrained_files(model, sd: dict[str, torch.Tensor] | None = None
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict (tied ``lm_head.weight`` omitted as HF does) and ``config.json`` text to save.
+    ``sd``: the model's state dict as gathered elsewhere (a sharded model's), else ``model.state_dict()``."""
+    sd = dict(model.state_dict() if sd is None else sd)
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
     dtype = next(iter(sd.values())).dtype

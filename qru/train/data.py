@@ -330,6 +330,10 @@ class Batch:
     loss_mask: torch.Tensor  # (B, T) 1 = target token
     attention_mask: torch.Tensor  # (B, T) 1 = real token
     index: torch.Tensor  # (B,) example indices into the TokenizedSet
+    # This batch's share of its global batch's rows / target tokens: 1.0 in one process; a rank's
+    # chunk under data parallelism (qru.train.distributed.split_batch). Losses are weighted by them.
+    row_share: float = 1.0
+    token_share: float = 1.0
 
     @property
     def num_tokens(self) -> int:
@@ -337,7 +341,7 @@ class Batch:
 
     def to(self, device) -> "Batch":
         return Batch(self.input_ids.to(device), self.loss_mask.to(device), self.attention_mask.to(device),
-                     self.index)
+                     self.index, self.row_share, self.token_share)
 
 
 def collate(ts: TokenizedSet, indices, pad_id: int, multiple: int = 1) -> Batch:
