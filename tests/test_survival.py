@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from qru.data import DataError
 from qru.kernels import quant4
 from qru.model.checkpoint import CheckpointError, load_state_dict, save_state_dict
 from qru.model.config import LlamaConfig
@@ -431,7 +432,7 @@ def test_calib_texts_formats(tmp_path, shared_data):
     (tmp_path / "a.jsonl").write_text('{"text": "hello world"}\n{"question": "q?", "answer": "a"}\n')
     assert S.calib_texts(tmp_path / "a.jsonl") == ["hello world", "Question: q?\nAnswer: a"]
     (tmp_path / "bad.json").write_text('[{"foo": 1}]')
-    with pytest.raises(S.SurvivalError, match="bad.json: record 0 has no text"):
+    with pytest.raises(DataError, match="bad.json: record 0 has no text"):
         S.calib_texts(tmp_path / "bad.json")
 
 

@@ -8,7 +8,8 @@ from typing import Sequence
 
 import torch
 
-from qru.eval.common import load_records, nan_to_none
+from qru.data import read_records
+from qru.eval.common import nan_to_none
 from qru.eval.precision import (build_model, check_available, check_quantize_head, check_stored_precision,
                                  eval_at_precisions, parse_precisions)
 from qru.io import check_device, check_output, target_lock, write_json
@@ -120,7 +121,7 @@ def run_eval(model_dir: str | Path, benchmark: str, data_dir: str | Path, *, out
     # Fail on bad data before any model work.
     if benchmark == "muse":
         for key, p in muse.resolve_files(data_dir).items():
-            load_records(p, allow_str=key.startswith("privleak"))
+            read_records(p, allow_str=key.startswith("privleak"))
     else:
         tofu.load_split(data_dir, forget_split)
         tofu.load_split(data_dir, retain_split)

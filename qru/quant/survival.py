@@ -81,6 +81,7 @@ from typing import Iterator, Mapping, Sequence
 
 import torch
 
+from qru.data import read_texts
 from qru.io import check_output, staged_dir
 from qru.kernels import quant4, quant_gguf
 from qru.model.checkpoint import CheckpointError, ShardReader, checkpoint_files
@@ -444,51 +445,13 @@ def load_adapter_updates(adapter: str | os.PathLike, base: TensorIndex) -> dict[
 
 
 def calib_texts(path: str | os.PathLike) -> list[str]:
-    """Texts of a calibration source: a ``.txt`` file, a JSON / JSON Lines file (records with
-    ``text``, ``question``+``answer``, ``prompt``+``gt``, or plain strings), or a directory:
-    its ``raw/*.txt`` or ``*.txt`` if any, else every ``*.json``/``*.jsonl`` below it (MUSE
+    """Texts of a calibration source (:func:`qru.data.read_texts`): a ``.txt`` file, a JSON / JSON Lines
+    file (records with ``text``, ``question``+``answer``, ``prompt``+``gt``, or plain strings), or a
+    directory: its ``raw/*.txt`` or ``*.txt`` if any, else every ``*.json``/``*.jsonl`` below it (MUSE
     layout; ``meta.json`` excluded), sorted by path."""
-    from qru.train.data import format_qa
-
-    path = Path(path)
-    if not path.exists():
+    if not Path(path).exists():
         raise FileNotFoundError(f"calibration data not found: {path}")
-    if path.is_dir():
-        root = path / "raw" if (path / "raw").is_dir() else path
-        files = sorted(root.glob("*.txt")) or sorted(
-            p for p in path.rglob("*") if p.suffix in (".json", ".jsonl") and p.name != "meta.json")
-        if not files:
-            raise SurvivalError(f"calibration directory {path} has no .txt, .json or .jsonl files")
-    else:
-        files = [path]
-    texts: list[str] = []
-    for f in files:
-        if f.suffix == ".txt":
-            texts.append(f.read_text(encoding="utf-8"))
-            continue
-        if f.suffix not in (".json", ".jsonl"):
-            raise SurvivalError(f"{f}: unknown calibration file type {f.suffix!r} (expected .txt, .json, .jsonl)")
-        raw = f.read_text(encoding="utf-8")
-        try:
-            recs = json.loads(raw) if raw.lstrip().startswith("[") else [json.loads(l) for l in raw.splitlines() if l.strip()]
-        except json.JSONDecodeError as e:
-            raise SurvivalError(f"{f}: cannot be read as JSON / JSON Lines ({e})") from None
-        for i, r in enumerate(recs if isinstance(recs, list) else [recs]):
-            if isinstance(r, str):
-                texts.append(r)
-            elif isinstance(r, dict) and isinstance(r.get("text"), str):
-                texts.append(r["text"])
-            elif isinstance(r, dict) and isinstance(r.get("question"), str) and isinstance(r.get("answer"), str):
-                texts.append(format_qa(r["question"], r["answer"]))
-            elif isinstance(r, dict) and isinstance(r.get("prompt"), str):
-                texts.append(r["prompt"] + (r["gt"] if isinstance(r.get("gt"), str) else ""))
-            else:
-                raise SurvivalError(f"{f}: record {i} has no text (expected a string or a 'text', "
-                                    f"'question'+'answer' or 'prompt' field)")
-    texts = [t for t in texts if t.strip()]
-    if not texts:
-        raise SurvivalError(f"calibration data {path} has no text")
-    return texts
+    return read_texts(path)
 
 
 def calib_ids(texts: Sequence[str], tokenizer, rows: int, seq_len: int) -> torch.Tensor:
