@@ -89,7 +89,7 @@ def read_records(path: str | os.PathLike, fields: Sequence[str] = (), *, allow_s
             continue
         if not isinstance(item, dict):
             raise DataError(f"{path}: item {i} is a {type(item).__name__}, expected an object"
-                            + (" or a string" if allow_str else "") + f" with keys {list(fields)}")
+                            + (" or a string" if allow_str else "") + (f" with keys {list(fields)}" if fields else ""))
         for k in fields:
             if k not in item:
                 raise DataError(f"{path}: item {i} has no field {k!r} (fields: {sorted(item)})")

@@ -21,7 +21,6 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np

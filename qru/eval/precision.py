@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import torch
 
 from qru.model.config import LlamaConfig
-from qru.quant.export import checkpoint_format
+from qru.quant.layout import checkpoint_format
 
 FLOAT_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GGUF_PRECISIONS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "mxfp4")  # = qru.quant.GGUF_FORMATS

@@ -26,7 +26,7 @@ from qru.kernels.decode_attention import decode_attention
 from qru.kernels.rmsnorm import rms_norm
 from qru.kernels.rope import rope
 from qru.kernels.swiglu import swiglu
-from qru.model.config import LlamaConfig, rope_inv_freq
+from qru.model.config import LlamaConfig, rope_cos_sin, rope_inv_freq
 from qru.model.gguf import load_gguf
 
 
@@ -192,9 +192,7 @@ class Llama(nn.Module):
         dev = position_ids.device
         if self._inv_freq is None or self._inv_freq.device != dev:
             self._inv_freq = rope_inv_freq(self.config).to(dev)
-        freqs = position_ids[:, :, None].float() * self._inv_freq[None, None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        return rope_cos_sin(self._inv_freq, position_ids, dtype)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,

@@ -509,6 +509,28 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
     return cfg, sd
 
 
+def adapter_updates(adapter: str | os.PathLike, shapes: Mapping[str, tuple[int, ...]], base: str | os.PathLike
+                    ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """The one adapter loader for merge-then-quantize and survival: base weight key → (A fp32, B fp32,
+    scale) of the PEFT LoRA adapter at ``adapter`` (:func:`read_adapter`), checked against the tensor
+    ``shapes`` of the base checkpoint ``base`` (named in errors)."""
+    cfg, asd = read_adapter(adapter)
+    scales = adapter_scales(asd, cfg)
+    keymap = map_adapter_keys(asd.keys())
+    for wkey, (akey, bkey) in keymap.items():
+        if wkey not in shapes:
+            raise AdapterError(f"adapter {adapter} does not fit {base}: adapter key {akey!r} targets "
+                               f"{wkey!r}, which the base checkpoint does not have")
+        if len(shapes[wkey]) != 2:
+            raise AdapterError(f"adapter {adapter}: base tensor {wkey!r} has shape {shapes[wkey]}, not a linear weight")
+        try:
+            _check_pair(akey, bkey, asd[akey], asd[bkey], shapes[wkey])
+        except AdapterError as e:
+            raise AdapterError(f"adapter {adapter} does not fit {base} (base tensor {wkey!r} has shape "
+                               f"{shapes[wkey]}): {e}") from None
+    return {w: (asd[a].float(), asd[b].float(), scales[w]) for w, (a, b) in keymap.items()}
+
+
 def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save
 

@@ -13,7 +13,7 @@ the format's export block size (:func:`qru.quant.qlinear.resolve_block_size`).
   mode ``torch.func.functional_call(model, fake_quant_params(...), args)`` also works. See
   docs/quant_aware.md.
 * :func:`snapshot`, :func:`code_flip_frac`: monitoring, the share of the targets' codes that the
-  update has changed so far, per format (:func:`qru.quant.survival.code_flips`).
+  update has changed so far, per format (:func:`qru.quant.codes.code_flips`).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from qru.kernels.fake_quant import FAKE_QUANT_FORMATS, fake_quant, fake_quant_lo
 from qru.model.lora import LoRALinear, merge_weight
 from qru.quant import quantize
 from qru.quant.qlinear import is_skipped, resolve_block_size
-from qru.quant.survival import code_flips
+from qru.quant.codes import code_flips
 
 DEFAULT_SKIP = ("lm_head",)
 

@@ -237,7 +237,7 @@ CASES = {
     "data_empty": _data_case(b"", ["empty"]),
     "data_not_utf8": _data_case(b'{"question": "\xff\xfe", "answer": "x"}\n', []),
     "data_json_not_records": _data_case(b'{"a": 1}', [], suffix=".json"),
-    "data_json_list_of_numbers": _data_case(b"[1, 2, 3]", ["record 0", "not a string"], suffix=".json"),
+    "data_json_list_of_numbers": _data_case(b"[1, 2, 3]", ["item 0 is a int, expected an object or a string"], suffix=".json"),
     "eval_data_not_utf8": _muse_not_utf8,
     "pretrain_config_missing": lambda t, tmp, ctx: (
         ["pretrain", "--data", str(ctx["forget"]), "--config", str(tmp / "no.json"), "--train-tokenizer", "300",
