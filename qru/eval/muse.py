@@ -28,7 +28,9 @@ import numpy as np
 
 from qru.data import QA_PROMPT, DataError, format_qa, read_records
 from qru.eval.common import Meter, auc_forget_holdout, membership_scores, rouge_l, score_sequences, take
+from qru.eval.generation import generate_batched
 from qru.eval.linears import packed_linears
+from qru.model.generate import generate
 
 VERBMEM_MAX_NEW = 128
 KNOWMEM_MAX_NEW = 32
@@ -129,9 +131,6 @@ def _texts(path: Path, limit: int | None) -> list[str]:
 
 def _generate(model, tokenizer, prompts, max_new_tokens, stop, batch_size, meter: Meter, stage: str,
               progress: bool = False, share_prefix: bool = False) -> list[str]:
-    from qru.eval.generation import generate_batched
-    from qru.model.generate import generate
-
     limit = model.config.max_position_embeddings - max_new_tokens
     t0 = time.perf_counter()
     if share_prefix:

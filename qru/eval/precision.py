@@ -18,7 +18,10 @@ from typing import Callable, Sequence
 import torch
 
 from qru.model.config import LlamaConfig
+from qru.model.llama import Llama
+from qru.model.lora import load_adapter, merge_and_unload
 from qru.quant.layout import checkpoint_format
+from qru.quant.qlinear import quantize_model
 
 FLOAT_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GGUF_PRECISIONS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "mxfp4")  # = qru.quant.GGUF_FORMATS
@@ -63,51 +66,17 @@ def check_stored_precision(model_dir: str | Path, precisions: Sequence[str]) -> 
     return own
 
 
-def _quantize_fn():
-    try:
-        import qru.quant as quant
-    except ImportError as e:  # pragma: no cover - qru.quant is part of the package
-        raise PrecisionUnavailable(f"qru.quant cannot be imported: {e}") from e
-    fn = getattr(quant, "quantize_model", None)
-    if fn is None:
-        raise PrecisionUnavailable(
-            "in-memory quantization is unavailable: qru.quant.quantize_model(model, fmt, block_size) is not "
-            "provided by this version of qru; evaluate at fp32/bf16/fp16 only")
-    return fn
-
-
 def check_available(precisions: Sequence[str], adapter: str | Path | None = None) -> None:
-    """Fail fast (before loading anything) if a precision or the adapter merge is unavailable."""
-    quant = [p for p in precisions if p in QUANT_PRECISIONS]
-    if quant:
-        try:
-            _quantize_fn()
-        except PrecisionUnavailable as e:
-            raise PrecisionUnavailable(f"precision(s) {', '.join(quant)} unavailable: {e}") from None
-    if adapter is not None:
-        _lora()
-        if not Path(adapter).is_dir():
-            raise FileNotFoundError(f"adapter directory not found: {adapter}")
-
-
-def _lora():
-    try:
-        from qru.model import lora
-    except ImportError as e:
-        raise PrecisionUnavailable(f"--adapter needs qru.model.lora (load_adapter, merge_and_unload), which cannot be "
-                                   f"imported: {e}") from None
-    missing = [n for n in ("load_adapter", "merge_and_unload") if not hasattr(lora, n)]
-    if missing:
-        raise PrecisionUnavailable(f"--adapter needs qru.model.lora.{', '.join(missing)}, not available")
-    return lora
+    """Fail fast (before loading anything): the precisions must be known and the adapter must exist."""
+    parse_precisions(list(precisions) or ["fp32"])
+    if adapter is not None and not Path(adapter).is_dir():
+        raise FileNotFoundError(f"adapter directory not found: {adapter}")
 
 
 def merge_adapter(model, adapter: str | Path):
     """Attach the PEFT LoRA adapter in ``adapter`` to the fp32 ``model`` and merge it into plain
     ``nn.Linear`` weights (``W + s·B A`` in fp32), in place."""
-    lora = _lora()
-    model = lora.load_adapter(model, adapter)
-    return lora.merge_and_unload(model)
+    return merge_and_unload(load_adapter(model, adapter))
 
 
 def check_quantize_head(model_dir: str | Path, quantize_head: bool) -> None:
@@ -115,8 +84,6 @@ def check_quantize_head(model_dir: str | Path, quantize_head: bool) -> None:
     cannot be quantized separately; raise a ValueError naming the checkpoint (read from its config only)."""
     if not quantize_head:
         return
-    from qru.model.config import LlamaConfig
-
     if LlamaConfig.from_json(model_dir).tie_word_embeddings:
         raise ValueError(f"quantize_head: {model_dir} ties lm_head to model.embed_tokens (tie_word_embeddings), "
                          "so the head cannot be quantized separately from the embeddings (which stay unquantized); "
@@ -127,8 +94,6 @@ def build_model(model_dir: str | Path, precision: str, adapter: str | Path | Non
                 block_size: int = 64, device: str | torch.device = "cpu", quantize_head: bool = False):
     """Load ``model_dir`` in fp32, merge ``adapter`` if given, then cast or quantize to ``precision``
     (every linear but ``lm_head``; ``quantize_head``: an untied ``lm_head`` too)."""
-    from qru.model.llama import Llama
-
     (precision,) = parse_precisions([precision])
     check_quantize_head(model_dir, quantize_head)
     if check_stored_precision(model_dir, [precision]) is not None:
@@ -144,7 +109,7 @@ def build_model(model_dir: str | Path, precision: str, adapter: str | Path | Non
         model.config = model.config.replace(torch_dtype={"fp32": "float32", "bf16": "bfloat16",
                                                          "fp16": "float16"}[precision])
     else:
-        q = _quantize_fn()(model, precision, None if precision in GGUF_PRECISIONS else block_size,
+        q = quantize_model(model, precision, None if precision in GGUF_PRECISIONS else block_size,
                            skip=() if quantize_head else ("lm_head",))
         model = q if q is not None else model
     return model.eval()

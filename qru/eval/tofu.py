@@ -31,6 +31,7 @@ import numpy as np
 from qru.data import QA_PROMPT, DataError, read_records
 from qru.eval.common import Meter, rouge_l, score_sequences, take
 from qru.eval.linears import packed_linears
+from qru.model.generate import generate
 
 TEMPLATE = QA_PROMPT  # the training format's prompt (qru.data.qa)
 MAX_NEW_TOKENS = 128
@@ -128,8 +129,6 @@ def eval_qa_set(model, tokenizer, items: list[dict], *, forget: bool, template: 
                 batch_size: int = 16, score_batch_size: int = 16, max_new_tokens: int = MAX_NEW_TOKENS,
                 meter: Meter | None = None, stage: str = "tofu", progress: bool = False) -> dict:
     """Prob, ROUGE, truth ratio (and the raw per-item ratios) on one QA set."""
-    from qru.model.generate import generate
-
     meter = meter or Meter()
     has_para = all("paraphrased_answer" in d for d in items)
     prompts = [template.format(question=d["question"]) for d in items]

@@ -26,6 +26,7 @@ from qru.kernels.decode_attention import decode_attention
 from qru.kernels.rmsnorm import rms_norm
 from qru.kernels.rope import rope
 from qru.kernels.swiglu import swiglu
+from qru.model.checkpoint import load_pretrained, save_pretrained
 from qru.model.config import LlamaConfig, rope_cos_sin, rope_inv_freq
 from qru.model.gguf import load_gguf
 
@@ -264,8 +265,6 @@ class Llama(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | str | None = None,
                         device: str | torch.device = "cpu", check_finite: bool = True) -> "Llama":
-        from qru.model.checkpoint import load_pretrained
-
         return load_pretrained(cls, path, dtype=dtype, device=device, check_finite=check_finite)
 
     @classmethod
@@ -276,6 +275,4 @@ class Llama(nn.Module):
         return load_gguf(cls, path, dtype=dtype, device=device, check_finite=check_finite)
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "2GB") -> None:
-        from qru.model.checkpoint import save_pretrained
-
         save_pretrained(self, path, max_shard_size=max_shard_size)
