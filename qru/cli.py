@@ -142,7 +142,7 @@ def _train_config(cls, args):
 
 
 def _run_training(kind: str, fn, cfg) -> int:
-    from qru.train.loop import work_dir
+    from qru.train.state import work_dir
 
     res = fn(cfg)
     last = {k: v for k, v in (res.evals[-1] if res.evals else {}).items() if k.endswith("_nll")}
@@ -159,14 +159,16 @@ def _run_training(kind: str, fn, cfg) -> int:
 
 def cmd_pretrain(args) -> int:
     """Train (or fine-tune) a model on text / QA data: an HF checkpoint with its tokenizer beside it."""
-    from qru.train.loop import PretrainConfig, pretrain
+    from qru.train.config import PretrainConfig
+    from qru.train.pretrain import pretrain
 
     return _run_training("pretrain", pretrain, _train_config(PretrainConfig, args))
 
 
 def cmd_unlearn(args) -> int:
     """Unlearn a forget set (GA / NPO / SimNPO with GDR / KLR) in full or LoRA mode."""
-    from qru.train.loop import UnlearnConfig, unlearn
+    from qru.train.config import UnlearnConfig
+    from qru.train.unlearn import unlearn
 
     return _run_training("unlearn", unlearn, _train_config(UnlearnConfig, args))
 

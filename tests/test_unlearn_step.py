@@ -1,4 +1,4 @@
-"""The unlearning step function (qru.train.loop.make_unlearn_step) and model_sequence_logprobs:
+"""The unlearning step function (qru.train.unlearn.make_unlearn_step) and model_sequence_logprobs:
 the fused-head path equals the logits path; a per-batch NPO reference (LoRA: adapters disabled,
 full: a frozen copy) equals the precomputed table; errors."""
 import copy
@@ -11,7 +11,9 @@ from qru.model.config import LlamaConfig
 from qru.model.llama import Llama
 from qru.train import losses as L
 from qru.train.data import Batch
-from qru.train.loop import TrainConfigError, make_unlearn_step, model_sequence_logprobs
+from qru.train.config import TrainConfigError
+from qru.train.loop import model_sequence_logprobs
+from qru.train.unlearn import make_unlearn_step
 
 
 def tiny(seed=0):
