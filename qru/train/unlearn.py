@@ -26,6 +26,7 @@ import torch
 from qru.io import check_output, target_lock
 from qru.model.checkpoint import write_pretrained
 from qru.model.config import LlamaConfig
+from qru.model import lora
 from qru.model.llama import Llama
 from qru.model.tokenizer import load_tokenizer
 from qru.quant.qlinear import split_linears
@@ -36,12 +37,6 @@ from qru.train.data import Batch, fixed_sample, load_sets
 from qru.train.loop import (NonFiniteLossError, StepFn, _dense_gemms, count_params, model_sequence_logprobs,
                             resolve_device, seed_all, sequence_logp_table, train_loop)
 from qru.train.state import finish_run, prepare_work, read_checkpoint_state, write_run_json
-
-def _lora():
-    from qru.model import lora
-
-    return lora
-
 
 def quantized_linear_names(model: torch.nn.Module) -> list[str]:
     """The weight names 4-bit export quantizes with its default skip (``lm_head``): every plain
@@ -74,7 +69,7 @@ class UpdateProbe:
         self.lora = None
         self.base: dict[str, float] = {}
         if lora_mode:
-            self.lora = list(_lora().lora_modules(model))
+            self.lora = list(lora.lora_modules(model))
             for name, m in self.lora:
                 t = module_type(name)
                 self.base[t] = self.base.get(t, 0.0) + float(m.weight.detach().float().pow(2).sum())
@@ -228,7 +223,6 @@ def _unlearn(cfg: UnlearnConfig, t0: float, model_dir: Path, out: Path, work: Pa
             ref_logp = sequence_logp_table(model, forget, cfg.eval_batch_size, pad, device, cfg.precision)
 
     if cfg.mode == "lora":
-        lora = _lora()
         # freezes the base; adapters in the master dtype (bf16: no fp32 copy anywhere)
         lora.apply_lora(model, targets=list(cfg.targets), r=cfg.rank, alpha=cfg.alpha, dropout=cfg.lora_dropout,
                         lora_dtype=dtype, seed=cfg.seed)
@@ -280,7 +274,7 @@ def _unlearn(cfg: UnlearnConfig, t0: float, model_dir: Path, out: Path, work: Pa
         raise
     if status == "done":
         if cfg.mode == "lora":
-            _lora().write_adapter(model, work, base_model_name_or_path=str(model_dir))
+            lora.write_adapter(model, work, base_model_name_or_path=str(model_dir))
         else:
             write_pretrained(model, work)
         tok.save_pretrained(work)
