@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from qru.io import check_device
-from qru.kernels.dense import dense_linears
+from qru.model.linear import Linear
 from qru.model.llama import Llama
 from qru.train import losses as L
 from qru.train.config import TrainConfigError, TrainOptions
@@ -78,12 +78,14 @@ def model_sequence_logprobs(model, input_ids: torch.Tensor, loss_mask: torch.Ten
                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence ``(sum of target log-probs, target count)`` of a causal LM on a batch.
 
-    qru's :class:`Llama` with a plain bias-free ``lm_head`` goes through the fused, chunked head
+    qru's :class:`Llama` with its own bias-free ``lm_head`` (a :class:`qru.model.linear.Linear`
+    without a weight transform) goes through the fused, chunked head
     (:func:`qru.train.losses.hidden_sequence_logprobs`: no (B, T, V) logits, only target positions
     projected); any other model through its logits and :func:`qru.train.losses.sequence_logprobs`.
     """
     head = getattr(model, "lm_head", None)
-    if isinstance(model, Llama) and type(head) is torch.nn.Linear and head.bias is None:
+    if (isinstance(model, Llama) and isinstance(head, Linear) and head.weight_transform is None
+            and head.bias is None):
         hidden = model(input_ids, return_hidden=True)
         return L.hidden_sequence_logprobs(hidden, head.weight, input_ids, loss_mask)
     return L.sequence_logprobs(model(input_ids), input_ids, loss_mask)
@@ -273,7 +275,7 @@ def train_loop(model: torch.nn.Module, step_fn: StepFn, main: TokenizedSet, aux:
         tqdm = None
     bar = tqdm(total=total, initial=step, desc=desc, disable=not opts.progress or tqdm is None, dynamic_ncols=True,
                file=sys.stderr) if tqdm else None
-    with _SigintGuard() as guard, (bar if bar is not None else contextlib.nullcontext()), _dense_gemms(model):
+    with _SigintGuard() as guard, (bar if bar is not None else contextlib.nullcontext()):
         while step < total:
             in_epoch = step % steps_per_epoch
             n_micro = min(opts.grad_accum, nb - in_epoch * opts.grad_accum)
@@ -338,18 +340,3 @@ def train_loop(model: torch.nn.Module, step_fn: StepFn, main: TokenizedSet, aux:
                 raise NonFiniteLossError(f"training diverged at step {step}: parameter {n} has non-finite value(s) "
                                          "after the optimizer step; the model is not saved")
     return step, total, status, rows
-
-
-
-
-def _dense_gemms(*models) -> contextlib.ExitStack:
-    """The models' plain fp32 CPU linears run their GEMMs through oneDNN (``qru.kernels.dense``) for
-    the forward passes of a step (the backward follows the recorded graph). ``train_loop`` also holds
-    it around the whole loop, so a gradient-checkpointing recomputation takes the same path."""
-    stack = contextlib.ExitStack()
-    seen = set()
-    for m in models:
-        if m is not None and id(m) not in seen:
-            seen.add(id(m))
-            stack.enter_context(dense_linears(m))
-    return stack

@@ -21,7 +21,7 @@ from qru.model.tokenizer import Tokenizer, load_tokenizer
 from qru.train import losses as L
 from qru.train.config import PretrainConfig, TrainConfigError, TrainResult, check_vocab, model_dtype, validate_pretrain
 from qru.train.data import Batch, detect_format, fixed_sample, load_sets, read_records
-from qru.train.loop import (NonFiniteLossError, _dense_gemms, count_params, model_sequence_logprobs, resolve_device,
+from qru.train.loop import (NonFiniteLossError, count_params, model_sequence_logprobs, resolve_device,
                             seed_all, train_loop)
 from qru.train.state import finish_run, prepare_work, write_run_json
 
@@ -97,8 +97,7 @@ def _pretrain(cfg: PretrainConfig, t0: float, out: Path, work: Path, resume: boo
     trainable, total = count_params(model)
 
     def step_fn(b: Batch, _unused) -> dict:
-        with _dense_gemms(model):
-            return {"loss": L.mean_nll(*model_sequence_logprobs(model, b.input_ids, b.loss_mask))}
+        return {"loss": L.mean_nll(*model_sequence_logprobs(model, b.input_ids, b.loss_mask))}
 
     evals = {"train": data.subset(fixed_sample(len(data), cfg.eval_samples, cfg.seed))}
     info = {"trainable_params": trainable, "total_params": total, "examples": len(data),

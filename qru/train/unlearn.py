@@ -34,7 +34,7 @@ from qru.train import losses as L
 from qru.train.config import (METHODS, REGS, TrainConfigError, TrainResult, UnlearnConfig, check_vocab, model_dtype,
                               validate_unlearn)
 from qru.train.data import Batch, fixed_sample, load_sets
-from qru.train.loop import (NonFiniteLossError, StepFn, _dense_gemms, count_params, model_sequence_logprobs,
+from qru.train.loop import (NonFiniteLossError, StepFn, count_params, model_sequence_logprobs,
                             resolve_device, seed_all, sequence_logp_table, train_loop)
 from qru.train.state import finish_run, prepare_work, read_checkpoint_state, write_run_json
 
@@ -151,10 +151,6 @@ def make_unlearn_step(model: torch.nn.Module, *, method: str, reg: str, beta: fl
         raise TrainConfigError("reg='klr' needs ref_model")
 
     def step_fn(fb: Batch, rb: Batch | None) -> dict:
-        with _dense_gemms(model, ref_model):
-            return _step(fb, rb)
-
-    def _step(fb: Batch, rb: Batch | None) -> dict:
         if method == "npo":
             if ref_logp is not None:
                 ref = ref_logp[fb.index]
