@@ -2,21 +2,23 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from qru.cli.common import csv_list
+from qru.train.config import PretrainConfig, UnlearnConfig
+from qru.train.pretrain import pretrain
+from qru.train.state import work_dir
+from qru.train.unlearn import unlearn
+
 
 def _train_config(cls, args):
     """The dataclass config from the options given on the command line (others keep their defaults)."""
-    import dataclasses
-
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in vars(args).items() if k in names})
 
 
 def _run_training(kind: str, fn, cfg) -> int:
-    from qru.train.state import work_dir
-
     res = fn(cfg)
     last = {k: v for k, v in (res.evals[-1] if res.evals else {}).items() if k.endswith("_nll")}
     first = {k: v for k, v in (res.evals[0] if res.evals else {}).items() if k.endswith("_nll")}
@@ -32,17 +34,11 @@ def _run_training(kind: str, fn, cfg) -> int:
 
 def cmd_pretrain(args) -> int:
     """Train (or fine-tune) a model on text / QA data: an HF checkpoint with its tokenizer beside it."""
-    from qru.train.config import PretrainConfig
-    from qru.train.pretrain import pretrain
-
     return _run_training("pretrain", pretrain, _train_config(PretrainConfig, args))
 
 
 def cmd_unlearn(args) -> int:
     """Unlearn a forget set (GA / NPO / SimNPO with GDR / KLR) in full or LoRA mode."""
-    from qru.train.config import UnlearnConfig
-    from qru.train.unlearn import unlearn
-
     return _run_training("unlearn", unlearn, _train_config(UnlearnConfig, args))
 
 

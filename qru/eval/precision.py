@@ -30,10 +30,6 @@ PRECISIONS = tuple(FLOAT_PRECISIONS) + QUANT_PRECISIONS
 _ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
-class PrecisionUnavailable(RuntimeError):
-    """A requested precision cannot be built in this installation. The message says why."""
-
-
 def parse_precisions(spec: str | Sequence[str]) -> list[str]:
     """``"bf16,int8"`` or a list -> validated, de-duplicated names (order kept)."""
     items = [p.strip() for p in spec.split(",")] if isinstance(spec, str) else [str(p).strip() for p in spec]

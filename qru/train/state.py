@@ -48,7 +48,7 @@ _RESUME_FREE = {"resume", "stop_after", "progress", "save_every", "log_every", "
 def versions() -> dict:
     v = {"qru": __version__, "torch": torch.__version__, "python": platform.python_version(),
          "platform": platform.platform()}
-    for dist in ("transformers", "peft", "datasets", "sentencepiece", "safetensors", "triton"):
+    for dist in ("transformers", "peft", "sentencepiece", "safetensors", "triton"):
         try:
             v[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

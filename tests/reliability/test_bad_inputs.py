@@ -308,12 +308,12 @@ def test_bad_input_fails_cleanly(case, tiny_dir, ctx, tmp_path, capsys):
 
 
 def test_unexpected_errors_still_show_a_traceback(tiny_dir, tmp_path, capsys, monkeypatch):
-    import qru.quant.export as E
+    import qru.cli.quant as cli_quant
 
     def boom(*a, **k):
         raise KeyError("a bug")
 
-    monkeypatch.setattr(E, "quantize_checkpoint", boom)
+    monkeypatch.setattr(cli_quant, "quantize_checkpoint", boom)
     rc = main(["quantize", str(tiny_dir), "--format", "int8", "--out", str(tmp_path / "q")])
     err = capsys.readouterr().err
     assert rc == 1 and "please report it" in err and "Traceback" in err and "KeyError: 'a bug'" in err
