@@ -23,8 +23,8 @@ from torch.nn import functional as F
 
 from qru.kernels import quant4, quant_int
 from qru.kernels.qmatmul import quant_linear
-from qru.quant.formats import (ALL_FORMATS, DEFAULT_BLOCK_SIZE, GGUF_FORMATS, DoubleQuant, QTensor,
-                               _nested_dequantize, quantize)
+from qru.kernels.qtensor import DoubleQuant, QTensor, _nested_dequantize
+from qru.quant.formats import ALL_FORMATS, DEFAULT_BLOCK_SIZE, GGUF_FORMATS, quantize
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                   "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
