@@ -255,8 +255,8 @@ def test_precisions_parse_and_availability():
     with pytest.raises(ValueError, match="no precision"):
         parse_precisions(" , ")
     check_available(["fp32", "bf16", "int8", "nf4"])
-    with pytest.raises(ValueError, match="int3"):
-        check_available(["bf16", "int3"])
+    with pytest.raises(FileNotFoundError, match="no-such-adapter"):
+        check_available(["bf16"], adapter="no-such-adapter")
 
 
 def test_score_batches_respect_rows_and_token_budget():

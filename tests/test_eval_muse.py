@@ -163,7 +163,7 @@ def test_precisions_fp32_bf16(tiny_dir, shared_data):
     np.testing.assert_allclose(a, b, rtol=0.05)
 
 
-def test_quantized_precisions(tiny_dir, shared_data):
+def test_quantized_precisions_evaluate(tiny_dir, shared_data):
     tok = Tokenizer.from_dir(tiny_dir)
     recs = eval_at_precisions(tiny_dir, None, "int8,nf4", lambda m, p: muse.evaluate_muse(
         m, tok, shared_data / "muse-news", limit=2, metrics=["privleak"], max_len=64))

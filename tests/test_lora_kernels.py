@@ -12,6 +12,7 @@ from qru.kernels import lora as K
 from qru.kernels._backend import backend_for
 from qru.kernels.qtensor import QTensor
 from qru.quant import quantize
+from cpp_helpers import need_cpp
 
 # max|got - ref| / max|ref| per dtype, for outputs and gradients.
 TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -281,11 +282,7 @@ def test_cpp_thin_products_match_torch(shape, scalar):
     """csrc/lora.cpp's three products (SIMD micro-tiles and the portable scalar path) against
     torch on odd shapes: row/column/rank tails, a bool drop-mask, row-strided X, bias; the
     last shape spans several K chunks (rowdot), column panels (expand) and row groups."""
-    from qru.kernels._backend import load_cpp_ext
-
-    ext = load_cpp_ext("lora")
-    if ext is None:
-        pytest.skip("no C++ toolchain")
+    ext = need_cpp("lora")
     M, Kd, R, N = shape
     g = torch.Generator().manual_seed(M + Kd)
     X = torch.randn(M, Kd + 5, generator=g)[:, 2:Kd + 2]  # row stride != Kd
@@ -322,11 +319,7 @@ def test_hash_dropout_cpp_matches_reference(scalar):
     """The counter-based mask: C++ (SIMD and scalar) bit-equal to the torch-ops oracle, for
     seeds with high bits set and odd shapes; the kernels fed (seed, thr) give exactly what they
     give for the materialized bool mask."""
-    from qru.kernels._backend import load_cpp_ext
-
-    ext = load_cpp_ext("lora")
-    if ext is None:
-        pytest.skip("no C++ toolchain")
+    ext = need_cpp("lora")
     for rows, cols, seed, thr in [(1, 1, 0, 1), (7, 25, -1, 3277), (33, 40, 2 ** 62 + 12345, 32768),
                                   (300, 129, -(2 ** 63), 65535)]:
         ref = HD.hash_drop_reference(rows, cols, torch.tensor(seed), thr)
@@ -370,10 +363,7 @@ def test_hash_dropout_statistics():
 def test_cpp_dropout_keeps_no_mask_or_copy(monkeypatch):
     """With sampled dropout the C++ path saves x itself and the thin u: no bool mask, no
     dropped-out copy of x (the mask is recomputed from the seed in backward)."""
-    from qru.kernels._backend import load_cpp_ext
-
-    if load_cpp_ext("lora") is None:
-        pytest.skip("no C++ toolchain")
+    need_cpp("lora")
     monkeypatch.setenv("QRU_BACKEND", "cpp")
     x, W, b, A, B = make(64, 48, 40, 4, torch.float32)
     x.requires_grad_()

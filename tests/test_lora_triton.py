@@ -9,7 +9,6 @@ from qru.kernels import hash_dropout as HD
 from qru.kernels import lora as K
 from qru.kernels import lora_triton as LT
 from qru.kernels import token_stats as TS
-from qru.kernels._backend import load_cpp_ext
 from test_lora_kernels import TOL, make, nf4_of, reference, rel_err
 
 MASK_CASES = [(1, 1, 0, 1), (7, 25, -1, 3277), (33, 40, 2 ** 62 + 12345, 32768), (70, 129, -(2 ** 63), 65535),
@@ -18,15 +17,13 @@ MASK_CASES = [(1, 1, 0, 1), (7, 25, -1, 3277), (33, 40, 2 ** 62 + 12345, 32768),
 
 @pytest.mark.parametrize("rows,cols,seed,thr", MASK_CASES)
 def test_triton_hash_mask_bit_equal(rows, cols, seed, thr):
-    """The Triton hash (the function the kernels call per tile) against the torch-ops oracle and
-    the C++ kernel, for the same seed and (row, column) offsets."""
+    """The Triton hash (the function the kernels call per tile) against the torch-ops oracle, for
+    the same seed and (row, column) offsets (test_lora_kernels checks the C++ mask against the same
+    oracle; the Triton tests build no C++)."""
     s = torch.tensor(seed, dtype=torch.int64)
     got = HD.hash_drop_triton(rows, cols, s, thr)
     ref = HD.hash_drop_reference(rows, cols, s, thr)
     assert got.dtype == torch.bool and torch.equal(got, ref)
-    ext = load_cpp_ext("lora")
-    if ext is not None:
-        assert torch.equal(ext.drop_mask(rows, cols, seed, thr), got)
 
 
 def _triton_fn_node(y):

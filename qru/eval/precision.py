@@ -3,9 +3,7 @@
 ``fp32``/``bf16``/``fp16`` cast the weights. ``int8``, ``nf4``, ``fp4``, ``int4``, ``int4_sym`` and
 llama.cpp's GGUF block formats (``q8_0``, ``q4_0``, ``q4_1``, ``q5_0``, ``q5_1``, ``q4_k``, ``mxfp4``;
 fixed blocks, so ``block_size`` does not apply to them) quantize in memory through
-``qru.quant.quantize_model(model, fmt, block_size)``,
-looked up at call time; if that function is not available the precision is reported as
-unavailable (nothing is faked). With an adapter, the LoRA weights are merged into the fp32
+``qru.quant.quantize_model(model, fmt, block_size)``. With an adapter, the LoRA weights are merged into the fp32
 base first (``qru.model.lora.load_adapter`` + ``merge_and_unload``) and the merged model is then cast or quantized.
 """
 from __future__ import annotations
@@ -63,10 +61,10 @@ def check_stored_precision(model_dir: str | Path, precisions: Sequence[str]) -> 
 
 
 def check_available(precisions: Sequence[str], adapter: str | Path | None = None) -> None:
-    """Fail fast (before loading anything): the precisions must be known and the adapter must exist."""
-    parse_precisions(list(precisions) or ["fp32"])
-    if adapter is not None and not Path(adapter).is_dir():
-        raise FileNotFoundError(f"adapter directory not found: {adapter}")
+    """Fail fast (before loading anything) if the adapter directory is missing."""
+    if adapter is not None:
+        if not Path(adapter).is_dir():
+            raise FileNotFoundError(f"adapter directory not found: {adapter}")
 
 
 def merge_adapter(model, adapter: str | Path):

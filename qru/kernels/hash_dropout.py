@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from qru.kernels._triton_io import jit
 from qru.kernels._backend import forced_backend, load_cpp_ext
 
 # Dropout draws 16-bit uniforms: the drop probability is rounded to a multiple of 1/65536.
@@ -107,7 +108,7 @@ def sample_drop(shape, p: float, device, generator: torch.Generator | None = Non
     return hash_drop(rows, cols, seed, thr).view(shape), keep
 
 
-@triton.jit
+@jit
 def _lowbias32(x):
     """lowbias32 on uint32 (wrapping products), as :func:`_lowbias32_` and csrc/lora.cpp."""
     x = x ^ (x >> 16)
@@ -117,7 +118,7 @@ def _lowbias32(x):
     return x ^ (x >> 16)
 
 
-@triton.jit
+@jit
 def hash_dropped(rows, cols, seed_ptr, thr):
     """The drop-mask tile (bool, rows × cols) of :func:`hash_drop_reference` for int64 row and
     column indices: the 64-bit seed is read from ``seed_ptr`` (no host sync), nothing is stored."""
@@ -130,7 +131,7 @@ def hash_dropped(rows, cols, seed_ptr, thr):
     return (h >> 16).to(tl.int32) < thr
 
 
-@triton.jit
+@jit
 def _hash_mask_kernel(o_ptr, R, C, seed_ptr, thr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Writes the drop-mask (uint8) of :func:`hash_dropped`; for tests and an explicit mask."""
     rr = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)

@@ -11,9 +11,10 @@ import torch
 import triton
 import triton.language as tl
 
+from qru.kernels._triton_io import jit
 from qru.kernels.hash_dropout import hash_dropped
 
-@triton.jit
+@jit
 def _dropped_tile(m_ptr, smm, smn, seed_ptr, thr, rows, cols, valid, HAS_MASK: tl.constexpr,
                   HASH_DROP: tl.constexpr):
     """Drop-mask tile at (rows, cols): from a stored mask (``HAS_MASK``) or the hash (``HASH_DROP``)."""
@@ -23,7 +24,7 @@ def _dropped_tile(m_ptr, smm, smn, seed_ptr, thr, rows, cols, valid, HAS_MASK: t
         return tl.load(m_ptr + rows[:, None] * smm + cols[None, :] * smn, mask=valid, other=0) != 0
 
 
-@triton.jit
+@jit
 def _nf4_decode(data_ptr, absmax_ptr, code_ptr, flat, valid, NF4_BLOCK: tl.constexpr):
     """fp32 values of the NF4 elements at flat indices ``flat`` (int64), zero where not ``valid``."""
     byte = tl.load(data_ptr + flat // 2, mask=valid, other=0).to(tl.int32)
@@ -33,7 +34,7 @@ def _nf4_decode(data_ptr, absmax_ptr, code_ptr, flat, valid, NF4_BLOCK: tl.const
     return val * amax
 
 
-@triton.jit
+@jit
 def _lora_gemm_kernel(
     x_ptr, w_ptr, wd_ptr, wa_ptr, code_ptr, u_ptr, v_ptr, m_ptr, seed_ptr, b_ptr, c_ptr,
     M, N, K, R, M_BUCKET,
@@ -96,7 +97,7 @@ def _lora_gemm_kernel(
              mask=in_m[:, None] & in_n[None, :])
 
 
-@triton.jit
+@jit
 def _lora_shrink_kernel(
     x_ptr, v_ptr, m_ptr, seed_ptr, o_ptr,
     M, K, R, K_PER_SPLIT, M_BUCKET,
@@ -130,7 +131,7 @@ def _lora_shrink_kernel(
              mask=in_m[:, None] & in_r[None, :])
 
 
-@triton.jit
+@jit
 def _lora_outer_kernel(
     l_ptr, r_ptr, m_ptr, seed_ptr, o_ptr,
     M, P, Q, M_PER_SPLIT, M_BUCKET,

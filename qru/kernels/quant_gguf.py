@@ -388,13 +388,17 @@ def dequantize_gguf_reference(data: torch.Tensor, fmt: str, n: int, dtype: torch
 # ----------------------------------------------------------------------------- Triton (quant_gguf_triton)
 
 
-def _quantize_triton(x: torch.Tensor, fmt: str) -> torch.Tensor:
+Q4K_GPU_ROWS = quant_gguf_triton.Q4K_GPU_ROWS
+
+
+def _quantize_triton(x: torch.Tensor, fmt: str, q4k_rows: int | None = None) -> torch.Tensor:
+    """``q4k_rows``: q4_k super-blocks per program (default: the GPU's :data:`Q4K_GPU_ROWS` on CUDA)."""
     flat = x.reshape(-1).contiguous()
     n = flat.numel()
     nb = n_blocks(fmt, n)
     out = torch.empty(nb * TYPE_SIZE[fmt], dtype=torch.uint8, device=x.device)
     if fmt == "q4_k":
-        quant_gguf_triton.quantize_q4_k(flat, out, n, nb)
+        quant_gguf_triton.quantize_q4_k(flat, out, n, nb, q4k_rows)
     else:
         thr, kv = _tables(x.device)
         quant_gguf_triton.quantize_blocks(flat, out, thr, kv, n, nb, KIND[fmt], TYPE_SIZE[fmt])

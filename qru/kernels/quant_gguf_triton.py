@@ -9,40 +9,40 @@ import torch
 import triton
 import triton.language as tl
 
-from qru.kernels._triton_io import kernel_view, load_f32, store_f32
+from qru.kernels._triton_io import jit, kernel_view, load_f32, store_f32
 
 # Plain fp32 ops; the launches pass ``enable_fp_fusion=False`` so that no multiply feeds an add
 # through an FMA (the results must round like ggml's reference C).
-@triton.jit
+@jit
 def _mul(a, b):
     return a * b
 
 
-@triton.jit
+@jit
 def _add(a, b):
     return a + b
 
 
-@triton.jit
+@jit
 def _sub(a, b):
     return a - b
 
 
-@triton.jit
+@jit
 def _load_fp16(ptr, mask):
     """fp32 of the little-endian fp16 at byte ``ptr`` (masked lanes: 0)."""
     h = tl.load(ptr, mask=mask, other=0).to(tl.int32) | (tl.load(ptr + 1, mask=mask, other=0).to(tl.int32) << 8)
     return h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
-@triton.jit
+@jit
 def _fp16_lo_hi(v):
     """fp32 -> (low byte, high byte) of its fp16 (round to nearest even), as int32."""
     h = v.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
     return h & 255, h >> 8
 
 
-@triton.jit
+@jit
 def _gguf_quant_kernel(x_ptr, out_ptr, thr_ptr, kv_ptr, n, nb,
                        KIND: tl.constexpr, TS: tl.constexpr, ROWS: tl.constexpr, IN_BF16: tl.constexpr):
     # KIND: 0 q8_0, 1 q4_0, 2 q4_1, 3 q5_0, 4 q5_1, 6 mxfp4 (32-element blocks)
@@ -120,7 +120,7 @@ def _gguf_quant_kernel(x_ptr, out_ptr, thr_ptr, kv_ptr, n, nb,
         tl.store(ob[:, None] + qoff + j[None, :], (lo16 | (hi16 << 4)).to(tl.uint8), mask=bok[:, None])
 
 
-@triton.jit
+@jit
 def _gguf_dequant_kernel(data_ptr, out_ptr, n, nb, KIND: tl.constexpr, TS: tl.constexpr, B: tl.constexpr,
                          ROWS: tl.constexpr, OUT_BF16: tl.constexpr):
     blk = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -179,13 +179,13 @@ def _gguf_dequant_kernel(data_ptr, out_ptr, n, nb, KIND: tl.constexpr, TS: tl.co
     store_f32(out_ptr, eo, v, (eo < n) & m2, OUT_BF16)
 
 
-@triton.jit
+@jit
 def _nearest(v):
     """ggml's nearest_int as fp32 (round half to even, |v| <= 2**22)."""
     return (v + 12582912.0) - 12582912.0
 
 
-@triton.jit
+@jit
 def _q4k_quant_kernel(x_ptr, out_ptr, n, nb, ROWS: tl.constexpr, IN_BF16: tl.constexpr):
     """``quantize_row_q4_K_ref`` for ROWS super-blocks: the S = 8 ROWS sub-blocks are the vector
     lanes; ggml's sequential fp32 sums run over the 32 columns, loaded one at a time."""
@@ -324,10 +324,14 @@ def quantize_blocks(flat: torch.Tensor, out: torch.Tensor, thr: torch.Tensor, kv
         IN_BF16=flat.dtype == torch.bfloat16, enable_fp_fusion=False)
 
 
-def quantize_q4_k(flat: torch.Tensor, out: torch.Tensor, n: int, nb: int) -> None:
-    """``q4_k``: ``nb`` super-blocks of ``flat`` into ``out``."""
+Q4K_GPU_ROWS = 4  # q4_k super-blocks per program on the GPU
+
+
+def quantize_q4_k(flat: torch.Tensor, out: torch.Tensor, n: int, nb: int, rows: int | None = None) -> None:
+    """``q4_k``: ``nb`` super-blocks of ``flat`` into ``out``, ``rows`` super-blocks per program
+    (default: :data:`Q4K_GPU_ROWS` on CUDA)."""
     # the interpreter's cost is per program (sequential loops), so it gets few wide ones
-    rows = 4 if flat.is_cuda else min(64, triton.next_power_of_2(nb))
+    rows = rows or (Q4K_GPU_ROWS if flat.is_cuda else min(64, triton.next_power_of_2(nb)))
     _q4k_quant_kernel[(triton.cdiv(nb, rows),)](kernel_view(flat), out, n, nb, ROWS=rows,
                                                 IN_BF16=flat.dtype == torch.bfloat16, enable_fp_fusion=False)
 

@@ -21,7 +21,7 @@ import torch
 
 from qru.kernels import quant4
 from qru.quant.formats import DOUBLE_QUANT_BLOCK, FORMATS, DoubleQuant, QTensor
-from qru.quant.qlinear import QuantLinear, _set_submodule, dtype_name, split_linears
+from qru.quant.qlinear import QuantLinear, dtype_name, split_linears
 
 _BNB_STATE_KEYS = ("quant_type", "blocksize", "dtype", "shape")
 _BNB_NESTED_KEYS = ("nested_blocksize", "nested_dtype", "nested_offset")
@@ -210,7 +210,7 @@ def swap_in_quantized(model: torch.nn.Module, sd: dict[str, torch.Tensor], confi
                 assert_finite(f"{name}.bias", bias, where)
             used.append(f"{name}.bias")
         mod = QuantLinear(q.to(device), None if bias is None else bias.to(device), compute_dtype)
-        _set_submodule(model, name, mod)
+        model.set_submodule(name, mod)
         for k in used:
             sd.pop(k, None)
         swapped.append(name)
