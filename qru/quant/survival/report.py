@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 from typing import Mapping
 
+import numpy as np
+
 from qru.io import check_output, staged_dir
 from qru.quant.survival.stats import METRICS, OUT_METRICS, layer_index, module_type
 
@@ -43,11 +45,11 @@ def _num(v) -> float:
 
 
 def _plots(report: Mapping, heatmap: Path, bars: Path, metric: str = "survival_ratio") -> None:
+    # matplotlib is heavy and only the plots need it: loaded here, with the non-interactive backend
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
-    import numpy as np
 
     reps = by_format(report)
     n = len(reps)
