@@ -46,8 +46,9 @@ aggregate also has ``n_tensors`` and ``numel``. Layer-less tensors (e.g. ``lm_he
 ``by_module_type`` and ``overall`` only.
 
 Which tensors: 2-D floating ``*.weight`` tensors of the base checkpoint, except embeddings
-(``embed_tokens``) and those matched by ``skip`` (a pattern equal to a dotted component of
-the name, or an ``fnmatch`` pattern of the whole name). Row ``name`` is the module name
+(``embed_tokens``) and the modules ``skip`` matches (:func:`qru.quant.qlinear.is_skipped`, the
+matcher of ``qru quantize --skip``: a name, suffix or dotted component run such as ``layers.0.mlp``,
+or an ``fnmatch`` pattern of the whole name). Row ``name`` is the module name
 (``model.layers.0.self_attn.q_proj``).
 
 Streaming: tensors are read one at a time with :class:`qru.model.checkpoint.ShardReader`
