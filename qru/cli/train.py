@@ -113,5 +113,17 @@ def add_unlearn(sub) -> None:
                    help="full mode: lr = X * std(W) per weight matrix (replaces --lr)")
     p.add_argument("--stall-threshold", type=float, default=S,
                    help="warn when the forget NLL moved less than this many nats (default 0.05)")
+    g = p.add_argument_group("quantization-aware unlearning (docs/quant_aware.md)")
+    g.add_argument("--quant-aware", type=csv_list, default=S, metavar="FMT[,FMT...]",
+                   help="train through fake quantization of every export-quantized linear (straight-through "
+                        "gradients): loss = L(full precision) + λ·L(quantized); formats as qru quantize")
+    g.add_argument("--qa-weight", type=float, default=S, metavar="λ", help="weight of the quantized loss (default 1)")
+    g.add_argument("--qa-sample", choices=["random", "sum"], default=S,
+                   help="several formats: one random format per step (seeded; default) or the sum")
+    g.add_argument("--qa-block-size", type=int, default=S, help="as qru quantize --block-size (default per format)")
+    g.add_argument("--qa-skip", type=csv_list, default=S, help="as qru quantize --skip (default lm_head; '' for none)")
+    p.add_argument("--saliency-mask", type=int, default=S, metavar="TOPK",
+                   help="full mode: train only the TOPK modules with the largest forget-gradient norm (SURE, "
+                        "Zhang et al. 2024)")
     _add_train_options(p)
     p.set_defaults(func=cmd_unlearn)

@@ -60,7 +60,7 @@ class ModelRef:
     """One evaluated model: ``path`` (checkpoint) + optional ``adapter``; ``stage`` names its cache."""
     key: str  # unique id, e.g. "npo_gdr-lora-s1"
     method: str  # "target" | "retrain" | a METHODS name
-    mode: str  # "target" | "retrain" | "full" | "lora"
+    mode: str  # "target" | "retrain" | "full" | "lora" | "quant_aware"
     seed: int | None
     path: Path
     adapter: Path | None
@@ -226,8 +226,8 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, *, seed: int = 0, force: b
         for method in u.methods:
             for mode in u.modes:
                 st = stage(unlearn_stage, cache, cfg, target, method, mode, useed, common)
-                if mode == "full":
-                    refs.append(ModelRef(f"{method}-full-s{useed}", method, mode, useed, st.dir, None, st.hash))
+                if mode in ("full", "quant_aware"):  # a full checkpoint
+                    refs.append(ModelRef(f"{method}-{mode}-s{useed}", method, mode, useed, st.dir, None, st.hash))
                 else:
                     refs.append(ModelRef(f"{method}-lora-s{useed}", method, mode, useed, target.dir, st.dir,
                                          st.hash))

@@ -136,15 +136,18 @@ def unlearn_stage(cache, cfg, target, method, mode, useed, common):
     u = cfg.unlearn
     corpus_dir = cache.used["corpus"].dir / "data"
     meth, reg = method.split("_")
-    lr = u.lr_full if mode == "full" else u.lr_lora
+    lr = u.lr_lora if mode == "lora" else u.lr_full
     name = f"unlearn-{method}-{mode}-s{useed}"
+    # quant_aware: full fine-tuning trained through fake quantization (qru unlearn --quant-aware)
+    qa = dict(quant_aware=list(u.qa_formats), qa_weight=u.qa_weight) if mode == "quant_aware" else {}
 
     def build(d: Path):
         res = unlearn(UnlearnConfig(out=str(d), model=str(target.dir), forget=[str(corpus_dir / "raw" / "forget.txt")],
-                                    retain=[str(corpus_dir / "raw" / "retain.txt")], method=meth, reg=reg, mode=mode,
+                                    retain=[str(corpus_dir / "raw" / "retain.txt")], method=meth, reg=reg,
+                                    mode="lora" if mode == "lora" else "full",
                                     lr=lr, epochs=u.epochs, batch_size=u.batch_size, rank=u.rank, alpha=u.alpha,
                                     master_dtype=u.master_dtype, scheduler=u.scheduler, seed=useed, train=u.train,
-                                    **common))
+                                    **qa, **common))
         return _summary(res)
 
     key = {"target": target.hash, "method": method, "mode": mode, "lr": lr, "epochs": u.epochs,
@@ -153,5 +156,7 @@ def unlearn_stage(cache, cfg, target, method, mode, useed, common):
         key.update(rank=u.rank, alpha=u.alpha)
     elif u.train != "all":  # keyed only when not the default, so earlier caches stay valid
         key["train"] = u.train
+    if qa:
+        key.update(qa_formats=list(u.qa_formats), qa_weight=u.qa_weight)
     return cache.run(name, key, build)
 

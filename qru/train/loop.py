@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.autograd.graph import increment_version
 
 from qru.io import check_device
 from qru.model.linear import Linear
@@ -205,12 +206,24 @@ def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: fl
                              fused=fused)
 
 
+def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer.step()``, then bump every parameter's in-place version counter: torch's fused
+    AdamW updates the parameters without bumping it, and the layers' packed-weight caches
+    (``qru.kernels.linear.PackedWeight``) are keyed on it, so an eval after the step would
+    otherwise run on the packed copy of the old weights."""
+    optimizer.step()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if params:
+        increment_version(params)
+
+
 def train_loop(model: torch.nn.Module, step_fn: StepFn, main: TokenizedSet, aux: TokenizedSet | None,
                evals: dict[str, TokenizedSet], opts: TrainOptions, out: Path, pad_id: int,
                device: torch.device, loss_names: tuple[str, ...], extra_state: dict | None = None,
                config_dict: dict | None = None, desc: str = "train", resume: bool | None = None,
                param_groups: list[dict] | None = None, update_probe: Callable[[], dict] | None = None,
-               stop_check: Callable[[torch.nn.Module], dict] | None = None
+               stop_check: Callable[[torch.nn.Module], dict] | None = None,
+               eval_extra: Callable[[], dict] | None = None
                ) -> tuple[int, int, str, list[dict]]:
     """Run the optimisation in the run directory ``out`` (``metrics.jsonl`` appended, checkpoints).
     ``step_fn(main_batch, aux_batch)`` returns a dict of scalar losses with ``"loss"`` (the one
@@ -221,7 +234,8 @@ def train_loop(model: torch.nn.Module, step_fn: StepFn, main: TokenizedSet, aux:
     its peak lr as ``base_lr`` (default: one group at ``opts.lr``). ``update_probe() -> dict``: logged
     as ``update`` in every eval row (:class:`UpdateProbe`). ``stop_check(model) -> dict``: called
     after every eval row but the first (end of each epoch); its dict is logged in the row as ``check``,
-    and ``{"stop": True, ...}`` ends the run there (status ``"done"``, fewer steps than planned)."""
+    and ``{"stop": True, ...}`` ends the run there (status ``"done"``, fewer steps than planned).
+    ``eval_extra() -> dict``: merged into every eval row (quant-aware monitoring)."""
     resume = opts.resume if resume is None else resume
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -241,6 +255,8 @@ def train_loop(model: torch.nn.Module, step_fn: StepFn, main: TokenizedSet, aux:
                for k, v in evals.items()}
         if update_probe is not None:
             out["update"] = update_probe()
+        if eval_extra is not None:
+            out.update(eval_extra())
         return out
 
     step = 0
@@ -295,7 +311,7 @@ def train_loop(model: torch.nn.Module, step_fn: StepFn, main: TokenizedSet, aux:
                         acc[k] = acc.get(k, 0.0) + losses[k].detach().float() / n_micro
                 del losses
             check_finite_grads(param_names, params, opts.max_grad_norm, step + 1)  # and clips
-            optimizer.step()
+            optimizer_step(optimizer)
             optimizer.zero_grad(set_to_none=True)
             step += 1
             n_acc += 1

@@ -6,6 +6,10 @@ once for the whole forget set before the first step (the model *is* the referenc
 modes) and stored in the checkpoint; only KLR needs a per-batch reference forward (adapters
 disabled in LoRA mode, a frozen copy loaded from the model directory in full mode).
 
+Quantization-aware unlearning (``UnlearnConfig.quant_aware``, :mod:`qru.train.quant_aware`) adds
+``L(quantized)`` to every step and ``code_flip_frac`` / ``forget_nll_q`` (per format) to the eval
+rows; ``saliency_mask`` (:mod:`qru.train.saliency`) trains only the top-K modules by forget gradient.
+
 Outputs in ``out``: ``metrics.jsonl`` (one row per logged step; eval rows carry ``forget_nll`` /
 ``retain_nll``), ``run.json``, the model (HF checkpoint, or a PEFT adapter in LoRA mode) and the
 tokenizer files (``tokenizer.model``, or ``tokenizer.json`` and its configs); committed as
@@ -29,13 +33,15 @@ from qru.model.config import LlamaConfig
 from qru.model import lora
 from qru.model.llama import Llama
 from qru.model.tokenizer import load_tokenizer
-from qru.quant.qlinear import split_linears
+from qru.quant.qlinear import resolve_block_size, split_linears
 from qru.train import losses as L
 from qru.train.config import (METHODS, REGS, TrainConfigError, TrainResult, UnlearnConfig, check_vocab, model_dtype,
                               validate_unlearn)
-from qru.train.data import Batch, fixed_sample, load_sets
-from qru.train.loop import (NonFiniteLossError, StepFn, count_params, model_sequence_logprobs,
-                            resolve_device, seed_all, sequence_logp_table, train_loop)
+from qru.train import quant_aware as qa
+from qru.train import saliency as sal
+from qru.train.data import Batch, collate, fixed_sample, load_sets
+from qru.train.loop import (PAD_MULTIPLE, NonFiniteLossError, StepFn, autocast, count_params, eval_nll,
+                            model_sequence_logprobs, resolve_device, seed_all, sequence_logp_table, train_loop)
 from qru.train.state import finish_run, prepare_work, read_checkpoint_state, write_run_json
 
 def quantized_linear_names(model: torch.nn.Module) -> list[str]:
@@ -177,6 +183,48 @@ def make_unlearn_step(model: torch.nn.Module, *, method: str, reg: str, beta: fl
     return step_fn
 
 
+def check_model_options(cfg: UnlearnConfig, model_cfg: LlamaConfig) -> None:
+    """The options that depend on the model's shapes, checked on a meta-device model (no weights
+    loaded): every ``quant_aware`` format applies to every export-quantized linear, and
+    ``saliency_mask`` does not exceed the number of trainable modules."""
+    if cfg.quant_aware is None and cfg.saliency_mask is None:
+        return
+    with torch.device("meta"):
+        meta = Llama(model_cfg)
+    if cfg.quant_aware is not None:
+        try:
+            qa.check_applicable(meta, cfg.quant_aware, cfg.qa_block_size, cfg.qa_skip)
+        except ValueError as e:
+            raise TrainConfigError(str(e)) from None
+    if cfg.saliency_mask is not None:
+        train = set(quantized_linear_names(meta)) if cfg.train == "linears" else None
+        for n, p in meta.named_parameters():
+            p.requires_grad_(train is None or n in train)
+        n_mod = len(sal.candidate_modules(meta))
+        if cfg.saliency_mask > n_mod:
+            raise TrainConfigError(f"saliency_mask must be at most the number of trainable modules ({n_mod} with "
+                                   f"train={cfg.train!r}), got {cfg.saliency_mask}")
+
+
+def saliency_modules(model: torch.nn.Module, cfg: UnlearnConfig, forget, pad: int, device: torch.device,
+                     ref_logp: torch.Tensor | None) -> dict:
+    """SURE's module saliency (:mod:`qru.train.saliency`): the gradient norm of the method's forget
+    term over the whole forget set (batches weighted by their share of it), at the starting weights,
+    per trainable module; returns ``{"topk", "modules" (chosen, largest first), "grad_norms"}``."""
+    fstep = make_unlearn_step(model, method=cfg.method, reg="none", beta=cfg.effective_beta, delta=cfg.delta,
+                              ref_logp=ref_logp)
+    n = len(forget)
+
+    def loss_fn(idx: list[int]) -> torch.Tensor:
+        b = collate(forget, idx, pad, PAD_MULTIPLE).to(device)
+        with autocast(device, cfg.precision):
+            return fstep(b, None)["forget_loss"] * (len(idx) / n)
+
+    bs = cfg.eval_batch_size
+    norms = sal.module_grad_norms(model, loss_fn, (list(range(s, min(s + bs, n))) for s in range(0, n, bs)))
+    return {"topk": cfg.saliency_mask, "modules": sal.top_modules(norms, cfg.saliency_mask), "grad_norms": norms}
+
+
 def unlearn(cfg: UnlearnConfig, stop_check: Callable[[torch.nn.Module], dict] | None = None) -> TrainResult:
     """Unlearn ``cfg.forget`` from ``cfg.model``; see the module docstring for the outputs.
     ``stop_check``: an early-stopping rule checked at the end of each epoch (:func:`train_loop`)."""
@@ -185,6 +233,7 @@ def unlearn(cfg: UnlearnConfig, stop_check: Callable[[torch.nn.Module], dict] | 
     model_dir = Path(cfg.model)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"model checkpoint not found: {model_dir / 'config.json'} does not exist")
+    check_model_options(cfg, LlamaConfig.from_json(model_dir))
     out = check_output(cfg.out, {"model": model_dir, "forget data": cfg.forget, "retain data": cfg.retain,
                                  "tokenizer": cfg.tokenizer}, overwrite=cfg.overwrite, option="out")
     device = resolve_device(cfg.device)
@@ -234,6 +283,11 @@ def _unlearn(cfg: UnlearnConfig, t0: float, model_dir: Path, out: Path, work: Pa
             ref_model = Llama.from_pretrained(model_dir, dtype=dtype, device=device).eval()
             for p in ref_model.parameters():
                 p.requires_grad_(False)
+    saliency = None
+    if cfg.saliency_mask is not None:  # chosen once, at the starting weights; a resumed run reuses the choice
+        saliency = (read_checkpoint_state(work)["extra"]["saliency"] if resume
+                    else saliency_modules(model, cfg, forget, pad, device, ref_logp))
+        sal.restrict_to(model, saliency["modules"])
     trainable, total = count_params(model)
     groups = relative_lr_groups(model, cfg.lr_relative) if cfg.lr_relative is not None else None
     probe = UpdateProbe(model, cfg.mode == "lora")
@@ -245,6 +299,21 @@ def _unlearn(cfg: UnlearnConfig, t0: float, model_dir: Path, out: Path, work: Pa
     evals = {"forget": forget.subset(fixed_sample(len(forget), cfg.eval_samples, cfg.seed))}
     if retain is not None:
         evals["retain"] = retain.subset(fixed_sample(len(retain), cfg.eval_samples, cfg.seed))
+    loss_names = ("loss", "forget_loss", "retain_loss")
+    fmts = cfg.quant_aware or []
+    eval_extra = None
+    if fmts:  # the seam, the combined loss and the monitoring (qru.train.quant_aware)
+        base = qa.snapshot(model, cfg.qa_skip)  # the starting weights (LoRA: B = 0), also on resume
+        step_fn = qa.quant_aware_step(step_fn, model, fmts, cfg.qa_weight, cfg.qa_sample, cfg.qa_block_size)
+        loss_names += ("loss_q",)
+
+        def eval_extra() -> dict:
+            nll_q = {}
+            for fmt in fmts:
+                with qa.fake_quantized(model, fmt, cfg.qa_block_size):
+                    nll_q[fmt] = eval_nll(model, evals["forget"], cfg.eval_batch_size, pad, device, cfg.precision)
+            return {"code_flip_frac": qa.code_flip_frac(base, model, fmts, cfg.qa_block_size, cfg.qa_skip),
+                    "forget_nll_q": nll_q}
     aux = retain if cfg.reg != "none" else None
     info = {"mode": cfg.mode, "trainable_params": trainable, "total_params": total, "beta": beta,
             "forget_examples": len(forget), "retain_examples": len(retain) if retain is not None else 0,
@@ -253,21 +322,37 @@ def _unlearn(cfg: UnlearnConfig, t0: float, model_dir: Path, out: Path, work: Pa
             if cfg.mode == "full" else None}
     if groups is not None:
         info["group_lrs"] = {g["name"]: g["lr"] for g in groups}
+    if fmts:
+        info["quant_aware"] = {"formats": fmts, "weight": cfg.qa_weight, "sample": cfg.qa_sample,
+                               "block_sizes": {f: resolve_block_size(f, cfg.qa_block_size) for f in fmts},
+                               "skip": list(cfg.qa_skip), "targets": len(base)}
+    if saliency is not None:
+        info["saliency"] = saliency
+    extra = {}
+    if ref_logp is not None:
+        extra["ref_logp"] = ref_logp
+    if saliency is not None:
+        extra["saliency"] = saliency
     print(f"qru unlearn: {cfg.method}+{cfg.reg} ({cfg.mode}) trainable params {trainable:,} / {total:,}",
           file=sys.stderr)
     write_run_json(work, "unlearn", cfg, {**info, "status": "running"})
     try:
+        if fmts:  # parametrizations on the plain targets (the same Parameters; detached in `finally`)
+            qa.attach(model, cfg.qa_skip)
         steps, total_steps, status, rows = train_loop(
-            model, step_fn, forget, aux, evals, cfg, work, pad, device, ("loss", "forget_loss", "retain_loss"),
-            extra_state={"ref_logp": ref_logp} if ref_logp is not None else None, config_dict=config_dict,
+            model, step_fn, forget, aux, evals, cfg, work, pad, device, loss_names,
+            extra_state=extra or None, config_dict=config_dict,
             desc=f"unlearn {cfg.method}+{cfg.reg}", resume=resume, param_groups=groups, update_probe=probe,
-            stop_check=stop_check)
+            stop_check=stop_check, eval_extra=eval_extra)
     except KeyboardInterrupt:
         write_run_json(work, "unlearn", cfg, {**info, "status": "interrupted"})
         raise
     except NonFiniteLossError as e:
         write_run_json(work, "unlearn", cfg, {**info, "status": "failed", "error": str(e)})
         raise
+    finally:
+        if fmts:  # plain weights again (the same Parameters) for the output and the caller
+            qa.detach(model)
     if status == "done":
         if cfg.mode == "lora":
             lora.write_adapter(model, work, base_model_name_or_path=str(model_dir))
