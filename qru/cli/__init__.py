@@ -10,6 +10,9 @@ import sys
 import traceback
 from pathlib import Path
 
+from safetensors import SafetensorError
+
+from qru import __version__
 from qru.cli.data import add_data
 from qru.cli.demo import add_demo, add_sweep
 from qru.cli.evaluate import add_eval
@@ -26,8 +29,6 @@ _ADDERS = [add_smoke, add_doctor, add_eval, add_data, add_pretrain, add_unlearn,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from qru import __version__
-
     parser = argparse.ArgumentParser(prog="qru", description="Quantization-robust LLM unlearning.")
     parser.add_argument("--version", action="version", version=f"qru {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -56,12 +57,6 @@ def _file_being_read(e: BaseException) -> str | None:
 
 def _expected_error(e: BaseException) -> str | None:
     """The one-line message for an error caused by the user's input, or None for a bug."""
-    from safetensors import SafetensorError
-
-    from qru.eval.precision import PrecisionUnavailable
-
-    if isinstance(e, PrecisionUnavailable):
-        return str(e)
     if isinstance(e, OSError):
         if e.filename is not None:
             return f"{e.filename}: {e.strerror or e}"

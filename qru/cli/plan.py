@@ -4,12 +4,12 @@ from __future__ import annotations
 import argparse
 import json
 
+from qru.train.plan import format_table, model_config, plan_table
+
 
 def cmd_plan(args) -> int:
     """Print per-rank memory (weights, grads, optimizer, activations; GiB) for each mode, world size
     and with / without gradient checkpointing."""
-    from qru.train.plan import format_table, model_config, plan_table
-
     cfg = model_config(args.model)
     rows = plan_table(cfg, worlds=tuple(args.world_size), modes=tuple(args.mode), seq=args.seq, batch=args.batch,
                       master_dtype=args.master_dtype, precision=args.precision, rank=args.rank, train=args.train,

@@ -2,22 +2,24 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
 from qru.cli.common import csv_list
+from qru.train.config import PretrainConfig, UnlearnConfig
+from qru.train.pretrain import pretrain
+from qru.train.state import work_dir
+from qru.train.unlearn import unlearn
+
 
 def _train_config(cls, args):
     """The dataclass config from the options given on the command line (others keep their defaults)."""
-    import dataclasses
-
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in vars(args).items() if k in names})
 
 
 def _run_training(kind: str, fn, cfg) -> int:
-    from qru.train.state import work_dir
-
     res = fn(cfg)
     if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 reports the run
         return 0
@@ -35,18 +37,12 @@ def _run_training(kind: str, fn, cfg) -> int:
 
 def cmd_pretrain(args) -> int:
     """Train (or fine-tune) a model on text / QA data: an HF checkpoint with its tokenizer beside it."""
-    from qru.train.config import PretrainConfig
-    from qru.train.pretrain import pretrain
-
     return _run_training("pretrain", pretrain, _train_config(PretrainConfig, args))
 
 
 def cmd_unlearn(args) -> int:
     """Unlearn a forget set (GA / NPO / SimNPO with GDR / KLR) in full or LoRA mode. Under
     ``torchrun --nproc-per-node N -m qru unlearn ...``: data parallel on FSDP2 (qru.train.distributed)."""
-    from qru.train.config import UnlearnConfig
-    from qru.train.unlearn import unlearn
-
     return _run_training("unlearn", unlearn, _train_config(UnlearnConfig, args))
 
 

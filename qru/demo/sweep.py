@@ -26,6 +26,7 @@ from pathlib import Path
 
 from qru.demo import report as rpt
 from qru.demo import stats
+from qru.demo.pipeline import run_demo
 from qru.demo.presets import FOUR_BIT, DemoConfig, PresetError, apply_overrides, get_preset
 from qru.demo.stages import atomic_write_json, atomic_write_text
 
@@ -225,8 +226,6 @@ def run_sweep(preset: str = "quick", out: str | os.PathLike | None = None, *, se
 
 
 def _run_point(cfg, out, seed, force, progress, device, threads, stages):
-    from qru.demo.pipeline import run_demo
-
     return run_demo(cfg, out, seed=seed, force=force, progress=progress, device=device, threads=threads,
                     stages_root=stages, prune=False, overwrite=True)  # the sweep owns its point directories
 

@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from qru.data import format_qa
 from qru.io import check_output, target_lock
 from qru.model.config import LlamaConfig
 from qru.model.llama import Llama
@@ -20,7 +21,7 @@ from qru.model.tokenizer import Tokenizer, load_tokenizer
 from qru.train import distributed as D
 from qru.train import losses as L
 from qru.train.config import PretrainConfig, TrainConfigError, TrainResult, check_vocab, model_dtype, validate_pretrain
-from qru.train.data import Batch, detect_format, fixed_sample, format_qa, load_sets, read_records
+from qru.train.data import Batch, detect_format, fixed_sample, load_sets, read_records
 from qru.train.loop import (NonFiniteLossError, count_params, model_sequence_logprobs, resolve_device,
                             seed_all, train_loop)
 from qru.train.state import finish_run, prepare_work, write_run_json

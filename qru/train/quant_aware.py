@@ -16,7 +16,7 @@ the format's export block size (:func:`qru.quant.qlinear.resolve_block_size`).
 * :func:`fake_quant_targets` / :func:`fake_quant_params`: each target's ``W_q = D(Q(W_eff))`` as
   tensors (``torch.func.functional_call`` in full mode).
 * :func:`snapshot`, :func:`code_flip_frac`: monitoring, the share of the targets' codes that the
-  update has changed so far, per format (:func:`qru.quant.survival.code_flips`).
+  update has changed so far, per format (:func:`qru.quant.codes.code_flips`).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from qru.model.linear import WeightTransformable, set_weight_transform
 from qru.model.lora import LoRALinear, merge_weight
 from qru.quant import quantize
 from qru.quant.qlinear import is_skipped, resolve_block_size
-from qru.quant.survival import code_flips
+from qru.quant.codes import code_flips
 
 DEFAULT_SKIP = ("lm_head",)
 

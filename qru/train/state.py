@@ -29,11 +29,13 @@ import random
 import shutil
 import warnings
 from dataclasses import asdict
+from importlib import metadata
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from qru import __version__
 from qru.io import (append_text, clean_stale, clean_stale_in, commit_dir, fault_point, staged_dir, write_json,
                     write_text)
 from qru.train import distributed as D
@@ -50,13 +52,9 @@ _RESUME_FREE = {"resume", "stop_after", "progress", "save_every", "log_every", "
 
 
 def versions() -> dict:
-    import qru
-
-    v = {"qru": qru.__version__, "torch": torch.__version__, "python": platform.python_version(),
+    v = {"qru": __version__, "torch": torch.__version__, "python": platform.python_version(),
          "platform": platform.platform()}
-    from importlib import metadata
-
-    for dist in ("transformers", "peft", "datasets", "sentencepiece", "safetensors", "triton"):
+    for dist in ("transformers", "peft", "sentencepiece", "safetensors", "triton"):
         try:
             v[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

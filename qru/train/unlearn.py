@@ -29,6 +29,7 @@ import torch
 
 from qru.io import check_output, target_lock
 from qru.model.config import LlamaConfig
+from qru.model import lora
 from qru.model.llama import Llama
 from qru.model.tokenizer import load_tokenizer
 from qru.quant.qlinear import resolve_block_size, split_linears
@@ -42,12 +43,6 @@ from qru.train.data import Batch, collate, fixed_sample, load_sets
 from qru.train.loop import (PAD_MULTIPLE, NonFiniteLossError, StepFn, autocast, count_params, eval_nll,
                             model_sequence_logprobs, resolve_device, seed_all, sequence_logp_table, train_loop)
 from qru.train.state import finish_run, prepare_work, read_checkpoint_state, write_run_json
-
-def _lora():
-    from qru.model import lora
-
-    return lora
-
 
 def quantized_linear_names(model: torch.nn.Module) -> list[str]:
     """The weight names 4-bit export quantizes with its default skip (``lm_head``): every plain
@@ -83,7 +78,7 @@ class UpdateProbe:
         self.dist = dist
         self.base: dict[str, float] = {}
         if lora_mode:
-            self.lora = list(_lora().lora_modules(model))
+            self.lora = list(lora.lora_modules(model))
             for name, m in self.lora:
                 t = module_type(name)
                 self.base[t] = self.base.get(t, 0.0) + float(D.local(m.weight).detach().float().pow(2).sum())
@@ -305,8 +300,8 @@ def _unlearn(cfg: UnlearnConfig, t0: float, model_dir: Path, out: Path, work: Pa
         model.gradient_checkpointing = cfg.gradient_checkpointing
         if cfg.mode == "lora":
             # adapters in the master dtype (bf16: no fp32 copy anywhere)
-            _lora().apply_lora(model, targets=list(cfg.targets), r=cfg.rank, alpha=cfg.alpha,
-                               dropout=cfg.lora_dropout, lora_dtype=dtype, seed=cfg.seed)
+            lora.apply_lora(model, targets=list(cfg.targets), r=cfg.rank, alpha=cfg.alpha,
+                            dropout=cfg.lora_dropout, lora_dtype=dtype, seed=cfg.seed)
         else:
             train = set(quantized_linear_names(model)) if cfg.train == "linears" else None
             for n, p in model.named_parameters():
@@ -334,7 +329,6 @@ def _unlearn(cfg: UnlearnConfig, t0: float, model_dir: Path, out: Path, work: Pa
     else:
         model = sharded(prepare)
     if cfg.mode == "lora":
-        lora = _lora()
         ref_ctx = lambda: lora.disable_adapters(model)  # noqa: E731
         ref_model = model
     else:
