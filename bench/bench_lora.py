@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.harness import Row, Timing, bench, report  # noqa: E402
 from qru.kernels.lora import lora_linear_reference  # noqa: E402
-from qru.model.lora import LoRALinear  # noqa: E402
+from qru.model.lora_linear import LoRALinear  # noqa: E402
 
 SUITE = "lora"
 

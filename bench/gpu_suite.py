@@ -161,7 +161,7 @@ def _peft_qlora(W, A, B, alpha, dropout=0.0):
 
 def lora_section() -> list[Row]:
     from bench import bench_lora as BL
-    from qru.model.lora import LoRALinear
+    from qru.model.lora_linear import LoRALinear
 
     rows = []
     for n_in, n_out in LORA_SHAPES:
@@ -217,7 +217,7 @@ def qlora_models(cfg, device: str):
     qru's ``LoRALinear.from_nf4`` over the bitsandbytes codes and absmax."""
     from bench import bench_step as BS
     from qru.model import lora as qlora
-    from qru.model.lora import LoRALinear
+    from qru.model.lora_linear import LoRALinear
 
     (q, _, _), (h, _, h_ctx) = BS.build_models(cfg, "lora", device)
     hmods = {n.split("base_model.model.", 1)[1]: m for n, m in h.named_modules()

@@ -6,9 +6,12 @@ import pytest
 import torch
 from torch import nn
 
+from qru.kernels.lora import lora_linear
 from qru.model.config import LlamaConfig
 from qru.model.llama import Llama
 from qru.model import lora as L
+from qru.model import lora_linear as LL
+from qru.model import peft as P
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -50,7 +53,7 @@ def ids_batch(seed=3, shape=(2, 11)):
 # ----------------------------------------------------------------------------------------
 def test_lora_linear_init_and_scale():
     lin = nn.Linear(40, 24)
-    m = L.LoRALinear.from_linear(lin, 8, 16, generator=torch.Generator().manual_seed(0))
+    m = LL.LoRALinear.from_linear(lin, 8, 16, generator=torch.Generator().manual_seed(0))
     assert m.weight is lin.weight and m.bias is lin.bias  # shared, not copied
     assert not m.weight.requires_grad and not m.bias.requires_grad
     assert m.lora_A.shape == (8, 40) and m.lora_B.shape == (24, 8)
@@ -58,7 +61,7 @@ def test_lora_linear_init_and_scale():
     assert m.lora_A.abs().max() <= bound and m.lora_A.abs().max() > 0.8 * bound
     assert torch.count_nonzero(m.lora_B) == 0
     assert m.scaling == 2.0
-    assert L.LoRALinear.from_linear(lin, 16, 8, use_rslora=True).scaling == pytest.approx(8 / 4)
+    assert LL.LoRALinear.from_linear(lin, 16, 8, use_rslora=True).scaling == pytest.approx(8 / 4)
     x = torch.randn(3, 5, 40)
     assert torch.allclose(m(x), lin(x), atol=1e-6)  # B = 0: the base output
 
@@ -66,16 +69,16 @@ def test_lora_linear_init_and_scale():
 def test_lora_linear_given_init_and_errors():
     lin = nn.Linear(12, 10, bias=False)
     A, B = torch.randn(4, 12), torch.randn(10, 4)
-    m = L.LoRALinear.from_linear(lin, 4, 4, init=(A, B))
+    m = LL.LoRALinear.from_linear(lin, 4, 4, init=(A, B))
     assert torch.equal(m.lora_A, A) and torch.equal(m.lora_B, B)
     with pytest.raises(ValueError, match="lora_A"):
-        L.LoRALinear.from_linear(lin, 4, 4, init=(torch.randn(3, 12), B))
+        LL.LoRALinear.from_linear(lin, 4, 4, init=(torch.randn(3, 12), B))
     with pytest.raises(ValueError, match="rank"):
-        L.LoRALinear.from_linear(lin, 0, 4)
+        LL.LoRALinear.from_linear(lin, 0, 4)
     with pytest.raises(ValueError, match="init"):
-        L.LoRALinear.from_linear(lin, 4, 4, init="orthogonal")
+        LL.LoRALinear.from_linear(lin, 4, 4, init="orthogonal")
     # half-precision base: fp32 adapters, as peft's autocast_adapter_dtype
-    m16 = L.LoRALinear.from_linear(nn.Linear(12, 10).to(torch.bfloat16), 4, 4)
+    m16 = LL.LoRALinear.from_linear(nn.Linear(12, 10).to(torch.bfloat16), 4, 4)
     assert m16.lora_A.dtype == torch.float32
 
 
@@ -87,7 +90,7 @@ def test_lora_linear_matches_peft_layer(bias):
     pm = peft.get_peft_model(base, peft.LoraConfig(r=3, lora_alpha=5, target_modules=["proj"], lora_dropout=0.1))
     pl = pm.base_model.model.proj
     nn.init.normal_(pl.lora_B["default"].weight)
-    ours = L.LoRALinear.from_linear(nn.Linear(24, 20, bias=bias), 3, 5, dropout=0.1,
+    ours = LL.LoRALinear.from_linear(nn.Linear(24, 20, bias=bias), 3, 5, dropout=0.1,
                                     init=(pl.lora_A["default"].weight.detach(), pl.lora_B["default"].weight.detach()))
     with torch.no_grad():
         ours.weight.copy_(pl.base_layer.weight)
@@ -137,10 +140,10 @@ def test_lora_linear_matches_peft_under_bf16_autocast(dropout, nf4):
     nn.init.normal_(pl.lora_B["default"].weight)
     init = (pl.lora_A["default"].weight.detach(), pl.lora_B["default"].weight.detach())
     if nf4:
-        ours = L.LoRALinear.from_nf4(q, r, 8, bias=pl.base_layer.bias.detach(), compute_dtype=torch.float32,
+        ours = LL.LoRALinear.from_nf4(q, r, 8, bias=pl.base_layer.bias.detach(), compute_dtype=torch.float32,
                                      dropout=p, init=init)
     else:
-        ours = L.LoRALinear.from_linear(nn.Linear(n_in, n_out), r, 8, dropout=p, init=init)
+        ours = LL.LoRALinear.from_linear(nn.Linear(n_in, n_out), r, 8, dropout=p, init=init)
         with torch.no_grad():
             ours.weight.copy_(pl.base_layer.weight)
             ours.bias.copy_(pl.base_layer.bias)
@@ -150,8 +153,8 @@ def test_lora_linear_matches_peft_under_bf16_autocast(dropout, nf4):
     xs = [x.clone().requires_grad_() for _ in range(2)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y_ref = pl(xs[0])
-        y = L.lora_linear(xs[1], ours.weight, ours.bias, ours.lora_A, ours.lora_B, ours.scaling, dropout_p=p,
-                          dropout_mask=mask if p else None, nf4=ours.qtensor())
+        y = lora_linear(xs[1], ours.weight, ours.bias, ours.lora_A, ours.lora_B, ours.scaling, dropout_p=p,
+                        dropout_mask=mask if p else None, nf4=ours.qtensor())
     assert y.dtype == y_ref.dtype == torch.bfloat16
     gy = torch.randn(y.shape)
     g_ref = torch.autograd.grad(y_ref, (xs[0], pl.lora_A["default"].weight, pl.lora_B["default"].weight), gy)
@@ -170,7 +173,7 @@ def test_lora_linear_matches_peft_under_bf16_autocast(dropout, nf4):
 
 
 def test_dropout_only_in_training():
-    m = L.LoRALinear.from_linear(nn.Linear(32, 16), 4, 8, dropout=0.5)
+    m = LL.LoRALinear.from_linear(nn.Linear(32, 16), 4, 8, dropout=0.5)
     nn.init.normal_(m.lora_B)
     x = torch.randn(6, 32)
     m.eval()
@@ -210,7 +213,7 @@ def test_nf4_lora_linear():
 
     W = torch.randn(20, 24)
     qd, st = bnbF.quantize_4bit(W, blocksize=64, quant_type="nf4")
-    m = L.LoRALinear.from_nf4(nf4_qtensor(qd, st.absmax, (20, 24)), 4, 8, compute_dtype=torch.float32,
+    m = LL.LoRALinear.from_nf4(nf4_qtensor(qd, st.absmax, (20, 24)), 4, 8, compute_dtype=torch.float32,
                               bias=torch.randn(20))
     nn.init.normal_(m.lora_B)
     deq = bnbF.dequantize_4bit(qd, st)
@@ -230,12 +233,12 @@ def test_nf4_lora_state_dict_of_older_versions_loads():
     from qru.quant import quantize
 
     W = torch.randn(20, 24)
-    src = L.LoRALinear.from_nf4(quantize(W, "nf4"), 4, 8, bias=torch.randn(20))
+    src = LL.LoRALinear.from_nf4(quantize(W, "nf4"), 4, 8, bias=torch.randn(20))
     nn.init.normal_(src.lora_B)
     old = {"weight_nf4": src.qweight.clone(), "weight_absmax": src.scales.clone(),
            "weight_code": torch.tensor(quant4.NF4_CODE), "lora_A": src.lora_A.detach().clone(),
            "lora_B": src.lora_B.detach().clone(), "bias": src.bias.detach().clone()}
-    dst = L.LoRALinear.from_nf4(quantize(torch.zeros(20, 24), "nf4"), 4, 8, bias=torch.zeros(20))
+    dst = LL.LoRALinear.from_nf4(quantize(torch.zeros(20, 24), "nf4"), 4, 8, bias=torch.zeros(20))
     dst.load_state_dict(old)
     x = torch.randn(3, 24)
     assert torch.equal(dst(x), src(x)) and torch.equal(dst.qweight, src.qweight)
@@ -249,7 +252,7 @@ def test_nf4_lora_linear_from_qru_qtensor(double_quant):
     formats = pytest.importorskip("qru.quant.formats")
     W = torch.randn(21, 37)  # odd element count: partial last block, padded nibble
     qt = formats.quantize(W, "nf4", 64, double_quant=double_quant)
-    m = L.LoRALinear.from_nf4(qt, 3, 6)
+    m = LL.LoRALinear.from_nf4(qt, 3, 6)
     assert m.compute_dtype == torch.float32
     nn.init.normal_(m.lora_B)
     deq = qt.dequantize(torch.float32)
@@ -261,7 +264,7 @@ def test_nf4_lora_linear_from_qru_qtensor(double_quant):
     rx, rA = torch.autograd.grad(ref.sum(), (x, m.lora_A))
     assert torch.allclose(gx, rx, atol=1e-5) and torch.allclose(gA, rA, atol=1e-5)
     with pytest.raises(TypeError, match="needs a 2-D nf4 QTensor.*got a fp4 QTensor"):
-        L.LoRALinear.from_nf4(formats.quantize(W, "fp4", 64), 3, 6)
+        LL.LoRALinear.from_nf4(formats.quantize(W, "fp4", 64), 3, 6)
 
 
 # ----------------------------------------------------------------------------------------
@@ -333,7 +336,7 @@ def test_round_trip_qru_peft_qru(tmp_path):
     randomize_lora(q)
     q.save_pretrained(tmp_path / "base")  # a local base path: peft looks for its config.json
     L.save_adapter(q, tmp_path / "a", base_model_name_or_path=str(tmp_path / "base"))
-    cfg = json.loads((tmp_path / "a" / L.CONFIG_NAME).read_text())
+    cfg = json.loads((tmp_path / "a" / P.CONFIG_NAME).read_text())
     assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM" and cfg["bias"] == "none"
     assert cfg["r"] == 3 and cfg["lora_alpha"] == 6 and cfg["use_rslora"] is True
     assert cfg["fan_in_fan_out"] is False and cfg["base_model_name_or_path"] == str(tmp_path / "base")
@@ -379,7 +382,7 @@ def test_peft_adapter_with_patterns_loads(tmp_path):
         assert torch.allclose(q(ids), pm(input_ids=ids).logits, atol=1e-5)
     # and back: the config written by qru carries the patterns
     L.save_adapter(q, tmp_path / "again")
-    cfg = json.loads((tmp_path / "again" / L.CONFIG_NAME).read_text())
+    cfg = json.loads((tmp_path / "again" / P.CONFIG_NAME).read_text())
     assert cfg["rank_pattern"] == {f"model.layers.{i}.self_attn.k_proj": 2 for i in range(2)}
     _, hf2 = tiny_pair()
     pm2 = peft.PeftModel.from_pretrained(hf2, tmp_path / "again")
@@ -392,7 +395,7 @@ def test_partial_layer_targets_use_exact_regex(tmp_path):
     L.apply_lora(q, targets=r"model\.layers\.1\.self_attn\.(q|v)_proj", r=2, alpha=2)
     randomize_lora(q)
     L.save_adapter(q, tmp_path)
-    cfg = json.loads((tmp_path / L.CONFIG_NAME).read_text())
+    cfg = json.loads((tmp_path / P.CONFIG_NAME).read_text())
     assert isinstance(cfg["target_modules"], str)
     pm = peft.PeftModel.from_pretrained(hf, tmp_path)
     assert set(peft_lora_weights(pm)) == {n for n, _ in L.lora_modules(q)}
@@ -449,31 +452,31 @@ def test_merge_state_dict_raw_and_per_shard(tmp_path):
     L.apply_lora(q, r=4, alpha=8, use_rslora=True)
     randomize_lora(q)
     L.save_adapter(q, tmp_path)
-    cfg, ad = L.read_adapter(tmp_path)
+    cfg, ad = P.read_adapter(tmp_path)
     merged_model = L.merge_lora(q)
     base = {k: v for k, v in merged_model.items()}
     for name, m in L.lora_modules(q):
         base[f"{name}.weight"] = m.weight.detach()
-    full = L.merge_state_dict(base, ad, cfg)
+    full = P.merge_state_dict(base, ad, cfg)
     for k in merged_model:
         assert torch.equal(full[k], merged_model[k]), k
     # shard by shard: only layer 1's tensors, strict=False skips the others
     shard = {k: v for k, v in base.items() if k.startswith("model.layers.1.")}
-    part = L.merge_state_dict(shard, ad, cfg, strict=False)
+    part = P.merge_state_dict(shard, ad, cfg, strict=False)
     assert set(part) == set(shard)
     for k in part:
         assert torch.equal(part[k], merged_model[k])
-    with pytest.raises(L.AdapterError, match=r"base state dict has no .model\.layers\.0\."):
-        L.merge_state_dict(shard, ad, cfg)
+    with pytest.raises(P.AdapterError, match=r"base state dict has no .model\.layers\.0\."):
+        P.merge_state_dict(shard, ad, cfg)
     # the helpers the pipeline uses
-    km = L.map_adapter_keys(ad)
+    km = P.map_adapter_keys(ad)
     assert km["model.layers.0.mlp.up_proj.weight"] == (
         "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight",
         "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight")
-    assert L.adapter_scales(ad, cfg)["model.layers.0.mlp.up_proj.weight"] == pytest.approx(8 / 2)
-    assert L.parse_peft_key("base_model.model.x.q_proj.lora_B.default.weight") == ("x.q_proj", "lora_B")
+    assert P.adapter_scales(ad, cfg)["model.layers.0.mlp.up_proj.weight"] == pytest.approx(8 / 2)
+    assert P.parse_peft_key("base_model.model.x.q_proj.lora_B.default.weight") == ("x.q_proj", "lora_B")
     W, A, B = torch.randn(6, 5, dtype=torch.float16), torch.randn(2, 5), torch.randn(6, 2)
-    got = L.merge_weight(W, A, B, 0.5)
+    got = LL.merge_weight(W, A, B, 0.5)
     assert got.dtype == torch.float16
     assert torch.equal(got, (W.float() + 0.5 * B @ A).half())
 
@@ -486,12 +489,12 @@ def test_adapter_shape_mismatch_names_the_key(tmp_path):
     L.apply_lora(q, r=4, alpha=8)
     L.save_adapter(q, tmp_path)
     other, _ = tiny_pair(intermediate_size=96)
-    with pytest.raises(L.AdapterError, match=r"mlp\.(gate|up|down)_proj\.lora_[AB]\.weight"):
+    with pytest.raises(P.AdapterError, match=r"mlp\.(gate|up|down)_proj\.lora_[AB]\.weight"):
         L.load_adapter(other, tmp_path)
     # a model that already has LoRA of another rank
     r8, _ = tiny_pair()
     L.apply_lora(r8, r=8, alpha=8)
-    with pytest.raises(L.AdapterError, match=r"lora_A\.weight' has shape \(4, \d+\), the model's"):
+    with pytest.raises(P.AdapterError, match=r"lora_A\.weight' has shape \(4, \d+\), the model's"):
         L.load_adapter(r8, tmp_path)
 
 
@@ -501,25 +504,25 @@ def test_bad_adapter_files(tmp_path):
         L.load_adapter(q, tmp_path)
     L.apply_lora(q, r=2, alpha=2)
     L.save_adapter(q, tmp_path)
-    cfg = json.loads((tmp_path / L.CONFIG_NAME).read_text())
-    (tmp_path / L.CONFIG_NAME).write_text(json.dumps({**cfg, "peft_type": "IA3"}))
+    cfg = json.loads((tmp_path / P.CONFIG_NAME).read_text())
+    (tmp_path / P.CONFIG_NAME).write_text(json.dumps({**cfg, "peft_type": "IA3"}))
     fresh, _ = tiny_pair()
-    with pytest.raises(L.AdapterError, match="peft_type"):
+    with pytest.raises(P.AdapterError, match="peft_type"):
         L.load_adapter(fresh, tmp_path)
-    (tmp_path / L.CONFIG_NAME).write_text(json.dumps({**cfg, "use_dora": True}))
-    with pytest.raises(L.AdapterError, match="use_dora"):
+    (tmp_path / P.CONFIG_NAME).write_text(json.dumps({**cfg, "use_dora": True}))
+    with pytest.raises(P.AdapterError, match="use_dora"):
         L.load_adapter(fresh, tmp_path)
-    (tmp_path / L.CONFIG_NAME).write_text("{not json")
-    with pytest.raises(L.AdapterError, match="malformed"):
+    (tmp_path / P.CONFIG_NAME).write_text("{not json")
+    with pytest.raises(P.AdapterError, match="malformed"):
         L.load_adapter(fresh, tmp_path)
-    (tmp_path / L.CONFIG_NAME).write_text(json.dumps(cfg))
-    (tmp_path / L.WEIGHTS_NAME).unlink()
+    (tmp_path / P.CONFIG_NAME).write_text(json.dumps(cfg))
+    (tmp_path / P.WEIGHTS_NAME).unlink()
     with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
         L.load_adapter(fresh, tmp_path)
-    with pytest.raises(L.AdapterError, match="no lora_B"):
-        L.map_adapter_keys(["base_model.model.m.q_proj.lora_A.weight"])
-    with pytest.raises(L.AdapterError, match="embed_tokens"):
-        L.parse_peft_key("base_model.model.model.embed_tokens.weight")
+    with pytest.raises(P.AdapterError, match="no lora_B"):
+        P.map_adapter_keys(["base_model.model.m.q_proj.lora_A.weight"])
+    with pytest.raises(P.AdapterError, match="embed_tokens"):
+        P.parse_peft_key("base_model.model.model.embed_tokens.weight")
 
 
 def test_adapter_for_missing_module(tmp_path):
@@ -531,7 +534,7 @@ def test_adapter_for_missing_module(tmp_path):
     sd = dict(L.adapter_state_dict(q))
     sd["base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight"] = torch.zeros(2, 64)
     sd["base_model.model.model.layers.7.self_attn.q_proj.lora_B.weight"] = torch.zeros(64, 2)
-    save_file(sd, str(tmp_path / L.WEIGHTS_NAME))
+    save_file(sd, str(tmp_path / P.WEIGHTS_NAME))
     fresh, _ = tiny_pair()
-    with pytest.raises(L.AdapterError, match="layers.7"):
+    with pytest.raises(P.AdapterError, match="layers.7"):
         L.load_adapter(fresh, tmp_path)

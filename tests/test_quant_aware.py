@@ -12,7 +12,8 @@ from qru.kernels.fake_quant import fake_quant, fake_quant_lora, fake_quant_lora_
 from qru.model.config import LlamaConfig
 from qru.model.linear import Linear
 from qru.model.llama import Llama
-from qru.model.lora import LoRALinear, apply_lora
+from qru.model.lora import apply_lora
+from qru.model.lora_linear import LoRALinear
 from qru.quant import dequantize, quantize
 from qru.train import quant_aware as qa
 

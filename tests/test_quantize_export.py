@@ -15,8 +15,9 @@ from qru.cli import main
 from qru.model.checkpoint import CheckpointError, load_state_dict
 from qru.model.config import LlamaConfig
 from qru.model.llama import Llama
-from qru.model.lora import (AdapterError, adapter_scales, apply_lora, map_adapter_keys, merge_weight, read_adapter,
-                           save_adapter)
+from qru.model.lora import apply_lora, save_adapter
+from qru.model.lora_linear import merge_weight
+from qru.model.peft import AdapterError, adapter_scales, map_adapter_keys, read_adapter
 from qru.quant.qlinear import QuantLinear
 
 VOCAB = 128

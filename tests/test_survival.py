@@ -330,7 +330,8 @@ def test_skip_matches_quantize(ckpts, skip):
 @pytest.fixture(scope="module")
 def adapter_case(tmp_path_factory, ckpts):
     """A random LoRA adapter on q/v/down_proj and the checkpoint it merges to (fp32)."""
-    from qru.model.lora import apply_lora, merge_state_dict, read_adapter, save_adapter
+    from qru.model.lora import apply_lora, save_adapter
+    from qru.model.peft import merge_state_dict, read_adapter
 
     base, _ = ckpts
     root = tmp_path_factory.mktemp("adapter")

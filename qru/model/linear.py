@@ -10,7 +10,7 @@ A seam for weight transforms (e.g. quantization-aware training's fake quantizati
 issue 20): :func:`set_weight_transform` gives one layer a function ``fn(layer, weight) -> weight``
 that the layer's own forward applies before the product (differentiable: gradients reach the
 weight through it). A transformed weight is a new tensor on every call, so it is not packed.
-``None`` (the default) removes the transform. :class:`qru.model.lora.LoRALinear` has the same
+``None`` (the default) removes the transform. :class:`qru.model.lora_linear.LoRALinear` has the same
 seam (there ``fn`` returns the whole effective weight, adapter included, and the layer runs the
 dispatch over it instead of its LoRA kernel); both are :class:`WeightTransformable`.
 """

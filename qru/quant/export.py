@@ -33,7 +33,8 @@ from qru.kernels import quant4
 from qru.model.checkpoint import INDEX, ST_DTYPES, checkpoint_shapes, parse_size
 from qru.model.config import LlamaConfig
 from qru.model.llama import Llama
-from qru.model.lora import adapter_updates, merge_weight
+from qru.model.lora_linear import merge_weight
+from qru.model.peft import adapter_updates
 from qru.quant.formats import FORMATS, quantize
 from qru.quant.layout import CheckpointError, assert_finite, pack_tensors
 from qru.quant.qlinear import (_as_tuple, dtype_name, parse_compute_dtype, quantization_config, resolve_block_size,

@@ -22,7 +22,8 @@ from qru.model.checkpoint import checkpoint_shapes
 from qru.quant.layout import assert_finite
 from qru.model.config import LlamaConfig
 from qru.model.gguf import add_metadata, expected_shapes, gguf_name, permute_qk
-from qru.model.lora import adapter_updates, merge_weight
+from qru.model.lora_linear import merge_weight
+from qru.model.peft import adapter_updates
 from qru.model.tokenizer import load_tokenizer
 from qru.quant.qlinear import _as_tuple, is_skipped
 

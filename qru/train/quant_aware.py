@@ -1,7 +1,7 @@
 """Quantization-aware unlearning: the model-side seam and helpers (nothing replaces a module's ``forward``).
 
 The targets are the linears ``qru quantize`` quantizes at export: every plain ``nn.Linear`` and
-every :class:`~qru.model.lora.LoRALinear` whose name no ``skip`` entry matches
+every :class:`~qru.model.lora_linear.LoRALinear` whose name no ``skip`` entry matches
 (:func:`qru.quant.qlinear.is_skipped`; default ``("lm_head",)``, as ``qru quantize --skip``), with
 the format's export block size (:func:`qru.quant.qlinear.resolve_block_size`).
 
@@ -31,7 +31,7 @@ from torch import nn
 from qru.kernels import fake_quant as _fq
 from qru.kernels.fake_quant import FAKE_QUANT_FORMATS, fake_quant, fake_quant_lora
 from qru.model.linear import WeightTransformable, set_weight_transform
-from qru.model.lora import LoRALinear, merge_weight
+from qru.model.lora_linear import LoRALinear, merge_weight
 from qru.quant import quantize
 from qru.quant.qlinear import is_skipped, resolve_block_size
 from qru.quant.codes import code_flips

@@ -10,7 +10,8 @@ from safetensors.torch import load_file, save_file
 from qru.cli import main
 from qru.model.checkpoint import CheckpointError, load_state_dict, save_state_dict
 from qru.model.llama import Llama
-from qru.model.lora import AdapterError, apply_lora, save_adapter
+from qru.model.lora import apply_lora, save_adapter
+from qru.model.peft import AdapterError
 from qru.quant.export import quantize_checkpoint
 from qru.train import losses as L
 from qru.train.config import UnlearnConfig

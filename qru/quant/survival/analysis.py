@@ -13,7 +13,7 @@ import torch
 
 from qru.kernels import quant4
 from qru.model.config import LlamaConfig
-from qru.model.lora import merge_weight
+from qru.model.lora_linear import merge_weight
 from qru.model.tokenizer import load_tokenizer
 from qru.quant.formats import ALL_FORMATS, DEFAULT_BLOCK_SIZE, GGUF_FORMATS
 from qru.quant.survival.inputs import (DEFAULT_SKIP, TensorIndex, _finite, calib_ids, calib_texts, linear_names,

@@ -13,7 +13,7 @@ from qru.data import read_texts
 from qru.model.checkpoint import CheckpointError, ShardReader, checkpoint_files
 from qru.model.config import LlamaConfig, rope_cos_sin, rope_inv_freq
 from qru.model.llama import DecoderLayer, RMSNorm
-from qru.model.lora import adapter_updates
+from qru.model.peft import adapter_updates
 from qru.quant.qlinear import is_skipped
 from qru.quant.survival.stats import SurvivalError, layer_index
 
@@ -74,7 +74,7 @@ def _finite(name: str, t: torch.Tensor, where: str, row0: int = 0) -> None:
 
 def load_adapter_updates(adapter: str | os.PathLike, base: TensorIndex) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     """Base weight name → (A fp32, B fp32, scale) of a PEFT LoRA adapter, checked against ``base``
-    (:func:`qru.model.lora.adapter_updates`)."""
+    (:func:`qru.model.peft.adapter_updates`)."""
     return adapter_updates(adapter, {k: base.shape(k) for k in base.order}, base.path)
 
 
