@@ -1,5 +1,5 @@
 """Demo outputs: ``results.json`` (records), ``conclusions.json`` and ``report.md`` (tables and a
-conclusion computed from the records, never written by hand), PNG plots.
+conclusion computed from the records, never written by hand), PNG plots (:mod:`qru.demo.plots`).
 
 Every number of the conclusion is derived from ``results.json`` alone by :func:`conclusions`:
 
@@ -15,7 +15,6 @@ Every number of the conclusion is derived from ``results.json`` alone by :func:`
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -26,13 +25,14 @@ from pathlib import Path
 from qru.demo import stats
 from qru.demo.effects import (MIN_EFFECT, effect, effect_stats, gap_pm_text, matching, modes_of, num, paired,
                               paired_items, pct, pm_text, shown_word, unlearned_keys, value_of)
+from qru.demo.plots import plots, save_png
 from qru.demo.presets import TABLE_FORMATS
 from qru.demo.stages import atomic_write_json, atomic_write_text
 from qru.demo.tables import METHOD_LABEL, generation_lengths, paper_table, precision_table, survival_table
-from qru.io import write_bytes
 
 TARGET_GAP = 10.0  # the target "knows" the forget facts: KnowMem_f(target) - KnowMem_f(retrain) >= this
 FORGET_FRACTION = 0.5  # an unlearned model "forgets": it removes >= half of the target-retrain KnowMem_f gap
+_save = save_png  # qru.demo.sweep saves its figures through rpt._save
 RECORD_KEYS = ("method", "mode", "precision", "verbmem_f", "knowmem_f", "knowmem_r", "privleak")
 
 
@@ -243,74 +243,6 @@ def answers(c: dict) -> dict:
     if fmt in c.get("quant_aware", {}):
         out["q4_quant_aware"] = [quant_aware_answer(c["quant_aware"][fmt], fmt)]
     return out
-
-
-# -- plots -----------------------------------------------------------------------------------
-
-def plots(records, precisions, fmt: str, out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    x = list(range(len(precisions)))
-    for ax, (metric, title) in zip(axes, (("knowmem_f", "KnowMem on forget (lower = forgotten)"),
-                                          ("knowmem_r", "Utility: KnowMem on retain"),
-                                          ("privleak", "PrivLeak (0 = like retrain)"))):
-        for mode, style in (("target", "k-"), ("retrain", "k--"), ("full", "C0o-"), ("lora", "C1s-"),
-                            ("quant_aware", "C2^-")):
-            ys, es = [], []
-            for p in precisions:
-                v = [r[metric] for r in matching(records, mode=mode, precision=p) if r[metric] is not None]
-                ys.append(statistics.fmean(v) if v else float("nan"))
-                es.append(statistics.stdev(v) if len(v) > 1 else 0.0)
-            if mode == "quant_aware" and all(math.isnan(y) for y in ys):
-                continue
-            ax.errorbar(x, ys, yerr=es, fmt=style, capsize=3, label=mode if mode in ("target", "retrain")
-                        else f"unlearned ({ {'full': 'full FT', 'lora': 'LoRA'}.get(mode, 'quant-aware FT')})")
-        ax.set_xticks(x, precisions)
-        ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("MUSE metrics by precision (mean ± sd over unlearning methods and seeds)")
-    fig.tight_layout()
-    written.append(_save(fig, out / "precision_effect.png"))
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6, 5))
-    for mode, color in (("full", "C0"), ("lora", "C1")):
-        for (m, s) in unlearned_keys(records):
-            a = matching(records, method=m, seed=s, mode=mode, precision="bf16")
-            b = matching(records, method=m, seed=s, mode=mode, precision=fmt)
-            if not a or not b:
-                continue
-            a, b = a[0], b[0]
-            ax.annotate("", xy=(b["knowmem_f"], b["knowmem_r"]), xytext=(a["knowmem_f"], a["knowmem_r"]),
-                        arrowprops=dict(arrowstyle="->", color=color, alpha=0.7))
-            ax.plot([a["knowmem_f"]], [a["knowmem_r"]], "o", color=color, ms=4)
-    for mode, mk in (("target", "k*"), ("retrain", "kx")):
-        r = matching(records, mode=mode, precision="bf16")
-        if r:
-            ax.plot([r[0]["knowmem_f"]], [r[0]["knowmem_r"]], mk, ms=10, label=mode)
-    ax.plot([], [], "C0o-", label="full FT: bf16 → " + fmt)
-    ax.plot([], [], "C1o-", label="LoRA: bf16 → " + fmt)
-    ax.set_xlabel("KnowMem_f (forget knowledge, lower is better)")
-    ax.set_ylabel("Utility = KnowMem_r (higher is better)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    ax.set_title(f"What {fmt} quantization does to each unlearned model")
-    fig.tight_layout()
-    written.append(_save(fig, out / "tradeoff.png"))
-    plt.close(fig)
-    return written
-
-
-def _save(fig, path: Path, dpi: int = 110) -> Path:
-    buf = io.BytesIO()
-    fig.savefig(buf, dpi=dpi, format="png")
-    return write_bytes(path, buf.getvalue())
 
 
 # -- report ----------------------------------------------------------------------------------
