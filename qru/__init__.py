@@ -12,7 +12,8 @@ Layers import downward only (checked by ``lint-imports``, contracts in pyproject
 6. quantization formats and layouts: ``qru.quant.layout`` (quantized checkpoint tensors), then
    ``qru.quant.qlinear`` and ``qru.quant.codes``, then ``qru.quant.formats``;
 7. ``qru.kernels`` (one op per file, each with its pure-torch reference; ``qru.kernels.qtensor`` holds the
-   one packed-weight type, :class:`QTensor`, that every layer above passes) and ``qru.io`` (atomic outputs).
+   one packed-weight type, :class:`QTensor`, that every layer above passes);
+8. ``qru.io`` (atomic outputs, output checks), at the bottom: it imports nothing else from qru.
 
 A module may import from its own layer's package and from any layer below it, never above; imports
 inside functions follow the same rule (none exists to dodge a cycle).

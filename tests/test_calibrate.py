@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from qru import io
 from qru.kernels import calibrate
 
 
@@ -48,6 +49,21 @@ def test_cache_is_written_once_and_then_used(fake, tmp_path):
     assert (d2.source, d2.pick, fake["calls"]) == ("cache", "onednn", 1)
     d3 = calibrate.decide("dense_fp32", threads=1, recalibrate=True)
     assert (d3.source, d3.pick, fake["calls"]) == ("measured", "torch", 2)
+
+
+def test_cache_write_is_atomic_and_not_a_fault_point(fake, tmp_path, monkeypatch):
+    """The cache goes through qru.io's atomic write (no temp file left) but is not a numbered fault
+    point: whether it is written depends on earlier runs, and kill tests number a command's points."""
+    log = tmp_path / "faults.log"
+    monkeypatch.setenv(io.FAULT_LOG_ENV, str(log))
+    calibrate.decide("dense_fp32", threads=1)
+    path = calibrate.cache_path(threads=1)
+    assert json.loads(path.read_text())["choices"]["dense_fp32"]["pick"] == "onednn"
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+    assert not log.exists()
+    io.write_text(tmp_path / "out.txt", "x")  # an output is a numbered point
+    (line,) = log.read_text().splitlines()
+    assert line.split(" ", 1)[1] == f"write {tmp_path / 'out.txt'}"
 
 
 def test_thread_counts_are_cached_apart(fake):

@@ -109,8 +109,10 @@ def pid_alive(pid: int) -> bool:
 
 # -- files --------------------------------------------------------------------------------
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temp file beside it, fsync, ``os.replace``)."""
+def write_bytes(path: str | os.PathLike, data: bytes, *, fault: bool = True) -> Path:
+    """Write ``data`` to ``path`` atomically (temp file beside it, fsync, ``os.replace``). ``fault=False``:
+    not a numbered :func:`fault_point`, for a cache whose write depends on earlier runs (so a command's
+    fault points are numbered the same on every run)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{_tag()}.tmp")
@@ -120,7 +122,8 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        fault_point(f"write {path}")
+        if fault:
+            fault_point(f"write {path}")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -129,14 +132,14 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
-def write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
-    """Write ``text`` to ``path`` atomically."""
-    return write_bytes(path, text.encode(encoding))
+def write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8", *, fault: bool = True) -> Path:
+    """Write ``text`` to ``path`` atomically (``fault`` as in :func:`write_bytes`)."""
+    return write_bytes(path, text.encode(encoding), fault=fault)
 
 
-def write_json(path: str | os.PathLike, obj, indent: int | None = 2, **kw) -> Path:
-    """Write ``obj`` as JSON (plus a final newline) to ``path`` atomically."""
-    return write_text(path, json.dumps(obj, indent=indent, **kw) + "\n")
+def write_json(path: str | os.PathLike, obj, indent: int | None = 2, *, fault: bool = True, **kw) -> Path:
+    """Write ``obj`` as JSON (plus a final newline) to ``path`` atomically (``fault`` as in :func:`write_bytes`)."""
+    return write_text(path, json.dumps(obj, indent=indent, **kw) + "\n", fault=fault)
 
 
 def append_text(path: str | os.PathLike, text: str) -> None:

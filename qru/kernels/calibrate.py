@@ -38,6 +38,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from qru.io import write_json
 from qru.kernels.machine import describe
 
 CACHE_VERSION = 1
@@ -151,17 +152,6 @@ def _read_cache(path: Path, key: str) -> dict | None:
     return data
 
 
-def _write_cache(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def override(choice: str) -> str | None:
     """The pick forced by ``QRU_<CHOICE>``, or None. Raises on a value that is not a candidate."""
     var = f"QRU_{choice.upper()}"
@@ -218,7 +208,7 @@ def decide(choice: str, threads: int | None = None, recalibrate: bool = False) -
             torch.set_num_threads(old)
         data = data or {"version": CACHE_VERSION, "key": key, "machine": fields, "choices": {}}
         data["choices"][choice] = {k: v for k, v in asdict(dec).items() if k in ("pick", "why", "seconds")}
-        _write_cache(path, data)
+        write_json(path, data, indent=1, fault=False)  # a cache: not a numbered fault point
     _memo[(key, choice)] = dec
     _picks.pop((choice, threads), None)
     return dec
