@@ -62,7 +62,7 @@ from qru.model.config import LlamaConfig  # noqa: E402
 from qru.model.llama import Llama  # noqa: E402
 from qru.train import losses as L  # noqa: E402
 from qru.train.data import Batch  # noqa: E402
-from qru.train.config import DEFAULT_TARGETS, UnlearnConfig  # noqa: E402
+from qru.train.config import UnlearnConfig  # noqa: E402
 from qru.train import quant_aware as qa  # noqa: E402
 from qru.train.loop import make_optimizer, model_sequence_logprobs  # noqa: E402
 from qru.train.unlearn import make_unlearn_step  # noqa: E402
@@ -140,14 +140,14 @@ def build_models(cfg: StepConfig, mode: str, device):
     if mode == "lora":
         from peft import LoraConfig, get_peft_model
 
-        qlora.apply_lora(q, targets=list(DEFAULT_TARGETS), r=cfg.rank, alpha=cfg.alpha, dropout=0.0,
+        qlora.apply_lora(q, targets=list(qlora.TARGETS), r=cfg.rank, alpha=cfg.alpha, dropout=0.0,
                          lora_dtype=cfg.dtype, seed=0)
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():  # a trained-looking adapter (B != 0), as after a few steps
             for _, m in qlora.lora_modules(q):
                 m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.01)
         h = get_peft_model(h, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0,
-                                         target_modules=list(DEFAULT_TARGETS)))
+                                         target_modules=list(qlora.TARGETS)))
         qmods = dict(qlora.lora_modules(q))
         with torch.no_grad():
             for name, m in h.named_modules():
@@ -283,7 +283,7 @@ def qru_only(cfg: StepConfig, mode: str, device):
     q.init_weights(seed=0)
     q.to(device=device, dtype=cfg.dtype)
     if mode == "lora":
-        qlora.apply_lora(q, targets=list(DEFAULT_TARGETS), r=cfg.rank, alpha=cfg.alpha, dropout=0.0,
+        qlora.apply_lora(q, targets=list(qlora.TARGETS), r=cfg.rank, alpha=cfg.alpha, dropout=0.0,
                          lora_dtype=cfg.dtype, seed=0)
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():

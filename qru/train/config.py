@@ -14,6 +14,7 @@ import torch
 
 from qru.io import check_device
 from qru.model.config import LlamaConfig
+from qru.model.lora import TARGETS
 from qru.model.tokenizer import Tokenizer
 from qru.quant.qlinear import resolve_block_size
 from qru.train import losses as L
@@ -26,7 +27,6 @@ SCHEDULERS = ("constant", "cosine")
 PRECISIONS = ("bf16", "fp32")
 MASTER_DTYPES = ("fp32", "bf16")
 TRAIN_SETS = ("all", "linears")
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class TrainConfigError(ValueError):
@@ -120,7 +120,7 @@ class UnlearnConfig(TrainOptions):
     rank: int = 8
     alpha: float = 16.0
     lora_dropout: float = 0.0
-    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    targets: list[str] = field(default_factory=lambda: list(TARGETS))
     beta: float | None = None  # None: 0.1 for NPO, 2.5 for SimNPO
     delta: float = L.SIMNPO_DELTA
     forget_weight: float = 1.0  # gamma
