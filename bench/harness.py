@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import io
 import os
 import resource
 import statistics
@@ -25,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from qru.io import write_text
 from qru.kernels.machine import describe as describe_machine
 
 # QRU_BENCH_CSV redirects the appended rows (e.g. to /dev/null for trial runs).
@@ -217,12 +219,11 @@ def _migrate_header(path: Path) -> None:
     head = rows[0]
     if head != COLUMNS[:len(head)]:
         raise ValueError(f"{path}: unexpected header {head} (expected a prefix of {COLUMNS})")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(COLUMNS)
-        w.writerows(r + [""] * (len(COLUMNS) - len(r)) for r in rows[1:])
-    os.replace(tmp, path)
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(COLUMNS)
+    w.writerows(r + [""] * (len(COLUMNS) - len(r)) for r in rows[1:])
+    write_text(path, buf.getvalue())
 
 
 def append_csv(rows: list[Row], path: Path = RESULTS_CSV) -> None:

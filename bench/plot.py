@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
+import io
 import sys
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -24,6 +23,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from qru.io import write_bytes  # noqa: E402
 
 
 def read(path: Path) -> list[dict]:
@@ -56,15 +57,10 @@ def latest_runs(rows: list[dict]) -> dict[tuple[str, str, str], list[dict]]:
 
 
 def save(fig, path: Path) -> None:
-    """Atomic: write a temp file in the same folder, then rename."""
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write the figure to ``path`` as PNG, atomically (qru.io)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, bbox_inches="tight", format="png")
+    write_bytes(path, buf.getvalue())
     plt.close(fig)
 
 
