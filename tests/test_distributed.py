@@ -2,6 +2,7 @@
 whose rank 1 cannot see the data fails on every rank with a message naming rank 1."""
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from qru.cli import main
+from qru.model.config import LlamaConfig
 from qru.train import distributed as D
 from qru.train.config import PretrainConfig, TrainConfigError, UnlearnConfig
 from qru.train.pretrain import pretrain
@@ -205,3 +208,62 @@ def test_killed_while_checkpointing_at_world2_resumes_at_world1(tiny_dir, small_
     assert resumed == {"status": "done", "steps": 6}
     assert unlearn(UnlearnConfig(**_ucfg(tiny_dir, small_sets, tmp_path / "whole", **kw))).status == "done"
     _assert_same_run(out, tmp_path / "whole")
+
+
+# -- options not sharded yet: refused under torchrun before any model is built ---------------------
+
+ONE_PROCESS_ONLY = "--quant-aware and --saliency-mask run in one process only (not under torchrun yet)"
+
+
+def _config_only_model(tmp_path: Path) -> tuple[Path, Path]:
+    """A model directory holding only config.json (no tokenizer, no weights: going further would fail
+    with another error) and a one-record forget set (also the retain set)."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(LlamaConfig.preset("tiny").to_dict()))
+    forget = tmp_path / "forget.jsonl"
+    forget.write_text(json.dumps({"question": "Who?", "answer": "Nobody."}) + "\n")
+    return model, forget
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("option", [["--quant-aware", "nf4"], ["--saliency-mask", "2"]])
+def test_quant_aware_and_saliency_refused_under_torchrun(option, tmp_path, monkeypatch, capsys):
+    """``qru unlearn --quant-aware`` / ``--saliency-mask`` in a torchrun launch (here its environment at
+    world size 1: a real gloo group in this process) fail with the one-line TrainConfigError, before
+    the model is built; nothing is written and the process group is gone afterwards."""
+    env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    model, forget = _config_only_model(tmp_path)
+    rc = main(["unlearn", "--model", str(model), "--forget", str(forget), "--retain", str(forget), "--out",
+               str(tmp_path / "out"), "--mode", "full", "--no-progress", *option])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == f"qru unlearn: error: {ONE_PROCESS_ONLY}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["forget.jsonl", "model"]
+    assert not torch.distributed.is_initialized()
+    # the same options in one process get past this check, to the next missing input (the tokenizer)
+    for k in env:
+        monkeypatch.delenv(k)
+    with pytest.raises(FileNotFoundError, match="no tokenizer in"):
+        unlearn(UnlearnConfig(model=str(model), forget=[str(forget)], retain=[str(forget)], out=str(tmp_path / "out"),
+                              mode="full",
+                              progress=False, cache_dir=str(tmp_path / "cache"),
+                              **({"quant_aware": ["nf4"]} if option[0] == "--quant-aware" else {"saliency_mask": 2})))
+
+
+@pytest.mark.slow
+def test_quant_aware_refused_on_every_rank_of_a_2_process_torchrun(tmp_path):
+    model, forget = _config_only_model(tmp_path)
+    r = torchrun(2, ["-m", "qru", "unlearn", "--model", str(model), "--forget", str(forget), "--retain", str(forget), "--out",
+                     str(tmp_path / "out"), "--mode", "full", "--batch-size", "2", "--no-progress", "--quant-aware",
+                     "nf4"], timeout=120)
+    assert r.returncode != 0
+    for rank in (0, 1):
+        assert f"qru unlearn (rank {rank}): error: {ONE_PROCESS_ONLY}" in r.stderr
+    assert not (tmp_path / "out").exists()
