@@ -10,10 +10,10 @@ from torch import nn
 
 import qru.quant as Q
 from qru.kernels import qmatmul
-from qru.kernels._backend import load_cpp_ext
 from qru.model.config import LlamaConfig
 from qru.model.llama import Llama
 from qru.quant.qlinear import QuantLinear, is_skipped
+from cpp_helpers import need_cpp
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # output rounding allowance (relative to |y|): each side rounds once to the output dtype
@@ -55,9 +55,7 @@ def make_q(fmt, shape, seed=0, double_quant=False):
 
 @pytest.fixture(scope="module")
 def cpp():
-    ext = load_cpp_ext("qmatmul")
-    if ext is None:
-        pytest.skip("no C++ compiler")
+    ext = need_cpp("qmatmul")
     return ext
 
 
@@ -276,7 +274,7 @@ def tiny():
 def _reference_model(model, fmt, bs, double_quant=False, skip=("lm_head",)):
     ref = copy.deepcopy(model)
     for name, m in ref.named_modules():
-        if type(m) is nn.Linear and not is_skipped(name, skip):
+        if isinstance(m, nn.Linear) and not is_skipped(name, skip):
             q = Q.quantize(m.weight.detach(), fmt, bs, double_quant=double_quant)
             m.weight.data = q.dequantize(torch.float32)
     return ref
@@ -290,7 +288,7 @@ def test_quantize_model_round_trip(tiny, fmt, dq):
     qm = Q.quantize_model(copy.deepcopy(tiny), fmt, bs, double_quant=dq)
     ref = _reference_model(tiny, fmt, bs, dq)
     kinds = {type(m).__name__ for n, m in qm.named_modules() if n.endswith("_proj")}
-    assert kinds == {"QuantLinear"} and type(qm.lm_head) is nn.Linear
+    assert kinds == {"QuantLinear"} and isinstance(qm.lm_head, nn.Linear)
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         # 18 rows: dequantize + F.linear, the same op sequence as the reference: bit-equal

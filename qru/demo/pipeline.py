@@ -15,7 +15,6 @@ import json
 import os
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,13 +23,14 @@ import torch
 
 from qru.demo.presets import GGUF_FORMATS, DemoConfig
 from qru.demo.stages import StageCache, atomic_write_json
-from qru.eval.muse import scaled_gap
+from qru.eval.muse import privleak_from_auc, scaled_gap
 from qru.io import check_device, check_output
+from qru.kernels._backend import KernelBuild
+from qru.quant import survival
 
 RAW = ("general", "forget", "retain", "holdout")
 FLOAT_WEIGHTS = ("bf16", "fp16")
 SPACE = "\u2581"
-METHOD_LABEL = {"ga_gdr": "GA+GDR", "ga_klr": "GA+KLR", "npo_gdr": "NPO+GDR", "npo_klr": "NPO+KLR"}
 
 
 def _log(msg: str) -> None:
@@ -39,49 +39,8 @@ def _log(msg: str) -> None:
 
 # -- the C++ kernels: built in the background while the models train ---------------------------
 
-class KernelBuild:
-    """Build (JIT, cached by torch under ``TORCH_EXTENSIONS_DIR``) the C++ kernels of ``csrc/`` the pipeline
-    uses, in two background threads, in the order it needs them, while the CPU would otherwise idle or
-    train; the ops themselves then just load the built modules (any other kernel builds on first use)."""
-
-    # two builders, each starting with a kernel the training needs at once; then LoRA, then quantization
-    QUEUES = (("llama_ops", "quant", "qmatmul", "quant_gguf"), ("linear_logprobs", "lora", "bf16_linear"))
-
-    def __init__(self, needed: bool, skip: tuple[str, ...] = ()):
-        self.seconds: float | None = None
-        self.error: str | None = None
-        self.each: dict[str, float] = {}
-        self.threads: list[threading.Thread] = []
-        self._t0 = time.perf_counter()
-        if needed and not torch.cuda.is_available() and os.environ.get("QRU_BACKEND", "") in ("", "cpp"):
-            for q in self.QUEUES:
-                q = tuple(n for n in q if n not in skip)
-                t = threading.Thread(target=self._build, args=(q,), name="qru-kernel-build", daemon=True)
-                t.start()
-                self.threads.append(t)
-
-    def _build(self, names):
-        try:
-            from qru.kernels._backend import CSRC, load_cpp_ext
-
-            for n in names:
-                if (CSRC / f"{n}.cpp").exists():
-                    t = time.perf_counter()
-                    load_cpp_ext(n)
-                    self.each[n] = round(time.perf_counter() - t, 1)
-        except Exception as e:  # the ops fall back to the torch reference themselves
-            self.error = f"{type(e).__name__}: {e}"
-        self.seconds = round(time.perf_counter() - self._t0, 1)
-
-    @property
-    def running(self) -> bool:
-        return any(t.is_alive() for t in self.threads)
-
-    def wait(self) -> None:
-        if self.running:
-            _log("waiting for the C++ kernel build to finish ...")
-            for t in self.threads:
-                t.join()
+# two builders, each starting with a kernel the training needs at once; then LoRA, then quantization
+KERNEL_QUEUES = (("llama_ops", "quant", "qmatmul", "quant_gguf"), ("linear_logprobs", "lora", "bf16_linear"))
 
 
 def _threads(build: KernelBuild, max_threads: int | None) -> None:
@@ -208,7 +167,8 @@ def _inputs_dir(d: Path):
 
 
 def _base_stage(cache, cfg, tok, seed, common):
-    from qru.train.loop import PretrainConfig, pretrain
+    from qru.train.config import PretrainConfig
+    from qru.train.pretrain import pretrain
 
     corpus_dir = cache.used["corpus"].dir / "data"
     vocab = tok.result["vocab_size"]
@@ -228,7 +188,8 @@ def _base_stage(cache, cfg, tok, seed, common):
 
 
 def _finetune_stage(cache, name, cfg, base, files, seed, common):
-    from qru.train.loop import PretrainConfig, pretrain
+    from qru.train.config import PretrainConfig
+    from qru.train.pretrain import pretrain
 
     corpus_dir = cache.used["corpus"].dir / "data"
 
@@ -245,7 +206,8 @@ def _finetune_stage(cache, name, cfg, base, files, seed, common):
 
 
 def _unlearn_stage(cache, cfg, target, method, mode, useed, common):
-    from qru.train.loop import UnlearnConfig, unlearn
+    from qru.train.config import UnlearnConfig
+    from qru.train.unlearn import unlearn
 
     u = cfg.unlearn
     corpus_dir = cache.used["corpus"].dir / "data"
@@ -283,7 +245,7 @@ def _eval_keys(cfg: DemoConfig) -> dict:
 
 def _evaluate_one(ref: ModelRef, precision: str, tok, data_dir: Path, cfg: DemoConfig, device: str,
                   retrain_auc: float | None) -> tuple[dict, dict]:
-    from qru.eval.muse import evaluate_muse, privleak_from_auc
+    from qru.eval.muse import evaluate_muse
     from qru.eval.precision import build_model
 
     e = cfg.eval
@@ -301,9 +263,7 @@ def _evaluate_one(ref: ModelRef, precision: str, tok, data_dir: Path, cfg: DemoC
     kinds = sorted({type(m).__name__ for m in model.modules() if "Linear" in type(m).__name__})
     del model
     auc = o["auc"]
-    pl = None
-    if retrain_auc is not None and 0.0 < retrain_auc < 1.0:
-        pl = privleak_from_auc(auc, retrain_auc)
+    pl = _privleak(auc, retrain_auc)
     rec = {"verbmem_f": o["verbmem_f"], "knowmem_f": o["knowmem_f"], "knowmem_r": o["knowmem_r"],
            "knowmem_f_recall": o["knowmem_f_recall"], "knowmem_r_recall": o["knowmem_r_recall"], "privleak": pl,
            "auc": auc, "min_k_gap": o["min_k_gap"], "build_seconds": round(built, 3),
@@ -336,13 +296,6 @@ def _eval_stage(cache, ref: ModelRef, precision: str, cfg, tok, data_dir, device
 
 
 def _survival_stage(cache, ref: ModelRef, target, cfg, corpus_dir):
-    try:
-        from qru.quant import survival
-    except ImportError as e:
-        return {"status": "unavailable", "reason": f"qru.quant.survival cannot be imported: {e}"}
-    if not all(hasattr(survival, n) for n in ("analyze", "write_outputs")):
-        return {"status": "unavailable", "reason": "qru.quant.survival has no analyze / write_outputs"}
-
     def build(d: Path):
         kw = dict(formats=list(cfg.survival_formats), block_size=cfg.eval.block_size or None, progress=False,
                   calib=str(corpus_dir / "raw" / "forget.txt"), calib_rows=256, calib_seq_len=cfg.model.max_len)
@@ -354,8 +307,7 @@ def _survival_stage(cache, ref: ModelRef, target, cfg, corpus_dir):
             survival.write_outputs(rep, d / "survival")  # survival.json, .csv and two PNGs
         else:  # the plots cost about a CPU second per model
             atomic_write_json(d / "survival" / "survival.json", rep)
-        overall = {f: r["overall"] for f, r in survival.by_format(rep).items()} if hasattr(survival, "by_format") \
-            else {}
+        overall = {f: r["overall"] for f, r in survival.by_format(rep).items()}
         return {"status": "done", "overall": overall}
 
     try:
@@ -396,7 +348,7 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, *, seed: int = 0, force: b
     skip += () if "lora" in cfg.unlearn.modes else ("lora",)
     skip += () if quantized else ("quant", "qmatmul")
     skip += () if set(GGUF_FORMATS) & set(cfg.eval.precisions + tuple(cfg.survival_formats)) else ("quant_gguf",)
-    build = KernelBuild(True, skip)
+    build = KernelBuild(KERNEL_QUEUES, skip)
     cache = StageCache(Path(stages_root) if stages_root else out / "stages", force=force, log=_log)
     common = _train_common(cfg, progress, device, out / "cache" / "tokens")
 
@@ -454,12 +406,12 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, *, seed: int = 0, force: b
         order += [(r, p) for p in precisions if p != "bf16" for r in refs]
         for ref, p in order:
             if p != "bf16":
-                build.wait()
+                build.wait(_log)
             _threads(build, threads)
             ev = _eval_stage(cache, ref, p, cfg, tok, data_dir, device, None if ref is refs[1] else retrain_auc, bar)
             evals[(ref.key, p)] = ev
             _note(run, ev)
-    build.wait()
+    build.wait(_log)
     run.kernel_seconds, run.kernel_each = build.seconds, build.each
     torch.set_num_threads(threads or 1)
 
@@ -509,9 +461,10 @@ def _cpu_seconds() -> float:
 
 
 def _privleak(auc, ref):
+    """:func:`qru.eval.muse.privleak_from_auc`, or None where there is no AUC or no usable reference."""
     if auc is None or ref is None or not 0.0 < ref < 1.0:
         return None
-    return (auc - ref) / ref * 100.0
+    return privleak_from_auc(auc, ref)
 
 
 def _note(run: DemoRun, st) -> None:

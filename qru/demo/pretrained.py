@@ -282,7 +282,8 @@ def _data(facts_dir: Path, groups) -> list[str]:
 def _finetune_stage(cache, name, p, base, facts, seed, groups, epochs, stop, common):
     from qru.model.checkpoint import write_pretrained
     from qru.model.llama import Llama
-    from qru.train.loop import PretrainConfig, pretrain
+    from qru.train.config import PretrainConfig
+    from qru.train.pretrain import pretrain
 
     def build(d: Path):
         res = pretrain(PretrainConfig(out=str(d / "train"), data=_data(facts.dir, groups), init=str(base.dir / "model"),
@@ -309,7 +310,8 @@ def _finetune_stage(cache, name, p, base, facts, seed, groups, epochs, stop, com
 
 
 def _unlearn_stage(cache, p, arm: Arm, target, facts, seed, stop, common):
-    from qru.train.loop import UnlearnConfig, unlearn
+    from qru.train.config import UnlearnConfig
+    from qru.train.unlearn import unlearn
 
     meth, reg = arm.method.split("_")
 
@@ -358,7 +360,7 @@ def diagnostics(target_dir: Path, model_dir: Path | None, adapter: Path | None, 
     from qru.model.llama import Llama
     from qru.quant import survival
     from qru.quant.formats import dequantize, quantize
-    from qru.train.loop import quantized_linear_names
+    from qru.train.unlearn import quantized_linear_names
 
     t = Llama.from_pretrained(target_dir, dtype=torch.float32)
     names = quantized_linear_names(t)

@@ -32,7 +32,7 @@ def kernel_threads(work: int) -> int:
     n = torch.get_num_threads()
     if n <= 1 or work < SMALL:
         return 1
-    return calibrate.rule_threads(calibrate.decide("kernel_threads", threads=n).pick, n)
+    return calibrate.rule_threads(calibrate.pick("kernel_threads"), n)
 
 
 @contextlib.contextmanager

@@ -195,21 +195,17 @@ def is_skipped(name: str, skip: Iterable[str]) -> bool:
 
 
 def split_linears(model: nn.Module, skip=()) -> tuple[list[tuple[str, nn.Linear]], list[str]]:
-    """(targeted ``nn.Linear`` modules as (name, module), skipped linear names), in module order."""
+    """(targeted ``nn.Linear`` modules (qru's ``Linear`` included) as (name, module), skipped linear
+    names), in module order."""
     skip = _as_tuple(skip)
     targets, skipped = [], []
     for name, m in model.named_modules():
-        if type(m) is nn.Linear:
+        if isinstance(m, nn.Linear):
             if is_skipped(name, skip):
                 skipped.append(name)
             else:
                 targets.append((name, m))
     return targets, skipped
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
 def quantization_config(fmt: str, block_size: int | None, double_quant: bool, compute_dtype: torch.dtype,
@@ -264,8 +260,8 @@ def quantize_model(model: nn.Module, fmt: str, block_size: int | None = None, *,
         if bad.any():
             raise ValueError(f"{name}.weight has {int(bad.sum())} non-finite value(s) (NaN or Inf); cannot quantize")
     for name, m in targets:
-        _set_submodule(model, name, QuantLinear.from_linear(m, fmt, bs, double_quant=double_quant,
-                                                            compute_dtype=compute_dtype, name=name))
+        model.set_submodule(name, QuantLinear.from_linear(m, fmt, bs, double_quant=double_quant,
+                                                          compute_dtype=compute_dtype, name=name))
     model.to(compute_dtype)
     cfg = getattr(model, "config", None)
     if cfg is not None and hasattr(cfg, "replace") and hasattr(cfg, "quantization_config"):
