@@ -367,10 +367,10 @@ def print_allocator_split(results: dict[str, dict[str, float]]) -> None:
     others = [n for n in names if n != "default"]
     print("\n## ratios under each allocator setting (both sides always in one process, one allocator)")
     print("   share = ratio(default) / ratio(setting): the factor of the default ratio that allocation accounts for")
-    head = f"{'op | provider | shape | dtype':70} {'default':>8} " + " ".join(f"{n:>12} {'share':>6}" for n in others)
+    head = f"{'op | provider | shape | dtype':80} {'default':>8} " + " ".join(f"{n:>12} {'share':>6}" for n in others)
     print(head)
     for key, r0 in results["default"].items():
         if not all(key in results[n] for n in others) or key.split(" | ")[1] in ("copy",):
             continue
         cells = " ".join(f"{results[n][key]:11.2f}x {r0 / results[n][key]:6.2f}" for n in others)
-        print(f"{key[:70]:70} {r0:7.2f}x {cells}")
+        print(f"{key[:80]:80} {r0:7.2f}x {cells}")
