@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from qru.kernels._triton_io import _Kernel
-from qru.kernels import lora, rmsnorm, swiglu
+from qru.kernels import hash_dropout, lora_triton, quant_gguf_triton, rmsnorm, swiglu
 
 ROOT = Path(__file__).resolve().parents[1]
 
 _CHILD = """
 import os, torch
 assert "TRITON_INTERPRET" not in os.environ
-from qru.kernels import rmsnorm, lora, swiglu, token_stats  # imported with the interpreter off
+from qru.kernels import rmsnorm, hash_dropout, swiglu, token_stats  # imported with the interpreter off
 os.environ["TRITON_INTERPRET"] = "1"                       # turned on before the first launch
 os.environ["QRU_BACKEND"] = "triton"
 g = torch.Generator().manual_seed(0)
@@ -30,7 +30,7 @@ z, y = torch.randn(6, 50, generator=g), torch.randint(0, 50, (6,), generator=g)
 for a, b in zip(token_stats.token_stats(z, y), token_stats.token_stats_reference(z, y)):  # tl.max / tl.sum
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 s = torch.tensor(123, dtype=torch.int64)
-assert torch.equal(lora.hash_drop_triton(9, 33, s, 20000), lora._hash_drop_reference(9, 33, s, 20000))
+assert torch.equal(hash_dropout.hash_drop_triton(9, 33, s, 20000), hash_dropout.hash_drop_reference(9, 33, s, 20000))
 print("ok")
 """
 
@@ -47,7 +47,7 @@ def test_every_kernel_is_decorated_by_qru_jit():
     """Each module's Triton kernels go through qru's jit (a triton.jit kernel would miss the switch)."""
     from triton.runtime.jit import JITFunction
 
-    for mod in (lora, rmsnorm, swiglu):
+    for mod in (hash_dropout, lora_triton, quant_gguf_triton, rmsnorm, swiglu):
         kernels = [v for v in vars(mod).values() if isinstance(v, JITFunction)]
         assert kernels and all(type(k) is _Kernel for k in kernels), mod.__name__
     assert torch.zeros(1).device.type == "cpu"
