@@ -126,6 +126,9 @@ def _quant_outputs(w):
     g = quant_gguf.quantize_gguf(w, "q4_k")
     out["q4_k"] = (g, quant_gguf.dequantize_gguf(g, "q4_k", n, torch.bfloat16))
     out["fake_q4_0"] = (fake_quant.fake_quant_values(w, "q4_0"),)
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(4, w.shape[1], generator=g) * 0.1, torch.randn(w.shape[0], 4, generator=g) * 0.1
+    out["fake_int4_lora"] = (fake_quant.fake_quant_values(w, "int4", 128, lora=(a, b, 0.5)),)
     return out
 
 
@@ -147,6 +150,11 @@ def test_results_are_bit_identical_whatever_the_thread_count(monkeypatch):
     p, a = quant4.quantize_4bit_reference(w, "nf4", 64)
     assert torch.equal(p, base["nf4"][0]) and torch.equal(a, base["nf4"][1])
     assert torch.equal(quant_gguf.quantize_gguf_reference(w, "q4_k"), base["q4_k"][0])
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(4, w.shape[1], generator=g) * 0.1, torch.randn(w.shape[0], 4, generator=g) * 0.1
+    merged = fake_quant.merge_reference(w, a, b, 0.5)
+    ref = fake_quant.fake_quant_reference(merged, "int4", 128, torch.bfloat16)
+    assert torch.equal(ref, base["fake_int4_lora"][0])
     for key, out in runs.items():
         for fmt, tensors in out.items():
             for i, (x, y) in enumerate(zip(base[fmt], tensors)):
