@@ -3,9 +3,9 @@
 A parallel loop ends when its last thread does. When another job holds a core, the thread put on it
 waits for a time slice (milliseconds), and the whole kernel with it: on a 2-core VM with one other
 job the NF4 quantizer (then an OpenMP loop) fell from 58x bitsandbytes at one thread to 16x at two.
-The quantizers now run on ``qru::Team`` (csrc/qru_common.h): workers wait passively, take dynamic
-chunks of ~16K values, and a worker that starts late finds the job closed instead of holding up
-the caller. On top, the thread rule ``kernel_threads`` (measured per machine by
+The quantizers and the fake-quantizer now run on ``qru::Team`` (qru/csrc/qru_common.h): workers
+wait passively, take dynamic chunks of ~16K values, and a worker that starts late finds the job
+closed instead of holding up the caller. On top, the thread rule ``kernel_threads`` (measured per machine by
 ``qru.kernels.calibrate``, overridable with ``QRU_KERNEL_THREADS=all|adaptive|one``) sets the team
 size of each call: torch's thread count, the cores free at that instant, or one.
 
