@@ -27,9 +27,11 @@ smoke: $(STAMP)
 	$(BIN)/qru smoke
 
 test: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q tests
 
 test-fast: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 bench: $(STAMP)

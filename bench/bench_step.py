@@ -35,10 +35,16 @@ stalls every parallel region (~15 ms each), which makes both sides slower (measu
 on a quiet machine.
 
 Targets (printed, not tested): qru >= 1.5x the peer in LoRA mode, >= 1.2x in full mode (CPU).
+
+``--quant-aware FMT``: instead of the peer comparison, the step-time overhead of
+``qru unlearn --quant-aware FMT`` (``qru.train.quant_aware``: the same step plus the quantized pass,
+``L(full precision) + λ·L(quantized)``) against the plain qru step, same model and batches, paired;
+``vs peer`` is plain time / quant-aware time (0.5 = the quant-aware step takes twice as long).
 GPU section (skipped without CUDA): the same step on CUDA in fp32 and, where memory allows,
 Llama-2-7B shapes in bf16 (LoRA mode).
 
     python bench/bench_step.py [--quick] [--modes lora full] [--pairs N] [--threads N] [--seq T] [--batch B]
+                               [--quant-aware FMT]
 """
 from __future__ import annotations
 
@@ -62,6 +68,7 @@ from qru.model.llama import Llama  # noqa: E402
 from qru.train import losses as L  # noqa: E402
 from qru.train.data import Batch  # noqa: E402
 from qru.train.config import DEFAULT_TARGETS, UnlearnConfig  # noqa: E402
+from qru.train import quant_aware as qa  # noqa: E402
 from qru.train.loop import make_optimizer, model_sequence_logprobs  # noqa: E402
 from qru.train.unlearn import make_unlearn_step  # noqa: E402
 
@@ -289,6 +296,62 @@ def run_mode(cfg: StepConfig, mode: str, pairs: int, device: str, dtype_name: st
     return rows
 
 
+def qru_only(cfg: StepConfig, mode: str, device):
+    """The qru model of :func:`build_models` alone (no peer): same init, same trained-looking adapter."""
+    torch.manual_seed(0)
+    q = Llama(LlamaConfig(**cfg.model_kwargs()))
+    q.init_weights(seed=0)
+    q.to(device=device, dtype=cfg.dtype)
+    if mode == "lora":
+        qlora.apply_lora(q, targets=list(DEFAULT_TARGETS), r=cfg.rank, alpha=cfg.alpha, dropout=0.0,
+                         lora_dtype=cfg.dtype, seed=0)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for _, m in qlora.lora_modules(q):
+                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.01)
+    q.train()
+    return q
+
+
+def run_quant_aware(cfg: StepConfig, mode: str, pairs: int, device: str, dtype_name: str, fmt: str) -> list[Row]:
+    """Plain qru step vs the quant-aware step (``quant_aware_step`` over the attached model), each on
+    its own copy of the same model, the reference log-probs from a table (as ``unlearn``)."""
+    fb, rb = make_batches(cfg, device)
+    fns = {}
+    models = {"qru": qru_only(cfg, mode, device), f"qru quant-aware {fmt}": qru_only(cfg, mode, device)}
+    with torch.no_grad():
+        table = model_sequence_logprobs(models["qru"], fb.input_ids, fb.loss_mask)[0].detach()
+    full_table = torch.zeros(2 * cfg.batch, device=table.device)
+    full_table[fb.index] = table
+    for name, q in models.items():
+        step_fn = make_unlearn_step(q, method="npo", reg="gdr", beta=cfg.beta, ref_logp=full_table)
+        if name != "qru":
+            qa.attach(q)
+            step_fn = qa.quant_aware_step(step_fn, q, [fmt])
+        params = [p for p in q.parameters() if p.requires_grad]
+        opt = make_optimizer(params, cfg.lr, 0.0)
+
+        def run(step_fn=step_fn, params=params, opt=opt):
+            losses = step_fn(fb, rb)
+            losses["loss"].backward()
+            optimizer_step(params, opt)
+            return losses["loss"].detach()
+        fns[name] = run
+    for fn in fns.values():  # warm-up (C++ builds, allocator)
+        fn()
+    t, ratio = paired(fns, pairs, device=device, warmup=0)
+    tokens = 2 * cfg.batch * cfg.seq
+    rows = [Row.of(SUITE, f"unlearn_step {mode} quant-aware", k, cfg.shape, dtype_name, device, t[k], unit="tok/s",
+                   scale=lambda s: tokens / s, ratio=ratio[k]) for k in fns]
+    for q in models.values():
+        qa.detach(q)
+    qa_name = f"qru quant-aware {fmt}"
+    print(f"unlearn_step {mode}: plain {tokens / t['qru'].median:.0f} tok/s, quant-aware {fmt} "
+          f"{tokens / t[qa_name].median:.0f} tok/s; step time x{1 / ratio[qa_name]:.2f} (median of paired steps)",
+          flush=True)
+    return rows
+
+
 def cpu_section(cfg: StepConfig, modes, pairs: int, precisions=("fp32",)) -> list[Row]:
     rows = []
     for precision in precisions:
@@ -335,6 +398,8 @@ def main(argv=None):
     ap.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
                     help="fp32, and/or both sides under torch.autocast(cpu, bfloat16)")
     ap.add_argument("--no-gpu", action="store_true")
+    ap.add_argument("--quant-aware", metavar="FMT", default=None,
+                    help="measure the --quant-aware FMT step against the plain qru step instead of the peers")
     add_allocator_arg(ap)
     args = ap.parse_args(argv)
     if args.allocators is not None:
@@ -342,6 +407,20 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     pairs = args.pairs or (2 if args.quick else 5)
     cfg = StepConfig(layers=args.layers, seq=args.seq or (256 if args.quick else 512), batch=args.batch)
+    if args.quant_aware is not None:
+        rows = []
+        for mode in args.modes:
+            print(f"\n## unlearn step, {mode} mode, CPU, {torch.get_num_threads()} threads, plain vs --quant-aware "
+                  f"{args.quant_aware}\nconfig: {cfg.describe(mode)}", flush=True)
+            rows += run_quant_aware(cfg, mode, pairs, "cpu", "fp32", args.quant_aware)
+        report(f"unlearning step NPO+GDR, plain vs --quant-aware {args.quant_aware}, CPU (tok/s; vs peer = plain "
+               "time / this time)", rows)
+        if not args.no_gpu and torch.cuda.is_available():
+            g = []
+            for mode in args.modes:
+                g += run_quant_aware(StepConfig(), mode, pairs, "cuda", "fp32", args.quant_aware)
+            report(f"unlearning step NPO+GDR, plain vs --quant-aware {args.quant_aware}, GPU", g)
+        return
     rows = cpu_section(cfg, args.modes, pairs, args.precision)
     report("unlearning step NPO+GDR, CPU (tok/s; vs peer = peer time / this time, median of paired steps)", rows)
     if not args.no_gpu:

@@ -161,7 +161,6 @@ def _peft_qlora(W, A, B, alpha, dropout=0.0):
 
 def lora_section() -> list[Row]:
     from bench import bench_lora as BL
-    from qru.kernels.lora import NF4Weight
     from qru.model.lora import LoRALinear
 
     rows = []
@@ -172,7 +171,7 @@ def lora_section() -> list[Row]:
         work = BL.flops(LORA_TOKENS, n_in, n_out, LORA_RANK) / 1e12
         pq = _peft_qlora(W, A, B, alpha)
         st = pq.base_layer.weight.quant_state
-        nf4 = NF4Weight(pq.base_layer.weight.data.reshape(-1), st.absmax, (n_out, n_in), 64, st.code)
+        nf4 = _nf4_qtensor(pq.base_layer.weight.data, st.absmax, (n_out, n_in))
         qq = LoRALinear.from_nf4(nf4, LORA_RANK, alpha, compute_dtype=torch.bfloat16, init=(A, B)).train()
         qd = LoRALinear.from_nf4(nf4, LORA_RANK, alpha, compute_dtype=torch.bfloat16, init=(A, B),
                                  dropout=LORA_DROPOUT).train()
@@ -192,6 +191,15 @@ def lora_section() -> list[Row]:
     return rows
 
 
+def _nf4_qtensor(packed: torch.Tensor, absmax: torch.Tensor, shape):
+    """bitsandbytes' packed NF4 codes (block 64) and absmax as qru's packed-weight type (its codebook,
+    ``qru.kernels.quant4.NF4_CODE``, is bitsandbytes' NF4 map: tests/test_quant_bnb.py)."""
+    from qru.kernels.qtensor import QTensor
+
+    return QTensor(data=packed.reshape(-1), scales=absmax.float().reshape(-1), zeros=None, shape=torch.Size(shape),
+                   dtype=torch.bfloat16, fmt="nf4", block_size=64)
+
+
 def _bnb_linear(lin: torch.nn.Linear):
     """A bitsandbytes NF4 ``Linear4bit`` (block 64, no nested absmax, bf16 compute) of ``lin``."""
     import bitsandbytes as bnb
@@ -208,7 +216,6 @@ def qlora_models(cfg, device: str):
     packed weights on both sides: peft's LoRA layers over bitsandbytes ``Linear4bit`` bases, and
     qru's ``LoRALinear.from_nf4`` over the bitsandbytes codes and absmax."""
     from bench import bench_step as BS
-    from qru.kernels.lora import NF4Weight
     from qru.model import lora as qlora
     from qru.model.lora import LoRALinear
 
@@ -219,7 +226,7 @@ def qlora_models(cfg, device: str):
         hm = hmods[name]
         hm.base_layer = _bnb_linear(hm.base_layer)
         w, st = hm.base_layer.weight, hm.base_layer.weight.quant_state
-        nf4 = NF4Weight(w.data.reshape(-1), st.absmax, (m.out_features, m.in_features), 64, st.code)
+        nf4 = _nf4_qtensor(w.data, st.absmax, (m.out_features, m.in_features))
         new = LoRALinear.from_nf4(nf4, m.r, m.lora_alpha, compute_dtype=cfg.dtype, lora_dtype=m.lora_A.dtype,
                                   init=(m.lora_A.detach(), m.lora_B.detach()))
         new.lora_A.requires_grad_(True)

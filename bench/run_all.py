@@ -34,6 +34,7 @@ SUITES = {
     "eval": ("bench_eval.py", ["--n", "16", "--repeats", "2", "--threads", "1"], [], 120),
     "eval-medium": ("bench_eval.py", ["--model", "medium", "--n", "16", "--repeats", "1", "--threads", "1"],
                     ["--model", "medium"], 300),
+    "distributed": ("bench_distributed.py", ["--steps", "4"], [], 120),
 }
 SUMMARY_PREFIXES = ("unlearn_step ", "generate ")
 

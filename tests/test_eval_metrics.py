@@ -11,9 +11,9 @@ from rouge_score import rouge_scorer
 from scipy.stats import hmean, ks_2samp
 from sklearn.metrics import auc, roc_auc_score, roc_curve
 
+from qru.data import DataError, read_records
 from qru.eval import muse, tofu
-from qru.eval.common import (EvalDataError, SequenceScore, auc_forget_holdout, load_records, membership_scores,
-                             min_k, rouge_l, token_stats)
+from qru.eval.common import SequenceScore, auc_forget_holdout, membership_scores, min_k, rouge_l, token_stats
 from qru.eval.precision import PRECISIONS, check_available, parse_precisions
 from qru.model.generate import cut_at_stop
 
@@ -200,7 +200,7 @@ def test_tofu_split_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="forget05"):
         tofu.load_split(tmp_path, "forget05")
     (tmp_path / "f.json").write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
-    with pytest.raises(EvalDataError, match="perturbed_answer"):
+    with pytest.raises(DataError, match="perturbed_answer"):
         tofu.load_split(tmp_path, "f")
 
 
@@ -208,29 +208,29 @@ def test_tofu_split_errors(tmp_path):
 
 def test_load_records_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.json"):
-        load_records(tmp_path / "nope.json")
+        read_records(tmp_path / "nope.json")
     p = tmp_path / "x.json"
     p.write_text("[]")
-    with pytest.raises(EvalDataError, match="empty list"):
-        load_records(p)
+    with pytest.raises(DataError, match="empty list"):
+        read_records(p)
     p.write_text("")
-    with pytest.raises(EvalDataError, match="empty file"):
-        load_records(p)
+    with pytest.raises(DataError, match="empty file"):
+        read_records(p)
     p.write_text(json.dumps([{"question": "q"}]))
-    with pytest.raises(EvalDataError, match=r"item 0 has no field 'answer'"):
-        load_records(p, ("question", "answer"))
+    with pytest.raises(DataError, match=r"item 0 has no field 'answer'"):
+        read_records(p, ("question", "answer"))
     p.write_text(json.dumps([{"question": "q", "answer": 3}]))
-    with pytest.raises(EvalDataError, match="'answer' must be a string"):
-        load_records(p, ("question", "answer"))
+    with pytest.raises(DataError, match="'answer' must be a string"):
+        read_records(p, ("question", "answer"))
     p.write_text('{"question": "q", "answer": "a"}\n{broken\n')
-    with pytest.raises(EvalDataError, match="line 2"):
-        load_records(p, ("question", "answer"))
+    with pytest.raises(DataError, match="line 2"):
+        read_records(p, ("question", "answer"))
     p.write_text('{"question": "q", "answer": "a"}\n\n{"question": "r", "answer": "b"}\n')
-    assert [d["question"] for d in load_records(p, ("question", "answer"))] == ["q", "r"]
+    assert [d["question"] for d in read_records(p, ("question", "answer"))] == ["q", "r"]
     p.write_text(json.dumps(["t1", "t2"]))
-    assert load_records(p, allow_str=True) == ["t1", "t2"]
-    with pytest.raises(EvalDataError, match="item 0 is a str"):
-        load_records(p, ("text",))
+    assert read_records(p, allow_str=True) == ["t1", "t2"]
+    with pytest.raises(DataError, match="item 0 is a str"):
+        read_records(p, ("text",))
 
 
 def test_muse_missing_file_named(shared_data, tmp_path):

@@ -223,7 +223,8 @@ def test_resume_rejects_changed_options(tofu_slice, target, tmp_path):
 def test_periodic_checkpoints(tofu_slice, target, tmp_path, monkeypatch):
     saved = []
     real = loop.save_checkpoint
-    monkeypatch.setattr(loop, "save_checkpoint", lambda out, m, o, st: saved.append(st["step"]) or real(out, m, o, st))
+    monkeypatch.setattr(loop, "save_checkpoint",
+                        lambda out, m, o, st, *a: saved.append(st["step"]) or real(out, m, o, st, *a))
     res = unlearn(_ucfg(tofu_slice, target, tmp_path / "u", method="ga", reg="gdr", mode="full", lr=1e-4, epochs=1,
                           save_every=1, keep_checkpoint=True))
     assert res.steps == 5 and saved == [1, 2, 3, 4]  # none at the end: the finished model is the output

@@ -131,7 +131,7 @@ def test_lora_linear_matches_peft_under_bf16_autocast(dropout, nf4):
         from qru.quant.formats import quantize
         q = quantize(base.proj.weight.detach(), "nf4")
         with torch.no_grad():
-            base.proj.weight.copy_(L.NF4Weight.from_qtensor(q).dequantize())
+            base.proj.weight.copy_(q.dequantize(torch.float32))
     pm = peft.get_peft_model(base, peft.LoraConfig(r=r, lora_alpha=8, target_modules=["proj"], lora_dropout=p))
     pl = pm.base_model.model.proj
     nn.init.normal_(pl.lora_B["default"].weight)
@@ -151,7 +151,7 @@ def test_lora_linear_matches_peft_under_bf16_autocast(dropout, nf4):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y_ref = pl(xs[0])
         y = L.lora_linear(xs[1], ours.weight, ours.bias, ours.lora_A, ours.lora_B, ours.scaling, dropout_p=p,
-                          dropout_mask=mask if p else None, nf4=ours.nf4_weight())
+                          dropout_mask=mask if p else None, nf4=ours.qtensor())
     assert y.dtype == y_ref.dtype == torch.bfloat16
     gy = torch.randn(y.shape)
     g_ref = torch.autograd.grad(y_ref, (xs[0], pl.lora_A["default"].weight, pl.lora_B["default"].weight), gy)
@@ -206,20 +206,42 @@ def test_disable_adapters_restores_flags():
 
 def test_nf4_lora_linear():
     bnbF = pytest.importorskip("bitsandbytes.functional")
-    from qru.kernels.lora import NF4Weight
+    from test_lora_kernels import nf4_qtensor
 
     W = torch.randn(20, 24)
     qd, st = bnbF.quantize_4bit(W, blocksize=64, quant_type="nf4")
-    code = bnbF.get_4bit_type("nf4", device="cpu")
-    m = L.LoRALinear.from_nf4(NF4Weight(qd.reshape(-1), st.absmax, (20, 24), 64, code), 4, 8,
-                              compute_dtype=torch.float32, bias=torch.randn(20))
+    m = L.LoRALinear.from_nf4(nf4_qtensor(qd, st.absmax, (20, 24)), 4, 8, compute_dtype=torch.float32,
+                              bias=torch.randn(20))
     nn.init.normal_(m.lora_B)
     deq = bnbF.dequantize_4bit(qd, st)
     x = torch.randn(5, 24)
     ref = torch.nn.functional.linear(x, deq, m.bias) + m.scaling * (x @ m.lora_A.t()) @ m.lora_B.t()
     assert torch.allclose(m(x), ref, atol=1e-5)
     assert torch.allclose(m.merged_weight(), deq + m.scaling * m.lora_B @ m.lora_A, atol=1e-6)
-    assert {"weight_nf4", "weight_absmax", "weight_code", "lora_A", "lora_B", "bias"} == set(m.state_dict())
+    # one packed-weight type and one name: the buffers QuantLinear uses
+    assert {"qweight", "scales", "lora_A", "lora_B", "bias"} == set(m.state_dict())
+    assert torch.equal(m.qtensor().dequantize(torch.float32), deq)
+
+
+def test_nf4_lora_state_dict_of_older_versions_loads():
+    """A QLoRA module's state dict saved under the older buffer names (weight_nf4, weight_absmax,
+    weight_code) loads into today's module and gives the same output; a non-NF4 codebook is refused."""
+    from qru.kernels import quant4
+    from qru.quant import quantize
+
+    W = torch.randn(20, 24)
+    src = L.LoRALinear.from_nf4(quantize(W, "nf4"), 4, 8, bias=torch.randn(20))
+    nn.init.normal_(src.lora_B)
+    old = {"weight_nf4": src.qweight.clone(), "weight_absmax": src.scales.clone(),
+           "weight_code": torch.tensor(quant4.NF4_CODE), "lora_A": src.lora_A.detach().clone(),
+           "lora_B": src.lora_B.detach().clone(), "bias": src.bias.detach().clone()}
+    dst = L.LoRALinear.from_nf4(quantize(torch.zeros(20, 24), "nf4"), 4, 8, bias=torch.zeros(20))
+    dst.load_state_dict(old)
+    x = torch.randn(3, 24)
+    assert torch.equal(dst(x), src(x)) and torch.equal(dst.qweight, src.qweight)
+    old["weight_code"] = torch.linspace(-1, 1, 16)
+    with pytest.raises(ValueError, match="weight_code is not the standard NF4 codebook"):
+        dst.load_state_dict(old)
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
@@ -238,7 +260,7 @@ def test_nf4_lora_linear_from_qru_qtensor(double_quant):
     gx, gA = torch.autograd.grad(y.sum(), (x, m.lora_A))
     rx, rA = torch.autograd.grad(ref.sum(), (x, m.lora_A))
     assert torch.allclose(gx, rx, atol=1e-5) and torch.allclose(gA, rA, atol=1e-5)
-    with pytest.raises(TypeError, match="fmt"):
+    with pytest.raises(TypeError, match="needs a 2-D nf4 QTensor.*got a fp4 QTensor"):
         L.LoRALinear.from_nf4(formats.quantize(W, "fp4", 64), 3, 6)
 
 

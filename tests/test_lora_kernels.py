@@ -10,6 +10,8 @@ import torch
 from qru.kernels import hash_dropout as HD
 from qru.kernels import lora as K
 from qru.kernels._backend import backend_for
+from qru.kernels.qtensor import QTensor
+from qru.quant import quantize
 from cpp_helpers import need_cpp
 
 # max|got - ref| / max|ref| per dtype, for outputs and gradients.
@@ -36,12 +38,17 @@ def make(M, n_in, n_out, r, dtype, bias=False, seed=0):
     return x, W, b, A, B
 
 
-def nf4_of(W: torch.Tensor, block_size: int = 64) -> K.NF4Weight:
+def nf4_qtensor(packed: torch.Tensor, absmax: torch.Tensor, shape, block_size: int = 64) -> QTensor:
+    """bitsandbytes' packed NF4 codes and absmax as qru's one packed-weight type."""
+    return QTensor(data=packed.reshape(-1), scales=absmax.float().reshape(-1), zeros=None, shape=torch.Size(shape),
+                   dtype=torch.float32, fmt="nf4", block_size=block_size)
+
+
+def nf4_of(W: torch.Tensor, block_size: int = 64) -> QTensor:
     """Quantize with bitsandbytes (test-only peer) into qru's NF4 layout."""
     bnbF = pytest.importorskip("bitsandbytes.functional")
     q, st = bnbF.quantize_4bit(W.float().contiguous(), blocksize=block_size, quant_type="nf4")
-    return K.NF4Weight(q.reshape(-1), st.absmax, tuple(W.shape), block_size,
-                       bnbF.get_4bit_type("nf4", device="cpu"))
+    return nf4_qtensor(q, st.absmax, tuple(W.shape), block_size)
 
 
 def run_and_grads(x, W, b, A, B, scale, **kw):
@@ -114,12 +121,11 @@ def test_nf4_decode_matches_bitsandbytes():
     bnbF = pytest.importorskip("bitsandbytes.functional")
     W = torch.randn(13, 27)  # 351 elements: odd count, partial last block
     q, st = bnbF.quantize_4bit(W, blocksize=64, quant_type="nf4")
-    nf4 = K.NF4Weight(q.reshape(-1), st.absmax, (13, 27), 64, bnbF.get_4bit_type("nf4", device="cpu"))
-    assert torch.equal(nf4.dequantize(), bnbF.dequantize_4bit(q, st))
-    # without an explicit codebook: qru.kernels.quant4.NF4_CODE, which must be bitsandbytes'
-    default = K.NF4Weight(q.reshape(-1), st.absmax, (13, 27), 64)
-    assert torch.equal(default.code, bnbF.get_4bit_type("nf4", device="cpu"))
-    assert torch.equal(default.dequantize(), bnbF.dequantize_4bit(q, st))
+    nf4 = nf4_qtensor(q, st.absmax, (13, 27))
+    # the codebook is qru.kernels.quant4.NF4_CODE, which must be bitsandbytes'
+    assert torch.equal(nf4.codebook(), bnbF.get_4bit_type("nf4", device="cpu"))
+    assert torch.equal(K.nf4_dequantize_reference(nf4), bnbF.dequantize_4bit(q, st))
+    assert torch.equal(nf4.dequantize(torch.float32), bnbF.dequantize_4bit(q, st))
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -217,8 +223,12 @@ def test_bad_inputs_name_the_culprit():
         K.lora_linear(x, W.double(), b, A, B, 1.0)
     with pytest.raises(ValueError, match="dropout_mask"):
         K.lora_linear(x, W, b, A, B, 1.0, dropout_p=0.1, dropout_mask=torch.ones(3, 3, dtype=torch.bool))
-    with pytest.raises(ValueError, match="absmax"):
-        K.NF4Weight(torch.zeros(240, dtype=torch.uint8), torch.ones(3), (20, 24), 64, torch.zeros(16))
+    bad = QTensor(data=torch.zeros(240, dtype=torch.uint8), scales=torch.ones(3), zeros=None, shape=torch.Size((20, 24)),
+                  dtype=torch.float32, fmt="nf4", block_size=64)
+    with pytest.raises(ValueError, match="8 block scales"):
+        K.lora_linear(x, None, b, A, B, 1.0, nf4=bad)
+    with pytest.raises(TypeError, match="nf4 QTensor"):
+        K.lora_linear(x, None, b, A, B, 1.0, nf4=quantize(W, "fp4"))
 
 
 @pytest.mark.parametrize("base", ["dense", "nf4"])

@@ -1,12 +1,19 @@
 """qru.train.quant_aware: export targets and skip rules, fake-quantized parameters for functional_call,
-and code_flip_frac on hand-computed tensors."""
+code_flip_frac on hand-computed tensors, and the model-side seam (the layers' weight transform): the
+quantized forward of a whole Llama bit-equal to the model with quantize->dequantize weights, its STE
+gradient against finite differences of the unrounded path (float64), the model untouched outside."""
+import copy
+
 import pytest
 import torch
 from torch import nn
 
-from qru.kernels.fake_quant import fake_quant, fake_quant_lora
-from qru.model.linear import set_weight_transform
-from qru.model.lora import LoRALinear
+from qru.kernels.fake_quant import fake_quant, fake_quant_lora, fake_quant_lora_reference, fake_quant_values
+from qru.model.config import LlamaConfig
+from qru.model.linear import Linear
+from qru.model.llama import Llama
+from qru.model.lora import LoRALinear, apply_lora
+from qru.quant import dequantize, quantize
 from qru.train import quant_aware as qa
 
 
@@ -14,8 +21,8 @@ class Tiny(nn.Module):
     def __init__(self):
         super().__init__()
         self.layers = nn.ModuleList([nn.Module()])
-        self.layers[0].q_proj = nn.Linear(64, 1, bias=False)
-        self.lm_head = nn.Linear(64, 1, bias=False)
+        self.layers[0].q_proj = Linear(64, 1, bias=False)
+        self.lm_head = Linear(64, 1, bias=False)
 
     def forward(self, x):
         return self.lm_head(x) + self.layers[0].q_proj(x)
@@ -97,13 +104,13 @@ def test_fake_quant_params_lora_mode_functional_call():
     wq = params["layers.0.q_proj.weight"]
     assert torch.equal(wq, fake_quant_lora(lo.weight, lo.lora_A, lo.lora_B, lo.scaling, "q4_0"))
     x = torch.randn(3, 64)
-    # the LoRA kernel refuses a base weight that carries a gradient, so the quantized forward gives
-    # the targets a weight transform (the layer's own seam): the layer then runs linear(x, W_q)
-    wq_of = {id(mod): w for _, mod, w in qa.fake_quant_targets(m, "q4_0")}
-    set_weight_transform(lo, lambda mod, _w: wq_of[id(mod)])
-    y = m(x)
-    set_weight_transform(lo, None)
-    assert "forward" not in lo.__dict__
+    qa.attach(m)
+    try:
+        with qa.fake_quantized(m, "q4_0"):  # the layer's weight transform: linear(x, W_q)
+            y = m(x)
+    finally:
+        qa.detach(m)
+    assert "forward" not in lo.__dict__ and lo.weight_transform is None
     assert torch.allclose(y, m.lm_head(x) + x @ wq.t())
     y.sum().backward()
     G = x.sum(0, keepdim=True)  # dL/dW_q
@@ -117,3 +124,184 @@ def test_parse_formats_names_the_bad_one():
         qa.parse_formats("nf4,int3")
     with pytest.raises(ValueError, match="at least one format"):
         qa.parse_formats("")
+
+
+# -- the model-side seam on a whole Llama ----------------------------------------------------------
+
+def tiny_llama(seed=0, **over):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig.preset("tiny", num_hidden_layers=1, vocab_size=96, **over)
+    m = Llama(cfg)
+    m.init_weights(seed)
+    return m
+
+
+def test_attach_leaves_the_model_untouched_outside_the_quantized_pass():
+    m = tiny_llama()
+    params = {n: id(p) for n, p in m.named_parameters()}
+    keys = list(m.state_dict())
+    names = qa.attach(m)
+    assert names == [n for n, mod in m.named_modules() if isinstance(mod, nn.Linear) and n != "lm_head"]
+    with pytest.raises(ValueError, match="already attached"):
+        qa.attach(m)
+    targets = [m.get_submodule(n) for n in names]
+    assert all(t.weight_transform is None for t in targets)
+    with qa.fake_quantized(m, "nf4"):
+        assert all(t.weight_transform is not None for t in targets) and m.lm_head.weight_transform is None
+    assert all(t.weight_transform is None for t in targets)
+    with pytest.raises(RuntimeError, match="boom"):
+        with qa.fake_quantized(m, "int8"):
+            raise RuntimeError("boom")
+    assert all(t.weight_transform is None for t in targets)  # cleared on error too
+    qa.detach(m)
+    assert list(m.state_dict()) == keys and {n: id(p) for n, p in m.named_parameters()} == params
+    with pytest.raises(ValueError, match="needs an attached model"):
+        with qa.fake_quantized(m, "nf4"):
+            pass
+    plain = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="0 is a Linear, not a qru Linear"):
+        qa.attach(plain, skip=())
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int4", "int8", "q4_0"])
+def test_full_mode_quantized_forward_bit_equal_to_dequantized_model(fmt):
+    """Oracle: a copy of the model whose targets hold dequantize(quantize(W)), run plainly."""
+    m = tiny_llama(1)
+    oracle = copy.deepcopy(m)
+    bs = 32 if fmt == "int4" else None  # a non-default group, passed through as `qru quantize --block-size`
+    with torch.no_grad():
+        for name, mod in qa.quant_targets(oracle):
+            mod.weight.copy_(dequantize(quantize(mod.weight, fmt, bs)))
+    x = torch.randint(0, 96, (2, 11))
+    with qa.attached(m):
+        plain = m(x)
+        with qa.fake_quantized(m, fmt, bs):
+            yq = m(x)
+        again = m(x)  # the context restored the full-precision pass
+    assert torch.equal(yq, oracle(x))
+    assert torch.equal(plain, again) and not torch.equal(plain, yq)
+    assert torch.equal(m.lm_head.weight, oracle.lm_head.weight)  # skipped at export, as `qru quantize`
+
+
+def test_lora_mode_quantized_forward_bit_equal_to_merged_fake_quant():
+    m = tiny_llama(2)
+    apply_lora(m, r=2, alpha=4, seed=0)
+    with torch.no_grad():
+        for _, mod in qa.quant_targets(m):
+            mod.lora_B.normal_(0, 0.05)
+    oracle = copy.deepcopy(m)
+    targets = dict(qa.quant_targets(oracle))
+    with torch.no_grad():
+        for name, mod in targets.items():  # the materialised merge, fake-quantized: a plain linear
+            lin = nn.Linear(mod.in_features, mod.out_features, bias=False)
+            lin.weight.copy_(fake_quant_lora_reference(mod.weight, mod.lora_A, mod.lora_B, mod.scaling, "nf4"))
+            parent, _, leaf = name.rpartition(".")
+            setattr(oracle.get_submodule(parent), leaf, lin)
+    x = torch.randint(0, 96, (2, 9))
+    with qa.attached(m):
+        with qa.fake_quantized(m, "nf4"):
+            yq = m(x)
+    assert torch.equal(yq, oracle(x))
+
+
+def test_skip_and_applicability_name_the_culprit():
+    m = tiny_llama()
+    assert [n for n, _ in qa.check_applicable(m, ["nf4"], skip="mlp,lm_head")] == [
+        f"model.layers.0.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    odd = tiny_llama(intermediate_size=175)
+    with pytest.raises(ValueError, match=r"int4: cannot apply to model\.layers\.0\.mlp\.down_proj\.weight"):
+        qa.check_applicable(odd, ["nf4", "int4"])  # int4 packs pairs along a row of odd width 175
+    assert len(qa.check_applicable(odd, ["nf4", "int4"], skip="down_proj,lm_head")) == 6
+    with pytest.raises(ValueError, match="block size 64 does not fit q4_0"):
+        qa.check_applicable(m, ["q4_0"], block_size=64)
+    with pytest.raises(ValueError, match="no linear to quantize"):
+        qa.check_applicable(m, ["nf4"], skip="layers,lm_head")
+    with torch.device("meta"):  # shapes only: validation before any weight is loaded
+        meta = Llama(LlamaConfig.preset("tiny"))
+    assert len(qa.check_applicable(meta, ["nf4", "q8_0"])) == 14
+
+
+def _ce(logits, y):
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+def test_full_mode_ste_gradient_matches_finite_differences_of_unrounded_path():
+    """Through the whole model: the STE gradient of L(model with D(Q(W))) w.r.t. a target W equals
+    the derivative of the unrounded path h(W) = L(model with W + R), R = D(Q(W)) - W frozen, by
+    central differences in float64."""
+    m = tiny_llama(3)
+    x, y = torch.randint(0, 96, (2, 7)), torch.randint(0, 96, (2, 7))
+    with qa.attached(m):
+        with qa.fake_quantized(m, "nf4"):
+            _ce(m(x), y).backward()
+    m64 = copy.deepcopy(m).double()
+    name = "model.layers.0.mlp.down_proj"
+    with torch.no_grad():
+        for n, mod in qa.quant_targets(m64):
+            w32 = m.get_submodule(n).weight
+            mod.weight.copy_(fake_quant_values(w32, "nf4").double())  # = W + R exactly
+    w = m64.get_submodule(name).weight
+    r = fake_quant_values(m.get_submodule(name).weight, "nf4").double() - m.get_submodule(name).weight.double()
+    assert (r != 0).any()
+    grad = m.get_submodule(name).weight.grad
+    eps = 1e-3  # the fused norm / rope kernels keep fp32 internals: smaller steps drown in their round-off
+    for idx in [(0, 0), (5, 100), (40, 7), (63, 175)]:
+        with torch.no_grad():
+            w0 = w[idx].item()
+            w[idx] = w0 + eps
+            lp = _ce(m64(x), y).item()
+            w[idx] = w0 - eps
+            lm = _ce(m64(x), y).item()
+            w[idx] = w0
+        fd = (lp - lm) / (2 * eps)
+        assert abs(grad[idx].item() - fd) <= 5e-3 * abs(fd) + 1e-6, (idx, grad[idx].item(), fd)
+    plain = copy.deepcopy(m)
+    plain.zero_grad()
+    _ce(plain(x), y).backward()  # the gradient at the unrounded weights differs: the check is not trivial
+    assert not torch.allclose(plain.get_submodule(name).weight.grad, grad, rtol=1e-2, atol=1e-5)
+
+
+def test_lora_mode_ste_gradient_matches_finite_differences_of_unrounded_path():
+    m = tiny_llama(4)
+    apply_lora(m, r=2, alpha=4, seed=0)
+    with torch.no_grad():
+        for _, mod in qa.quant_targets(m):
+            mod.lora_B.normal_(0, 0.05)
+    x, y = torch.randint(0, 96, (2, 7)), torch.randint(0, 96, (2, 7))
+    with qa.attached(m):
+        with qa.fake_quantized(m, "int4_sym", 32):
+            _ce(m(x), y).backward()
+    name = "model.layers.0.self_attn.v_proj"
+    lo = m.get_submodule(name)
+    # float64 oracle: plain linears holding W + s·B·A + R, with R frozen and A, B free
+    m64 = copy.deepcopy(m).double()
+    resid = {}
+    with torch.no_grad():
+        for n, mod in qa.quant_targets(m):
+            merged = mod.weight.double() + mod.scaling * mod.lora_B.double() @ mod.lora_A.double()
+            resid[n] = fake_quant_values(mod.weight, "int4_sym", 32, lora=(mod.lora_A, mod.lora_B, mod.scaling)
+                                         ).double() - merged
+    lo64 = m64.get_submodule(name)
+
+    def h():
+        with torch.no_grad():
+            for n, mod in qa.quant_targets(m64):
+                mod.weight.copy_(m.get_submodule(n).weight.double() + resid[n])
+            # the LoRA path adds s·B·A to W + R: exactly W + s·B·A + R
+            return _ce(m64(x), y).item()
+
+    assert (resid[name] != 0).any()
+    eps = 1e-3
+    for tensor, grad, idx in [(lo64.lora_A, lo.lora_A.grad, (0, 3)), (lo64.lora_A, lo.lora_A.grad, (1, 50)),
+                              (lo64.lora_B, lo.lora_B.grad, (10, 0)), (lo64.lora_B, lo.lora_B.grad, (31, 1))]:
+        with torch.no_grad():
+            t0 = tensor[idx].item()
+            tensor[idx] = t0 + eps
+        lp = h()
+        with torch.no_grad():
+            tensor[idx] = t0 - eps
+        lm = h()
+        with torch.no_grad():
+            tensor[idx] = t0
+        fd = (lp - lm) / (2 * eps)
+        assert abs(grad[idx].item() - fd) <= 5e-3 * abs(fd) + 1e-6, (idx, grad[idx].item(), fd)

@@ -10,6 +10,7 @@ from torch import nn
 
 import qru.quant as Q
 import qru.quant.export as E
+import qru.quant.layout as layout
 from qru.cli import main
 from qru.model.checkpoint import CheckpointError, load_state_dict
 from qru.model.config import LlamaConfig
@@ -80,12 +81,12 @@ def test_export_bit_exact(base, tmp_path, fmt, dq, adapter):
     for mod in _targets(ref):
         q = Q.quantize(ref[f"{mod}.weight"], fmt, bs, double_quant=dq)
         assert ref[f"{mod}.weight"].dtype == torch.float32
-        packed = E.pack_tensors(mod, q, torch.bfloat16)
+        packed = layout.pack_tensors(mod, q, torch.bfloat16)
         for k, t in packed.items():
             assert got[k].dtype == t.dtype and torch.equal(got[k], t), k
         expect_keys |= packed.keys()
         # codes and absmax / scales in qru's own terms too
-        q2, _ = E.unpack_tensors(mod, got, fmt, tuple(ref[f"{mod}.weight"].shape), bs)
+        q2, _ = layout.unpack_tensors(mod, got, fmt, tuple(ref[f"{mod}.weight"].shape), bs)
         assert torch.equal(q2.data, q.data) and torch.equal(q2.scales, q.scales)
         if dq:
             assert torch.equal(q2.absmax(), q.absmax())
@@ -118,7 +119,7 @@ def test_bnb_layout_matches_bitsandbytes_as_dict():
     for fmt in ("nf4", "fp4"):
         for dq in (False, True):
             bq, st = F.quantize_4bit(w, blocksize=64, quant_type=fmt, compress_statistics=dq)
-            ours = E.pack_tensors("m", Q.quantize(w, fmt, 64, double_quant=dq), torch.float32)
+            ours = layout.pack_tensors("m", Q.quantize(w, fmt, 64, double_quant=dq), torch.float32)
             theirs = {"m.weight": bq, **{f"m.weight.{k}": v for k, v in st.as_dict(packed=True).items()}}
             assert ours.keys() == theirs.keys()
             for k in ours:
@@ -136,7 +137,7 @@ def test_bitsandbytes_dequantizes_our_export(base, tmp_path, fmt, dq):
         qs = F.QuantState.from_dict({k[len(w) + 1:]: v for k, v in got.items() if k.startswith(w + ".")},
                                     device=torch.device("cpu"))
         theirs = F.dequantize_4bit(got[w], qs)
-        q, _ = E.unpack_tensors(mod, got, fmt, tuple(qs.shape))
+        q, _ = layout.unpack_tensors(mod, got, fmt, tuple(qs.shape))
         assert theirs.dtype == torch.float32
         assert torch.equal(theirs, q.dequantize(torch.float32)), mod
 

@@ -14,12 +14,14 @@ import numpy as np
 import pytest
 import torch
 
+from qru.data import DataError
 from qru.kernels import quant4
 from qru.model.checkpoint import CheckpointError, load_state_dict, save_state_dict
 from qru.model.config import LlamaConfig
 from qru.model.llama import Llama
 from qru.quant import FORMATS, dequantize, quantize
 from qru.quant import survival as S
+from qru.quant.qlinear import split_linears
 
 sys.path.insert(0, str(Path(__file__).parent))
 from eval_helpers import tiny_checkpoint  # noqa: E402
@@ -242,7 +244,7 @@ def _concat_metrics(base, unl, names, fmt):
 @pytest.mark.parametrize("fmt", ["nf4", "int4"])
 def test_aggregates_are_metrics_of_concatenation(ckpts, fmt):
     base, unl = ckpts
-    rep = S.analyze(base, unl, formats=[fmt], progress=False)
+    rep = S.analyze(base, unl, formats=[fmt], progress=False)[fmt]
     names = [r["name"] + ".weight" for r in rep["layers"]]
     assert len(names) == 14 and not any("lm_head" in n or "embed" in n for n in names)
     groups = {("by_module_type", "q_proj"): [n for n in names if ".q_proj." in n],
@@ -279,7 +281,9 @@ def test_chunked_equals_whole_tensor(ckpts):
 
 def test_json_schema_single_and_multi(ckpts, tmp_path):
     base, unl = ckpts
-    one = S.analyze(base, unl, formats="int4", block_size=64, progress=False)
+    single = S.analyze(base, unl, formats="int4", block_size=64, progress=False)
+    assert set(single) == {"int4"}  # {format: report}, also for one format
+    one = single["int4"]
     assert set(one) == TOP_KEYS and one["format"] == "int4" and one["block_size"] == 64
     assert all(set(r) == ROW_KEYS for r in one["layers"])
     assert set(one["by_module_type"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -297,17 +301,30 @@ def test_json_schema_single_and_multi(ckpts, tmp_path):
     assert len(lines) == 1 + 2 * 14 and lines[0].startswith("format,block_size,name,layer_index,module_type")
     for p in ("survival_heatmap.png", "survival_bars.png"):
         assert paths[p].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert S.by_format(one) == {"int4": one}
+    assert S.by_format(one) == {"int4": one} == S.by_format(single)  # also reads a pre-{format: report} file
     assert "overall" in S.summary_table(multi)
 
 
 def test_skip_includes_lm_head_when_asked(ckpts):
     base, unl = ckpts
-    rep = S.analyze(base, unl, formats="int8", skip=(), progress=False)
+    rep = S.analyze(base, unl, formats="int8", skip=(), progress=False)["int8"]
     assert rep["layers"][-1]["name"] == "lm_head"
     assert "lm_head" in rep["by_module_type"] and "lm_head" not in rep["by_layer_index"]
-    rep = S.analyze(base, unl, formats="int8", skip=("mlp", "*.q_proj"), progress=False)
+    rep = S.analyze(base, unl, formats="int8", skip=("mlp", "*.q_proj"), progress=False)["int8"]
     assert {S.module_type(r["name"]) for r in rep["layers"]} == {"k_proj", "v_proj", "o_proj", "lm_head"}
+
+
+@pytest.mark.parametrize("skip", [("layers.0.mlp",), ("lm_head", "layers.1.self_attn.q_proj"), ("*.k_proj", "mlp")])
+def test_skip_matches_quantize(ckpts, skip):
+    """survival analyses exactly the linears that ``qru quantize --skip`` quantizes (one matcher)."""
+    base, unl = ckpts
+    rep = S.analyze(base, unl, formats="int8", skip=skip, progress=False)["int8"]
+    with torch.device("meta"):
+        model = Llama(LlamaConfig.from_json(base / "config.json"))
+    targets, skipped = split_linears(model, skip)
+    assert sorted(r["name"] for r in rep["layers"]) == sorted(n for n, _ in targets)
+    if skip == ("layers.0.mlp",):  # by hand: the three MLP linears of layer 0, and nothing else
+        assert skipped == [f"model.layers.0.mlp.{p}_proj" for p in ("gate", "up", "down")]
 
 
 @pytest.fixture(scope="module")
@@ -431,7 +448,7 @@ def test_calib_texts_formats(tmp_path, shared_data):
     (tmp_path / "a.jsonl").write_text('{"text": "hello world"}\n{"question": "q?", "answer": "a"}\n')
     assert S.calib_texts(tmp_path / "a.jsonl") == ["hello world", "Question: q?\nAnswer: a"]
     (tmp_path / "bad.json").write_text('[{"foo": 1}]')
-    with pytest.raises(S.SurvivalError, match="bad.json: record 0 has no text"):
+    with pytest.raises(DataError, match="bad.json: record 0 has no text"):
         S.calib_texts(tmp_path / "bad.json")
 
 
@@ -463,7 +480,7 @@ def test_cli_adapter_only_and_errors(ckpts, adapter_case, tmp_path, capsys):
     assert main(["survival", str(base), "--adapter", str(adapter), "--format", "int4", "--block-size", "64",
                  "--quiet", "--out", str(tmp_path / "o")]) == 0
     rep = json.loads((tmp_path / "o" / "survival.json").read_text())
-    assert set(rep) == TOP_KEYS and rep["block_size"] == 64
+    assert set(rep) == {"int4"} and set(rep["int4"]) == TOP_KEYS and rep["int4"]["block_size"] == 64
     assert rep == S.analyze(base, adapter=adapter, formats="int4", block_size=64, progress=False)
     capsys.readouterr()
     assert main(["survival", str(base), "--out", str(tmp_path / "x")]) == 2

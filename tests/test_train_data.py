@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from qru.eval import tofu as tofu_eval
 from qru.model.tokenizer import Tokenizer
 from qru.train import data as D
 
@@ -38,6 +39,9 @@ def test_qa_mask_is_answer_only(tok, tofu, cache):
         assert tok.decode(ids[~m]) == D.qa_prompt(recs[i]["question"])
         # the sequence is the tokenized template
         assert ids.tolist() == tok.encode(D.format_qa(recs[i]["question"], recs[i]["answer"]), eos=True)
+        # ... which is the evaluation prompt followed by the answer
+        assert ids.tolist() == tok.encode(tofu_eval.TEMPLATE.format(question=recs[i]["question"]) + recs[i]["answer"],
+                                          eos=True)
     full = D.load_sets(tofu / "forget01.json", tok, 256, qa_loss="all", cache_dir=cache)
     assert torch.equal(full.ids, ts.ids) and full.num_targets == full.num_tokens - len(full)
 

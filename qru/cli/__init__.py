@@ -10,9 +10,13 @@ import sys
 import traceback
 from pathlib import Path
 
+from safetensors import SafetensorError
+
+from qru import __version__
 from qru.cli.data import add_data
 from qru.cli.demo import add_demo, add_sweep
 from qru.cli.evaluate import add_eval
+from qru.cli.plan import add_plan
 from qru.cli.quant import add_quantize, add_survival
 from qru.cli.tools import add_convert, add_doctor, add_smoke
 from qru.cli.train import add_pretrain, add_unlearn
@@ -20,13 +24,11 @@ from qru.io import check_device
 
 # --- registry --------------------------------------------------------------------------
 
-_ADDERS = [add_smoke, add_doctor, add_eval, add_data, add_pretrain, add_unlearn, add_demo, add_sweep,
+_ADDERS = [add_smoke, add_doctor, add_eval, add_data, add_pretrain, add_unlearn, add_plan, add_demo, add_sweep,
            add_survival, add_quantize, add_convert]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from qru import __version__
-
     parser = argparse.ArgumentParser(prog="qru", description="Quantization-robust LLM unlearning.")
     parser.add_argument("--version", action="version", version=f"qru {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -55,12 +57,6 @@ def _file_being_read(e: BaseException) -> str | None:
 
 def _expected_error(e: BaseException) -> str | None:
     """The one-line message for an error caused by the user's input, or None for a bug."""
-    from safetensors import SafetensorError
-
-    from qru.eval.precision import PrecisionUnavailable
-
-    if isinstance(e, PrecisionUnavailable):
-        return str(e)
     if isinstance(e, OSError):
         if e.filename is not None:
             return f"{e.filename}: {e.strerror or e}"
@@ -92,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     exit 2; anything else is a bug: its traceback, under a line asking to report it, exit 1."""
     args = build_parser().parse_args(argv)
     cmd = " ".join(filter(None, [args.command, getattr(args, "data_command", None)]))
+    if os.environ.get("WORLD_SIZE", "1") != "1" and "RANK" in os.environ:  # under torchrun: name the rank
+        cmd += f" (rank {os.environ['RANK']})"
     try:
         _check_device(args)
         return int(args.func(args) or 0)

@@ -1,10 +1,11 @@
 """``qru data``: datasets (``qru data synth``)."""
 from __future__ import annotations
 
+from qru.data.synthetic import write_corpus
+
+
 def cmd_data_synth(args) -> int:
     """Write the synthetic fictitious-people corpus (MUSE layout) used by ``qru demo``."""
-    from qru.data.synthetic import write_corpus
-
     info = write_corpus(args.out, people=args.people, seed=args.seed, retain=args.retain,
                         holdout=args.holdout, general=args.general, facts_per_person=args.facts_per_person,
                         docs_per_person=args.docs_per_person, qa_docs=not args.no_qa_docs, icl=args.icl,

@@ -1,12 +1,16 @@
 """``qru demo`` and ``qru sweep``: the paper's experiment end to end, and its one-factor sweep."""
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
+from qru.demo import get_preset, parse_overrides, run_demo
+from qru.demo.pretrained import run_pretrained, verdict_word
+from qru.demo.sweep import parse_combos, parse_knobs, run_sweep
+
+
 def cmd_demo(args) -> int:
     """The paper's experiment end to end on the embedded synthetic corpus; prints the wall time."""
-    import time
-
-    from qru.demo import get_preset, parse_overrides, run_demo
-
     t0 = time.perf_counter()
     cfg = get_preset(args.preset, parse_overrides(args.set))
     out = args.out or f"runs/demo-{args.preset}"
@@ -22,11 +26,6 @@ def cmd_demo(args) -> int:
 
 def _demo_pretrained(cfg, out, args, t0) -> int:
     """``qru demo --preset pretrained`` (``qru.demo.pretrained``): the verdict lines, then where the report is."""
-    import time
-    from pathlib import Path
-
-    from qru.demo.pretrained import run_pretrained, verdict_word
-
     if args.device not in ("cpu", "auto"):
         raise ValueError(f"--device {args.device}: the pretrained preset runs on the CPU")
     res = run_pretrained(cfg, out, seed=args.seed, force=args.force, progress=args.progress, threads=args.threads,
@@ -39,9 +38,6 @@ def _demo_pretrained(cfg, out, args, t0) -> int:
 
 def cmd_sweep(args) -> int:
     """One-factor-at-a-time sweep of the demo around a preset."""
-    from qru.demo import parse_overrides
-    from qru.demo.sweep import parse_combos, parse_knobs, run_sweep
-
     res = run_sweep(args.preset, args.out, seed=args.seed, knobs=parse_knobs(args.knob),
                     combos=parse_combos(args.combo) if args.combo else None,
                     overrides=parse_overrides(args.set), force=args.force, progress=args.progress,

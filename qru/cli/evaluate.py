@@ -1,10 +1,11 @@
 """``qru eval``: MUSE / TOFU metrics of a checkpoint at several precisions."""
 from __future__ import annotations
 
+from qru.eval.run import run_eval
+
+
 def cmd_eval(args) -> int:
     """Evaluate a checkpoint on MUSE or TOFU at one or more precisions."""
-    from qru.eval.run import run_eval
-
     run_eval(args.model, args.benchmark, args.data, out=args.out, adapter=args.adapter,
              retrain_model=args.retrain_model, retrain_auc=args.retrain_auc, precisions=args.precision,
              limit=args.limit, seed=args.seed, batch_size=args.batch_size,

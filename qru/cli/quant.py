@@ -5,12 +5,13 @@ import sys
 
 from qru.cli.common import csv_list
 from qru.io import check_output
+from qru.quant.export import quantize_checkpoint
+from qru.quant.gguf_export import export_gguf
+from qru.quant.survival import analyze, summary_table, write_outputs
+
 
 def cmd_survival(args) -> int:
     """Per-layer survival of an unlearning update under weight quantization."""
-    from qru.quant.survival import analyze, summary_table, write_outputs
-
-
     if args.unlearned is None and args.adapter is None:
         print("qru survival: error: give UNLEARNED, --adapter, or both", file=sys.stderr)
         return 2
@@ -44,8 +45,6 @@ def add_survival(sub) -> None:
 
 def cmd_quantize(args) -> int:
     """Merge an adapter (fp32) and quantize a checkpoint, streamed shard by shard."""
-    from qru.quant.export import quantize_checkpoint
-
     if args.format.startswith("gguf:"):
         return _quantize_gguf(args)
     out = quantize_checkpoint(args.model, args.out, args.format, args.block_size, adapter=args.adapter,
@@ -64,8 +63,6 @@ def _head_skip(args) -> list[str]:
 
 def _quantize_gguf(args) -> int:
     """``--format gguf:*``: one llama.cpp GGUF file (``qru.quant.gguf_export``)."""
-    from qru.quant.gguf_export import export_gguf
-
     if args.block_size is not None or args.double_quant:
         raise ValueError("--block-size and --double-quant do not apply to GGUF formats (fixed 32-value blocks)")
     if args.quantize_head:

@@ -1,21 +1,24 @@
 """``qru smoke``, ``qru doctor`` and ``qru convert``: the machine and model tools."""
 from __future__ import annotations
 
+import json
+import os
 import sys
+import tempfile
+from pathlib import Path
+
+import torch
 
 from qru.cli.common import csv_list
+from qru.kernels import calibrate, machine
+from qru.model.config import LlamaConfig
+from qru.model.generate import generate_ids
+from qru.model.gguf import convert_gguf
+from qru.model.llama import Llama
+
 
 def cmd_smoke(args) -> int:
     """Build a tiny model, save it, load it back, generate: the end-to-end smoke."""
-    import tempfile
-    from pathlib import Path
-
-    import torch
-
-    from qru.model.config import LlamaConfig
-    from qru.model.generate import generate_ids
-    from qru.model.llama import Llama
-
     torch.manual_seed(args.seed)
     cfg = LlamaConfig.preset("tiny", vocab_size=256)
     model = Llama(cfg).eval()
@@ -41,12 +44,6 @@ def add_smoke(sub) -> None:
 
 def cmd_doctor(args) -> int:
     """The machine, the per-machine kernel choices (measured once and cached) and why."""
-    import os
-
-    import torch
-
-    from qru.kernels import calibrate, machine
-
     threads = sorted({int(t) for t in csv_list(args.threads)}) if args.threads else sorted({1, os.cpu_count() or 1})
     if any(t < 1 for t in threads):
         print(f"qru doctor: error: --threads must be positive integers, got {args.threads!r}", file=sys.stderr)
@@ -73,12 +70,9 @@ def add_doctor(sub) -> None:
 
 def cmd_convert(args) -> int:
     """A llama.cpp GGUF Llama -> an HF checkpoint directory with its tokenizer files."""
-    from qru.model.gguf import convert_gguf
-
     out = convert_gguf(args.model, args.out, dtype=args.dtype, overwrite=args.overwrite,
                        max_shard_size=args.max_shard_size)
     print(f"qru convert: wrote {args.dtype} checkpoint and tokenizer to {out}")
-    import json
 
     special = json.loads((out / "special_tokens_map.json").read_text())
     if "pad_token" not in special:

@@ -2,22 +2,27 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import sys
 
 from qru.cli.common import csv_list
+from qru.train.config import PretrainConfig, UnlearnConfig
+from qru.train.pretrain import pretrain
+from qru.train.state import work_dir
+from qru.train.unlearn import unlearn
+
 
 def _train_config(cls, args):
     """The dataclass config from the options given on the command line (others keep their defaults)."""
-    import dataclasses
-
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in vars(args).items() if k in names})
 
 
 def _run_training(kind: str, fn, cfg) -> int:
-    from qru.train.state import work_dir
-
     res = fn(cfg)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 reports the run
+        return 0
     last = {k: v for k, v in (res.evals[-1] if res.evals else {}).items() if k.endswith("_nll")}
     first = {k: v for k, v in (res.evals[0] if res.evals else {}).items() if k.endswith("_nll")}
     nll = ", ".join(f"{k} {first.get(k, float('nan')):.3f} -> {v:.3f}" for k, v in last.items())
@@ -32,17 +37,12 @@ def _run_training(kind: str, fn, cfg) -> int:
 
 def cmd_pretrain(args) -> int:
     """Train (or fine-tune) a model on text / QA data: an HF checkpoint with its tokenizer beside it."""
-    from qru.train.config import PretrainConfig
-    from qru.train.pretrain import pretrain
-
     return _run_training("pretrain", pretrain, _train_config(PretrainConfig, args))
 
 
 def cmd_unlearn(args) -> int:
-    """Unlearn a forget set (GA / NPO / SimNPO with GDR / KLR) in full or LoRA mode."""
-    from qru.train.config import UnlearnConfig
-    from qru.train.unlearn import unlearn
-
+    """Unlearn a forget set (GA / NPO / SimNPO with GDR / KLR) in full or LoRA mode. Under
+    ``torchrun --nproc-per-node N -m qru unlearn ...``: data parallel on FSDP2 (qru.train.distributed)."""
     return _run_training("unlearn", unlearn, _train_config(UnlearnConfig, args))
 
 
@@ -117,5 +117,17 @@ def add_unlearn(sub) -> None:
                    help="full mode: lr = X * std(W) per weight matrix (replaces --lr)")
     p.add_argument("--stall-threshold", type=float, default=S,
                    help="warn when the forget NLL moved less than this many nats (default 0.05)")
+    g = p.add_argument_group("quantization-aware unlearning (docs/quant_aware.md)")
+    g.add_argument("--quant-aware", type=csv_list, default=S, metavar="FMT[,FMT...]",
+                   help="train through fake quantization of every export-quantized linear (straight-through "
+                        "gradients): loss = L(full precision) + λ·L(quantized); formats as qru quantize")
+    g.add_argument("--qa-weight", type=float, default=S, metavar="λ", help="weight of the quantized loss (default 1)")
+    g.add_argument("--qa-sample", choices=["random", "sum"], default=S,
+                   help="several formats: one random format per step (seeded; default) or the sum")
+    g.add_argument("--qa-block-size", type=int, default=S, help="as qru quantize --block-size (default per format)")
+    g.add_argument("--qa-skip", type=csv_list, default=S, help="as qru quantize --skip (default lm_head; '' for none)")
+    p.add_argument("--saliency-mask", type=int, default=S, metavar="TOPK",
+                   help="full mode: train only the TOPK modules with the largest forget-gradient norm (SURE, "
+                        "Zhang et al. 2024)")
     _add_train_options(p)
     p.set_defaults(func=cmd_unlearn)

@@ -17,11 +17,19 @@ def value_of(records, metric, **match):
     return rs[0][metric] if rs else None
 
 
+UNLEARN_MODES = ("full", "lora", "quant_aware")
+
+
+def modes_of(records) -> tuple[str, ...]:
+    """full and lora, plus quant_aware (full FT with ``--quant-aware``) when the run has it."""
+    return ("full", "lora") + (("quant_aware",) if any(r["mode"] == "quant_aware" for r in records) else ())
+
+
 def unlearned_keys(records) -> list[tuple[str, int]]:
-    """(method, seed) pairs present in both modes."""
+    """(method, seed) pairs of the unlearned models (any mode)."""
     keys = {}
     for r in records:
-        if r["mode"] in ("full", "lora"):
+        if r["mode"] in UNLEARN_MODES:
             keys.setdefault((r["method"], r["seed"]), set()).add(r["mode"])
     return sorted(keys)
 

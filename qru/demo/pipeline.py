@@ -12,20 +12,25 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
+from qru.demo import report as rpt
 from qru.demo.presets import GGUF_FORMATS, DemoConfig
 from qru.demo.stages import StageCache, atomic_write_json
 from qru.demo.train_stages import (base_stage, corpus_stage, finetune_stage, tokenizer_stage, train_common,
                                     unlearn_stage)
-from qru.eval.muse import privleak_from_auc, scaled_gap
+from qru.eval.muse import evaluate_muse, privleak_from_auc, scaled_gap
+from qru.eval.precision import build_model
 from qru.io import check_device, check_output
 from qru.kernels._backend import KernelBuild
+from qru.model.tokenizer import Tokenizer
 from qru.quant import survival
 
 FLOAT_WEIGHTS = ("bf16", "fp16")
@@ -55,7 +60,7 @@ class ModelRef:
     """One evaluated model: ``path`` (checkpoint) + optional ``adapter``; ``stage`` names its cache."""
     key: str  # unique id, e.g. "npo_gdr-lora-s1"
     method: str  # "target" | "retrain" | a METHODS name
-    mode: str  # "target" | "retrain" | "full" | "lora"
+    mode: str  # "target" | "retrain" | "full" | "lora" | "quant_aware"
     seed: int | None
     path: Path
     adapter: Path | None
@@ -94,9 +99,6 @@ def _eval_keys(cfg: DemoConfig) -> dict:
 
 def _evaluate_one(ref: ModelRef, precision: str, tok, data_dir: Path, cfg: DemoConfig, device: str,
                   retrain_auc: float | None) -> tuple[dict, dict]:
-    from qru.eval.muse import evaluate_muse
-    from qru.eval.precision import build_model
-
     e = cfg.eval
     t0 = time.perf_counter()
     model = build_model(ref.path, precision, ref.adapter, block_size=e.block_size or None, device=device,
@@ -178,9 +180,6 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, *, seed: int = 0, force: b
 
     ``out`` may be new, empty or an earlier demo output (its cache is reused); any other non-empty
     directory needs ``overwrite`` (the demo's files are then written into it, each atomically)."""
-    from qru.demo import report as rpt
-    from qru.model.tokenizer import Tokenizer
-
     t_start = time.perf_counter()
     cpu_start = _cpu_seconds()
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -227,8 +226,8 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, *, seed: int = 0, force: b
         for method in u.methods:
             for mode in u.modes:
                 st = stage(unlearn_stage, cache, cfg, target, method, mode, useed, common)
-                if mode == "full":
-                    refs.append(ModelRef(f"{method}-full-s{useed}", method, mode, useed, st.dir, None, st.hash))
+                if mode in ("full", "quant_aware"):  # a full checkpoint
+                    refs.append(ModelRef(f"{method}-{mode}-s{useed}", method, mode, useed, st.dir, None, st.hash))
                 else:
                     refs.append(ModelRef(f"{method}-lora-s{useed}", method, mode, useed, target.dir, st.dir,
                                          st.hash))
@@ -236,8 +235,6 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, *, seed: int = 0, force: b
     tok = Tokenizer(tok_st.dir / "tokenizer.model")
     precisions = list(cfg.eval.precisions)
     try:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=len(refs) * len(precisions), desc="evaluate (model x precision)", disable=not progress,
                    dynamic_ncols=True, file=sys.stderr)
     except ImportError:  # pragma: no cover
@@ -303,8 +300,6 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, *, seed: int = 0, force: b
 
 def _cpu_seconds() -> float:
     """CPU time of this process and its finished children (the compiler), user + system."""
-    import resource
-
     a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
 

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 
 METHODS = ("ga_gdr", "ga_klr", "npo_gdr", "npo_klr")
-MODES = ("full", "lora")
+MODES = ("full", "lora", "quant_aware")  # quant_aware: full fine-tuning with ``qru unlearn --quant-aware``
 EVAL_PRECISIONS = ("bf16", "int8", "nf4", "fp4", "int4")
 FOUR_BIT = ("nf4", "fp4", "int4")
 # llama.cpp's GGUF block formats (``qru.quant.GGUF_FORMATS``; a test checks they agree), and the 4-bit ones
@@ -81,9 +81,12 @@ class UnlearnSpec:
     1e-3 / sqrt(hidden) (1.25e-4 at hidden 64, 8.8e-5 at 128; at 4096 this is the 1.6e-5 of a 7B run) and
     LoRA's lr about 4-8 times higher (its B starts at zero). ``train="linears"`` (full mode) freezes the
     embeddings, norms and head, which 4-bit never rounds (they are 30-60% of a demo model's weights).
+
+    Mode ``quant_aware`` (opt-in, ``unlearn.modes=full,lora,quant_aware``): full fine-tuning at ``lr_full``
+    with ``--quant-aware`` over ``qa_formats`` and weight ``qa_weight`` (docs/quant_aware.md).
     """
     methods: tuple[str, ...] = ("npo_gdr", "ga_gdr")
-    modes: tuple[str, ...] = MODES
+    modes: tuple[str, ...] = ("full", "lora")
     lr_full: float = 1e-4
     lr_lora: float = 5e-4
     epochs: int = 10
@@ -94,6 +97,8 @@ class UnlearnSpec:
     master_dtype: str = "fp32"
     scheduler: str = "constant"
     train: str = "all"  # full mode: "all" parameters or "linears" (only what 4-bit export quantizes)
+    qa_formats: tuple[str, ...] = ("nf4",)  # mode quant_aware: the formats trained through
+    qa_weight: float = 1.0  # mode quant_aware: lambda in L(full precision) + lambda * L(quantized)
 
 
 @dataclass(frozen=True)
@@ -324,6 +329,9 @@ def validate(cfg: DemoConfig) -> None:
         _need(t.master_dtype in ("fp32", "bf16"), f"{sec}.master_dtype", t.master_dtype, "fp32 or bf16")
     _need(u.master_dtype in ("fp32", "bf16"), "unlearn.master_dtype", u.master_dtype, "fp32 or bf16")
     _need(u.train in ("all", "linears"), "unlearn.train", u.train, "all or linears")
+    _need(len(u.qa_formats) > 0 and all(f in SURVIVAL_FORMATS for f in u.qa_formats), "unlearn.qa_formats",
+          u.qa_formats, f"a non-empty subset of {SURVIVAL_FORMATS}")
+    _need(u.qa_weight >= 0, "unlearn.qa_weight", u.qa_weight, ">= 0")
     _need(u.lr_full > 0 and u.lr_lora > 0 and u.epochs >= 1, "unlearn.lr_full/lr_lora/epochs",
           (u.lr_full, u.lr_lora, u.epochs), "positive")
     if cfg.pretrained is not None:

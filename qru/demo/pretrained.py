@@ -58,9 +58,27 @@ from pathlib import Path
 
 import torch
 
+from qru.data import qa_prompt
+from qru.data.synthetic import GENERATOR_VERSION, fact_sets
 from qru.demo.presets import DemoConfig, PretrainedSpec
 from qru.demo.stages import StageCache, atomic_write_json, atomic_write_text
+from qru.demo.stats import t_crit
+from qru.eval.common import rouge_l
+from qru.eval.generation import generate_batched
+from qru.eval.precision import build_model, merge_adapter
+from qru.io import check_output
 from qru.kernels.machine import describe as describe_machine
+from qru.model.checkpoint import write_pretrained
+from qru.model.gguf import convert_gguf
+from qru.model.llama import Llama
+from qru.model.tokenizer import load_tokenizer
+from qru.quant import survival
+from qru.quant.formats import dequantize, quantize
+from qru.train.config import PretrainConfig, UnlearnConfig
+from qru.train.data import collate, load_sets
+from qru.train.loop import model_sequence_logprobs
+from qru.train.pretrain import pretrain
+from qru.train.unlearn import quantized_linear_names, unlearn
 
 CRITERIA = tuple(" ".join(c.split()) for c in re.findall(r"^C[1-5]\. .*?(?=\nC[1-5]\. |\n\n|\Z)", __doc__,
                                                           flags=re.S | re.M))
@@ -105,18 +123,11 @@ class QAScorer:
 
     def __init__(self, tok, sets: dict[str, list[dict]], files: dict[str, Path], max_new_tokens: int,
                  cache_dir: str | None):
-        from qru.train.data import load_sets
-
         self.tok, self.sets, self.max_new = tok, sets, max_new_tokens
         self.tokens = {g: load_sets([str(files[g])], tok, 128, "qa", "answer", cache_dir, role=g) for g in sets}
 
     @torch.no_grad()
     def __call__(self, model, groups=None) -> dict[str, dict]:
-        from qru.eval.common import rouge_l
-        from qru.eval.generation import generate_batched
-        from qru.train.data import collate, qa_prompt
-        from qru.train.loop import model_sequence_logprobs
-
         was = model.training
         model.eval()
         out = {}
@@ -199,8 +210,6 @@ def restoration(m_q_u: float, m_bf16_u: float, m_q_t: float) -> float | None:
 
 def mean_ci(values: list[float]) -> dict:
     """Mean, 95% Student-t interval (k - 1 df) and k of per-seed values (no interval with k < 2)."""
-    from qru.demo.stats import t_crit
-
     v = [x for x in values if x is not None and math.isfinite(x)]
     if not v:
         return {"mean": None, "ci": None, "k": 0, "values": values}
@@ -241,8 +250,6 @@ def arms(p: PretrainedSpec) -> list[Arm]:
 
 
 def _base_stage(cache: StageCache, src: Path):
-    from qru.model.gguf import convert_gguf
-
     def build(d: Path):
         convert_gguf(src, d / "model", dtype="fp32")
         return {"gguf": src.name}
@@ -251,8 +258,6 @@ def _base_stage(cache: StageCache, src: Path):
 
 
 def _facts_stage(cache: StageCache, p: PretrainedSpec, seed: int):
-    from qru.data.synthetic import GENERATOR_VERSION, fact_sets
-
     def build(d: Path):
         sets = fact_sets(p.facts, seed, p.facts_per_person)
         for g, recs in sets.items():
@@ -280,11 +285,6 @@ def _data(facts_dir: Path, groups) -> list[str]:
 
 
 def _finetune_stage(cache, name, p, base, facts, seed, groups, epochs, stop, common):
-    from qru.model.checkpoint import write_pretrained
-    from qru.model.llama import Llama
-    from qru.train.config import PretrainConfig
-    from qru.train.pretrain import pretrain
-
     def build(d: Path):
         res = pretrain(PretrainConfig(out=str(d / "train"), data=_data(facts.dir, groups), init=str(base.dir / "model"),
                                       lr=p.target_lr, epochs=epochs, seed=seed, precision="bf16", master_dtype="fp32",
@@ -310,9 +310,6 @@ def _finetune_stage(cache, name, p, base, facts, seed, groups, epochs, stop, com
 
 
 def _unlearn_stage(cache, p, arm: Arm, target, facts, seed, stop, common):
-    from qru.train.config import UnlearnConfig
-    from qru.train.unlearn import unlearn
-
     meth, reg = arm.method.split("_")
 
     def build(d: Path):
@@ -337,8 +334,6 @@ def _unlearn_stage(cache, p, arm: Arm, target, facts, seed, stop, common):
 
 
 def _eval_stage(cache, name, model_hash, path: Path, adapter: Path | None, precision, scorer: QAScorer, p):
-    from qru.eval.precision import build_model
-
     def build(d: Path):
         t0 = time.perf_counter()
         model = build_model(path, precision, adapter)
@@ -357,16 +352,9 @@ def diagnostics(target_dir: Path, model_dir: Path | None, adapter: Path | None, 
     from the target's at all), ``in_bin_share`` (of the changed weights, those whose quantized value equals
     the target's quantized value), and :mod:`qru.quant.survival`'s overall ``code_flip_frac`` and
     ``projection``."""
-    from qru.model.llama import Llama
-    from qru.quant import survival
-    from qru.quant.formats import dequantize, quantize
-    from qru.train.unlearn import quantized_linear_names
-
     t = Llama.from_pretrained(target_dir, dtype=torch.float32)
     names = quantized_linear_names(t)
     if adapter is not None:
-        from qru.eval.precision import merge_adapter
-
         u = merge_adapter(Llama.from_pretrained(target_dir, dtype=torch.float32), adapter)
     else:
         u = Llama.from_pretrained(model_dir, dtype=torch.float32)
@@ -396,11 +384,8 @@ def run_pretrained(cfg: DemoConfig, out: Path, *, seed: int = 0, force: bool = F
     """Run (or resume from the stage cache) the pretrained experiment into ``out``; returns the results
     (also ``results.json`` and ``report.md``). ``base_dir``: an HF checkpoint to use instead of the
     installed SmolLM2 (tests use a tiny one); seeds are ``seed``, ``seed + 1``, ..."""
-    from qru.model.tokenizer import load_tokenizer
-
     p = cfg.pretrained
     t_start = time.perf_counter()
-    from qru.io import check_output
 
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")

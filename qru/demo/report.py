@@ -24,8 +24,8 @@ import statistics
 from pathlib import Path
 
 from qru.demo import stats
-from qru.demo.effects import (MIN_EFFECT, effect, effect_stats, gap_pm_text, matching, num, paired, paired_items,
-                              pct, pm_text, shown_word, unlearned_keys, value_of)
+from qru.demo.effects import (MIN_EFFECT, effect, effect_stats, gap_pm_text, matching, modes_of, num, paired,
+                              paired_items, pct, pm_text, shown_word, unlearned_keys, value_of)
 from qru.demo.presets import TABLE_FORMATS
 from qru.demo.stages import atomic_write_json, atomic_write_text
 from qru.demo.tables import METHOD_LABEL, generation_lengths, paper_table, precision_table, survival_table
@@ -46,7 +46,7 @@ def sanity(records, utility_bound: float) -> dict:
     gap = kt - kr if kt is not None and kr is not None else None
     out = {"target_knowmem_f": kt, "retrain_knowmem_f": kr, "target_gap": gap,
            "target_knows": gap is not None and gap >= TARGET_GAP, "target_utility": ut, "modes": {}}
-    for mode in ("full", "lora"):
+    for mode in modes_of(records):
         rs = matching(records, mode=mode, precision="bf16")
         if not rs or gap is None:
             continue
@@ -71,7 +71,7 @@ def conclusions(records, table_format: str = "nf4", utility_bound: float = 0.25)
     c = {"table_format": table_format, "formats": formats, "min_effect": MIN_EFFECT,
          "sanity": sanity(records, utility_bound), "restore": {}, "utility": {}, "privleak": {}}
     for fmt in formats:
-        for mode in ("full", "lora"):
+        for mode in modes_of(records):
             d, it = paired_items(records, "knowmem_f", {"mode": mode, "precision": fmt},
                                  {"mode": mode, "precision": "bf16"})
             st = effect_stats(d, it)
@@ -119,8 +119,43 @@ def conclusions(records, table_format: str = "nf4", utility_bound: float = 0.25)
                 absd[(m, s)] = abs(a) - abs(b)
         pl["lora_minus_full_abs"] = effect_stats(absd)
         c["privleak"][fmt] = pl
+        if "quant_aware" in modes_of(records):
+            c.setdefault("quant_aware", {})[fmt] = quant_aware_effects(records, fmt, c["restore"][fmt])
     c["answers"] = answers(c)
     return c
+
+
+def quant_aware_effects(records, fmt: str, restore: dict) -> dict:
+    """Does quantization-aware unlearning keep at ``fmt`` what full fine-tuning loses? Paired by
+    (method, seed), KnowMem_f differences: full FT's restoration (``full@fmt - full@bf16``), the
+    quant-aware model's own (``qa@fmt - qa@bf16``), the quant-aware model at ``fmt`` against full FT
+    at bf16 (what full FT had before quantization: ``keep``) and against full FT at ``fmt``."""
+    qa, full = {"mode": "quant_aware"}, {"mode": "full"}
+    return {"restore_full": restore.get("full"), "restore_qa": restore.get("quant_aware"),
+            "keep": effect(records, "knowmem_f", {**qa, "precision": fmt}, {**full, "precision": "bf16"}),
+            "qa_minus_full": effect(records, "knowmem_f", {**qa, "precision": fmt}, {**full, "precision": fmt}),
+            "utility_qa_minus_full": effect(records, "knowmem_r", {**qa, "precision": fmt},
+                                            {**full, "precision": fmt})}
+
+
+def quant_aware_answer(q: dict, fmt: str) -> str:
+    """The verdict, from the intervals alone (lower KnowMem_f = more forgotten)."""
+    rf, keep, vs = q["restore_full"], q["keep"], q["qa_minus_full"]
+    nums = (f"full FT restores {pm_text(rf)} at {fmt}; quant-aware at {fmt} minus full FT at bf16 = "
+            f"{pm_text(keep)}; quant-aware minus full FT, both at {fmt} = {pm_text(vs)}")
+    if rf is None or rf["effect"] is None or keep["effect"] is None:
+        return f"Quant-aware vs full FT at {fmt}: cannot tell (no paired records)."
+    if not (rf["shown"] and rf["effect"] > 0):
+        return (f"Quant-aware vs full FT at {fmt}: NOT TESTABLE here: full fine-tuning loses no forgetting shown "
+                f"at {fmt}, so there is nothing to keep ({nums}).")
+    if keep["shown"] and keep["effect"] > 0:
+        return (f"Quant-aware vs full FT at {fmt}: NO: the quant-aware model at {fmt} knows more of the forget set "
+                f"than full FT did at bf16 ({nums}).")
+    if vs["shown"] and vs["effect"] < 0:
+        return (f"Quant-aware vs full FT at {fmt}: YES: at {fmt} the quant-aware model knows less of the forget set "
+                f"than full FT, and no more than full FT at bf16 ({nums}).")
+    return (f"Quant-aware vs full FT at {fmt}: NOT SHOWN: the quant-aware model at {fmt} is not shown to know less "
+            f"than full FT at {fmt} ({nums}).")
 
 
 def _restore_sentence(st: dict, mode_name: str, fmt: str) -> str:
@@ -146,7 +181,8 @@ def answers(c: dict) -> dict:
     out = {}
     r = c["restore"].get(fmt, {})
     out["q1_restore"] = [_restore_sentence(r[m], name, fmt) for m, name in (("full", "Full fine-tuning"),
-                                                                           ("lora", "LoRA (merged, then quantized)"))
+                                                                           ("lora", "LoRA (merged, then quantized)"),
+                                                                           ("quant_aware", "Quant-aware full FT"))
                          if m in r]
     for f in c["formats"]:
         if f != fmt:
@@ -204,6 +240,8 @@ def answers(c: dict) -> dict:
                      + ("LoRA leaks less." if st["shown"] and st["effect"] < 0 else
                         "full fine-tuning leaks less." if st["shown"] else "no difference shown."))
         out["q3_privleak"] = lines
+    if fmt in c.get("quant_aware", {}):
+        out["q4_quant_aware"] = [quant_aware_answer(c["quant_aware"][fmt], fmt)]
     return out
 
 
@@ -221,14 +259,17 @@ def plots(records, precisions, fmt: str, out: Path) -> list[Path]:
     for ax, (metric, title) in zip(axes, (("knowmem_f", "KnowMem on forget (lower = forgotten)"),
                                           ("knowmem_r", "Utility: KnowMem on retain"),
                                           ("privleak", "PrivLeak (0 = like retrain)"))):
-        for mode, style in (("target", "k-"), ("retrain", "k--"), ("full", "C0o-"), ("lora", "C1s-")):
+        for mode, style in (("target", "k-"), ("retrain", "k--"), ("full", "C0o-"), ("lora", "C1s-"),
+                            ("quant_aware", "C2^-")):
             ys, es = [], []
             for p in precisions:
                 v = [r[metric] for r in matching(records, mode=mode, precision=p) if r[metric] is not None]
                 ys.append(statistics.fmean(v) if v else float("nan"))
                 es.append(statistics.stdev(v) if len(v) > 1 else 0.0)
+            if mode == "quant_aware" and all(math.isnan(y) for y in ys):
+                continue
             ax.errorbar(x, ys, yerr=es, fmt=style, capsize=3, label=mode if mode in ("target", "retrain")
-                        else f"unlearned ({'full FT' if mode == 'full' else 'LoRA'})")
+                        else f"unlearned ({ {'full': 'full FT', 'lora': 'LoRA'}.get(mode, 'quant-aware FT')})")
         ax.set_xticks(x, precisions)
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
@@ -275,9 +316,9 @@ def _save(fig, path: Path, dpi: int = 110) -> Path:
 # -- report ----------------------------------------------------------------------------------
 
 def _methods_line(records) -> str:
-    ms = sorted({r["method"] for r in records if r["mode"] in ("full", "lora")},
+    ms = sorted({r["method"] for r in records if r["mode"] in modes_of(records)},
                 key=lambda m: list(METHOD_LABEL).index(m) if m in METHOD_LABEL else 99)
-    modes = sorted({r["mode"] for r in records if r["mode"] in ("full", "lora")})
+    modes = sorted({r["mode"] for r in records if r["mode"] in modes_of(records)})
     seeds = sorted({r["seed"] for r in records if r["seed"] is not None})
     return (f"methods {', '.join(METHOD_LABEL.get(m, m) for m in ms)}; modes {', '.join(modes)}; "
             f"unlearning seeds {', '.join(map(str, seeds))}")
@@ -333,7 +374,8 @@ def render(run, c: dict) -> str:
 
     L += [f"## Paper-style table (4-bit = {fmt})", "",
           "Mean ± sd over unlearning seeds. Full = bf16 model of full-FT unlearning; Full+LoRA = bf16 model with the "
-          "LoRA adapter merged; 4-bit = the same models quantized.", ""]
+          "LoRA adapter merged; Full+QA (when run) = full-FT unlearning trained through fake quantization "
+          "(`--quant-aware`); 4-bit = the same models quantized.", ""]
     L += paper_table(records, fmt)
     L += ["", "## Conclusion (computed from results.json)", "",
           f"Effects are paired differences per (method, unlearning seed), averaged over methods, then seeds. "
@@ -349,6 +391,10 @@ def render(run, c: dict) -> str:
     L += [f"- {x}" for x in a.get("q2_utility", [])]
     L += ["", "**3. Where does PrivLeak move?**"]
     L += [f"- {x}" for x in a.get("q3_privleak", [])]
+    if a.get("q4_quant_aware"):
+        L += ["", "**4. Does quantization-aware unlearning keep at 4 bits what full fine-tuning loses?** "
+              "(Full+QA: full fine-tuning with `qru unlearn --quant-aware`; lower KnowMem_f = more forgotten)"]
+        L += [f"- {x}" for x in a["q4_quant_aware"]]
     L += ["", "## Every precision", "", "KnowMem_f (forget):", ""]
     L += precision_table(records, "knowmem_f", cfg.eval.precisions)
     L += ["", "Utility (KnowMem_r):", ""]
@@ -400,7 +446,9 @@ def write_outputs(run) -> dict[str, Path]:
                      f"{pct(v['utility_drop_mean'])}" for m, v in sa["modes"].items()))
     run.headline = ([pre, "Does 4-bit restore forgotten knowledge?"] + [f"  {x}" for x in a.get("q1_restore", [])[:2]]
                     + ["Does LoRA keep more utility at 4 bits?"] + [f"  {x}" for x in a.get("q2_utility", [])[:1]]
-                    + ["Where does PrivLeak move?"] + [f"  {x}" for x in a.get("q3_privleak", [])[:2]])
+                    + ["Where does PrivLeak move?"] + [f"  {x}" for x in a.get("q3_privleak", [])[:2]]
+                    + (["Does quantization-aware unlearning keep at 4 bits what full fine-tuning loses?"]
+                       + [f"  {x}" for x in a["q4_quant_aware"]] if a.get("q4_quant_aware") else []))
     atomic_write_json(out / "run.json", {"preset": cfg.name, "seed": run.seed, "config": cfg.to_dict(),
                                          "wall_seconds": round(run.wall_seconds, 2),
                                          "cpu_seconds": round(run.cpu_seconds, 2),

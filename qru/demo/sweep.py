@@ -26,6 +26,7 @@ from pathlib import Path
 
 from qru.demo import report as rpt
 from qru.demo import stats
+from qru.demo.pipeline import run_demo
 from qru.demo.presets import FOUR_BIT, DemoConfig, PresetError, apply_overrides, get_preset
 from qru.demo.stages import atomic_write_json, atomic_write_text
 
@@ -42,6 +43,8 @@ DEFAULT_KNOBS: dict[str, tuple] = {
 DEFAULT_COMBOS: tuple[dict, ...] = (
     {"unlearn.master_dtype": "bf16", "unlearn.lr_full": 1e-5},
     {"unlearn.master_dtype": "bf16", "unlearn.lr_full": 3e-5},
+    # the mechanism regime again, with quantization-aware full FT beside full and LoRA (shares their stages)
+    {"unlearn.master_dtype": "bf16", "unlearn.lr_full": 1e-5, "unlearn.modes": ("full", "lora", "quant_aware")},
 )
 KNOB_NOTE = {
     "model.hidden": "width (fan-in): the update-to-quantization-step ratio shrinks with width",
@@ -148,6 +151,12 @@ def summarize_point(records, fmts, utility_bound: float = 1.0) -> dict:
             row[mode] = {"restored": rest, "utility_loss": uloss, "privleak_change": pl}
         row["lora_minus_full_utility"] = rpt.effect(records, "knowmem_r", {"mode": "lora", "precision": f},
                                                     {"mode": "full", "precision": f})
+        if any(r["mode"] == "quant_aware" for r in records):  # quant-aware full FT (qru.demo.report)
+            row["quant_aware"] = {"restored": rpt.effect(records, "knowmem_f", {"mode": "quant_aware", "precision": f},
+                                                         {"mode": "quant_aware", "precision": "bf16"})}
+            qa = rpt.quant_aware_effects(records, f, {"full": row["full"]["restored"],
+                                                      "quant_aware": row["quant_aware"]["restored"]})
+            row["qa_keep"], row["qa_minus_full"] = qa["keep"], qa["qa_minus_full"]
         out["formats"][f] = row
     return out
 
@@ -155,6 +164,9 @@ def summarize_point(records, fmts, utility_bound: float = 1.0) -> dict:
 # The comparisons "shown" is decided over, per point and 4-bit format: (mode or None, summary key).
 FAMILY: tuple[tuple[str | None, str], ...] = (("full", "restored"), ("lora", "restored"), ("full", "utility_loss"),
                                               ("lora", "utility_loss"), (None, "lora_minus_full_utility"))
+# added to the family at the points that ran quant-aware full FT
+QA_FAMILY: tuple[tuple[str | None, str], ...] = (("quant_aware", "restored"), (None, "qa_keep"),
+                                                 (None, "qa_minus_full"))
 
 
 def holm_family(results, fmts) -> int:
@@ -165,7 +177,7 @@ def holm_family(results, fmts) -> int:
     for r in results:
         for f in fmts:
             row = r["summary"]["formats"][f]
-            for mode, key in FAMILY:
+            for mode, key in FAMILY + (QA_FAMILY if "quant_aware" in row else ()):
                 sts.append(row[key] if mode is None else row[mode][key])
     adj = stats.holm([st.get("p") for st in sts])
     for st, p in zip(sts, adj):
@@ -214,8 +226,6 @@ def run_sweep(preset: str = "quick", out: str | os.PathLike | None = None, *, se
 
 
 def _run_point(cfg, out, seed, force, progress, device, threads, stages):
-    from qru.demo.pipeline import run_demo
-
     return run_demo(cfg, out, seed=seed, force=force, progress=progress, device=device, threads=threads,
                     stages_root=stages, prune=False, overwrite=True)  # the sweep owns its point directories
 
@@ -278,6 +288,13 @@ def render_sweep(results, base: DemoConfig, preset, seed, knobs, wall, combos=()
           ""]
     L += ["## Where the effects appear (computed)", ""]
     L += regimes(results, fmts)
+    qa_lines = [f"  - `{r['point']}`: " + rpt.quant_aware_answer(
+        {"restore_full": r["summary"]["formats"][f]["full"]["restored"], "keep": r["summary"]["formats"][f]["qa_keep"],
+         "qa_minus_full": r["summary"]["formats"][f]["qa_minus_full"]}, f)
+        for r in results for f in fmts if "quant_aware" in r["summary"]["formats"][f]]
+    if qa_lines:
+        L += ["- **Quantization-aware unlearning** (does `--quant-aware` full FT keep at 4 bits what full FT loses? "
+              "Holm-adjusted decisions):"] + qa_lines
     L += ["", "![restored](sweep_restored.png)", "", "![utility loss](sweep_utility_loss.png)", ""]
     return "\n".join(L) + "\n"
 

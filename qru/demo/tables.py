@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 
-from qru.demo.effects import matching, num
+from qru.demo.effects import UNLEARN_MODES, matching, num
 from qru.demo.presets import MUSE_KNOWMEM_TOKENS, MUSE_VERBMEM_TOKENS
 
 METHOD_LABEL = {"ga_gdr": "GA+GDR", "ga_klr": "GA+KLR", "npo_gdr": "NPO+GDR", "npo_klr": "NPO+KLR",
@@ -42,11 +42,12 @@ def paper_table(records, fmt: str) -> list[str]:
         for p, setting in (("bf16", "Full (bf16)"), (fmt, f"4-bit ({fmt})")):
             cells = [_cell(records, m, mode=mode, precision=p) for m, _ in METRIC_COLS]
             lines.append(f"| {METHOD_LABEL[mode]} | {setting} | " + " | ".join(cells) + " |")
-    methods = sorted({r["method"] for r in records if r["mode"] in ("full", "lora")},
+    methods = sorted({r["method"] for r in records if r["mode"] in UNLEARN_MODES},
                      key=lambda m: list(METHOD_LABEL).index(m) if m in METHOD_LABEL else 99)
     for m in methods:
-        for mode, p, setting in (("full", "bf16", "Full"), ("lora", "bf16", "Full+LoRA"), ("full", fmt, "4-bit"),
-                                 ("lora", fmt, "4-bit+LoRA")):
+        for mode, p, setting in (("full", "bf16", "Full"), ("lora", "bf16", "Full+LoRA"),
+                                 ("quant_aware", "bf16", "Full+QA"), ("full", fmt, "4-bit"),
+                                 ("lora", fmt, "4-bit+LoRA"), ("quant_aware", fmt, "4-bit+QA")):
             if not matching(records, method=m, mode=mode, precision=p):
                 continue
             cells = [_cell(records, k, method=m, mode=mode, precision=p) for k, _ in METRIC_COLS]
@@ -57,7 +58,7 @@ def paper_table(records, fmt: str) -> list[str]:
 def precision_table(records, metric: str, precisions, nd: int = 1) -> list[str]:
     lines = ["| Model | " + " | ".join(precisions) + " |", "|" + "---|" * (1 + len(precisions))]
     groups = [("target", "target"), ("retrain", "retrain")]
-    groups += sorted({(r["method"], r["mode"]) for r in records if r["mode"] in ("full", "lora")})
+    groups += sorted({(r["method"], r["mode"]) for r in records if r["mode"] in UNLEARN_MODES})
     for method, mode in groups:
         label = METHOD_LABEL.get(method, method) + ("" if mode in ("target", "retrain") else f" ({mode})")
         lines.append(f"| {label} | " + " | ".join(_cell(records, metric, nd, method=method, mode=mode, precision=p)

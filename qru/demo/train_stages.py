@@ -6,11 +6,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import random
 import tempfile
 from pathlib import Path
 
+from qru.data.synthetic import GENERATOR_VERSION, write_corpus
 from qru.demo.presets import DemoConfig
 from qru.demo.stages import StageCache
+from qru.model.tokenizer import Tokenizer
+from qru.train.config import PretrainConfig, UnlearnConfig
+from qru.train.pretrain import pretrain
+from qru.train.unlearn import unlearn
 
 RAW = ("general", "forget", "retain", "holdout")
 SPACE = "\u2581"
@@ -22,8 +28,6 @@ def train_common(cfg: DemoConfig, progress: bool, device: str, cache_dir: Path) 
 
 
 def corpus_stage(cache: StageCache, cfg: DemoConfig, seed: int):
-    from qru.data.synthetic import GENERATOR_VERSION, write_corpus
-
     c = cfg.corpus
 
     def build(d: Path):
@@ -36,8 +40,6 @@ def corpus_stage(cache: StageCache, cfg: DemoConfig, seed: int):
 
 
 def tokenizer_stage(cache: StageCache, cfg: DemoConfig, corpus, seed: int):
-    from qru.model.tokenizer import Tokenizer
-
     raw = corpus.dir / "data" / "raw"
 
     def build(d: Path):
@@ -67,8 +69,6 @@ def pack(files, passes: int, seed: int, out: Path) -> Path:
     after a few-shot prompt. One loop epoch over ``passes`` random packings (a different document order per
     pass, as LM pre-training packs shuffled documents) sees every document ``passes`` times in varied contexts.
     """
-    import random
-
     docs = [d.strip("\n") for f in files for d in Path(f).read_text(encoding="utf-8").split("\n\n") if d.strip()]
     parts = []
     for k in range(passes):
@@ -100,9 +100,6 @@ def _inputs_dir(d: Path):
 
 
 def base_stage(cache, cfg, tok, seed, common):
-    from qru.train.config import PretrainConfig
-    from qru.train.pretrain import pretrain
-
     corpus_dir = cache.used["corpus"].dir / "data"
     vocab = tok.result["vocab_size"]
 
@@ -121,9 +118,6 @@ def base_stage(cache, cfg, tok, seed, common):
 
 
 def finetune_stage(cache, name, cfg, base, files, seed, common):
-    from qru.train.config import PretrainConfig
-    from qru.train.pretrain import pretrain
-
     corpus_dir = cache.used["corpus"].dir / "data"
 
     def build(d: Path):
@@ -139,21 +133,21 @@ def finetune_stage(cache, name, cfg, base, files, seed, common):
 
 
 def unlearn_stage(cache, cfg, target, method, mode, useed, common):
-    from qru.train.config import UnlearnConfig
-    from qru.train.unlearn import unlearn
-
     u = cfg.unlearn
     corpus_dir = cache.used["corpus"].dir / "data"
     meth, reg = method.split("_")
-    lr = u.lr_full if mode == "full" else u.lr_lora
+    lr = u.lr_lora if mode == "lora" else u.lr_full
     name = f"unlearn-{method}-{mode}-s{useed}"
+    # quant_aware: full fine-tuning trained through fake quantization (qru unlearn --quant-aware)
+    qa = dict(quant_aware=list(u.qa_formats), qa_weight=u.qa_weight) if mode == "quant_aware" else {}
 
     def build(d: Path):
         res = unlearn(UnlearnConfig(out=str(d), model=str(target.dir), forget=[str(corpus_dir / "raw" / "forget.txt")],
-                                    retain=[str(corpus_dir / "raw" / "retain.txt")], method=meth, reg=reg, mode=mode,
+                                    retain=[str(corpus_dir / "raw" / "retain.txt")], method=meth, reg=reg,
+                                    mode="lora" if mode == "lora" else "full",
                                     lr=lr, epochs=u.epochs, batch_size=u.batch_size, rank=u.rank, alpha=u.alpha,
                                     master_dtype=u.master_dtype, scheduler=u.scheduler, seed=useed, train=u.train,
-                                    **common))
+                                    **qa, **common))
         return _summary(res)
 
     key = {"target": target.hash, "method": method, "mode": mode, "lr": lr, "epochs": u.epochs,
@@ -162,5 +156,7 @@ def unlearn_stage(cache, cfg, target, method, mode, useed, common):
         key.update(rank=u.rank, alpha=u.alpha)
     elif u.train != "all":  # keyed only when not the default, so earlier caches stay valid
         key["train"] = u.train
+    if qa:
+        key.update(qa_formats=list(u.qa_formats), qa_weight=u.qa_weight)
     return cache.run(name, key, build)
 

@@ -1,4 +1,4 @@
-"""Shared evaluation machinery: data loading with clear errors, ROUGE-L, batched per-token
+"""Shared evaluation machinery: data loading (through :mod:`qru.data`), ROUGE-L, batched per-token
 log-probs (``score_sequences``) and the membership scores derived from them.
 
 Membership scores follow the MUSE reference (``metrics/privleak.py``): every score is
@@ -16,77 +16,19 @@ average an empty set for texts shorter than ``1/k`` tokens).
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 import zlib
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from qru.data import DataError
 from qru.kernels.token_stats import token_stats as kernel_token_stats
 from qru.model.generate import cpu_token_budget
-
-
-class EvalDataError(ValueError):
-    """Malformed evaluation data. The message names the file, the item and the field."""
-
-
-# -- data -----------------------------------------------------------------------------------
-
-def load_records(path: str | Path, keys: Sequence[str] = (), *, allow_str: bool = False,
-                 what: str = "items") -> list:
-    """Read a JSON list (``[...]``) or JSON Lines file and check it.
-
-    Each item must be an object holding ``keys`` (or, with ``allow_str``, a plain string).
-    Raises FileNotFoundError for a missing file and EvalDataError for an empty list, a
-    malformed line, a missing key or a non-string value; messages name the file and item.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"evaluation data file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise EvalDataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    stripped = text.lstrip()
-    if not stripped:
-        raise EvalDataError(f"{path}: empty file (expected a non-empty list of {what})")
-    if stripped[0] == "[":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise EvalDataError(f"{path}: invalid JSON ({e})") from None
-    else:
-        data = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                data.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise EvalDataError(f"{path}: line {n} is not valid JSON ({e})") from None
-    if not isinstance(data, list):
-        raise EvalDataError(f"{path}: expected a JSON list of {what}, got {type(data).__name__}")
-    if not data:
-        raise EvalDataError(f"{path}: empty list (expected at least one of {what})")
-    for i, item in enumerate(data):
-        if allow_str and isinstance(item, str):
-            continue
-        if not isinstance(item, dict):
-            raise EvalDataError(f"{path}: item {i} is a {type(item).__name__}, expected an object"
-                                + (" or a string" if allow_str else "") + f" with keys {list(keys)}")
-        for k in keys:
-            if k not in item:
-                raise EvalDataError(f"{path}: item {i} has no field {k!r} (fields: {sorted(item)})")
-            v = item[k]
-            if not isinstance(v, str) and not (isinstance(v, list) and all(isinstance(s, str) for s in v)):
-                raise EvalDataError(f"{path}: item {i} field {k!r} must be a string, got {type(v).__name__}")
-    return data
 
 
 def take(items: list, limit: int | None) -> list:
@@ -326,7 +268,7 @@ def score_sequences(model, tokenizer, texts: Sequence[str], batch_size: int = 8,
                 raise ValueError(f"text {i} does not start with its prompt")
             start = max(1, _common_prefix(tokenizer.encode(p, bos=True), ids))
         if start >= len(ids):
-            raise EvalDataError(f"text {i} has no tokens to score ({len(ids)} tokens, scoring from {start}"
+            raise DataError(f"text {i} has no tokens to score ({len(ids)} tokens, scoring from {start}"
                                 f"{', after truncation to max_len=%d' % limit if len(ids) == limit else ''})")
         rows.append(ids)
         starts.append(start)

@@ -26,8 +26,10 @@ from typing import Sequence
 
 import numpy as np
 
-from qru.eval.common import (EvalDataError, Meter, auc_forget_holdout, load_records, membership_scores,
-                             rouge_l, score_sequences, take)
+from qru.data import QA_PROMPT, DataError, format_qa, read_records
+from qru.eval.common import Meter, auc_forget_holdout, membership_scores, rouge_l, score_sequences, take
+from qru.eval.generation import generate_batched
+from qru.model.generate import generate
 
 VERBMEM_MAX_NEW = 128
 KNOWMEM_MAX_NEW = 32
@@ -56,8 +58,8 @@ _NEEDS = {
 
 def knowmem_prompt(question: str, icl: Sequence[tuple[str, str]]) -> str:
     """The few-shot KnowMem prompt: every ICL pair, then the question with an open answer."""
-    shots = "".join(f"Question: {q}\nAnswer: {a}\n\n" for q, a in icl)
-    return shots + f"Question: {question}\nAnswer: "
+    shots = "".join(format_qa(q, a) + "\n\n" for q, a in icl)
+    return shots + QA_PROMPT.format(question=question)
 
 
 def cut_answer(text: str, stops: Sequence[str] = KNOWMEM_STOP) -> str:
@@ -112,14 +114,14 @@ def resolve_files(data_dir: str | Path, metrics: Sequence[str] = METRICS, files:
 
 
 def _texts(path: Path, limit: int | None) -> list[str]:
-    items = take(load_records(path, allow_str=True, what="texts"), limit)
+    items = take(read_records(path, allow_str=True, what="texts"), limit)
     out = []
     for i, it in enumerate(items):
         t = it if isinstance(it, str) else it.get("text")
         if not isinstance(t, str):
-            raise EvalDataError(f"{path}: item {i} is an object without a string 'text' field")
+            raise DataError(f"{path}: item {i} is an object without a string 'text' field")
         if not t.strip():
-            raise EvalDataError(f"{path}: item {i} is an empty text")
+            raise DataError(f"{path}: item {i} is an empty text")
         out.append(t)
     return out
 
@@ -128,9 +130,6 @@ def _texts(path: Path, limit: int | None) -> list[str]:
 
 def _generate(model, tokenizer, prompts, max_new_tokens, stop, batch_size, meter: Meter, stage: str,
               progress: bool = False, share_prefix: bool = False) -> list[str]:
-    from qru.eval.generation import generate_batched
-    from qru.model.generate import generate
-
     limit = model.config.max_position_embeddings - max_new_tokens
     t0 = time.perf_counter()
     if share_prefix:
@@ -307,11 +306,11 @@ def evaluate_muse(model, tokenizer, data_dir: str | Path, *, retrain_auc: float 
     # Load and validate everything before the first (slow) model call.
     data: dict[str, list] = {}
     if "verbmem_f" in metrics:
-        data["verbmem_f"] = take(load_records(paths["verbmem_forget"], ("prompt", "gt")), limit)
+        data["verbmem_f"] = take(read_records(paths["verbmem_forget"], ("prompt", "gt")), limit)
     for m, side in (("knowmem_f", "forget"), ("knowmem_r", "retain")):
         if m in metrics:
-            data[m] = take(load_records(paths[f"knowmem_{side}_qa"], ("question", "answer")), limit)
-            data[m + "_icl"] = load_records(paths[f"knowmem_{side}_qa_icl"], ("question", "answer"))
+            data[m] = take(read_records(paths[f"knowmem_{side}_qa"], ("question", "answer")), limit)
+            data[m + "_icl"] = read_records(paths[f"knowmem_{side}_qa_icl"], ("question", "answer"))
     if "privleak" in metrics:
         data["privleak_forget"] = _texts(paths["privleak_forget"], limit)
         data["privleak_holdout"] = _texts(paths["privleak_holdout"], limit)

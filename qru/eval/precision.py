@@ -16,8 +16,9 @@ from typing import Callable, Sequence
 import torch
 
 from qru.model.config import LlamaConfig
+from qru.model.llama import Llama
 from qru.model.lora import load_adapter, merge_and_unload
-from qru.quant.export import checkpoint_format
+from qru.quant.layout import checkpoint_format
 from qru.quant.qlinear import quantize_model
 
 FLOAT_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -25,10 +26,6 @@ GGUF_PRECISIONS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "mxfp4")  # =
 QUANT_PRECISIONS = ("int8", "nf4", "fp4", "int4", "int4_sym") + GGUF_PRECISIONS
 PRECISIONS = tuple(FLOAT_PRECISIONS) + QUANT_PRECISIONS
 _ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-
-
-class PrecisionUnavailable(RuntimeError):
-    """A requested precision cannot be built in this installation. The message says why."""
 
 
 def parse_precisions(spec: str | Sequence[str]) -> list[str]:
@@ -81,8 +78,6 @@ def check_quantize_head(model_dir: str | Path, quantize_head: bool) -> None:
     cannot be quantized separately; raise a ValueError naming the checkpoint (read from its config only)."""
     if not quantize_head:
         return
-    from qru.model.config import LlamaConfig
-
     if LlamaConfig.from_json(model_dir).tie_word_embeddings:
         raise ValueError(f"quantize_head: {model_dir} ties lm_head to model.embed_tokens (tie_word_embeddings), "
                          "so the head cannot be quantized separately from the embeddings (which stay unquantized); "
@@ -93,8 +88,6 @@ def build_model(model_dir: str | Path, precision: str, adapter: str | Path | Non
                 block_size: int = 64, device: str | torch.device = "cpu", quantize_head: bool = False):
     """Load ``model_dir`` in fp32, merge ``adapter`` if given, then cast or quantize to ``precision``
     (every linear but ``lm_head``; ``quantize_head``: an untied ``lm_head`` too)."""
-    from qru.model.llama import Llama
-
     (precision,) = parse_precisions([precision])
     check_quantize_head(model_dir, quantize_head)
     if check_stored_precision(model_dir, [precision]) is not None:

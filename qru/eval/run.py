@@ -8,11 +8,15 @@ from typing import Sequence
 
 import torch
 
-from qru.eval.common import load_records, nan_to_none
+from qru import __version__
+from qru.data import read_records
+from qru.eval import muse, tofu
+from qru.eval.common import nan_to_none
 from qru.eval.precision import (build_model, check_available, check_quantize_head, check_stored_precision,
                                  eval_at_precisions, parse_precisions)
 from qru.io import check_device, check_output, target_lock, write_json
 from qru.model.config import LlamaConfig
+from qru.model.tokenizer import TOKENIZER_FILES, load_tokenizer
 
 BENCHMARKS = ("muse", "tofu")
 _COLUMNS = {
@@ -26,8 +30,6 @@ _COLUMNS = {
 
 def _load_tokenizer(model_dir: Path, fallback=None):
     """The tokenizer beside a checkpoint (``tokenizer.json`` or ``tokenizer.model``), else ``fallback``."""
-    from qru.model.tokenizer import TOKENIZER_FILES, load_tokenizer
-
     if fallback is not None and not any((Path(model_dir) / f).is_file() for f in TOKENIZER_FILES):
         return fallback
     return load_tokenizer(model_dir)
@@ -85,9 +87,6 @@ def run_eval(model_dir: str | Path, benchmark: str, data_dir: str | Path, *, out
     file inside the data; an existing file needs ``overwrite``). Returns the JSON payload (also
     written atomically to ``out`` when given).
     """
-    from qru import __version__
-    from qru.eval import muse, tofu
-
     if benchmark not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {benchmark!r} (choose from {', '.join(BENCHMARKS)})")
     model_dir, data_dir = Path(model_dir), Path(data_dir)
@@ -120,7 +119,7 @@ def run_eval(model_dir: str | Path, benchmark: str, data_dir: str | Path, *, out
     # Fail on bad data before any model work.
     if benchmark == "muse":
         for key, p in muse.resolve_files(data_dir).items():
-            load_records(p, allow_str=key.startswith("privleak"))
+            read_records(p, allow_str=key.startswith("privleak"))
     else:
         tofu.load_split(data_dir, forget_split)
         tofu.load_split(data_dir, retain_split)

@@ -28,9 +28,11 @@ from typing import Sequence
 
 import numpy as np
 
-from qru.eval.common import EvalDataError, Meter, load_records, rouge_l, score_sequences, take
+from qru.data import QA_PROMPT, DataError, read_records
+from qru.eval.common import Meter, rouge_l, score_sequences, take
+from qru.model.generate import generate
 
-TEMPLATE = "Question: {question}\nAnswer: "
+TEMPLATE = QA_PROMPT  # the training format's prompt (qru.data.qa)
 MAX_NEW_TOKENS = 128
 EXTRA_SPLITS = ("real_authors_perturbed", "world_facts_perturbed")
 _QA = ("question", "answer")
@@ -52,22 +54,22 @@ def load_split(data_dir: str | Path, name: str, perturbed: bool = True) -> list[
     direct = data_dir / f"{name}.json"
     pert = data_dir / f"{name}_perturbed.json"
     if perturbed and not name.endswith("_perturbed") and pert.is_file():
-        return load_records(pert, keys, what="QA items")
+        return read_records(pert, keys, what="QA items")
     if not direct.is_file():
         raise FileNotFoundError(f"TOFU split file not found: {direct}")
-    items = load_records(direct, keys if not perturbed or name.endswith("_perturbed") else _QA,
+    items = read_records(direct, keys if not perturbed or name.endswith("_perturbed") else _QA,
                          what="QA items")
     if not perturbed or all("perturbed_answer" in d for d in items):
         return items
     pool: dict[str, dict] = {}
     for f in sorted(data_dir.glob("*_perturbed.json")):
-        for d in load_records(f, _QA + ("perturbed_answer",), what="QA items"):
+        for d in read_records(f, _QA + ("perturbed_answer",), what="QA items"):
             pool.setdefault(d["question"], d)
     out = []
     for i, d in enumerate(items):
         src = pool.get(d["question"])
         if src is None:
-            raise EvalDataError(f"{direct}: item {i} has no 'perturbed_answer' and its question is in no "
+            raise DataError(f"{direct}: item {i} has no 'perturbed_answer' and its question is in no "
                                 f"*_perturbed.json file of {data_dir}")
         out.append({**src, **d})
     return out
@@ -79,7 +81,7 @@ def _check_perturbed(items: list[dict], name: str) -> None:
         if isinstance(p, str):
             d["perturbed_answer"] = [p]
         elif not p:
-            raise EvalDataError(f"TOFU split {name}: item {i} field 'perturbed_answer' is an empty list")
+            raise DataError(f"TOFU split {name}: item {i} field 'perturbed_answer' is an empty list")
 
 
 # -- metrics --------------------------------------------------------------------------------
@@ -126,8 +128,6 @@ def eval_qa_set(model, tokenizer, items: list[dict], *, forget: bool, template: 
                 batch_size: int = 16, score_batch_size: int = 16, max_new_tokens: int = MAX_NEW_TOKENS,
                 meter: Meter | None = None, stage: str = "tofu", progress: bool = False) -> dict:
     """Prob, ROUGE, truth ratio (and the raw per-item ratios) on one QA set."""
-    from qru.model.generate import generate
-
     meter = meter or Meter()
     has_para = all("paraphrased_answer" in d for d in items)
     prompts = [template.format(question=d["question"]) for d in items]

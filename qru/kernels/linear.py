@@ -90,7 +90,9 @@ class PackedWeight:
     """A cache slot for one layer's oneDNN-packed weight (owned by the layer, e.g.
     ``qru.model.linear.Linear``). Holds at most one packed copy, valid while the weight is the same
     tensor with the same storage and in-place version. Copies (``copy.deepcopy``) and pickles of a
-    layer get an empty slot."""
+    layer get an empty slot. An in-place update that bypasses the version counter (torch's fused
+    AdamW does; so do writes through ``.data``) must bump it with
+    ``torch.autograd.graph.increment_version``, as ``qru.train.loop.make_optimizer``'s step hook does."""
 
     __slots__ = ("_entry", "_nbytes")
 

@@ -4,8 +4,8 @@ Shapes: ``x`` (..., in), ``W`` (out, in), ``A`` (r, in), ``B`` (out, r), ``s`` t
 (alpha/r, or alpha/sqrt(r) for rsLoRA). Dropout acts on ``x`` on the LoRA path only, as in
 peft; its mask is counter-based (one 64-bit seed per call from the generator, then a hash of
 row and column, see :mod:`qru.kernels.hash_dropout`), so the C++ and Triton kernels recompute it
-where needed instead of storing it. ``W`` may be dense or NF4-packed (:class:`NF4Weight`, QLoRA
-style); it never gets a gradient. Under ``torch.autocast`` the inputs are cast to the
+where needed instead of storing it. ``W`` may be dense or NF4-packed (an nf4 :class:`qru.kernels.qtensor.QTensor`,
+QLoRA style); it never gets a gradient. Under ``torch.autocast`` the inputs are cast to the
 autocast dtype first, as for ``F.linear``.
 
 One public entry, :func:`lora_linear`, picks the backend at call time:
@@ -33,8 +33,6 @@ on the AVX-512 AMD development VM; torch's ``addmm`` otherwise).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
@@ -43,88 +41,34 @@ from qru.kernels._backend import backend_for, load_cpp_ext
 from qru.kernels.dense import dense_linear
 from qru.kernels.linear import PackedWeight, linear
 from qru.kernels.lora_triton import BaseTritonFn, LoRALinearTritonFn
+from qru.kernels.qtensor import QTensor
 
 # ----------------------------------------------------------------------------------------
 # NF4 base weight
 # ----------------------------------------------------------------------------------------
-@dataclass
-class NF4Weight:
-    """A frozen (out, in) weight in qru's NF4 format.
-
-    The row-major flattened weight is cut into ``block_size`` consecutive elements, each
-    with an fp32 absmax; codes are 4-bit, two per byte, the even element in the high
-    nibble; ``value = code[c] * absmax[block]``. ``code`` (16 fp32 values) defaults to
-    ``qru.kernels.quant4.NF4_CODE``.
-    """
-    data: torch.Tensor
-    absmax: torch.Tensor
-    shape: tuple[int, int]
-    block_size: int = 64
-    code: torch.Tensor | None = None
-
-    def __post_init__(self) -> None:
-        self.shape = tuple(int(s) for s in self.shape)
-        if len(self.shape) != 2:
-            raise ValueError(f"NF4Weight.shape must be (out, in), got {self.shape}")
-        n = self.shape[0] * self.shape[1]
-        if self.data.dtype != torch.uint8 or self.data.numel() != (n + 1) // 2:
-            raise ValueError(f"NF4Weight.data must hold {(n + 1) // 2} uint8 bytes for shape {self.shape}, "
-                             f"got {self.data.numel()} of {self.data.dtype}")
-        nblocks = -(-n // self.block_size)
-        if self.absmax.numel() != nblocks:
-            raise ValueError(f"NF4Weight.absmax must hold {nblocks} values (block_size {self.block_size}), "
-                             f"got {self.absmax.numel()}")
-        self.data = self.data.reshape(-1)
-        self.absmax = self.absmax.reshape(-1).float()
-        if self.code is None:
-            self.code = _default_nf4_code()
-        self.code = self.code.reshape(-1).float().to(self.data.device)
-        if self.code.numel() != 16:
-            raise ValueError(f"NF4Weight.code must hold 16 values, got {self.code.numel()}")
-
-    @classmethod
-    def from_qtensor(cls, q) -> "NF4Weight":
-        """Wrap a QTensor-like: ``data``, ``absmax`` (a tensor, or a method as on
-        ``qru.quant.formats.QTensor``, which also undoes nested absmax), ``shape``, and
-        optional ``block_size``/``code``/``fmt`` (must be ``"nf4"``)."""
-        if isinstance(q, cls):
-            return q
-        fmt = getattr(q, "fmt", "nf4")
-        if fmt != "nf4":
-            raise TypeError(f"NF4 base weight: {type(q).__name__} has fmt={fmt!r}, expected 'nf4'")
-        for name in ("data", "absmax", "shape"):
-            if not hasattr(q, name):
-                raise TypeError(f"NF4 base weight: {type(q).__name__} has no attribute {name!r}")
-        absmax = q.absmax() if callable(q.absmax) else q.absmax
-        return cls(q.data, absmax, tuple(q.shape), int(getattr(q, "block_size", 64)), getattr(q, "code", None))
-
-    @property
-    def device(self) -> torch.device:
-        return self.data.device
-
-    def to(self, device) -> "NF4Weight":
-        return NF4Weight(self.data.to(device), self.absmax.to(device), self.shape, self.block_size,
-                         self.code.to(device))
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return nf4_dequantize_reference(self, dtype)
-
-
-def _default_nf4_code() -> torch.Tensor:
-    try:
-        from qru.kernels.quant4 import NF4_CODE
-    except ImportError as exc:
-        raise ImportError("NF4Weight needs a codebook: pass code=..., or provide qru.kernels.quant4.NF4_CODE") from exc
-    return torch.as_tensor(NF4_CODE, dtype=torch.float32)
-
-
-def nf4_dequantize_reference(w: NF4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Decode the whole (out, in) matrix: ``code[nibble] * absmax[block]`` in fp32, then cast."""
+def nf4_dequantize_reference(w: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Decode an nf4 :class:`QTensor` (out, in): ``code[nibble] * absmax[block]`` in fp32, then cast.
+    Codes are 4-bit, two per byte, the even element in the high nibble."""
     n = w.shape[0] * w.shape[1]
     b = w.data.to(torch.int64)
     idx = torch.stack((b >> 4, b & 15), dim=1).reshape(-1)[:n]
     blocks = torch.arange(n, device=w.data.device) // w.block_size
-    return (w.code[idx] * w.absmax[blocks]).reshape(w.shape).to(dtype)
+    return (w.codebook()[idx] * w.absmax()[blocks]).reshape(w.shape).to(dtype)
+
+
+def _check_nf4(q) -> None:
+    if not isinstance(q, QTensor) or q.fmt != "nf4":
+        what = f"a {q.fmt} QTensor" if isinstance(q, QTensor) else type(q).__name__
+        raise TypeError(f"lora_linear: the nf4 base must be an nf4 QTensor (qru.quant.quantize(W, 'nf4')), got {what}")
+    if len(q.shape) != 2:
+        raise ValueError(f"lora_linear: the nf4 base must be 2-D (out, in), got shape {tuple(q.shape)}")
+    n = q.shape[0] * q.shape[1]
+    if q.data.dtype != torch.uint8 or q.data.numel() != (n + 1) // 2:
+        raise ValueError(f"lora_linear: the nf4 base's data must hold {(n + 1) // 2} uint8 bytes for shape "
+                         f"{tuple(q.shape)}, got {q.data.numel()} of {q.data.dtype}")
+    if q.scales.numel() != -(-n // q.block_size):
+        raise ValueError(f"lora_linear: the nf4 base must have {-(-n // q.block_size)} block scales (block_size "
+                         f"{q.block_size}), got {q.scales.numel()}")
 
 
 def make_dropout_mask(shape, p: float, device, generator: torch.Generator | None = None):
@@ -135,7 +79,7 @@ def make_dropout_mask(shape, p: float, device, generator: torch.Generator | None
 
 
 def lora_linear_reference(x, weight, bias, lora_A, lora_B, scale, *, dropout_mask=None,
-                          keep_scale: float = 1.0, nf4: NF4Weight | None = None) -> torch.Tensor:
+                          keep_scale: float = 1.0, nf4: QTensor | None = None) -> torch.Tensor:
     """Plain autograd composition (the peft math), used as the oracle in tests."""
     W = nf4.dequantize(x.dtype) if nf4 is not None else weight
     y = F.linear(x, W, bias)
@@ -148,7 +92,7 @@ def lora_linear_reference(x, weight, bias, lora_A, lora_B, scale, *, dropout_mas
 # ----------------------------------------------------------------------------------------
 # CPU path: reference math in a custom autograd Function
 # ----------------------------------------------------------------------------------------
-def _dense_base(weight, nf4: NF4Weight | None, dtype):
+def _dense_base(weight, nf4: QTensor | None, dtype):
     return nf4.dequantize(dtype) if nf4 is not None else weight
 
 
@@ -292,6 +236,8 @@ class LoRALinearCppFn(torch.autograd.Function):
 def _check(x, weight, bias, A, B, nf4):
     if nf4 is None and weight is None:
         raise ValueError("lora_linear needs a base: `weight` or `nf4`")
+    if nf4 is not None:
+        _check_nf4(nf4)
     out_f, in_f = nf4.shape if nf4 is not None else tuple(weight.shape)
     if x.shape[-1] != in_f:
         raise ValueError(f"lora_linear: x has {x.shape[-1]} features but the base weight expects {in_f}")
@@ -322,7 +268,7 @@ def _autocast_cast(t, dev: str, dtype: torch.dtype):
 def lora_linear(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                 lora_A: torch.Tensor | None, lora_B: torch.Tensor | None, scale: float, *,
                 dropout_p: float = 0.0, training: bool = True, dropout_mask: torch.Tensor | None = None,
-                generator: torch.Generator | None = None, nf4: NF4Weight | None = None,
+                generator: torch.Generator | None = None, nf4: QTensor | None = None,
                 packed: PackedWeight | None = None) -> torch.Tensor:
     """``y = x Wᵀ + b + scale·(drop(x) lora_Aᵀ) lora_Bᵀ`` over the last dim of ``x``.
 

@@ -289,8 +289,8 @@ def _gemm(x, w, nf4, w_kn, u, v_rn, drop, bias, scale, out, config=None):
     dummy = out
     mk, sd, smm, smn, thr, has_mask, hash_drop = drop.args(dummy)
     args = (x, w if w is not None else dummy,
-            nf4.data if nf4 is not None else dummy, nf4.absmax if nf4 is not None else dummy,
-            nf4.code if nf4 is not None else dummy,
+            nf4.data if nf4 is not None else dummy, nf4.absmax() if nf4 is not None else dummy,
+            nf4.codebook() if nf4 is not None else dummy,
             u if u is not None else dummy, v_rn[0] if v_rn is not None else dummy, mk, sd,
             bias if bias is not None else dummy, out,
             M, N, K, R, _m_bucket(M),

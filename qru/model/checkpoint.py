@@ -21,16 +21,13 @@ from safetensors.torch import save_file
 
 from qru.io import fault_point, staged_dir
 from qru.model.config import DTYPES, LlamaConfig
+from qru.quant.layout import CheckpointError, assert_finite, swap_in_quantized  # the layer below; re-exported
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
              "U8": torch.uint8, "BOOL": torch.bool}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read as asked. The message names the file or tensor."""
 
 
 # -- safetensors reading ------------------------------------------------------------------
@@ -309,9 +306,11 @@ def save_state_dict(sd: dict[str, torch.Tensor], path: str | os.PathLike, max_sh
         write_state_dict(sd, stage, max_shard_size, metadata, extra_files)
 
 
-def pretrained_files(model) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The state dict (tied ``lm_head.weight`` omitted as HF does) and ``config.json`` text to save."""
-    sd = dict(model.state_dict())
+def pretrained_files(model, sd: dict[str, torch.Tensor] | None = None
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict (tied ``lm_head.weight`` omitted as HF does) and ``config.json`` text to save.
+    ``sd``: the model's state dict as gathered elsewhere (a sharded model's), else ``model.state_dict()``."""
+    sd = dict(model.state_dict() if sd is None else sd)
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
     dtype = next(iter(sd.values())).dtype
@@ -339,13 +338,6 @@ def _names(keys, k=5) -> str:
     return ", ".join(map(repr, keys[:k])) + (f" and {len(keys) - k} more" if len(keys) > k else "")
 
 
-def assert_finite(name: str, t: torch.Tensor, where: str = "") -> None:
-    """Raise naming the tensor if it holds NaN or Inf."""
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        bad = int((~torch.isfinite(t)).sum())
-        raise CheckpointError(f"{where}tensor {name!r} has {bad} non-finite value(s) (NaN or Inf)")
-
-
 def load_pretrained(cls, path, dtype=None, device="cpu", check_finite: bool = True):
     """Build ``cls`` on the meta device and assign the checkpoint's tensors to it."""
     path = Path(path)
@@ -363,8 +355,6 @@ def load_pretrained(cls, path, dtype=None, device="cpu", check_finite: bool = Tr
     if config.quantization_config:
         # quantized checkpoint (bitsandbytes nf4/fp4 or qru int layouts): swap QuantLinear modules
         # in, built from the packed tensors; ``dtype`` is their compute dtype
-        from qru.quant.export import swap_in_quantized
-
         swap_in_quantized(model, sd, config, dtype, device, check_finite, f"{path}: ")
     loaded = {k: v for k, v in model.state_dict().items() if not v.is_meta}
     expected = {k: v for k, v in model.state_dict().items() if v.is_meta}

@@ -293,3 +293,12 @@ def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         inv = torch.where(medium, smoothed, scaled)
     return inv
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The RoPE tables ``cos, sin`` (B, T, head_dim) in ``dtype`` for ``position_ids`` (B, T), from
+    :func:`rope_inv_freq` (computed in fp32)."""
+    freqs = position_ids[:, :, None].float() * inv_freq.to(position_ids.device)[None, None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)

@@ -28,7 +28,8 @@ from qru.kernels.prefix_attention import prefix_attention
 from qru.kernels.rmsnorm import rms_norm
 from qru.kernels.rope import rope
 from qru.kernels.swiglu import swiglu
-from qru.model.config import LlamaConfig, rope_inv_freq
+from qru.model.checkpoint import load_pretrained, save_pretrained
+from qru.model.config import LlamaConfig, rope_cos_sin, rope_inv_freq
 from qru.model.gguf import load_gguf
 from qru.model.linear import Linear
 
@@ -218,9 +219,7 @@ class Llama(nn.Module):
         dev = position_ids.device
         if self._inv_freq is None or self._inv_freq.device != dev:
             self._inv_freq = rope_inv_freq(self.config).to(dev)
-        freqs = position_ids[:, :, None].float() * self._inv_freq[None, None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        return rope_cos_sin(self._inv_freq, position_ids, dtype)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
@@ -284,8 +283,6 @@ class Llama(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | str | None = None,
                         device: str | torch.device = "cpu", check_finite: bool = True) -> "Llama":
-        from qru.model.checkpoint import load_pretrained
-
         return load_pretrained(cls, path, dtype=dtype, device=device, check_finite=check_finite)
 
     @classmethod
@@ -296,6 +293,4 @@ class Llama(nn.Module):
         return load_gguf(cls, path, dtype=dtype, device=device, check_finite=check_finite)
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "2GB") -> None:
-        from qru.model.checkpoint import save_pretrained
-
         save_pretrained(self, path, max_shard_size=max_shard_size)

@@ -27,8 +27,10 @@ import torch
 from torch import nn
 
 from qru.io import staged_dir, write_bytes, write_text
+from qru.kernels import quant4
 from qru.kernels.linear import PackedWeight, linear
-from qru.kernels.lora import NF4Weight, lora_linear
+from qru.kernels.lora import lora_linear
+from qru.kernels.qtensor import QTensor
 from qru.model.checkpoint import load_safetensors
 from qru.model.linear import Linear, WeightTransformable
 
@@ -50,6 +52,21 @@ def lora_scale(r: int, alpha: float, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
+_OLD_NF4_NAMES = {"weight_nf4": "qweight", "weight_absmax": "scales"}
+
+
+def _renamed_nf4_buffers(module, state_dict, prefix, *_):
+    """Load a QLoRA module's state dict written with the older buffer names: ``weight_nf4`` ->
+    ``qweight``, ``weight_absmax`` -> ``scales``; ``weight_code`` must be the standard NF4 codebook."""
+    for old, new in _OLD_NF4_NAMES.items():
+        if prefix + old in state_dict and prefix + new not in state_dict:
+            state_dict[prefix + new] = state_dict.pop(prefix + old)
+    code = state_dict.pop(prefix + "weight_code", None)
+    if code is not None and not torch.equal(code.float().reshape(-1).cpu(), quant4.codebook("nf4")):
+        raise ValueError(f"{prefix}weight_code is not the standard NF4 codebook; qru's NF4 uses "
+                         f"qru.kernels.quant4.NF4_CODE")
+
+
 class LoRALinear(WeightTransformable, nn.Module):
     """``y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ`` with frozen ``weight``/``bias`` and trainable ``lora_A``/``lora_B``.
 
@@ -57,7 +74,8 @@ class LoRALinear(WeightTransformable, nn.Module):
     (A ~ N(0, 1/r), B zero), or a pair ``(A, B)`` of tensors to copy. ``lora_dtype`` defaults
     to fp32 for a half-precision base (as peft's ``autocast_adapter_dtype``), else the base
     dtype. ``disabled=True`` runs the base alone. An NF4 base (QLoRA) comes through
-    :meth:`from_nf4` and lives in the buffers ``weight_nf4``/``weight_absmax``/``weight_code``.
+    :meth:`from_nf4` and lives in the buffers ``qweight``/``scales`` (as in
+    :class:`qru.quant.qlinear.QuantLinear`); :meth:`qtensor` gives it back as a :class:`QTensor`.
     With a weight transform (:func:`qru.model.linear.set_weight_transform`, e.g. fake quantization)
     the forward is ``linear(x, fn(self, weight), bias)``: ``fn`` returns the whole effective weight,
     adapter included (``weight`` is None for an NF4 base).
@@ -131,53 +149,57 @@ class LoRALinear(WeightTransformable, nn.Module):
         return m
 
     @classmethod
-    def from_nf4(cls, qweight, r: int, alpha: float, *, bias: torch.Tensor | None = None,
+    def from_nf4(cls, qweight: QTensor, r: int, alpha: float, *, bias: torch.Tensor | None = None,
                  compute_dtype: torch.dtype | None = None, dropout: float = 0.0, use_rslora: bool = False,
                  init="default", lora_dtype: torch.dtype | None = None,
                  generator: torch.Generator | None = None) -> "LoRALinear":
-        """QLoRA: a frozen NF4 base (``NF4Weight``, an nf4 ``qru.quant.formats.QTensor``, or any
-        object with data/absmax/shape[/block_size/code]). ``compute_dtype`` (the dtype ``x`` must
-        have) defaults to the QTensor's original dtype, else bf16."""
-        q = NF4Weight.from_qtensor(qweight)
-        if compute_dtype is None:
-            orig = getattr(qweight, "dtype", None)
-            compute_dtype = orig if isinstance(orig, torch.dtype) and orig.is_floating_point else torch.bfloat16
+        """QLoRA: a frozen NF4 base, an nf4 :class:`QTensor` (``qru.quant.quantize(W, "nf4")``; a nested
+        absmax is decoded once). ``compute_dtype`` (the dtype ``x`` must have) defaults to the QTensor's
+        original dtype. A state dict with the buffer names of older versions (``weight_nf4``,
+        ``weight_absmax``, ``weight_code``) still loads."""
+        if not isinstance(qweight, QTensor) or qweight.fmt != "nf4" or len(qweight.shape) != 2:
+            what = f"a {qweight.fmt} QTensor of shape {tuple(qweight.shape)}" if isinstance(qweight, QTensor) \
+                else type(qweight).__name__
+            raise TypeError(f"from_nf4 needs a 2-D nf4 QTensor (qru.quant.quantize(W, 'nf4')), got {what}")
+        compute_dtype = compute_dtype or qweight.dtype
         m = cls.__new__(cls)
         nn.Module.__init__(m)
-        m.register_buffer("weight_nf4", q.data)
-        m.register_buffer("weight_absmax", q.absmax)
-        m.register_buffer("weight_code", q.code)
-        m.nf4_block_size = q.block_size
+        m.register_buffer("qweight", qweight.data.reshape(-1))
+        m.register_buffer("scales", qweight.absmax().reshape(-1).float())
+        m.nf4_block_size = qweight.block_size
         m.compute_dtype = compute_dtype
-        out_f, in_f = q.shape
+        m.register_load_state_dict_pre_hook(_renamed_nf4_buffers)
+        out_f, in_f = qweight.shape
         b = nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False) if bias is not None else None
         m._setup(None, b, in_f, out_f, r, alpha, dropout, use_rslora, init, lora_dtype, generator,
                  compute_dtype=compute_dtype)
         with torch.no_grad():
-            m.lora_A.data = m.lora_A.data.to(q.device)
-            m.lora_B.data = m.lora_B.data.to(q.device)
+            m.lora_A.data = m.lora_A.data.to(qweight.device)
+            m.lora_B.data = m.lora_B.data.to(qweight.device)
         return m
 
     @property
     def is_nf4(self) -> bool:
-        return self.weight is None and hasattr(self, "weight_nf4")
+        return self.weight is None
 
-    def nf4_weight(self) -> NF4Weight | None:
+    def qtensor(self) -> QTensor | None:
+        """The NF4 base as a :class:`QTensor` sharing the buffers (None for a dense base)."""
         if not self.is_nf4:
             return None
-        return NF4Weight(self.weight_nf4, self.weight_absmax, (self.out_features, self.in_features),
-                         self.nf4_block_size, self.weight_code)
+        return QTensor(data=self.qweight, scales=self.scales, zeros=None,
+                       shape=torch.Size((self.out_features, self.in_features)), dtype=self.compute_dtype,
+                       fmt="nf4", block_size=self.nf4_block_size)
 
     def base_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The frozen base as a dense tensor (NF4 decoded)."""
         if self.is_nf4:
-            return self.nf4_weight().dequantize(dtype or self.compute_dtype)
+            return self.qtensor().dequantize(dtype or self.compute_dtype)
         return self.weight if dtype is None else self.weight.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight_transform is not None:
             return linear(x, self.weight_transform(self, self.weight), self.bias)
-        nf4 = self.nf4_weight()
+        nf4 = self.qtensor()
         if self.disabled:
             return lora_linear(x, self.weight, self.bias, None, None, 0.0, nf4=nf4, packed=self.packed_weight)
         return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
@@ -187,7 +209,7 @@ class LoRALinear(WeightTransformable, nn.Module):
     def merged_weight(self) -> torch.Tensor:
         """``W + s·B A`` in fp32, cast to the base dtype (the compute dtype for NF4)."""
         if self.is_nf4:
-            W = self.nf4_weight().dequantize(torch.float32)
+            W = self.qtensor().dequantize(torch.float32)
             return merge_weight(W, self.lora_A, self.lora_B, self.scaling).to(self.compute_dtype)
         return merge_weight(self.weight, self.lora_A, self.lora_B, self.scaling)
 
@@ -312,7 +334,7 @@ def merge_lora(model: nn.Module) -> dict[str, torch.Tensor]:
     mods = dict(lora_modules(model))
     sd = model.state_dict()
     out: dict[str, torch.Tensor] = {}
-    skip = ("lora_A", "lora_B", "weight_nf4", "weight_absmax", "weight_code")
+    skip = ("lora_A", "lora_B", "qweight", "scales")
     for key, t in sd.items():
         mod, _, leaf = key.rpartition(".")
         if mod in mods and leaf in skip:
@@ -326,7 +348,7 @@ def merge_lora(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _state_key_order(sd):
-    order = {k.replace("weight_nf4", "weight"): i for i, k in enumerate(sd)}
+    order = {(k[: -len("qweight")] + "weight" if k.endswith(".qweight") else k): i for i, k in enumerate(sd)}
     return lambda k: order.get(k, len(order))
 
 
@@ -510,6 +532,28 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
             raise AdapterError(f"{w_path}: adapter tensor {key!r} has {int((~torch.isfinite(t)).sum())} non-finite "
                                "value(s) (NaN or Inf)")
     return cfg, sd
+
+
+def adapter_updates(adapter: str | os.PathLike, shapes: Mapping[str, tuple[int, ...]], base: str | os.PathLike
+                    ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """The one adapter loader for merge-then-quantize and survival: base weight key → (A fp32, B fp32,
+    scale) of the PEFT LoRA adapter at ``adapter`` (:func:`read_adapter`), checked against the tensor
+    ``shapes`` of the base checkpoint ``base`` (named in errors)."""
+    cfg, asd = read_adapter(adapter)
+    scales = adapter_scales(asd, cfg)
+    keymap = map_adapter_keys(asd.keys())
+    for wkey, (akey, bkey) in keymap.items():
+        if wkey not in shapes:
+            raise AdapterError(f"adapter {adapter} does not fit {base}: adapter key {akey!r} targets "
+                               f"{wkey!r}, which the base checkpoint does not have")
+        if len(shapes[wkey]) != 2:
+            raise AdapterError(f"adapter {adapter}: base tensor {wkey!r} has shape {shapes[wkey]}, not a linear weight")
+        try:
+            _check_pair(akey, bkey, asd[akey], asd[bkey], shapes[wkey])
+        except AdapterError as e:
+            raise AdapterError(f"adapter {adapter} does not fit {base} (base tensor {wkey!r} has shape "
+                               f"{shapes[wkey]}): {e}") from None
+    return {w: (asd[a].float(), asd[b].float(), scales[w]) for w, (a, b) in keymap.items()}
 
 
 def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -18,12 +18,12 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 from qru.io import check_output, staged_file
-from qru.model.checkpoint import assert_finite, checkpoint_shapes
+from qru.model.checkpoint import checkpoint_shapes
+from qru.quant.layout import assert_finite
 from qru.model.config import LlamaConfig
 from qru.model.gguf import add_metadata, expected_shapes, gguf_name, permute_qk
-from qru.model.lora import merge_weight
+from qru.model.lora import adapter_updates, merge_weight
 from qru.model.tokenizer import load_tokenizer
-from qru.quant.export import _check_adapter
 from qru.quant.qlinear import _as_tuple, is_skipped
 
 GGUF_FORMATS = {"gguf:q8_0": QT.Q8_0, "gguf:q4_0": QT.Q4_0, "gguf:q4_1": QT.Q4_1, "gguf:q5_0": QT.Q5_0,
@@ -95,7 +95,7 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, fmt: str, 
     where = f"{model_dir}: "
     readers, shapes = checkpoint_shapes(model_dir, expected_shapes(config))
     plan = _plan(config, shapes, qtype, _as_tuple(skip))
-    merges = _check_adapter(adapter, shapes, model_dir) if adapter is not None else {}
+    merges = adapter_updates(adapter, shapes, model_dir) if adapter is not None else {}
 
     with staged_file(out) as tmp:
         w = gguf.GGUFWriter(tmp, "llama")

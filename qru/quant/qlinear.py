@@ -14,6 +14,7 @@ Packed tensors are buffers (``qweight``, ``scales``, ``zeros``, ``absmax2``, ``o
 """
 from __future__ import annotations
 
+import fnmatch
 from typing import Iterable
 
 import torch
@@ -22,8 +23,8 @@ from torch.nn import functional as F
 
 from qru.kernels import quant4, quant_int
 from qru.kernels.qmatmul import quant_linear
-from qru.quant.formats import (ALL_FORMATS, DEFAULT_BLOCK_SIZE, GGUF_FORMATS, DoubleQuant, QTensor,
-                               _nested_dequantize, quantize)
+from qru.kernels.qtensor import DoubleQuant, QTensor, _nested_dequantize
+from qru.quant.formats import ALL_FORMATS, DEFAULT_BLOCK_SIZE, GGUF_FORMATS, quantize
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                   "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -189,9 +190,11 @@ def _as_tuple(skip) -> tuple[str, ...]:
 
 
 def is_skipped(name: str, skip: Iterable[str]) -> bool:
-    """True if a skip entry is the module name, a suffix or a component run of it
-    (``lm_head``, ``mlp``, ``layers.0.mlp.down_proj``; ``proj`` does not match ``q_proj``)."""
-    return any(f".{s}." in f".{name}." for s in skip)
+    """The one skip matcher (``quantize``, ``survival``, QAT): True if a skip entry is the module name,
+    a suffix or a component run of it (``lm_head``, ``mlp``, ``layers.0.mlp.down_proj``; ``proj`` does
+    not match ``q_proj``), or an ``fnmatch`` pattern of the whole name (``*.q_proj``)."""
+    return any(f".{s}." in f".{name}." or (any(c in s for c in "*?[") and fnmatch.fnmatchcase(name, s))
+               for s in skip)
 
 
 def split_linears(model: nn.Module, skip=()) -> tuple[list[tuple[str, nn.Linear]], list[str]]:

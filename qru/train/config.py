@@ -15,7 +15,9 @@ import torch
 from qru.io import check_device
 from qru.model.config import LlamaConfig
 from qru.model.tokenizer import Tokenizer
+from qru.quant.qlinear import resolve_block_size
 from qru.train import losses as L
+from qru.train import quant_aware as qa
 
 METHODS = ("ga", "npo", "simnpo")
 REGS = ("none", "gdr", "klr")
@@ -97,6 +99,17 @@ class UnlearnConfig(TrainOptions):
 
     ``stall_threshold`` (nats): the run summary (``run.json`` ``warnings``, the CLI) warns when the
     forget NLL (or, without eval rows, the forget loss) moved by less than this, naming the levers.
+
+    ``quant_aware`` (formats, e.g. ``["nf4"]``): quantization-aware unlearning
+    (:mod:`qru.train.quant_aware`, docs/quant_aware.md): the loss is ``L(full precision) +
+    qa_weight · L(quantized)`` (forget term and regularizer alike), ``L(quantized)`` with every
+    export-quantized linear fake-quantized (straight-through gradients), in one random format per
+    step (``qa_sample="random"``) or summed over the formats (``"sum"``); block size and skip as
+    ``qru quantize`` (``qa_block_size`` None: each format's default; ``qa_skip``). Eval rows gain
+    ``code_flip_frac`` and ``forget_nll_q`` per format.
+
+    ``saliency_mask`` = K (full mode): train only the K modules with the largest forget-gradient norm
+    at the start (SURE, Zhang et al. 2024; :mod:`qru.train.saliency`), the rest frozen.
     """
     model: str
     forget: list[str]
@@ -117,6 +130,12 @@ class UnlearnConfig(TrainOptions):
     train: str = "all"  # full mode: "all" parameters | "linears" (only what 4-bit export quantizes)
     lr_relative: float | None = None  # full mode: lr = lr_relative * std(W) per matrix (``lr`` is then unused)
     stall_threshold: float = STALL_THRESHOLD  # warn when forget loss / NLL moved less than this (relative)
+    quant_aware: list[str] | None = None  # formats to train through (fake quantization, STE); None: off
+    qa_weight: float = 1.0  # lambda in L(full precision) + lambda * L(quantized)
+    qa_sample: str = "random"  # several formats: "random" (one per step, seeded) | "sum"
+    qa_block_size: int | None = None  # as qru quantize --block-size (None: each format's default)
+    qa_skip: list[str] = field(default_factory=lambda: ["lm_head"])  # as qru quantize --skip
+    saliency_mask: int | None = None  # full mode: train only the top-K modules by forget-gradient norm
 
     @property
     def effective_beta(self) -> float:
@@ -213,6 +232,11 @@ def validate_unlearn(c: UnlearnConfig) -> None:
            "None in LoRA mode (it scales the lr by each trained weight's std: full mode only)")
     _check(isinstance(c.stall_threshold, (int, float)) and c.stall_threshold >= 0, "stall_threshold",
            c.stall_threshold, ">= 0")
+    _validate_quant_aware(c)
+    _check(c.saliency_mask is None or (_is_int(c.saliency_mask) and c.saliency_mask > 0), "saliency_mask",
+           c.saliency_mask, "None or a positive number of modules")
+    _check(c.saliency_mask is None or c.mode == "full", "saliency_mask", c.saliency_mask,
+           "None in LoRA mode (it selects the modules full fine-tuning trains)")
     if isinstance(c.forget, (str, os.PathLike)):
         c.forget = [str(c.forget)]
     if isinstance(c.retain, (str, os.PathLike)):
@@ -220,6 +244,34 @@ def validate_unlearn(c: UnlearnConfig) -> None:
     _check(bool(c.forget), "forget", c.forget, "at least one data path")
     if c.reg != "none" and not c.retain:
         raise TrainConfigError(f"reg={c.reg!r} needs retain data (retain is empty)")
+
+
+def _validate_quant_aware(c: UnlearnConfig) -> None:
+    if isinstance(c.quant_aware, str):
+        c.quant_aware = [f.strip() for f in c.quant_aware.split(",") if f.strip()]
+    if isinstance(c.qa_skip, str):
+        c.qa_skip = list(qa.parse_skip(c.qa_skip))
+    w = c.qa_weight
+    _check(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0, "qa_weight", w,
+           "a finite number >= 0")
+    _check(c.qa_sample in qa.SAMPLES, "qa_sample", c.qa_sample, f"one of {qa.SAMPLES}")
+    if c.quant_aware is None:
+        for name, default in (("qa_weight", 1.0), ("qa_sample", "random"), ("qa_block_size", None),
+                              ("qa_skip", ["lm_head"])):
+            _check(getattr(c, name) == default, name, getattr(c, name), f"{default!r} without quant_aware "
+                   "(it sets the quantization-aware loss)")
+        return
+    try:
+        c.quant_aware = qa.parse_formats(c.quant_aware)
+    except ValueError as e:
+        raise TrainConfigError(str(e)) from None
+    for fmt in c.quant_aware:
+        try:
+            resolve_block_size(fmt, c.qa_block_size)
+        except ValueError as e:
+            raise TrainConfigError(f"qa_block_size: {e}") from None
+    _check(not c.gradient_checkpointing, "gradient_checkpointing", c.gradient_checkpointing,
+           "False with quant_aware (the backward's recomputation would run outside the quantized pass)")
 
 
 def validate_pretrain(c: PretrainConfig) -> None:

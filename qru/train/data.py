@@ -1,4 +1,4 @@
-"""Forget / retain / pre-training data: read through ``datasets`` from local paths, tokenize
+"""Forget / retain / pre-training data: read from local paths (:func:`qru.data.read_records`), tokenize
 once (cached on disk), batch with deterministic, resumable shuffling.
 
 Formats (``fmt``):
@@ -6,8 +6,8 @@ Formats (``fmt``):
   ``eos`` after the last chunk of a document), loss on every token. Sources: a ``.txt`` file (one
   document), a directory in the MUSE layout (``DIR/raw/*.txt``, or ``DIR/*.txt``), or JSON / JSON Lines
   records with a ``text`` field (or a JSON array of strings).
-- ``qa``: JSON / JSON Lines records with ``question`` and ``answer`` (TOFU, MUSE KnowMem), formatted as
-  ``Question: {question}\\nAnswer: {answer}`` + ``eos``; the loss covers the answer tokens (and ``eos``)
+- ``qa``: JSON / JSON Lines records with ``question`` and ``answer`` (TOFU, MUSE KnowMem), formatted by
+  :func:`qru.data.format_qa` (``Question: {question}\\nAnswer: {answer}``) + ``eos``; the loss covers the answer tokens (and ``eos``)
   only with ``qa_loss="answer"``, every token with ``qa_loss="all"``.
 - ``auto``: ``qa`` when records have ``question`` and ``answer``, else ``text``.
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,25 +25,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
+from qru.data import DataError, format_qa, qa_prompt
+from qru.data import read_records as _read_source
+from qru.data.records import text_files
 from qru.io import write_bytes
 
-QA_TEMPLATE = "Question: {question}\nAnswer: {answer}"
 FORMATS = ("auto", "text", "qa")
 QA_LOSS = ("answer", "all")
 _CACHE_VERSION = "1"
-
-
-class DataError(ValueError):
-    """Unusable training data. The message names the file or field."""
-
-
-def qa_prompt(question: str) -> str:
-    """The prompt part of a QA record: everything up to and including ``Answer:``."""
-    return QA_TEMPLATE.split(" {answer}")[0].format(question=question)
-
-
-def format_qa(question: str, answer: str) -> str:
-    return QA_TEMPLATE.format(question=question, answer=answer)
 
 
 def default_cache_dir() -> Path:
@@ -113,58 +101,10 @@ class TokenizedSet:
 
 # -- reading ------------------------------------------------------------------------------
 
-def _text_files(path: Path) -> list[Path]:
-    root = path / "raw" if (path / "raw").is_dir() else path
-    files = sorted(root.glob("*.txt"))
-    if not files:
-        raise DataError(f"{path}: directory has no *.txt documents (looked in {root})")
-    return files
-
-
-def _hf_load(builder: str, files: list[Path], **kw):
-    import datasets
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    cache = Path(tempfile.gettempdir()) / "qru-hf-datasets"
-    return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
-                                 cache_dir=str(cache), **kw)
-
-
 def read_records(path: str | os.PathLike) -> list[dict]:
-    """The records of a local data source, read through ``datasets``: ``[{"text": ...}]`` for
-    text sources, the JSON objects (or ``{"text": s}`` for strings) for JSON / JSON Lines."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"data file not found: {path}")
-    try:
-        return _read_records(path)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-
-
-def _read_records(path: Path) -> list[dict]:
-    if path.is_dir() or path.suffix == ".txt":
-        files = _text_files(path) if path.is_dir() else [path]
-        if all(not f.read_text(encoding="utf-8").strip() for f in files):
-            raise DataError(f"{path}: no text (empty file(s))")
-        ds = _hf_load("text", files, sample_by="document")
-        return [r for r in ds.to_list() if r["text"].strip()]
-    if path.suffix not in (".json", ".jsonl"):
-        raise DataError(f"{path}: unknown data file type {path.suffix!r} (expected .txt, .json, .jsonl or a "
-                        "directory of .txt files)")
-    with open(path, encoding="utf-8") as f:
-        head = f.read(4096).strip()
-    if not head or head in ("[]", "{}"):
-        raise DataError(f"{path}: empty data file (no records)")
-    try:
-        ds = _hf_load("json", [path])
-    except Exception as e:  # datasets wraps parser errors in several types
-        cause = e.__cause__ or e
-        raise DataError(f"{path}: cannot be read as JSON / JSON Lines ({type(cause).__name__}: {cause})") from e
-    if len(ds) == 0:
-        raise DataError(f"{path}: empty data file (no records)")
-    return ds.to_list()
+    """The records of a local data source (:func:`qru.data.read_records`): ``[{"text": ...}]`` for
+    text sources, the JSON objects (``{"text": s}`` for a string) for JSON / JSON Lines."""
+    return [{"text": r} if isinstance(r, str) else r for r in _read_source(path, allow_str=True)]
 
 
 def detect_format(records: list[dict], path: Path | str) -> str:
@@ -198,7 +138,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 def tokenize_qa(records: list[dict], tokenizer, max_len: int, qa_loss: str = "answer", source: str = ""
                 ) -> tuple[list[tuple[list[int], list[int]]], int]:
-    """``(examples, dropped)``: each record as ``QA_TEMPLATE`` + eos, truncated to ``max_len``.
+    """``(examples, dropped)``: each record as :func:`qru.data.format_qa` + eos, truncated to ``max_len``.
 
     Rows whose answer is cut off entirely by ``max_len`` are dropped and counted.
     """
@@ -237,7 +177,7 @@ def tokenize_text(texts: list[str], tokenizer, max_len: int) -> list[tuple[list[
 
 def _content_hash(path: Path) -> str:
     h = hashlib.sha256()
-    files = _text_files(path) if path.is_dir() else [path]
+    files = text_files(path) if path.is_dir() else [path]
     for f in files:
         h.update(f.name.encode() + b"\0")
         with open(f, "rb") as fh:
@@ -330,6 +270,10 @@ class Batch:
     loss_mask: torch.Tensor  # (B, T) 1 = target token
     attention_mask: torch.Tensor  # (B, T) 1 = real token
     index: torch.Tensor  # (B,) example indices into the TokenizedSet
+    # This batch's share of its global batch's rows / target tokens: 1.0 in one process; a rank's
+    # chunk under data parallelism (qru.train.distributed.split_batch). Losses are weighted by them.
+    row_share: float = 1.0
+    token_share: float = 1.0
 
     @property
     def num_tokens(self) -> int:
@@ -337,7 +281,7 @@ class Batch:
 
     def to(self, device) -> "Batch":
         return Batch(self.input_ids.to(device), self.loss_mask.to(device), self.attention_mask.to(device),
-                     self.index)
+                     self.index, self.row_share, self.token_share)
 
 
 def collate(ts: TokenizedSet, indices, pad_id: int, multiple: int = 1) -> Batch:

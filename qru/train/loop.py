@@ -23,9 +23,10 @@ import torch
 from qru.io import check_device
 from qru.model.linear import Linear
 from qru.model.llama import Llama
+from qru.train import distributed as D
 from qru.train import losses as L
 from qru.train.config import TrainConfigError, TrainOptions
-from qru.train.data import Batch, BatchStream, TokenizedSet, collate
+from qru.train.data import Batch, BatchStream, TokenizedSet
 from qru.train.state import (CKPT_PREFIX, METRICS, append_metrics, check_resume_config, load_checkpoint,
                              read_metrics, save_checkpoint, set_rng_state)
 
@@ -97,34 +98,44 @@ def _batches(ts: TokenizedSet, bs: int):
 
 
 @torch.no_grad()
-def eval_nll(model, ts: TokenizedSet, batch_size: int, pad_id: int, device, precision: str) -> float:
-    """Plain mean token NLL over the targets of ``ts`` (model in eval mode, no gradient)."""
+def eval_nll(model, ts: TokenizedSet, batch_size: int, pad_id: int, device, precision: str,
+             d: D.Dist | None = None) -> float:
+    """Plain mean token NLL over the targets of ``ts`` (model in eval mode, no gradient). Data
+    parallel (``d``): each rank takes its chunk of every batch; the sums are reduced."""
     was = model.training
     model.eval()
     tot, n = 0.0, 0.0
     for idx in _batches(ts, batch_size):
-        b = collate(ts, idx, pad_id).to(device)
+        b = D.rank_batch(d, ts, idx, pad_id).to(device)
         with autocast(device, precision):
             s, c = model_sequence_logprobs(model, b.input_ids, b.loss_mask)
-        tot -= float(s.sum())
-        n += float(c.sum())
+        if b.row_share > 0:  # not an idle rank's stand-in row
+            tot -= float(s.sum())
+            n += float(c.sum())
     model.train(was)
+    D.reshard(model)
+    if d is not None:
+        tot, n = D.all_sum(d, torch.tensor([tot, n])).tolist()
     return tot / n
 
 
 @torch.no_grad()
-def sequence_logp_table(model, ts: TokenizedSet, batch_size: int, pad_id: int, device, precision: str
-                        ) -> torch.Tensor:
-    """Per-example sequence log-probs (sum over targets) of every example of ``ts``, fp32 on CPU."""
+def sequence_logp_table(model, ts: TokenizedSet, batch_size: int, pad_id: int, device, precision: str,
+                        d: D.Dist | None = None) -> torch.Tensor:
+    """Per-example sequence log-probs (sum over targets) of every example of ``ts``, fp32 on CPU
+    (data parallel: each rank fills its chunks, the table is summed over the ranks)."""
     was = model.training
     model.eval()
-    out = torch.empty(len(ts), dtype=torch.float32)
+    out = torch.zeros(len(ts), dtype=torch.float32)
     for idx in _batches(ts, batch_size):
-        b = collate(ts, idx, pad_id).to(device)
+        b = D.rank_batch(d, ts, idx, pad_id).to(device)
         with autocast(device, precision):
-            out[idx] = model_sequence_logprobs(model, b.input_ids, b.loss_mask)[0].cpu()
+            s = model_sequence_logprobs(model, b.input_ids, b.loss_mask)[0].cpu()
+        if b.row_share > 0:
+            out[b.index] = s
     model.train(was)
-    return out
+    D.reshard(model)
+    return D.all_sum(d, out).float() if d is not None else out
 
 
 
@@ -173,25 +184,45 @@ def check_finite_losses(losses: dict, names: tuple[str, ...], step: int) -> None
                              "step (lower the learning rate or check the loss options)")
 
 
-def check_finite_grads(named: dict[int, str], params: list[torch.nn.Parameter], max_norm: float, step: int) -> None:
+def check_finite_grads(named: dict[int, str], params: list[torch.nn.Parameter], max_norm: float, step: int,
+                       d: D.Dist | None = None) -> None:
     """Clip the gradients to ``max_norm`` (0: no clipping) as ``clip_grad_norm_`` does, after checking
     their total norm (one sync); raise :class:`NonFiniteLossError` naming the first parameter with a
-    NaN/Inf gradient."""
+    NaN/Inf gradient. Sharded (``d``): the norm from the local shards' squares summed over the ranks,
+    each rank scaling its own shards."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return
-    norm = torch.nn.utils.get_total_norm(grads)
-    if bool(torch.isfinite(norm)):
-        if max_norm > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-        return
-    for p in params:  # failure path only: find the culprit
-        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-            bad = int((~torch.isfinite(p.grad)).sum())
+    if d is not None:
+        local = [D.local(g) for g in grads]
+        norm = D.all_sum(d, torch.stack([g.float().pow(2).sum() for g in local]).sum()).sqrt().float()
+        if bool(torch.isfinite(norm)):
+            coef = max_norm / (float(norm) + 1e-6)
+            if max_norm > 0 and coef < 1.0:
+                torch._foreach_mul_(local, coef)
+            return
+    else:
+        norm = torch.nn.utils.get_total_norm(grads)
+        if bool(torch.isfinite(norm)):
+            if max_norm > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+            return
+    for p in params:  # failure path only: find the culprit (in this rank's shards)
+        g = D.local(p.grad) if p.grad is not None else None
+        if g is not None and not bool(torch.isfinite(g).all()):
+            bad = int((~torch.isfinite(g)).sum())
             raise NonFiniteLossError(f"training diverged at step {step}: gradient of {named[id(p)]} has {bad} "
                                      "non-finite value(s) (NaN or Inf); stopped before the optimizer step")
     raise NonFiniteLossError(f"training diverged at step {step}: the gradient norm overflows ({float(norm)}); "
                              "stopped before the optimizer step")
+
+
+def _reduced(d: D.Dist, losses: dict, names: tuple[str, ...]) -> dict:
+    """The loss terms summed over the ranks (each rank's are weighted by its share of the global
+    batch, so the sums are the global batch's values); detached."""
+    present = [k for k in names if losses.get(k) is not None]
+    vals = D.all_sum(d, torch.stack([losses[k].detach().float().reshape(()) for k in present]))
+    return dict(zip(present, vals.float()))
 
 
 def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float,
@@ -199,10 +230,21 @@ def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: fl
     """AdamW, torch's fused single-pass kernel where it applies (floating params on CPU or CUDA;
     what HF's Trainer defaults to on torch >= 2.8), else the multi-tensor one. Same update rule.
     ``groups`` (param groups over exactly ``params``) replaces the single group at ``lr``. Its
-    state (``exp_avg``, ``exp_avg_sq``) has each parameter's dtype: bf16 parameters get bf16 state."""
+    state (``exp_avg``, ``exp_avg_sq``) has each parameter's dtype: bf16 parameters get bf16 state.
+
+    torch's fused kernel updates the parameters in place without bumping their ``_version`` (torch
+    2.13), which is what invalidates a layer's packed-weight copy
+    (:class:`qru.kernels.linear.PackedWeight`): a step hook bumps it, or a no-grad forward after the
+    step (evaluation) would run the weights of before it."""
     fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.AdamW(groups if groups is not None else params, lr=lr, weight_decay=weight_decay,
-                             fused=fused)
+    opt = torch.optim.AdamW(groups if groups is not None else params, lr=lr, weight_decay=weight_decay, fused=fused)
+    if fused:
+        opt.register_step_post_hook(_bump_versions)
+    return opt
+
+
+def _bump_versions(optimizer, args, kwargs) -> None:
+    torch.autograd.graph.increment_version([p for g in optimizer.param_groups for p in g["params"]])
 
 
 def train_loop(model: torch.nn.Module, step_fn: StepFn, main: TokenizedSet, aux: TokenizedSet | None,
@@ -210,7 +252,8 @@ def train_loop(model: torch.nn.Module, step_fn: StepFn, main: TokenizedSet, aux:
                device: torch.device, loss_names: tuple[str, ...], extra_state: dict | None = None,
                config_dict: dict | None = None, desc: str = "train", resume: bool | None = None,
                param_groups: list[dict] | None = None, update_probe: Callable[[], dict] | None = None,
-               stop_check: Callable[[torch.nn.Module], dict] | None = None
+               stop_check: Callable[[torch.nn.Module], dict] | None = None,
+               eval_extra: Callable[[], dict] | None = None, d: D.Dist | None = None
                ) -> tuple[int, int, str, list[dict]]:
     """Run the optimisation in the run directory ``out`` (``metrics.jsonl`` appended, checkpoints).
     ``step_fn(main_batch, aux_batch)`` returns a dict of scalar losses with ``"loss"`` (the one
@@ -221,8 +264,14 @@ def train_loop(model: torch.nn.Module, step_fn: StepFn, main: TokenizedSet, aux:
     its peak lr as ``base_lr`` (default: one group at ``opts.lr``). ``update_probe() -> dict``: logged
     as ``update`` in every eval row (:class:`UpdateProbe`). ``stop_check(model) -> dict``: called
     after every eval row but the first (end of each epoch); its dict is logged in the row as ``check``,
-    and ``{"stop": True, ...}`` ends the run there (status ``"done"``, fewer steps than planned)."""
+    and ``{"stop": True, ...}`` ends the run there (status ``"done"``, fewer steps than planned).
+    ``eval_extra() -> dict``: merged into every eval row (quant-aware monitoring).
+    ``d``: data parallel over the FSDP2-sharded ``model`` (:mod:`qru.train.distributed`): each rank
+    runs its chunk of every global batch, losses and metrics are reduced, only rank 0 writes the
+    metrics and shows the progress bar, checkpoints are sharded (DCP)."""
     resume = opts.resume if resume is None else resume
+    main_rank = d is None or d.is_main
+    D.reshard(model)  # the sharded parameters, not a gathered root (:func:`qru.train.distributed.reshard`)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise TrainConfigError("no trainable parameters")
@@ -237,15 +286,17 @@ def train_loop(model: torch.nn.Module, step_fn: StepFn, main: TokenizedSet, aux:
     config_dict = config_dict or {}
 
     def run_evals() -> dict:
-        out = {f"{k}_nll": eval_nll(model, v, opts.eval_batch_size, pad_id, device, opts.precision)
+        out = {f"{k}_nll": eval_nll(model, v, opts.eval_batch_size, pad_id, device, opts.precision, d)
                for k, v in evals.items()}
         if update_probe is not None:
             out["update"] = update_probe()
+        if eval_extra is not None:
+            out.update(eval_extra())
         return out
 
     step = 0
     if resume:
-        state = load_checkpoint(out, model, optimizer)
+        state = load_checkpoint(out, model, optimizer, d)
         check_resume_config(state.get("config", {}), config_dict)
         step = int(state["step"])
         stream.load_state_dict(state["stream"])
@@ -257,13 +308,14 @@ def train_loop(model: torch.nn.Module, step_fn: StepFn, main: TokenizedSet, aux:
         empty = {k: None for k in loss_names}
         rows = [{"step": 0, "epoch": 0.0, **empty, "lr": lr_at(0, total, opts.lr, opts.scheduler, opts.warmup_steps),
                  "tokens_per_s": None, **run_evals()}]
-        append_metrics(metrics_path, rows)
+        if main_rank:
+            append_metrics(metrics_path, rows)
 
     def checkpoint():
         save_checkpoint(out, model, optimizer, {
             "step": step, "stream": stream.state_dict(),
             "aux_stream": aux_stream.state_dict() if aux_stream is not None else None,
-            "config": config_dict, "extra": extra_state or {}})
+            "config": config_dict, "extra": extra_state or {}}, d)
 
     model.train()
     status = "done"
@@ -273,7 +325,7 @@ def train_loop(model: torch.nn.Module, step_fn: StepFn, main: TokenizedSet, aux:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency
         tqdm = None
-    bar = tqdm(total=total, initial=step, desc=desc, disable=not opts.progress or tqdm is None, dynamic_ncols=True,
+    bar = tqdm(total=total, initial=step, desc=desc, disable=not (opts.progress and main_rank), dynamic_ncols=True,
                file=sys.stderr) if tqdm else None
     with _SigintGuard() as guard, (bar if bar is not None else contextlib.nullcontext()):
         while step < total:
@@ -283,24 +335,30 @@ def train_loop(model: torch.nn.Module, step_fn: StepFn, main: TokenizedSet, aux:
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(step, total, g["base_lr"], opts.scheduler, opts.warmup_steps) if "base_lr" in g else lr
             for _ in range(n_micro):
-                mb = collate(main, stream.next(), pad_id, PAD_MULTIPLE)
-                ab = collate(aux, aux_stream.next(), pad_id, PAD_MULTIPLE) if aux_stream is not None else None
-                tokens += mb.num_tokens + (ab.num_tokens if ab is not None else 0)
+                # this rank's part of the global batch (all of it in one process)
+                mb = D.rank_batch(d, main, stream.next(), pad_id, PAD_MULTIPLE)
+                ab = D.rank_batch(d, aux, aux_stream.next(), pad_id, PAD_MULTIPLE) if aux_stream is not None else None
+                for b in (mb, ab):
+                    if b is not None and b.row_share > 0:  # an idle rank's stand-in row is not counted
+                        tokens += b.num_tokens
                 with autocast(device, opts.precision):
                     losses = step_fn(mb.to(device), ab.to(device) if ab is not None else None)
-                check_finite_losses(losses, loss_names, step + 1)
+                seen = losses if d is None else _reduced(d, losses, loss_names)  # the global batch's values
+                check_finite_losses(seen, loss_names, step + 1)
                 (losses["loss"] / n_micro).backward()
                 for k in loss_names:
-                    if losses.get(k) is not None:
-                        acc[k] = acc.get(k, 0.0) + losses[k].detach().float() / n_micro
-                del losses
-            check_finite_grads(param_names, params, opts.max_grad_norm, step + 1)  # and clips
+                    if seen.get(k) is not None:
+                        acc[k] = acc.get(k, 0.0) + seen[k].detach().float() / n_micro
+                del losses, seen
+            check_finite_grads(param_names, params, opts.max_grad_norm, step + 1, d)  # and clips
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             n_acc += 1
             end_of_epoch = step % steps_per_epoch == 0
             if step % opts.log_every == 0 or end_of_epoch or step == total:
+                if d is not None:
+                    tokens = int(D.all_sum(d, torch.tensor([float(tokens)])))
                 now = time.perf_counter()
                 row = {"step": step, "epoch": round(step / steps_per_epoch, 6),
                        **{k: float(acc[k]) / n_acc if k in acc else None for k in loss_names}, "lr": lr,
@@ -310,10 +368,12 @@ def train_loop(model: torch.nn.Module, step_fn: StepFn, main: TokenizedSet, aux:
                     row.update(run_evals())
                     if stop_check is not None:
                         row["check"] = stop_check(model)
+                        D.reshard(model)
                         model.train()
                         stop_now = bool(row["check"].get("stop"))
                 rows.append(row)
-                append_metrics(metrics_path, [row])
+                if main_rank:
+                    append_metrics(metrics_path, [row])
                 if bar is not None:
                     bar.set_postfix({k: f"{row[k]:.3f}" for k in loss_names if row[k] is not None}
                                     | {"tok/s": f"{row['tokens_per_s']:.0f}"}, refresh=False)
@@ -323,6 +383,8 @@ def train_loop(model: torch.nn.Module, step_fn: StepFn, main: TokenizedSet, aux:
                 bar.update(1)
             if end_of_epoch and stop_now:
                 break
+            if d is not None:  # a Ctrl-C seen by any rank stops every rank at the same step
+                guard.hit = bool(D.all_sum(d, torch.tensor([float(guard.hit)])) > 0)
             if step < total and (guard.hit or (opts.save_every and step % opts.save_every == 0)
                                  or (opts.stop_after and step >= opts.stop_after)):
                 checkpoint()
@@ -335,8 +397,12 @@ def train_loop(model: torch.nn.Module, step_fn: StepFn, main: TokenizedSet, aux:
                     status = "stopped"
                     break
     if status == "done":  # a finite last step can still leave an Inf weight: never save one as finished
-        for n, p in model.named_parameters():
-            if p.requires_grad and not bool(torch.isfinite(p).all()):
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        bad = torch.tensor([float(not bool(torch.isfinite(D.local(p)).all())) for _, p in named])
+        if d is not None:
+            bad = D.all_sum(d, bad)
+        for (n, _), b in zip(named, bad.tolist()):
+            if b:
                 raise NonFiniteLossError(f"training diverged at step {step}: parameter {n} has non-finite value(s) "
                                          "after the optimizer step; the model is not saved")
     return step, total, status, rows

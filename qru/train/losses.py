@@ -20,6 +20,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from qru.kernels.linear_logprobs import IGNORE_INDEX, linear_logprobs
+
 NPO_BETA = 0.1
 SIMNPO_BETA = 2.5
 SIMNPO_DELTA = 0.0
@@ -70,8 +72,6 @@ def hidden_sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, input_i
     projection. Only the target positions go through the fused, chunked projection + log-softmax
     (:func:`qru.kernels.linear_logprobs.linear_logprobs`); the per-sequence sums are scattered back.
     """
-    from qru.kernels.linear_logprobs import IGNORE_INDEX, linear_logprobs
-
     if hidden.dim() != 3 or input_ids.shape != hidden.shape[:2]:
         raise ValueError(f"hidden (B,T,H) {tuple(hidden.shape)} and input_ids (B,T) {tuple(input_ids.shape)} "
                          "disagree")

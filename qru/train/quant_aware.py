@@ -1,33 +1,40 @@
-"""Quantization-aware unlearning helpers (pure functions; nothing replaces a module's ``forward``).
+"""Quantization-aware unlearning: the model-side seam and helpers (nothing replaces a module's ``forward``).
 
 The targets are the linears ``qru quantize`` quantizes at export: every plain ``nn.Linear`` and
 every :class:`~qru.model.lora.LoRALinear` whose name no ``skip`` entry matches
 (:func:`qru.quant.qlinear.is_skipped`; default ``("lm_head",)``, as ``qru quantize --skip``), with
 the format's export block size (:func:`qru.quant.qlinear.resolve_block_size`).
 
-* :func:`fake_quant_targets` / :func:`fake_quant_params`: each target's ``W_q = D(Q(W_eff))``,
-  differentiable by the straight-through estimator (:mod:`qru.kernels.fake_quant`), ``W_eff = W``
-  (full mode) or ``W + s·B·A`` merged blockwise (LoRA mode). The quantized forward gives the
-  targets a weight transform returning ``W_q`` (:func:`qru.model.linear.set_weight_transform`, the
-  layers' own seam; the adapter is inside ``W_q``); in full mode
-  ``torch.func.functional_call(model, fake_quant_params(...), args)`` also works. See
-  docs/quant_aware.md.
+* The seam is the layers' own weight transform (:func:`qru.model.linear.set_weight_transform`):
+  within :func:`fake_quantized` (a context) every target of a model registered by :func:`attach`
+  computes with ``D(Q(W_eff))``: a qru ``Linear`` with ``fake_quant(W)``, a ``LoRALinear`` with
+  ``fake_quant_lora(W, A, B, s)`` (adapter merged blockwise; its reference pass with adapters
+  disabled stays full precision), gradients straight through the rounding. Outside the context
+  nothing is set, so parameters, names, checkpoints, merge and export are untouched.
+* :func:`quant_aware_step`: wraps the loop's step function into ``L(full precision) + λ·L(quantized)``
+  (the method's forget term and its regularizer alike), one random format per step or the sum.
+* :func:`fake_quant_targets` / :func:`fake_quant_params`: each target's ``W_q = D(Q(W_eff))`` as
+  tensors (``torch.func.functional_call`` in full mode).
 * :func:`snapshot`, :func:`code_flip_frac`: monitoring, the share of the targets' codes that the
-  update has changed so far, per format (:func:`qru.quant.survival.code_flips`).
+  update has changed so far, per format (:func:`qru.quant.codes.code_flips`).
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Iterable, Mapping
+import weakref
+from typing import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
 
+from qru.kernels import fake_quant as _fq
 from qru.kernels.fake_quant import FAKE_QUANT_FORMATS, fake_quant, fake_quant_lora
+from qru.model.linear import WeightTransformable, set_weight_transform
 from qru.model.lora import LoRALinear, merge_weight
 from qru.quant import quantize
 from qru.quant.qlinear import is_skipped, resolve_block_size
-from qru.quant.survival import code_flips
+from qru.quant.codes import code_flips
 
 DEFAULT_SKIP = ("lm_head",)
 
@@ -44,10 +51,15 @@ def parse_formats(formats: str | Iterable[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def parse_skip(skip) -> tuple[str, ...]:
+    """``"lm_head,mlp"`` or a sequence -> a tuple of skip entries (``""``: none)."""
+    return tuple(s.strip() for s in skip.split(",") if s.strip()) if isinstance(skip, str) else tuple(skip or ())
+
+
 def quant_targets(model: nn.Module, skip=DEFAULT_SKIP) -> list[tuple[str, nn.Module]]:
     """(name, module) of the linears quantized at export (``nn.Linear``, qru's ``Linear`` included, or
     ``LoRALinear``), in module order. A QLoRA (NF4) base raises: its weight is already quantized."""
-    skip = tuple(s.strip() for s in skip.split(",") if s.strip()) if isinstance(skip, str) else tuple(skip or ())
+    skip = parse_skip(skip)
     out = []
     for name, m in model.named_modules():
         if isinstance(m, (LoRALinear, nn.Linear)):
@@ -126,3 +138,132 @@ def code_flip_frac(base: Mapping[str, torch.Tensor], model: nn.Module, formats: 
             total += math.prod(cur.shape)
         out[fmt] = flips / total if total else 0.0
     return out
+
+
+# ----------------------------------------------------------------------------- the model-side seam
+
+
+_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, list[tuple[str, nn.Module]]]" = weakref.WeakKeyDictionary()
+
+
+def _transform(fmt: str, block_size: int | None, name: str):
+    """The weight transform of one target: ``fn(layer, weight) -> D(Q(W_eff))`` (STE). Within one
+    quantized pass the weights do not change, so ``W_q`` is computed once and reused by the pass's
+    later forwards (e.g. the forget and the retain batch), keyed by the tensors' versions and the
+    grad mode (a no-grad ``W_q`` has no graph)."""
+    cache: dict = {}
+
+    def fn(layer, w):
+        lora = isinstance(layer, LoRALinear) and not layer.disabled
+        if isinstance(layer, LoRALinear) and layer.disabled:  # the NPO / KLR reference: full precision
+            return w
+        key = (torch.is_grad_enabled(), w._version, w.data_ptr()) + (
+            (layer.lora_A._version, layer.lora_B._version, layer.scaling) if lora else ())
+        if cache.get("key") != key:
+            wq = (fake_quant_lora(w, layer.lora_A, layer.lora_B, layer.scaling, fmt, block_size, name=name) if lora
+                  else fake_quant(w, fmt, block_size, name=name))
+            cache.update(key=key, wq=wq)
+        return cache["wq"]
+    fn.__name__ = f"fake_quant[{fmt}]"
+    return fn
+
+
+def check_applicable(model: nn.Module, formats: Iterable[str], block_size: int | None = None,
+                     skip=DEFAULT_SKIP) -> list[tuple[str, nn.Module]]:
+    """Raise a ValueError naming the format and the module if a format cannot fake-quantize a
+    target (no target at all, a group that does not divide the width, ...); returns the targets.
+    Works on a meta-device model (shapes only)."""
+    targets = quant_targets(model, skip)
+    if not targets:
+        raise ValueError(f"--quant-aware: the model has no linear to quantize (skip {list(parse_skip(skip))})")
+    for fmt in parse_formats(formats):
+        bs = resolve_block_size(fmt, block_size)
+        for name, m in targets:
+            try:
+                _fq.resolve_block_size(fmt, bs, tuple(m.weight.shape))
+            except ValueError as e:
+                raise ValueError(f"--quant-aware {fmt}: cannot apply to {name}.weight "
+                                 f"{tuple(m.weight.shape)}: {e}") from None
+    return targets
+
+
+def attach(model: nn.Module, skip=DEFAULT_SKIP) -> list[str]:
+    """Register ``model``'s targets for quantized passes (:func:`fake_quantized`); the model is not
+    modified. Every target must be one of qru's layers (``Linear`` / ``LoRALinear``, which carry the
+    weight-transform seam). Returns the targets' names. :func:`detach` undoes it."""
+    if model in _ATTACHED:
+        raise ValueError("quant-aware: the model is already attached")
+    targets = quant_targets(model, skip)
+    bad = [n for n, m in targets if not isinstance(m, WeightTransformable)]
+    if bad:
+        raise ValueError(f"quant-aware: {bad[0]} is a {type(model.get_submodule(bad[0])).__name__}, not a qru Linear "
+                         "or LoRALinear (the layers with a weight-transform seam)")
+    _ATTACHED[model] = targets
+    return [n for n, _ in targets]
+
+
+def detach(model: nn.Module) -> None:
+    """Forget ``model``'s registration and clear any weight transform its targets still hold."""
+    for _, m in _ATTACHED.pop(model, []):
+        set_weight_transform(m, None)
+
+
+@contextlib.contextmanager
+def attached(model: nn.Module, skip=DEFAULT_SKIP) -> Iterator[list[str]]:
+    """:func:`attach` for the duration of the block, :func:`detach` on exit (also on error)."""
+    names = attach(model, skip)
+    try:
+        yield names
+    finally:
+        detach(model)
+
+
+@contextlib.contextmanager
+def fake_quantized(model: nn.Module, fmt: str, block_size: int | None = None) -> Iterator[nn.Module]:
+    """Within the block every target of the attached ``model`` computes with its fake-quantized
+    weight ``D(Q(W_eff))`` in ``fmt`` (export's block size; gradients straight through), through the
+    layers' weight-transform seam; on exit the transforms are removed. Gradient checkpointing would
+    recompute outside the block: not supported."""
+    if model not in _ATTACHED:
+        raise ValueError("quant-aware: fake_quantized needs an attached model (call attach first)")
+    (fmt,) = parse_formats([fmt])
+    bs = resolve_block_size(fmt, block_size)
+    targets = _ATTACHED[model]
+    try:
+        for name, m in targets:
+            set_weight_transform(m, _transform(fmt, bs, f"{name}.weight"))
+        yield model
+    finally:
+        for _, m in targets:
+            set_weight_transform(m, None)
+
+
+SAMPLES = ("random", "sum")
+
+
+def quant_aware_step(step_fn, model: nn.Module, formats: Iterable[str], weight: float = 1.0, sample: str = "random",
+                     block_size: int | None = None):
+    """Wrap a step function ``step_fn(forget_batch, retain_batch) -> {"loss", "forget_loss",
+    "retain_loss"}`` (the method's whole loss: forget term and regularizer) of a ``model`` prepared by
+    :func:`attach`: the returned step computes ``L(full precision) + weight · L(quantized)``, where
+    ``L(quantized)`` is ``step_fn`` run under :func:`fake_quantized` in one format drawn uniformly per
+    call from ``formats`` (``sample="random"``; torch's global generator, so a seeded run draws the
+    same formats and a resumed one continues the sequence: the loop checkpoints that state) or the
+    sum over all of them (``"sum"``). The dict keeps the full-precision terms under their names and
+    adds ``loss_q`` (the quantized total, summed over the formats run)."""
+    fmts = parse_formats(formats)
+    if sample not in SAMPLES:
+        raise ValueError(f"--qa-sample must be one of {SAMPLES}, got {sample!r}")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"--qa-weight must be a finite number >= 0, got {weight!r}")
+
+    def step(fb, rb) -> dict:
+        out = step_fn(fb, rb)
+        chosen = fmts if sample == "sum" or len(fmts) == 1 else [fmts[int(torch.randint(len(fmts), ()))]]
+        loss_q = None
+        for fmt in chosen:
+            with fake_quantized(model, fmt, block_size):
+                q = step_fn(fb, rb)["loss"]
+            loss_q = q if loss_q is None else loss_q + q
+        return {**out, "loss": out["loss"] + weight * loss_q, "loss_q": loss_q}
+    return step

@@ -11,6 +11,11 @@ ones are ignored, and a run killed before its first checkpoint restarts from ste
 (no ``resume``) discards an unfinished run that has a checkpoint only with ``overwrite=True``.
 ``keep_checkpoint=True`` carries the checkpoints into ``out``.
 
+Under torchrun (:mod:`qru.train.distributed`) rank 0 owns the run directory, the lock and the
+commit; a checkpoint holds the trainable tensors and the optimizer state as DCP shards (one file
+per rank, ``.metadata`` last) instead of ``trainable.safetensors`` / ``optimizer.pt``, resumable at
+any world size under torchrun (DCP reshards), not in one process.
+
 ``metrics.jsonl`` is only ever appended to: after a resume it may hold rows of the interrupted run
 past the resumed checkpoint, so a reader that wants the rows up to a step dedupes by ``step``,
 keeping the last occurrence (:func:`read_metrics`).
@@ -24,13 +29,16 @@ import random
 import shutil
 import warnings
 from dataclasses import asdict
+from importlib import metadata
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from qru import __version__
 from qru.io import (append_text, clean_stale, clean_stale_in, commit_dir, fault_point, staged_dir, write_json,
                     write_text)
+from qru.train import distributed as D
 from qru.train.config import TrainConfigError
 
 CKPT_PREFIX = "checkpoint-"
@@ -44,13 +52,9 @@ _RESUME_FREE = {"resume", "stop_after", "progress", "save_every", "log_every", "
 
 
 def versions() -> dict:
-    import qru
-
-    v = {"qru": qru.__version__, "torch": torch.__version__, "python": platform.python_version(),
+    v = {"qru": __version__, "torch": torch.__version__, "python": platform.python_version(),
          "platform": platform.platform()}
-    from importlib import metadata
-
-    for dist in ("transformers", "peft", "datasets", "sentencepiece", "safetensors", "triton"):
+    for dist in ("transformers", "peft", "sentencepiece", "safetensors", "triton"):
         try:
             v[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -111,21 +115,33 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return ck[-1] if ck else None
 
 
-def save_checkpoint(run_dir: Path, model, optimizer, state: dict) -> Path:
+def save_checkpoint(run_dir: Path, model, optimizer, state: dict, d: D.Dist | None = None) -> Path:
     """Write ``run_dir/checkpoint-<step>``: trainable tensors, optimizer, loop state (step, data
     positions, RNG, extras), and the ``COMPLETE`` marker last, committed with one rename. Then keep
-    only the newest ``KEEP_CHECKPOINTS`` complete checkpoints."""
+    only the newest ``KEEP_CHECKPOINTS`` complete checkpoints. Data parallel (``d``): the tensors
+    and optimizer state go through DCP, one file per rank, into rank 0's stage; rank 0 writes the
+    loop state (its RNG) and commits."""
     run_dir = Path(run_dir)
     ckpt = run_dir / f"{CKPT_PREFIX}{int(state['step'])}"
+    if d is not None and not d.is_main:
+        D.save_sharded(d, None, model, optimizer)
+        D.barrier(d)
+        return ckpt
     with staged_dir(ckpt, lock=False) as stage:  # the run holds the output's lock
-        save_file({n: p.detach().cpu().contiguous() for n, p in _trainable_named(model).items()},
-                  str(stage / "trainable.safetensors"))
-        fault_point(f"checkpoint tensors {ckpt}")
-        torch.save(optimizer.state_dict(), stage / "optimizer.pt")
-        fault_point(f"checkpoint optimizer {ckpt}")
-        torch.save({**state, "rng": _rng_state()}, stage / "state.pt")
+        if d is not None:
+            D.save_sharded(d, stage, model, optimizer)
+            fault_point(f"checkpoint shards {ckpt}")
+        else:
+            save_file({n: p.detach().cpu().contiguous() for n, p in _trainable_named(model).items()},
+                      str(stage / "trainable.safetensors"))
+            fault_point(f"checkpoint tensors {ckpt}")
+            torch.save(optimizer.state_dict(), stage / "optimizer.pt")
+            fault_point(f"checkpoint optimizer {ckpt}")
+        torch.save({**state, "rng": _rng_state(), "world_size": d.world if d is not None else None},
+                   stage / "state.pt")
         files = {f.name: f.stat().st_size for f in stage.iterdir()}
         write_json(stage / COMPLETE, {"step": int(state["step"]), "files": files})
+    D.barrier(d)
     keep = list_checkpoints(run_dir)[-KEEP_CHECKPOINTS:]
     for p in run_dir.iterdir():
         if p.is_dir() and _ckpt_step(p) is not None and p not in keep:
@@ -152,11 +168,23 @@ def read_checkpoint_state(run_dir: Path) -> dict:
     return torch.load(_need_checkpoint(Path(run_dir)) / "state.pt", map_location="cpu", weights_only=True)
 
 
-def load_checkpoint(run_dir: Path, model, optimizer) -> dict:
+def load_checkpoint(run_dir: Path, model, optimizer, d: D.Dist | None = None) -> dict:
     """Restore the trainable parameters and optimizer from the newest complete checkpoint in
-    ``run_dir``; returns its loop state."""
+    ``run_dir``; returns its loop state. A sharded (DCP) checkpoint loads at any world size under
+    torchrun, a one-process checkpoint only in one process."""
     ckpt = _need_checkpoint(Path(run_dir))
     state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+    sharded = (ckpt / D.SHARDED_MARKER).is_file()
+    if sharded and d is None:
+        raise TrainConfigError(f"resume: world size mismatch: {ckpt} is a sharded checkpoint of a "
+                               f"{state.get('world_size')}-process run and this is one process without torchrun; "
+                               "resume it under torchrun (any --nproc-per-node, DCP reshards)")
+    if d is not None and not sharded:
+        raise TrainConfigError(f"resume: world size mismatch: {ckpt} was written by a one-process run and this "
+                               f"launch has {d.world} process(es) under torchrun; resume it without torchrun")
+    if d is not None:
+        D.load_sharded(d, ckpt, model, optimizer)
+        return state
     saved = load_file(str(ckpt / "trainable.safetensors"))
     params = _trainable_named(model)
     if saved.keys() != params.keys():

@@ -237,7 +237,7 @@ CASES = {
     "data_empty": _data_case(b"", ["empty"]),
     "data_not_utf8": _data_case(b'{"question": "\xff\xfe", "answer": "x"}\n', []),
     "data_json_not_records": _data_case(b'{"a": 1}', [], suffix=".json"),
-    "data_json_list_of_numbers": _data_case(b"[1, 2, 3]", ["record 0", "not a string"], suffix=".json"),
+    "data_json_list_of_numbers": _data_case(b"[1, 2, 3]", ["item 0 is a int, expected an object or a string"], suffix=".json"),
     "eval_data_not_utf8": _muse_not_utf8,
     "pretrain_config_missing": lambda t, tmp, ctx: (
         ["pretrain", "--data", str(ctx["forget"]), "--config", str(tmp / "no.json"), "--train-tokenizer", "300",
@@ -308,12 +308,12 @@ def test_bad_input_fails_cleanly(case, tiny_dir, ctx, tmp_path, capsys):
 
 
 def test_unexpected_errors_still_show_a_traceback(tiny_dir, tmp_path, capsys, monkeypatch):
-    import qru.quant.export as E
+    import qru.cli.quant as cli_quant
 
     def boom(*a, **k):
         raise KeyError("a bug")
 
-    monkeypatch.setattr(E, "quantize_checkpoint", boom)
+    monkeypatch.setattr(cli_quant, "quantize_checkpoint", boom)
     rc = main(["quantize", str(tiny_dir), "--format", "int8", "--out", str(tmp_path / "q")])
     err = capsys.readouterr().err
     assert rc == 1 and "please report it" in err and "Traceback" in err and "KeyError: 'a bug'" in err
