@@ -71,7 +71,7 @@ def packed_max_bytes() -> int:
     return value
 
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # guards the slots' entries and the byte count (re-entrant: __del__ may run in GC)
 _packed_bytes = 0  # bytes held by all PackedWeight slots of the process
 
 
@@ -80,17 +80,11 @@ def packed_bytes() -> int:
     return _packed_bytes
 
 
-def _account(delta: int) -> None:
-    global _packed_bytes
-    with _lock:
-        _packed_bytes += delta
-
-
 class PackedWeight:
     """A cache slot for one layer's oneDNN-packed weight (owned by the layer, e.g.
     ``qru.model.linear.Linear``). Holds at most one packed copy, valid while the weight is the same
     tensor with the same storage and in-place version. Copies (``copy.deepcopy``) and pickles of a
-    layer get an empty slot."""
+    layer get an empty slot. Thread-safe: concurrent callers may both pack, one copy is kept."""
 
     __slots__ = ("_entry", "_nbytes")
 
@@ -114,20 +108,27 @@ class PackedWeight:
         e = self._entry
         if e is not None and e[0]() is w and e[1] == w.data_ptr() and e[2] == w._version:
             return e[3]
-        self.clear()
-        version = w._version
-        packed = torch.ops.mkldnn._reorder_linear_weight(w.detach())
+        entry = (weakref.ref(w), w.data_ptr(), w._version, torch.ops.mkldnn._reorder_linear_weight(w.detach()))
         nbytes = w.numel() * w.element_size()
-        _account(nbytes)
-        self._entry, self._nbytes = (weakref.ref(w), w.data_ptr(), version, packed), nbytes
-        return packed
+        global _packed_bytes
+        with _lock:
+            self._drop()
+            self._entry, self._nbytes = entry, nbytes
+            _packed_bytes += nbytes
+        return entry[3]
+
+    def _drop(self) -> None:  # under _lock
+        global _packed_bytes
+        if self._entry is not None:
+            self._entry = None
+            _packed_bytes -= self._nbytes
+            self._nbytes = 0
 
     def clear(self) -> None:
         """Drop the packed copy (if any)."""
         if self._entry is not None:
-            self._entry = None
-            _account(-self._nbytes)
-            self._nbytes = 0
+            with _lock:
+                self._drop()
 
     @property
     def packed(self) -> bool:
