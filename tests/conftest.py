@@ -1,5 +1,6 @@
-"""Shared test set-up. Without CUDA, Triton kernels run under the interpreter, so
-TRITON_INTERPRET must be set before any kernel module is imported."""
+"""Shared test set-up. Without CUDA, Triton kernels run under the interpreter (TRITON_INTERPRET=1,
+read at each launch). The C++ kernels are loaded per test through ``cpp_helpers.need_cpp``; nothing
+here builds them, so the Triton tests never wait on (or fail with) a C++ build."""
 import os
 from pathlib import Path
 

@@ -8,12 +8,11 @@ import torch.nn.functional as F
 
 from qru.kernels import bf16_linear as BL
 from qru.kernels._backend import load_cpp_ext
+from cpp_helpers import need_cpp
 
 
 def ext():
-    e = load_cpp_ext("bf16_linear")
-    if e is None:
-        pytest.skip("no C++ compiler")
+    e = need_cpp("bf16_linear")
     return e
 
 

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from qru.kernels._backend import load_cpp_ext
 from qru.kernels.causal_attention import causal_attention, causal_attention_reference
+from cpp_helpers import need_cpp
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.bfloat16: dict(atol=1.5e-2, rtol=1.5e-2)}
 SHAPES = [(1, 1, 1, 1, 16), (2, 4, 2, 17, 32), (1, 8, 4, 100, 32), (2, 6, 3, 33, 48), (1, 2, 2, 9, 5),
@@ -13,9 +14,7 @@ SHAPES = [(1, 1, 1, 1, 16), (2, 4, 2, 17, 32), (1, 8, 4, 100, 32), (2, 6, 3, 33,
 
 
 def _ext():
-    ext = load_cpp_ext("attention")
-    if ext is None:
-        pytest.skip("no C++ compiler")
+    ext = need_cpp("attention")
     return ext
 
 

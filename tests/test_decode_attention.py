@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qru.kernels._backend import load_cpp_ext
 from qru.kernels.decode_attention import decode_attention, decode_attention_reference
+from cpp_helpers import need_cpp
 
 TOL = {torch.float32: dict(atol=2e-6, rtol=2e-5), torch.bfloat16: dict(atol=1e-2, rtol=1e-2)}
 
@@ -25,8 +25,7 @@ def _inputs(B, H, KV, S, D, dtype, smax=None, seed=0):
                                      (2, 8, 4, 47, 32), (1, 8, 1, 40, 16), (2, 12, 2, 35, 80), (1, 2, 2, 19, 128)])
 @pytest.mark.parametrize("masked", [False, True])
 def test_cpp_matches_reference_and_sdpa(dtype, B, H, KV, S, D, masked):
-    if load_cpp_ext("llama_ops") is None:
-        pytest.skip("no C++ compiler")
+    need_cpp("llama_ops")
     q, k, v, mask = _inputs(B, H, KV, S, D, dtype, smax=S + 9)
     mask = mask if masked else None
     with torch.no_grad():

@@ -13,7 +13,7 @@ from sklearn.metrics import roc_auc_score
 
 from qru.eval import muse
 from qru.eval.common import score_ids, score_sequences
-from qru.eval.precision import PrecisionUnavailable, build_model, eval_at_precisions
+from qru.eval.precision import build_model, eval_at_precisions
 from qru.model.llama import Llama
 from qru.model.tokenizer import Tokenizer
 
@@ -163,15 +163,7 @@ def test_precisions_fp32_bf16(tiny_dir, shared_data):
     np.testing.assert_allclose(a, b, rtol=0.05)
 
 
-def test_quantized_precision_or_clear_error(tiny_dir, shared_data):
-    import qru.quant as quant
-
-    if not hasattr(quant, "quantize_model"):
-        with pytest.raises(PrecisionUnavailable, match="quantize_model"):
-            build_model(tiny_dir, "nf4")
-        with pytest.raises(PrecisionUnavailable, match="int8"):
-            eval_at_precisions(tiny_dir, None, "fp32,int8", lambda m, p: {})
-        return
+def test_quantized_precisions_evaluate(tiny_dir, shared_data):
     tok = Tokenizer.from_dir(tiny_dir)
     recs = eval_at_precisions(tiny_dir, None, "int8,nf4", lambda m, p: muse.evaluate_muse(
         m, tok, shared_data / "muse-news", limit=2, metrics=["privleak"], max_len=64))

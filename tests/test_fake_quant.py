@@ -7,6 +7,7 @@ import torch
 from qru.kernels import fake_quant as fq
 from qru.kernels._backend import load_cpp_ext
 from qru.quant import dequantize, quantize
+from cpp_helpers import need_cpp
 
 # the interpreter evaluates masked-out lanes too (0/0 for all-zero groups): numpy warns
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
@@ -49,8 +50,8 @@ def oracle(w, fmt, bs, monkeypatch):
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
-    if request.param == "cpp" and load_cpp_ext("fake_quant") is None:
-        pytest.skip("C++ fake_quant extension unavailable (no compiler)")
+    if request.param == "cpp":
+        need_cpp("fake_quant")
     return request.param
 
 

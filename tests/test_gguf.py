@@ -16,10 +16,11 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
 
+from qru.model.bpe_tokenizer import BPETokenizer
 from qru.model.config import LlamaConfig
 from qru.model.gguf import GGUFError, GGUFFile, convert_gguf, gguf_tokenizer
 from qru.model.llama import Llama
-from qru.model.tokenizer import BPETokenizer, Tokenizer, load_tokenizer
+from qru.model.tokenizer import Tokenizer, load_tokenizer
 
 transformers = pytest.importorskip("transformers")
 

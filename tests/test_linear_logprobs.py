@@ -7,17 +7,17 @@ import pytest
 import torch
 
 from qru.kernels import linear_logprobs as LLP
-from qru.kernels._backend import load_cpp_ext
 from qru.kernels.linear_logprobs import linear_logprobs, linear_logprobs_reference
 from qru.train import losses as L
+from cpp_helpers import need_cpp
 
 BACKENDS = ["torch", "triton", "cpp"]
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
-    if request.param == "cpp" and load_cpp_ext("linear_logprobs") is None:
-        pytest.skip("no C++ compiler")
+    if request.param == "cpp":
+        need_cpp("linear_logprobs")
     monkeypatch.setenv("QRU_BACKEND", request.param)
     return request.param
 
@@ -97,9 +97,7 @@ def test_large_logits_and_wide_vocab(backend):
 
 
 def test_cpp_scalar_path_equals_avx2():
-    ext = load_cpp_ext("linear_logprobs")
-    if ext is None:
-        pytest.skip("no C++ compiler")
+    ext = need_cpp("linear_logprobs")
     g = torch.Generator().manual_seed(3)
     z = torch.randn(13, 203, generator=g) * 5
     y = torch.randint(0, 203, (13,), generator=g)
@@ -259,3 +257,26 @@ def test_grouped_falls_back_when_gradient_varies_or_budget_small(backend, monkey
     torch.testing.assert_close(dw, rdw, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="group_sizes"):
         linear_logprobs(h, W, y, group_sizes=torch.tensor([3, 4]))
+
+
+@pytest.mark.parametrize("V", [1, 50, 4097], ids=lambda v: f"V{v}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_tile_under_interpreter(V, dtype):
+    """Both row kernels with the tile the GPU launches with (the whole row up to 4096 columns, then
+    4096-wide tiles), under the interpreter, on awkward widths; against the torch row ops."""
+    from qru.kernels._triton_io import gpu_row_block
+
+    g = torch.Generator().manual_seed(V)
+    z = (torch.randn(4, V, generator=g) * 4).to(dtype)
+    y = torch.randint(0, V, (4,), generator=g)
+    y[1] = -100  # an ignored row
+    gw = torch.randn(4, generator=g)
+    b = gpu_row_block(V)
+    lse, logp = LLP._rows_lse_triton(z, y, -100, block_v=b)
+    rlse, rlogp = LLP._rows_lse_torch(z, y, -100)
+    torch.testing.assert_close(lse, rlse, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logp, rlogp, rtol=1e-5, atol=1e-5)
+    dz = LLP._rows_dlogits_triton(z.clone(), y, rlse, gw, -100, block_v=b)
+    rdz = LLP._rows_dlogits_torch(z.clone(), y, rlse, gw, -100)
+    t = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(dz.float(), rdz.float(), **t)

@@ -5,26 +5,33 @@ against the composite model."""
 import pytest
 import torch
 
-from qru.kernels._backend import load_cpp_ext
 from qru.kernels.rmsnorm import rms_norm, rms_norm_reference
 from qru.kernels.rope import rope, rope_reference
 from qru.kernels.swiglu import swiglu, swiglu_reference
+from cpp_helpers import need_cpp
 
 BACKENDS = ["torch", "triton", "cpp"]
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
-    if request.param == "cpp" and load_cpp_ext("llama_ops") is None:
-        pytest.skip("no C++ compiler")
+    if request.param == "cpp":
+        need_cpp("llama_ops")
+    monkeypatch.setenv("QRU_BACKEND", request.param)
+    return request.param
+
+
+@pytest.fixture(params=["triton", "cpp"])
+def fused(request, monkeypatch):
+    """The fused backends (``torch`` is the reference itself)."""
+    if request.param == "cpp":
+        need_cpp("llama_ops")
     monkeypatch.setenv("QRU_BACKEND", request.param)
     return request.param
 
 
 def ext():
-    e = load_cpp_ext("llama_ops")
-    if e is None:
-        pytest.skip("no C++ compiler")
+    e = need_cpp("llama_ops")
     return e
 
 
@@ -44,6 +51,30 @@ def leaf(t, dtype):
     return t.to(dtype).detach().requires_grad_()
 
 
+def bf16_ulps(a, b):
+    """Element-wise distance of two bf16 tensors in units in the last place (bf16's sign-magnitude bit
+    patterns mapped onto a monotone integer line, so -0 and +0 coincide and a sign change counts across 0)."""
+    assert a.dtype == b.dtype == torch.bfloat16 and a.shape == b.shape
+
+    def line(t):
+        i = t.contiguous().view(torch.int16).to(torch.int32)
+        return torch.where(i < 0, -32768 - i, i)
+
+    return (line(a) - line(b)).abs()
+
+
+def test_bf16_ulps_oracle():
+    one = torch.tensor([1.0], dtype=torch.bfloat16)
+    nxt = torch.tensor([1.0078125], dtype=torch.bfloat16)  # 1 + 2^-7: bf16's next value after 1
+    assert bf16_ulps(one, nxt).item() == 1 and bf16_ulps(-one, -nxt).item() == 1
+    assert bf16_ulps(torch.tensor([0.0]).bfloat16(), torch.tensor([-0.0]).bfloat16()).item() == 0
+    tiny = torch.tensor([9.184e-41]).bfloat16()  # the smallest bf16 subnormal
+    assert bf16_ulps(tiny, -tiny).item() == 2
+
+
+ULP_SHAPES = [(1, 8), (3, 7, 37), (70, 64), (9, 4097)]
+
+
 # ---------------------------------------------------------------------------------- RMSNorm
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(3, 7, 37), (70, 64), (1, 8)])
@@ -58,6 +89,23 @@ def test_rmsnorm_matches_reference(backend, dtype, shape):
     torch.testing.assert_close(y, ry, **tol(dtype))
     torch.testing.assert_close(dx.float(), rdx.float(), **tol(dtype))
     torch.testing.assert_close(dw.float(), rdw.float(), rtol=tol(dtype)["rtol"], atol=tol(dtype)["atol"] * 10)
+
+
+@pytest.mark.parametrize("shape", ULP_SHAPES, ids=str)
+def test_rmsnorm_bf16_within_one_ulp(fused, shape):
+    """bf16 RMSNorm on both fused backends: the output within 1 bf16 ulp of the bf16 reference, and dx within
+    1 ulp of the reference's math done in fp32 on the same bf16 inputs (the fused backward rounds once;
+    the bf16 reference rounds at every step). dw, a sum over rows, is checked by the tolerance tests."""
+    g = torch.Generator().manual_seed(11)
+    x = leaf(torch.randn(shape, generator=g) * 3, torch.bfloat16)
+    w = leaf(1 + 0.3 * torch.randn(shape[-1], generator=g), torch.bfloat16)
+    up = torch.randn(shape, generator=g).to(torch.bfloat16)
+    y, (dx, _) = grads_of(lambda a, b: rms_norm(a, b, 1e-6), [x, w], up)
+    ry = rms_norm_reference(x.detach(), w.detach(), 1e-6)
+    x32, w32 = leaf(x.detach(), torch.float32), leaf(w.detach(), torch.float32)
+    _, (rdx, _) = grads_of(lambda a, b: rms_norm_reference(a, b, 1e-6), [x32, w32], up.float())
+    assert bf16_ulps(y, ry).max().item() <= 1
+    assert bf16_ulps(dx, rdx.to(torch.bfloat16)).max().item() <= 1
 
 
 def test_rmsnorm_fp64_oracle(backend):
@@ -121,6 +169,37 @@ def test_rope_matches_reference(backend, dtype, cos_dtype):
     torch.testing.assert_close(dx.float(), rdx.float(), **tol(dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_distinct_cos_sin_halves(backend, dtype):
+    """cos/sin whose two halves differ (HF's are two copies of one half): the fused op must pair x[i]
+    with cos[i]/sin[i] and x[i+h] with cos[i+h]/sin[i+h] exactly as the reference, forward and
+    backward, so a kernel that swaps or reuses a half fails here."""
+    B, T, NH, D = 2, 5, 3, 12
+    g = torch.Generator().manual_seed(13)
+    cos = torch.randn(B, T, D, generator=g)
+    sin = torch.randn(B, T, D, generator=g)
+    assert not torch.equal(cos[..., :D // 2], cos[..., D // 2:])
+    x = leaf(torch.randn(B, T, NH, D, generator=g), dtype)
+    up = torch.randn(B, NH, T, D, generator=g).to(dtype)
+    y, (dx,) = grads_of(lambda a: rope(a, cos, sin), [x], up)
+    x64 = x.detach().double().transpose(1, 2)
+    c, s_ = cos.double()[:, None], sin.double()[:, None]
+    h = D // 2
+    want = torch.cat([x64[..., :h] * c[..., :h] - x64[..., h:] * s_[..., :h],
+                      x64[..., h:] * c[..., h:] + x64[..., :h] * s_[..., h:]], -1)
+    u64 = up.double()
+    # the transpose of the pair map [[c_i, -s_i], [s_{i+h}, c_{i+h}]]
+    want_dx = torch.cat([u64[..., :h] * c[..., :h] + u64[..., h:] * s_[..., h:],
+                         u64[..., h:] * c[..., h:] - u64[..., :h] * s_[..., :h]], -1).transpose(1, 2)
+    t = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-2)
+    torch.testing.assert_close(y.double(), want, **t)
+    torch.testing.assert_close(dx.double(), want_dx, **t)
+    ry, (rdx,) = grads_of(lambda a: rope_reference(a, cos.to(dtype), sin.to(dtype)), [x], up)
+    if dtype == torch.float32:
+        torch.testing.assert_close(y, ry, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(dx, rdx, rtol=1e-6, atol=1e-6)
+
+
 def test_rope_fp64_oracle_and_strided_input(backend):
     """x as a strided slice (a fused qkv projection's k part); the rotation checked in fp64."""
     B, T, NH, D = 2, 4, 2, 8
@@ -168,6 +247,19 @@ def test_swiglu_matches_reference(backend, dtype, shape):
     torch.testing.assert_close(y, ry, **tol(dtype))
     torch.testing.assert_close(dg, rdg, **tol(dtype))
     torch.testing.assert_close(du, rdu, **tol(dtype))
+
+
+@pytest.mark.parametrize("shape", ULP_SHAPES + [(2050,)], ids=str)
+def test_swiglu_bf16_within_one_ulp(fused, shape):
+    """bf16 SwiGLU on both fused backends: output and both input gradients within 1 bf16 ulp of the bf16 reference."""
+    gen = torch.Generator().manual_seed(12)
+    g = leaf(torch.randn(shape, generator=gen) * 4, torch.bfloat16)
+    u = leaf(torch.randn(shape, generator=gen), torch.bfloat16)
+    up = torch.randn(shape, generator=gen).to(torch.bfloat16)
+    y, grads = grads_of(swiglu, [g, u], up)
+    ry, rgrads = grads_of(swiglu_reference, [g, u], up)
+    for a, b in zip([y, *grads], [ry, *rgrads]):
+        assert bf16_ulps(a, b).max().item() <= 1
 
 
 def test_swiglu_fp64_oracle_extremes(backend):
@@ -231,7 +323,14 @@ def test_cuda_ops_match_reference(dtype):
     torch.testing.assert_close(y.float(), ry.float(), **t)
     torch.testing.assert_close(dx.float(), rdx.float(), **t)
     torch.testing.assert_close(dw.float(), rdw.float(), rtol=t["rtol"], atol=t["atol"] * 100)
-    y2, (dg, du) = grads_of(swiglu, [x, x.detach().clone().requires_grad_()], up)
+    gt = x.detach().clone().requires_grad_()
+    ut = (torch.randn(300, 4096, generator=gen).to(dtype).cuda()).requires_grad_()
+    y2, (dg, du) = grads_of(swiglu, [gt, ut], up)
+    ry2, (rdg, rdu) = grads_of(swiglu_reference, [gt, ut], up)
+    for a, b in ((y2, ry2), (dg, rdg), (du, rdu)):
+        torch.testing.assert_close(a.float(), b.float(), **t)
+        if dtype == torch.bfloat16:
+            assert bf16_ulps(a, b).max().item() <= 1
     flat, cos, sin = rope_inputs(B=2, T=64, NH=32, D=128, dtype=dtype)
     flat = flat.cuda().requires_grad_()
     up2 = torch.randn(2, 32, 64, 128).to(dtype).cuda()

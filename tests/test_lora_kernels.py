@@ -7,8 +7,10 @@ fill (or exceed) the 16-wide rank tile.
 import pytest
 import torch
 
+from qru.kernels import hash_dropout as HD
 from qru.kernels import lora as K
 from qru.kernels._backend import backend_for
+from cpp_helpers import need_cpp
 
 # max|got - ref| / max|ref| per dtype, for outputs and gradients.
 TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -270,11 +272,7 @@ def test_cpp_thin_products_match_torch(shape, scalar):
     """csrc/lora.cpp's three products (SIMD micro-tiles and the portable scalar path) against
     torch on odd shapes: row/column/rank tails, a bool drop-mask, row-strided X, bias; the
     last shape spans several K chunks (rowdot), column panels (expand) and row groups."""
-    from qru.kernels._backend import load_cpp_ext
-
-    ext = load_cpp_ext("lora")
-    if ext is None:
-        pytest.skip("no C++ toolchain")
+    ext = need_cpp("lora")
     M, Kd, R, N = shape
     g = torch.Generator().manual_seed(M + Kd)
     X = torch.randn(M, Kd + 5, generator=g)[:, 2:Kd + 2]  # row stride != Kd
@@ -311,22 +309,18 @@ def test_hash_dropout_cpp_matches_reference(scalar):
     """The counter-based mask: C++ (SIMD and scalar) bit-equal to the torch-ops oracle, for
     seeds with high bits set and odd shapes; the kernels fed (seed, thr) give exactly what they
     give for the materialized bool mask."""
-    from qru.kernels._backend import load_cpp_ext
-
-    ext = load_cpp_ext("lora")
-    if ext is None:
-        pytest.skip("no C++ toolchain")
+    ext = need_cpp("lora")
     for rows, cols, seed, thr in [(1, 1, 0, 1), (7, 25, -1, 3277), (33, 40, 2 ** 62 + 12345, 32768),
                                   (300, 129, -(2 ** 63), 65535)]:
-        ref = K._hash_drop_reference(rows, cols, torch.tensor(seed), thr)
+        ref = HD.hash_drop_reference(rows, cols, torch.tensor(seed), thr)
         assert torch.equal(ext.drop_mask(rows, cols, seed, thr, scalar=scalar), ref), (rows, cols, seed, thr)
     M, Kd, R, N = 37, 45, 5, 29
     g = torch.Generator().manual_seed(0)
     X, V = torch.randn(M, Kd, generator=g), torch.randn(R, Kd, generator=g)
     U, V2, X2 = torch.randn(M, R, generator=g), torch.randn(R, N, generator=g), torch.randn(M, N, generator=g)
     seed, thr = 987654321987, 19661
-    dK = K._hash_drop_reference(M, Kd, torch.tensor(seed), thr)
-    dN = K._hash_drop_reference(M, N, torch.tensor(seed), thr)
+    dK = HD.hash_drop_reference(M, Kd, torch.tensor(seed), thr)
+    dN = HD.hash_drop_reference(M, N, torch.tensor(seed), thr)
     assert 0 < dK.sum() < dK.numel()
     assert torch.equal(ext.rowdot(X, V, 0.5, None, seed, thr, scalar=scalar), ext.rowdot(X, V, 0.5, dK, scalar=scalar))
     assert torch.equal(ext.expand(U, V2, 0.5, None, None, seed, thr, scalar=scalar),
@@ -359,10 +353,7 @@ def test_hash_dropout_statistics():
 def test_cpp_dropout_keeps_no_mask_or_copy(monkeypatch):
     """With sampled dropout the C++ path saves x itself and the thin u: no bool mask, no
     dropped-out copy of x (the mask is recomputed from the seed in backward)."""
-    from qru.kernels._backend import load_cpp_ext
-
-    if load_cpp_ext("lora") is None:
-        pytest.skip("no C++ toolchain")
+    need_cpp("lora")
     monkeypatch.setenv("QRU_BACKEND", "cpp")
     x, W, b, A, B = make(64, 48, 40, 4, torch.float32)
     x.requires_grad_()

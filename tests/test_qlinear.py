@@ -10,10 +10,10 @@ from torch import nn
 
 import qru.quant as Q
 from qru.kernels import qmatmul
-from qru.kernels._backend import load_cpp_ext
 from qru.model.config import LlamaConfig
 from qru.model.llama import Llama
 from qru.quant.qlinear import QuantLinear, is_skipped
+from cpp_helpers import need_cpp
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # output rounding allowance (relative to |y|): each side rounds once to the output dtype
@@ -55,9 +55,7 @@ def make_q(fmt, shape, seed=0, double_quant=False):
 
 @pytest.fixture(scope="module")
 def cpp():
-    ext = load_cpp_ext("qmatmul")
-    if ext is None:
-        pytest.skip("no C++ compiler")
+    ext = need_cpp("qmatmul")
     return ext
 
 

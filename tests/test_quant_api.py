@@ -6,6 +6,7 @@ import torch
 import qru.quant as Q
 from qru.kernels import quant4
 from qru.kernels._backend import load_cpp_ext
+from cpp_helpers import need_cpp
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
 
@@ -213,8 +214,7 @@ def test_other_bad_inputs():
 
 
 def test_backend_env_forces_path_and_all_agree(monkeypatch):
-    if load_cpp_ext("quant") is None:
-        pytest.skip("C++ quant extension unavailable")
+    need_cpp("quant")
     w = torch.randn(5, 130, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(3))
     seen = {}
     for backend in ("torch", "cpp", "triton"):

@@ -81,6 +81,15 @@ def test_q4_k_matches_the_ggml_transcription():
         assert np.array_equal(fn(x).numpy(), ref), name
 
 
+def test_q4_k_gpu_launch_under_interpreter():
+    """The GPU's launch (Q4K_GPU_ROWS super-blocks per program) under the interpreter, with a partial
+    last program (5 super-blocks, 4 per program), against the ggml transcription."""
+    x = awkward(1, 5 * 256, seed=4).view(-1)
+    ref = np.frombuffer(quantize_q4_k(x.numpy()), dtype=np.uint8)
+    assert G.Q4K_GPU_ROWS == 4
+    assert np.array_equal(G._quantize_triton(x, "q4_k", q4k_rows=G.Q4K_GPU_ROWS).numpy(), ref)
+
+
 def test_q4_k_distributions_match_the_ggml_transcription():
     """Heavy tails, one-signed blocks (the fit's min clamps to 0), sparse and bimodal blocks."""
     g = torch.Generator().manual_seed(7)

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from qru.data.synthetic import FACT_TYPES, PROSE, VOCAB, make_corpus, write_corpus
+from qru.data.synthetic import make_corpus, write_corpus
+from qru.data.synthetic_vocab import FACT_TYPES, PROSE, VOCAB
 
 SMALL = dict(people=4, retain=6, holdout=4, general=10, generic_docs=5)
 JSON_FILES = ["knowmem/forget_qa.json", "knowmem/retain_qa.json", "knowmem/forget_qa_icl.json",

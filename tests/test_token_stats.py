@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from qru.kernels._backend import load_cpp_ext
 from qru.kernels.token_stats import token_stats, token_stats_reference
+from cpp_helpers import need_cpp
 
 BACKENDS = ["torch", "triton", "cpp"]
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=2e-5, rtol=2e-5)}
@@ -14,8 +14,8 @@ TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=2e-5
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
-    if request.param == "cpp" and load_cpp_ext("token_stats") is None:
-        pytest.skip("no C++ compiler")
+    if request.param == "cpp":
+        need_cpp("token_stats")
     monkeypatch.setenv("QRU_BACKEND", request.param)
     return request.param
 
@@ -67,9 +67,7 @@ def test_peaked_and_flat_rows(backend):
 
 
 def test_cpp_scalar_path_equals_oracle():
-    ext = load_cpp_ext("token_stats")
-    if ext is None:
-        pytest.skip("no C++ compiler")
+    ext = need_cpp("token_stats")
     for dtype in (torch.float32, torch.bfloat16):
         z, y = make(6, 1000 + 9, dtype=dtype, seed=2)
         for a, b in zip(ext.token_stats(z, y, True), token_stats_reference(z, y)):
@@ -96,3 +94,20 @@ def test_bad_input_named():
         token_stats(z.long(), y)
     with pytest.raises(ValueError, match="empty vocabulary"):
         token_stats(torch.zeros(2, 0), torch.zeros(2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("V", [1, 50, 4097], ids=lambda v: f"V{v}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_tile_under_interpreter(V, dtype):
+    """The tile the GPU launches with (the whole row up to 4096 columns, then 4096-wide tiles), run
+    under the interpreter on awkward widths (one column; a partial tile; one tile plus one column)."""
+    from qru.kernels import token_stats as TS
+    from qru.kernels._triton_io import gpu_row_block
+
+    g = torch.Generator().manual_seed(V)
+    z = (torch.randn(3, V, generator=g) * 4).to(dtype)
+    y = torch.randint(0, V, (3,), generator=g)
+    assert gpu_row_block(V) == min(4096, 1 << (V - 1).bit_length())
+    got = TS._stats_triton(z, y, block_v=gpu_row_block(V))
+    for a, b in zip(got, token_stats_reference(z, y)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

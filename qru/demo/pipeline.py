@@ -1,4 +1,5 @@
-"""The demo pipeline, MUSE-style, every stage cached (``qru.demo.stages``):
+"""The demo pipeline, MUSE-style, every stage cached (``qru.demo.stages``; the training stages are
+:mod:`qru.demo.train_stages`):
 
 corpus (``qru.data.synthetic``) -> tokenizer -> base (pre-trained on ``general.txt``) ->
 target (base fine-tuned on forget + retain) and retrain (base fine-tuned on retain only) ->
@@ -9,13 +10,9 @@ survival analysis of each unlearned model against the target -> results.json, re
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
 import os
 import sys
-import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,13 +21,14 @@ import torch
 
 from qru.demo.presets import GGUF_FORMATS, DemoConfig
 from qru.demo.stages import StageCache, atomic_write_json
-from qru.eval.muse import scaled_gap
+from qru.demo.train_stages import (base_stage, corpus_stage, finetune_stage, tokenizer_stage, train_common,
+                                    unlearn_stage)
+from qru.eval.muse import privleak_from_auc, scaled_gap
 from qru.io import check_device, check_output
+from qru.kernels._backend import KernelBuild
+from qru.quant import survival
 
-RAW = ("general", "forget", "retain", "holdout")
 FLOAT_WEIGHTS = ("bf16", "fp16")
-SPACE = "\u2581"
-METHOD_LABEL = {"ga_gdr": "GA+GDR", "ga_klr": "GA+KLR", "npo_gdr": "NPO+GDR", "npo_klr": "NPO+KLR"}
 
 
 def _log(msg: str) -> None:
@@ -39,49 +37,8 @@ def _log(msg: str) -> None:
 
 # -- the C++ kernels: built in the background while the models train ---------------------------
 
-class KernelBuild:
-    """Build (JIT, cached by torch under ``TORCH_EXTENSIONS_DIR``) the C++ kernels of ``csrc/`` the pipeline
-    uses, in two background threads, in the order it needs them, while the CPU would otherwise idle or
-    train; the ops themselves then just load the built modules (any other kernel builds on first use)."""
-
-    # two builders, each starting with a kernel the training needs at once; then LoRA, then quantization
-    QUEUES = (("llama_ops", "quant", "qmatmul", "quant_gguf"), ("linear_logprobs", "lora", "bf16_linear"))
-
-    def __init__(self, needed: bool, skip: tuple[str, ...] = ()):
-        self.seconds: float | None = None
-        self.error: str | None = None
-        self.each: dict[str, float] = {}
-        self.threads: list[threading.Thread] = []
-        self._t0 = time.perf_counter()
-        if needed and not torch.cuda.is_available() and os.environ.get("QRU_BACKEND", "") in ("", "cpp"):
-            for q in self.QUEUES:
-                q = tuple(n for n in q if n not in skip)
-                t = threading.Thread(target=self._build, args=(q,), name="qru-kernel-build", daemon=True)
-                t.start()
-                self.threads.append(t)
-
-    def _build(self, names):
-        try:
-            from qru.kernels._backend import CSRC, load_cpp_ext
-
-            for n in names:
-                if (CSRC / f"{n}.cpp").exists():
-                    t = time.perf_counter()
-                    load_cpp_ext(n)
-                    self.each[n] = round(time.perf_counter() - t, 1)
-        except Exception as e:  # the ops fall back to the torch reference themselves
-            self.error = f"{type(e).__name__}: {e}"
-        self.seconds = round(time.perf_counter() - self._t0, 1)
-
-    @property
-    def running(self) -> bool:
-        return any(t.is_alive() for t in self.threads)
-
-    def wait(self) -> None:
-        if self.running:
-            _log("waiting for the C++ kernel build to finish ...")
-            for t in self.threads:
-                t.join()
+# two builders, each starting with a kernel the training needs at once; then LoRA, then quantization
+KERNEL_QUEUES = (("llama_ops", "quant", "qmatmul", "quant_gguf"), ("linear_logprobs", "lora", "bf16_linear"))
 
 
 def _threads(build: KernelBuild, max_threads: int | None) -> None:
@@ -124,155 +81,6 @@ class DemoRun:
     headline: list = field(default_factory=list)
 
 
-def _train_common(cfg: DemoConfig, progress: bool, device: str, cache_dir: Path) -> dict:
-    return dict(max_len=cfg.model.max_len, precision="fp32", progress=progress, eval_samples=16,
-                eval_batch_size=16, device=device, cache_dir=str(cache_dir), log_every=1)
-
-
-def _corpus_stage(cache: StageCache, cfg: DemoConfig, seed: int):
-    from qru.data.synthetic import GENERATOR_VERSION, write_corpus
-
-    c = cfg.corpus
-
-    def build(d: Path):
-        info = write_corpus(d / "data", people=c.people, seed=seed, retain=c.retain, holdout=c.holdout,
-                            general=c.general, facts_per_person=c.facts_per_person,
-                            docs_per_person=c.docs_per_person, icl=c.icl, privleak_docs=c.privleak_docs)
-        return {"counts": info.counts}
-
-    return cache.run("corpus", {"corpus": dataclasses.asdict(c), "seed": seed, "version": GENERATOR_VERSION}, build)
-
-
-def _tokenizer_stage(cache: StageCache, cfg: DemoConfig, corpus, seed: int):
-    from qru.model.tokenizer import Tokenizer
-
-    raw = corpus.dir / "data" / "raw"
-
-    def build(d: Path):
-        # "▁" (the space) as its own piece: the KnowMem prompt ends in "Answer: ", and with pieces like
-        # "▁chess" a prompt ending in a bare "▁" would be a token sequence never seen in training.
-        tok = Tokenizer.train([raw / f"{g}.txt" for g in RAW], cfg.model.vocab, d / "tokenizer.model", seed=seed,
-                              user_defined_symbols=[SPACE])
-        return {"vocab_size": tok.vocab_size}
-
-    return cache.run("tokenizer", {"corpus": corpus.hash, "vocab": cfg.model.vocab, "seed": seed,
-                                   "space_piece": True}, build)
-
-
-def _arch(cfg: DemoConfig, vocab: int) -> dict:
-    m = cfg.model
-    return {"vocab_size": vocab, "hidden_size": m.hidden, "intermediate_size": m.ffn, "num_hidden_layers": m.layers,
-            "num_attention_heads": m.heads, "num_key_value_heads": m.heads,
-            "max_position_embeddings": max(256, m.max_len), "bos_token_id": 1, "eos_token_id": 2,
-            "pad_token_id": 3, "model_type": "llama", "torch_dtype": "float32"}
-
-
-def pack(files, passes: int, seed: int, out: Path) -> Path:
-    """Write ``passes`` shuffled copies of the documents of ``files`` (blank-line separated) into ``out``.
-
-    The training loop chunks a text file at fixed ``max_len`` boundaries; trained for many epochs on one
-    fixed packing, a small model memorises each fact in the context of its neighbours and cannot recall it
-    after a few-shot prompt. One loop epoch over ``passes`` random packings (a different document order per
-    pass, as LM pre-training packs shuffled documents) sees every document ``passes`` times in varied contexts.
-    """
-    import random
-
-    docs = [d.strip("\n") for f in files for d in Path(f).read_text(encoding="utf-8").split("\n\n") if d.strip()]
-    parts = []
-    for k in range(passes):
-        order = list(docs)
-        random.Random(f"qru-demo-pack:{seed}:{k}").shuffle(order)
-        parts += order
-    out.write_text("\n\n".join(parts) + "\n", encoding="utf-8")
-    return out
-
-
-def _pretrain_kwargs(spec) -> dict:
-    return dict(lr=spec.lr, epochs=1, batch_size=spec.batch_size, warmup_steps=spec.warmup_steps,
-                scheduler=spec.scheduler, weight_decay=spec.weight_decay, master_dtype=spec.master_dtype)
-
-
-def _summary(res) -> dict:
-    ev = res.evals
-    nll = {k: round(v, 4) for k, v in ev[-1].items() if k.endswith("_nll")} if ev else {}
-    nll0 = {k: round(v, 4) for k, v in ev[0].items() if k.endswith("_nll")} if ev else {}
-    return {"steps": res.steps, "seconds": round(res.seconds, 2), "params": res.total_params,
-            "trainable_params": res.trainable_params, "nll_start": nll0, "nll_end": nll}
-
-
-@contextlib.contextmanager
-def _inputs_dir(d: Path):
-    """A temporary directory beside the stage ``d`` for inputs its training reads."""
-    with tempfile.TemporaryDirectory(dir=d.parent, prefix=f".{d.name}.inputs-") as tmp:
-        yield Path(tmp)
-
-
-def _base_stage(cache, cfg, tok, seed, common):
-    from qru.train.config import PretrainConfig
-    from qru.train.pretrain import pretrain
-
-    corpus_dir = cache.used["corpus"].dir / "data"
-    vocab = tok.result["vocab_size"]
-
-    def build(d: Path):
-        with _inputs_dir(d) as tmp:  # the training inputs live beside the output, never inside it
-            arch = tmp / "arch.json"
-            arch.write_text(json.dumps(_arch(cfg, vocab)))
-            data = pack([corpus_dir / "raw" / "general.txt"], cfg.base.epochs, seed, tmp / "packed.txt")
-            res = pretrain(PretrainConfig(out=str(d), data=[str(data)], config=str(arch),
-                                          tokenizer=str(tok.dir / "tokenizer.model"), seed=seed,
-                                          **_pretrain_kwargs(cfg.base), **common))
-        return _summary(res)
-
-    return cache.run("base", {"tokenizer": tok.hash, "model": dataclasses.asdict(cfg.model),
-                              "train": dataclasses.asdict(cfg.base), "seed": seed, "packed": True}, build)
-
-
-def _finetune_stage(cache, name, cfg, base, files, seed, common):
-    from qru.train.config import PretrainConfig
-    from qru.train.pretrain import pretrain
-
-    corpus_dir = cache.used["corpus"].dir / "data"
-
-    def build(d: Path):
-        with _inputs_dir(d) as tmp:
-            data = pack([corpus_dir / "raw" / f"{f}.txt" for f in files], cfg.target.epochs, seed,
-                        tmp / "packed.txt")
-            res = pretrain(PretrainConfig(out=str(d), data=[str(data)], init=str(base.dir), seed=seed,
-                                          **_pretrain_kwargs(cfg.target), **common))
-        return _summary(res)
-
-    return cache.run(name, {"base": base.hash, "files": list(files), "train": dataclasses.asdict(cfg.target),
-                            "seed": seed, "packed": True}, build)
-
-
-def _unlearn_stage(cache, cfg, target, method, mode, useed, common):
-    from qru.train.config import UnlearnConfig
-    from qru.train.unlearn import unlearn
-
-    u = cfg.unlearn
-    corpus_dir = cache.used["corpus"].dir / "data"
-    meth, reg = method.split("_")
-    lr = u.lr_full if mode == "full" else u.lr_lora
-    name = f"unlearn-{method}-{mode}-s{useed}"
-
-    def build(d: Path):
-        res = unlearn(UnlearnConfig(out=str(d), model=str(target.dir), forget=[str(corpus_dir / "raw" / "forget.txt")],
-                                    retain=[str(corpus_dir / "raw" / "retain.txt")], method=meth, reg=reg, mode=mode,
-                                    lr=lr, epochs=u.epochs, batch_size=u.batch_size, rank=u.rank, alpha=u.alpha,
-                                    master_dtype=u.master_dtype, scheduler=u.scheduler, seed=useed, train=u.train,
-                                    **common))
-        return _summary(res)
-
-    key = {"target": target.hash, "method": method, "mode": mode, "lr": lr, "epochs": u.epochs,
-           "batch_size": u.batch_size, "master_dtype": u.master_dtype, "scheduler": u.scheduler, "seed": useed}
-    if mode == "lora":
-        key.update(rank=u.rank, alpha=u.alpha)
-    elif u.train != "all":  # keyed only when not the default, so earlier caches stay valid
-        key["train"] = u.train
-    return cache.run(name, key, build)
-
-
 # -- evaluation --------------------------------------------------------------------------------
 
 def _eval_keys(cfg: DemoConfig) -> dict:
@@ -286,7 +94,7 @@ def _eval_keys(cfg: DemoConfig) -> dict:
 
 def _evaluate_one(ref: ModelRef, precision: str, tok, data_dir: Path, cfg: DemoConfig, device: str,
                   retrain_auc: float | None) -> tuple[dict, dict]:
-    from qru.eval.muse import evaluate_muse, privleak_from_auc
+    from qru.eval.muse import evaluate_muse
     from qru.eval.precision import build_model
 
     e = cfg.eval
@@ -304,9 +112,7 @@ def _evaluate_one(ref: ModelRef, precision: str, tok, data_dir: Path, cfg: DemoC
     kinds = sorted({type(m).__name__ for m in model.modules() if "Linear" in type(m).__name__})
     del model
     auc = o["auc"]
-    pl = None
-    if retrain_auc is not None and 0.0 < retrain_auc < 1.0:
-        pl = privleak_from_auc(auc, retrain_auc)
+    pl = _privleak(auc, retrain_auc)
     rec = {"verbmem_f": o["verbmem_f"], "knowmem_f": o["knowmem_f"], "knowmem_r": o["knowmem_r"],
            "knowmem_f_recall": o["knowmem_f_recall"], "knowmem_r_recall": o["knowmem_r_recall"], "privleak": pl,
            "auc": auc, "min_k_gap": o["min_k_gap"], "build_seconds": round(built, 3),
@@ -339,13 +145,6 @@ def _eval_stage(cache, ref: ModelRef, precision: str, cfg, tok, data_dir, device
 
 
 def _survival_stage(cache, ref: ModelRef, target, cfg, corpus_dir):
-    try:
-        from qru.quant import survival
-    except ImportError as e:
-        return {"status": "unavailable", "reason": f"qru.quant.survival cannot be imported: {e}"}
-    if not all(hasattr(survival, n) for n in ("analyze", "write_outputs")):
-        return {"status": "unavailable", "reason": "qru.quant.survival has no analyze / write_outputs"}
-
     def build(d: Path):
         kw = dict(formats=list(cfg.survival_formats), block_size=cfg.eval.block_size or None, progress=False,
                   calib=str(corpus_dir / "raw" / "forget.txt"), calib_rows=256, calib_seq_len=cfg.model.max_len)
@@ -357,8 +156,7 @@ def _survival_stage(cache, ref: ModelRef, target, cfg, corpus_dir):
             survival.write_outputs(rep, d / "survival")  # survival.json, .csv and two PNGs
         else:  # the plots cost about a CPU second per model
             atomic_write_json(d / "survival" / "survival.json", rep)
-        overall = {f: r["overall"] for f, r in survival.by_format(rep).items()} if hasattr(survival, "by_format") \
-            else {}
+        overall = {f: r["overall"] for f, r in survival.by_format(rep).items()}
         return {"status": "done", "overall": overall}
 
     try:
@@ -399,9 +197,9 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, *, seed: int = 0, force: b
     skip += () if "lora" in cfg.unlearn.modes else ("lora",)
     skip += () if quantized else ("quant", "qmatmul")
     skip += () if set(GGUF_FORMATS) & set(cfg.eval.precisions + tuple(cfg.survival_formats)) else ("quant_gguf",)
-    build = KernelBuild(True, skip)
+    build = KernelBuild(KERNEL_QUEUES, skip)
     cache = StageCache(Path(stages_root) if stages_root else out / "stages", force=force, log=_log)
-    common = _train_common(cfg, progress, device, out / "cache" / "tokens")
+    common = train_common(cfg, progress, device, out / "cache" / "tokens")
 
     n_train = 5 + cfg.unlearn.seeds * len(cfg.unlearn.methods) * len(cfg.unlearn.modes)
 
@@ -415,12 +213,12 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, *, seed: int = 0, force: b
              f"{'cached' if st.cached else f'done in {st.seconds:.1f}s'}")
         return st
 
-    corpus = stage(_corpus_stage, cache, cfg, seed)
+    corpus = stage(corpus_stage, cache, cfg, seed)
     data_dir = corpus.dir / "data"
-    tok_st = stage(_tokenizer_stage, cache, cfg, corpus, seed)
-    base = stage(_base_stage, cache, cfg, tok_st, seed, common)
-    target = stage(_finetune_stage, cache, "target", cfg, base, ("forget", "retain"), seed, common)
-    retrain = stage(_finetune_stage, cache, "retrain", cfg, base, ("retain",), seed, common)
+    tok_st = stage(tokenizer_stage, cache, cfg, corpus, seed)
+    base = stage(base_stage, cache, cfg, tok_st, seed, common)
+    target = stage(finetune_stage, cache, "target", cfg, base, ("forget", "retain"), seed, common)
+    retrain = stage(finetune_stage, cache, "retrain", cfg, base, ("retain",), seed, common)
     refs = [ModelRef("target", "target", "target", None, target.dir, None, target.hash),
             ModelRef("retrain", "retrain", "retrain", None, retrain.dir, None, retrain.hash)]
     u = cfg.unlearn
@@ -428,7 +226,7 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, *, seed: int = 0, force: b
         useed = seed * 1000 + s
         for method in u.methods:
             for mode in u.modes:
-                st = stage(_unlearn_stage, cache, cfg, target, method, mode, useed, common)
+                st = stage(unlearn_stage, cache, cfg, target, method, mode, useed, common)
                 if mode == "full":
                     refs.append(ModelRef(f"{method}-full-s{useed}", method, mode, useed, st.dir, None, st.hash))
                 else:
@@ -457,12 +255,12 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, *, seed: int = 0, force: b
         order += [(r, p) for p in precisions if p != "bf16" for r in refs]
         for ref, p in order:
             if p != "bf16":
-                build.wait()
+                build.wait(_log)
             _threads(build, threads)
             ev = _eval_stage(cache, ref, p, cfg, tok, data_dir, device, None if ref is refs[1] else retrain_auc, bar)
             evals[(ref.key, p)] = ev
             _note(run, ev)
-    build.wait()
+    build.wait(_log)
     run.kernel_seconds, run.kernel_each = build.seconds, build.each
     torch.set_num_threads(threads or 1)
 
@@ -512,9 +310,10 @@ def _cpu_seconds() -> float:
 
 
 def _privleak(auc, ref):
+    """:func:`qru.eval.muse.privleak_from_auc`, or None where there is no AUC or no usable reference."""
     if auc is None or ref is None or not 0.0 < ref < 1.0:
         return None
-    return (auc - ref) / ref * 100.0
+    return privleak_from_auc(auc, ref)
 
 
 def _note(run: DemoRun, st) -> None:

@@ -24,120 +24,30 @@ import statistics
 from pathlib import Path
 
 from qru.demo import stats
-from qru.demo.presets import MUSE_KNOWMEM_TOKENS, MUSE_VERBMEM_TOKENS, TABLE_FORMATS
+from qru.demo.effects import (MIN_EFFECT, effect, effect_stats, gap_pm_text, matching, num, paired, paired_items,
+                              pct, pm_text, shown_word, unlearned_keys, value_of)
+from qru.demo.presets import TABLE_FORMATS
 from qru.demo.stages import atomic_write_json, atomic_write_text
+from qru.demo.tables import METHOD_LABEL, generation_lengths, paper_table, precision_table, survival_table
 from qru.io import write_bytes
 
-MIN_EFFECT = 2.0  # points (metrics are 0-100 scores); smaller effects are never called "shown"
 TARGET_GAP = 10.0  # the target "knows" the forget facts: KnowMem_f(target) - KnowMem_f(retrain) >= this
 FORGET_FRACTION = 0.5  # an unlearned model "forgets": it removes >= half of the target-retrain KnowMem_f gap
-METHOD_LABEL = {"ga_gdr": "GA+GDR", "ga_klr": "GA+KLR", "npo_gdr": "NPO+GDR", "npo_klr": "NPO+KLR",
-                "target": "Target", "retrain": "Retrain"}
-METRIC_COLS = (("verbmem_f", "VerbMem_f ↓"), ("knowmem_f", "KnowMem_f ↓"), ("privleak", "PrivLeak (→0)"),
-               ("knowmem_r", "Utility (KnowMem_r) ↑"))
 RECORD_KEYS = ("method", "mode", "precision", "verbmem_f", "knowmem_f", "knowmem_r", "privleak")
-
-
-# -- record helpers -------------------------------------------------------------------------
-
-def _val(records, **match) -> list[dict]:
-    return [r for r in records if all(r.get(k) == v for k, v in match.items())]
-
-
-def _one(records, metric, **match):
-    rs = _val(records, **match)
-    return rs[0][metric] if rs else None
-
-
-def unlearned_keys(records) -> list[tuple[str, int]]:
-    """(method, seed) pairs present in both modes."""
-    keys = {}
-    for r in records:
-        if r["mode"] in ("full", "lora"):
-            keys.setdefault((r["method"], r["seed"]), set()).add(r["mode"])
-    return sorted(keys)
-
-
-def paired(records, metric: str, a: dict, b: dict) -> dict[tuple[str, int], float]:
-    """``metric(a) - metric(b)`` per (method, seed); ``a``/``b`` fix mode and precision."""
-    return paired_items(records, metric, a, b)[0]
-
-
-def paired_items(records, metric: str, a: dict, b: dict):
-    """``(diffs, item_diffs)``: as :func:`paired`, plus the per-eval-item differences where both records
-    carry ``items[metric]`` for the same items."""
-    out, items = {}, {}
-    for m, s in unlearned_keys(records):
-        ra = _val(records, method=m, seed=s, **a)
-        rb = _val(records, method=m, seed=s, **b)
-        if not ra or not rb or ra[0][metric] is None or rb[0][metric] is None:
-            continue
-        out[(m, s)] = ra[0][metric] - rb[0][metric]
-        ia, ib = (r[0].get("items", {}).get(metric) for r in (ra, rb))
-        if ia and ib and len(ia) == len(ib) and len(ia) > 1:
-            items[(m, s)] = [x - y for x, y in zip(ia, ib)]
-    return out, items
-
-
-def effect_stats(diffs: dict[tuple[str, int], float], item_diffs: dict | None = None) -> dict:
-    """:func:`qru.demo.stats.effect_stats` with this report's ``MIN_EFFECT``."""
-    return stats.effect_stats(diffs, item_diffs, min_effect=MIN_EFFECT)
-
-
-def effect(records, metric: str, a: dict, b: dict) -> dict:
-    """:func:`effect_stats` of the paired difference ``metric(a) - metric(b)``, item noise included."""
-    return effect_stats(*paired_items(records, metric, a, b))
-
-
-def _f(x, nd=1, sign=False) -> str:
-    if x is None:
-        return "n/a"
-    return f"{x:+.{nd}f}" if sign else f"{x:.{nd}f}"
-
-
-def _shown(st: dict) -> str:
-    return "shown" if st.get("shown") else "not shown"
-
-
-def _pct(x) -> str:
-    return "n/a" if x is None else f"{100 * x:.0f}%"
-
-
-def _pm(st: dict) -> str:
-    """'+3.2 points (95% CI -1.0 to +7.4, p = ...; SE ..., t(df) = ...; 2 seeds x 2 methods)'."""
-    if st["effect"] is None:
-        return "n/a (no paired records)"
-    if st["ci"] is None:
-        noise = "no interval: a single unlearning seed"
-    else:
-        noise = (f"95% CI {_f(st['ci'][0], sign=True)} to {_f(st['ci'][1], sign=True)}, p = {st['p']:.2g}; "
-                 f"SE {_f(st['se'])}"
-                 + (f" (seeds {_f(st['se_seed'])}, eval items {_f(st['se_items'])}, in quadrature)"
-                    if st.get("se_items") is not None else " (seeds)")
-                 + f", t({st['df']:.1f}) = {st['t_crit']:.2f}")
-    return f"{_f(st['effect'], sign=True)} points ({noise}; {st['n_seeds']} seeds x {st['n_methods']} methods)"
-
-
-def _gap_pm(st: dict) -> str:
-    """A scaled-gap change (a fraction, not points): effect and 95% CI, two decimals."""
-    if st["ci"] is None:
-        return f"{_f(st['effect'], 2, sign=True)} (no interval: a single unlearning seed)"
-    return (f"{_f(st['effect'], 2, sign=True)} (95% CI {_f(st['ci'][0], 2, sign=True)} to "
-            f"{_f(st['ci'][1], 2, sign=True)}, p = {st['p']:.2g}; {st['n_seeds']} seeds x {st['n_methods']} methods)")
 
 
 # -- conclusions ----------------------------------------------------------------------------
 
 def sanity(records, utility_bound: float) -> dict:
     """The checks that make the experiment meaningful, from the bf16 records."""
-    kt = _one(records, "knowmem_f", mode="target", precision="bf16")
-    kr = _one(records, "knowmem_f", mode="retrain", precision="bf16")
-    ut = _one(records, "knowmem_r", mode="target", precision="bf16")
+    kt = value_of(records, "knowmem_f", mode="target", precision="bf16")
+    kr = value_of(records, "knowmem_f", mode="retrain", precision="bf16")
+    ut = value_of(records, "knowmem_r", mode="target", precision="bf16")
     gap = kt - kr if kt is not None and kr is not None else None
     out = {"target_knowmem_f": kt, "retrain_knowmem_f": kr, "target_gap": gap,
            "target_knows": gap is not None and gap >= TARGET_GAP, "target_utility": ut, "modes": {}}
     for mode in ("full", "lora"):
-        rs = _val(records, mode=mode, precision="bf16")
+        rs = matching(records, mode=mode, precision="bf16")
         if not rs or gap is None:
             continue
         removed = statistics.fmean((kt - r["knowmem_f"]) / gap for r in rs) if gap > 0 else None
@@ -165,12 +75,12 @@ def conclusions(records, table_format: str = "nf4", utility_bound: float = 0.25)
             d, it = paired_items(records, "knowmem_f", {"mode": mode, "precision": fmt},
                                  {"mode": mode, "precision": "bf16"})
             st = effect_stats(d, it)
-            kt = _one(records, "knowmem_f", mode="target", precision="bf16")
-            gaps = [kt - _one(records, "knowmem_f", method=m, seed=s, mode=mode, precision="bf16")
+            kt = value_of(records, "knowmem_f", mode="target", precision="bf16")
+            gaps = [kt - value_of(records, "knowmem_f", method=m, seed=s, mode=mode, precision="bf16")
                     for (m, s) in d] if kt is not None else []
             gap = statistics.fmean(gaps) if gaps else None
             st["forgotten_at_bf16"] = gap
-            tq = _one(records, "knowmem_f", mode="target", precision=fmt)
+            tq = value_of(records, "knowmem_f", mode="target", precision=fmt)
             st["target_change"] = tq - kt if tq is not None and kt is not None else None
             st["restored_fraction"] = st["effect"] / gap if st["effect"] is not None and gap and gap > 0 else None
             c["restore"].setdefault(fmt, {})[mode] = st
@@ -189,22 +99,22 @@ def conclusions(records, table_format: str = "nf4", utility_bound: float = 0.25)
         for mode in ("full", "lora"):
             move = effect_stats(paired(records, "privleak", {"mode": mode, "precision": fmt},
                                        {"mode": mode, "precision": "bf16"}))
-            at_bf16 = [r["privleak"] for r in _val(records, mode=mode, precision="bf16") if r["privleak"] is not None]
-            at_q = [r["privleak"] for r in _val(records, mode=mode, precision=fmt) if r["privleak"] is not None]
+            at_bf16 = [r["privleak"] for r in matching(records, mode=mode, precision="bf16") if r["privleak"] is not None]
+            at_q = [r["privleak"] for r in matching(records, mode=mode, precision=fmt) if r["privleak"] is not None]
             move["bf16_mean"] = statistics.fmean(at_bf16) if at_bf16 else None
             move["quant_mean"] = statistics.fmean(at_q) if at_q else None
             gap = stats.effect_stats(paired(records, "min_k_gap", {"mode": mode, "precision": fmt},
                                       {"mode": mode, "precision": "bf16"}))
-            gb = [r["min_k_gap"] for r in _val(records, mode=mode, precision="bf16") if r.get("min_k_gap") is not None]
-            gq = [r["min_k_gap"] for r in _val(records, mode=mode, precision=fmt) if r.get("min_k_gap") is not None]
+            gb = [r["min_k_gap"] for r in matching(records, mode=mode, precision="bf16") if r.get("min_k_gap") is not None]
+            gq = [r["min_k_gap"] for r in matching(records, mode=mode, precision=fmt) if r.get("min_k_gap") is not None]
             gap["bf16_mean"] = statistics.fmean(gb) if gb else None
             gap["quant_mean"] = statistics.fmean(gq) if gq else None
             move["min_k_gap"] = gap
             pl[mode] = move
         absd = {}
         for (m, s) in unlearned_keys(records):
-            a = _one(records, "privleak", method=m, seed=s, mode="lora", precision=fmt)
-            b = _one(records, "privleak", method=m, seed=s, mode="full", precision=fmt)
+            a = value_of(records, "privleak", method=m, seed=s, mode="lora", precision=fmt)
+            b = value_of(records, "privleak", method=m, seed=s, mode="full", precision=fmt)
             if a is not None and b is not None:
                 absd[(m, s)] = abs(a) - abs(b)
         pl["lora_minus_full_abs"] = effect_stats(absd)
@@ -216,7 +126,7 @@ def conclusions(records, table_format: str = "nf4", utility_bound: float = 0.25)
 def _restore_sentence(st: dict, mode_name: str, fmt: str) -> str:
     if st["effect"] is None:
         return f"{mode_name}: no records."
-    frac = (f" = {100 * st['restored_fraction']:.0f}% of the {_f(st['forgotten_at_bf16'])} points forgotten at "
+    frac = (f" = {100 * st['restored_fraction']:.0f}% of the {num(st['forgotten_at_bf16'])} points forgotten at "
             f"bf16" if st.get("restored_fraction") is not None else "")
     if st["shown"] and st["effect"] > 0:
         verdict = f"YES: {fmt} restores forgotten knowledge"
@@ -225,9 +135,9 @@ def _restore_sentence(st: dict, mode_name: str, fmt: str) -> str:
     else:
         verdict = f"NO effect shown: {fmt} does not restore forgotten knowledge beyond the noise"
     ref = st.get("target_change")
-    ref = (f" For reference, the target's own KnowMem_f changes by {_f(ref, sign=True)} at {fmt}."
+    ref = (f" For reference, the target's own KnowMem_f changes by {num(ref, sign=True)} at {fmt}."
            if ref is not None else "")
-    return f"{mode_name}: {verdict}; KnowMem_f({fmt}) - KnowMem_f(bf16) = {_pm(st)}{frac}.{ref}"
+    return f"{mode_name}: {verdict}; KnowMem_f({fmt}) - KnowMem_f(bf16) = {pm_text(st)}{frac}.{ref}"
 
 
 def answers(c: dict) -> dict:
@@ -242,9 +152,9 @@ def answers(c: dict) -> dict:
         if f != fmt:
             rr = c["restore"][f]
             out["q1_restore"].append(
-                f"Other format {f}: full {_f(rr['full']['effect'], sign=True) if 'full' in rr else 'n/a'}"
+                f"Other format {f}: full {num(rr['full']['effect'], sign=True) if 'full' in rr else 'n/a'}"
                 f" ({'shown' if rr.get('full', {}).get('shown') else 'not shown'}), LoRA "
-                f"{_f(rr['lora']['effect'], sign=True) if 'lora' in rr else 'n/a'}"
+                f"{num(rr['lora']['effect'], sign=True) if 'lora' in rr else 'n/a'}"
                 f" ({'shown' if rr.get('lora', {}).get('shown') else 'not shown'}).")
     u = c["utility"].get(fmt)
     if u:
@@ -259,10 +169,10 @@ def answers(c: dict) -> dict:
             verdict = "NO difference shown"
         ql = u["quant_loss"]
         out["q2_utility"] = [
-            f"At {fmt}: {verdict}; Utility(LoRA) - Utility(full) = {_pm(st)}.",
-            f"Utility change from bf16 to {fmt}: full {_pm(ql['full'])} ({_shown(ql['full'])}); LoRA "
-            f"{_pm(ql['lora'])} ({_shown(ql['lora'])}); difference (LoRA - full) "
-            f"{_pm(u['lora_minus_full_quant_loss'])} ({_shown(u['lora_minus_full_quant_loss'])})."]
+            f"At {fmt}: {verdict}; Utility(LoRA) - Utility(full) = {pm_text(st)}.",
+            f"Utility change from bf16 to {fmt}: full {pm_text(ql['full'])} ({shown_word(ql['full'])}); LoRA "
+            f"{pm_text(ql['lora'])} ({shown_word(ql['lora'])}); difference (LoRA - full) "
+            f"{pm_text(u['lora_minus_full_quant_loss'])} ({shown_word(u['lora_minus_full_quant_loss'])})."]
     p = c["privleak"].get(fmt)
     if p:
         lines = []
@@ -281,90 +191,20 @@ def answers(c: dict) -> dict:
                 "positive: the forget set looks less familiar than unseen text (over-unlearning)"
             sat = " (-100 is the floor: forget and holdout texts perfectly separated)" if b is not None and \
                 b <= -99.95 else ""
-            lines.append(f"{name}: PrivLeak goes from {_f(a)} (bf16) to {_f(b)} ({fmt}): {where}; change "
-                         f"{_pm(st)}; at {fmt} it is {sign}{sat}.")
+            lines.append(f"{name}: PrivLeak goes from {num(a)} (bf16) to {num(b)} ({fmt}): {where}; change "
+                         f"{pm_text(st)}; at {fmt} it is {sign}{sat}.")
             g = st.get("min_k_gap") or {}
             if g.get("effect") is not None:
-                lines.append(f"{name}: the scaled Min-40% gap (target 1, retrain 0) goes from {_f(g['bf16_mean'], 2)} "
-                             f"(bf16) to {_f(g['quant_mean'], 2)} ({fmt}); change {_gap_pm(g)}: "
+                lines.append(f"{name}: the scaled Min-40% gap (target 1, retrain 0) goes from {num(g['bf16_mean'], 2)} "
+                             f"(bf16) to {num(g['quant_mean'], 2)} ({fmt}); change {gap_pm_text(g)}: "
                              + ("toward the target (more membership signal)." if g["shown"] and g["effect"] > 0 else
                                 "toward the retrain model." if g["shown"] else "no move shown."))
         st = p["lora_minus_full_abs"]
-        lines.append(f"|PrivLeak(LoRA)| - |PrivLeak(full)| at {fmt} = {_pm(st)}: "
+        lines.append(f"|PrivLeak(LoRA)| - |PrivLeak(full)| at {fmt} = {pm_text(st)}: "
                      + ("LoRA leaks less." if st["shown"] and st["effect"] < 0 else
                         "full fine-tuning leaks less." if st["shown"] else "no difference shown."))
         out["q3_privleak"] = lines
     return out
-
-
-# -- tables ----------------------------------------------------------------------------------
-
-def _cell(records, metric, nd: int = 1, **match) -> str:
-    rs = [r for r in _val(records, **match) if r.get(metric) is not None]
-    if not rs:
-        return "n/a"
-    if len(rs) == 1:
-        ci = rs[0].get(f"{metric}_ci")
-        return _f(rs[0][metric], nd) + (f" [{_f(ci[0], nd)}, {_f(ci[1], nd)}]" if ci else "")
-    v = [r[metric] for r in rs]
-    return f"{statistics.fmean(v):.{nd}f} ± {statistics.stdev(v):.{nd}f}"
-
-
-def generation_lengths(cfg) -> str:
-    """'VerbMem 128 and KnowMem 32 new tokens (MUSE's)' or the lowered lengths, named as such."""
-    e = cfg.eval
-    if (e.verbmem_tokens, e.knowmem_tokens) == (MUSE_VERBMEM_TOKENS, MUSE_KNOWMEM_TOKENS):
-        return f"VerbMem {e.verbmem_tokens} and KnowMem {e.knowmem_tokens} new tokens (MUSE's lengths)"
-    return (f"VerbMem {e.verbmem_tokens} and KnowMem {e.knowmem_tokens} new tokens (**lowered by this preset**; "
-            f"MUSE uses {MUSE_VERBMEM_TOKENS} and {MUSE_KNOWMEM_TOKENS}; the VerbMem reference is cut to the same "
-            f"length)")
-
-
-def paper_table(records, fmt: str) -> list[str]:
-    """Method x {Full, Full+LoRA, 4-bit, 4-bit+LoRA} x {VerbMem, KnowMem, PrivLeak, Utility} (markdown lines)."""
-    head = "| Method | Setting | " + " | ".join(c for _, c in METRIC_COLS) + " |"
-    lines = [head, "|" + "---|" * (2 + len(METRIC_COLS))]
-    for mode in ("target", "retrain"):
-        for p, setting in (("bf16", "Full (bf16)"), (fmt, f"4-bit ({fmt})")):
-            cells = [_cell(records, m, mode=mode, precision=p) for m, _ in METRIC_COLS]
-            lines.append(f"| {METHOD_LABEL[mode]} | {setting} | " + " | ".join(cells) + " |")
-    methods = sorted({r["method"] for r in records if r["mode"] in ("full", "lora")},
-                     key=lambda m: list(METHOD_LABEL).index(m) if m in METHOD_LABEL else 99)
-    for m in methods:
-        for mode, p, setting in (("full", "bf16", "Full"), ("lora", "bf16", "Full+LoRA"), ("full", fmt, "4-bit"),
-                                 ("lora", fmt, "4-bit+LoRA")):
-            if not _val(records, method=m, mode=mode, precision=p):
-                continue
-            cells = [_cell(records, k, method=m, mode=mode, precision=p) for k, _ in METRIC_COLS]
-            lines.append(f"| {METHOD_LABEL.get(m, m)} | {setting} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def precision_table(records, metric: str, precisions, nd: int = 1) -> list[str]:
-    lines = ["| Model | " + " | ".join(precisions) + " |", "|" + "---|" * (1 + len(precisions))]
-    groups = [("target", "target"), ("retrain", "retrain")]
-    groups += sorted({(r["method"], r["mode"]) for r in records if r["mode"] in ("full", "lora")})
-    for method, mode in groups:
-        label = METHOD_LABEL.get(method, method) + ("" if mode in ("target", "retrain") else f" ({mode})")
-        lines.append(f"| {label} | " + " | ".join(_cell(records, metric, nd, method=method, mode=mode, precision=p)
-                                                 for p in precisions) + " |")
-    return lines
-
-
-def survival_table(survival: dict) -> list[str]:
-    rows = [(k, v) for k, v in survival.items() if v.get("status") == "done" and v.get("overall")]
-    if not rows:
-        reasons = sorted({v.get("reason", v.get("status", "?")) for v in survival.values()})
-        return [f"Survival analysis unavailable: {'; '.join(reasons) or 'no unlearned models'}."]
-    cols = (("projection", "projection"), ("survival_ratio", "‖D‖/‖ΔW‖"), ("cosine", "cosine"),
-            ("code_flip_frac", "codes flipped"), ("below_half_step_frac", "|ΔW| < step/2"),
-            ("delta_rel_norm", "‖ΔW‖/‖W‖"))
-    lines = ["| Model | Format | " + " | ".join(c for _, c in cols) + " |", "|" + "---|" * (2 + len(cols))]
-    for k, v in rows:
-        for fmt, o in v["overall"].items():
-            cells = ["n/a" if o.get(c) is None else f"{o[c]:.3g}" for c, _ in cols]
-            lines.append(f"| {k} | {fmt} | " + " | ".join(cells) + " |")
-    return lines
 
 
 # -- plots -----------------------------------------------------------------------------------
@@ -384,7 +224,7 @@ def plots(records, precisions, fmt: str, out: Path) -> list[Path]:
         for mode, style in (("target", "k-"), ("retrain", "k--"), ("full", "C0o-"), ("lora", "C1s-")):
             ys, es = [], []
             for p in precisions:
-                v = [r[metric] for r in _val(records, mode=mode, precision=p) if r[metric] is not None]
+                v = [r[metric] for r in matching(records, mode=mode, precision=p) if r[metric] is not None]
                 ys.append(statistics.fmean(v) if v else float("nan"))
                 es.append(statistics.stdev(v) if len(v) > 1 else 0.0)
             ax.errorbar(x, ys, yerr=es, fmt=style, capsize=3, label=mode if mode in ("target", "retrain")
@@ -401,8 +241,8 @@ def plots(records, precisions, fmt: str, out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6, 5))
     for mode, color in (("full", "C0"), ("lora", "C1")):
         for (m, s) in unlearned_keys(records):
-            a = _val(records, method=m, seed=s, mode=mode, precision="bf16")
-            b = _val(records, method=m, seed=s, mode=mode, precision=fmt)
+            a = matching(records, method=m, seed=s, mode=mode, precision="bf16")
+            b = matching(records, method=m, seed=s, mode=mode, precision=fmt)
             if not a or not b:
                 continue
             a, b = a[0], b[0]
@@ -410,7 +250,7 @@ def plots(records, precisions, fmt: str, out: Path) -> list[Path]:
                         arrowprops=dict(arrowstyle="->", color=color, alpha=0.7))
             ax.plot([a["knowmem_f"]], [a["knowmem_r"]], "o", color=color, ms=4)
     for mode, mk in (("target", "k*"), ("retrain", "kx")):
-        r = _val(records, mode=mode, precision="bf16")
+        r = matching(records, mode=mode, precision="bf16")
         if r:
             ax.plot([r[0]["knowmem_f"]], [r[0]["knowmem_r"]], mk, ms=10, label=mode)
     ax.plot([], [], "C0o-", label="full FT: bf16 → " + fmt)
@@ -445,12 +285,12 @@ def _methods_line(records) -> str:
 
 def render_utility_line(mode: str, v: dict, bound: float) -> str:
     """The sanity line of one mode: share of the gap forgotten, and the utility bound checked per model."""
-    return (f"- Unlearned ({mode}) at bf16 removes {_pct(v['forgotten_fraction'])} of the target-retrain "
+    return (f"- Unlearned ({mode}) at bf16 removes {pct(v['forgotten_fraction'])} of the target-retrain "
             f"KnowMem_f gap (mean over methods and seeds; forgets = >= {100 * FORGET_FRACTION:.0f}%): "
             f"**{'yes' if v['forgets'] else 'NO'}**. Utility loss vs the target: mean "
-            f"{_pct(v['utility_drop_mean'])}, worst {_pct(v['utility_drop_max'])}; bound {100 * bound:.0f}% per "
+            f"{pct(v['utility_drop_mean'])}, worst {pct(v['utility_drop_max'])}; bound {100 * bound:.0f}% per "
             f"model: within it for {v['utility_models_within']} of {len(v['utility_per_model'])} models ("
-            + (", ".join(f"{m['model']} {_pct(m['utility_drop'])}" for m in v["utility_per_model"])
+            + (", ".join(f"{m['model']} {pct(m['utility_drop'])}" for m in v["utility_per_model"])
                or "no target utility to lose")
             + f"): **{'holds' if v['utility_holds'] else 'EXCEEDED'}**.")
 
@@ -477,11 +317,11 @@ def render(run, c: dict) -> str:
           f"; full-FT unlearning trains {'the linears only' if cfg.unlearn.train == 'linears' else 'all parameters'}).",
           f"MUSE metrics on the first {cfg.eval.limit} items of each set: VerbMem and KnowMem are mean ROUGE-L F1 "
           f"x100 (as MUSE; KnowMem's ROUGE-L recall is in results.json), {generation_lengths(cfg)}; PrivLeak "
-          f"against the retrain model's bf16 AUC ({_f(run.meta['retrain_auc'], 3)}).", ""]
+          f"against the retrain model's bf16 AUC ({num(run.meta['retrain_auc'], 3)}).", ""]
 
     L += ["## Is this a real experiment?", ""]
-    L.append(f"- The target knows the forget facts: KnowMem_f target {_f(s['target_knowmem_f'])} vs retrain "
-             f"{_f(s['retrain_knowmem_f'])} (gap {_f(s['target_gap'])}; required >= {TARGET_GAP:g}): "
+    L.append(f"- The target knows the forget facts: KnowMem_f target {num(s['target_knowmem_f'])} vs retrain "
+             f"{num(s['retrain_knowmem_f'])} (gap {num(s['target_gap'])}; required >= {TARGET_GAP:g}): "
              f"**{'yes' if s['target_knows'] else 'NO'}**.")
     for mode, v in s["modes"].items():
         L.append(render_utility_line(mode, v, s["utility_bound"]))
@@ -554,10 +394,10 @@ def write_outputs(run) -> dict[str, Path]:
     paths["report"] = out / "report.md"
     a = c["answers"]
     sa = c["sanity"]
-    pre = (f"Setting: target KnowMem_f {_f(sa['target_knowmem_f'])} vs retrain {_f(sa['retrain_knowmem_f'])} "
+    pre = (f"Setting: target KnowMem_f {num(sa['target_knowmem_f'])} vs retrain {num(sa['retrain_knowmem_f'])} "
            f"({'the target knows the forget facts' if sa['target_knows'] else 'the target does NOT know the facts'})"
-           + "".join(f"; {m} unlearning removes {_pct(v['forgotten_fraction'])} of that gap at bf16, utility -"
-                     f"{_pct(v['utility_drop_mean'])}" for m, v in sa["modes"].items()))
+           + "".join(f"; {m} unlearning removes {pct(v['forgotten_fraction'])} of that gap at bf16, utility -"
+                     f"{pct(v['utility_drop_mean'])}" for m, v in sa["modes"].items()))
     run.headline = ([pre, "Does 4-bit restore forgotten knowledge?"] + [f"  {x}" for x in a.get("q1_restore", [])[:2]]
                     + ["Does LoRA keep more utility at 4 bits?"] + [f"  {x}" for x in a.get("q2_utility", [])[:1]]
                     + ["Where does PrivLeak move?"] + [f"  {x}" for x in a.get("q3_privleak", [])[:2]])

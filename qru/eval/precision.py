@@ -3,9 +3,7 @@
 ``fp32``/``bf16``/``fp16`` cast the weights. ``int8``, ``nf4``, ``fp4``, ``int4``, ``int4_sym`` and
 llama.cpp's GGUF block formats (``q8_0``, ``q4_0``, ``q4_1``, ``q5_0``, ``q5_1``, ``q4_k``, ``mxfp4``;
 fixed blocks, so ``block_size`` does not apply to them) quantize in memory through
-``qru.quant.quantize_model(model, fmt, block_size)``,
-looked up at call time; if that function is not available the precision is reported as
-unavailable (nothing is faked). With an adapter, the LoRA weights are merged into the fp32
+``qru.quant.quantize_model(model, fmt, block_size)``. With an adapter, the LoRA weights are merged into the fp32
 base first (``qru.model.lora.load_adapter`` + ``merge_and_unload``) and the merged model is then cast or quantized.
 """
 from __future__ import annotations
@@ -18,7 +16,9 @@ from typing import Callable, Sequence
 import torch
 
 from qru.model.config import LlamaConfig
+from qru.model.lora import load_adapter, merge_and_unload
 from qru.quant.export import checkpoint_format
+from qru.quant.qlinear import quantize_model
 
 FLOAT_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GGUF_PRECISIONS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "mxfp4")  # = qru.quant.GGUF_FORMATS
@@ -63,51 +63,17 @@ def check_stored_precision(model_dir: str | Path, precisions: Sequence[str]) -> 
     return own
 
 
-def _quantize_fn():
-    try:
-        import qru.quant as quant
-    except ImportError as e:  # pragma: no cover - qru.quant is part of the package
-        raise PrecisionUnavailable(f"qru.quant cannot be imported: {e}") from e
-    fn = getattr(quant, "quantize_model", None)
-    if fn is None:
-        raise PrecisionUnavailable(
-            "in-memory quantization is unavailable: qru.quant.quantize_model(model, fmt, block_size) is not "
-            "provided by this version of qru; evaluate at fp32/bf16/fp16 only")
-    return fn
-
-
 def check_available(precisions: Sequence[str], adapter: str | Path | None = None) -> None:
-    """Fail fast (before loading anything) if a precision or the adapter merge is unavailable."""
-    quant = [p for p in precisions if p in QUANT_PRECISIONS]
-    if quant:
-        try:
-            _quantize_fn()
-        except PrecisionUnavailable as e:
-            raise PrecisionUnavailable(f"precision(s) {', '.join(quant)} unavailable: {e}") from None
+    """Fail fast (before loading anything) if the adapter directory is missing."""
     if adapter is not None:
-        _lora()
         if not Path(adapter).is_dir():
             raise FileNotFoundError(f"adapter directory not found: {adapter}")
-
-
-def _lora():
-    try:
-        from qru.model import lora
-    except ImportError as e:
-        raise PrecisionUnavailable(f"--adapter needs qru.model.lora (load_adapter, merge_and_unload), which cannot be "
-                                   f"imported: {e}") from None
-    missing = [n for n in ("load_adapter", "merge_and_unload") if not hasattr(lora, n)]
-    if missing:
-        raise PrecisionUnavailable(f"--adapter needs qru.model.lora.{', '.join(missing)}, not available")
-    return lora
 
 
 def merge_adapter(model, adapter: str | Path):
     """Attach the PEFT LoRA adapter in ``adapter`` to the fp32 ``model`` and merge it into plain
     ``nn.Linear`` weights (``W + s·B A`` in fp32), in place."""
-    lora = _lora()
-    model = lora.load_adapter(model, adapter)
-    return lora.merge_and_unload(model)
+    return merge_and_unload(load_adapter(model, adapter))
 
 
 def check_quantize_head(model_dir: str | Path, quantize_head: bool) -> None:
@@ -144,7 +110,7 @@ def build_model(model_dir: str | Path, precision: str, adapter: str | Path | Non
         model.config = model.config.replace(torch_dtype={"fp32": "float32", "bf16": "bfloat16",
                                                          "fp16": "float16"}[precision])
     else:
-        q = _quantize_fn()(model, precision, None if precision in GGUF_PRECISIONS else block_size,
+        q = quantize_model(model, precision, None if precision in GGUF_PRECISIONS else block_size,
                            skip=() if quantize_head else ("lm_head",))
         model = q if q is not None else model
     return model.eval()

@@ -35,7 +35,7 @@ import triton.language as tl
 
 from qru.kernels import quant4, quant_gguf, quant_int
 from qru.kernels._backend import backend_for, load_cpp_ext
-from qru.kernels._triton_io import kernel_view, load_f32, store_f32
+from qru.kernels._triton_io import jit, kernel_view, load_f32, store_f32
 from qru.kernels.quant_int import int4_asym_codes, rint
 
 FAKE_QUANT_FORMATS = quant4.FORMATS_4BIT + quant_int.INT_FORMATS + quant_gguf.GGUF_FORMATS
@@ -161,7 +161,7 @@ def _family(fmt: str) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- Triton
 
 
-@triton.jit
+@jit
 def _merged(w_ptr, a_ptr, b_ptr, s, offs, mask, cols, rank, LORA: tl.constexpr, IN_BF16: tl.constexpr):
     """fp32 values of flat elements ``offs`` of W [., cols] (LoRA: + s * sum_k B[i, k] A[k, j])."""
     x = load_f32(w_ptr, offs, mask, IN_BF16)
@@ -177,7 +177,7 @@ def _merged(w_ptr, a_ptr, b_ptr, s, offs, mask, cols, rank, LORA: tl.constexpr, 
     return x
 
 
-@triton.jit
+@jit
 def _fq_q4_kernel(w_ptr, a_ptr, b_ptr, s, table_ptr, out_ptr, n, cols, rank, first_block, n_blocks,
                   BS: tl.constexpr, ROWS: tl.constexpr, PARTIAL: tl.constexpr, IN_BF16: tl.constexpr,
                   TINY: tl.constexpr, LORA: tl.constexpr):
@@ -203,7 +203,7 @@ def _fq_q4_kernel(w_ptr, a_ptr, b_ptr, s, table_ptr, out_ptr, n, cols, rank, fir
     store_f32(out_ptr, offs, v, mask, IN_BF16)
 
 
-@triton.jit
+@jit
 def _fq_int_kernel(w_ptr, a_ptr, b_ptr, s, out_ptr, rows, cols, rank, eps,
                    G: tl.constexpr, ROWS: tl.constexpr, KIND: tl.constexpr, IN_BF16: tl.constexpr,
                    LORA: tl.constexpr):
@@ -228,7 +228,7 @@ def _fq_int_kernel(w_ptr, a_ptr, b_ptr, s, out_ptr, rows, cols, rank, eps,
     store_f32(out_ptr, offs, val, mask, IN_BF16)
 
 
-@triton.jit
+@jit
 def _fq_gguf_kernel(w_ptr, a_ptr, b_ptr, s, thr_ptr, kv_ptr, out_ptr, n, cols, rank, nb,
                     KIND: tl.constexpr, ROWS: tl.constexpr, IN_BF16: tl.constexpr, LORA: tl.constexpr):
     blk = tl.program_id(0) * ROWS + tl.arange(0, ROWS)

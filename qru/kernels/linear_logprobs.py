@@ -23,15 +23,13 @@ The chunk GEMMs go through :func:`qru.kernels.dense.dense_linear` (fp32 CPU: one
 """
 from __future__ import annotations
 
-import os
 
 import torch
-import triton
 import triton.language as tl
 
 from qru.kernels._backend import backend_for, load_cpp_ext
 from qru.kernels.dense import dense_linear
-from qru.kernels._triton_io import kernel_view, load_f32, row_logsumexp, store_f32
+from qru.kernels._triton_io import jit, kernel_view, load_f32, row_block, row_logsumexp, store_f32
 
 IGNORE_INDEX = -100
 # Rows per chunk, bounded by the bytes of one fp32 (chunk, V) block. On CPU each row is processed while
@@ -55,7 +53,7 @@ def linear_logprobs_reference(hidden: torch.Tensor, weight: torch.Tensor, labels
 # ----------------------------------------------------------------------------------------
 # Row kernels (Triton)
 # ----------------------------------------------------------------------------------------
-@triton.jit
+@jit
 def _lse_gather_kernel(z_ptr, stride_z, y_ptr, lse_ptr, logp_ptr, V, ignore_index,
                        BLOCK_V: tl.constexpr, IN_BF16: tl.constexpr):
     """One program per row: online logsumexp over V, then logp = z[y] - lse (0 if ignored)."""
@@ -71,7 +69,7 @@ def _lse_gather_kernel(z_ptr, stride_z, y_ptr, lse_ptr, logp_ptr, V, ignore_inde
     tl.store(logp_ptr + row, tl.where(valid, t - lse, 0.0))
 
 
-@triton.jit
+@jit
 def _dlogits_kernel(z_ptr, stride_z, y_ptr, lse_ptr, g_ptr, V, ignore_index,
                     BLOCK_V: tl.constexpr, IN_BF16: tl.constexpr):
     """In place: z[n, :] <- g[n]·(e_{y[n]} - softmax(z[n, :])) (0 for ignored rows)."""
@@ -90,27 +88,21 @@ def _dlogits_kernel(z_ptr, stride_z, y_ptr, lse_ptr, g_ptr, V, ignore_index,
         store_f32(base, o, d, inside, IN_BF16)
 
 
-def _block_v(V: int) -> int:
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return 64  # several (partial) blocks per row at test sizes
-    return min(4096, triton.next_power_of_2(V))
-
-
-def _rows_lse_triton(z, y, ignore_index):
+def _rows_lse_triton(z, y, ignore_index, block_v=None):
     n, V = z.shape
     lse = torch.empty(n, device=z.device, dtype=torch.float32)
     logp = torch.empty(n, device=z.device, dtype=torch.float32)
     if n:
         _lse_gather_kernel[(n,)](kernel_view(z), z.stride(0), y, lse, logp, V, ignore_index,
-                                 BLOCK_V=_block_v(V), IN_BF16=z.dtype == torch.bfloat16)
+                                 BLOCK_V=block_v or row_block(V), IN_BF16=z.dtype == torch.bfloat16)
     return lse, logp
 
 
-def _rows_dlogits_triton(z, y, lse, g, ignore_index):
+def _rows_dlogits_triton(z, y, lse, g, ignore_index, block_v=None):
     n, V = z.shape
     if n:
         _dlogits_kernel[(n,)](kernel_view(z), z.stride(0), y, lse, g, V, ignore_index,
-                              BLOCK_V=_block_v(V), IN_BF16=z.dtype == torch.bfloat16)
+                              BLOCK_V=block_v or row_block(V), IN_BF16=z.dtype == torch.bfloat16)
     return z
 
 

@@ -51,6 +51,11 @@ def cpu_model() -> str:
     return _cpuinfo()[0]
 
 
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (``/proc/cpuinfo``; empty where it cannot be read)."""
+    return _cpuinfo()[1]
+
+
 def isa_level(flags: set[str] | frozenset[str] | None = None) -> str:
     """The highest of ``amx``, ``avx512_bf16``, ``avx512``, ``avx2`` whose flags the CPU has, else ``baseline``."""
     flags = _cpuinfo()[1] if flags is None else flags

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from qru.kernels import quant4, quant_int
 from qru.kernels._backend import backend_for, load_cpp_ext
-from qru.kernels._triton_io import kernel_view, load_f32, store_f32
+from qru.kernels._triton_io import jit, kernel_view, load_f32, store_f32
 from qru.kernels.linear import linear
 
 FORMATS = ("nf4", "fp4", "int4", "int4_sym", "int8")
@@ -86,7 +86,7 @@ def quant_linear_reference(x, data, scales, zeros, fmt, block_size, out_features
 # ----------------------------------------------------------------------------- Triton
 
 
-@triton.jit
+@jit
 def _round_w(w, WD: tl.constexpr):
     """fp32 -> compute dtype -> fp32, round to nearest even (bf16 by hand: see _triton_io)."""
     if WD == 1:
@@ -113,7 +113,7 @@ QMM_CONFIGS = [
 INTERPRET_BLOCKS = (16, 32, 32)
 
 
-@triton.jit
+@jit
 def _qmm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, code_ptr, b_ptr, out_ptr, M, N, K, n_groups, M_BUCKET,
                 BS: tl.constexpr, KIND: tl.constexpr, WD: tl.constexpr, IN_BF16: tl.constexpr,
                 OUT_BF16: tl.constexpr, HAS_BIAS: tl.constexpr, TC: tl.constexpr,

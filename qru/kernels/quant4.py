@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from qru.kernels._backend import backend_for, load_cpp_ext
-from qru.kernels._triton_io import kernel_view, load_f32, store_f32
+from qru.kernels._triton_io import jit, kernel_view, load_f32, store_f32
 
 FORMATS_4BIT = ("nf4", "fp4")
 BLOCK_SIZES = tuple(1 << k for k in range(5, 13))  # 32 .. 4096
@@ -134,7 +134,7 @@ def dequantize_4bit_reference(packed: torch.Tensor, absmax: torch.Tensor, fmt: s
 # ----------------------------------------------------------------------------- Triton
 
 
-@triton.jit
+@jit
 def _q4_quant_kernel(x_ptr, packed_ptr, absmax_ptr, bounds_ptr, order_ptr,
                      n, n_bytes, first_block, n_blocks,
                      BS: tl.constexpr, ROWS: tl.constexpr, PARTIAL: tl.constexpr,
@@ -168,7 +168,7 @@ def _q4_quant_kernel(x_ptr, packed_ptr, absmax_ptr, bounds_ptr, order_ptr,
     tl.store(packed_ptr + boffs, byte, mask=(boffs < n_bytes) & blk_ok[:, None])
 
 
-@triton.jit
+@jit
 def _q4_dequant_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, n, n_bytes,
                        BS: tl.constexpr, BLOCK: tl.constexpr, OUT_BF16: tl.constexpr):
     pid = tl.program_id(0)

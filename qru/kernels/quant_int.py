@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from qru.kernels._backend import backend_for, load_cpp_ext
-from qru.kernels._triton_io import kernel_view, load_f32, store_f32
+from qru.kernels._triton_io import jit, kernel_view, load_f32, store_f32
 from qru.kernels.quant4 import BLOCK_SIZES
 
 INT_FORMATS = ("int4", "int4_sym", "int8")
@@ -119,13 +119,13 @@ def dequantize_int_reference(data: torch.Tensor, scales: torch.Tensor, zeros: to
 # ----------------------------------------------------------------------------- Triton
 
 
-@triton.jit
+@jit
 def rint(v):
     """Round half to even for |v| < 2**22 (fp32 add of 1.5 * 2**23 rounds to an integer)."""
     return (v + 12582912.0) - 12582912.0
 
 
-@triton.jit
+@jit
 def int4_asym_codes(x, mask, eps, ROWS: tl.constexpr):
     """AWQ-convention asymmetric int4 of each row of ``x`` (one group per row, ``mask`` the valid
     entries): ``(scale, zero, codes)``, the codes 0..15 as fp32. Shared by quantize and fake-quant."""
@@ -139,7 +139,7 @@ def int4_asym_codes(x, mask, eps, ROWS: tl.constexpr):
     return scale, zero, q
 
 
-@triton.jit
+@jit
 def _int4_quant_kernel(x_ptr, data_ptr, scales_ptr, zeros_ptr, rows, cols, n_groups, eps,
                        G: tl.constexpr, ROWS: tl.constexpr, SYM: tl.constexpr, IN_BF16: tl.constexpr):
     r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -166,7 +166,7 @@ def _int4_quant_kernel(x_ptr, data_ptr, scales_ptr, zeros_ptr, rows, cols, n_gro
     tl.store(data_ptr + boffs, ((hi << 4) | lo).to(tl.uint8), mask=bmask)
 
 
-@triton.jit
+@jit
 def _int8_quant_kernel(x_ptr, data_ptr, scales_ptr, rows, cols,
                        ROWS: tl.constexpr, CHUNK: tl.constexpr, IN_BF16: tl.constexpr):
     r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -190,7 +190,7 @@ def _int8_quant_kernel(x_ptr, data_ptr, scales_ptr, rows, cols,
         tl.store(data_ptr + base + c[None, :], (q & 0xFF).to(tl.uint8), mask=mask)
 
 
-@triton.jit
+@jit
 def _int4_dequant_kernel(data_ptr, scales_ptr, zeros_ptr, out_ptr, n_bytes, cols, n_groups,
                          G: tl.constexpr, BLOCK: tl.constexpr, SYM: tl.constexpr, OUT_BF16: tl.constexpr):
     pid = tl.program_id(0)
@@ -209,7 +209,7 @@ def _int4_dequant_kernel(data_ptr, scales_ptr, zeros_ptr, out_ptr, n_bytes, cols
     store_f32(out_ptr, eo, v, eo < 2 * n_bytes, OUT_BF16)
 
 
-@triton.jit
+@jit
 def _int8_dequant_kernel(data_ptr, scales_ptr, out_ptr, n, cols, BLOCK: tl.constexpr, OUT_BF16: tl.constexpr):
     e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = e < n

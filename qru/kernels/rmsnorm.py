@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from qru.kernels._backend import backend_for, load_cpp_ext
-from qru.kernels._triton_io import kernel_view, load_f32, store_f32
+from qru.kernels._triton_io import jit, kernel_view, load_f32, store_f32
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -27,7 +27,7 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     return weight * h.to(dtype)
 
 
-@triton.jit
+@jit
 def _round_bf16(v, BF16: tl.constexpr):
     """v rounded to bf16 (nearest even) and widened back; identity for fp32 tensors."""
     if BF16:
@@ -38,7 +38,7 @@ def _round_bf16(v, BF16: tl.constexpr):
         return v
 
 
-@triton.jit
+@jit
 def _rms_fwd_kernel(x_ptr, w_ptr, y_ptr, r_ptr, H, eps, BLOCK: tl.constexpr, BF16: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -50,7 +50,7 @@ def _rms_fwd_kernel(x_ptr, w_ptr, y_ptr, r_ptr, H, eps, BLOCK: tl.constexpr, BF1
     tl.store(r_ptr + row, r)
 
 
-@triton.jit
+@jit
 def _rms_bwd_kernel(dy_ptr, x_ptr, w_ptr, r_ptr, dx_ptr, dwp_ptr, N, H, ROWS: tl.constexpr, BLOCK: tl.constexpr,
                     BF16: tl.constexpr):
     """ROWS rows per program; the program's dw partial goes to row ``pid`` of ``dwp``."""

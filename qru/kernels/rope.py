@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from qru.kernels._backend import backend_for, load_cpp_ext
-from qru.kernels._triton_io import kernel_view, load_f32, store_f32
+from qru.kernels._triton_io import jit, kernel_view, load_f32, store_f32
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -36,7 +36,7 @@ def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     return x * cos + rotate_half(x) * sin
 
 
-@triton.jit
+@jit
 def _rope_kernel(x_ptr, sb, st, sh, o_ptr, ob, ot, oh, c_ptr, s_ptr, T, NH, HALF,
                  FWD: tl.constexpr, BLOCK: tl.constexpr, IN_BF16: tl.constexpr, OUT_BF16: tl.constexpr):
     """One program per (b, t): every head of that position. FWD rotates by +angle, else by -angle."""

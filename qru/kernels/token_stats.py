@@ -16,14 +16,12 @@ blocks; ``"cpp"`` (``csrc/token_stats.cpp``): AVX-512 row loops while the row si
 """
 from __future__ import annotations
 
-import os
 
 import torch
-import triton
 import triton.language as tl
 
 from qru.kernels._backend import backend_for, load_cpp_ext
-from qru.kernels._triton_io import kernel_view, load_f32, row_logsumexp
+from qru.kernels._triton_io import jit, kernel_view, load_f32, row_block, row_logsumexp
 
 
 def token_stats_reference(logits: torch.Tensor, targets: torch.Tensor
@@ -46,7 +44,7 @@ def _stats_torch(z: torch.Tensor, y: torch.Tensor):
     return lsm.gather(-1, y[:, None]).squeeze(-1), mu, var
 
 
-@triton.jit
+@jit
 def _stats_kernel(z_ptr, stride_z, y_ptr, lp_ptr, mu_ptr, var_ptr, V,
                   BLOCK_V: tl.constexpr, IN_BF16: tl.constexpr):
     """One program per row: online logsumexp, then the mean and the centred variance of z - lse."""
@@ -71,12 +69,11 @@ def _stats_kernel(z_ptr, stride_z, y_ptr, lp_ptr, mu_ptr, var_ptr, V,
     tl.store(var_ptr + row, var)
 
 
-def _stats_triton(z: torch.Tensor, y: torch.Tensor):
+def _stats_triton(z: torch.Tensor, y: torch.Tensor, block_v: int | None = None):
     n, V = z.shape
     out = [torch.empty(n, device=z.device, dtype=torch.float32) for _ in range(3)]
     if n:
-        block = 64 if os.environ.get("TRITON_INTERPRET") == "1" else min(4096, triton.next_power_of_2(V))
-        _stats_kernel[(n,)](kernel_view(z), z.stride(0), y, *out, V, BLOCK_V=block,
+        _stats_kernel[(n,)](kernel_view(z), z.stride(0), y, *out, V, BLOCK_V=block_v or row_block(V),
                             IN_BF16=z.dtype == torch.bfloat16)
     return tuple(out)
 

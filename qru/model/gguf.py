@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import gguf
@@ -23,9 +21,11 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QT
 
+from qru.model.bpe_tokenizer import CONTROL, USER_DEFINED, BPETokenizer, byte_level_pre
+from qru.io import staged_dir
 from qru.model.checkpoint import assert_finite, save_state_dict
 from qru.model.config import DTYPES, ConfigError, LlamaConfig
-from qru.model.tokenizer import CONTROL, USER_DEFINED, BPETokenizer, Tokenizer, _byte_level_pre
+from qru.model.tokenizer import Tokenizer
 
 SUPPORTED_TYPES = (QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q4_K, QT.Q6_K,
                    QT.MXFP4)
@@ -310,25 +310,10 @@ def convert_gguf(path: str | os.PathLike, out: str | os.PathLike, dtype: str | t
     if tok.vocab_size != cfg.vocab_size:
         raise GGUFError(f"{src}: the tokenizer has {tok.vocab_size} tokens, the model's vocab_size is "
                         f"{cfg.vocab_size}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(stage, 0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
-    try:
+    with staged_dir(out) as stage:  # committed whole, or not at all
         save_state_dict(f.state_dict(dtype), stage, max_shard_size,
                         metadata={"source": f"gguf:{src.name}"}, extra_files={"config.json": _config_json(cfg)})
         tok.save_pretrained(stage)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(stage, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(stage, out)
-    finally:
-        if stage.exists():
-            shutil.rmtree(stage, ignore_errors=True)
     return out
 
 
@@ -339,9 +324,9 @@ def _config_json(cfg: LlamaConfig) -> str:
 # -- writing (export) -------------------------------------------------------------------------------------
 
 def _pre_name(pre_tokenizer_json: dict | None) -> str:
-    """llama.cpp's ``tokenizer.ggml.pre`` name of a byte-level pre-tokenizer built by ``_byte_level_pre``."""
+    """llama.cpp's ``tokenizer.ggml.pre`` name of a byte-level pre-tokenizer built by ``byte_level_pre``."""
     for name in ("gpt2", "smollm", "llama-bpe", "qwen2"):
-        if json.loads(_byte_level_pre(name, "").__getstate__()) == pre_tokenizer_json:
+        if json.loads(byte_level_pre(name, "").__getstate__()) == pre_tokenizer_json:
             return name
     raise GGUFError(f"the tokenizer's pre-tokenizer {pre_tokenizer_json!r} has no llama.cpp name")
 

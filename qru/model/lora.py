@@ -239,12 +239,6 @@ def _matches(name: str, targets) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def _pattern_value(name: str, pattern: Mapping[str, object] | None, default):
     """peft's rank_pattern/alpha_pattern lookup: the first key that matches the end of ``name``."""
     for key, value in (pattern or {}).items():
@@ -276,7 +270,7 @@ def apply_lora(model: nn.Module, targets=TARGETS, r: int = 8, alpha: float = 16,
         aa = float(_pattern_value(name, alpha_pattern, alpha))
         new = LoRALinear.from_linear(lin, rr, aa, dropout=dropout, use_rslora=use_rslora, init=init,
                                      lora_dtype=lora_dtype, generator=gen)
-        _set_submodule(model, name, new)
+        model.set_submodule(name, new)
     for _, m in lora_modules(model):
         m.lora_A.requires_grad_(True)
         m.lora_B.requires_grad_(True)
@@ -347,7 +341,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             if m.bias is not None:
                 lin.bias.copy_(m.bias)
         lin.requires_grad_(False)
-        _set_submodule(model, name, lin)
+        model.set_submodule(name, lin)
     return model
 
 
@@ -647,7 +641,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, strict: bool = True)
             lin = model.get_submodule(module)
             new = LoRALinear.from_linear(lin, r, alpha, dropout=float(cfg.get("lora_dropout", 0.0)),
                                          use_rslora=bool(cfg.get("use_rslora", False)))
-            _set_submodule(model, module, new)
+            model.set_submodule(module, new)
         existing = dict(lora_modules(model))
     else:
         for module in scales_cfg:

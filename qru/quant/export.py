@@ -32,7 +32,7 @@ from qru.io import check_output, fault_point, staged_dir
 from qru.kernels import quant4
 from qru.model.checkpoint import INDEX, ST_DTYPES, CheckpointError, assert_finite, checkpoint_shapes, parse_size
 from qru.quant.formats import DOUBLE_QUANT_BLOCK, FORMATS, DoubleQuant, QTensor, quantize
-from qru.quant.qlinear import (QuantLinear, _as_tuple, _set_submodule, dtype_name, parse_compute_dtype,
+from qru.quant.qlinear import (QuantLinear, _as_tuple, dtype_name, parse_compute_dtype,
                                quantization_config, resolve_block_size, split_linears)
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -216,7 +216,7 @@ def swap_in_quantized(model: torch.nn.Module, sd: dict[str, torch.Tensor], confi
                 assert_finite(f"{name}.bias", bias, where)
             used.append(f"{name}.bias")
         mod = QuantLinear(q.to(device), None if bias is None else bias.to(device), compute_dtype)
-        _set_submodule(model, name, mod)
+        model.set_submodule(name, mod)
         for k in used:
             sd.pop(k, None)
         swapped.append(name)

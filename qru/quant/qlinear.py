@@ -209,11 +209,6 @@ def split_linears(model: nn.Module, skip=()) -> tuple[list[tuple[str, nn.Linear]
     return targets, skipped
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)
-
-
 def quantization_config(fmt: str, block_size: int | None, double_quant: bool, compute_dtype: torch.dtype,
                         skipped: list[str]) -> dict:
     """The ``quantization_config`` of ``config.json``: bitsandbytes' for nf4/fp4 (so transformers
@@ -266,8 +261,8 @@ def quantize_model(model: nn.Module, fmt: str, block_size: int | None = None, *,
         if bad.any():
             raise ValueError(f"{name}.weight has {int(bad.sum())} non-finite value(s) (NaN or Inf); cannot quantize")
     for name, m in targets:
-        _set_submodule(model, name, QuantLinear.from_linear(m, fmt, bs, double_quant=double_quant,
-                                                            compute_dtype=compute_dtype, name=name))
+        model.set_submodule(name, QuantLinear.from_linear(m, fmt, bs, double_quant=double_quant,
+                                                          compute_dtype=compute_dtype, name=name))
     model.to(compute_dtype)
     cfg = getattr(model, "config", None)
     if cfg is not None and hasattr(cfg, "replace") and hasattr(cfg, "quantization_config"):
