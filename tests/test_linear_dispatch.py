@@ -87,10 +87,11 @@ def test_packed_path_values_and_cache():
 
 
 @needs_onednn
-def test_packed_copy_follows_the_weight_after_an_optimizer_step():
+@pytest.mark.parametrize("fused", [False, True])  # fused AdamW does not bump the weight's _version
+def test_packed_copy_follows_the_weight_after_an_optimizer_step(fused):
     torch.manual_seed(0)
     lin = Linear(24, 10)
-    opt = torch.optim.AdamW(lin.parameters(), lr=0.1)
+    opt = torch.optim.AdamW(lin.parameters(), lr=0.1, fused=fused)
     x = torch.randn(5, 24)
     with torch.no_grad():
         before = lin(x)
@@ -105,6 +106,20 @@ def test_packed_copy_follows_the_weight_after_an_optimizer_step():
     assert lin.packed_weight.packed
     assert not torch.allclose(after, before)
     _close(after, _ref64(x, lin.weight.detach(), lin.bias.detach()), 24)
+    # an optimizer step between two calls without gradients (no grad-mode call in between)
+    lin(x).sum().backward()
+    with torch.no_grad():
+        lin(x)
+    opt.step()
+    with torch.no_grad():
+        _close(lin(x), _ref64(x, lin.weight.detach(), lin.bias.detach()), 24)
+    # a frozen weight keeps its packed copy across other parameters' optimizer steps
+    frozen = Linear(24, 10).requires_grad_(False)
+    with torch.no_grad():
+        frozen(x)
+        packed = frozen.packed_weight.get(frozen.weight)
+    opt.step()
+    assert frozen.packed_weight.get(frozen.weight) is packed
     # replaced in place by load_state_dict, and moved to another dtype and back: repacked
     sd = {k: v * -1 for k, v in lin.state_dict().items()}
     lin.load_state_dict(sd)
