@@ -26,7 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.harness import Row, paired, peak_allocated_during, report  # noqa: E402
+from bench.harness import (Row, add_allocator_arg, paired, peak_allocated_during, report,  # noqa: E402
+                           run_under_allocators)
 from qru.model.config import LlamaConfig  # noqa: E402
 from qru.model.generate import generate_ids  # noqa: E402
 from qru.model.llama import Llama  # noqa: E402
@@ -162,7 +163,10 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--new", type=int, default=None, help="max_new_tokens (default 64; 32 with --quick)")
     ap.add_argument("--no-gpu", action="store_true")
+    add_allocator_arg(ap)
     args = ap.parse_args(argv)
+    if args.allocators is not None:
+        return run_under_allocators(__file__, argv, args.allocators)
     torch.set_num_threads(args.threads)
     samples = args.samples or (2 if args.quick else 5)
     args.new = args.new or (32 if args.quick else 64)
@@ -184,4 +188,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

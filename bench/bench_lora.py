@@ -25,7 +25,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.harness import Row, Timing, bench, report  # noqa: E402
+from bench.harness import Row, Timing, add_allocator_arg, bench, report, run_under_allocators  # noqa: E402
 from qru.kernels.lora import lora_linear_reference  # noqa: E402
 from qru.model.lora_linear import LoRALinear  # noqa: E402
 
@@ -224,7 +224,10 @@ def main(argv=None):
     ap.add_argument("--no-gpu", action="store_true")
     ap.add_argument("--clock", choices=["wall", "thread"], default="wall",
                     help="CPU timer: wall clock, or the thread's CPU time (needs --threads 1)")
+    add_allocator_arg(ap)
     args = ap.parse_args(argv)
+    if args.allocators is not None:
+        return run_under_allocators(__file__, argv, args.allocators)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.clock == "thread" and torch.get_num_threads() != 1:
@@ -245,4 +248,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

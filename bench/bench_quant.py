@@ -6,7 +6,8 @@ bitsandbytes, qru C++ and the copy are called one at a time, in turn, so outside
 all of them alike; the speed-up is the median of the paired per-turn ratios (peer time /
 provider time). The torch reference is timed after that rotation (ratio of medians): its
 multi-GB temporaries, freed between calls, otherwise slow the next provider's page faults.
-Integer formats (no bitsandbytes peer) compare C++ with the reference. llama.cpp's GGUF block
+NF4/FP4 also time ``qru-cpp-all-threads``: the same C++ kernel on all torch threads, without the
+busy-machine thread rule of ``qru.kernels.threads``. The thread rule in force and the load are printed. Integer formats (no bitsandbytes peer) compare C++ with the reference. llama.cpp's GGUF block
 formats (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, mxfp4) compare with ``gguf.quants`` (llama.cpp's
 reference numpy quantizers; fed the weights already converted to a fp32 numpy array, since numpy
 has no bf16) in the same rotation; gguf cannot quantize q4_k, whose quantize compares with the
@@ -31,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.harness import Row, Timing, bench, report  # noqa: E402
-from qru.kernels import quant4, quant_gguf, quant_int  # noqa: E402
+from qru.kernels import calibrate, quant4, quant_gguf, quant_int  # noqa: E402
 from qru.kernels._backend import load_cpp_ext  # noqa: E402
 
 SUITE = "quant"
@@ -86,13 +87,20 @@ def providers_4bit(w, fmt, block):
     packed, absmax = quant4._quantize_cpp(w, fmt, block)
     if not (torch.equal(packed, bq.reshape(-1)) and torch.equal(absmax, st.absmax)):
         raise RuntimeError(f"qru and bitsandbytes disagree on {fmt} {tuple(w.shape)}")
+    ext = load_cpp_ext("quant")
+    _, bounds, order = quant4._tables(fmt, w.device)
+    code = quant4.codebook(fmt, w.device)
+    flat = w.reshape(-1)
     quant = {
         "bitsandbytes": lambda: F.quantize_4bit(w, blocksize=block, quant_type=fmt),
         "qru-cpp": lambda: quant4._quantize_cpp(w, fmt, block),
+        # the same kernel on all torch threads, bypassing the busy-machine thread rule
+        "qru-cpp-all-threads": lambda: ext.q4_quantize(flat, bounds, order, block, False),
     }
     deq = {
         "bitsandbytes": lambda: F.dequantize_4bit(bq, st),
         "qru-cpp": lambda: quant4._dequantize_cpp(packed, absmax, fmt, block, n, w.dtype),
+        "qru-cpp-all-threads": lambda: ext.q4_dequantize(packed, absmax, code, block, n, w.dtype, False),
     }
     ref = {
         "quantize": lambda: quant4.quantize_4bit_reference(w, fmt, block),
@@ -174,7 +182,9 @@ def cpu_section(shapes, formats, samples):
                                 gbs(t["copy"].median), roof, peer, ratio["qru-cpp"]))
                 print(f"  {fmt} {op} {sh}: qru-cpp {t['qru-cpp'].median * 1e3:.2f} ms "
                       f"({gbs(t['qru-cpp'].median):.2f} GB/s, {roof:.0%} of copy), "
-                      f"{peer} {t[peer].median * 1e3:.2f} ms, speed-up {ratio['qru-cpp']:.2f}x", flush=True)
+                      f"{peer} {t[peer].median * 1e3:.2f} ms, speed-up {ratio['qru-cpp']:.2f}x"
+                      + (f" (all threads, no rule: {t['qru-cpp-all-threads'].median * 1e3:.2f} ms, "
+                         f"{ratio['qru-cpp-all-threads']:.2f}x)" if "qru-cpp-all-threads" in t else ""), flush=True)
             del quant, deq, ref
     return rows, summary
 
@@ -244,7 +254,10 @@ def main(argv=None):
         shapes, samples = [(1024, 1024), (2752, 1024)], args.samples or 5
     else:
         shapes, samples = [(4096, 4096), (11008, 4096)], args.samples or 7
-    print(f"## quant CPU, bf16 weights, {torch.get_num_threads()} threads, {samples} paired samples")
+    rule = calibrate.decide("kernel_threads")
+    print(f"## quant CPU, bf16 weights, {torch.get_num_threads()} threads, {samples} paired samples; "
+          f"load {' '.join(Path('/proc/loadavg').read_text().split()[:4])}")
+    print(f"kernel thread rule: {rule.pick} [{rule.source}] {rule.why}")
     rows, summary = cpu_section(shapes, args.formats, samples)
     report("quant CPU (Gparam/s rows: vs peer = bitsandbytes (GGUF formats: gguf.quants; ints, q4_k quantize: "
            "reference) time / this time; "

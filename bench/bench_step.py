@@ -25,6 +25,10 @@ ratio is the median of the per-turn ratios. Peak memory of a step: tensor bytes 
 step's start at the peak (CPU: the profiler's allocator accounting; CUDA: ``max_memory_allocated``),
 on one more untimed step after the timed ones (optimizer state already allocated).
 
+Precision (``--precision fp32 bf16``): fp32, or both sides under ``torch.autocast("cpu", torch.bfloat16)``
+(fp32 weights, bf16 GEMMs: oneDNN's AMX / AVX512-BF16 kernels where the CPU has them, as ``qru
+unlearn``'s default ``precision="bf16"`` runs), each against the peer at the same precision.
+
 Threads: 1 by default. On this shared 2-core machine a second OpenMP thread that is descheduled
 stalls every parallel region (~15 ms each), which makes both sides slower (measured: qru LoRA
 187 vs 312 tok/s at 2 vs 1 threads) and the comparison a count of small ops; ``--threads 2``
@@ -56,7 +60,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.harness import Row, Timing, _quantile as _q, paired, peak_allocated_during, report  # noqa: E402
+from bench.harness import (Row, Timing, _quantile as _q, add_allocator_arg, paired,  # noqa: E402
+                           peak_allocated_during, report, run_under_allocators)
 from qru.model import lora as qlora  # noqa: E402
 from qru.model.config import LlamaConfig  # noqa: E402
 from qru.model.llama import Llama  # noqa: E402
@@ -230,7 +235,19 @@ def first_steps(fns: dict, mode: str, rtol: float = 1e-3) -> None:
     print(f"  {mode}: first-step loss {pa} {a:.6f}, {pb} {b:.6f} (same math)", flush=True)
 
 
-def run_mode(cfg: StepConfig, mode: str, pairs: int, device: str, dtype_name: str) -> list[Row]:
+def autocast_step(fn, device: str, precision: str):
+    """``fn`` run under ``torch.autocast(device, bfloat16)`` when ``precision`` is ``bf16``."""
+    if precision != "bf16":
+        return fn
+
+    def run():
+        with torch.autocast(device, dtype=torch.bfloat16):
+            return fn()
+    return run
+
+
+def run_mode(cfg: StepConfig, mode: str, pairs: int, device: str, dtype_name: str, precision: str = "fp32"
+             ) -> list[Row]:
     """Providers, called in turn: the peer (reference forward every step, the standard hand loop);
     qru as ``unlearn`` runs it (reference log-probs from the per-example table; the table's one
     forward per example is charged to each step divided by the run's epochs); qru doing the same
@@ -244,8 +261,11 @@ def run_mode(cfg: StepConfig, mode: str, pairs: int, device: str, dtype_name: st
     fns["table"]()
     fns["qru"] = qru_step(q, fb, rb, cfg, ref_logp=table)
     fns["qru same work"] = qru_step(q, fb, rb, cfg, ref_model=q_ref, ref_ctx=q_ctx)
-    fns = {k: fns[k] for k in (peer, "qru", "qru same work", "table")}
-    first_steps(fns, mode, 1e-3 if cfg.dtype == torch.float32 else 3e-2)
+    fns = {k: autocast_step(fns[k], device, precision) for k in (peer, "qru", "qru same work", "table")}
+    if precision == "bf16":
+        fns["table"]()  # the table under autocast too, as unlearn computes it
+        dtype_name = f"{dtype_name}+autocast-bf16"
+    first_steps(fns, mode, 1e-3 if cfg.dtype == torch.float32 and precision == "fp32" else 3e-2)
     t, _ = paired(fns, pairs, device=device, warmup=0)
     # steady-state peak memory (optimizer state and model already there): one more call each
     peaks = {k: peak_allocated_during(fn, device) for k, fn in fns.items() if k != "table"}
@@ -269,9 +289,9 @@ def run_mode(cfg: StepConfig, mode: str, pairs: int, device: str, dtype_name: st
           f"charged / {EPOCHS} epochs (UnlearnConfig default) to each qru step")
     print(f"  peak memory of one step ({mem}): qru {peaks['qru'] / 2**20:.0f} MiB, qru same work "
           f"{peaks['qru same work'] / 2**20:.0f} MiB, {peer} {peaks[peer] / 2**20:.0f} MiB")
-    print(f"unlearn_step {mode} (same work: reference forward every step on both sides): qru "
+    print(f"unlearn_step {mode} {precision} (same work: reference forward every step on both sides): qru "
           f"{tps['qru same work']:.0f} tok/s, {peer} {tps[peer]:.0f} tok/s, ratio {ratio['qru same work']:.2f}")
-    print(f"unlearn_step {mode}: qru {tps['qru']:.0f} tok/s, {peer} {tps[peer]:.0f} tok/s, ratio {ratio['qru']:.2f}",
+    print(f"unlearn_step {mode} {precision}: qru {tps['qru']:.0f} tok/s, {peer} {tps[peer]:.0f} tok/s, ratio {ratio['qru']:.2f}",
           flush=True)
     return rows
 
@@ -332,14 +352,17 @@ def run_quant_aware(cfg: StepConfig, mode: str, pairs: int, device: str, dtype_n
     return rows
 
 
-def cpu_section(cfg: StepConfig, modes, pairs: int) -> list[Row]:
+def cpu_section(cfg: StepConfig, modes, pairs: int, precisions=("fp32",)) -> list[Row]:
     rows = []
-    for mode in modes:
-        print(f"\n## unlearn step, {mode} mode, CPU, {torch.get_num_threads()} threads\nconfig: {cfg.describe(mode)}",
-              flush=True)
-        rows += run_mode(cfg, mode, pairs, "cpu", "fp32")
-        target = TARGETS[mode]
-        print(f"  target: qru >= {target}x {'hf+peft' if mode == 'lora' else 'hf'} (same-run ratio above)")
+    for precision in precisions:
+        for mode in modes:
+            prec = "fp32" if precision == "fp32" else "fp32 weights, autocast bf16 on both sides"
+            print(f"\n## unlearn step, {mode} mode, CPU, {torch.get_num_threads()} threads, {prec}\n"
+                  f"config: {cfg.describe(mode)}", flush=True)
+            rows += run_mode(cfg, mode, pairs, "cpu", "fp32", precision)
+            target = TARGETS[mode]
+            print(f"  target: qru >= {target}x {'hf+peft' if mode == 'lora' else 'hf'} at {precision} "
+                  f"(same-run ratio above)")
     return rows
 
 
@@ -372,10 +395,15 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--seq", type=int, default=None, help="sequence length (default 512; 256 with --quick)")
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
+                    help="fp32, and/or both sides under torch.autocast(cpu, bfloat16)")
     ap.add_argument("--no-gpu", action="store_true")
     ap.add_argument("--quant-aware", metavar="FMT", default=None,
                     help="measure the --quant-aware FMT step against the plain qru step instead of the peers")
+    add_allocator_arg(ap)
     args = ap.parse_args(argv)
+    if args.allocators is not None:
+        return run_under_allocators(__file__, argv, args.allocators)
     torch.set_num_threads(args.threads)
     pairs = args.pairs or (2 if args.quick else 5)
     cfg = StepConfig(layers=args.layers, seq=args.seq or (256 if args.quick else 512), batch=args.batch)
@@ -393,7 +421,7 @@ def main(argv=None):
                 g += run_quant_aware(StepConfig(), mode, pairs, "cuda", "fp32", args.quant_aware)
             report(f"unlearning step NPO+GDR, plain vs --quant-aware {args.quant_aware}, GPU", g)
         return
-    rows = cpu_section(cfg, args.modes, pairs)
+    rows = cpu_section(cfg, args.modes, pairs, args.precision)
     report("unlearning step NPO+GDR, CPU (tok/s; vs peer = peer time / this time, median of paired steps)", rows)
     if not args.no_gpu:
         g = gpu_section(args.modes, pairs)
@@ -402,4 +430,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

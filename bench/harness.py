@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 
 from qru.io import write_text
+from qru.kernels.machine import MALLOC_ENV as MALLOC_ENV_KEYS
 from qru.kernels.machine import describe as describe_machine
 
 # QRU_BENCH_CSV redirects the appended rows (e.g. to /dev/null for trial runs).
@@ -258,6 +259,119 @@ def print_table(title: str, rows: list[Row]) -> None:
 
 
 def report(title: str, rows: list[Row], csv_path: Path = RESULTS_CSV) -> None:
-    """Print the table and append the rows to the CSV."""
+    """Print the table and append the rows to the CSV (and, in a child of :func:`run_under_allocators`,
+    the ratios to its ``QRU_BENCH_RATIOS`` file)."""
     print_table(title, rows)
     append_csv(rows, csv_path)
+    _record_ratios(rows)
+
+
+# --- fair ratios: the same suite under several allocator settings ------------------------------------
+#
+# Allocation is not free: on a VM a page fault costs microseconds, and glibc hands every freed block
+# above its (dynamic) mmap threshold back to the kernel, so a program that makes fresh multi-MB
+# temporaries (HF, peft) pays page faults on each, one that reuses buffers (qru) far fewer. Both sides of
+# a ratio always share one process and one allocator; running the suite again with glibc told to keep
+# what it frees (``glibc-keep``) or with a preloaded allocator shows how much of a ratio comes from
+# allocation: share = ratio(default) / ratio(setting).
+
+GLIBC_KEEP = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20),  # the largest glibc accepts: blocks < 32 MiB from the heap
+              "MALLOC_TRIM_THRESHOLD_": str(1 << 40),  # never give the heap's top back
+              "MALLOC_TOP_PAD_": str(64 << 20)}        # grow the heap 64 MiB at a time
+PRELOADABLE = ("libjemalloc.so.2", "libtcmalloc.so.4", "libtcmalloc_minimal.so.4", "libmimalloc.so.2")
+LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib", "/lib/x86_64-linux-gnu")
+
+
+def allocator_settings() -> dict[str, dict[str, str]]:
+    """name -> environment of each allocator setting: ``default`` (glibc as it comes), ``glibc-keep``
+    (:data:`GLIBC_KEEP`) and each preloadable allocator installed here (``jemalloc``, ``tcmalloc``, ...)."""
+    out = {"default": {}, "glibc-keep": dict(GLIBC_KEEP)}
+    for lib in PRELOADABLE:
+        for d in LIB_DIRS:
+            path = Path(d) / lib
+            if path.exists():
+                out.setdefault(lib[3:].split(".so")[0].split("_")[0], {"LD_PRELOAD": str(path)})
+                break
+    return out
+
+
+def add_allocator_arg(ap) -> None:
+    ap.add_argument("--allocators", nargs="*", default=None, metavar="NAME",
+                    help="run the suite once per allocator setting, each in a fresh process (no NAME: default, "
+                         "glibc-keep and each preloadable allocator installed), and print which part of each "
+                         "ratio comes from allocation")
+
+
+def _strip_allocator_arg(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if a == "--allocators":
+            skip = True
+            continue
+        if skip and not a.startswith("--"):
+            continue
+        skip = False
+        out.append(a)
+    return out
+
+
+def _record_ratios(rows: list[Row]) -> None:
+    path = os.environ.get("QRU_BENCH_RATIOS")
+    if not path:
+        return
+    import json
+
+    p = Path(path)
+    data = json.loads(p.read_text()) if p.exists() and p.stat().st_size else {}
+    for r in rows:
+        if r.ratio_vs_peer is not None and r.unit != "MiB":
+            data[" | ".join((r.op, r.provider, r.shape, r.dtype))] = r.ratio_vs_peer
+    p.write_text(json.dumps(data))
+
+
+def run_under_allocators(script: str, argv: list[str] | None, names: list[str]) -> int:
+    """Run ``script`` with ``argv`` (``--allocators`` removed) once per allocator setting in ``names``
+    (empty: all of :func:`allocator_settings`), each a child process whose environment has only that
+    setting (its rows name it in the CSV's allocator column); then print each ratio per setting and the
+    part that comes from allocation. Returns the first non-zero exit code, else 0."""
+    import json
+    import sys
+    import tempfile
+
+    settings = allocator_settings()
+    names = names or list(settings)
+    unknown = [n for n in names if n not in settings]
+    if unknown:
+        raise SystemExit(f"--allocators: unknown {', '.join(unknown)} (here: {', '.join(settings)})")
+    argv = _strip_allocator_arg(list(sys.argv[1:] if argv is None else argv))
+    results, rc = {}, 0
+    with tempfile.TemporaryDirectory() as d:
+        for name in names:
+            env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", *MALLOC_ENV_KEYS)}
+            env.update(settings[name], QRU_BENCH_RATIOS=str(Path(d) / f"{name}.json"), PYTHONUNBUFFERED="1")
+            print(f"\n==== allocator {name}: {' '.join(f'{k}={v}' for k, v in settings[name].items()) or 'glibc defaults'}",
+                  flush=True)
+            code = subprocess.run([sys.executable, script, *argv], env=env).returncode
+            rc = rc or code
+            f = Path(d) / f"{name}.json"
+            results[name] = json.loads(f.read_text()) if f.exists() else {}
+    print_allocator_split(results)
+    return rc
+
+
+def print_allocator_split(results: dict[str, dict[str, float]]) -> None:
+    """Each ratio under each setting, and ratio(default) / ratio(setting): the factor of the default
+    ratio that comes from allocation (1.0: none; > 1: the peer pays more for allocation than qru)."""
+    names = list(results)
+    if "default" not in results or len(names) < 2:
+        return
+    others = [n for n in names if n != "default"]
+    print("\n## ratios under each allocator setting (both sides always in one process, one allocator)")
+    print("   share = ratio(default) / ratio(setting): the factor of the default ratio that allocation accounts for")
+    head = f"{'op | provider | shape | dtype':80} {'default':>8} " + " ".join(f"{n:>12} {'share':>6}" for n in others)
+    print(head)
+    for key, r0 in results["default"].items():
+        if not all(key in results[n] for n in others) or key.split(" | ")[1] in ("copy",):
+            continue
+        cells = " ".join(f"{results[n][key]:11.2f}x {r0 / results[n][key]:6.2f}" for n in others)
+        print(f"{key[:80]:80} {r0:7.2f}x {cells}")

@@ -115,7 +115,7 @@ def test_dispatch_follows_the_pick(fake, monkeypatch, one_thread):
 def test_real_probes_time_both_candidates(monkeypatch, tmp_path, one_thread):
     if not calibrate.onednn_available():
         pytest.skip("this torch build has no oneDNN")
-    for choice in calibrate.CHOICES:
+    for choice in ("dense_fp32", "packed_fp32"):
         d = calibrate.measure(choice)
         assert set(d.seconds) == {"onednn", "torch"} and all(s > 0 for s in d.seconds.values())
         assert d.pick in ("onednn", "torch")
@@ -140,3 +140,18 @@ def test_doctor_prints_machine_choices_and_cache(fake, capsys):
     assert main(["doctor", "--threads", "1"]) == 0  # a new process: from the cache
     assert "dense_fp32   -> onednn  [cache]" in capsys.readouterr().out
     assert main(["doctor", "--threads", "0"]) == 2
+
+
+def test_real_thread_probe_times_the_three_rules(monkeypatch):
+    from qru.kernels._backend import load_cpp_ext
+
+    if load_cpp_ext("quant") is None:
+        pytest.skip("no C++ compiler")
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        d = calibrate.measure("kernel_threads")
+    finally:
+        torch.set_num_threads(n)
+    assert set(d.seconds) == {"all", "adaptive", "one"} and all(s > 0 for s in d.seconds.values())
+    assert d.pick in ("all", "adaptive", "one")

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from eval_helpers import left_pad_rows
 from qru.eval import muse, tofu

@@ -7,7 +7,7 @@
 // references): the same fp32 operations in the same order, FMA contraction off. Formats: nf4 / fp4
 // (flat blocks, bitsandbytes' partial-block arithmetic), int4 / int4_sym / int8 (groups along the
 // rows), and the 32-element GGUF blocks q8_0, q4_0, q4_1, q5_0, q5_1, mxfp4 (flat, zero-padded).
-// OpenMP over blocks, thread count = torch's.
+// Parallel over blocks on qru::Team (qru_common.h), thread count = torch's.
 #include "qru_common.h"
 
 #if defined(__clang__)
@@ -211,37 +211,31 @@ void fq_impl(const void* w, int64_t rows, int64_t cols, int family, int kind, in
   const int64_t n = rows * cols;
   if (family == 1) {
     const int64_t g = block, groups = (cols + g - 1) / g;
-#pragma omp parallel num_threads(num_threads())
-    {
-      std::vector<float> x(g), v(g), acc(L != nullptr ? g : 0);
-#pragma omp for schedule(dynamic, 16)
-      for (int64_t u = 0; u < rows * groups; ++u) {
-        const int64_t r = u / groups, c0 = (u % groups) * g, len = std::min(g, cols - c0), start = r * cols + c0;
-        fill<DT>(w, start, len, cols, L, x.data(), acc.data());
-        fq_int(x.data(), len, kind, eps, v.data());
-        for (int64_t i = 0; i < len; ++i) store_f32<DT>(out, start + i, v[i]);
-      }
-    }
+    parallel_items(rows * groups, 16, [&](int64_t u) {
+      thread_local std::vector<float> x, v, acc;  // per-thread scratch, kept across calls
+      x.resize(g), v.resize(g), acc.resize(L != nullptr ? g : 0);
+      const int64_t r = u / groups, c0 = (u % groups) * g, len = std::min(g, cols - c0), start = r * cols + c0;
+      fill<DT>(w, start, len, cols, L, x.data(), acc.data());
+      fq_int(x.data(), len, kind, eps, v.data());
+      for (int64_t i = 0; i < len; ++i) store_f32<DT>(out, start + i, v[i]);
+    });
     return;
   }
   const int64_t B = family == 0 ? block : 32;
   const int64_t nb = (n + B - 1) / B;
-#pragma omp parallel num_threads(num_threads())
-  {
-    std::vector<float> x(B), v(B), acc(L != nullptr ? B : 0);
-#pragma omp for schedule(dynamic, 16)
-    for (int64_t b = 0; b < nb; ++b) {
-      const int64_t start = b * B, len = std::min(B, n - start);
-      fill<DT>(w, start, len, cols, L, x.data(), acc.data());
-      if (family == 0) {
-        fq_q4(x.data(), len, len < B, *q4, v.data());
-      } else {
-        for (int64_t i = len; i < B; ++i) x[i] = 0.0f;  // the zero padding of a partial last block
-        fq_gguf(x.data(), kind, thr, v.data());
-      }
-      for (int64_t i = 0; i < len; ++i) store_f32<DT>(out, start + i, v[i]);
+  parallel_items(nb, 16, [&](int64_t b) {
+    thread_local std::vector<float> x, v, acc;  // per-thread scratch, kept across calls
+    x.resize(B), v.resize(B), acc.resize(L != nullptr ? B : 0);
+    const int64_t start = b * B, len = std::min(B, n - start);
+    fill<DT>(w, start, len, cols, L, x.data(), acc.data());
+    if (family == 0) {
+      fq_q4(x.data(), len, len < B, *q4, v.data());
+    } else {
+      for (int64_t i = len; i < B; ++i) x[i] = 0.0f;  // the zero padding of a partial last block
+      fq_gguf(x.data(), kind, thr, v.data());
     }
-  }
+    for (int64_t i = 0; i < len; ++i) store_f32<DT>(out, start + i, v[i]);
+  });
 }
 
 at::Tensor fake_quant_impl(const at::Tensor& w, int64_t cols, int64_t family, int64_t kind, int64_t block,

@@ -20,9 +20,13 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -52,6 +56,102 @@ namespace qru {
 
 // OpenMP team size: torch's intra-op thread count (torch.set_num_threads), at least 1.
 inline int num_threads() { return std::max(1, at::get_num_threads()); }
+
+// A team for loops of independent items that must not stall on a busy machine (the quantizers).
+// An OpenMP region ends when its last thread arrives, so a thread that another job keeps off its
+// core, even one that never started, holds up the caller, and libgomp's idle threads spin. Here
+// workers wait passively (condition variable), take chunks of items from a shared counter, and only
+// the workers that joined a job before it closed are waited for: a late one finds it closed and goes
+// back to sleep. The caller works too. Each shared object has its own team, created on first use
+// and never torn down (the threads sleep). Which items a thread runs never changes a result.
+class Team {
+ public:
+  static Team& get() {
+    static Team* team = new Team();  // leaked on purpose: no join at exit
+    return *team;
+  }
+
+  // body(i) for i in [0, n), in chunks of `chunk` items, on up to `threads` threads (the caller included).
+  template <class F>
+  void run(int64_t n, int64_t chunk, int threads, const F& body) {
+    chunk = std::max<int64_t>(1, chunk);
+    const int64_t n_chunks = (n + chunk - 1) / chunk;
+    threads = int(std::min<int64_t>(threads, n_chunks));
+    if (threads <= 1) {
+      for (int64_t i = 0; i < n; ++i) body(i);
+      return;
+    }
+    std::unique_lock<std::mutex> lock(mu_);  // one job at a time per team
+    while (open_ || joined_ > 0) done_.wait(lock);
+    while (int(workers_.size()) < threads - 1) workers_.emplace_back([this] { work(); });
+    fn_ = &trampoline<F>;
+    ctx_ = &body;
+    n_ = n;
+    chunk_ = chunk;
+    seats_ = threads - 1;
+    next_.store(0, std::memory_order_relaxed);
+    open_ = true;
+    ++gen_;
+    lock.unlock();
+    wake_.notify_all();
+    take(&trampoline<F>, &body, n, chunk);
+    lock.lock();
+    open_ = false;  // no one joins from now on; wait only for those who did
+    done_.wait(lock, [this] { return joined_ == 0; });
+    lock.unlock();
+    done_.notify_all();
+  }
+
+ private:
+  using Fn = void (*)(const void*, int64_t, int64_t);
+  template <class F>
+  static void trampoline(const void* ctx, int64_t lo, int64_t hi) {
+    const F& f = *static_cast<const F*>(ctx);
+    for (int64_t i = lo; i < hi; ++i) f(i);
+  }
+  void take(Fn fn, const void* ctx, int64_t n, int64_t chunk) {
+    for (;;) {
+      const int64_t lo = next_.fetch_add(chunk, std::memory_order_relaxed);
+      if (lo >= n) return;
+      fn(ctx, lo, std::min(n, lo + chunk));
+    }
+  }
+  void work() {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+      wake_.wait(lock, [&] { return gen_ != seen; });
+      seen = gen_;
+      if (!open_ || seats_ == 0) continue;
+      --seats_;
+      ++joined_;
+      const Fn fn = fn_;
+      const void* ctx = ctx_;
+      const int64_t n = n_, chunk = chunk_;
+      lock.unlock();
+      take(fn, ctx, n, chunk);
+      lock.lock();
+      if (--joined_ == 0) done_.notify_all();
+    }
+  }
+
+  std::mutex mu_;
+  std::condition_variable wake_, done_;
+  std::vector<std::thread> workers_;
+  uint64_t gen_ = 0;
+  bool open_ = false;
+  int seats_ = 0, joined_ = 0;
+  Fn fn_ = nullptr;
+  const void* ctx_ = nullptr;
+  int64_t n_ = 0, chunk_ = 1;
+  std::atomic<int64_t> next_{0};
+};
+
+// body(i) for i in [0, n) on torch's thread count through the Team (dynamic chunks of `chunk` items).
+template <class F>
+inline void parallel_items(int64_t n, int64_t chunk, const F& body) {
+  Team::get().run(n, chunk, num_threads(), body);
+}
 
 inline uint32_t f2u(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
 inline float u2f(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }

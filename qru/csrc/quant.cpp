@@ -4,7 +4,8 @@
 // operations in the same order (no fast-math; no multiply feeds an add, so FMA
 // contraction cannot change a result). The AVX-512 paths and
 // the portable scalar paths compute the same thing; ``scalar=true`` forces the latter
-// (tests compare both). OpenMP over blocks / rows (dynamic chunks), thread count = torch's.
+// (tests compare both). Parallel over blocks / rows in dynamic chunks on qru::Team (passive waiting; see
+// qru_common.h), thread count = torch's.
 #include "qru_common.h"
 
 #include <sys/mman.h>
@@ -178,17 +179,16 @@ void q4_quantize_impl(const void* x, int64_t n, int64_t bs, const Q4Tables& t, u
   const __m512i order = _mm512_loadu_si512(t.order);
 #endif
   const int64_t chunk = chunk_of(bs);
-#pragma omp parallel for schedule(dynamic, chunk) num_threads(num_threads())
-  for (int64_t b = 0; b < n_blocks; ++b) {
+  parallel_items(n_blocks, chunk, [&](int64_t b) {
     const int64_t start = b * bs, len = std::min(bs, n - start);
 #if QRU_AVX512
     if (!scalar && b < n_full) {
       q4_block_avx512<DT>(x, start, len, t, bounds, order, packed, absmax + b);
-      continue;
+      return;
     }
 #endif
     q4_block_scalar<DT>(x, start, len, b >= n_full, t, packed, absmax + b);
-  }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> q4_quantize(const at::Tensor& x, const at::Tensor& bounds,
@@ -237,8 +237,7 @@ void q4_dequantize_impl(const uint8_t* packed, const float* absmax, int64_t n, i
   const __m128i nib = _mm_set1_epi8(0x0F);
 #endif
   const int64_t chunk = chunk_of(bs);
-#pragma omp parallel for schedule(dynamic, chunk) num_threads(num_threads())
-  for (int64_t b = 0; b < n_blocks; ++b) {
+  parallel_items(n_blocks, chunk, [&](int64_t b) {
     const int64_t start = b * bs, len = std::min(bs, n - start);
     const float a = absmax[b];
     int64_t i = 0;
@@ -260,7 +259,7 @@ void q4_dequantize_impl(const uint8_t* packed, const float* absmax, int64_t n, i
       const int q = (i & 1) ? (byte & 0xF) : (byte >> 4);
       store_f32<DT>(out, start + i, t.code[q] * a);
     }
-  }
+  });
 }
 
 at::Tensor q4_dequantize(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
@@ -410,8 +409,7 @@ void int_quantize_impl(const void* x, int64_t rows, int64_t cols, int64_t g, int
                        float* scales, uint8_t* zeros, bool scalar) {
   const int64_t groups = (cols + g - 1) / g;
   const int64_t chunk = chunk_of(cols);
-#pragma omp parallel for schedule(dynamic, chunk) num_threads(num_threads())
-  for (int64_t r = 0; r < rows; ++r) {
+  parallel_items(rows, chunk, [&](int64_t r) {
     for (int64_t k = 0; k < groups; ++k) {
       const int64_t c0 = k * g, len = std::min(g, cols - c0), base = r * cols + c0, gi = r * groups + k;
       uint8_t* z = zeros ? zeros + gi : nullptr;
@@ -423,7 +421,7 @@ void int_quantize_impl(const void* x, int64_t rows, int64_t cols, int64_t g, int
 #endif
       int_group_scalar<DT>(x, base, len, kind, eps, data, scales + gi, z);
     }
-  }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> int_quantize(const at::Tensor& x, int64_t cols, int64_t group,
@@ -454,8 +452,7 @@ void int_dequantize_impl(const uint8_t* data, const float* scales, const uint8_t
                          int64_t g, int kind, void* out, bool scalar) {
   const int64_t groups = (cols + g - 1) / g;
   const int64_t chunk = chunk_of(cols);
-#pragma omp parallel for schedule(dynamic, chunk) num_threads(num_threads())
-  for (int64_t r = 0; r < rows; ++r) {
+  parallel_items(rows, chunk, [&](int64_t r) {
     for (int64_t k = 0; k < groups; ++k) {
       const int64_t c0 = k * g, len = std::min(g, cols - c0), base = r * cols + c0;
       const float s = scales[r * groups + k];
@@ -489,7 +486,7 @@ void int_dequantize_impl(const uint8_t* data, const float* scales, const uint8_t
         store_f32<DT>(out, base + i, float(q) * s);
       }
     }
-  }
+  });
 }
 
 at::Tensor int_dequantize(const at::Tensor& data, const at::Tensor& scales, const at::Tensor& zeros, int64_t cols,

@@ -3,7 +3,7 @@
 //
 // Bit-identical to the torch reference: the arithmetic is ggml-quants.c's reference code, every
 // fp32 operation in source order (FMA contraction is switched off below). Flat input, cut into blocks of
-// 32 (q4_k: 256) elements, the last one zero-padded. OpenMP over blocks, thread count = torch's.
+// 32 (q4_k: 256) elements, the last one zero-padded. Parallel over blocks on qru::Team (qru_common.h), thread count = torch's.
 #include "qru_common.h"
 
 // g++ contracts a * b + c into an FMA under -march=native even in C++17 mode; ggml's reference
@@ -264,8 +264,7 @@ template <int DT>
 void quantize_impl(const void* x, int64_t n, int kind, const int32_t* thr, uint8_t* out) {
   const int B = kBlock[kind], TS = kTypeSize[kind];
   const int64_t nb = (n + B - 1) / B;
-#pragma omp parallel for schedule(dynamic, 64) num_threads(num_threads())
-  for (int64_t b = 0; b < nb; ++b) {
+  parallel_items(nb, 64, [&](int64_t b) {
     float buf[256];
     const int64_t start = b * B, len = std::min<int64_t>(B, n - start);
     for (int64_t i = 0; i < len; ++i) buf[i] = load_f32<DT>(x, start + i);
@@ -280,7 +279,7 @@ void quantize_impl(const void* x, int64_t n, int kind, const int32_t* thr, uint8
       case Q4_K: quant_q4_k(buf, y); break;
       default: quant_mxfp4(buf, y, thr); break;
     }
-  }
+  });
 }
 
 at::Tensor quantize(const at::Tensor& x, int64_t kind, const at::Tensor& thr) {
@@ -356,13 +355,12 @@ template <int DT>
 void dequantize_impl(const uint8_t* data, int64_t n, int kind, void* out) {
   const int B = kBlock[kind], TS = kTypeSize[kind];
   const int64_t nb = (n + B - 1) / B;
-#pragma omp parallel for schedule(dynamic, 64) num_threads(num_threads())
-  for (int64_t b = 0; b < nb; ++b) {
+  parallel_items(nb, 64, [&](int64_t b) {
     float v[256];
     dequant_block(data + b * TS, kind, v);
     const int64_t start = b * B, len = std::min<int64_t>(B, n - start);
     for (int64_t i = 0; i < len; ++i) store_f32<DT>(out, start + i, v[i]);
-  }
+  });
 }
 
 at::Tensor dequantize(const at::Tensor& data, int64_t kind, int64_t n, at::ScalarType dtype) {

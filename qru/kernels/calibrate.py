@@ -21,8 +21,14 @@ Choices:
   same roofline.
 - ``packed_fp32``: the fp32 CPU linears without gradients (:func:`qru.kernels.linear.linear`):
   oneDNN with a weight packed once, or ``F.linear``.
+- ``kernel_threads``: the thread rule of qru's parallel CPU kernels (``qru.kernels.threads``) at more
+  than one torch thread. ``all``: torch's thread count; ``adaptive``: per call, as many threads as
+  there are cores with no other runnable task at that instant (``/proc/loadavg``); ``one``: a single
+  thread. The probe (int8 quantize + dequantize of 2M bf16 values) times the three, each as its
+  rule decides.
 
-oneDNN is picked only when it is at least ``MARGIN`` faster: torch's own path is the default.
+A non-default candidate is picked only when it is at least ``MARGIN`` faster than the default
+(torch's own path; ``all`` for the thread rule).
 """
 from __future__ import annotations
 
@@ -39,9 +45,10 @@ import torch
 import torch.nn.functional as F
 
 from qru.io import write_json
-from qru.kernels.machine import describe
+from qru.kernels._backend import load_cpp_ext
+from qru.kernels.machine import describe, free_cores
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: kernel_threads added, quantizers on qru::Team
 MARGIN = 0.05  # oneDNN must be this much faster to be chosen over torch's default path
 
 
@@ -116,11 +123,46 @@ def _probe_packed() -> dict[str, float]:
         })
 
 
-# choice -> (candidates, default, probe, is the non-default candidate usable here)
+def rule_threads(rule: str, threads: int | None = None) -> int:
+    """Threads a kernel gets under the thread rule ``rule`` (a ``kernel_threads`` candidate) with
+    ``threads`` torch threads (default: the current count)."""
+    n = torch.get_num_threads() if threads is None else threads
+    if rule == "one" or n <= 1:
+        return 1
+    if rule == "all":
+        return n
+    if rule == "adaptive":
+        return min(n, free_cores())
+    raise ValueError(f"unknown thread rule {rule!r} (known: all, adaptive, one)")
+
+
+def _probe_threads() -> dict[str, float]:
+    """int8 quantize + dequantize of 2M bf16 values, four times per call, under each thread rule."""
+    ext = load_cpp_ext("quant")
+    x = (torch.randn(2048, 1024, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16).reshape(-1)
+    empty = torch.empty(0, dtype=torch.uint8)
+    n = torch.get_num_threads()
+
+    def run(rule: str) -> None:
+        for _ in range(4):
+            k = rule_threads(rule, n)
+            torch.set_num_threads(k)
+            try:
+                data, scales, _ = ext.int_quantize(x, 1024, 1024, 2, 0.0, False)
+                ext.int_dequantize(data, scales, empty, 1024, 1024, 2, torch.bfloat16, False)
+            finally:
+                torch.set_num_threads(n)
+
+    return _paired_seconds({r: functools.partial(run, r) for r in ("all", "adaptive", "one")}, rounds=9)
+
+
+# choice -> (candidates, default, probe, is a non-default candidate usable here)
 CHOICES: dict[str, tuple[tuple[str, ...], str, Callable[[], dict[str, float]], Callable[[], bool]]] = {
     "dense_fp32": (("onednn", "torch"), "torch", _probe_dense, onednn_available),
     "packed_fp32": (("onednn", "torch"), "torch", _probe_packed,
                     lambda: onednn_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")),
+    "kernel_threads": (("all", "adaptive", "one"), "all", _probe_threads,
+                       lambda: torch.get_num_threads() > 1 and load_cpp_ext("quant") is not None),
 }
 
 
@@ -168,18 +210,21 @@ def measure(choice: str) -> Decision:
     """Time the candidates of ``choice`` now (no cache)."""
     cands, default, probe, usable = CHOICES[choice]
     if not usable():
-        return Decision(choice, default, "unavailable", "the alternative is not available in this torch build")
+        why = ("one thread: no rule to choose" if choice == "kernel_threads" and torch.get_num_threads() <= 1
+               else "the alternative is not available in this torch build")
+        return Decision(choice, default, "unavailable", why)
     secs = probe()
-    other = next(c for c in cands if c != default)
+    others = sorted((c for c in cands if c != default), key=lambda c: secs[c])
+    other = others[0]
     faster = secs[other] < secs[default] * (1 - MARGIN)
     pick = other if faster else default
-    why = (f"{other} {secs[other] * 1e3:.1f} ms vs {default} {secs[default] * 1e3:.1f} ms on the probe: "
+    why = (" vs ".join(f"{c} {secs[c] * 1e3:.1f} ms" for c in [other, default, *others[1:]]) + " on the probe: "
            + (f"{other} is {secs[default] / secs[other]:.2f}x faster" if faster
               else f"{other} is not at least {MARGIN:.0%} faster, keep {default}"))
     return Decision(choice, pick, "measured", why, secs)
 
 
-_memo: dict[tuple[str, str], Decision] = {}
+_memo: dict[tuple[int, str], Decision] = {}  # (threads, choice): the machine is the same within a process
 
 
 def decide(choice: str, threads: int | None = None, recalibrate: bool = False) -> Decision:
@@ -191,9 +236,9 @@ def decide(choice: str, threads: int | None = None, recalibrate: bool = False) -
     if forced is not None:
         return Decision(choice, forced, "override", f"QRU_{choice.upper()}={forced}")
     threads = torch.get_num_threads() if threads is None else threads
+    if not recalibrate and (threads, choice) in _memo:
+        return _memo[(threads, choice)]
     key, fields = machine_key(threads)
-    if not recalibrate and (key, choice) in _memo:
-        return _memo[(key, choice)]
     path = cache_root() / f"{key}.json"
     data = None if recalibrate else _read_cache(path, key)
     if data is not None and choice in data.get("choices", {}):
@@ -209,7 +254,7 @@ def decide(choice: str, threads: int | None = None, recalibrate: bool = False) -
         data = data or {"version": CACHE_VERSION, "key": key, "machine": fields, "choices": {}}
         data["choices"][choice] = {k: v for k, v in asdict(dec).items() if k in ("pick", "why", "seconds")}
         write_json(path, data, indent=1, fault=False)  # a cache: not a numbered fault point
-    _memo[(key, choice)] = dec
+    _memo[(threads, choice)] = dec
     _picks.pop((choice, threads), None)
     return dec
 

@@ -37,6 +37,7 @@ from qru.kernels import quant4, quant_gguf, quant_int
 from qru.kernels._backend import backend_for, load_cpp_ext
 from qru.kernels._triton_io import jit, kernel_view, load_f32, store_f32
 from qru.kernels.quant_int import int4_asym_codes, rint
+from qru.kernels.threads import with_kernel_team
 
 FAKE_QUANT_FORMATS = quant4.FORMATS_4BIT + quant_int.INT_FORMATS + quant_gguf.GGUF_FORMATS
 FUSED_FORMATS = tuple(f for f in FAKE_QUANT_FORMATS if f != "q4_k")
@@ -327,6 +328,7 @@ def _fake_quant_triton(w, fmt, bs, lora=None):
 # ----------------------------------------------------------------------------- C++
 
 
+@with_kernel_team(lambda w, *a, **k: w.numel())
 def _fake_quant_cpp(w, fmt, bs, lora=None):
     family, kind = _family(fmt)
     cols = w.shape[-1] if w.dim() else 1

@@ -22,9 +22,12 @@ path           when
 
 The choice is a pure function of the call: no module's ``forward`` is replaced and no flag is
 switched around a block, so concurrent callers never see each other's choices. A packed weight
-is keyed on the weight tensor (its identity, storage pointer and in-place ``_version``), so an
-optimizer step, ``load_state_dict`` or ``.to()`` repacks it on the next call; a stale copy is
-dropped on the first call that sees it stale. All packed copies of the process together stay
+is keyed on the weight tensor (its identity, storage pointer and in-place ``_version``) and, for a
+weight that requires grad, on the count of optimizer steps taken in the process (a global
+``torch.optim`` post-step hook counts them: torch's fused AdamW updates parameters without
+bumping ``_version``). So an optimizer step, ``load_state_dict`` or ``.to()`` repacks it on the
+next call; a stale copy is dropped on the first call that sees it stale. (A write through
+``weight.data`` is not seen: it bypasses the version counter.) All packed copies of the process together stay
 under ``QRU_PACKED_MAX_BYTES`` (default 2 GiB: they cost as much memory as the weights); past
 it a linear takes the unpacked path.
 
@@ -41,6 +44,7 @@ import weakref
 
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from qru.kernels._backend import forced_backend, load_cpp_ext, triton_usable
 from qru.kernels.bf16_linear import bf16_linear, skinny_rows
@@ -71,7 +75,24 @@ def packed_max_bytes() -> int:
     return value
 
 
-_lock = threading.Lock()
+_optimizer_steps = 0  # optimizer steps taken in this process (any torch.optim optimizer)
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def _epoch(w: torch.Tensor):
+    """What besides its version an update of ``w`` may change: the optimizer step count if ``w`` is
+    trainable (fused optimizers do not bump ``_version``), else nothing."""
+    return _optimizer_steps if w.requires_grad else None
+
+
+_lock = threading.RLock()  # guards the slots' entries and the byte count (re-entrant: __del__ may run in GC)
 _packed_bytes = 0  # bytes held by all PackedWeight slots of the process
 
 
@@ -80,29 +101,22 @@ def packed_bytes() -> int:
     return _packed_bytes
 
 
-def _account(delta: int) -> None:
-    global _packed_bytes
-    with _lock:
-        _packed_bytes += delta
-
-
 class PackedWeight:
     """A cache slot for one layer's oneDNN-packed weight (owned by the layer, e.g.
     ``qru.model.linear.Linear``). Holds at most one packed copy, valid while the weight is the same
     tensor with the same storage and in-place version. Copies (``copy.deepcopy``) and pickles of a
-    layer get an empty slot. An in-place update that bypasses the version counter (torch's fused
-    AdamW does; so do writes through ``.data``) must bump it with
-    ``torch.autograd.graph.increment_version``, as ``qru.train.loop.make_optimizer``'s step hook does."""
+    layer get an empty slot. Thread-safe: concurrent callers may both pack, one copy is kept."""
 
     __slots__ = ("_entry", "_nbytes")
 
     def __init__(self):
-        self._entry = None  # (weakref to the weight, data_ptr, _version, packed tensor)
+        self._entry = None  # (weakref to the weight, data_ptr, _version, _epoch, packed tensor)
         self._nbytes = 0
 
     def _valid(self, w: torch.Tensor) -> bool:
         e = self._entry
-        return e is not None and e[0]() is w and e[1] == w.data_ptr() and e[2] == w._version
+        return (e is not None and e[0]() is w and e[1] == w.data_ptr() and e[2] == w._version
+                and e[3] == _epoch(w))
 
     def fits(self, w: torch.Tensor) -> bool:
         """Whether ``w`` is packed here already or a new packed copy fits the budget."""
@@ -113,23 +127,30 @@ class PackedWeight:
 
     def get(self, w: torch.Tensor) -> torch.Tensor:
         """The packed copy of ``w``, packed now if the slot holds none or a stale one."""
-        e = self._entry
-        if e is not None and e[0]() is w and e[1] == w.data_ptr() and e[2] == w._version:
-            return e[3]
-        self.clear()
-        version = w._version
-        packed = torch.ops.mkldnn._reorder_linear_weight(w.detach())
+        if self._valid(w):
+            return self._entry[4]
+        entry = (weakref.ref(w), w.data_ptr(), w._version, _epoch(w),
+                 torch.ops.mkldnn._reorder_linear_weight(w.detach()))
         nbytes = w.numel() * w.element_size()
-        _account(nbytes)
-        self._entry, self._nbytes = (weakref.ref(w), w.data_ptr(), version, packed), nbytes
-        return packed
+        global _packed_bytes
+        with _lock:
+            self._drop()
+            self._entry, self._nbytes = entry, nbytes
+            _packed_bytes += nbytes
+        return entry[4]
+
+    def _drop(self) -> None:  # under _lock
+        global _packed_bytes
+        if self._entry is not None:
+            self._entry = None
+            _packed_bytes -= self._nbytes
+            self._nbytes = 0
 
     def clear(self) -> None:
         """Drop the packed copy (if any)."""
         if self._entry is not None:
-            self._entry = None
-            _account(-self._nbytes)
-            self._nbytes = 0
+            with _lock:
+                self._drop()
 
     @property
     def packed(self) -> bool:

@@ -75,6 +75,30 @@ def allocator(env: dict[str, str] | None = None) -> str:
     return " ".join([name, *tun])
 
 
+def parse_loadavg(text: str) -> int:
+    """The number of runnable tasks right now (the ``R`` of ``/proc/loadavg``'s ``R/T`` field)."""
+    try:
+        return int(text.split()[3].split("/")[0])
+    except (IndexError, ValueError):
+        raise ValueError(f"/proc/loadavg: cannot read the runnable count from {text.strip()!r}") from None
+
+
+def others_running() -> int | None:
+    """How many other tasks are runnable at this instant (``/proc/loadavg`` counts the reader too;
+    an OpenMP worker of this process still spinning counts as another), or None where unknown."""
+    try:
+        return max(0, parse_loadavg(Path("/proc/loadavg").read_text()) - 1)
+    except (OSError, ValueError):
+        return None
+
+
+def free_cores(cores: int | None = None) -> int:
+    """Cores not taken by another runnable task right now (at least 1; all of them where unknown)."""
+    cores = cores or os.cpu_count() or 1
+    others = others_running()
+    return cores if others is None else max(1, cores - others)
+
+
 def describe() -> dict[str, str]:
     """The machine as benchmark rows record it."""
     return {"cpu_model": cpu_model(), "isa": isa_level(), "cores": str(os.cpu_count() or 0),

@@ -11,7 +11,8 @@ Implementations:
 * torch reference (:func:`quant_linear_reference`): dequantize, then ``F.linear``; the oracle;
 * C++ (``csrc/qmatmul.cpp``) for ``rows <= FUSED_MAX_ROWS`` (decode): fused, the weight is
   never materialized (per-block 16-entry tables indexed by the codes, fp32 accumulation);
-  more rows: dequantize (C++ kernel) + ``F.linear`` (BLAS);
+  more rows: dequantize (C++ kernel) + the dense GEMM of the one linear dispatch
+  (:func:`qru.kernels.linear.linear`: oneDNN or BLAS, as calibrated);
 * Triton (CUDA, or CPU under ``TRITON_INTERPRET=1``) for ``rows <= TRITON_FUSED_MAX_ROWS``: a
   tiled GEMM that dequantizes each weight tile in registers; bf16/fp16 on CUDA feed the tile to
   tensor-core ``tl.dot`` in that dtype with fp32 accumulation, fp32 (and the interpreter) use
@@ -32,6 +33,7 @@ import triton.language as tl
 from qru.kernels import quant4, quant_int
 from qru.kernels._backend import backend_for, load_cpp_ext
 from qru.kernels._triton_io import jit, kernel_view, load_f32, store_f32
+from qru.kernels.linear import linear
 
 FORMATS = ("nf4", "fp4", "int4", "int4_sym", "int8")
 FUSED_MAX_ROWS = 8
@@ -256,7 +258,7 @@ def quant_linear(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor, zero
     if path in ("reference", "dequant_linear"):
         w = dequantize_weight(data, scales, zeros, fmt, block_size, out_features, in_features, x.dtype,
                               reference=path == "reference")
-        y = F.linear(x2, w, b)
+        y = F.linear(x2, w, b) if path == "reference" else linear(x2, w, b)
     elif path == "triton_fused":
         y = _quant_linear_triton(x2.contiguous(), data, scales, zeros, fmt, block_size, out_features, b)
     else:

@@ -28,6 +28,7 @@ import triton.language as tl
 
 from qru.kernels._backend import backend_for, load_cpp_ext
 from qru.kernels._triton_io import jit, kernel_view, load_f32, store_f32
+from qru.kernels.threads import with_kernel_team
 
 FORMATS_4BIT = ("nf4", "fp4")
 BLOCK_SIZES = tuple(1 << k for k in range(5, 13))  # 32 .. 4096
@@ -216,11 +217,13 @@ def _dequantize_triton(packed, absmax, fmt, block_size, n, dtype):
 # ----------------------------------------------------------------------------- C++
 
 
+@with_kernel_team(lambda x, *a, **k: x.numel())
 def _quantize_cpp(x: torch.Tensor, fmt: str, block_size: int, scalar: bool = False):
     _, bounds, order = _tables(fmt, x.device)
     return load_cpp_ext("quant").q4_quantize(x.reshape(-1).contiguous(), bounds, order, block_size, scalar)
 
 
+@with_kernel_team(lambda packed, absmax, fmt, block_size, n, *a, **k: n)
 def _dequantize_cpp(packed, absmax, fmt, block_size, n, dtype, scalar: bool = False):
     return load_cpp_ext("quant").q4_dequantize(
         packed.contiguous(), absmax.contiguous(), codebook(fmt, packed.device), block_size, n, dtype, scalar)

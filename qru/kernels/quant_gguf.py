@@ -39,6 +39,7 @@ import torch
 
 from qru.kernels import quant_gguf_triton
 from qru.kernels._backend import backend_for, load_cpp_ext
+from qru.kernels.threads import with_kernel_team
 
 GGUF_FORMATS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "mxfp4")
 BLOCK = {"q8_0": 32, "q4_0": 32, "q4_1": 32, "q5_0": 32, "q5_1": 32, "q4_k": 256, "mxfp4": 32}
@@ -415,11 +416,13 @@ def _dequantize_triton(data: torch.Tensor, fmt: str, n: int, dtype: torch.dtype)
 # ----------------------------------------------------------------------------- C++
 
 
+@with_kernel_team(lambda x, *a, **k: x.numel())
 def _quantize_cpp(x: torch.Tensor, fmt: str) -> torch.Tensor:
     thr, _ = _tables(x.device)
     return load_cpp_ext("quant_gguf").quantize(x.reshape(-1).contiguous(), KIND[fmt], thr)
 
 
+@with_kernel_team(lambda data, fmt, n, *a, **k: n)
 def _dequantize_cpp(data: torch.Tensor, fmt: str, n: int, dtype: torch.dtype) -> torch.Tensor:
     return load_cpp_ext("quant_gguf").dequantize(data.contiguous(), KIND[fmt], n, dtype)
 

@@ -37,6 +37,7 @@ import triton.language as tl
 from qru.kernels._backend import backend_for, load_cpp_ext
 from qru.kernels._triton_io import jit, kernel_view, load_f32, store_f32
 from qru.kernels.quant4 import BLOCK_SIZES
+from qru.kernels.threads import with_kernel_team
 
 INT_FORMATS = ("int4", "int4_sym", "int8")
 DEFAULT_GROUP = 128
@@ -265,6 +266,7 @@ def _dequantize_triton(data, scales, zeros, fmt, shape, group, dtype):
 # ----------------------------------------------------------------------------- C++
 
 
+@with_kernel_team(lambda x, *a, **k: x.numel())
 def _quantize_cpp(x, fmt, group, scalar: bool = False):
     g = check_int_args(tuple(x.shape), fmt, group)
     cols = x.shape[-1]
@@ -275,6 +277,7 @@ def _quantize_cpp(x, fmt, group, scalar: bool = False):
     return data, scales, zeros if fmt == "int4" else None
 
 
+@with_kernel_team(lambda data, scales, zeros, fmt, shape, *a, **k: math.prod(shape))
 def _dequantize_cpp(data, scales, zeros, fmt, shape, group, dtype, scalar: bool = False):
     g = check_int_args(tuple(shape), fmt, group)
     z = zeros.contiguous() if zeros is not None else torch.empty(0, dtype=torch.uint8)

@@ -3,8 +3,9 @@
 A :class:`QuantLinear` holds a weight as :func:`qru.quant.quantize` packs it (nf4 / fp4 /
 int4 / int4_sym / int8, nested absmax optional) and dequantizes on the fly in its forward
 through :func:`qru.kernels.qmatmul.quant_linear` (fused C++ for decode-sized inputs on CPU,
-Triton on CUDA, dequantize + ``F.linear`` otherwise). GGUF block formats (q8_0, q4_0, q4_1,
-q5_0, q5_1, q4_k, mxfp4) always dequantize + ``F.linear``. Activations are computed in
+Triton on CUDA, dequantize + a dense GEMM otherwise). GGUF block formats (q8_0, q4_0, q4_1,
+q5_0, q5_1, q4_k, mxfp4) always dequantize + a dense GEMM. Every such dense GEMM goes through the
+one linear dispatch, :func:`qru.kernels.linear.linear`. Activations are computed in
 ``compute_dtype``; the output comes back in the input's dtype (as bitsandbytes'
 ``Linear4bit``).
 
@@ -19,9 +20,9 @@ from typing import Iterable
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from qru.kernels import quant4, quant_int
+from qru.kernels.linear import linear
 from qru.kernels.qmatmul import quant_linear
 from qru.kernels.qtensor import DoubleQuant, QTensor, _nested_dequantize
 from qru.quant.formats import ALL_FORMATS, DEFAULT_BLOCK_SIZE, GGUF_FORMATS, quantize
@@ -166,7 +167,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         inp = x.dtype
         if self.fmt in GGUF_FORMATS:
-            return F.linear(x.to(self.compute_dtype), self.dequantize_weight(self.compute_dtype), self.bias).to(inp)
+            return linear(x.to(self.compute_dtype), self.dequantize_weight(self.compute_dtype), self.bias).to(inp)
         y = quant_linear(x.to(self.compute_dtype), self.qweight, self.fp32_scales(), self.zeros, self.fmt,
                          self.block_size, self.out_features, self.in_features, self.bias)
         return y.to(inp)

@@ -232,19 +232,11 @@ def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: fl
     ``groups`` (param groups over exactly ``params``) replaces the single group at ``lr``. Its
     state (``exp_avg``, ``exp_avg_sq``) has each parameter's dtype: bf16 parameters get bf16 state.
 
-    torch's fused kernel updates the parameters in place without bumping their ``_version`` (torch
-    2.13), which is what invalidates a layer's packed-weight copy
-    (:class:`qru.kernels.linear.PackedWeight`): a step hook bumps it, or a no-grad forward after the
-    step (evaluation) would run the weights of before it."""
+    torch's fused kernel updates the parameters without bumping their ``_version`` (torch 2.13);
+    :mod:`qru.kernels.linear` keys a trainable weight's packed copy on the optimizer step count too."""
     fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-    opt = torch.optim.AdamW(groups if groups is not None else params, lr=lr, weight_decay=weight_decay, fused=fused)
-    if fused:
-        opt.register_step_post_hook(_bump_versions)
-    return opt
-
-
-def _bump_versions(optimizer, args, kwargs) -> None:
-    torch.autograd.graph.increment_version([p for g in optimizer.param_groups for p in g["params"]])
+    return torch.optim.AdamW(groups if groups is not None else params, lr=lr, weight_decay=weight_decay,
+                             fused=fused)
 
 
 def train_loop(model: torch.nn.Module, step_fn: StepFn, main: TokenizedSet, aux: TokenizedSet | None,

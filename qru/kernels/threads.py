@@ -1,0 +1,62 @@
+"""How many threads a qru parallel CPU kernel runs with, so that a busy machine does not stall it.
+
+A parallel loop ends when its last thread does. When another job holds a core, the thread put on it
+waits for a time slice (milliseconds), and the whole kernel with it: on a 2-core VM with one other
+job the NF4 quantizer (then an OpenMP loop) fell from 58x bitsandbytes at one thread to 16x at two.
+The quantizers and the fake-quantizer now run on ``qru::Team`` (qru/csrc/qru_common.h): workers
+wait passively, take dynamic chunks of ~16K values, and a worker that starts late finds the job
+closed instead of holding up the caller. On top, the thread rule ``kernel_threads`` (measured per machine by
+``qru.kernels.calibrate``, overridable with ``QRU_KERNEL_THREADS=all|adaptive|one``) sets the team
+size of each call: torch's thread count, the cores free at that instant, or one.
+
+The thread count never changes a result: every kernel splits its work into the same blocks, rows
+or groups whatever the team size (tests/test_threads.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Callable, Iterator, TypeVar
+
+import torch
+
+from qru.kernels import calibrate
+
+SMALL = 1 << 16  # below this many values a kernel runs on one thread: the team costs more than it saves
+
+F = TypeVar("F", bound=Callable)
+
+
+def kernel_threads(work: int) -> int:
+    """Threads for a kernel over ``work`` values under this machine's thread rule."""
+    n = torch.get_num_threads()
+    if n <= 1 or work < SMALL:
+        return 1
+    return calibrate.rule_threads(calibrate.pick("kernel_threads"), n)
+
+
+@contextlib.contextmanager
+def kernel_team(work: int) -> Iterator[int]:
+    """Within the block torch's thread count (which the C++ kernels use) is :func:`kernel_threads`;
+    restored afterwards. Yields the count."""
+    n = torch.get_num_threads()
+    k = kernel_threads(work)
+    if k == n:
+        yield k
+        return
+    torch.set_num_threads(k)
+    try:
+        yield k
+    finally:
+        torch.set_num_threads(n)
+
+
+def with_kernel_team(work_of: Callable[..., int]) -> Callable[[F], F]:
+    """Decorator: run the wrapped C++ entry point under :func:`kernel_team` of ``work_of(*args)``."""
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            with kernel_team(work_of(*args, **kwargs)):
+                return fn(*args, **kwargs)
+        return run  # type: ignore[return-value]
+    return wrap

@@ -1,0 +1,161 @@
+"""qru.kernels.threads: the busy-machine thread rule of the OpenMP kernels (calibrated, cached,
+overridable) and results that do not depend on the team size."""
+import json
+
+import pytest
+import torch
+
+from qru.kernels import calibrate, fake_quant, machine, quant4, quant_gguf, quant_int, threads
+from qru.kernels._backend import load_cpp_ext
+
+
+@pytest.fixture
+def fake(monkeypatch, tmp_path):
+    """A private cache and a fake kernel_threads probe whose timings the test sets."""
+    monkeypatch.setenv("QRU_CACHE", str(tmp_path))
+    monkeypatch.delenv("QRU_KERNEL_THREADS", raising=False)
+    calibrate.clear_memo()
+    state = {"calls": 0, "secs": {"all": 0.010, "adaptive": 0.030, "one": 0.0098}}
+
+    def probe():
+        state["calls"] += 1
+        return dict(state["secs"])
+
+    cands, default, _, _ = calibrate.CHOICES["kernel_threads"]
+    monkeypatch.setitem(calibrate.CHOICES, "kernel_threads", (cands, default, probe, lambda: True))
+    yield state
+    calibrate.clear_memo()
+
+
+def test_parse_loadavg_reads_the_runnable_count():
+    assert machine.parse_loadavg("9.05 6.01 3.11 12/167 29277\n") == 12
+    with pytest.raises(ValueError, match="/proc/loadavg"):
+        machine.parse_loadavg("garbage")
+
+
+def test_free_cores_subtracts_the_other_runnable_tasks(monkeypatch):
+    for others, free in ((0, 4), (1, 3), (3, 1), (9, 1)):
+        monkeypatch.setattr(machine, "others_running", lambda o=others: o)
+        assert machine.free_cores(4) == free
+    monkeypatch.setattr(machine, "others_running", lambda: None)  # unknown: every core
+    assert machine.free_cores(4) == 4
+
+
+def test_rules_give_their_thread_counts(monkeypatch):
+    monkeypatch.setattr(calibrate, "free_cores", lambda: 1)  # another job holds one of two cores
+    assert [calibrate.rule_threads(r, 2) for r in ("adaptive", "all", "one")] == [1, 2, 1]
+    monkeypatch.setattr(calibrate, "free_cores", lambda: 8)
+    assert [calibrate.rule_threads(r, 4) for r in ("adaptive", "all", "one")] == [4, 4, 1]
+    assert calibrate.rule_threads("all", 1) == 1
+    with pytest.raises(ValueError, match="unknown thread rule 'spin'"):
+        calibrate.rule_threads("spin", 2)
+
+
+def test_pick_keeps_all_unless_another_rule_is_clearly_faster(fake):
+    d = calibrate.measure("kernel_threads")  # one is 2% faster, adaptive 3x slower
+    assert d.pick == "all" and "not at least 5%" in d.why and "adaptive 30.0 ms" in d.why
+    fake["secs"] = {"all": 0.010, "adaptive": 0.005, "one": 0.011}
+    assert calibrate.measure("kernel_threads").pick == "adaptive"
+    fake["secs"] = {"all": 0.010, "adaptive": 0.012, "one": 0.008}
+    d = calibrate.measure("kernel_threads")
+    assert d.pick == "one" and d.why.startswith("one 8.0 ms vs all 10.0 ms vs adaptive 12.0 ms")
+
+
+def test_kernel_threads_choice_is_cached_then_used_and_recalibrated(fake):
+    fake["secs"] = {"all": 0.010, "adaptive": 0.012, "one": 0.008}
+    d1 = calibrate.decide("kernel_threads", threads=2)
+    assert (d1.source, d1.pick, fake["calls"]) == ("measured", "one", 1)
+    data = json.loads(calibrate.cache_path(threads=2).read_text())
+    assert data["choices"]["kernel_threads"]["pick"] == "one"
+    calibrate.clear_memo()
+    fake["secs"] = {"all": 0.010, "adaptive": 0.005, "one": 0.011}  # would flip it if measured
+    d2 = calibrate.decide("kernel_threads", threads=2)
+    assert (d2.source, d2.pick, fake["calls"]) == ("cache", "one", 1)
+    d3 = calibrate.decide("kernel_threads", threads=2, recalibrate=True)
+    assert (d3.source, d3.pick, fake["calls"]) == ("measured", "adaptive", 2)
+
+
+def test_stale_kernel_threads_cache_is_measured_again(fake):
+    calibrate.decide("kernel_threads", threads=2)
+    path = calibrate.cache_path(threads=2)
+    data = json.loads(path.read_text())
+    data["key"] = "another machine"
+    path.write_text(json.dumps(data))
+    calibrate.clear_memo()
+    fake["secs"] = {"all": 0.010, "adaptive": 0.012, "one": 0.008}
+    d = calibrate.decide("kernel_threads", threads=2)
+    assert (d.source, d.pick, fake["calls"]) == ("measured", "one", 2)
+
+
+def test_override_wins_and_a_bad_value_is_named(fake, monkeypatch):
+    calibrate.decide("kernel_threads", threads=2)  # cached: all
+    monkeypatch.setenv("QRU_KERNEL_THREADS", "one")
+    d = calibrate.decide("kernel_threads", threads=2)
+    assert (d.source, d.pick, fake["calls"]) == ("override", "one", 1)
+    monkeypatch.setenv("QRU_KERNEL_THREADS", "two")
+    with pytest.raises(ValueError, match="QRU_KERNEL_THREADS='two' is not one of all, adaptive, one"):
+        calibrate.decide("kernel_threads", threads=2)
+
+
+def test_kernel_team_sets_and_restores_torch_threads(fake, monkeypatch):
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setenv("QRU_KERNEL_THREADS", "one")
+        with threads.kernel_team(1 << 20) as k:
+            assert k == 1 == torch.get_num_threads()
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), threads.kernel_team(1 << 20):
+            raise RuntimeError("kernel failed")
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("QRU_KERNEL_THREADS", "all")
+        assert threads.kernel_threads(1 << 20) == 2
+        assert threads.kernel_threads(threads.SMALL - 1) == 1  # small work: one thread
+        assert fake["calls"] == 0  # overridden: never measured
+    finally:
+        torch.set_num_threads(n)
+
+
+def _quant_outputs(w):
+    n = w.numel()
+    out = {}
+    p, a = quant4.quantize_4bit(w, "nf4", 64)
+    out["nf4"] = (p, a, quant4.dequantize_4bit(p, a, "nf4", 64, n, torch.bfloat16))
+    d, s, z = quant_int.quantize_int(w, "int4", 128)
+    out["int4"] = (d, s, z, quant_int.dequantize_int(d, s, z, "int4", tuple(w.shape), 128, torch.float32))
+    g = quant_gguf.quantize_gguf(w, "q4_k")
+    out["q4_k"] = (g, quant_gguf.dequantize_gguf(g, "q4_k", n, torch.bfloat16))
+    out["fake_q4_0"] = (fake_quant.fake_quant_values(w, "q4_0"),)
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(4, w.shape[1], generator=g) * 0.1, torch.randn(w.shape[0], 4, generator=g) * 0.1
+    out["fake_int4_lora"] = (fake_quant.fake_quant_values(w, "int4", 128, lora=(a, b, 0.5)),)
+    return out
+
+
+@pytest.mark.skipif(load_cpp_ext("quant") is None, reason="no C++ compiler")
+def test_results_are_bit_identical_whatever_the_thread_count(monkeypatch):
+    w = (torch.randn(384, 1024, generator=torch.Generator().manual_seed(3)) * 0.02).to(torch.bfloat16)
+    assert w.numel() >= threads.SMALL  # large enough to run on a team
+    n = torch.get_num_threads()
+    runs = {}
+    try:
+        for t, rule in ((1, "all"), (2, "all"), (2, "one"), (2, "adaptive"), (3, "all")):
+            torch.set_num_threads(t)
+            monkeypatch.setenv("QRU_KERNEL_THREADS", rule)
+            runs[(t, rule)] = _quant_outputs(w)
+    finally:
+        torch.set_num_threads(n)
+    base = runs.pop((1, "all"))
+    # the oracle: the pure-torch references give the same codes and scales
+    p, a = quant4.quantize_4bit_reference(w, "nf4", 64)
+    assert torch.equal(p, base["nf4"][0]) and torch.equal(a, base["nf4"][1])
+    assert torch.equal(quant_gguf.quantize_gguf_reference(w, "q4_k"), base["q4_k"][0])
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(4, w.shape[1], generator=g) * 0.1, torch.randn(w.shape[0], 4, generator=g) * 0.1
+    merged = fake_quant.merge_reference(w, a, b, 0.5)
+    ref = fake_quant.fake_quant_reference(merged, "int4", 128, torch.bfloat16)
+    assert torch.equal(ref, base["fake_int4_lora"][0])
+    for key, out in runs.items():
+        for fmt, tensors in out.items():
+            for i, (x, y) in enumerate(zip(base[fmt], tensors)):
+                assert (x is None and y is None) or torch.equal(x, y), f"{fmt}[{i}] differs at {key}"
