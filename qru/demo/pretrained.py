@@ -181,7 +181,7 @@ def _unlearn_stage(cache, p, arm: Arm, target, facts, seed, stop, common):
     def build(d: Path):
         kw = dict(mode=arm.mode, method=meth, reg=reg, lr=arm.lr, epochs=p.unlearn_max_epochs, seed=seed)
         if arm.mode == "full":
-            kw.update(train="linears", master_dtype=arm.master, precision="bf16")
+            kw.update(train=arm.train, master_dtype=arm.master, precision="bf16")
         else:
             kw.update(rank=p.rank, alpha=p.alpha, master_dtype="fp32", precision="bf16")
         res = unlearn(UnlearnConfig(out=str(d / "out"), model=str(target.dir / "model"),
@@ -193,7 +193,10 @@ def _unlearn_stage(cache, p, arm: Arm, target, facts, seed, stop, common):
                 "outcome": last.get("outcome") or "max epochs", "warnings": res.warnings,
                 "update": next((r["update"] for r in reversed(res.metrics) if r.get("update")), None)}
 
-    key = {"target": target.hash, "facts": facts.hash, "arm": dataclasses.asdict(arm), "seed": seed,
+    a = dataclasses.asdict(arm)
+    if arm.train == "linears":
+        a.pop("train")  # keyed only when not the protocol's, so earlier caches stay valid
+    key = {"target": target.hash, "facts": facts.hash, "arm": a, "seed": seed,
            "max_epochs": p.unlearn_max_epochs, "ratio": p.forget_ratio, "floor": p.retain_floor,
            "batch_size": p.batch_size, "rank": p.rank, "alpha": p.alpha, "scorer": SCORER_VERSION,
            "max_new": p.max_new_tokens}

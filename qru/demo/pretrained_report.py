@@ -19,22 +19,32 @@ class Arm:
     mode: str  # full | lora
     lr: float
     master: str  # bf16 | fp32 (full); fp32 adapters (lora)
+    train: str = "linears"  # full FT: "linears" (the protocol) or "all" parameters
 
     @property
     def key(self) -> str:
-        return f"{self.method}-{self.mode}-{self.master}-lr{self.lr:g}"
+        return f"{self.method}-{self.mode}-{self.master}-lr{self.lr:g}" + ("-all" if self.train == "all" else "")
 
     @property
     def label(self) -> str:
         kind = {"full": "full FT, pure bf16" if self.master == "bf16" else "full FT, fp32 master (control)",
                 "lora": "LoRA, merged fp32"}[self.mode]
-        return f"{LABEL[self.method]} {kind}, lr {self.lr:g}"
+        return f"{LABEL[self.method]} {kind}{', all parameters' if self.train == 'all' else ''}, lr {self.lr:g}"
+
+    @property
+    def protocol(self) -> bool:
+        """A configuration of the pre-registered protocol (full FT of the linears, or LoRA)."""
+        return self.train == "linears"
 
 
 def arms(p: PretrainedSpec) -> list[Arm]:
+    """Full FT: method x lr x ``train_full`` x ``masters_full``; the fp32-master control of the linears at
+    the first lr (unless already there); LoRA: method x lr."""
     full = [float(x) for x in p.lrs_full]
-    out = [Arm(m, "full", lr, "bf16") for m in p.methods for lr in full]
-    out += [Arm(m, "full", full[0], "fp32") for m in p.control_methods]
+    out = [Arm(m, "full", lr, master, train) for m in p.methods for lr in full for train in p.train_full
+           for master in p.masters_full]
+    out += [a for a in (Arm(m, "full", full[0], "fp32") for m in p.control_methods)
+            if a.key not in {b.key for b in out}]
     out += [Arm(m, "lora", float(lr), "fp32") for m in p.lora_methods for lr in p.lrs_lora]
     return out
 
@@ -112,7 +122,7 @@ def verdicts(results: dict, p: PretrainedSpec) -> list[dict]:
     ``{"id", "text", "held", "detail"}`` (``held`` None when it cannot be evaluated)."""
     per_seed, rest, crit = results["seeds"], results["restoration"], results["criteria"]
     arm_list = arms(p)
-    bf16_full = [a for a in arm_list if a.mode == "full" and a.master == "bf16"]
+    bf16_full = [a for a in arm_list if a.mode == "full" and a.master == "bf16" and a.protocol]
     c1 = {a.key: _met_c1(per_seed, a, p) for a in bf16_full}
     met = [a for a in bf16_full if c1[a.key][0]]
     out = []
@@ -135,7 +145,7 @@ def verdicts(results: dict, p: PretrainedSpec) -> list[dict]:
     h2, d2 = rule2(p.headline)
     out.append({"id": "C2", "text": crit[1], "held": h2, "detail": d2})
     forgot = {a.key: _met_c1(per_seed, a, p)[0] for a in arm_list}
-    ctrl_all = [a for a in arm_list if a.mode == "full" and a.master == "fp32"]
+    ctrl_all = [a for a in arm_list if a.mode == "full" and a.master == "fp32" and a.protocol]
     ctrl = [a for a in ctrl_all if forgot[a.key]]
     if ctrl_all and not ctrl:
         h3, d3 = None, "not evaluable: the control did not forget at bf16 (" + "; ".join(
