@@ -5,8 +5,9 @@ same tokens, so the ratio is the speed-up. Target: batched >= 3x one-by-one.
 
 The two providers are timed call by call in turn (ABBA, ``harness.paired``); a stage's ratio
 is the median of the per-turn ratios, the overall one is the sum of one-by-one medians over
-the sum of batched medians. ``--plain-linears`` turns off the oneDNN packed fp32 linears
-(``qru.eval.linears``) for both providers.
+the sum of batched medians. ``--plain-linears`` runs every fp32 linear as ``F.linear`` for both
+providers (``QRU_PACKED_FP32=torch QRU_DENSE_FP32=torch``: no oneDNN in the linear dispatch,
+``qru.kernels.linear``).
 
 Two models (random weights, a tokenizer trained on the shared data):
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -74,6 +76,8 @@ def main() -> int:
                     help="torch threads; 1 by default: on a shared 2-core box multi-threaded small GEMMs stall")
     ap.add_argument("--plain-linears", action="store_true", help="F.linear (MKL) instead of oneDNN packed linears")
     args = ap.parse_args()
+    if args.plain_linears:  # the calibration overrides the linear dispatch honours
+        os.environ["QRU_PACKED_FP32"] = os.environ["QRU_DENSE_FP32"] = "torch"
     if not DATA.exists():
         print(f"shared data not found at {DATA}; nothing to benchmark")
         return 0
@@ -86,15 +90,14 @@ def main() -> int:
     max_len = min(512, model.config.max_position_embeddings)
     workloads = {
         "muse_verbmem": lambda b: muse.evaluate_muse(model, tok, DATA / "muse-news", limit=n // 2, batch_size=b,
-                                                     metrics=["verbmem_f"], fast_linears=fast),
+                                                     metrics=["verbmem_f"]),
         "muse_knowmem": lambda b: muse.evaluate_muse(model, tok, DATA / "muse-news", limit=n, batch_size=b,
-                                                     metrics=["knowmem_f", "knowmem_r"], fast_linears=fast),
+                                                     metrics=["knowmem_f", "knowmem_r"]),
         "muse_privleak": lambda b: muse.evaluate_muse(model, tok, DATA / "muse-news", limit=n // 2,
                                                       score_batch_size=max(1, b // 2), metrics=["privleak"],
-                                                      max_len=max_len, fast_linears=fast),
+                                                      max_len=max_len),
         "tofu": lambda b: tofu.evaluate_tofu(model, tok, DATA / "tofu", forget_split="forget01", limit=n // 2,
-                                             batch_size=b, score_batch_size=b, max_new_tokens=64,
-                                             fast_linears=fast),
+                                             batch_size=b, score_batch_size=b, max_new_tokens=64),
     }
     tag = f"t={args.threads}" + ("" if fast else " plain-linears")
     rows, tot = [], {"batched": [0, 0.0], "one-by-one": [0, 0.0]}

@@ -10,7 +10,7 @@ disabled, full: a frozen copy of the initial model). Tokens/s counts forget + re
   formulas (``sequence_logprobs``, ``npo``, ``gdr``, ``combine``), the reference forward on every
   step (peft's ``disable_adapter`` / the frozen copy), HF's default sdpa attention, fp32,
   ``use_cache=False``.
-* ``qru``: ``qru.train.loop.make_unlearn_step`` as ``unlearn`` builds it, over
+* ``qru``: ``qru.train.unlearn.make_unlearn_step`` as ``unlearn`` builds it, over
   ``qru.model.llama.Llama`` (+ ``qru.model.lora.apply_lora``): the reference log-probs come from the
   per-example table ``unlearn`` computes once per run before training (``disable_adapters`` /
   the initial model); that forward is timed too and charged to every step divided by the run's
@@ -56,8 +56,9 @@ from qru.model.config import LlamaConfig  # noqa: E402
 from qru.model.llama import Llama  # noqa: E402
 from qru.train import losses as L  # noqa: E402
 from qru.train.data import Batch  # noqa: E402
-from qru.train.loop import (DEFAULT_TARGETS, UnlearnConfig, make_optimizer, make_unlearn_step,  # noqa: E402
-                            model_sequence_logprobs)
+from qru.train.config import DEFAULT_TARGETS, UnlearnConfig  # noqa: E402
+from qru.train.loop import make_optimizer, model_sequence_logprobs  # noqa: E402
+from qru.train.unlearn import make_unlearn_step  # noqa: E402
 
 SUITE = "step"
 EPOCHS = UnlearnConfig.__dataclass_fields__["epochs"].default  # the table is computed once per run
@@ -168,7 +169,7 @@ def optimizer_step(params, opt):
 
 
 def qru_step(model, fb: Batch, rb: Batch, cfg: StepConfig, **ref):
-    """qru.train.loop's step: ``make_unlearn_step`` (the function ``unlearn`` builds), then backward,
+    """qru.train.unlearn's step: ``make_unlearn_step`` (the function ``unlearn`` builds), then backward,
     clip, the loop's optimizer. ``ref``: ``ref_logp=`` a per-example table (what ``unlearn`` passes)
     or ``ref_model=``/``ref_ctx=`` for a reference forward on every batch."""
     step_fn = make_unlearn_step(model, method="npo", reg="gdr", beta=cfg.beta, **ref)

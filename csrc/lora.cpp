@@ -10,7 +10,7 @@
 // The keep-mask is either a bool ``drop`` tensor (keep = drop == 0) or counter-based dropout:
 //   rowh[m] = h(m ^ k1), colh[n] = h(n ^ k0), dropped(m, n) = (h(colh[n] + rowh[m]) >> 16) < thr
 // with h = lowbias32 (C. Wellons), k0/k1 the low/high 32 bits of ``seed``, uint32 arithmetic;
-// qru.kernels.lora._hash_drop_reference is the torch oracle. The mask is recomputed wherever
+// qru.kernels.hash_dropout.hash_drop_reference is the torch oracle. The mask is recomputed wherever
 // it is needed (forward and backward), never stored.
 // fp32 accumulation in registers (AVX2/FMA micro-tiles, scalar tails; ``scalar=true`` or a
 // build without AVX2 takes the portable path). OpenMP, torch's thread count.

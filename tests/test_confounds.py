@@ -16,7 +16,10 @@ from test_loop import _qru, _ucfg, target, tofu_slice  # noqa: F401  (fixtures)
 from qru.eval.precision import build_model, eval_at_precisions
 from qru.model.llama import Llama
 from qru.quant.qlinear import QuantLinear, quantize_model
-from qru.train import loop as T
+from qru.train.config import STALL_THRESHOLD, TrainConfigError
+from qru.train.loop import make_optimizer
+from qru.train.state import latest_checkpoint, read_metrics, work_dir
+from qru.train.unlearn import unlearn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,7 +31,7 @@ def _quantized_by_export(model_dir):
 
 
 def test_train_linears_trains_exactly_the_quantized_matrices(tofu_slice, target, tmp_path):
-    res = T.unlearn(_ucfg(tofu_slice, target, tmp_path / "u", method="ga", reg="gdr", mode="full", lr=7e-4,
+    res = unlearn(_ucfg(tofu_slice, target, tmp_path / "u", method="ga", reg="gdr", mode="full", lr=7e-4,
                           epochs=1, train="linears"))
     trained = {n for n, p in res.model.named_parameters() if p.requires_grad}
     assert trained == _quantized_by_export(target.out)
@@ -77,7 +80,7 @@ def test_adamw_bf16_state_by_hand():
     res = {}
     for dt in (torch.bfloat16, torch.float32):
         p = torch.nn.Parameter(torch.ones(4, dtype=dt))
-        opt = T.make_optimizer([p], 1e-3, 0.0)
+        opt = make_optimizer([p], 1e-3, 0.0)
         assert opt.defaults["fused"]
         g = torch.tensor([1.0, 2.0, 3.0, 0.5], dtype=dt)
         p.grad = g.clone()
@@ -104,11 +107,11 @@ def test_adamw_bf16_state_by_hand():
 
 def test_master_bf16_is_pure_bf16(tofu_slice, target, tmp_path):
     out = tmp_path / "u"
-    res = T.unlearn(_ucfg(tofu_slice, target, out, method="ga", reg="gdr", mode="full", lr=7e-4, epochs=2,
+    res = unlearn(_ucfg(tofu_slice, target, out, method="ga", reg="gdr", mode="full", lr=7e-4, epochs=2,
                           train="linears", master_dtype="bf16", precision="bf16", stop_after=1))
     assert res.status == "stopped"
     assert all(p.dtype == torch.bfloat16 for p in res.model.parameters())
-    ckpt = T.latest_checkpoint(T.work_dir(out))
+    ckpt = latest_checkpoint(work_dir(out))
     opt = torch.load(ckpt / "optimizer.pt", weights_only=True)
     tensors = [t for st in opt["state"].values() for k, t in st.items() if k != "step"]
     assert len(opt["state"]) == 14 and tensors
@@ -120,9 +123,9 @@ def test_master_bf16_is_pure_bf16(tofu_slice, target, tmp_path):
 def test_lr_relative_groups_by_hand(tofu_slice, target, tmp_path):
     out = tmp_path / "u"
     X = 1e-3
-    T.unlearn(_ucfg(tofu_slice, target, out, method="ga", reg="gdr", mode="full", train="linears", lr_relative=X,
+    unlearn(_ucfg(tofu_slice, target, out, method="ga", reg="gdr", mode="full", train="linears", lr_relative=X,
                     epochs=2, stop_after=1))
-    opt = torch.load(T.latest_checkpoint(T.work_dir(out)) / "optimizer.pt", weights_only=True)
+    opt = torch.load(latest_checkpoint(work_dir(out)) / "optimizer.pt", weights_only=True)
     sd = load_file(str(target.out / "model.safetensors"))
     groups = opt["param_groups"]
     assert len(groups) == 14
@@ -130,8 +133,8 @@ def test_lr_relative_groups_by_hand(tofu_slice, target, tmp_path):
         w = sd[g["name"]].double()
         std = math.sqrt(((w - w.mean()) ** 2).sum().item() / (w.numel() - 1))
         assert g["lr"] == pytest.approx(X * std, rel=1e-5), g["name"]
-    with pytest.raises(T.TrainConfigError, match="lr_relative"):
-        T.unlearn(_ucfg(tofu_slice, target, tmp_path / "l", mode="lora", lr_relative=X))
+    with pytest.raises(TrainConfigError, match="lr_relative"):
+        unlearn(_ucfg(tofu_slice, target, tmp_path / "l", mode="lora", lr_relative=X))
 
 
 def _rel(a, b):
@@ -140,9 +143,9 @@ def _rel(a, b):
 
 
 def test_update_size_logged_full_and_lora(tofu_slice, target, tmp_path):
-    res = T.unlearn(_ucfg(tofu_slice, target, tmp_path / "f", method="ga", reg="gdr", mode="full", lr=7e-4,
+    res = unlearn(_ucfg(tofu_slice, target, tmp_path / "f", method="ga", reg="gdr", mode="full", lr=7e-4,
                           epochs=1))
-    rows = [r for r in T.read_metrics(res.out / "metrics.jsonl") if "update" in r]
+    rows = [r for r in read_metrics(res.out / "metrics.jsonl") if "update" in r]
     assert rows[0]["update"]["q_proj"] == 0.0 and rows[-1]["update"]["q_proj"] > 0
     assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed", "head",
             "norm"} == set(rows[-1]["update"])
@@ -152,9 +155,9 @@ def test_update_size_logged_full_and_lora(tofu_slice, target, tmp_path):
         assert rows[-1]["update"][t] == pytest.approx(_rel([a[k] for k in ks], [b[k] for k in ks]), rel=1e-4)
     assert rows[-1]["update"]["head"] == pytest.approx(_rel([a["lm_head.weight"]], [b["lm_head.weight"]]), rel=1e-4)
 
-    res = T.unlearn(_ucfg(tofu_slice, target, tmp_path / "l", method="ga", reg="gdr", mode="lora", lr=5e-3,
+    res = unlearn(_ucfg(tofu_slice, target, tmp_path / "l", method="ga", reg="gdr", mode="lora", lr=5e-3,
                           epochs=1, rank=4, alpha=8.0))
-    up = [r for r in T.read_metrics(res.out / "metrics.jsonl") if "update" in r][-1]["update"]
+    up = [r for r in read_metrics(res.out / "metrics.jsonl") if "update" in r][-1]["update"]
     assert set(up) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     ad = load_file(str(res.out / "adapter_model.safetensors"))
     deltas, bases = [], []
@@ -168,14 +171,14 @@ def test_update_size_logged_full_and_lora(tofu_slice, target, tmp_path):
 
 
 def test_stall_warning(tofu_slice, target, tmp_path):
-    res = T.unlearn(_ucfg(tofu_slice, target, tmp_path / "s", method="ga", reg="gdr", mode="lora", lr=1e-9,
+    res = unlearn(_ucfg(tofu_slice, target, tmp_path / "s", method="ga", reg="gdr", mode="lora", lr=1e-9,
                           epochs=1))
     assert len(res.warnings) == 1 and "forget NLL moved only" in res.warnings[0]
     assert "learning rate" in res.warnings[0] and "epochs" in res.warnings[0]
     assert json.loads((res.out / "run.json").read_text())["warnings"] == res.warnings
-    moved = T.unlearn(_ucfg(tofu_slice, target, tmp_path / "m", method="ga", reg="gdr", mode="full", lr=7e-4,
+    moved = unlearn(_ucfg(tofu_slice, target, tmp_path / "m", method="ga", reg="gdr", mode="full", lr=7e-4,
                             epochs=1))
-    assert moved.evals[-1]["forget_nll"] - moved.evals[0]["forget_nll"] > T.STALL_THRESHOLD
+    assert moved.evals[-1]["forget_nll"] - moved.evals[0]["forget_nll"] > STALL_THRESHOLD
     assert moved.warnings == []
     r = _qru("unlearn", "--model", str(target.out), "--forget", str(tofu_slice["forget"]), "--retain",
              str(tofu_slice["retain"]), "--method", "ga", "--mode", "full", "--train", "linears", "--lr", "1e-9",

@@ -1,6 +1,7 @@
 """Batched evaluation's fast paths against one-at-a-time oracles: generation that drops
 finished rows or starts from a prefilled cache, scoring that shares a prompt between rows,
-fp32 linears through oneDNN with packed weights, attention to a shared prefix held once."""
+fp32 linears through oneDNN with packed weights (the linear dispatch), attention to a shared
+prefix held once; and that evaluation replaces no module's forward."""
 import json
 
 import numpy as np
@@ -10,7 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from eval_helpers import left_pad_rows
-from qru.eval import linears, muse, tofu
+from qru.eval import muse, tofu
+from qru.kernels import linear as KL
+from qru.kernels import prefix_attention as PA
 from qru.eval.common import score_ids
 from qru.model.config import LlamaConfig
 from qru.model.generate import generate_ids
@@ -223,58 +226,33 @@ def test_tofu_scores_with_shared_prompts_equal_one_by_one(model_tok, shared_data
 
 # -- packed linears ---------------------------------------------------------------------------
 
-needs_onednn = pytest.mark.skipif(not linears.available(), reason="oneDNN packed linear unavailable")
-
-
-@needs_onednn
-def test_packed_linears_equal_f_linear(one_thread, monkeypatch):
-    monkeypatch.setenv("QRU_PACKED_FP32", "onednn")  # the oneDNN path, whatever the calibration picked
-    torch.manual_seed(4)
-    net = nn.Sequential(nn.Linear(32, 48), nn.Linear(48, 16, bias=False)).eval()
-    ref_fwd = [type(m).forward for m in net]
-    for x in (torch.randn(5, 32), torch.randn(3, 7, 32), torch.randn(3, 9, 32)[:, 2:6], torch.randn(1, 32)):
-        want = F.linear(F.linear(x, net[0].weight, net[0].bias), net[1].weight)
-        with torch.no_grad(), linears.packed_linears(net):
-            assert all("forward" in m.__dict__ for m in net)
-            got = net(x)
-            assert (net[0].forward.weight is None) == (x.numel() == x.shape[-1])  # one row: F.linear
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    with torch.no_grad(), linears.packed_linears(net):  # two threads: F.linear
-        torch.set_num_threads(2)
-        net(torch.randn(5, 32))
-        assert net[0].forward.weight is None
-        torch.set_num_threads(1)
-    torch.set_num_threads(2)
-    with torch.no_grad(), linears.packed_linears(net):  # entered with two threads: left alone
-        assert all("forward" not in m.__dict__ for m in net)
-    torch.set_num_threads(1)
-    monkeypatch.setenv("QRU_PACKED_FP32", "torch")
-    with torch.no_grad(), linears.packed_linears(net):  # the calibration (here: overridden) says F.linear
-        assert all("forward" not in m.__dict__ for m in net)
-    monkeypatch.setenv("QRU_PACKED_FP32", "onednn")
-    assert all("forward" not in m.__dict__ for m in net) and [type(m).forward for m in net] == ref_fwd
-    x = torch.randn(4, 32)
-    with torch.no_grad(), linears.packed_linears(net):
-        net(x)
-        net[0].weight.mul_(-2.0)  # changed in place: repacked on the next call
-        torch.testing.assert_close(net[0](x), F.linear(x, net[0].weight, net[0].bias), atol=1e-5, rtol=1e-5)
-    with linears.packed_linears(net):  # autograd on: plain F.linear, gradients flow
-        net(x).sum().backward()
-    assert net[0].weight.grad is not None
-    with linears.packed_linears(net, max_bytes=100):  # too large: left alone
-        assert all("forward" not in m.__dict__ for m in net)
-    with linears.packed_linears(net, enabled=False):
-        assert all("forward" not in m.__dict__ for m in net)
+needs_onednn = pytest.mark.skipif(not KL.packing_available(), reason="oneDNN packed linear unavailable")
 
 
 @needs_onednn
 def test_muse_with_packed_linears_equals_plain(model_tok, shared_data, one_thread, monkeypatch):
+    """MUSE through the packed oneDNN linears equals MUSE through F.linear (both calibration
+    choices overridden), and the packed copies really were used; no module's forward is replaced
+    at any call during the evaluation (checked by a pre-hook on every module)."""
     monkeypatch.setenv("QRU_PACKED_FP32", "onednn")
     model, tok = model_tok
     kw = dict(limit=2, batch_size=4, score_batch_size=4, max_len=96, verbmem_max_new_tokens=16,
               knowmem_max_new_tokens=12)
-    fast = muse.evaluate_muse(model, tok, shared_data / "muse-news", **kw)
-    plain = muse.evaluate_muse(model, tok, shared_data / "muse-news", fast_linears=False, **kw)
+    swapped = []
+    hooks = [m.register_forward_pre_hook(lambda m, a: swapped.append(m) if "forward" in m.__dict__ else None)
+             for m in model.modules()]
+    try:
+        fast = muse.evaluate_muse(model, tok, shared_data / "muse-news", **kw)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert swapped == [] and all("forward" not in m.__dict__ for m in model.modules())
+    assert model.lm_head.packed_weight.packed and model.model.layers[0].mlp.up_proj.packed_weight.packed
+    monkeypatch.setenv("QRU_PACKED_FP32", "torch")
+    monkeypatch.setenv("QRU_DENSE_FP32", "torch")
+    plain = muse.evaluate_muse(model, tok, shared_data / "muse-news", **kw)
+    monkeypatch.setenv("QRU_PACKED_FP32", "onednn")
+    monkeypatch.delenv("QRU_DENSE_FP32")
     for key in ("verbmem_f", "knowmem_f", "knowmem_r"):
         assert [x["output"] for x in fast["items"][key]] == [x["output"] for x in plain["items"][key]]
     for side in ("forget", "holdout"):
@@ -291,14 +269,12 @@ def test_muse_with_packed_linears_equals_plain(model_tok, shared_data, one_threa
 # -- shared-prefix attention ------------------------------------------------------------------
 
 @pytest.mark.parametrize("flash", [True, False])
-def test_merged_attention_equals_attention_over_all_keys(flash, monkeypatch):
+def test_prefix_attention_equals_attention_over_all_keys(flash, monkeypatch):
     """Prefix (one copy) + per-row keys, merged by log-sum-exp == SDPA over the concatenation,
     for decode (T=1) and left-padded suffix prefill (T>1, causal + padding), GQA 8 -> 2 heads."""
-    from qru.eval import generation
-
     if not flash:
-        monkeypatch.setattr(generation, "_FLASH", None)
-        monkeypatch.setattr(generation, "_CHUNK", 500)  # several chunks of rows
+        monkeypatch.setattr(PA, "_FLASH", None)
+        monkeypatch.setattr(PA, "_CHUNK", 500)  # several chunks of rows
     g = torch.Generator().manual_seed(5)
     B, H, KV, D, P = 3, 8, 2, 16, 13
     pk, pv = torch.randn(KV, P, D, generator=g), torch.randn(KV, P, D, generator=g)
@@ -314,7 +290,7 @@ def test_merged_attention_equals_attention_over_all_keys(flash, monkeypatch):
         full_v = torch.cat([pv[None].expand(B, -1, -1, -1), v], 2)
         full_m = torch.cat([torch.ones(B, 1, T, P, dtype=torch.bool), mask.expand(B, 1, T, S)], -1)
         want = F.scaled_dot_product_attention(q, full_k, full_v, attn_mask=full_m, enable_gqa=True)
-        got = generation.merged_attention(q, pk, pv, k, v, mask)
+        got = PA.prefix_attention(q, pk, pv, k, v, mask)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     # no padding, no mask: causal over the rows' own keys (suffix prefill, S == T)
     T = S = 5
@@ -324,7 +300,7 @@ def test_merged_attention_equals_attention_over_all_keys(flash, monkeypatch):
     full_v = torch.cat([pv[None].expand(B, -1, -1, -1), v], 2)
     full_m = torch.cat([torch.ones(T, P, dtype=torch.bool), torch.ones(T, S, dtype=torch.bool).tril()], -1)
     want = F.scaled_dot_product_attention(q, full_k, full_v, attn_mask=full_m, enable_gqa=True)
-    torch.testing.assert_close(generation.merged_attention(q, pk, pv, k, v, None), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(PA.prefix_attention(q, pk, pv, k, v, None), want, atol=1e-5, rtol=1e-5)
 
 
 def test_shared_prefix_generation_keeps_one_prefix_copy(model_tok, shared_data, monkeypatch):

@@ -45,7 +45,7 @@ def gguf_round_trip(w: torch.Tensor, fmt: str) -> torch.Tensor:
 def hand_built(model: nn.Module, fmt: str, skip=("lm_head",)) -> nn.Module:
     ref = copy.deepcopy(model)
     for name, m in ref.named_modules():
-        if type(m) is nn.Linear and not any(name == s or name.endswith("." + s) for s in skip):
+        if isinstance(m, nn.Linear) and not any(name == s or name.endswith("." + s) for s in skip):
             with torch.no_grad():
                 m.weight.copy_(gguf_round_trip(m.weight, fmt))
     return ref
@@ -61,7 +61,7 @@ def test_quantize_model_equals_hand_built(tiny_dir, fmt):
     model = Llama.from_pretrained(tiny_dir, dtype=torch.float32).eval()
     qm = Q.quantize_model(copy.deepcopy(model), fmt).eval()
     kinds = {type(m).__name__ for n, m in qm.named_modules() if n.endswith("_proj")}
-    assert kinds == {"QuantLinear"} and type(qm.lm_head) is nn.Linear
+    assert kinds == {"QuantLinear"} and isinstance(qm.lm_head, nn.Linear)
     assert all(m.fmt == fmt and m.block_size == BLOCK[fmt] for m in qm.modules() if isinstance(m, QuantLinear))
     ref = hand_built(model, fmt).eval()
     ids = torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -76,7 +76,7 @@ def test_quantize_model_rejects_another_block(tiny_dir):
     model = Llama.from_pretrained(tiny_dir, dtype=torch.float32)
     with pytest.raises(ValueError, match="block is fixed at 32"):
         Q.quantize_model(model, "q4_0", 64)
-    assert type(model.model.layers[0].mlp.up_proj) is nn.Linear  # untouched
+    assert isinstance(model.model.layers[0].mlp.up_proj, nn.Linear)  # untouched
 
 
 def test_eval_at_gguf_precisions_matches_hand_built(tiny_dir, shared_data):

@@ -16,10 +16,11 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
 
+from qru.model.bpe_tokenizer import BPETokenizer
 from qru.model.config import LlamaConfig
 from qru.model.gguf import GGUFError, GGUFFile, convert_gguf, gguf_tokenizer
 from qru.model.llama import Llama
-from qru.model.tokenizer import BPETokenizer, Tokenizer, load_tokenizer
+from qru.model.tokenizer import Tokenizer, load_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -502,14 +503,15 @@ def test_chunks_start_with_bos_only_when_the_model_uses_one(bpe, tmp_path):
 
 
 def test_unlearn_on_a_converted_gguf_keeps_its_tokenizer(bpe, tmp_path):
-    from qru.train import loop as T
+    from qru.train.config import UnlearnConfig
+    from qru.train.unlearn import unlearn
 
     path = tmp_path / "t.gguf"
     write_gguf(path, tiny_llama(len(bpe["tokens"]), False, hidden=64), bpe)
     model_dir = convert_gguf(path, tmp_path / "hf")
     forget = tmp_path / "forget.txt"
     forget.write_text("\n".join(CORPUS[:8]) + "\n")
-    res = T.unlearn(T.UnlearnConfig(out=str(tmp_path / "u"), model=str(model_dir), forget=[str(forget)],
+    res = unlearn(UnlearnConfig(out=str(tmp_path / "u"), model=str(model_dir), forget=[str(forget)],
                                     method="ga", reg="none", mode="lora", epochs=1, batch_size=4, max_len=32,
                                     precision="fp32", eval_samples=4, progress=False))
     assert res.status == "done"

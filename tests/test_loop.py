@@ -1,4 +1,4 @@
-"""qru.train.loop on a tiny model pre-trained on a TOFU slice: unlearning effect (GA/NPO + GDR, full and
+"""qru.train (unlearn, pretrain, the loop, checkpoints) on a tiny model pre-trained on a TOFU slice: unlearning effect (GA/NPO + GDR, full and
 LoRA), bit-identical resume (stop_after and Ctrl-C), trainable-parameter counts, metrics, CLI, errors.
 
 Stated bound for the tiny-model runs: after 2 epochs of unlearning the forget NLL rises by at least
@@ -16,8 +16,13 @@ import torch
 
 from qru.model.llama import Llama
 from qru.model.tokenizer import Tokenizer
-from qru.train import loop as T
+from qru.train import loop
+from qru.train.config import PretrainConfig, TrainConfigError, UnlearnConfig
 from qru.train.data import DataError, format_qa
+from qru.train.loop import autocast
+from qru.train.pretrain import pretrain
+from qru.train.state import COMPLETE, METRICS, latest_checkpoint, list_checkpoints, read_metrics, work_dir
+from qru.train.unlearn import unlearn
 
 FORGET_RISE = 0.25
 RETAIN_BOUND = 0.5
@@ -44,7 +49,7 @@ def target(tofu_slice, tmp_path_factory):
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        res = T.pretrain(T.PretrainConfig(
+        res = pretrain(PretrainConfig(
             out=str(tmp_path_factory.mktemp("target")), data=[str(tofu_slice["forget"]), str(tofu_slice["retain"])],
             config="tiny", train_tokenizer=1024, epochs=15, lr=1e-2, batch_size=8, warmup_steps=5, max_len=128,
             precision="fp32", eval_samples=16, progress=False, cache_dir=str(tofu_slice["cache"])))
@@ -58,7 +63,7 @@ def _ucfg(tofu_slice, target, out, **kw):
                 retain=[str(tofu_slice["retain"])], epochs=2, batch_size=8, max_len=128, precision="fp32",
                 eval_samples=16, progress=False, cache_dir=str(tofu_slice["cache"]))
     base.update(kw)
-    return T.UnlearnConfig(**base)
+    return UnlearnConfig(**base)
 
 
 # -- pre-training ---------------------------------------------------------------------------
@@ -68,7 +73,7 @@ def test_pretrain_output_is_a_loadable_checkpoint(target):
     assert target.status == "done"
     for f in ("config.json", "model.safetensors", "tokenizer.model", "run.json", "metrics.jsonl"):
         assert (out / f).is_file(), f
-    assert not list(out.glob("checkpoint-*")) and not T.work_dir(out).exists()
+    assert not list(out.glob("checkpoint-*")) and not work_dir(out).exists()
     tok = Tokenizer.from_dir(out)
     model = Llama.from_pretrained(out)
     assert model.config.vocab_size == tok.vocab_size
@@ -83,7 +88,7 @@ def test_pretrain_output_is_a_loadable_checkpoint(target):
 
 
 def test_pretrain_init_finetune_bf16_master(target, tofu_slice, tmp_path):
-    res = T.pretrain(T.PretrainConfig(out=str(tmp_path / "ft"), data=[str(tofu_slice["forget"])], init=str(target.out),
+    res = pretrain(PretrainConfig(out=str(tmp_path / "ft"), data=[str(tofu_slice["forget"])], init=str(target.out),
                                       epochs=1, lr=1e-3, batch_size=8, max_len=128, master_dtype="bf16",
                                       eval_samples=8, progress=False, cache_dir=str(tofu_slice["cache"])))
     assert all(p.dtype == torch.bfloat16 for p in res.model.parameters())
@@ -98,7 +103,7 @@ def test_pretrain_init_finetune_bf16_master(target, tofu_slice, tmp_path):
 @pytest.mark.parametrize("mode", ["full", "lora"])
 @pytest.mark.parametrize("method", ["ga", "npo"])
 def test_unlearning_raises_forget_nll_and_bounds_retain(tofu_slice, target, tmp_path, method, mode):
-    res = T.unlearn(_ucfg(tofu_slice, target, tmp_path / "u", method=method, reg="gdr", mode=mode,
+    res = unlearn(_ucfg(tofu_slice, target, tmp_path / "u", method=method, reg="gdr", mode=mode,
                           lr=LR[method, mode]))
     assert res.status == "done" and res.steps == res.total_steps == 10
     ev = res.evals
@@ -109,7 +114,7 @@ def test_unlearning_raises_forget_nll_and_bounds_retain(tofu_slice, target, tmp_
     assert f1 >= f0 + FORGET_RISE, (f0, f1)
     assert r1 <= r0 + RETAIN_BOUND, (r0, r1)
     # metrics.jsonl: one row per step plus the eval before the first step
-    rows = [json.loads(x) for x in (tmp_path / "u" / T.METRICS).read_text().splitlines()]
+    rows = [json.loads(x) for x in (tmp_path / "u" / METRICS).read_text().splitlines()]
     assert rows == res.metrics and [r["step"] for r in rows] == list(range(11))
     for r in rows[1:]:
         for k in ("step", "epoch", "loss", "forget_loss", "retain_loss", "lr", "tokens_per_s"):
@@ -127,7 +132,7 @@ def test_unlearning_raises_forget_nll_and_bounds_retain(tofu_slice, target, tmp_
 
 
 def test_lora_trains_only_adapters(tofu_slice, target, tmp_path):
-    res = T.unlearn(_ucfg(tofu_slice, target, tmp_path / "u", method="ga", reg="gdr", mode="lora", lr=4e-3,
+    res = unlearn(_ucfg(tofu_slice, target, tmp_path / "u", method="ga", reg="gdr", mode="lora", lr=4e-3,
                           epochs=1, rank=4))
     c = Llama.from_pretrained(target.out).config
     h, i, q, kv = c.hidden_size, c.intermediate_size, c.num_attention_heads * c.head_dim, \
@@ -145,7 +150,7 @@ def test_lora_trains_only_adapters(tofu_slice, target, tmp_path):
     assert any(bool((p != 0).any()) for n, p in res.model.named_parameters() if n.endswith("lora_B"))
     adapter = json.loads((tmp_path / "u" / "adapter_config.json").read_text())
     assert adapter["r"] == 4 and adapter["peft_type"] == "LORA"
-    full = T.unlearn(_ucfg(tofu_slice, target, tmp_path / "f", method="ga", reg="none", mode="full", lr=1e-4,
+    full = unlearn(_ucfg(tofu_slice, target, tmp_path / "f", method="ga", reg="none", mode="full", lr=1e-4,
                            epochs=1, stop_after=1))
     assert full.trainable_params == full.total_params == c.num_parameters()
 
@@ -168,33 +173,33 @@ RESUME_CASES = {
 @pytest.mark.parametrize("case", list(RESUME_CASES))
 def test_resume_is_bit_identical(tofu_slice, target, tmp_path, monkeypatch, case):
     kw = RESUME_CASES[case]
-    full = T.unlearn(_ucfg(tofu_slice, target, tmp_path / "a", **kw))
+    full = unlearn(_ucfg(tofu_slice, target, tmp_path / "a", **kw))
     assert full.status == "done"
     out = tmp_path / "b"
     if case.endswith("sigint"):
-        real = T.lr_at
+        real = loop.lr_at
 
         def lr_at(step, *a):
             if step == 1:
                 signal.raise_signal(signal.SIGINT)  # the handler lets this step finish
             return real(step, *a)
 
-        monkeypatch.setattr(T, "lr_at", lr_at)
+        monkeypatch.setattr(loop, "lr_at", lr_at)
         with pytest.raises(KeyboardInterrupt):
-            T.unlearn(_ucfg(tofu_slice, target, out, **kw))
+            unlearn(_ucfg(tofu_slice, target, out, **kw))
         monkeypatch.undo()
-        assert json.loads((T.work_dir(out) / "run.json").read_text())["status"] == "interrupted"
+        assert json.loads((work_dir(out) / "run.json").read_text())["status"] == "interrupted"
         stopped_at = 2
     else:
-        part = T.unlearn(_ucfg(tofu_slice, target, out, stop_after=4, **kw))
+        part = unlearn(_ucfg(tofu_slice, target, out, stop_after=4, **kw))
         assert part.status == "stopped" and part.steps == 4
         assert not (out / "adapter_model.safetensors").exists()
         stopped_at = 4
     assert not out.exists() or not any(out.iterdir())  # nothing committed before the run finishes
-    ckpt = T.latest_checkpoint(T.work_dir(out))
+    ckpt = latest_checkpoint(work_dir(out))
     assert ckpt.name == f"checkpoint-{stopped_at}"
     assert torch.load(ckpt / "state.pt", weights_only=True)["step"] == stopped_at
-    resumed = T.unlearn(_ucfg(tofu_slice, target, out, resume=True, **kw))
+    resumed = unlearn(_ucfg(tofu_slice, target, out, resume=True, **kw))
     assert resumed.status == "done" and resumed.steps == full.steps
     a, b = _trainable(full.model), _trainable(resumed.model)
     assert a.keys() == b.keys()
@@ -204,28 +209,28 @@ def test_resume_is_bit_identical(tofu_slice, target, tmp_path, monkeypatch, case
     keys = ("loss", "forget_loss", "retain_loss", "lr", "forget_nll", "retain_nll")
     strip = lambda rows: [{k: r.get(k) for k in ("step",) + keys} for r in rows]  # noqa: E731
     assert strip(resumed.metrics) == strip(full.metrics)
-    assert not list(out.glob("checkpoint-*")) and not T.work_dir(out).exists()
+    assert not list(out.glob("checkpoint-*")) and not work_dir(out).exists()
 
 
 def test_resume_rejects_changed_options(tofu_slice, target, tmp_path):
-    T.unlearn(_ucfg(tofu_slice, target, tmp_path / "b", method="ga", mode="full", lr=1e-4, stop_after=1))
-    with pytest.raises(T.TrainConfigError, match="lr"):
-        T.unlearn(_ucfg(tofu_slice, target, tmp_path / "b", method="ga", mode="full", lr=2e-4, resume=True))
+    unlearn(_ucfg(tofu_slice, target, tmp_path / "b", method="ga", mode="full", lr=1e-4, stop_after=1))
+    with pytest.raises(TrainConfigError, match="lr"):
+        unlearn(_ucfg(tofu_slice, target, tmp_path / "b", method="ga", mode="full", lr=2e-4, resume=True))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        T.unlearn(_ucfg(tofu_slice, target, tmp_path / "c", method="ga", mode="full", lr=1e-4, resume=True))
+        unlearn(_ucfg(tofu_slice, target, tmp_path / "c", method="ga", mode="full", lr=1e-4, resume=True))
 
 
 def test_periodic_checkpoints(tofu_slice, target, tmp_path, monkeypatch):
     saved = []
-    real = T.save_checkpoint
-    monkeypatch.setattr(T, "save_checkpoint", lambda out, m, o, st: saved.append(st["step"]) or real(out, m, o, st))
-    res = T.unlearn(_ucfg(tofu_slice, target, tmp_path / "u", method="ga", reg="gdr", mode="full", lr=1e-4, epochs=1,
+    real = loop.save_checkpoint
+    monkeypatch.setattr(loop, "save_checkpoint", lambda out, m, o, st: saved.append(st["step"]) or real(out, m, o, st))
+    res = unlearn(_ucfg(tofu_slice, target, tmp_path / "u", method="ga", reg="gdr", mode="full", lr=1e-4, epochs=1,
                           save_every=1, keep_checkpoint=True))
     assert res.steps == 5 and saved == [1, 2, 3, 4]  # none at the end: the finished model is the output
     # only the last two complete checkpoints are kept, each with its COMPLETE marker
     assert sorted(p.name for p in (tmp_path / "u").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
-    assert [p.name for p in T.list_checkpoints(tmp_path / "u")] == ["checkpoint-3", "checkpoint-4"]
-    assert json.loads((tmp_path / "u" / "checkpoint-4" / T.COMPLETE).read_text())["step"] == 4
+    assert [p.name for p in list_checkpoints(tmp_path / "u")] == ["checkpoint-3", "checkpoint-4"]
+    assert json.loads((tmp_path / "u" / "checkpoint-4" / COMPLETE).read_text())["step"] == 4
     assert torch.load(tmp_path / "u" / "checkpoint-4" / "state.pt", weights_only=True)["step"] == 4
 
 
@@ -235,39 +240,39 @@ def test_rerun_into_finished_output_keeps_it_until_commit(tofu_slice, target, tm
     skips incomplete checkpoints and appends to metrics.jsonl."""
     kw = dict(method="ga", reg="gdr", mode="lora", lr=5e-3, epochs=1)
     out = tmp_path / "u"
-    T.unlearn(_ucfg(tofu_slice, target, out, **kw))
+    unlearn(_ucfg(tofu_slice, target, out, **kw))
     tree = lambda d: {p.name: p.read_bytes() for p in d.iterdir()}  # noqa: E731
     before = tree(out)
     with pytest.raises(ValueError, match="exists and is not empty; pass --overwrite"):
-        T.unlearn(_ucfg(tofu_slice, target, out, **kw))
-    part = T.unlearn(_ucfg(tofu_slice, target, out, overwrite=True, stop_after=2, **kw))
+        unlearn(_ucfg(tofu_slice, target, out, **kw))
+    part = unlearn(_ucfg(tofu_slice, target, out, overwrite=True, stop_after=2, **kw))
     assert part.status == "stopped" and tree(out) == before
-    work = T.work_dir(out)
-    assert [p.name for p in T.list_checkpoints(work)] == ["checkpoint-2"]
+    work = work_dir(out)
+    assert [p.name for p in list_checkpoints(work)] == ["checkpoint-2"]
     fresh = tmp_path / "fresh"  # an unfinished run is not discarded by a new run without overwrite
-    T.unlearn(_ucfg(tofu_slice, target, fresh, stop_after=1, **kw))
-    with pytest.raises(T.TrainConfigError, match=r"unfinished run .*checkpoint-1.*resume"):
-        T.unlearn(_ucfg(tofu_slice, target, fresh, **kw))
-    shutil.rmtree(T.work_dir(fresh))
+    unlearn(_ucfg(tofu_slice, target, fresh, stop_after=1, **kw))
+    with pytest.raises(TrainConfigError, match=r"unfinished run .*checkpoint-1.*resume"):
+        unlearn(_ucfg(tofu_slice, target, fresh, **kw))
+    shutil.rmtree(work_dir(fresh))
     # incomplete checkpoints (no COMPLETE, or files not matching it) are never resumed from
     shutil.copytree(work / "checkpoint-2", work / "checkpoint-4")
-    (work / "checkpoint-4" / T.COMPLETE).unlink()
+    (work / "checkpoint-4" / COMPLETE).unlink()
     shutil.copytree(work / "checkpoint-2", work / "checkpoint-3")
     (work / "checkpoint-3" / "state.pt").write_bytes(b"torn")
-    assert T.latest_checkpoint(work).name == "checkpoint-2"
-    n_rows = len((work / T.METRICS).read_text().splitlines())
-    res = T.unlearn(_ucfg(tofu_slice, target, out, overwrite=True, resume=True, **kw))
+    assert latest_checkpoint(work).name == "checkpoint-2"
+    n_rows = len((work / METRICS).read_text().splitlines())
+    res = unlearn(_ucfg(tofu_slice, target, out, overwrite=True, resume=True, **kw))
     assert res.status == "done" and res.steps == 5 and [r["step"] for r in res.metrics] == list(range(6))
-    lines = (out / T.METRICS).read_text().splitlines()
-    assert len(lines) == n_rows + 3 and T.read_metrics(out / T.METRICS) == res.metrics  # appended, not rewritten
+    lines = (out / METRICS).read_text().splitlines()
+    assert len(lines) == n_rows + 3 and read_metrics(out / METRICS) == res.metrics  # appended, not rewritten
     assert tree(out) != before and not work.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["u"]
 
 
 def test_gradient_checkpointing_matches(tofu_slice, target, tmp_path):
     kw = dict(method="npo", reg="gdr", mode="full", lr=5e-4, epochs=1, stop_after=2)
-    a = T.unlearn(_ucfg(tofu_slice, target, tmp_path / "a", **kw))
-    b = T.unlearn(_ucfg(tofu_slice, target, tmp_path / "b", gradient_checkpointing=True, **kw))
+    a = unlearn(_ucfg(tofu_slice, target, tmp_path / "a", **kw))
+    b = unlearn(_ucfg(tofu_slice, target, tmp_path / "b", gradient_checkpointing=True, **kw))
     assert b.model.gradient_checkpointing
     pa, pb = _trainable(a.model), _trainable(b.model)
     for n in pa:
@@ -277,15 +282,15 @@ def test_gradient_checkpointing_matches(tofu_slice, target, tmp_path):
 # -- options and errors ---------------------------------------------------------------------
 
 def test_lr_schedule():
-    assert T.lr_at(0, 10, 1.0, "constant", 0) == 1.0
-    assert [T.lr_at(s, 10, 1.0, "constant", 4) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
-    assert T.lr_at(2, 12, 2.0, "cosine", 2) == 2.0
-    assert abs(T.lr_at(7, 12, 2.0, "cosine", 2) - 1.0) < 1e-12  # halfway through the cosine
-    assert T.lr_at(11, 12, 2.0, "cosine", 2) < T.lr_at(10, 12, 2.0, "cosine", 2)
+    assert loop.lr_at(0, 10, 1.0, "constant", 0) == 1.0
+    assert [loop.lr_at(s, 10, 1.0, "constant", 4) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert loop.lr_at(2, 12, 2.0, "cosine", 2) == 2.0
+    assert abs(loop.lr_at(7, 12, 2.0, "cosine", 2) - 1.0) < 1e-12  # halfway through the cosine
+    assert loop.lr_at(11, 12, 2.0, "cosine", 2) < loop.lr_at(10, 12, 2.0, "cosine", 2)
 
 
 def test_master_dtype_bf16_lora(tofu_slice, target, tmp_path):
-    res = T.unlearn(_ucfg(tofu_slice, target, tmp_path / "u", method="npo", reg="gdr", mode="lora", lr=4e-3,
+    res = unlearn(_ucfg(tofu_slice, target, tmp_path / "u", method="npo", reg="gdr", mode="lora", lr=4e-3,
                           epochs=1, master_dtype="bf16", precision="bf16", gradient_checkpointing=True))
     tr = [p for p in res.model.parameters() if p.requires_grad]
     assert tr and all(p.dtype == torch.bfloat16 for p in tr)
@@ -295,7 +300,7 @@ def test_master_dtype_bf16_lora(tofu_slice, target, tmp_path):
 def test_lora_fp32_master_under_bf16_autocast(tofu_slice, target, tmp_path):
     """fp32 base and adapters, bf16 autocast (the default precision): the fused LoRA op runs in bf16
     inside autocast and its gradients reach the fp32 adapters, which unlearn."""
-    res = T.unlearn(_ucfg(tofu_slice, target, tmp_path / "u", method="ga", reg="gdr", mode="lora", lr=5e-3,
+    res = unlearn(_ucfg(tofu_slice, target, tmp_path / "u", method="ga", reg="gdr", mode="lora", lr=5e-3,
                           epochs=1, precision="bf16", lora_dropout=0.05))
     tr = {n: p for n, p in res.model.named_parameters() if p.requires_grad}
     assert tr and all(p.dtype == torch.float32 and bool(torch.isfinite(p).all()) for p in tr.values())
@@ -305,7 +310,7 @@ def test_lora_fp32_master_under_bf16_autocast(tofu_slice, target, tmp_path):
 
     seen = []
     hooks = [m.register_forward_hook(lambda m, a, out: seen.append(out.dtype)) for _, m in lora_modules(res.model)]
-    with T.autocast(torch.device("cpu"), "bf16"):
+    with autocast(torch.device("cpu"), "bf16"):
         res.model(torch.ones(1, 4, dtype=torch.long))
     for h in hooks:
         h.remove()
@@ -323,27 +328,27 @@ def test_bad_input_errors(tofu_slice, target, tmp_path, big_tokenizer):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(DataError, match="forget set.*empty"):
-        T.unlearn(_ucfg(tofu_slice, target, tmp_path / "o", forget=[str(empty)]))
+        unlearn(_ucfg(tofu_slice, target, tmp_path / "o", forget=[str(empty)]))
     with pytest.raises(FileNotFoundError, match="forget set.*missing.jsonl"):
-        T.unlearn(_ucfg(tofu_slice, target, tmp_path / "o", forget=[str(tmp_path / "missing.jsonl")]))
+        unlearn(_ucfg(tofu_slice, target, tmp_path / "o", forget=[str(tmp_path / "missing.jsonl")]))
     with pytest.raises(FileNotFoundError, match="nomodel"):
-        T.unlearn(_ucfg(tofu_slice, target, tmp_path / "o", model=str(tmp_path / "nomodel")))
+        unlearn(_ucfg(tofu_slice, target, tmp_path / "o", model=str(tmp_path / "nomodel")))
     assert big_tokenizer.vocab_size > 1024
-    with pytest.raises(T.TrainConfigError, match="vocabulary mismatch.*2048.*vocab_size=1024"):
-        T.unlearn(_ucfg(tofu_slice, target, tmp_path / "o", tokenizer=str(big_tokenizer.path)))
+    with pytest.raises(TrainConfigError, match="vocabulary mismatch.*2048.*vocab_size=1024"):
+        unlearn(_ucfg(tofu_slice, target, tmp_path / "o", tokenizer=str(big_tokenizer.path)))
     for field, bad in (("lr", 0.0), ("lr", -1e-3), ("epochs", 0), ("epochs", -2), ("batch_size", 0)):
-        with pytest.raises(T.TrainConfigError, match=field):
-            T.unlearn(_ucfg(tofu_slice, target, tmp_path / "o", **{field: bad}))
-    with pytest.raises(T.TrainConfigError, match="method"):
-        T.unlearn(_ucfg(tofu_slice, target, tmp_path / "o", method="dpo"))
-    with pytest.raises(T.TrainConfigError, match="needs retain"):
-        T.unlearn(_ucfg(tofu_slice, target, tmp_path / "o", retain=[], reg="gdr"))
-    with pytest.raises(T.TrainConfigError, match="tokenizer"):
-        T.pretrain(T.PretrainConfig(out=str(tmp_path / "p"), data=[str(tofu_slice["forget"])]))
+        with pytest.raises(TrainConfigError, match=field):
+            unlearn(_ucfg(tofu_slice, target, tmp_path / "o", **{field: bad}))
+    with pytest.raises(TrainConfigError, match="method"):
+        unlearn(_ucfg(tofu_slice, target, tmp_path / "o", method="dpo"))
+    with pytest.raises(TrainConfigError, match="needs retain"):
+        unlearn(_ucfg(tofu_slice, target, tmp_path / "o", retain=[], reg="gdr"))
+    with pytest.raises(TrainConfigError, match="tokenizer"):
+        pretrain(PretrainConfig(out=str(tmp_path / "p"), data=[str(tofu_slice["forget"])]))
     with pytest.raises(FileNotFoundError, match="nodata"):
-        T.pretrain(T.PretrainConfig(out=str(tmp_path / "p"), data=[str(tmp_path / "nodata.txt")], train_tokenizer=300))
-    with pytest.raises(T.TrainConfigError, match="vocabulary mismatch"):
-        T.pretrain(T.PretrainConfig(out=str(tmp_path / "p"), data=[str(tofu_slice["forget"])], init=str(target.out),
+        pretrain(PretrainConfig(out=str(tmp_path / "p"), data=[str(tmp_path / "nodata.txt")], train_tokenizer=300))
+    with pytest.raises(TrainConfigError, match="vocabulary mismatch"):
+        pretrain(PretrainConfig(out=str(tmp_path / "p"), data=[str(tofu_slice["forget"])], init=str(target.out),
                                     tokenizer=str(big_tokenizer.path)))
 
 

@@ -7,6 +7,7 @@ fill (or exceed) the 16-wide rank tile.
 import pytest
 import torch
 
+from qru.kernels import hash_dropout as HD
 from qru.kernels import lora as K
 from qru.kernels._backend import backend_for
 
@@ -318,15 +319,15 @@ def test_hash_dropout_cpp_matches_reference(scalar):
         pytest.skip("no C++ toolchain")
     for rows, cols, seed, thr in [(1, 1, 0, 1), (7, 25, -1, 3277), (33, 40, 2 ** 62 + 12345, 32768),
                                   (300, 129, -(2 ** 63), 65535)]:
-        ref = K._hash_drop_reference(rows, cols, torch.tensor(seed), thr)
+        ref = HD.hash_drop_reference(rows, cols, torch.tensor(seed), thr)
         assert torch.equal(ext.drop_mask(rows, cols, seed, thr, scalar=scalar), ref), (rows, cols, seed, thr)
     M, Kd, R, N = 37, 45, 5, 29
     g = torch.Generator().manual_seed(0)
     X, V = torch.randn(M, Kd, generator=g), torch.randn(R, Kd, generator=g)
     U, V2, X2 = torch.randn(M, R, generator=g), torch.randn(R, N, generator=g), torch.randn(M, N, generator=g)
     seed, thr = 987654321987, 19661
-    dK = K._hash_drop_reference(M, Kd, torch.tensor(seed), thr)
-    dN = K._hash_drop_reference(M, N, torch.tensor(seed), thr)
+    dK = HD.hash_drop_reference(M, Kd, torch.tensor(seed), thr)
+    dN = HD.hash_drop_reference(M, N, torch.tensor(seed), thr)
     assert 0 < dK.sum() < dK.numel()
     assert torch.equal(ext.rowdot(X, V, 0.5, None, seed, thr, scalar=scalar), ext.rowdot(X, V, 0.5, dK, scalar=scalar))
     assert torch.equal(ext.expand(U, V2, 0.5, None, None, seed, thr, scalar=scalar),

@@ -5,7 +5,9 @@ run the same on CUDA."""
 import pytest
 import torch
 
+from qru.kernels import hash_dropout as HD
 from qru.kernels import lora as K
+from qru.kernels import lora_triton as LT
 from qru.kernels import token_stats as TS
 from qru.kernels._backend import load_cpp_ext
 from test_lora_kernels import TOL, make, nf4_of, reference, rel_err
@@ -19,8 +21,8 @@ def test_triton_hash_mask_bit_equal(rows, cols, seed, thr):
     """The Triton hash (the function the kernels call per tile) against the torch-ops oracle and
     the C++ kernel, for the same seed and (row, column) offsets."""
     s = torch.tensor(seed, dtype=torch.int64)
-    got = K.hash_drop_triton(rows, cols, s, thr)
-    ref = K._hash_drop_reference(rows, cols, s, thr)
+    got = HD.hash_drop_triton(rows, cols, s, thr)
+    ref = HD.hash_drop_reference(rows, cols, s, thr)
     assert got.dtype == torch.bool and torch.equal(got, ref)
     ext = load_cpp_ext("lora")
     if ext is not None:
@@ -49,8 +51,8 @@ def test_sampled_dropout_in_kernel(monkeypatch, dtype, nf4):
     def no_mask(*a, **k):
         raise AssertionError("a dropout mask was materialized")
 
-    monkeypatch.setattr(K, "_hash_drop", no_mask)
-    monkeypatch.setattr(K, "_hash_drop_reference", no_mask)
+    monkeypatch.setattr(HD, "hash_drop", no_mask)
+    monkeypatch.setattr(HD, "hash_drop_reference", no_mask)
     xg, Ag, Bg = x.clone().requires_grad_(), A.clone().requires_grad_(), B.clone().requires_grad_()
     y = K.lora_linear(xg, None if nf4 else W, b, Ag, Bg, 0.5, dropout_p=p, nf4=base,
                       generator=torch.Generator().manual_seed(11))
@@ -65,11 +67,11 @@ def test_sampled_dropout_in_kernel(monkeypatch, dtype, nf4):
 
 
 def _drop_of(M, n_in, seed=5, thr=19661):
-    return K._Drop(None, torch.tensor(seed, dtype=torch.int64), thr), \
-        K._hash_drop_reference(M, n_in, torch.tensor(seed, dtype=torch.int64), thr)
+    return LT._Drop(None, torch.tensor(seed, dtype=torch.int64), thr), \
+        HD.hash_drop_reference(M, n_in, torch.tensor(seed, dtype=torch.int64), thr)
 
 
-@pytest.mark.parametrize("cfg", K.GEMM_CONFIGS, ids=lambda c: str(c.kwargs))
+@pytest.mark.parametrize("cfg", LT.GEMM_CONFIGS, ids=lambda c: str(c.kwargs))
 def test_every_gemm_config_runs(cfg):
     """Each GPU launch configuration of the GEMM kernel, forced under the interpreter: the
     forward (NF4 base, low-rank add, bias) and the backward dX (hashed mask)."""
@@ -79,41 +81,41 @@ def test_every_gemm_config_runs(cfg):
     Wd = nf4.dequantize()
     u = torch.randn(M, r, generator=torch.Generator().manual_seed(3))
     y = torch.empty(M, n_out)
-    K._gemm(x, None, nf4, K._w_strides(None, nf4, True), u, (B, B.stride(1), B.stride(0)), K._NO_DROP, b, 0.5, y,
+    LT._gemm(x, None, nf4, LT._w_strides(None, nf4, True), u, (B, B.stride(1), B.stride(0)), LT._NO_DROP, b, 0.5, y,
             config=cfg)
     assert rel_err(y, x @ Wd.T + b + 0.5 * u @ B.T) <= 1e-5
     gy = torch.randn(M, n_out, generator=torch.Generator().manual_seed(4))
     g = torch.randn(M, r, generator=torch.Generator().manual_seed(5))
     drop, dropped = _drop_of(M, n_in)
     dx = torch.empty(M, n_in)
-    K._gemm(gy, W, None, K._w_strides(W, None, False), g, (A, A.stride(0), A.stride(1)), drop, None, 0.7, dx,
+    LT._gemm(gy, W, None, LT._w_strides(W, None, False), g, (A, A.stride(0), A.stride(1)), drop, None, 0.7, dx,
             config=cfg)
     assert rel_err(dx, gy @ W + (0.7 * g @ A).masked_fill(dropped, 0)) <= 1e-5
 
 
-@pytest.mark.parametrize("cfg", K.SHRINK_CONFIGS, ids=lambda c: str(c.kwargs))
+@pytest.mark.parametrize("cfg", LT.SHRINK_CONFIGS, ids=lambda c: str(c.kwargs))
 def test_every_shrink_config_runs(cfg):
     M, n_in, r = 37, 300, 5
     x, _, _, A, _ = make(M, n_in, 3, r, torch.float32)
     drop, dropped = _drop_of(M, n_in)
-    u = K._shrink(x, A, (A.stride(1), A.stride(0), r), drop, 1.25, config=cfg)
+    u = LT._shrink(x, A, (A.stride(1), A.stride(0), r), drop, 1.25, config=cfg)
     assert rel_err(u, 1.25 * x.masked_fill(dropped, 0) @ A.T) <= 1e-5
 
 
-@pytest.mark.parametrize("cfg", K.OUTER_CONFIGS, ids=lambda c: str(c.kwargs))
+@pytest.mark.parametrize("cfg", LT.OUTER_CONFIGS, ids=lambda c: str(c.kwargs))
 def test_every_outer_config_runs(cfg):
     M, n_in, r = 300, 40, 6
     x, _, _, _, _ = make(M, n_in, 3, r, torch.float32)
     g = torch.randn(M, r, generator=torch.Generator().manual_seed(8))
     drop, dropped = _drop_of(M, n_in)
-    dA = K._outer(g, x, drop, 0.5, False, torch.float32, config=cfg)
+    dA = LT._outer(g, x, drop, 0.5, False, torch.float32, config=cfg)
     assert rel_err(dA, 0.5 * g.T @ x.masked_fill(dropped, 0)) <= 1e-5
 
 
 def test_autotune_lists_wrap_the_kernels():
-    for tuned, kern, cfgs in ((K._gemm_tuned, K._lora_gemm_kernel, K.GEMM_CONFIGS),
-                              (K._shrink_tuned, K._lora_shrink_kernel, K.SHRINK_CONFIGS),
-                              (K._outer_tuned, K._lora_outer_kernel, K.OUTER_CONFIGS)):
+    for tuned, kern, cfgs in ((LT._gemm_tuned, LT._lora_gemm_kernel, LT.GEMM_CONFIGS),
+                              (LT._shrink_tuned, LT._lora_shrink_kernel, LT.SHRINK_CONFIGS),
+                              (LT._outer_tuned, LT._lora_outer_kernel, LT.OUTER_CONFIGS)):
         assert tuned.fn is kern and tuned.configs == cfgs and set(tuned.keys) <= set(tuned.arg_names)
         assert all(v >= 16 for c in cfgs for k, v in c.kwargs.items() if k.startswith("BLOCK"))
 
@@ -146,8 +148,8 @@ def test_cuda_lora_fwd_bwd_dropout(dtype, nf4):
 def test_cuda_hash_mask_bit_equal():
     for rows, cols, seed, thr in MASK_CASES:
         s = torch.tensor(seed, dtype=torch.int64)
-        assert torch.equal(K.hash_drop_triton(rows, cols, s.cuda(), thr).cpu(),
-                           K._hash_drop_reference(rows, cols, s, thr))
+        assert torch.equal(HD.hash_drop_triton(rows, cols, s.cuda(), thr).cpu(),
+                           HD.hash_drop_reference(rows, cols, s, thr))
 
 
 @pytest.mark.gpu

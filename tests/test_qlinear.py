@@ -276,7 +276,7 @@ def tiny():
 def _reference_model(model, fmt, bs, double_quant=False, skip=("lm_head",)):
     ref = copy.deepcopy(model)
     for name, m in ref.named_modules():
-        if type(m) is nn.Linear and not is_skipped(name, skip):
+        if isinstance(m, nn.Linear) and not is_skipped(name, skip):
             q = Q.quantize(m.weight.detach(), fmt, bs, double_quant=double_quant)
             m.weight.data = q.dequantize(torch.float32)
     return ref
@@ -290,7 +290,7 @@ def test_quantize_model_round_trip(tiny, fmt, dq):
     qm = Q.quantize_model(copy.deepcopy(tiny), fmt, bs, double_quant=dq)
     ref = _reference_model(tiny, fmt, bs, dq)
     kinds = {type(m).__name__ for n, m in qm.named_modules() if n.endswith("_proj")}
-    assert kinds == {"QuantLinear"} and type(qm.lm_head) is nn.Linear
+    assert kinds == {"QuantLinear"} and isinstance(qm.lm_head, nn.Linear)
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         # 18 rows: dequantize + F.linear, the same op sequence as the reference: bit-equal

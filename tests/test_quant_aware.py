@@ -1,14 +1,11 @@
 """qru.train.quant_aware: export targets and skip rules, fake-quantized parameters for functional_call,
 and code_flip_frac on hand-computed tensors."""
-import functools
-
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qru.kernels.fake_quant import fake_quant, fake_quant_lora
-from qru.kernels._backend import rerouted
+from qru.model.linear import set_weight_transform
 from qru.model.lora import LoRALinear
 from qru.train import quant_aware as qa
 
@@ -100,11 +97,12 @@ def test_fake_quant_params_lora_mode_functional_call():
     wq = params["layers.0.q_proj.weight"]
     assert torch.equal(wq, fake_quant_lora(lo.weight, lo.lora_A, lo.lora_B, lo.scaling, "q4_0"))
     x = torch.randn(3, 64)
-    # the LoRA kernel refuses a base weight that carries a gradient, so the quantized forward
-    # reroutes the targets (the project's rerouted(), restored on exit) to F.linear(x, W_q)
+    # the LoRA kernel refuses a base weight that carries a gradient, so the quantized forward gives
+    # the targets a weight transform (the layer's own seam): the layer then runs linear(x, W_q)
     wq_of = {id(mod): w for _, mod, w in qa.fake_quant_targets(m, "q4_0")}
-    with rerouted([lo], lambda mod: functools.partial(F.linear, weight=wq_of[id(mod)], bias=mod.bias)):
-        y = m(x)
+    set_weight_transform(lo, lambda mod, _w: wq_of[id(mod)])
+    y = m(x)
+    set_weight_transform(lo, None)
     assert "forward" not in lo.__dict__
     assert torch.allclose(y, m.lm_head(x) + x @ wq.t())
     y.sum().backward()

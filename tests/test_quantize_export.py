@@ -229,7 +229,7 @@ def test_cli_quantize(base, tmp_path, capsys):
     assert qc["llm_int8_skip_modules"] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj",
                                            "lm_head"]
     m = Llama.from_pretrained(out)
-    assert type(m.model.layers[0].mlp.down_proj) is nn.Linear and m.model.layers[0].mlp.up_proj.block_size == 128
+    assert isinstance(m.model.layers[0].mlp.down_proj, nn.Linear) and m.model.layers[0].mlp.up_proj.block_size == 128
 
 
 def test_streams_one_tensor_at_a_time(base, tmp_path, monkeypatch):

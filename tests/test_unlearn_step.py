@@ -1,4 +1,4 @@
-"""The unlearning step function (qru.train.loop.make_unlearn_step) and model_sequence_logprobs:
+"""The unlearning step function (qru.train.unlearn.make_unlearn_step) and model_sequence_logprobs:
 the fused-head path equals the logits path; a per-batch NPO reference (LoRA: adapters disabled,
 full: a frozen copy) equals the precomputed table; errors."""
 import copy
@@ -11,7 +11,9 @@ from qru.model.config import LlamaConfig
 from qru.model.llama import Llama
 from qru.train import losses as L
 from qru.train.data import Batch
-from qru.train.loop import TrainConfigError, make_unlearn_step, model_sequence_logprobs
+from qru.train.config import TrainConfigError
+from qru.train.loop import model_sequence_logprobs
+from qru.train.unlearn import make_unlearn_step
 
 
 def tiny(seed=0):
@@ -115,6 +117,38 @@ def test_online_reference_equals_table(mode):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     # and the NPO term is not trivially at its theta = ref value
     assert abs(float(online(fb, rb)["forget_loss"].detach()) - 2 / 0.1 * 0.6931471805599453) > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_a_step_replaces_no_forward_and_takes_the_fused_head(mode, monkeypatch):
+    """An unlearning step (NPO with an online reference, GDR, backward, AdamW) on qru's Llama: no
+    module's forward is an instance attribute at any call (a pre-hook on every module checks it,
+    so a swap restored afterwards is caught too) or afterwards, and the logprobs take the fused
+    head (the model's own Linear lm_head)."""
+    m = tiny()
+    fused = []
+    real = L.hidden_sequence_logprobs
+    monkeypatch.setattr(L, "hidden_sequence_logprobs", lambda *a, **k: fused.append(1) or real(*a, **k))
+    if mode == "lora":
+        lora.apply_lora(m, r=4, alpha=8, seed=0)
+        ref_model, ref_ctx = m, (lambda: lora.disable_adapters(m))
+    else:
+        ref_model, ref_ctx = copy.deepcopy(m).eval(), None
+    swapped = []
+    models = [m] if ref_model is m else [m, ref_model]
+    for mm in models:
+        for mod in mm.modules():
+            mod.register_forward_pre_hook(lambda mod, a: swapped.append(mod) if "forward" in mod.__dict__ else None)
+    step = make_unlearn_step(m, method="npo", reg="gdr", beta=0.1, ref_model=ref_model,
+                             **({"ref_ctx": ref_ctx} if ref_ctx else {}))
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
+    fb, rb = batches()
+    for _ in range(2):
+        step(fb, rb)["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+    assert swapped == [] and fused
+    assert all("forward" not in mod.__dict__ for mm in models for mod in mm.modules())
 
 
 def test_step_matches_hand_written_losses():

@@ -208,7 +208,8 @@ def _inputs_dir(d: Path):
 
 
 def _base_stage(cache, cfg, tok, seed, common):
-    from qru.train.loop import PretrainConfig, pretrain
+    from qru.train.config import PretrainConfig
+    from qru.train.pretrain import pretrain
 
     corpus_dir = cache.used["corpus"].dir / "data"
     vocab = tok.result["vocab_size"]
@@ -228,7 +229,8 @@ def _base_stage(cache, cfg, tok, seed, common):
 
 
 def _finetune_stage(cache, name, cfg, base, files, seed, common):
-    from qru.train.loop import PretrainConfig, pretrain
+    from qru.train.config import PretrainConfig
+    from qru.train.pretrain import pretrain
 
     corpus_dir = cache.used["corpus"].dir / "data"
 
@@ -245,7 +247,8 @@ def _finetune_stage(cache, name, cfg, base, files, seed, common):
 
 
 def _unlearn_stage(cache, cfg, target, method, mode, useed, common):
-    from qru.train.loop import UnlearnConfig, unlearn
+    from qru.train.config import UnlearnConfig
+    from qru.train.unlearn import unlearn
 
     u = cfg.unlearn
     corpus_dir = cache.used["corpus"].dir / "data"

@@ -75,7 +75,7 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class TrainSpec:
-    """One (pre-)training stage: ``qru.train.loop.PretrainConfig`` options. ``epochs`` = passes over the
+    """One (pre-)training stage: ``qru.train.config.PretrainConfig`` options. ``epochs`` = passes over the
     documents, each pass in a new random packing (one loop epoch over the packed file)."""
     lr: float = 3e-3
     epochs: int = 10

@@ -147,7 +147,8 @@ def _data(facts_dir: Path, groups) -> list[str]:
 
 
 def _finetune_stage(cache, name, p, base, facts, seed, groups, epochs, stop, common):
-    from qru.train.loop import PretrainConfig, pretrain
+    from qru.train.config import PretrainConfig
+    from qru.train.pretrain import pretrain
 
     def build(d: Path):
         res = pretrain(PretrainConfig(out=str(d / "train"), data=_data(facts.dir, groups), init=str(base.dir / "model"),
@@ -174,7 +175,8 @@ def _finetune_stage(cache, name, p, base, facts, seed, groups, epochs, stop, com
 
 
 def _unlearn_stage(cache, p, arm: Arm, target, facts, seed, stop, common):
-    from qru.train.loop import UnlearnConfig, unlearn
+    from qru.train.config import UnlearnConfig
+    from qru.train.unlearn import unlearn
 
     meth, reg = arm.method.split("_")
 

@@ -28,7 +28,6 @@ import numpy as np
 
 from qru.eval.common import (EvalDataError, Meter, auc_forget_holdout, load_records, membership_scores,
                              rouge_l, score_sequences, take)
-from qru.eval.linears import packed_linears
 
 VERBMEM_MAX_NEW = 128
 KNOWMEM_MAX_NEW = 32
@@ -271,11 +270,10 @@ def muse_auc(model, tokenizer, data_dir, *, k: float = 0.4, limit: int | None = 
              max_len: int | None = None, files: dict | None = None) -> float:
     """The forget-vs-holdout Min-k% AUC of one model (e.g. the retrained reference)."""
     paths = resolve_files(data_dir, ("privleak",), files)
-    with packed_linears(model):
-        f = privleak_scores(model, tokenizer, _texts(paths["privleak_forget"], limit), k=k,
-                            batch_size=batch_size, max_len=max_len)
-        h = privleak_scores(model, tokenizer, _texts(paths["privleak_holdout"], limit), k=k,
-                            batch_size=batch_size, max_len=max_len)
+    f = privleak_scores(model, tokenizer, _texts(paths["privleak_forget"], limit), k=k,
+                        batch_size=batch_size, max_len=max_len)
+    h = privleak_scores(model, tokenizer, _texts(paths["privleak_holdout"], limit), k=k,
+                        batch_size=batch_size, max_len=max_len)
     return privleak_aucs(f, h)[f"Min-{int(round(k * 100))}%"]
 
 
@@ -284,14 +282,13 @@ def evaluate_muse(model, tokenizer, data_dir: str | Path, *, retrain_auc: float 
                   max_len: int | None = None, k: float = 0.4, metrics: Sequence[str] = METRICS,
                   files: dict | None = None, verbmem_max_new_tokens: int = VERBMEM_MAX_NEW,
                   knowmem_max_new_tokens: int = KNOWMEM_MAX_NEW, share_prefix: bool = True,
-                  progress: bool = False, fast_linears: bool = True, gap_refs: dict | None = None) -> dict:
+                  progress: bool = False, gap_refs: dict | None = None) -> dict:
     """Run the MUSE metrics on one (already built) model.
 
     ``files`` overrides entries of ``DEFAULT_FILES`` (relative to ``data_dir`` or absolute).
     ``limit`` keeps the first N items of each evaluated file (ICL shots are always all used).
     ``max_len`` caps the scored length of PrivLeak texts (default: the model's context).
     ``share_prefix`` prefills the KnowMem ICL prefix once per generation batch.
-    ``fast_linears`` runs fp32 CPU linears through oneDNN with packed weights (``qru.eval.linears``).
     Returns a dict with ``verbmem_f``, ``knowmem_f``, ``knowmem_r`` (ROUGE-L F1 x100, as MUSE),
     ``knowmem_f_recall``/``knowmem_r_recall`` (ROUGE-L recall x100), ``auc`` (Min-k%), ``aucs`` (all score kinds),
     ``privleak`` (None without ``retrain_auc``), ``min_k_gap`` (:func:`gap_interval` of the Min-k% scores),
@@ -332,32 +329,31 @@ def evaluate_muse(model, tokenizer, data_dir: str | Path, *, retrain_auc: float 
     was_training = model.training
     model.eval()
     try:
-        with packed_linears(model, enabled=fast_linears):
-            if "verbmem_f" in metrics:
-                out["verbmem_f"], out["items"]["verbmem_f"] = eval_verbmem(
-                    model, tokenizer, data["verbmem_f"], max_new_tokens=verbmem_max_new_tokens,
-                    batch_size=batch_size, meter=meter, progress=progress)
-            for m in ("knowmem_f", "knowmem_r"):
-                if m in metrics:
-                    out[m], out[m + "_recall"], out["items"][m] = eval_knowmem(
-                        model, tokenizer, data[m], data[m + "_icl"], max_new_tokens=knowmem_max_new_tokens,
-                        batch_size=batch_size, meter=meter, stage=m, progress=progress, share_prefix=share_prefix)
-            if "privleak" in metrics:
-                f = privleak_scores(model, tokenizer, data["privleak_forget"], k=k, batch_size=score_batch_size,
-                                    max_len=max_len, meter=meter)
-                h = privleak_scores(model, tokenizer, data["privleak_holdout"], k=k, batch_size=score_batch_size,
-                                    max_len=max_len, meter=meter)
-                out["aucs"] = privleak_aucs(f, h)
-                key = f"Min-{int(round(k * 100))}%"
-                out["auc"] = out["aucs"][key]
-                mine = {"forget": [d[key] for d in f], "holdout": [d[key] for d in h]}
-                out["min_k_gap"] = gap_interval(mine["forget"], mine["holdout"])
-                if gap_refs is not None:
-                    out["min_k_gap_scaled"] = scaled_gap(mine, gap_refs["target"], gap_refs["retrain"])
-                if retrain_auc is not None:
-                    out["privleak"] = privleak_from_auc(out["auc"], retrain_auc)
-                out["items"]["privleak"] = {"forget": [{"i": i, **d} for i, d in enumerate(f)],
-                                            "holdout": [{"i": i, **d} for i, d in enumerate(h)]}
+        if "verbmem_f" in metrics:
+            out["verbmem_f"], out["items"]["verbmem_f"] = eval_verbmem(
+                model, tokenizer, data["verbmem_f"], max_new_tokens=verbmem_max_new_tokens,
+                batch_size=batch_size, meter=meter, progress=progress)
+        for m in ("knowmem_f", "knowmem_r"):
+            if m in metrics:
+                out[m], out[m + "_recall"], out["items"][m] = eval_knowmem(
+                    model, tokenizer, data[m], data[m + "_icl"], max_new_tokens=knowmem_max_new_tokens,
+                    batch_size=batch_size, meter=meter, stage=m, progress=progress, share_prefix=share_prefix)
+        if "privleak" in metrics:
+            f = privleak_scores(model, tokenizer, data["privleak_forget"], k=k, batch_size=score_batch_size,
+                                max_len=max_len, meter=meter)
+            h = privleak_scores(model, tokenizer, data["privleak_holdout"], k=k, batch_size=score_batch_size,
+                                max_len=max_len, meter=meter)
+            out["aucs"] = privleak_aucs(f, h)
+            key = f"Min-{int(round(k * 100))}%"
+            out["auc"] = out["aucs"][key]
+            mine = {"forget": [d[key] for d in f], "holdout": [d[key] for d in h]}
+            out["min_k_gap"] = gap_interval(mine["forget"], mine["holdout"])
+            if gap_refs is not None:
+                out["min_k_gap_scaled"] = scaled_gap(mine, gap_refs["target"], gap_refs["retrain"])
+            if retrain_auc is not None:
+                out["privleak"] = privleak_from_auc(out["auc"], retrain_auc)
+            out["items"]["privleak"] = {"forget": [{"i": i, **d} for i, d in enumerate(f)],
+                                        "holdout": [{"i": i, **d} for i, d in enumerate(h)]}
     finally:
         model.train(was_training)
     out["n_items"] = {k_: (len(v) if isinstance(v, list) else len(v["forget"]) + len(v["holdout"]))

@@ -29,7 +29,6 @@ from typing import Sequence
 import numpy as np
 
 from qru.eval.common import EvalDataError, Meter, load_records, rouge_l, score_sequences, take
-from qru.eval.linears import packed_linears
 
 TEMPLATE = "Question: {question}\nAnswer: "
 MAX_NEW_TOKENS = 128
@@ -188,9 +187,8 @@ def forget_truth_ratios(model, tokenizer, data_dir: str | Path, *, forget_split:
         answers = [d.get("paraphrased_answer", d["answer"])] + list(d["perturbed_answer"])
         texts += [p + a for a in answers]
         pro += [p] * len(answers)
-    with packed_linears(model):
-        losses = [s.loss for s in score_sequences(model, tokenizer, texts, batch_size=score_batch_size,
-                                                   prompts=pro, stats=False)]
+    losses = [s.loss for s in score_sequences(model, tokenizer, texts, batch_size=score_batch_size,
+                                               prompts=pro, stats=False)]
     para, pert, j = [], [], 0
     for d in items:
         n = 1 + len(d["perturbed_answer"])
@@ -204,15 +202,13 @@ def evaluate_tofu(model, tokenizer, data_dir: str | Path, *, forget_split: str =
                   retain_split: str = "retain_perturbed", extra_splits: Sequence[str] | None = None,
                   retain_truth_ratios: Sequence[float] | None = None, limit: int | None = None,
                   batch_size: int = 16, score_batch_size: int = 16, template: str = TEMPLATE,
-                  max_new_tokens: int = MAX_NEW_TOKENS, progress: bool = False,
-                  fast_linears: bool = True) -> dict:
+                  max_new_tokens: int = MAX_NEW_TOKENS, progress: bool = False) -> dict:
     """Run TOFU on one model: forget-set and utility-set metrics.
 
     ``retain_truth_ratios`` are a retain model's per-item ``truth_ratios`` on the same forget
     items (``evaluate_tofu(retain_model, ...)["forget_truth_ratios"]``); with them the result
     holds ``forget_quality`` (KS p-value), else None. ``extra_splits`` (default: the real
     authors / world facts sets) join model utility when their files exist.
-    ``fast_linears`` runs fp32 CPU linears through oneDNN with packed weights (``qru.eval.linears``).
     """
     if "{question}" not in template:
         raise ValueError(f"template must contain '{{question}}', got {template!r}")
@@ -235,11 +231,10 @@ def evaluate_tofu(model, tokenizer, data_dir: str | Path, *, forget_split: str =
     was_training = model.training
     model.eval()
     try:
-        with packed_linears(model, enabled=fast_linears):
-            for name, items in sets.items():
-                res[name] = eval_qa_set(model, tokenizer, items, forget=(name == "forget"), template=template,
-                                        batch_size=batch_size, score_batch_size=score_batch_size,
-                                        max_new_tokens=max_new_tokens, meter=meter, stage=name, progress=progress)
+        for name, items in sets.items():
+            res[name] = eval_qa_set(model, tokenizer, items, forget=(name == "forget"), template=template,
+                                    batch_size=batch_size, score_batch_size=score_batch_size,
+                                    max_new_tokens=max_new_tokens, meter=meter, stage=name, progress=progress)
     finally:
         model.train(was_training)
     out: dict = {"forget_split": forget_split, "retain_split": retain_split}

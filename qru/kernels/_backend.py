@@ -7,15 +7,12 @@ compiler is available. ``QRU_BACKEND=triton|cpp|torch`` forces a path.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import warnings
 from pathlib import Path
-from typing import Callable
 
 import torch
-from torch import nn
 
 BACKENDS = ("triton", "cpp", "torch")
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
@@ -102,24 +99,3 @@ def load_cpp_ext(name: str):
             f"falling back to the torch reference"
         )
         return None
-
-
-def plain_cpu_linears(model: nn.Module, dtype: torch.dtype) -> list[nn.Linear]:
-    """``model``'s plain (not subclassed) CPU ``nn.Linear`` modules with ``dtype`` weights whose
-    ``forward`` nothing has re-routed yet."""
-    return [m for m in model.modules() if type(m) is nn.Linear and m.weight.dtype == dtype
-            and m.weight.device.type == "cpu" and "forward" not in m.__dict__]
-
-
-@contextlib.contextmanager
-def rerouted(mods: list[nn.Module], make_forward: Callable[[nn.Module], Callable]):
-    """Within the block each module's ``forward`` is ``make_forward(module)`` (an instance
-    attribute, so hooks still run); the modules' own forward is restored afterwards. The one
-    mechanism behind ``fast_linears``, ``dense_linears`` and ``qru.eval.linears.packed_linears``."""
-    for m in mods:
-        m.forward = make_forward(m)
-    try:
-        yield
-    finally:
-        for m in mods:
-            m.__dict__.pop("forward", None)

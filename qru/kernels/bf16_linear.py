@@ -12,21 +12,18 @@ accumulation, by
   widened operands, rounded once to bf16 (torch's own bf16 GEMM converts and is several times
   slower there).
 
-Inference only (no autograd): :func:`bf16_linear` is called under ``torch.no_grad``;
-:func:`fast_linears` swaps it into a model's bf16 ``nn.Linear`` modules for the duration of a
-``with`` block (``Llama.forward`` does this without gradients). Elsewhere (CUDA, gradients, other
-dtypes) it is ``F.linear``, the reference.
+Inference only (no autograd): the one linear dispatch (:func:`qru.kernels.linear.linear`) calls
+:func:`bf16_linear` for bf16 CPU operands without gradients. Elsewhere (CUDA, gradients, other
+dtypes, autocast) :func:`bf16_linear` is ``F.linear``, the reference.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from qru.kernels._backend import forced_backend, load_cpp_ext, plain_cpu_linears, rerouted
+from qru.kernels._backend import forced_backend, load_cpp_ext
 
 SKINNY_ROWS = 16
 NATIVE_SKINNY_ROWS = 8  # with AVX512-BF16 the kernel's vdpbf16ps tiles beat oneDNN up to ~8-12 rows
@@ -72,16 +69,3 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     else:
         y = F.linear(x2.float(), weight.float(), None if bias is None else bias.float()).to(torch.bfloat16)
     return y.view(*lead, weight.shape[0])
-
-
-@contextlib.contextmanager
-def fast_linears(model: nn.Module):
-    """Within the block, every plain bf16 ``nn.Linear`` of ``model`` runs :func:`bf16_linear`
-    (a no-op where it would not apply). Restores the modules' own forward afterwards."""
-    mods = plain_cpu_linears(model, torch.bfloat16)
-    with rerouted(mods, lambda m: functools.partial(_forward, m)):
-        yield model
-
-
-def _forward(m: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return bf16_linear(x, m.weight, m.bias)

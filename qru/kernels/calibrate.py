@@ -15,11 +15,12 @@ Each choice names its candidates and a short timing probe. :func:`decide` return
 
 Choices:
 
-- ``dense_fp32``: the fp32 CPU GEMMs of training (``qru.kernels.dense``): oneDNN
-  (``mkldnn._linear_pointwise``) or torch's ``mm`` (MKL's sgemm). On AMD CPUs MKL runs its AVX2 path
-  and oneDNN wins by about 2x; on Intel both reach the same roofline.
-- ``packed_fp32``: the fp32 CPU inference linears of evaluation (``qru.eval.linears``): oneDNN with
-  a weight packed once, or ``F.linear``.
+- ``dense_fp32``: the fp32 CPU GEMMs with gradients (``qru.kernels.dense``, taken by
+  :func:`qru.kernels.linear.linear`): oneDNN (``mkldnn._linear_pointwise``) or torch's ``mm`` (MKL's
+  sgemm). On AMD CPUs MKL runs its AVX2 path and oneDNN wins by about 2x; on Intel both reach the
+  same roofline.
+- ``packed_fp32``: the fp32 CPU linears without gradients (:func:`qru.kernels.linear.linear`):
+  oneDNN with a weight packed once, or ``F.linear``.
 
 oneDNN is picked only when it is at least ``MARGIN`` faster: torch's own path is the default.
 """
@@ -219,14 +220,27 @@ def decide(choice: str, threads: int | None = None, recalibrate: bool = False) -
         data["choices"][choice] = {k: v for k, v in asdict(dec).items() if k in ("pick", "why", "seconds")}
         _write_cache(path, data)
     _memo[(key, choice)] = dec
+    _picks.pop((choice, threads), None)
     return dec
 
 
+_picks: dict[tuple[str, int], str] = {}  # (choice, threads) -> pick: the per-call fast path of pick()
+
+
 def pick(choice: str) -> str:
-    """Just the pick of :func:`decide` at the current thread count (memoised per process)."""
-    return decide(choice).pick
+    """Just the pick of :func:`decide` at the current thread count (memoised per process; an
+    override is read on every call). Cheap: the linear dispatch asks on every call."""
+    forced = override(choice)
+    if forced is not None:
+        return forced
+    key = (choice, torch.get_num_threads())
+    got = _picks.get(key)
+    if got is None:
+        got = _picks[key] = decide(choice).pick
+    return got
 
 
 def clear_memo() -> None:
     """Forget the in-process decisions (the next :func:`decide` reads the cache file again)."""
     _memo.clear()
+    _picks.clear()

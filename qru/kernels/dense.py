@@ -14,20 +14,14 @@ with more than one row of ``x`` (a single row is a GEMV, where MKL is as fast) w
 calibration picked it, unless ``QRU_BACKEND=torch``; otherwise :func:`dense_linear_reference` (torch's ``addmm``/``mm``),
 which is also the oracle in tests. The ops that use it (the LoRA linear, the fused
 log-probs head) call it inside their own autograd Functions; it records no graph itself.
-:func:`linear` is the autograd-capable ``F.linear`` on top (:class:`DenseLinearFn`), and
-:func:`dense_linears` routes a model's plain fp32 ``nn.Linear`` modules through it for a block
-(the training loops' forward passes).
+:class:`DenseLinearFn` is the autograd-capable ``F.linear`` on top, one of the paths of the one
+linear dispatch, :func:`qru.kernels.linear.linear`.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
-
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from qru.kernels._backend import forced_backend, plain_cpu_linears, rerouted
+from qru.kernels._backend import forced_backend
 from qru.kernels.calibrate import onednn_available, pick
 
 
@@ -104,27 +98,3 @@ class DenseLinearFn(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = g.sum(0)
         return dx, dw, db
-
-
-def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` with autograd, its GEMMs through oneDNN where :func:`use_onednn` holds for the
-    flattened ``x`` (fp32 CPU, more than one row); ``F.linear`` itself otherwise."""
-    x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
-    if not use_onednn(x2, w) or (bias is not None and bias.dtype != torch.float32):
-        return F.linear(x, w, bias)
-    y = DenseLinearFn.apply(x2, w, bias)
-    return y if x.dim() == 2 else y.view(*x.shape[:-1], w.shape[0])
-
-
-def _forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return linear(x, module.weight, module.bias)
-
-
-@contextlib.contextmanager
-def dense_linears(model: nn.Module):
-    """Within the block, every plain fp32 CPU ``nn.Linear`` of ``model`` (not already re-routed)
-    runs :func:`linear`; graphs recorded inside keep their oneDNN backward after the block.
-    Restores the modules' own forward afterwards. Hooks still run (only ``forward`` changes)."""
-    on = onednn_available() and forced_backend() != "torch" and pick("dense_fp32") == "onednn"
-    with rerouted(plain_cpu_linears(model, torch.float32) if on else [], lambda m: functools.partial(_forward, m)):
-        yield model

@@ -174,8 +174,8 @@ def _prefill_unpadded(model, ids, mask, cache, position_offset: int = 0, max_tok
             # consecutive rows: a slice gives views (no copies); others are gathered and put back
             sl = slice(rows[0], rows[-1] + 1) if rows[-1] - rows[0] == len(rows) - 1 \
                 else torch.tensor(rows, device=ids.device)
-            part = type(cache)([k[sl] for k in cache.keys], [v[sl] for v in cache.values], 0)
-            view = type(cache)([k[:, :, T - n:] for k in part.keys], [v[:, :, T - n:] for v in part.values], 0)
+            part = cache.part(sl)
+            view = part.part(start=T - n)
             pos = torch.arange(position_offset, position_offset + n, device=ids.device).expand(len(rows), -1)
             out_h = model(ids[sl, T - n:], attention_mask=None, position_ids=pos, cache=view, num_logits=1,
                           **({"return_hidden": True} if head else {}))[:, -1]
@@ -200,7 +200,7 @@ def _forward_rows(model, ids, mask, pos, cache, max_tokens: int | None) -> torch
     past, out = cache.seen, []
     for r0 in range(0, B, rows):
         sl = slice(r0, r0 + rows)
-        part = type(cache)([k[sl] for k in cache.keys], [v[sl] for v in cache.values], past)
+        part = cache.part(sl, seen=past)
         out.append(model(ids[sl], attention_mask=None if mask is None else mask[sl],
                          position_ids=None if pos is None else pos[sl], cache=part, num_logits=1)[:, -1])
     cache.seen = past + T

@@ -23,9 +23,10 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QT
 
+from qru.model.bpe_tokenizer import CONTROL, USER_DEFINED, BPETokenizer, byte_level_pre
 from qru.model.checkpoint import assert_finite, save_state_dict
 from qru.model.config import DTYPES, ConfigError, LlamaConfig
-from qru.model.tokenizer import CONTROL, USER_DEFINED, BPETokenizer, Tokenizer, _byte_level_pre
+from qru.model.tokenizer import Tokenizer
 
 SUPPORTED_TYPES = (QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q4_K, QT.Q6_K,
                    QT.MXFP4)
@@ -339,9 +340,9 @@ def _config_json(cfg: LlamaConfig) -> str:
 # -- writing (export) -------------------------------------------------------------------------------------
 
 def _pre_name(pre_tokenizer_json: dict | None) -> str:
-    """llama.cpp's ``tokenizer.ggml.pre`` name of a byte-level pre-tokenizer built by ``_byte_level_pre``."""
+    """llama.cpp's ``tokenizer.ggml.pre`` name of a byte-level pre-tokenizer built by ``byte_level_pre``."""
     for name in ("gpt2", "smollm", "llama-bpe", "qwen2"):
-        if json.loads(_byte_level_pre(name, "").__getstate__()) == pre_tokenizer_json:
+        if json.loads(byte_level_pre(name, "").__getstate__()) == pre_tokenizer_json:
             return name
     raise GGUFError(f"the tokenizer's pre-tokenizer {pre_tokenizer_json!r} has no llama.cpp name")
 

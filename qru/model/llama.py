@@ -3,15 +3,17 @@
 RMSNorm in fp32, RoPE in HF's rotate-half convention (with rope_scaling), GQA attention
 through ``scaled_dot_product_attention`` (CPU inference: ``qru.kernels.causal_attention`` for
 prompts and ``decode_attention`` for decode steps), SwiGLU MLP, a static KV cache. Linear layers are
-plain ``nn.Linear`` so LoRA and quantized modules plug in by module swap. RMSNorm, RoPE (with
+``nn.Linear`` subclasses so LoRA and quantized modules plug in by module swap. RMSNorm, RoPE (with
 the head transpose) and the SwiGLU gate run as fused kernel ops (``qru.kernels.rmsnorm`` /
 ``rope`` / ``swiglu``: C++ on CPU, Triton on CUDA), each equal to the plain composite it
-replaces up to float round-off. bf16 inference on CPUs without native bf16 matmul runs the plain
-linears through ``qru.kernels.bf16_linear`` (same products, fp32 accumulation).
+replaces up to float round-off. Every linear layer is a :class:`qru.model.linear.Linear` (an
+``nn.Linear``, same state-dict names) whose forward is qru's one linear dispatch
+(``qru.kernels.linear``). A KV cache may hold a prefix shared by all its rows, kept once
+(``KVCache.prefix_keys``); :class:`Attention` then attends to it before the rows' own keys
+(``qru.kernels.prefix_attention``).
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 
@@ -20,14 +22,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from qru.kernels.bf16_linear import fast_linears
 from qru.kernels.causal_attention import causal_attention
 from qru.kernels.decode_attention import decode_attention
+from qru.kernels.prefix_attention import prefix_attention
 from qru.kernels.rmsnorm import rms_norm
 from qru.kernels.rope import rope
 from qru.kernels.swiglu import swiglu
 from qru.model.config import LlamaConfig, rope_inv_freq
 from qru.model.gguf import load_gguf
+from qru.model.linear import Linear
 
 
 class RMSNorm(nn.Module):
@@ -53,10 +56,24 @@ def apply_rope(q, k, cos, sin):
 
 @dataclass
 class KVCache:
-    """Static per-layer key/value buffers of shape (B, kv_heads, max_len, head_dim)."""
+    """Static per-layer key/value buffers of shape (B, kv_heads, max_len, head_dim).
+
+    ``prefix_keys``/``prefix_values`` (optional, per layer (kv_heads, P, head_dim)): a prefix that
+    every row attends to in full before its own positions, held once for the whole batch (e.g. the
+    few-shot examples shared by all prompts, ``qru.eval.generation``). It is not counted in
+    ``seen`` or in attention masks; the caller shifts positions by its length."""
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     seen: int = 0
+    prefix_keys: list[torch.Tensor] | None = None
+    prefix_values: list[torch.Tensor] | None = None
+
+    def __post_init__(self):
+        if (self.prefix_keys is None) != (self.prefix_values is None):
+            raise ValueError("KVCache: give both prefix_keys and prefix_values, or neither")
+        if self.prefix_keys is not None and not (len(self.prefix_keys) == len(self.prefix_values) == len(self.keys)):
+            raise ValueError(f"KVCache: {len(self.keys)} layers but {len(self.prefix_keys)} prefix keys and "
+                             f"{len(self.prefix_values)} prefix values")
 
     @property
     def max_len(self) -> int:
@@ -72,9 +89,15 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Keep only the batch rows in ``index`` (drop finished sequences)."""
+        """Keep only the batch rows in ``index`` (drop finished sequences); the prefix stays."""
         self.keys = [k.index_select(0, index) for k in self.keys]
         self.values = [v.index_select(0, index) for v in self.values]
+
+    def part(self, rows=slice(None), start: int = 0, seen: int = 0) -> "KVCache":
+        """A cache over batch ``rows`` (a slice: views into this cache; an index tensor: copies)
+        and positions ``start:``, with ``seen`` positions filled and the same shared prefix."""
+        return KVCache([k[rows][:, :, start:] for k in self.keys], [v[rows][:, :, start:] for v in self.values],
+                       seen, self.prefix_keys, self.prefix_values)
 
 
 class Attention(nn.Module):
@@ -83,10 +106,10 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         b = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=b)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=b)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=b)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=b)
+        self.q_proj = Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=b)
+        self.k_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=b)
+        self.v_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=b)
+        self.o_proj = Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=b)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None):
         B, T, _ = x.shape
@@ -96,7 +119,10 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         gqa = self.n_kv != self.n_heads
-        if T == 1 and q.device.type == "cpu" and not torch.is_grad_enabled():
+        if cache is not None and cache.prefix_keys is not None:  # a prefix all rows share, held once
+            i = self.layer_idx
+            out = prefix_attention(q, cache.prefix_keys[i], cache.prefix_values[i], k, v, mask)
+        elif T == 1 and q.device.type == "cpu" and not torch.is_grad_enabled():
             out = decode_attention(q, k, v, mask)
         elif mask is None and k.shape[2] == T:
             out = causal_attention(q, k, v)
@@ -111,9 +137,9 @@ class MLP(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         b = cfg.mlp_bias
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=b)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=b)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=b)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=b)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=b)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=b)
 
     def forward(self, x):
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
@@ -147,7 +173,7 @@ class Llama(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
@@ -220,32 +246,24 @@ class Llama(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = self._rope(position_ids, x.dtype)
         mask = self._mask(attention_mask, B, T, past, input_ids.device)
-        # bf16 inference on a CPU without native bf16 matmul: the same products, faster (bf16_linear)
-        with self._inference_linears(x):
-            for layer in self.model.layers:
-                if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                    x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
-                else:
-                    x = layer(x, cos, sin, mask, cache)
-            if cache is not None:
-                cache.seen = past + T
-            x = self.model.norm(x)
-            if num_logits is not None:
-                x = x[:, -num_logits:]
-            if return_hidden:
-                return x
-            return self.lm_head(x)
-
-    def _inference_linears(self, x: torch.Tensor):
-        """bf16 inference on a CPU: the same products, faster (``qru.kernels.bf16_linear``)."""
-        fast = not torch.is_grad_enabled() and x.dtype == torch.bfloat16 and x.device.type == "cpu"
-        return fast_linears(self) if fast else contextlib.nullcontext()
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.seen = past + T
+        x = self.model.norm(x)
+        if num_logits is not None:
+            x = x[:, -num_logits:]
+        if return_hidden:
+            return x
+        return self.lm_head(x)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of final hidden states (``forward(..., return_hidden=True)``'s output): the
         ``lm_head`` as ``forward`` runs it."""
-        with self._inference_linears(hidden):
-            return self.lm_head(hidden)
+        return self.lm_head(hidden)
 
     @staticmethod
     def _mask(attention_mask, B, T, past, device):

@@ -27,8 +27,10 @@ import torch
 from torch import nn
 
 from qru.io import staged_dir, write_bytes, write_text
+from qru.kernels.linear import PackedWeight, linear
 from qru.kernels.lora import NF4Weight, lora_linear
 from qru.model.checkpoint import load_safetensors
+from qru.model.linear import Linear, WeightTransformable
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CONFIG_NAME = "adapter_config.json"
@@ -48,7 +50,7 @@ def lora_scale(r: int, alpha: float, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(WeightTransformable, nn.Module):
     """``y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ`` with frozen ``weight``/``bias`` and trainable ``lora_A``/``lora_B``.
 
     ``init``: ``"default"`` (peft: A kaiming-uniform with a=√5, B zero), ``"gaussian"``
@@ -56,6 +58,9 @@ class LoRALinear(nn.Module):
     to fp32 for a half-precision base (as peft's ``autocast_adapter_dtype``), else the base
     dtype. ``disabled=True`` runs the base alone. An NF4 base (QLoRA) comes through
     :meth:`from_nf4` and lives in the buffers ``weight_nf4``/``weight_absmax``/``weight_code``.
+    With a weight transform (:func:`qru.model.linear.set_weight_transform`, e.g. fake quantization)
+    the forward is ``linear(x, fn(self, weight), bias)``: ``fn`` returns the whole effective weight,
+    adapter included (``weight`` is None for an NF4 base).
     """
 
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float, *, dropout: float = 0.0,
@@ -73,6 +78,7 @@ class LoRALinear(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"lora dropout must be in [0, 1), got {dropout}")
         self.in_features, self.out_features = in_features, out_features
+        self.packed_weight = PackedWeight()  # the dense base's packed copy (qru.kernels.linear), adapters off
         self.r, self.lora_alpha, self.use_rslora = r, float(alpha), bool(use_rslora)
         self.lora_dropout = float(dropout)
         self.disabled = False
@@ -169,9 +175,11 @@ class LoRALinear(nn.Module):
         return self.weight if dtype is None else self.weight.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_transform is not None:
+            return linear(x, self.weight_transform(self, self.weight), self.bias)
         nf4 = self.nf4_weight()
         if self.disabled:
-            return lora_linear(x, self.weight, self.bias, None, None, 0.0, nf4=nf4)
+            return lora_linear(x, self.weight, self.bias, None, None, 0.0, nf4=nf4, packed=self.packed_weight)
         return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
                            dropout_p=self.lora_dropout, training=self.training, nf4=nf4)
 
@@ -329,10 +337,11 @@ def _state_key_order(sd):
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """In place and explicit: replace every LoRALinear by an ``nn.Linear`` holding the merged weight."""
+    """In place and explicit: replace every LoRALinear by a :class:`qru.model.linear.Linear` holding
+    the merged weight."""
     for name, m in list(lora_modules(model)):
         W = m.merged_weight()
-        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=W.device, dtype=W.dtype)
+        lin = Linear(m.in_features, m.out_features, bias=m.bias is not None, device=W.device, dtype=W.dtype)
         with torch.no_grad():
             lin.weight.copy_(W)
             if m.bias is not None:

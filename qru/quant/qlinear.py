@@ -195,11 +195,12 @@ def is_skipped(name: str, skip: Iterable[str]) -> bool:
 
 
 def split_linears(model: nn.Module, skip=()) -> tuple[list[tuple[str, nn.Linear]], list[str]]:
-    """(targeted ``nn.Linear`` modules as (name, module), skipped linear names), in module order."""
+    """(targeted ``nn.Linear`` modules (qru's ``Linear`` included) as (name, module), skipped linear
+    names), in module order."""
     skip = _as_tuple(skip)
     targets, skipped = [], []
     for name, m in model.named_modules():
-        if type(m) is nn.Linear:
+        if isinstance(m, nn.Linear):
             if is_skipped(name, skip):
                 skipped.append(name)
             else:

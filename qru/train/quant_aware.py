@@ -7,10 +7,10 @@ the format's export block size (:func:`qru.quant.qlinear.resolve_block_size`).
 
 * :func:`fake_quant_targets` / :func:`fake_quant_params`: each target's ``W_q = D(Q(W_eff))``,
   differentiable by the straight-through estimator (:mod:`qru.kernels.fake_quant`), ``W_eff = W``
-  (full mode) or ``W + s·B·A`` merged blockwise (LoRA mode). The loop runs the quantized forward
-  by rerouting the targets to ``F.linear(x, W_q, bias)`` for one call
-  (``qru.kernels._backend.rerouted``, restored on exit; the adapter is inside ``W_q``); in full
-  mode ``torch.func.functional_call(model, fake_quant_params(...), args)`` also works. See
+  (full mode) or ``W + s·B·A`` merged blockwise (LoRA mode). The quantized forward gives the
+  targets a weight transform returning ``W_q`` (:func:`qru.model.linear.set_weight_transform`, the
+  layers' own seam; the adapter is inside ``W_q``); in full mode
+  ``torch.func.functional_call(model, fake_quant_params(...), args)`` also works. See
   docs/quant_aware.md.
 * :func:`snapshot`, :func:`code_flip_frac`: monitoring, the share of the targets' codes that the
   update has changed so far, per format (:func:`qru.quant.survival.code_flips`).
@@ -45,12 +45,12 @@ def parse_formats(formats: str | Iterable[str]) -> list[str]:
 
 
 def quant_targets(model: nn.Module, skip=DEFAULT_SKIP) -> list[tuple[str, nn.Module]]:
-    """(name, module) of the linears quantized at export (plain ``nn.Linear`` or ``LoRALinear``), in
-    module order. A QLoRA (NF4) base raises: its weight is already quantized."""
+    """(name, module) of the linears quantized at export (``nn.Linear``, qru's ``Linear`` included, or
+    ``LoRALinear``), in module order. A QLoRA (NF4) base raises: its weight is already quantized."""
     skip = tuple(s.strip() for s in skip.split(",") if s.strip()) if isinstance(skip, str) else tuple(skip or ())
     out = []
     for name, m in model.named_modules():
-        if isinstance(m, LoRALinear) or type(m) is nn.Linear:
+        if isinstance(m, (LoRALinear, nn.Linear)):
             if is_skipped(name, skip):
                 continue
             if isinstance(m, LoRALinear) and m.is_nf4:

@@ -17,7 +17,7 @@ from qru.model.config import LlamaConfig
 from qru.model.llama import Llama
 from qru.model.lora import apply_lora, save_adapter
 from qru.quant.export import quantize_checkpoint
-from qru.train.loop import work_dir
+from qru.train.state import work_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

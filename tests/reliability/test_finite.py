@@ -12,8 +12,11 @@ from qru.model.checkpoint import CheckpointError, load_state_dict, save_state_di
 from qru.model.llama import Llama
 from qru.model.lora import AdapterError, apply_lora, save_adapter
 from qru.quant.export import quantize_checkpoint
-from qru.train import loop as T
 from qru.train import losses as L
+from qru.train.config import UnlearnConfig
+from qru.train.loop import NonFiniteLossError, check_finite_grads
+from qru.train.state import list_checkpoints, work_dir
+from qru.train.unlearn import unlearn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,7 +36,7 @@ def _cfg(tiny_dir, data, out, **kw):
                 targets=["q_proj", "v_proj"], epochs=1, batch_size=2, max_len=128, precision="fp32", eval_samples=2,
                 progress=False, cache_dir=str(data / "cache"), lr=1e-3)
     base.update(kw)
-    return T.UnlearnConfig(**base)
+    return UnlearnConfig(**base)
 
 
 def _cli(capsys, *args):
@@ -43,7 +46,7 @@ def _cli(capsys, *args):
 
 def _checkpoints(out):
     """The complete checkpoints of the unfinished run of ``out`` (kept beside it for --resume)."""
-    return [p.name for p in T.list_checkpoints(T.work_dir(out))]
+    return [p.name for p in list_checkpoints(work_dir(out))]
 
 
 def test_nan_delta_is_refused_before_work(tiny_dir, data, tmp_path, capsys):
@@ -64,7 +67,7 @@ def test_overflowing_loss_stops_at_step_1_and_commits_nothing(tiny_dir, data, tm
     assert len(line) == 1 and "step 1" in line[0] and "loss = -inf" in line[0], err
     assert "forget_loss" not in line[0]  # the forget term itself is finite; the weighted sum overflows
     assert not out.exists()  # nothing committed
-    assert json.loads((T.work_dir(out) / "run.json").read_text())["status"] == "failed"
+    assert json.loads((work_dir(out) / "run.json").read_text())["status"] == "failed"
 
 
 def test_nan_forget_loss_midway_keeps_the_earlier_checkpoint(tiny_dir, data, tmp_path, monkeypatch):
@@ -78,8 +81,8 @@ def test_nan_forget_loss_midway_keeps_the_earlier_checkpoint(tiny_dir, data, tmp
 
     monkeypatch.setattr(L, "simnpo", simnpo)
     out = tmp_path / "o"
-    with pytest.raises(T.NonFiniteLossError, match=r"step 3: forget_loss = nan, loss = nan"):
-        T.unlearn(_cfg(tiny_dir, data, out, save_every=1, epochs=2))
+    with pytest.raises(NonFiniteLossError, match=r"step 3: forget_loss = nan, loss = nan"):
+        unlearn(_cfg(tiny_dir, data, out, save_every=1, epochs=2))
     assert len(calls) == 3
     assert _checkpoints(out) == ["checkpoint-1", "checkpoint-2"], "the checkpoints before step 3 must stay"
     assert not out.exists()
@@ -101,8 +104,8 @@ def test_nan_gradient_is_named_and_not_applied(tiny_dir, data, tmp_path, monkeyp
 
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
     for clip in (1.0, 0.0):
-        with pytest.raises(T.NonFiniteLossError, match=r"step 1: gradient of model\.layers\.0\.self_attn\.q_proj\.lora_"):
-            T.unlearn(_cfg(tiny_dir, data, tmp_path / f"o{clip}", max_grad_norm=clip))
+        with pytest.raises(NonFiniteLossError, match=r"step 1: gradient of model\.layers\.0\.self_attn\.q_proj\.lora_"):
+            unlearn(_cfg(tiny_dir, data, tmp_path / f"o{clip}", max_grad_norm=clip))
     assert "stepped" not in seen
 
 
@@ -117,11 +120,11 @@ def test_inf_weight_after_the_last_step_is_not_saved(tiny_dir, data, tmp_path, m
 
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
     out = tmp_path / "o"
-    with pytest.raises(T.NonFiniteLossError, match=r"step 1: parameter model\.layers\.1\.self_attn\.v_proj\.lora_B "
+    with pytest.raises(NonFiniteLossError, match=r"step 1: parameter model\.layers\.1\.self_attn\.v_proj\.lora_B "
                                                     r"has non-finite"):
-        T.unlearn(_cfg(tiny_dir, data, out, batch_size=8))  # one step: the forward never sees the Inf
+        unlearn(_cfg(tiny_dir, data, out, batch_size=8))  # one step: the forward never sees the Inf
     assert not out.exists()  # nothing committed
-    assert json.loads((T.work_dir(out) / "run.json").read_text())["status"] == "failed"
+    assert json.loads((work_dir(out) / "run.json").read_text())["status"] == "failed"
 
 
 def test_grad_check_clips_exactly_like_clip_grad_norm():
@@ -134,12 +137,12 @@ def test_grad_check_clips_exactly_like_clip_grad_norm():
     for rp, r in zip(ref_params, ref):
         rp.grad = r.clone()
     torch.nn.utils.clip_grad_norm_(ref_params, 0.5)
-    T.check_finite_grads({id(p): f"p{i}" for i, p in enumerate(params)}, params, 0.5, 1)
+    check_finite_grads({id(p): f"p{i}" for i, p in enumerate(params)}, params, 0.5, 1)
     for p, rp in zip(params, ref_params):
         assert torch.equal(p.grad, rp.grad)
     params[1].grad[2] = float("inf")
-    with pytest.raises(T.NonFiniteLossError, match="step 7: gradient of p1 has 1 non-finite"):
-        T.check_finite_grads({id(p): f"p{i}" for i, p in enumerate(params)}, params, 0.5, 7)
+    with pytest.raises(NonFiniteLossError, match="step 7: gradient of p1 has 1 non-finite"):
+        check_finite_grads({id(p): f"p{i}" for i, p in enumerate(params)}, params, 0.5, 7)
 
 
 def test_save_adapter_refuses_nan(tiny_dir, tmp_path):

@@ -175,7 +175,7 @@ def test_kill_then_resume_is_bit_identical(tiny_dir, data, tmp_path, tmp_path_fa
         _same_weights(out, ref)
         Llama.from_pretrained(out)
     # the metrics log was appended to, never rewritten: deduplicated by step it is the reference's
-    from qru.train.loop import read_metrics
+    from qru.train.state import read_metrics
 
     strip = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]  # noqa: E731
     assert strip(read_metrics(out / "metrics.jsonl")) == strip(read_metrics(ref / "metrics.jsonl"))

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 torch.set_num_threads(1)
 from qru.train import loop as T
+from qru.train.config import UnlearnConfig
+from qru.train.unlearn import unlearn
 out, model, forget, retain, cache = sys.argv[2:7]
 def rss():
     for line in open("/proc/self/status"):
@@ -33,9 +35,9 @@ def collate(*a, **k):
     seen.append(rss())
     return orig(*a, **k)
 T.collate = collate
-T.unlearn(T.UnlearnConfig(out=out, model=model, forget=[forget], retain=[retain], method="npo", reg="gdr",
-                          mode="lora", epochs=4, batch_size=2, max_len=128, precision="bf16", eval_samples=4,
-                          progress=False, cache_dir=cache, lr=1e-4))
+unlearn(UnlearnConfig(out=out, model=model, forget=[forget], retain=[retain], method="npo", reg="gdr",
+                      mode="lora", epochs=4, batch_size=2, max_len=128, precision="bf16", eval_samples=4,
+                      progress=False, cache_dir=cache, lr=1e-4))
 print(json.dumps(seen[::2]))  # one sample per step (forget + retain batch)
 """
 

@@ -1,0 +1,208 @@
+"""The one linear dispatch: ``y = x Wᵀ + b`` for every dense linear layer of qru.
+
+:func:`linear` picks an implementation per call (:func:`choose`) from the operands (device,
+dtype, rows of ``x``), the grad mode, ``QRU_BACKEND`` and this machine's calibration
+(:mod:`qru.kernels.calibrate`). Every path equals ``F.linear`` up to float round-off:
+
+=============  ================================================================================
+path           when
+=============  ================================================================================
+``"torch"``    ``F.linear`` itself: CUDA (cuBLAS; qru has no Triton GEMM), ``QRU_BACKEND=torch``
+               or ``triton``, autocast on, other dtypes, a single row of ``x`` (MKL's GEMV is as
+               fast), or when the calibration keeps torch's GEMM.
+``"bf16"``     bf16 CPU operands, no gradient needed: :func:`qru.kernels.bf16_linear.bf16_linear`
+               (the C++ skinny kernel for few rows, else a bf16 or widened fp32 GEMM).
+``"packed"``   fp32 CPU, no gradient needed, more than one row, one torch thread, a cache slot
+               given, and calibration ``packed_fp32`` = onednn (override ``QRU_PACKED_FP32``):
+               oneDNN with the weight packed once and cached in the slot (:class:`PackedWeight`).
+``"dense"``    fp32 CPU, more than one row, calibration ``dense_fp32`` = onednn (override
+               ``QRU_DENSE_FP32``; with several threads only for large GEMMs):
+               :class:`qru.kernels.dense.DenseLinearFn`, oneDNN GEMMs forward and backward.
+=============  ================================================================================
+
+The choice is a pure function of the call: no module's ``forward`` is replaced and no flag is
+switched around a block, so concurrent callers never see each other's choices. A packed weight
+is keyed on the weight tensor (its identity, storage pointer and in-place ``_version``), so an
+optimizer step, ``load_state_dict`` or ``.to()`` repacks it on the next call; a stale copy is
+dropped on the first call that sees it stale. All packed copies of the process together stay
+under ``QRU_PACKED_MAX_BYTES`` (default 2 GiB: they cost as much memory as the weights); past
+it a linear takes the unpacked path.
+
+``QRU_BACKEND=cpp`` demands the C++ skinny kernel where the bf16 path would take it (an error if
+it cannot be built) and otherwise behaves as unforced on CPU; on CUDA it is an error, as for
+every op (:func:`qru.kernels._backend.backend_for`).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import threading
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from qru.kernels._backend import forced_backend, load_cpp_ext, triton_usable
+from qru.kernels.bf16_linear import bf16_linear, skinny_rows
+from qru.kernels.calibrate import onednn_available, pick
+from qru.kernels.dense import SMALL_MACS, DenseLinearFn
+
+PATHS = ("torch", "bf16", "packed", "dense")
+DEFAULT_PACKED_MAX_BYTES = 2 << 30
+
+
+@functools.lru_cache(maxsize=None)
+def packing_available() -> bool:
+    """oneDNN's linear passes the calibration probe and torch has its weight packing."""
+    return onednn_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def packed_max_bytes() -> int:
+    """The budget of all packed weights of the process: ``QRU_PACKED_MAX_BYTES`` or 2 GiB."""
+    raw = os.environ.get("QRU_PACKED_MAX_BYTES", "").strip()
+    if not raw:
+        return DEFAULT_PACKED_MAX_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"QRU_PACKED_MAX_BYTES={raw!r} is not a non-negative integer (bytes)")
+    return value
+
+
+_lock = threading.Lock()
+_packed_bytes = 0  # bytes held by all PackedWeight slots of the process
+
+
+def packed_bytes() -> int:
+    """Bytes currently held by packed weights (all slots of the process)."""
+    return _packed_bytes
+
+
+def _account(delta: int) -> None:
+    global _packed_bytes
+    with _lock:
+        _packed_bytes += delta
+
+
+class PackedWeight:
+    """A cache slot for one layer's oneDNN-packed weight (owned by the layer, e.g.
+    ``qru.model.linear.Linear``). Holds at most one packed copy, valid while the weight is the same
+    tensor with the same storage and in-place version. Copies (``copy.deepcopy``) and pickles of a
+    layer get an empty slot."""
+
+    __slots__ = ("_entry", "_nbytes")
+
+    def __init__(self):
+        self._entry = None  # (weakref to the weight, data_ptr, _version, packed tensor)
+        self._nbytes = 0
+
+    def _valid(self, w: torch.Tensor) -> bool:
+        e = self._entry
+        return e is not None and e[0]() is w and e[1] == w.data_ptr() and e[2] == w._version
+
+    def fits(self, w: torch.Tensor) -> bool:
+        """Whether ``w`` is packed here already or a new packed copy fits the budget."""
+        if self._valid(w):
+            return True
+        self.clear()  # stale: free it before anything else is packed
+        return _packed_bytes + w.numel() * w.element_size() <= packed_max_bytes()
+
+    def get(self, w: torch.Tensor) -> torch.Tensor:
+        """The packed copy of ``w``, packed now if the slot holds none or a stale one."""
+        e = self._entry
+        if e is not None and e[0]() is w and e[1] == w.data_ptr() and e[2] == w._version:
+            return e[3]
+        self.clear()
+        version = w._version
+        packed = torch.ops.mkldnn._reorder_linear_weight(w.detach())
+        nbytes = w.numel() * w.element_size()
+        _account(nbytes)
+        self._entry, self._nbytes = (weakref.ref(w), w.data_ptr(), version, packed), nbytes
+        return packed
+
+    def clear(self) -> None:
+        """Drop the packed copy (if any)."""
+        if self._entry is not None:
+            self._entry = None
+            _account(-self._nbytes)
+            self._nbytes = 0
+
+    @property
+    def packed(self) -> bool:
+        return self._entry is not None
+
+    def __del__(self):
+        try:
+            self.clear()
+        except Exception:  # interpreter shutdown
+            pass
+
+    def __deepcopy__(self, memo):
+        return PackedWeight()
+
+    def __reduce__(self):
+        return (PackedWeight, ())
+
+    def __repr__(self) -> str:
+        return f"PackedWeight({'packed' if self.packed else 'empty'})"
+
+
+def _needs_grad(x, weight, bias) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad))
+
+
+def choose(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           packed: PackedWeight | None = None) -> str:
+    """The path :func:`linear` takes for these operands now (one of :data:`PATHS`); see the module
+    docstring. Raises when ``QRU_BACKEND`` forces a backend these operands cannot use."""
+    forced = forced_backend()
+    if forced == "triton" and not triton_usable(x):
+        raise RuntimeError("QRU_BACKEND=triton needs a CUDA tensor or TRITON_INTERPRET=1")
+    if forced == "cpp" and x.is_cuda:
+        raise RuntimeError("QRU_BACKEND=cpp needs CPU tensors")
+    if (forced in ("torch", "triton") or x.device.type != "cpu" or weight.device.type != "cpu"
+            or weight.dim() != 2 or x.dim() == 0 or x.shape[-1] != weight.shape[1] or x.numel() == 0
+            or torch.is_autocast_enabled("cpu")):
+        return "torch"
+    dt = x.dtype
+    if dt == torch.bfloat16 and weight.dtype == torch.bfloat16 and not torch.is_grad_enabled():
+        if (forced == "cpp" and x.numel() // x.shape[-1] <= skinny_rows()
+                and load_cpp_ext("bf16_linear") is None):
+            raise RuntimeError("QRU_BACKEND=cpp but the C++ kernel 'bf16_linear' is unavailable")
+        return "bf16"
+    if dt != torch.float32 or weight.dtype != torch.float32 or (bias is not None and bias.dtype != dt):
+        return "torch"
+    if packed is not None and packed.packed and not packed._valid(weight):
+        packed.clear()  # the weight changed since it was packed: free the copy now
+    rows = x.numel() // x.shape[-1]
+    if rows <= 1 or not onednn_available():
+        return "torch"
+    if (packed is not None and not _needs_grad(x, weight, bias) and torch.get_num_threads() == 1
+            and packing_available() and pick("packed_fp32") == "onednn" and packed.fits(weight)):
+        return "packed"
+    # the rule of qru.kernels.dense.use_onednn: with several threads only GEMMs large enough to share
+    if ((torch.get_num_threads() == 1 or rows * weight.shape[0] * weight.shape[1] >= SMALL_MACS)
+            and pick("dense_fp32") == "onednn"):
+        return "dense"
+    return "torch"
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           packed: PackedWeight | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` by the path :func:`choose` picks; differentiable wherever
+    gradients are needed. ``packed``: the caller's cache slot for the packed weight (the
+    ``"packed"`` path needs one; without it a no-grad fp32 call takes the dense path)."""
+    path = choose(x, weight, bias, packed)
+    if path == "torch":
+        return F.linear(x, weight, bias)
+    if path == "bf16":
+        return bf16_linear(x, weight, bias)
+    if path == "packed":
+        b = None if bias is None else bias.detach()
+        return torch.ops.mkldnn._linear_pointwise(x.detach(), packed.get(weight), b, "none", [], "")
+    x2 = x.reshape(-1, x.shape[-1])
+    y = DenseLinearFn.apply(x2, weight, bias)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])

@@ -1,0 +1,62 @@
+"""The model's linear layer: an ``nn.Linear`` (same parameters, same state-dict names
+``weight``/``bias``) whose forward is qru's one linear dispatch, :func:`qru.kernels.linear.linear`.
+
+Reading :meth:`Linear.forward` tells what runs: the dispatch picks the implementation per call
+(bf16 skinny C++ kernel, oneDNN dense or with a packed weight, ``F.linear``) from the operands, the
+grad mode, ``QRU_BACKEND`` and the machine's calibration; the layer owns the cache slot of its
+packed weight. Nothing reroutes the layer from outside.
+
+A seam for weight transforms (e.g. quantization-aware training's fake quantization of the weight,
+issue 20): :func:`set_weight_transform` gives one layer a function ``fn(layer, weight) -> weight``
+that the layer's own forward applies before the product (differentiable: gradients reach the
+weight through it). A transformed weight is a new tensor on every call, so it is not packed.
+``None`` (the default) removes the transform. :class:`qru.model.lora.LoRALinear` has the same
+seam (there ``fn`` returns the whole effective weight, adapter included, and the layer runs the
+dispatch over it instead of its LoRA kernel); both are :class:`WeightTransformable`.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from qru.kernels.linear import PackedWeight, linear
+
+WeightTransform = Callable[["Linear", torch.Tensor], torch.Tensor]
+
+
+class WeightTransformable:
+    """A layer whose forward applies ``self.weight_transform`` (if set) to its weight; set it with
+    :func:`set_weight_transform`."""
+
+    weight_transform: WeightTransform | None = None
+
+
+class Linear(WeightTransformable, nn.Linear):
+    """``y = x Wᵀ + b`` through :func:`qru.kernels.linear.linear`; see the module docstring."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.packed_weight = PackedWeight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_transform is not None:
+            return linear(x, self.weight_transform(self, self.weight), self.bias)
+        return linear(x, self.weight, self.bias, self.packed_weight)
+
+    def extra_repr(self) -> str:
+        t = self.weight_transform
+        return super().extra_repr() + ("" if t is None else f", weight_transform={getattr(t, '__name__', t)!r}")
+
+
+def set_weight_transform(layer: nn.Module, fn: WeightTransform | None) -> None:
+    """Apply ``fn(layer, weight)`` to ``layer``'s weight in every forward from now on (``None``:
+    no transform). ``layer``: a :class:`Linear` or ``LoRALinear`` (qru's model layers are)."""
+    if not isinstance(layer, WeightTransformable):
+        raise TypeError(f"set_weight_transform needs a qru Linear or LoRALinear, got {type(layer).__name__}")
+    if fn is not None and not callable(fn):
+        raise TypeError(f"weight transform must be callable or None, got {type(fn).__name__}")
+    object.__setattr__(layer, "weight_transform", fn)  # a plain attribute even if fn is an nn.Module
+    layer.packed_weight.clear()  # the stored weight's packed copy is not used while transformed
+

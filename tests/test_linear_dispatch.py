@@ -1,0 +1,311 @@
+"""qru.kernels.linear: the one linear dispatch. Each path against F.linear (values and gradients,
+fp64 oracle), the packed-weight cache and its invalidation, QRU_BACKEND forcing, the per-machine
+calibration honoured, the weight-transform seam of qru.model.linear.Linear, and that nothing in
+qru replaces a module's ``forward``."""
+import copy
+import re
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qru.kernels import calibrate
+from qru.kernels import linear as KL
+from qru.kernels.bf16_linear import skinny_rows
+from qru.model.linear import Linear, set_weight_transform
+
+needs_onednn = pytest.mark.skipif(not KL.packing_available(), reason="this torch build has no oneDNN packing")
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch, one_thread):
+    """One thread, no forced backend, oneDNN picked for both choices (whatever this machine's
+    calibration says); tests that need otherwise set it."""
+    for var in ("QRU_BACKEND", "QRU_PACKED_MAX_BYTES"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("QRU_DENSE_FP32", "onednn")
+    monkeypatch.setenv("QRU_PACKED_FP32", "onednn")
+
+
+def _data(M=6, K=24, N=10, bias=True, dtype=torch.float32, lead=()):
+    g = torch.Generator().manual_seed(M * 100 + K)
+    x = torch.randn(*lead, M, K, generator=g).to(dtype)
+    w = torch.randn(N, K, generator=g).to(dtype)
+    b = torch.randn(N, generator=g).to(dtype) if bias else None
+    return x, w, b
+
+
+def _ref64(x, w, b):
+    return F.linear(x.double(), w.double(), None if b is None else b.double())
+
+
+def _close(got, want, K):
+    tol = 2e-6 * K ** 0.5 * 4
+    torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+
+
+# -- each path against F.linear -------------------------------------------------------------------
+
+@needs_onednn
+@pytest.mark.parametrize("lead", [(), (3,)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_dense_path_values_and_grads(lead, bias):
+    x, w, b = _data(lead=lead, bias=bias)
+    leaves = [t.requires_grad_() for t in (x, w, b) if t is not None]
+    assert KL.choose(x, w, b) == "dense"
+    y = KL.linear(x, w, b)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    y.backward(gy)
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    yr = F.linear(ref[0], ref[1], ref[2] if bias else None)
+    yr.backward(gy.double())
+    _close(y.detach(), yr.detach(), x.shape[-1])
+    for t, r in zip(leaves, ref):
+        _close(t.grad, r.grad, max(x.shape[-1], 18))
+
+
+@needs_onednn
+def test_packed_path_values_and_cache():
+    x, w, b = _data()
+    slot = KL.PackedWeight()
+    with torch.no_grad():
+        assert KL.choose(x, w, b, slot) == "packed"
+        y = KL.linear(x, w, b, slot)
+        assert slot.packed
+        _close(y, _ref64(x, w, b), 24)
+        xs = torch.randn(3, 9, 24)[:, 2:6]  # 3-D, not contiguous
+        _close(KL.linear(xs, w, b, slot), _ref64(xs, w, b), 24)
+        assert KL.choose(x, w, b, None) == "dense"  # no slot: nothing to cache the packed copy in
+        assert KL.choose(x[:1], w, b, slot) == "torch"  # one row: MKL's GEMV
+    # gradients needed: the differentiable dense path, not the packed copy
+    xg = x.clone().requires_grad_()
+    assert KL.choose(xg, w, b, slot) == "dense"
+    KL.linear(xg, w, b, slot).sum().backward()
+    _close(xg.grad, w.double().sum(0).expand(6, 24), 24)
+
+
+@needs_onednn
+def test_packed_copy_follows_the_weight_after_an_optimizer_step():
+    torch.manual_seed(0)
+    lin = Linear(24, 10)
+    opt = torch.optim.AdamW(lin.parameters(), lr=0.1)
+    x = torch.randn(5, 24)
+    with torch.no_grad():
+        before = lin(x)
+    assert lin.packed_weight.packed
+    held = KL.packed_bytes()
+    lin(x).square().sum().backward()  # a training step: grads through the dense path
+    opt.step()
+    lin(x)  # the next call (with gradients: not packed) sees the copy stale and frees it
+    assert not lin.packed_weight.packed and KL.packed_bytes() == held - 24 * 10 * 4
+    with torch.no_grad():
+        after = lin(x)
+    assert lin.packed_weight.packed
+    assert not torch.allclose(after, before)
+    _close(after, _ref64(x, lin.weight.detach(), lin.bias.detach()), 24)
+    # replaced in place by load_state_dict, and moved to another dtype and back: repacked
+    sd = {k: v * -1 for k, v in lin.state_dict().items()}
+    lin.load_state_dict(sd)
+    with torch.no_grad():
+        _close(lin(x), _ref64(x, sd["weight"], sd["bias"]), 24)
+        lin.double().float()
+        _close(lin(x), _ref64(x, sd["weight"], sd["bias"]), 24)
+
+
+@needs_onednn
+def test_packed_budget(monkeypatch):
+    x, w, b = _data()
+    slot = KL.PackedWeight()
+    monkeypatch.setenv("QRU_PACKED_MAX_BYTES", str(KL.packed_bytes() + w.numel() * 4 - 1))
+    with torch.no_grad():
+        assert KL.choose(x, w, b, slot) == "dense"  # one byte short
+        monkeypatch.setenv("QRU_PACKED_MAX_BYTES", str(KL.packed_bytes() + w.numel() * 4))
+        assert KL.choose(x, w, b, slot) == "packed"
+        KL.linear(x, w, b, slot)
+    held = KL.packed_bytes()
+    del slot
+    assert KL.packed_bytes() == held - w.numel() * 4
+    monkeypatch.setenv("QRU_PACKED_MAX_BYTES", "lots")
+    with pytest.raises(ValueError, match="QRU_PACKED_MAX_BYTES='lots'"):
+        KL.packed_max_bytes()
+
+
+@pytest.mark.parametrize("M", [2, 40])
+def test_bf16_path(M):
+    x, w, b = _data(M=M, K=64, N=33, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert KL.choose(x, w, b) == "bf16"
+        y = KL.linear(x, w, b)
+    assert y.dtype == torch.bfloat16
+    # fp32 accumulation of exact bf16 products, rounded once: within one bf16 rounding of fp64
+    ref = _ref64(x, w, b)
+    assert ((y.double() - ref).abs() <= ref.abs() * 2 ** -8 + 1e-6).all()
+    xg = x.clone().requires_grad_()
+    assert KL.choose(xg, w, b) == "torch"  # bf16 with gradients: F.linear
+    assert torch.equal(KL.linear(xg, w, b), F.linear(xg, w, b))
+
+
+def test_torch_path_cases():
+    x, w, b = _data()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert KL.choose(x, w, b) == "torch"  # autocast decides the dtype: F.linear under it
+        assert torch.equal(KL.linear(x, w, b), F.linear(x, w, b))
+    assert KL.choose(x.double(), w.double(), b.double()) == "torch"
+    assert KL.choose(x, w, b.double()) == "torch"
+    assert KL.choose(x[:1], w, b) == "torch"
+    assert KL.choose(x[:0], w, b) == "torch"
+
+
+# -- QRU_BACKEND and the calibration ---------------------------------------------------------------
+
+def test_qru_backend_torch_forces_f_linear(monkeypatch):
+    monkeypatch.setenv("QRU_BACKEND", "torch")
+    slot = KL.PackedWeight()
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w, b = _data(dtype=dtype)
+        with torch.no_grad():
+            assert KL.choose(x, w, b, slot) == "torch"
+            assert torch.equal(KL.linear(x, w, b, slot), F.linear(x, w, b))
+    assert not slot.packed
+
+
+def test_qru_backend_triton_and_cpp(monkeypatch):
+    x, w, b = _data()
+    monkeypatch.setenv("QRU_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert KL.choose(x, w, b) == "torch"  # no Triton GEMM: F.linear is the implementation
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="QRU_BACKEND=triton needs a CUDA tensor"):
+        KL.linear(x, w, b)
+    monkeypatch.setenv("QRU_BACKEND", "cpp")
+    xb, wb, bb = _data(M=2, K=64, N=8, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert KL.choose(xb, wb, bb) == "bf16" and xb.shape[0] <= skinny_rows()
+
+
+@needs_onednn
+def test_calibration_choice_is_honoured(monkeypatch, tmp_path):
+    """Unforced, each fp32 path follows what the (here faked) per-machine measurement picked."""
+    monkeypatch.delenv("QRU_DENSE_FP32")
+    monkeypatch.delenv("QRU_PACKED_FP32")
+    monkeypatch.setenv("QRU_CACHE", str(tmp_path))
+    secs = {"dense_fp32": {"torch": 0.010, "onednn": 0.005}, "packed_fp32": {"torch": 0.010, "onednn": 0.005}}
+    for choice in secs:
+        cands, default, _, _ = calibrate.CHOICES[choice]
+        monkeypatch.setitem(calibrate.CHOICES, choice, (cands, default, lambda c=choice: dict(secs[c]), lambda: True))
+    calibrate.clear_memo()
+    try:
+        x, w, b = _data()
+        slot = KL.PackedWeight()
+        assert KL.choose(x, w, b) == "dense"
+        with torch.no_grad():
+            assert KL.choose(x, w, b, slot) == "packed"
+        secs["packed_fp32"] = {"torch": 0.001, "onednn": 0.010}
+        calibrate.decide("packed_fp32", recalibrate=True)
+        with torch.no_grad():
+            assert KL.choose(x, w, b, slot) == "dense"
+        secs["dense_fp32"] = {"torch": 0.001, "onednn": 0.010}
+        calibrate.decide("dense_fp32", recalibrate=True)
+        assert KL.choose(x, w, b) == "torch"
+        monkeypatch.setenv("QRU_DENSE_FP32", "onednn")  # an override beats the measurement
+        assert KL.choose(x, w, b) == "dense"
+        # with two threads, a GEMM this small stays with torch (a descheduled thread stalls oneDNN)
+        torch.set_num_threads(2)
+        try:
+            assert KL.choose(x, w, b) == "torch"
+            with torch.no_grad():
+                assert KL.choose(x, w, b, slot) == "torch"  # packed only with one thread
+        finally:
+            torch.set_num_threads(1)
+    finally:
+        calibrate.clear_memo()
+
+
+# -- the model's Linear -----------------------------------------------------------------------------
+
+def test_linear_keeps_nn_linear_names_and_copies_get_empty_slots():
+    torch.manual_seed(0)
+    lin = Linear(24, 10)
+    ref = torch.nn.Linear(24, 10)
+    assert list(lin.state_dict()) == list(ref.state_dict()) == ["weight", "bias"]
+    lin.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 24)
+    with torch.no_grad():
+        _close(lin(x), _ref64(x, ref.weight, ref.bias), 24)
+        twin = copy.deepcopy(lin)
+        assert not twin.packed_weight.packed or not KL.packing_available()
+        _close(twin(x), _ref64(x, ref.weight, ref.bias), 24)
+
+
+def test_weight_transform_seam():
+    torch.manual_seed(0)
+    lin = Linear(24, 10)
+    x = torch.randn(5, 24)
+    calls = []
+
+    def double(layer, w):
+        calls.append(layer)
+        return w * 2
+
+    set_weight_transform(lin, double)
+    assert "weight_transform='double'" in repr(lin)
+    y = lin(x)
+    assert calls == [lin]
+    _close(y.detach(), _ref64(x, 2 * lin.weight.detach(), lin.bias.detach()), 24)
+    y.sum().backward()  # through the transform: d/dW sum(x (2W)ᵀ) = 2 · column sums of x
+    _close(lin.weight.grad, 2 * x.double().sum(0).expand(10, 24), 24)
+    with torch.no_grad():
+        lin(x)
+    assert not lin.packed_weight.packed  # a transformed weight is never packed
+    set_weight_transform(lin, None)
+    with torch.no_grad():
+        _close(lin(x), _ref64(x, lin.weight, lin.bias), 24)
+    with pytest.raises(TypeError, match="needs a qru Linear or LoRALinear, got Linear"):
+        set_weight_transform(torch.nn.Linear(2, 2), double)
+    with pytest.raises(TypeError, match="must be callable"):
+        set_weight_transform(lin, 3)
+
+
+@needs_onednn
+def test_concurrent_callers_do_not_see_each_others_paths():
+    """Two threads on one model, one without gradients (packed path), one with (dense path):
+    every result equals the single-threaded one (no per-call state is switched)."""
+    torch.manual_seed(0)
+    lin = Linear(64, 48)
+    xs = [torch.randn(8, 64) for _ in range(4)]
+    with torch.no_grad():
+        want = [lin(x) for x in xs]
+    errors = []
+
+    def infer():
+        with torch.no_grad():
+            for _ in range(30):
+                for x, w in zip(xs, want):
+                    if not torch.equal(lin(x), w):
+                        errors.append("no-grad")
+
+    def train():
+        for _ in range(30):
+            for x, w in zip(xs, want):
+                y = lin(x)
+                if not y.requires_grad or not torch.allclose(y, w, atol=1e-5, rtol=1e-5):
+                    errors.append("grad")
+
+    threads = [threading.Thread(target=infer), threading.Thread(target=train)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+# -- no module replaces another's forward -----------------------------------------------------------
+
+def test_no_forward_assignment_in_qru_sources():
+    root = Path(__file__).resolve().parents[1] / "qru"
+    pattern = re.compile(r"\.forward\s*=(?!=)|setattr\([^)]*['\"]forward['\"]|__dict__\[['\"]forward['\"]\]\s*=")
+    hits = [f"{p.relative_to(root)}:{i}" for p in sorted(root.rglob("*.py"))
+            for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert hits == []
