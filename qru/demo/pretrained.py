@@ -85,6 +85,14 @@ PROTOCOL_CHANGES = (
     "Full-FT learning rates 1e-4 and 3e-4 instead of the suggested 1e-5 and 3e-5: a first run (seed 0) at 1e-5 "
     "and 3e-5 moved the forget NLL by < 0.1 nats in 12 epochs of pure-bf16 GA+GDR and forgot nothing "
     "(PretrainedSpec's docstring).",
+    "Evaluation computes under bf16 autocast (the first run, commit 20c6e0d, computed in fp32), decides an answer "
+    "from one teacher-forced pass where that pass fixes greedy decoding's output and generates the rest, and "
+    "evaluates quantized weights as dequantize(quantize(W)) in one loaded model (qru.demo.pretrained_scoring). "
+    "Reason: the 20-minute budget. A bf16 model runs in bf16, and bitsandbytes' 4-bit layers dequantize to their "
+    "compute dtype (bf16 here) too.",
+    "The survival table gives the share of weights whose quantized value flips (from the evaluated weights) instead "
+    "of qru.quant.survival's code-flip share, which needed a second pass over every model; the projection and "
+    "||dW||/||W|| are survival's definitions (tested against it).",
 )
 
 
