@@ -29,6 +29,7 @@ import torch
 from qru.eval.common import rouge_l
 from qru.eval.generation import generate_batched
 from qru.kernels.fake_quant import fake_quant_values
+from qru.model.generate import decode_new
 from qru.quant.qlinear import resolve_block_size, split_linears
 from qru.train.data import collate, load_sets, qa_prompt
 
@@ -51,14 +52,16 @@ class QAScorer:
         self.tok, self.sets, self.max_new, self.bf16_compute = tok, sets, max_new_tokens, bf16_compute
         self.tokens = {g: load_sets([str(files[g])], tok, 128, "qa", "answer", cache_dir, role=g) for g in sets}
         self.shortcut = {}  # group -> per record: the teacher-forced pass can decide it
+        self.decoded = {}  # group -> per record: the answer as greedy decoding would return it
         for g, recs in sets.items():
-            ok = []
+            ok, self.decoded[g] = [], []
             for i, r in enumerate(recs):
                 ids, mask = (list(map(int, x)) for x in self.tokens[g].example(i))
                 prompt = tok.encode(qa_prompt(r["question"]), bos=True)
                 first = next((j for j, m in enumerate(mask) if m), len(mask))
                 n_answer = sum(mask) - 1  # the answer tokens; the last target is eos
                 ok.append(ids[:len(prompt)] == prompt and first == len(prompt) and 0 < n_answer <= max_new_tokens)
+                self.decoded[g].append(decode_new(tok, ids[first:first + n_answer], None, ["\n"]))
             self.shortcut[g] = ok
 
     @torch.no_grad()
@@ -98,7 +101,7 @@ class QAScorer:
             todo = [i for i, d in enumerate(decided) if not d]
             gen = generate_batched(model, self.tok, [qa_prompt(recs[i]["question"]) for i in todo], self.max_new,
                                    stop=["\n"], batch_size=48) if todo else []
-            preds = [" " + r["answer"] for r in recs]
+            preds = list(self.decoded[g])
             for i, p in zip(todo, gen):
                 preds[i] = p
             out[g] = {"em": [float(normalize(p) == normalize(r["answer"])) for p, r in zip(preds, recs)],
