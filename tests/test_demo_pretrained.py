@@ -137,7 +137,7 @@ def test_precision_views_match_build_model(tiny_run):
     from qru.eval.precision import build_model
 
     cfg, res, out = tiny_run
-    udir = _stage(out, "pt-unlearn-ga_gdr-full-fp32-") / "out"
+    udir = _stage(out, "pt-unlearn-ga_gdr-full-fp32-lr0.001-s0-") / "out"
     model = P.load_model(udir, udir, None)
     ids = torch.tensor([[1, 5, 9, 13, 17, 21, 2]])
     with torch.no_grad():
@@ -157,7 +157,7 @@ def test_lora_merged_into_bf16(tiny_run):
 
     cfg, res, out = tiny_run
     tdir = _stage(out, "pt-target-s0-") / "model"
-    adapter = _stage(out, "pt-unlearn-ga_gdr-lora-") / "out"
+    adapter = _stage(out, "pt-unlearn-ga_gdr-lora-fp32-lr0.01-s0-") / "out"
     m32 = P.load_model(tdir, None, adapter, "fp32")
     m16 = P.load_model(tdir, None, adapter, "bf16")
     with P.precision_view(m32, "bf16"):
@@ -184,7 +184,7 @@ def test_diagnostics_agree_with_survival(tiny_run):
 
     cfg, res, out = tiny_run
     tdir = _stage(out, "pt-target-s0-") / "model"
-    udir = _stage(out, "pt-unlearn-ga_gdr-full-bf16-") / "out"
+    udir = _stage(out, "pt-unlearn-ga_gdr-full-bf16-lr0.001-s0-") / "out"
     rep = survival.by_format(survival.analyze(tdir, udir, formats=["nf4", "fp4"], progress=False))
     d = res["seeds"][0]["diagnostics"]["ga_gdr-full-bf16-lr0.001"]
     for f in ("nf4", "fp4"):
