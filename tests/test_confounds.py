@@ -211,3 +211,16 @@ def test_demo_with_linears_and_quantized_head(tmp_path):
     unl = next((tmp_path / "d" / "stages").glob("unlearn-*"))
     info = json.loads((unl / "run.json").read_text())
     assert info["train"] == "linears" and not any("embed" in n or "norm" in n for n in info["trained_tensors"])
+
+
+def test_presets_train_the_linears_at_width_learning_rates():
+    """quick / full / mini: full FT of the linears only, learning rates by the width rule (by hand)."""
+    from qru.demo import get_preset
+    from qru.demo.presets import width_lrs
+
+    assert width_lrs(64) == (1.25e-4, 6.25e-4) and width_lrs(4096) == (1.56e-5, 7.81e-5)
+    for name, hidden in (("quick", 64), ("full", 128), ("mini", 32)):
+        cfg = get_preset(name)
+        assert cfg.model.hidden == hidden and cfg.unlearn.train == "linears"
+        assert cfg.unlearn.lr_full == pytest.approx(1e-3 / hidden ** 0.5, rel=5e-3)
+        assert cfg.unlearn.lr_lora == pytest.approx(5e-3 / hidden ** 0.5, rel=5e-3)

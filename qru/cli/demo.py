@@ -70,7 +70,8 @@ def add_demo(sub) -> None:
 
 def add_sweep(sub) -> None:
     p = sub.add_parser("sweep", help="one-factor-at-a-time grid of the demo: when does 4-bit undo unlearning?")
-    p.add_argument("--preset", default="quick", choices=["quick", "full", "mini"], help="the centre point")
+    p.add_argument("--preset", default="quick", choices=["quick", "full", "mini", "pretrained"],
+                   help="the centre point (pretrained: the grid of qru.demo.pretrained_sweep)")
     p.add_argument("--out", default=None, help="output directory (default runs/sweep-PRESET)")
     p.add_argument("--knob", action="append", metavar="SECTION.FIELD=V1,V2",
                    help="a swept knob and its values (repeatable; default: width, target length, master dtype, "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 
 METHODS = ("ga_gdr", "ga_klr", "npo_gdr", "npo_klr")
@@ -29,6 +30,19 @@ MUSE_KNOWMEM_TOKENS = 32
 
 class PresetError(ValueError):
     """An unknown preset, override key or a bad override value. The message names it."""
+
+
+def width_lrs(hidden: int) -> tuple[float, float]:
+    """The from-scratch presets' unlearning learning rates ``(lr_full, lr_lora)`` at width ``hidden``.
+
+    Adam moves each weight by about lr per step, so the update relative to the weights is lr / std(W), and
+    std(W) shrinks with the width (about 1 / sqrt(hidden)). The rule keeps that ratio fixed:
+    lr_full = 1e-3 / sqrt(hidden) (1.25e-4 at hidden 64, 8.84e-5 at 128; at 4096 it gives the 1.6e-5 of a
+    7B run), and LoRA five times higher (its B starts at zero, so its first steps move the merged weights
+    far less). Three significant digits. An override of ``model.hidden`` does not rescale them; set
+    ``unlearn.lr_full`` / ``unlearn.lr_lora`` too (``qru sweep`` varies them as knobs of their own)."""
+    lr = 1e-3 / math.sqrt(hidden)
+    return float(f"{lr:.3g}"), float(f"{5 * lr:.3g}")
 
 
 @dataclass(frozen=True)
@@ -76,11 +90,10 @@ class TrainSpec:
 class UnlearnSpec:
     """Unlearning runs: every method x mode, for ``seeds`` unlearning seeds (demo seed + 0, 1, ...).
 
-    Learning rates by model size: Adam moves each weight by about lr per step, so what matters is
-    lr / std(W), and std(W) falls with the width (about 1/sqrt(hidden)). The presets keep lr_full near
-    1e-3 / sqrt(hidden) (1.25e-4 at hidden 64, 8.8e-5 at 128; at 4096 this is the 1.6e-5 of a 7B run) and
-    LoRA's lr about 4-8 times higher (its B starts at zero). ``train="linears"`` (full mode) freezes the
-    embeddings, norms and head, which 4-bit never rounds (they are 30-60% of a demo model's weights).
+    Learning rates by model size: the presets set ``lr_full`` and ``lr_lora`` by :func:`width_lrs`.
+    ``train="linears"`` (full mode; the presets' setting) freezes the embeddings, norms and head, which
+    4-bit never rounds (they are 30-60% of a demo model's weights), so the full-FT update lies where
+    quantization can undo it; ``"all"`` (the CLI's default) trains everything.
 
     Mode ``quant_aware`` (opt-in, ``unlearn.modes=full,lora,quant_aware``): full fine-tuning at ``lr_full``
     with ``--quant-aware`` over ``qa_formats`` and weight ``qa_weight`` (docs/quant_aware.md).
@@ -138,7 +151,9 @@ class PretrainedSpec:
     batch_size: int = 8
     methods: tuple[str, ...] = ("ga_gdr", "npo_gdr")
     lrs_full: tuple[str, ...] = ("1e-4", "3e-4")
-    control_methods: tuple[str, ...] = ("ga_gdr",)  # fp32-master control at lrs_full[0]
+    train_full: tuple[str, ...] = ("linears",)  # full-FT arms train these parameter sets ("linears" / "all")
+    masters_full: tuple[str, ...] = ("bf16",)  # ... with these master dtypes (pure bf16 / fp32 master)
+    control_methods: tuple[str, ...] = ("ga_gdr",)  # fp32-master control (linears) at lrs_full[0]
     lrs_lora: tuple[str, ...] = ("1e-4", "1e-3")
     lora_methods: tuple[str, ...] = ("ga_gdr",)
     rank: int = 16
@@ -174,11 +189,18 @@ class DemoConfig:
 SECTIONS = ("corpus", "model", "base", "target", "unlearn", "eval", "pretrained")
 
 
+def _unlearn(hidden: int, **kw) -> UnlearnSpec:
+    """The presets' unlearning: full FT of the linears only, learning rates by width (:func:`width_lrs`)."""
+    lr_full, lr_lora = width_lrs(hidden)
+    return UnlearnSpec(lr_full=lr_full, lr_lora=lr_lora, train="linears", **kw)
+
+
 def _quick() -> DemoConfig:
     return DemoConfig(
         name="quick",
         base=TrainSpec(lr=3e-3, epochs=40, batch_size=8),
         target=TrainSpec(lr=2e-3, epochs=40, batch_size=4, warmup_steps=5),
+        unlearn=_unlearn(64),
         note="smallest setting that is still a real experiment (the target knows the forget facts): "
              "hidden 64, two unlearning methods (NPO+GDR, GA+GDR) in both modes, two unlearning seeds; "
              "`--preset full` runs all four methods")
@@ -191,7 +213,7 @@ def _full() -> DemoConfig:
         model=ModelSpec(hidden=128, layers=2),
         base=TrainSpec(lr=3e-3, epochs=40, batch_size=8),
         target=TrainSpec(lr=2e-3, epochs=40, batch_size=4, warmup_steps=5),
-        unlearn=UnlearnSpec(methods=METHODS, seeds=2, lr_lora=7e-4),
+        unlearn=_unlearn(128, methods=METHODS, seeds=2),
         eval=EvalSpec(limit=60),
         survival_plots=True,
         note="all four methods in both modes, hidden 128, two unlearning seeds, otherwise the `quick` regime; "
@@ -206,7 +228,7 @@ def _mini() -> DemoConfig:
         model=ModelSpec(hidden=32, layers=1, heads=2, vocab=400, max_len=96),
         base=TrainSpec(lr=3e-3, epochs=2, warmup_steps=2),
         target=TrainSpec(lr=3e-3, epochs=3, warmup_steps=2),
-        unlearn=UnlearnSpec(methods=("npo_gdr",), epochs=1, seeds=2),
+        unlearn=_unlearn(32, methods=("npo_gdr",), epochs=1, seeds=2),
         eval=EvalSpec(precisions=("bf16", "nf4"), limit=6, verbmem_tokens=8, knowmem_tokens=6),
         survival_formats=("nf4",),
         note="integration-test size; its numbers mean nothing")
@@ -352,6 +374,10 @@ def _validate_pretrained(p: "PretrainedSpec") -> None:
     _need(p.facts >= 1, k + "facts", p.facts, ">= 1")
     _need(1 <= p.facts_per_person <= 8, k + "facts_per_person", p.facts_per_person, "in [1, 8]")
     _need(p.seeds >= 1, k + "seeds", p.seeds, ">= 1")
+    _need(bool(p.train_full) and all(x in ("linears", "all") for x in p.train_full), k + "train_full", p.train_full,
+          "a non-empty subset of ('linears', 'all')")
+    _need(bool(p.masters_full) and all(x in ("bf16", "fp32") for x in p.masters_full), k + "masters_full",
+          p.masters_full, "a non-empty subset of ('bf16', 'fp32')")
     for name in ("methods", "control_methods", "lora_methods"):
         v = getattr(p, name)
         _need(all(x in ("ga_gdr", "npo_gdr") for x in v), k + name, v, "a subset of ('ga_gdr', 'npo_gdr')")

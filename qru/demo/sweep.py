@@ -1,4 +1,5 @@
-"""``qru sweep``: the demo pipeline over a one-factor-at-a-time grid of knobs around a preset.
+"""``qru sweep``: the demo pipeline over a one-factor-at-a-time grid of knobs around a preset
+(``--preset pretrained``: a full grid of the pretrained experiment, :mod:`qru.demo.pretrained_sweep`).
 
 Every point is a full demo run (``qru.demo.pipeline.run_demo``) in ``OUT/points/<knob>=<value>``;
 all points share one stage cache (``OUT/stages``), so e.g. an unlearning-LR point reuses the base,
@@ -28,6 +29,7 @@ from qru.demo import report as rpt
 from qru.demo import stats
 from qru.demo.pipeline import run_demo
 from qru.demo.presets import FOUR_BIT, DemoConfig, PresetError, apply_overrides, get_preset
+from qru.demo.pretrained_sweep import run_pretrained_sweep
 from qru.demo.stages import atomic_write_json, atomic_write_text
 
 # knob -> values; the preset's own value is the centre point
@@ -190,6 +192,15 @@ def holm_family(results, fmts) -> int:
 def run_sweep(preset: str = "quick", out: str | os.PathLike | None = None, *, seed: int = 0,
               knobs: dict | None = None, combos: list[dict] | None = None, overrides: dict | None = None,
               force: bool = False, progress: bool = True, device: str = "cpu", threads: int | None = None) -> dict:
+    """The sweep of ``preset``; ``pretrained``: :func:`qru.demo.pretrained_sweep.run_pretrained_sweep` (its
+    own grid: lr x trained parameters x master dtype, every format)."""
+    if preset == "pretrained":
+        if device not in ("cpu", "auto"):
+            raise ValueError(f"--device {device}: the pretrained sweep runs on the CPU")
+        if combos:
+            raise PresetError("the pretrained sweep is a full grid: give its values with --knob, not --combo")
+        return run_pretrained_sweep(out or "runs/sweep-pretrained", seed=seed, knobs=knobs, overrides=overrides,
+                                    force=force, progress=progress, threads=threads)
     t0 = time.perf_counter()
     base = get_preset(preset, overrides)
     if not knobs and combos is None:
