@@ -153,7 +153,8 @@ def test_precision_views_match_build_model(tiny_run):
 def test_lora_merged_into_bf16(tiny_run):
     """The bf16 merge is W + s BA rounded to bf16: exactly the fp32 merge's bf16 view (so its bf16 row is
     shared), and it differs from the fp32 merge where quantization sees the unrounded update."""
-    from qru.model.lora import merge_weight, read_adapter
+    from qru.model.lora_linear import merge_weight
+    from qru.model.peft import read_adapter
 
     cfg, res, out = tiny_run
     tdir = _stage(out, "pt-target-s0-") / "model"

@@ -21,7 +21,7 @@ sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
 from pathlib import Path
 import torch
 torch.set_num_threads(1)
-from qru.train import loop as T
+from qru.train import distributed as T  # the loop collates each batch through rank_batch
 from qru.train.config import UnlearnConfig
 from qru.train.unlearn import unlearn
 out, model, forget, retain, cache = sys.argv[2:7]
