@@ -130,9 +130,13 @@ def session(device: torch.device) -> Iterator[Dist | None]:
     d = init(device)
     try:
         yield d
-    finally:
+    except BaseException:
         if created and dist.is_initialized():
             dist.destroy_process_group()
+        raise
+    if created and dist.is_initialized():
+        dist.barrier()  # no rank tears gloo down while a partner still talks to it (it aborts the partner)
+        dist.destroy_process_group()
 
 
 def check_batch(d: Dist | None, batch_size: int) -> None:

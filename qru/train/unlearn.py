@@ -368,13 +368,14 @@ def _unlearn(cfg: UnlearnConfig, t0: float, model_dir: Path, out: Path, work: Pa
         step_fn = qa.quant_aware_step(step_fn, model, fmts, cfg.qa_weight, cfg.qa_sample, cfg.qa_block_size)
         loss_names += ("loss_q",)
 
-        def eval_extra() -> dict:
+        def qa_monitor() -> dict:
             nll_q = {}
             for fmt in fmts:
                 with qa.fake_quantized(model, fmt, cfg.qa_block_size):
                     nll_q[fmt] = eval_nll(model, evals["forget"], cfg.eval_batch_size, pad, device, cfg.precision)
             return {"code_flip_frac": qa.code_flip_frac(base, model, fmts, cfg.qa_block_size, cfg.qa_skip),
                     "forget_nll_q": nll_q}
+        eval_extra = qa_monitor
     aux = retain if cfg.reg != "none" else None
     info = {"mode": cfg.mode, "trainable_params": trainable, "total_params": total, "beta": beta,
             "forget_examples": len(forget), "retain_examples": len(retain) if retain is not None else 0,
