@@ -4,6 +4,7 @@ import json
 import os
 import socket
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -28,7 +29,10 @@ def torchrun(nproc: int, args: list[str], cwd=ROOT, timeout=300, env=None) -> su
     for k in D.ENV_VARS:
         e.pop(k, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
-    return subprocess.run(cmd, cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
+    # torchelastic leaves a log directory per launch under the temp dir: keep them out of /tmp
+    with tempfile.TemporaryDirectory(prefix="qru-torchrun-") as tmp:
+        return subprocess.run(cmd, cwd=cwd, env={**e, "TMPDIR": tmp}, capture_output=True, text=True,
+                              timeout=timeout)
 
 
 def test_split_batch_shares():

@@ -458,7 +458,7 @@ def test_calib_texts_formats(tmp_path, shared_data):
 
 def _qru(*args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([str(ROOT / ".venv" / "bin" / "qru"), *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "qru", *map(str, args)], capture_output=True, text=True,
                           env=env, cwd=ROOT)
 
 

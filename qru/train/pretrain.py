@@ -14,7 +14,6 @@ from typing import Callable
 import torch
 
 from qru.data import format_qa
-from qru.io import check_output, target_lock
 from qru.model.config import LlamaConfig
 from qru.model.llama import Llama
 from qru.model.tokenizer import Tokenizer, load_tokenizer
@@ -24,7 +23,7 @@ from qru.train.config import PretrainConfig, TrainConfigError, TrainResult, chec
 from qru.train.data import Batch, detect_format, fixed_sample, load_sets, read_records
 from qru.train.loop import (NonFiniteLossError, count_params, model_sequence_logprobs, resolve_device,
                             seed_all, train_loop)
-from qru.train.state import finish_run, prepare_work, write_run_json
+from qru.train.state import claim_run, finish_run, write_run_json
 
 TOKENIZER_FILE = "tokenizer.model"  # the file pretrain --train-tokenizer writes
 
@@ -76,12 +75,8 @@ def pretrain(cfg: PretrainConfig, stop_check: Callable[[torch.nn.Module], dict] 
         D.check_all(d, see_data)
         cfg_file = cfg.config if (Path(cfg.config).suffix == ".json" or Path(cfg.config).is_dir()) else None
         with contextlib.ExitStack() as owner:
-            def claim():
-                out = check_output(cfg.out, {"data": cfg.data, "init": cfg.init, "tokenizer": cfg.tokenizer,
-                                             "config": cfg_file}, overwrite=cfg.overwrite, option="out")
-                owner.enter_context(target_lock(out))
-                return (out, *prepare_work(out, cfg.resume, cfg.overwrite))
-            out, work, resume = D.on_main(d, claim)
+            inputs = {"data": cfg.data, "init": cfg.init, "tokenizer": cfg.tokenizer, "config": cfg_file}
+            out, work, resume = claim_run(d, owner, cfg.out, inputs, cfg.overwrite, cfg.resume)
             return _pretrain(cfg, t0, out, work, resume, d.device if d else device, stop_check, d)
 
 

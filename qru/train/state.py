@@ -22,6 +22,7 @@ keeping the last occurrence (:func:`read_metrics`).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -36,8 +37,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qru import __version__
-from qru.io import (append_text, clean_stale, clean_stale_in, commit_dir, fault_point, staged_dir, write_json,
-                    write_text)
+from qru.io import (append_text, check_output, clean_stale, clean_stale_in, commit_dir, fault_point, staged_dir,
+                    target_lock, write_json, write_text)
 from qru.train import distributed as D
 from qru.train.config import TrainConfigError
 
@@ -237,6 +238,18 @@ def read_metrics(path: str | os.PathLike, up_to: int | None = None) -> list[dict
 def write_run_json(run_dir: Path, command: str, cfg, extra: dict) -> None:
     write_text(run_dir / RUN_JSON, json.dumps({"command": command, "config": asdict(cfg), "seed": cfg.seed,
                                                "versions": versions(), **extra}, indent=2, default=str) + "\n")
+
+
+def claim_run(d: D.Dist | None, owner: contextlib.ExitStack, target, inputs: dict, overwrite: bool,
+              resume: bool) -> tuple[Path, Path, bool]:
+    """Claim a run's output, on rank 0 only (one process: here): ``target`` is checked against its
+    ``inputs`` (:func:`qru.io.check_output`), locked for the life of ``owner`` and given its work
+    directory (:func:`prepare_work`). Every rank gets ``(out, work, resume)``; a refusal is raised on every rank."""
+    def claim():
+        out = check_output(target, inputs, overwrite=overwrite, option="out")
+        owner.enter_context(target_lock(out))
+        return (out, *prepare_work(out, resume, overwrite))
+    return D.on_main(d, claim)
 
 
 def prepare_work(out: Path, resume: bool, overwrite: bool) -> tuple[Path, bool]:

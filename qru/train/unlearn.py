@@ -27,7 +27,6 @@ from typing import Callable
 
 import torch
 
-from qru.io import check_output, target_lock
 from qru.model.config import LlamaConfig
 from qru.model import lora
 from qru.model.llama import Llama
@@ -42,7 +41,7 @@ from qru.train import saliency as sal
 from qru.train.data import Batch, collate, fixed_sample, load_sets
 from qru.train.loop import (PAD_MULTIPLE, NonFiniteLossError, StepFn, autocast, count_params, eval_nll,
                             model_sequence_logprobs, resolve_device, seed_all, sequence_logp_table, train_loop)
-from qru.train.state import finish_run, prepare_work, read_checkpoint_state, write_run_json
+from qru.train.state import claim_run, finish_run, read_checkpoint_state, write_run_json
 
 def quantized_linear_names(model: torch.nn.Module) -> list[str]:
     """The weight names 4-bit export quantizes with its default skip (``lm_head``): every plain
@@ -259,12 +258,9 @@ def unlearn(cfg: UnlearnConfig, stop_check: Callable[[torch.nn.Module], dict] | 
             raise TrainConfigError("--quant-aware and --saliency-mask run in one process only (not under torchrun yet)")
         D.check_all(d, lambda: check_model_options(cfg, LlamaConfig.from_json(model_dir)))
         with contextlib.ExitStack() as owner:
-            def claim():
-                out = check_output(cfg.out, {"model": model_dir, "forget data": cfg.forget, "retain data": cfg.retain,
-                                             "tokenizer": cfg.tokenizer}, overwrite=cfg.overwrite, option="out")
-                owner.enter_context(target_lock(out))
-                return (out, *prepare_work(out, cfg.resume, cfg.overwrite))
-            out, work, resume = D.on_main(d, claim)
+            inputs = {"model": model_dir, "forget data": cfg.forget, "retain data": cfg.retain,
+                      "tokenizer": cfg.tokenizer}
+            out, work, resume = claim_run(d, owner, cfg.out, inputs, cfg.overwrite, cfg.resume)
             return _unlearn(cfg, t0, model_dir, out, work, resume, d.device if d else device, stop_check, d)
 
 
