@@ -131,9 +131,9 @@ def add_unlearn(sub) -> None:
                         "nats (default off)")
     g.add_argument("--qa-margin-weight", type=float, default=S, metavar="γ",
                    help="weight of the --qa-margin hinge (default 1)")
-    g.add_argument("--qa-margin-grad", choices=["exact", "ste"], default=S,
-                   help="the hinge's gradient: exact (quantized side detached: the a.e. derivative; default) or "
-                        "straight through the rounding")
+    g.add_argument("--qa-margin-grad", choices=["ste", "exact"], default=S,
+                   help="the hinge's gradient: straight through the rounding (default), or exact (quantized side "
+                        "detached: the rounding's a.e. derivative, zero)")
     p.add_argument("--saliency-mask", type=int, default=S, metavar="TOPK",
                    help="full mode: train only the TOPK modules with the largest forget-gradient norm (SURE, "
                         "Zhang et al. 2024)")

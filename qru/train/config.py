@@ -108,8 +108,9 @@ class UnlearnConfig(TrainOptions):
     ``qru quantize`` (``qa_block_size`` None: each format's default; ``qa_skip``). Eval rows gain
     ``code_flip_frac`` and ``forget_nll_q`` per format. ``qa_margin`` = m (nats) adds
     ``qa_margin_weight · mean_i relu(NLL_fp_i − NLL_q_i + m)`` over the forget sequences
-    (:func:`qru.train.quant_aware.margin_loss`): the quantized model must forget at least m nats more
-    than its full-precision latent, which STE alone does not give (docs/quant_aware.md).
+    (:func:`qru.train.quant_aware.margin_loss`; ``qa_margin_grad``: its gradient, straight through
+    the rounding or with the quantized side detached): the quantized model must forget at least m
+    nats more than its full-precision latent, which STE alone does not give (docs/quant_aware.md).
 
     ``saliency_mask`` = K (full mode): train only the K modules with the largest forget-gradient norm
     at the start (SURE, Zhang et al. 2024; :mod:`qru.train.saliency`), the rest frozen.
@@ -140,7 +141,7 @@ class UnlearnConfig(TrainOptions):
     qa_skip: list[str] = field(default_factory=lambda: ["lm_head"])  # as qru quantize --skip
     qa_margin: float | None = None  # nats: hinge keeping each forget sequence's NLL_q >= NLL_fp + margin; None: off
     qa_margin_weight: float = 1.0  # weight of that hinge in the loss
-    qa_margin_grad: str = "exact"  # the hinge's gradient: "exact" (quantized side detached) | "ste"
+    qa_margin_grad: str = "ste"  # the hinge's gradient: "ste" (straight through) | "exact" (quantized side detached)
     saliency_mask: int | None = None  # full mode: train only the top-K modules by forget-gradient norm
 
     @property
@@ -269,8 +270,8 @@ def _validate_quant_aware(c: UnlearnConfig) -> None:
            "qa_margin_weight", w, "a finite number > 0")
     _check(m is not None or w == 1.0, "qa_margin_weight", w, "1.0 without qa_margin (it weights the margin)")
     _check(c.qa_margin_grad in qa.MARGIN_GRADS, "qa_margin_grad", c.qa_margin_grad, f"one of {qa.MARGIN_GRADS}")
-    _check(m is not None or c.qa_margin_grad == "exact", "qa_margin_grad", c.qa_margin_grad,
-           "'exact' without qa_margin (it sets the margin's gradient)")
+    _check(m is not None or c.qa_margin_grad == "ste", "qa_margin_grad", c.qa_margin_grad,
+           "'ste' without qa_margin (it sets the margin's gradient)")
     if c.quant_aware is None:
         for name, default in (("qa_weight", 1.0), ("qa_sample", "random"), ("qa_block_size", None),
                               ("qa_skip", ["lm_head"]), ("qa_margin", None)):

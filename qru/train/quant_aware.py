@@ -243,10 +243,10 @@ def fake_quantized(model: nn.Module, fmt: str, block_size: int | None = None) ->
 SAMPLES = ("random", "sum")
 
 
-MARGIN_GRADS = ("exact", "ste")
+MARGIN_GRADS = ("ste", "exact")
 
 
-def margin_loss(nll_fp: torch.Tensor, nll_q: torch.Tensor, margin: float, grad: str = "exact") -> torch.Tensor:
+def margin_loss(nll_fp: torch.Tensor, nll_q: torch.Tensor, margin: float, grad: str = "ste") -> torch.Tensor:
     """The quant-aware margin (hinge) ``mean_i relu(nll_fp_i - nll_q_i + margin)`` over a batch of
     per-sequence forget NLLs: zero once every sequence's quantized NLL exceeds its full-precision
     one by ``margin`` nats (in the spirit of QUAIL, arXiv 2601.15538, which asks the quantized
@@ -255,14 +255,16 @@ def margin_loss(nll_fp: torch.Tensor, nll_q: torch.Tensor, margin: float, grad: 
     Gradient, for an active sequence (``nll_fp_i - nll_q_i + margin > 0``; zero otherwise), over a
     batch of B:
 
-    * ``grad="exact"`` (default): ``∇nll_fp_i(W) / B``. ``W ↦ nll_q(D(Q(W)))`` is piecewise
-      constant, so this is the exact derivative of the hinge almost everywhere: it lowers the
-      latent model's forget NLL inside its rounding cell, where ``W_q`` does not move (``nll_q`` is
-      detached). The forget term's own STE gradient keeps moving the codes.
-    * ``grad="ste"``: ``(∇nll_fp_i(W) - ∇nll_q_i(W_q)) / B``, the quantized side straight through the
-      rounding. To first order this cancels: ``∇nll(W) - ∇nll(W + R) ≈ -H·R`` (H the Hessian, R the
-      rounding residual, under half a code step), so the term barely acts (measured:
-      docs/quant_aware.md)."""
+    * ``grad="ste"`` (default): ``(∇nll_fp_i(W) - ∇nll_q_i(W_q)) / B``, the quantized side straight
+      through the rounding like the forget term's ``L(quantized)``: the gradient of ``W ↦ nll(W) -
+      nll(W + R)`` with the rounding residual R frozen. It pushes the quantized forget NLL up and
+      pulls the latent one down. Its two parts nearly cancel in size (``≈ -H·R``, H the Hessian, R
+      under half a code step), but Adam normalises each coordinate's step, so a heavy weight still
+      moves the weights a lot, and codes with them (measured: docs/quant_aware.md).
+    * ``grad="exact"``: ``∇nll_fp_i(W) / B`` (``nll_q`` detached). ``W ↦ nll_q(D(Q(W)))`` is
+      piecewise constant, so this is the hinge's exact derivative almost everywhere: it only lowers
+      the latent model's forget NLL inside its rounding cell, where ``W_q`` does not move; the forget
+      term's own STE gradient keeps moving the codes."""
     if nll_fp.shape != nll_q.shape:
         raise ValueError(f"margin_loss: nll_fp {tuple(nll_fp.shape)} and nll_q {tuple(nll_q.shape)} differ")
     if grad not in MARGIN_GRADS:
@@ -278,7 +280,7 @@ def _check_nonneg(name: str, v) -> None:
 
 def quant_aware_step(step_fn, model: nn.Module, formats: Iterable[str], weight: float = 1.0, sample: str = "random",
                      block_size: int | None = None, margin: float | None = None, margin_weight: float = 1.0,
-                     margin_grad: str = "exact"):
+                     margin_grad: str = "ste"):
     """Wrap a step function ``step_fn(forget_batch, retain_batch) -> {"loss", "forget_loss",
     "retain_loss"}`` (the method's whole loss: forget term and regularizer) of a ``model`` prepared by
     :func:`attach`: the returned step computes ``L(full precision) + weight · L(quantized)``, where
@@ -315,7 +317,8 @@ def quant_aware_step(step_fn, model: nn.Module, formats: Iterable[str], weight: 
             q = q_out["loss"]
             loss_q = q if loss_q is None else loss_q + q
             if margin is not None:
-                h = margin_loss(out["forget_seq_nll"], q_out["forget_seq_nll"], margin, margin_grad) * out.get("row_share", 1.0)
+                h = (margin_loss(out["forget_seq_nll"], q_out["forget_seq_nll"], margin, margin_grad)
+                     * out.get("row_share", 1.0))
                 hinge = h if hinge is None else hinge + h
                 gap = (q_out["forget_seq_nll"] - out["forget_seq_nll"]).detach().float().mean()
         res = {**out, "loss": out["loss"] + weight * loss_q, "loss_q": loss_q}
