@@ -306,3 +306,118 @@ def test_lora_mode_ste_gradient_matches_finite_differences_of_unrounded_path():
             tensor[idx] = t0
         fd = (lp - lm) / (2 * eps)
         assert abs(grad[idx].item() - fd) <= 5e-3 * abs(fd) + 1e-6, (idx, grad[idx].item(), fd)
+
+
+# -- the margin (--qa-margin) ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("grad", ["exact", "ste"])
+def test_margin_loss_hand_computed_value_and_gradient(grad):
+    fp = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    q = torch.tensor([1.5, 1.9, 2.0], requires_grad=True)
+    h = qa.margin_loss(fp, q, 0.2, grad)  # relu(-0.3), relu(0.3), relu(1.2) -> mean 0.5
+    assert h.item() == pytest.approx(0.5, abs=1e-6)
+    h.backward()
+    assert torch.allclose(fp.grad, torch.tensor([0.0, 1 / 3, 1 / 3]))
+    if grad == "ste":
+        assert torch.allclose(q.grad, torch.tensor([0.0, -1 / 3, -1 / 3]))
+    else:  # the quantized side is detached: the a.e. derivative of a piecewise-constant path
+        assert q.grad is None
+    with pytest.raises(ValueError, match="nll_fp \\(3,\\) and nll_q \\(2,\\) differ"):
+        qa.margin_loss(fp, q[:2], 0.2)
+    with pytest.raises(ValueError, match="--qa-margin-grad must be one of"):
+        qa.margin_loss(fp, q, 0.2, "sam")
+
+
+def _seq_step(m, x, y):
+    """A toy step: per-row 'NLL' (x_i·w - y_i)², loss = -mean (gradient ascent)."""
+    def step_fn(fb, rb):
+        nll = (m(x)[:, 0] - y) ** 2
+        return {"loss": -nll.mean(), "forget_loss": -nll.mean(), "retain_loss": None, "forget_seq_nll": nll,
+                "row_share": 1.0}
+    return step_fn
+
+
+@pytest.mark.parametrize("mgrad", ["exact", "ste"])
+def test_margin_step_gradient_matches_finite_differences(mgrad):
+    """The wrapped step with --qa-margin: its gradient w.r.t. the target W equals, by central
+    differences in float64 (some rows active, some not), the derivative of h(w) = L(w) + λ·L(w + R) +
+    γ·mean relu(nll(w) - nll_q + m), R = D(Q(W)) - W frozen, with nll_q = nll(w + R) ("ste") or
+    held at its value at W ("exact": the rounding's a.e. derivative is zero)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(1, 64, generator=g) * 0.1
+    x, y = torch.randn(6, 64, generator=g), torch.randn(6, generator=g)
+    m = model_with(w)
+    lam, gam, mar = 3.0, 5.0, 0.01
+    with qa.attached(m):
+        step = qa.quant_aware_step(_seq_step(m, x, y), m, ["nf4"], lam, margin=mar, margin_weight=gam,
+                                   margin_grad=mgrad)
+        out = step(None, None)
+        out["loss"].backward()
+    grad = m.layers[0].q_proj.weight.grad.double()[0]
+    w64 = w.double()[0]
+    r = fake_quant_values(w, "nf4").double()[0] - w64
+    x64, y64 = x.double(), y.double()
+
+    nq0 = (x64 @ (w64 + r) - y64) ** 2
+
+    def h(v):
+        nf, nq = (x64 @ v - y64) ** 2, (x64 @ (v + r) - y64) ** 2
+        return -nf.mean() - lam * nq.mean() + gam * torch.relu(nf - (nq if mgrad == "ste" else nq0) + mar).mean()
+
+    act = ((x64 @ w64 - y64) ** 2 - (x64 @ (w64 + r) - y64) ** 2 + mar) > 0
+    assert act.any() and not act.all()  # both branches of the hinge are exercised
+    assert out["loss"].item() == pytest.approx(float(h(w64)), rel=1e-5)
+    assert float(out["qa_margin"]) == pytest.approx(float(h(w64) - (-((x64 @ w64 - y64) ** 2).mean()
+                                                                     - lam * ((x64 @ (w64 + r) - y64) ** 2).mean())) / gam,
+                                                   rel=1e-4)
+    eps = 1e-6
+    fd = torch.stack([(h(w64 + eps * e) - h(w64 - eps * e)) / (2 * eps) for e in torch.eye(64, dtype=torch.float64)])
+    assert torch.allclose(grad, fd, rtol=1e-3, atol=1e-5), (grad - fd).abs().max()
+    # without the margin the gradient differs: the check is not trivial
+    m2 = model_with(w)
+    with qa.attached(m2):
+        qa.quant_aware_step(_seq_step(m2, x, y), m2, ["nf4"], lam)(None, None)["loss"].backward()
+    assert not torch.allclose(m2.layers[0].q_proj.weight.grad, grad.float(), atol=1e-4)
+
+
+def test_margin_off_or_inactive_changes_nothing():
+    """Off (margin None): no margin keys, the loss is L(fp) + λ·L(q). Inactive (every row's quantized
+    NLL already above its full-precision one, margin 0): loss and gradient bit-equal to off, even
+    at weight 100."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(1, 64, generator=g) * 0.1
+    x, y = torch.randn(6, 64, generator=g), torch.randn(6, generator=g)
+    nf = (x @ w[0] - y) ** 2
+    nq = (x @ fake_quant_values(w, "nf4")[0] - y) ** 2
+    keep = nq > nf
+    assert keep.any() and not keep.all()
+    xs, ys = x[keep], y[keep]
+
+    def run(**kw):
+        m = model_with(w)
+        with qa.attached(m):
+            out = qa.quant_aware_step(_seq_step(m, xs, ys), m, ["nf4"], 2.0, **kw)(None, None)
+            out["loss"].backward()
+        return out, m.layers[0].q_proj.weight.grad.clone()
+
+    off, g_off = run()
+    assert "qa_margin" not in off and "qa_gap" not in off
+    assert off["loss"].item() == pytest.approx(float(-nf[keep].mean() - 2.0 * nq[keep].mean()), rel=1e-6)
+    inactive, g_inactive = run(margin=0.0, margin_weight=100.0)
+    assert float(inactive["qa_margin"]) == 0.0 and float(inactive["qa_gap"]) > 0
+    assert torch.equal(off["loss"], inactive["loss"]) and torch.equal(g_off, g_inactive)
+
+
+def test_margin_options_are_checked():
+    m = model_with(base_row())
+    with pytest.raises(ValueError, match="--qa-margin must be a finite number >= 0"):
+        qa.quant_aware_step(lambda f, r: {}, m, ["nf4"], margin=-0.1)
+    with pytest.raises(ValueError, match="--qa-margin-weight must be a finite number >= 0"):
+        qa.quant_aware_step(lambda f, r: {}, m, ["nf4"], margin=0.1, margin_weight=float("nan"))
+    with pytest.raises(ValueError, match="--qa-margin-grad must be one of"):
+        qa.quant_aware_step(lambda f, r: {}, m, ["nf4"], margin=0.1, margin_grad="sam")
+    with qa.attached(m):
+        step = qa.quant_aware_step(lambda f, r: {"loss": torch.zeros(())}, m, ["nf4"], margin=0.1)
+        with pytest.raises(ValueError, match="returns no 'forget_seq_nll'"):
+            step(None, None)

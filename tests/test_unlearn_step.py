@@ -163,6 +163,10 @@ def test_step_matches_hand_written_losses():
     rs, rn = logits_path(m, rb.input_ids, rb.loss_mask)
     r = -rs.sum() / rn.sum()
     torch.testing.assert_close(out["loss"], 0.7 * f + 2.0 * r, rtol=1e-5, atol=1e-4)
+    # the per-sequence forget NLL (the quant-aware margin's input), with its graph
+    n = fb.loss_mask[:, 1:].sum(1).float()
+    torch.testing.assert_close(out["forget_seq_nll"], -s / n, rtol=1e-5, atol=1e-4)
+    assert out["forget_seq_nll"].requires_grad and out["row_share"] == fb.row_share
 
 
 def test_errors():

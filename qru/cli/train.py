@@ -126,6 +126,14 @@ def add_unlearn(sub) -> None:
                    help="several formats: one random format per step (seeded; default) or the sum")
     g.add_argument("--qa-block-size", type=int, default=S, help="as qru quantize --block-size (default per format)")
     g.add_argument("--qa-skip", type=csv_list, default=S, help="as qru quantize --skip (default lm_head; '' for none)")
+    g.add_argument("--qa-margin", type=float, default=S, metavar="M",
+                   help="add a hinge keeping each forget sequence's quantized NLL >= its full-precision NLL + M "
+                        "nats (default off)")
+    g.add_argument("--qa-margin-weight", type=float, default=S, metavar="γ",
+                   help="weight of the --qa-margin hinge (default 1)")
+    g.add_argument("--qa-margin-grad", choices=["ste", "exact"], default=S,
+                   help="the hinge's gradient: straight through the rounding (default), or exact (quantized side "
+                        "detached: the rounding's a.e. derivative, zero)")
     p.add_argument("--saliency-mask", type=int, default=S, metavar="TOPK",
                    help="full mode: train only the TOPK modules with the largest forget-gradient norm (SURE, "
                         "Zhang et al. 2024)")

@@ -106,7 +106,11 @@ class UnlearnConfig(TrainOptions):
     export-quantized linear fake-quantized (straight-through gradients), in one random format per
     step (``qa_sample="random"``) or summed over the formats (``"sum"``); block size and skip as
     ``qru quantize`` (``qa_block_size`` None: each format's default; ``qa_skip``). Eval rows gain
-    ``code_flip_frac`` and ``forget_nll_q`` per format.
+    ``code_flip_frac`` and ``forget_nll_q`` per format. ``qa_margin`` = m (nats) adds
+    ``qa_margin_weight · mean_i relu(NLL_fp_i − NLL_q_i + m)`` over the forget sequences
+    (:func:`qru.train.quant_aware.margin_loss`; ``qa_margin_grad``: its gradient, straight through
+    the rounding or with the quantized side detached): the quantized model must forget at least m
+    nats more than its full-precision latent, which STE alone does not give (docs/quant_aware.md).
 
     ``saliency_mask`` = K (full mode): train only the K modules with the largest forget-gradient norm
     at the start (SURE, Zhang et al. 2024; :mod:`qru.train.saliency`), the rest frozen.
@@ -135,6 +139,9 @@ class UnlearnConfig(TrainOptions):
     qa_sample: str = "random"  # several formats: "random" (one per step, seeded) | "sum"
     qa_block_size: int | None = None  # as qru quantize --block-size (None: each format's default)
     qa_skip: list[str] = field(default_factory=lambda: ["lm_head"])  # as qru quantize --skip
+    qa_margin: float | None = None  # nats: hinge keeping each forget sequence's NLL_q >= NLL_fp + margin; None: off
+    qa_margin_weight: float = 1.0  # weight of that hinge in the loss
+    qa_margin_grad: str = "ste"  # the hinge's gradient: "ste" (straight through) | "exact" (quantized side detached)
     saliency_mask: int | None = None  # full mode: train only the top-K modules by forget-gradient norm
 
     @property
@@ -255,9 +262,19 @@ def _validate_quant_aware(c: UnlearnConfig) -> None:
     _check(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0, "qa_weight", w,
            "a finite number >= 0")
     _check(c.qa_sample in qa.SAMPLES, "qa_sample", c.qa_sample, f"one of {qa.SAMPLES}")
+    m = c.qa_margin
+    _check(m is None or (isinstance(m, (int, float)) and not isinstance(m, bool) and math.isfinite(m) and m >= 0),
+           "qa_margin", m, "None or a finite number of nats >= 0")
+    w = c.qa_margin_weight
+    _check(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w > 0,
+           "qa_margin_weight", w, "a finite number > 0")
+    _check(m is not None or w == 1.0, "qa_margin_weight", w, "1.0 without qa_margin (it weights the margin)")
+    _check(c.qa_margin_grad in qa.MARGIN_GRADS, "qa_margin_grad", c.qa_margin_grad, f"one of {qa.MARGIN_GRADS}")
+    _check(m is not None or c.qa_margin_grad == "ste", "qa_margin_grad", c.qa_margin_grad,
+           "'ste' without qa_margin (it sets the margin's gradient)")
     if c.quant_aware is None:
         for name, default in (("qa_weight", 1.0), ("qa_sample", "random"), ("qa_block_size", None),
-                              ("qa_skip", ["lm_head"])):
+                              ("qa_skip", ["lm_head"]), ("qa_margin", None)):
             _check(getattr(c, name) == default, name, getattr(c, name), f"{default!r} without quant_aware "
                    "(it sets the quantization-aware loss)")
         return

@@ -12,7 +12,9 @@ the format's export block size (:func:`qru.quant.qlinear.resolve_block_size`).
   disabled stays full precision), gradients straight through the rounding. Outside the context
   nothing is set, so parameters, names, checkpoints, merge and export are untouched.
 * :func:`quant_aware_step`: wraps the loop's step function into ``L(full precision) + λ·L(quantized)``
-  (the method's forget term and its regularizer alike), one random format per step or the sum.
+  (the method's forget term and its regularizer alike), one random format per step or the sum;
+  optionally plus a margin hinge (:func:`margin_loss`) that keeps the quantized forget NLL above
+  the full-precision one.
 * :func:`fake_quant_targets` / :func:`fake_quant_params`: each target's ``W_q = D(Q(W_eff))`` as
   tensors (``torch.func.functional_call`` in full mode).
 * :func:`snapshot`, :func:`code_flip_frac`: monitoring, the share of the targets' codes that the
@@ -241,8 +243,44 @@ def fake_quantized(model: nn.Module, fmt: str, block_size: int | None = None) ->
 SAMPLES = ("random", "sum")
 
 
+MARGIN_GRADS = ("ste", "exact")
+
+
+def margin_loss(nll_fp: torch.Tensor, nll_q: torch.Tensor, margin: float, grad: str = "ste") -> torch.Tensor:
+    """The quant-aware margin (hinge) ``mean_i relu(nll_fp_i - nll_q_i + margin)`` over a batch of
+    per-sequence forget NLLs: zero once every sequence's quantized NLL exceeds its full-precision
+    one by ``margin`` nats (in the spirit of QUAIL, arXiv 2601.15538, which asks the quantized
+    model for a margin rather than mere agreement).
+
+    Gradient, for an active sequence (``nll_fp_i - nll_q_i + margin > 0``; zero otherwise), over a
+    batch of B:
+
+    * ``grad="ste"`` (default): ``(∇nll_fp_i(W) - ∇nll_q_i(W_q)) / B``, the quantized side straight
+      through the rounding like the forget term's ``L(quantized)``: the gradient of ``W ↦ nll(W) -
+      nll(W + R)`` with the rounding residual R frozen. It pushes the quantized forget NLL up and
+      pulls the latent one down. Its two parts nearly cancel in size (``≈ -H·R``, H the Hessian, R
+      under half a code step), but Adam normalises each coordinate's step, so a heavy weight still
+      moves the weights a lot, and codes with them (measured: docs/quant_aware.md).
+    * ``grad="exact"``: ``∇nll_fp_i(W) / B`` (``nll_q`` detached). ``W ↦ nll_q(D(Q(W)))`` is
+      piecewise constant, so this is the hinge's exact derivative almost everywhere: it only lowers
+      the latent model's forget NLL inside its rounding cell, where ``W_q`` does not move; the forget
+      term's own STE gradient keeps moving the codes."""
+    if nll_fp.shape != nll_q.shape:
+        raise ValueError(f"margin_loss: nll_fp {tuple(nll_fp.shape)} and nll_q {tuple(nll_q.shape)} differ")
+    if grad not in MARGIN_GRADS:
+        raise ValueError(f"--qa-margin-grad must be one of {MARGIN_GRADS}, got {grad!r}")
+    q = nll_q.float() if grad == "ste" else nll_q.detach().float()
+    return torch.relu(nll_fp.float() - q + margin).mean()
+
+
+def _check_nonneg(name: str, v) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+
+
 def quant_aware_step(step_fn, model: nn.Module, formats: Iterable[str], weight: float = 1.0, sample: str = "random",
-                     block_size: int | None = None):
+                     block_size: int | None = None, margin: float | None = None, margin_weight: float = 1.0,
+                     margin_grad: str = "ste"):
     """Wrap a step function ``step_fn(forget_batch, retain_batch) -> {"loss", "forget_loss",
     "retain_loss"}`` (the method's whole loss: forget term and regularizer) of a ``model`` prepared by
     :func:`attach`: the returned step computes ``L(full precision) + weight · L(quantized)``, where
@@ -250,20 +288,41 @@ def quant_aware_step(step_fn, model: nn.Module, formats: Iterable[str], weight: 
     call from ``formats`` (``sample="random"``; torch's global generator, so a seeded run draws the
     same formats and a resumed one continues the sequence: the loop checkpoints that state) or the
     sum over all of them (``"sum"``). The dict keeps the full-precision terms under their names and
-    adds ``loss_q`` (the quantized total, summed over the formats run)."""
+    adds ``loss_q`` (the quantized total, summed over the formats run).
+
+    ``margin`` (nats, None: off): adds ``margin_weight · row_share · margin_loss(nll_fp, nll_q,
+    margin, margin_grad)`` per format run (:func:`margin_loss`; ``step_fn`` must then return
+    ``forget_seq_nll`` and ``row_share``, as :func:`qru.train.unlearn.make_unlearn_step` does), and
+    logs ``qa_margin`` (that term, summed over the formats) and ``qa_gap`` (mean ``nll_q - nll_fp``
+    of the batch, the last format run)."""
     fmts = parse_formats(formats)
     if sample not in SAMPLES:
         raise ValueError(f"--qa-sample must be one of {SAMPLES}, got {sample!r}")
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
-        raise ValueError(f"--qa-weight must be a finite number >= 0, got {weight!r}")
+    _check_nonneg("--qa-weight", weight)
+    if margin is not None:
+        _check_nonneg("--qa-margin", margin)
+        _check_nonneg("--qa-margin-weight", margin_weight)
+        if margin_grad not in MARGIN_GRADS:
+            raise ValueError(f"--qa-margin-grad must be one of {MARGIN_GRADS}, got {margin_grad!r}")
 
     def step(fb, rb) -> dict:
         out = step_fn(fb, rb)
         chosen = fmts if sample == "sum" or len(fmts) == 1 else [fmts[int(torch.randint(len(fmts), ()))]]
-        loss_q = None
+        if margin is not None and "forget_seq_nll" not in out:
+            raise ValueError("--qa-margin: the step function returns no 'forget_seq_nll' (per-sequence forget NLL)")
+        loss_q = hinge = gap = None
         for fmt in chosen:
             with fake_quantized(model, fmt, block_size):
-                q = step_fn(fb, rb)["loss"]
+                q_out = step_fn(fb, rb)
+            q = q_out["loss"]
             loss_q = q if loss_q is None else loss_q + q
-        return {**out, "loss": out["loss"] + weight * loss_q, "loss_q": loss_q}
+            if margin is not None:
+                h = (margin_loss(out["forget_seq_nll"], q_out["forget_seq_nll"], margin, margin_grad)
+                     * out.get("row_share", 1.0))
+                hinge = h if hinge is None else hinge + h
+                gap = (q_out["forget_seq_nll"] - out["forget_seq_nll"]).detach().float().mean()
+        res = {**out, "loss": out["loss"] + weight * loss_q, "loss_q": loss_q}
+        if margin is not None:
+            res.update(loss=res["loss"] + margin_weight * hinge, qa_margin=hinge.detach(), qa_gap=gap)
+        return res
     return step

@@ -156,7 +156,10 @@ def make_unlearn_step(model: torch.nn.Module, *, method: str, reg: str, beta: fl
                       ref_logp: torch.Tensor | None = None, ref_model: torch.nn.Module | None = None,
                       ref_ctx: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> StepFn:
     """The unlearning loss of one micro-batch: ``step_fn(forget_batch, retain_batch) -> {"loss",
-    "forget_loss", "retain_loss"}`` (the caller runs backward and the optimizer; ``unlearn`` uses it).
+    "forget_loss", "retain_loss", "forget_seq_nll", "row_share"}`` (the caller runs backward and the
+    optimizer; ``unlearn`` uses it). ``forget_seq_nll``: each forget sequence's token-mean NLL, with
+    its graph (the input of the quant-aware margin, :func:`qru.train.quant_aware.margin_loss`);
+    ``row_share``: the forget batch's share of the global batch's rows.
 
     NPO's reference sequence log-probs come from ``ref_logp`` (per example, indexed by
     ``Batch.index``; what ``unlearn`` passes) or, when it is None, from a no-grad forward of
@@ -197,7 +200,10 @@ def make_unlearn_step(model: torch.nn.Module, *, method: str, reg: str, beta: fl
             r_logits = model(rb.input_ids)
             r_loss = L.klr(r_logits[:, :-1], ref_logits[:, :-1], rb.loss_mask[:, 1:]) * rb.token_share
         loss = L.combine(f_loss, r_loss, forget_weight, retain_weight)
-        return {"loss": loss, "forget_loss": f_loss, "retain_loss": r_loss}
+        # per-sequence forget NLL (token mean, with its graph; unscaled): the quant-aware margin's input
+        seq_nll = -s.float() / n.float().clamp_min(1)
+        return {"loss": loss, "forget_loss": f_loss, "retain_loss": r_loss, "forget_seq_nll": seq_nll,
+                "row_share": fb.row_share}
     return step_fn
 
 
@@ -361,8 +367,9 @@ def _unlearn(cfg: UnlearnConfig, t0: float, model_dir: Path, out: Path, work: Pa
     eval_extra = None
     if fmts:  # the seam, the combined loss and the monitoring (qru.train.quant_aware)
         base = qa.snapshot(model, cfg.qa_skip)  # the starting weights (LoRA: B = 0), also on resume
-        step_fn = qa.quant_aware_step(step_fn, model, fmts, cfg.qa_weight, cfg.qa_sample, cfg.qa_block_size)
-        loss_names += ("loss_q",)
+        step_fn = qa.quant_aware_step(step_fn, model, fmts, cfg.qa_weight, cfg.qa_sample, cfg.qa_block_size,
+                                      cfg.qa_margin, cfg.qa_margin_weight, cfg.qa_margin_grad)
+        loss_names += ("loss_q",) + (("qa_margin", "qa_gap") if cfg.qa_margin is not None else ())
 
         def qa_monitor() -> dict:
             nll_q = {}
@@ -384,6 +391,9 @@ def _unlearn(cfg: UnlearnConfig, t0: float, model_dir: Path, out: Path, work: Pa
         info["quant_aware"] = {"formats": fmts, "weight": cfg.qa_weight, "sample": cfg.qa_sample,
                                "block_sizes": {f: resolve_block_size(f, cfg.qa_block_size) for f in fmts},
                                "skip": list(cfg.qa_skip), "targets": len(base)}
+        if cfg.qa_margin is not None:
+            info["quant_aware"]["margin"] = {"nats": cfg.qa_margin, "weight": cfg.qa_margin_weight,
+                                               "grad": cfg.qa_margin_grad}
     if saliency is not None:
         info["saliency"] = saliency
     extra = {}
