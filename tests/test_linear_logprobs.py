@@ -243,6 +243,33 @@ def test_grouped_weight_gradient_no_recompute(backend, dtype, monkeypatch):
     torch.testing.assert_close(dw.float(), rdw.float(), **t)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_skips_a_group_of_ignored_rows(backend, dtype, monkeypatch):
+    """The padding rows (all ignored, a group of their own) add nothing to dW: no GEMM touches
+    them, and the gradients still equal the reference's."""
+    h, W, y, _ = make(N=30, dtype=dtype, wgrad=True, ignore=(4, *range(22, 30)))
+    sizes = torch.tensor([10, 12, 8])  # the last group: rows 22..29, all ignored
+    up = torch.tensor([0.5, -1.5, 3.0]).repeat_interleave(sizes)
+    calls = []
+    real_dense = LLP.dense_linear
+    monkeypatch.setattr(LLP, "dense_linear", lambda x, w, *a, **k: calls.append(w) or real_dense(x, w, *a, **k))
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda x, w, *a, **k: calls.append(w) or real_mm(x, w, *a, **k))
+    lp, dh, dw = grads(linear_logprobs, h, W, y, up, chunk_size=8, group_sizes=sizes)
+    monkeypatch.undo()
+    dead = h[22:].detach()
+    assert calls and not any(w.dim() == 2 and dead.data_ptr() <= w.data_ptr() < dead.data_ptr() + dead.nbytes
+                             for w in calls), "a GEMM read the ignored group's rows"
+    rlp, rdh, rdw = grads(linear_logprobs_reference, h, W, y, up)
+    t = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=3e-2)
+    torch.testing.assert_close(dh.float(), rdh.float(), **t)
+    torch.testing.assert_close(dw.float(), rdw.float(), **t)
+    # every group ignored: dW is zero, with no partial at all
+    y_all = torch.full_like(y, -100)
+    lp, dh, dw = grads(linear_logprobs, h, W, y_all, up, chunk_size=8, group_sizes=sizes)
+    assert torch.equal(dw, torch.zeros_like(W)) and torch.equal(lp, torch.zeros_like(lp))
+
+
 def test_grouped_falls_back_when_gradient_varies_or_budget_small(backend, monkeypatch):
     h, W, y, up = make(N=30, wgrad=True)
     sizes = torch.tensor([10, 20])

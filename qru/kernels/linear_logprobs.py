@@ -174,6 +174,9 @@ class LinearLogprobsFn(torch.autograd.Function):
       (bounded by ``GROUPED_BYTES``) next to ``U``; backward checks ``g`` is constant per group
       and combines ``dW = Σ_b c_b M_b``, ``dh = g[:, None]·U``: the GEMMs unfused autograd runs,
       no recomputation. If ``g`` turns out not to be constant per group, it recomputes as below.
+      A group whose rows are all ignored (the padding rows ``hidden_sequence_logprobs`` adds) has
+      ``M_b = 0``: it gets no partial and no GEMM. Each partial is the GEMM's own output (oneDNN
+      returns a new tensor), kept as is, not copied into a preallocated stack.
     * ``"recompute"``: forward saves ``h`` and the per-row ``lse``; backward recomputes each chunk's
       ``z``, turns it in place into ``D = g(e_y - exp(z - lse))``, and runs ``dh = D W``,
       ``dW += Dᵀ h`` (one extra (chunk, V, H) GEMM per chunk).
@@ -199,8 +202,9 @@ class LinearLogprobsFn(torch.autograd.Function):
         if strategy == "grouped":
             ends = group_sizes.cumsum(0).tolist()
             bounds = list(zip([0] + ends[:-1], ends))
-            parts = torch.empty((len(bounds),) + tuple(weight.shape), device=h.device, dtype=torch.float32)
-            touched = [False] * len(bounds)
+            valid = torch.cat([y.new_zeros(1), (y != ignore_index).cumsum(0)]).tolist()
+            live = [valid[g1] > valid[g0] for g0, g1 in bounds]  # groups with a row that is not ignored
+            parts = [None] * len(bounds)  # M_b, fp32 (V, H); None: no row yet (zero)
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
             z = dense_linear(h[s:e], weight)
@@ -213,33 +217,26 @@ class LinearLogprobsFn(torch.autograd.Function):
             if parts is not None:  # M_b += U'ᵀ h over this chunk's rows of group b
                 for b, (g0, g1) in enumerate(bounds):
                     r0, r1 = max(s, g0), min(e, g1)
-                    if r0 >= r1:
+                    if r0 >= r1 or not live[b]:
                         continue
                     zt, hh = z[r0 - s:r1 - s].t(), h[r0:r1]
-                    if z.dtype == torch.float32:  # the torch path adds into parts[b] in place
-                        acc = parts[b]
-                        r = dense_linear(zt, hh.t(), add=acc if touched[b] else None, accumulate=True)
-                        if r.data_ptr() != acc.data_ptr():
-                            acc.copy_(r)
-                    elif touched[b]:
+                    if z.dtype == torch.float32:  # oneDNN: a new tensor; torch: into parts[b] in place
+                        parts[b] = dense_linear(zt, hh.t(), add=parts[b], accumulate=True)
+                    elif parts[b] is not None:
                         parts[b] += torch.mm(zt, hh)
                     else:
-                        parts[b].copy_(torch.mm(zt, hh))
-                    touched[b] = True
-        if parts is not None:
-            for b, t in enumerate(touched):
-                if not t:
-                    parts[b].zero_()
+                        parts[b] = torch.mm(zt, hh).float()
         ctx.strategy, ctx.chunk, ctx.ignore_index, ctx.backend = strategy, chunk, ignore_index, backend
         ctx.bounds = bounds
-        ctx.save_for_backward(h, weight, y, lse, u, parts, group_sizes)
+        ctx.live = None if parts is None else [p is not None for p in parts]
+        ctx.save_for_backward(h, weight, y, lse, u, group_sizes, *(p for p in parts or () if p is not None))
         return logp
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         g = g.float().contiguous()
-        h, weight, y, lse, u, parts, group_sizes = ctx.saved_tensors
+        h, weight, y, lse, u, group_sizes, *parts = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if ctx.strategy == "unit":
             return (u * g[:, None]).to(u.dtype), None, None, None, None, None, None
@@ -249,7 +246,14 @@ class LinearLogprobsFn(torch.autograd.Function):
             c[nonempty] = g[(group_sizes.cumsum(0) - group_sizes)[nonempty]]
             if torch.equal(g, c.repeat_interleave(group_sizes)):
                 dh = (u * g[:, None]).to(u.dtype) if need_h else None
-                dw = torch.tensordot(c, parts, dims=1).to(weight.dtype)
+                cs = [c[b] for b, t in enumerate(ctx.live) if t]  # the groups with a partial, in order
+                if parts:
+                    dw = parts[0] * cs[0]
+                    for p, cb in zip(parts[1:], cs[1:]):
+                        dw.addcmul_(p, cb)
+                    dw = dw.to(weight.dtype)
+                else:
+                    dw = torch.zeros_like(weight)
                 return dh, dw, None, None, None, None, None
         return LinearLogprobsFn._recompute(ctx, g, h, weight, y, lse, need_h, need_w)
 
