@@ -1,5 +1,6 @@
 """qru.kernels.calibrate: per-machine choices, measured once, cached per machine, overridable."""
 import json
+import re
 
 import pytest
 import torch
@@ -135,10 +136,15 @@ def test_doctor_prints_machine_choices_and_cache(fake, capsys):
     m = machine.describe()
     assert m["cpu_model"] in out and f"ISA level {m['isa']}" in out
     assert str(calibrate.cache_root()) in out and calibrate.cache_path(1).name in out
-    assert "dense_fp32   -> onednn  [measured] onednn 5.0 ms vs torch 10.0 ms" in out
+    lines = {ln.split()[0]: ln for ln in out.splitlines() if " -> " in ln}
+    assert set(lines) == set(calibrate.CHOICES)
+    assert re.search(r"dense_fp32 +-> onednn +\[measured\] onednn 5.0 ms vs torch 10.0 ms", lines["dense_fp32"])
+    # one column each for the arrows, the picks and the sources, whatever the names' lengths
+    assert len({ln.index(" -> ") for ln in lines.values()}) == 1
+    assert len({ln.index(" [") for ln in lines.values()}) == 1
     calibrate.clear_memo()
     assert main(["doctor", "--threads", "1"]) == 0  # a new process: from the cache
-    assert "dense_fp32   -> onednn  [cache]" in capsys.readouterr().out
+    assert re.search(r"dense_fp32 +-> onednn +\[cache\]", capsys.readouterr().out)
     assert main(["doctor", "--threads", "0"]) == 2
 
 

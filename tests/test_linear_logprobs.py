@@ -234,6 +234,8 @@ def test_grouped_weight_gradient_no_recompute(backend, dtype, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("recomputed")
     monkeypatch.setattr(LLP.LinearLogprobsFn, "_recompute", staticmethod(boom))
+    monkeypatch.setattr(LLP.LinearLogprobsFn, "_stored", staticmethod(boom))
+    monkeypatch.setattr(LLP, "STORED_BYTES", 0)  # the grouped strategy, not the stored one
     lp, dh, dw = grads(linear_logprobs, h, W, y, up, chunk_size=8, group_sizes=sizes)
     monkeypatch.undo()
     rlp, rdh, rdw = grads(linear_logprobs_reference, h, W, y, up)
@@ -241,6 +243,70 @@ def test_grouped_weight_gradient_no_recompute(backend, dtype, monkeypatch):
     torch.testing.assert_close(lp, rlp, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dh.float(), rdh.float(), **t)
     torch.testing.assert_close(dw.float(), rdw.float(), **t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_skips_a_group_of_ignored_rows(backend, dtype, monkeypatch):
+    """The padding rows (all ignored, a group of their own) add nothing to dW: no GEMM touches
+    them, and the gradients still equal the reference's."""
+    h, W, y, _ = make(N=30, dtype=dtype, wgrad=True, ignore=(4, *range(22, 30)))
+    sizes = torch.tensor([10, 12, 8])  # the last group: rows 22..29, all ignored
+    up = torch.tensor([0.5, -1.5, 3.0]).repeat_interleave(sizes)
+    monkeypatch.setattr(LLP, "STORED_BYTES", 0)  # the grouped strategy
+    calls = []
+    real_dense = LLP.dense_linear
+    monkeypatch.setattr(LLP, "dense_linear", lambda x, w, *a, **k: calls.append(w) or real_dense(x, w, *a, **k))
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda x, w, *a, **k: calls.append(w) or real_mm(x, w, *a, **k))
+    lp, dh, dw = grads(linear_logprobs, h, W, y, up, chunk_size=8, group_sizes=sizes)
+    monkeypatch.setattr(LLP, "dense_linear", real_dense)
+    monkeypatch.setattr(torch, "mm", real_mm)
+    dead = h[22:].detach()
+    assert calls and not any(w.dim() == 2 and dead.data_ptr() <= w.data_ptr() < dead.data_ptr() + dead.nbytes
+                             for w in calls), "a GEMM read the ignored group's rows"
+    rlp, rdh, rdw = grads(linear_logprobs_reference, h, W, y, up)
+    t = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=3e-2)
+    torch.testing.assert_close(dh.float(), rdh.float(), **t)
+    torch.testing.assert_close(dw.float(), rdw.float(), **t)
+    # every group ignored: dW is zero, with no partial at all
+    y_all = torch.full_like(y, -100)
+    lp, dh, dw = grads(linear_logprobs, h, W, y_all, up, chunk_size=8, group_sizes=sizes)
+    assert torch.equal(dw, torch.zeros_like(W)) and torch.equal(lp, torch.zeros_like(lp))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [8, 64])
+def test_stored_weight_gradient_any_upstream(backend, dtype, chunk, monkeypatch):
+    """Trainable W and room for the (N, V) unit gradients: the stored strategy gives the reference
+    gradients for any upstream gradient (not constant per group), without recomputing the logits."""
+    h, W, y, up = make(N=30, dtype=dtype, wgrad=True, ignore=(4, 17))
+
+    def boom(*a, **k):
+        raise AssertionError("recomputed")
+    monkeypatch.setattr(LLP.LinearLogprobsFn, "_recompute", staticmethod(boom))
+    lp, dh, dw = grads(linear_logprobs, h, W, y, up, chunk_size=chunk)
+    monkeypatch.undo()
+    rlp, rdh, rdw = grads(linear_logprobs_reference, h, W, y, up)
+    t = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=3e-2)
+    torch.testing.assert_close(lp, rlp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dh.float(), rdh.float(), **t)
+    torch.testing.assert_close(dw.float(), rdw.float(), **t)
+    assert dw.dtype == W.dtype
+
+
+def test_stored_under_autocast_matches_autocast_reference(backend):
+    """fp32 weights under bf16 autocast (what training at precision bf16 runs): the kept unit
+    gradients are bf16; the gradients agree with the reference's under the same autocast."""
+    if backend == "triton":
+        pytest.skip("CPU autocast")
+    h, W, y, up = make(N=40, wgrad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp, dh, dw = grads(linear_logprobs, h, W, y, up, chunk_size=16)
+        rlp, rdh, rdw = grads(linear_logprobs_reference, h, W, y, up)
+    assert dw.dtype == torch.float32 and dh.dtype == torch.float32
+    torch.testing.assert_close(lp, rlp, rtol=2e-2, atol=3e-2)
+    torch.testing.assert_close(dh, rdh, rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(dw, rdw, rtol=3e-2, atol=3e-2)
 
 
 def test_grouped_falls_back_when_gradient_varies_or_budget_small(backend, monkeypatch):

@@ -52,11 +52,13 @@ def cmd_doctor(args) -> int:
     print(f"machine: {m['cpu_model']}; ISA level {m['isa']}; {m['cores']} cores; torch {m['torch']}; "
           f"allocator {m['allocator']}; CUDA {'yes: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'}")
     print(f"calibration cache: {calibrate.cache_root()}")
+    wc = max(len(c) for c in calibrate.CHOICES)  # columns: the longest choice and candidate names
+    wp = max(len(p) for cands, *_ in calibrate.CHOICES.values() for p in cands)
     for t in threads:
         print(f"\n{t} thread{'s' if t > 1 else ''} ({calibrate.cache_path(t).name}):")
         for choice in calibrate.CHOICES:
             d = calibrate.decide(choice, threads=t, recalibrate=args.recalibrate)
-            print(f"  {choice:12s} -> {d.pick:7s} [{d.source}] {d.why}")
+            print(f"  {choice:{wc}s} -> {d.pick:{wp}s} [{d.source}] {d.why}")
     print("\noverride a choice with QRU_<CHOICE>=<pick> (e.g. QRU_DENSE_FP32=torch); --recalibrate measures again")
     return 0
 

@@ -40,11 +40,11 @@ template <typename T>
 void scalar_impl(const T* q, Strides qs, const T* k, Strides ks, const T* v, Strides vs, T* out, int64_t B,
                  int64_t H, int64_t KV, int64_t Tn, int64_t D, float scale) {
   const int64_t G = H / KV;
-#pragma omp parallel num_threads(num_threads())
-  {
-    std::vector<float> s(Tn), acc(D);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t bh = 0; bh < B * H; ++bh) {
+  struct TagS; struct TagA;
+  parallel_work(B * H, 1, B * H * Tn * Tn * D / 2, [&](int64_t bh) {
+    float* s = scratch<TagS>(Tn);
+    float* acc = scratch<TagA>(D);
+    {
       const int64_t b = bh / H, h = bh % H, g = h / G;
       const T* kp = k + b * ks.b + g * ks.h;
       const T* vp = v + b * vs.b + g * vs.h;
@@ -59,14 +59,14 @@ void scalar_impl(const T* q, Strides qs, const T* k, Strides ks, const T* v, Str
         }
         float l = 0.0f;
         for (int64_t j = 0; j <= i; ++j) { s[j] = std::exp(s[j] - mx); l += s[j]; }
-        std::fill(acc.begin(), acc.end(), 0.0f);
+        std::fill(acc, acc + D, 0.0f);
         for (int64_t j = 0; j <= i; ++j)
           for (int64_t d = 0; d < D; ++d) acc[d] += s[j] * ld(vp + j * vs.t, d);
         T* orow = out + ((b * Tn + i) * H + h) * D;
         for (int64_t d = 0; d < D; ++d) st(orow, d, acc[d] / l);
       }
     }
-  }
+  });
 }
 
 #if QRU_AVX512
@@ -130,11 +130,14 @@ template <typename T>
 void vec_impl(const T* q, Strides qs, const T* k, Strides ks, const T* v, Strides vs, T* out, int64_t B, int64_t H,
               int64_t KV, int64_t Tn, int64_t D, float scale) {
   const int64_t G = H / KV, Tp = (Tn + kKeys - 1) / kKeys * kKeys;
-#pragma omp parallel num_threads(num_threads())
-  {
-    std::vector<float> Kt(D * Tp), V(Tp * D), qf(kRows * D), O(kRows * D), P(kRows * kKeys);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t bg = 0; bg < B * KV; ++bg) {
+  struct TagK; struct TagV; struct TagQ; struct TagO; struct TagP;
+  parallel_work(B * KV, 1, B * H * Tn * Tn * D / 2, [&](int64_t bg) {
+    float* Kt = scratch<TagK>(D * Tp);
+    float* V = scratch<TagV>(Tp * D);
+    float* qf = scratch<TagQ>(kRows * D);
+    float* O = scratch<TagO>(kRows * D);
+    float* P = scratch<TagP>(kRows * kKeys);
+    {
       const int64_t b = bg / KV, g = bg % KV;
       const T* kp = k + b * ks.b + g * ks.h;
       const T* vp = v + b * vs.b + g * vs.h;
@@ -144,10 +147,10 @@ void vec_impl(const T* q, Strides qs, const T* k, Strides ks, const T* v, Stride
           V[j * D + d] = j < Tn ? ld(vp + j * vs.t, d) : 0.0f;
         }
       for (int64_t h = g * G; h < (g + 1) * G; ++h)
-        head_vec(q + b * qs.b + h * qs.h, qs.t, Kt.data(), V.data(), Tp, Tn, D, scale, out + (b * Tn * H + h) * D,
-                 H * D, qf.data(), O.data(), P.data());
+        head_vec(q + b * qs.b + h * qs.h, qs.t, Kt, V, Tp, Tn, D, scale, out + (b * Tn * H + h) * D, H * D, qf, O,
+                 P);
     }
-  }
+  });
 }
 #endif
 

@@ -8,7 +8,7 @@
 //    the core's bandwidth.
 //  * fma (AVX2): each weight row widened exactly to fp32 in registers, FMA into up to 8 rows.
 //  * scalar: the same sums in plain C++.
-// OpenMP over output columns.
+// qru::Team over output columns.
 #include "qru_common.h"
 
 #include <c10/util/StringUtil.h>
@@ -85,8 +85,10 @@ inline int64_t prefetch_distance(int64_t K) { return K <= 1024 ? 8 * K : QRU_PF_
 void linear_dpbf16(const uint16_t* xp, const uint16_t* wp, const uint16_t* bp, uint16_t* yp,
                    int64_t M, int64_t N, int64_t K, bool par) {
   const int64_t pf_dist = prefetch_distance(K);
-#pragma omp parallel for schedule(static) num_threads(num_threads()) if (par)
-  for (int64_t n0 = 0; n0 < N; n0 += 4) {
+  // tiles of 4 weight rows; chunks of ~64K weights, taken in order (the prefetch runs ahead of each)
+  parallel_work((N + 3) / 4, std::max<int64_t>(1, (int64_t(1) << 16) / (4 * std::max<int64_t>(1, K))), M * N * K,
+                [&](int64_t tile) {
+    const int64_t n0 = tile * 4;
     const int nb = int(std::min<int64_t>(4, N - n0));
     alignas(64) float out[16];
     for (int64_t m0 = 0; m0 < M; m0 += 4) {
@@ -98,7 +100,7 @@ void linear_dpbf16(const uint16_t* xp, const uint16_t* wp, const uint16_t* bp, u
         for (int n = 0; n < nb; ++n)
           yp[(m0 + m) * N + n0 + n] = f32_to_bf16(out[m * 4 + n] + (bp ? bf16_to_f32(bp[n0 + n]) : 0.0f));
     }
-  }
+  }, par);
 }
 #endif
 
@@ -127,8 +129,7 @@ void linear_widened(const uint16_t* xp, const uint16_t* wp, const uint16_t* bp, 
   // x widened to fp32 once (M x K, small)
   std::vector<float> xf(size_t(M * K));
   for (int64_t i = 0; i < M * K; ++i) xf[i] = bf16_to_f32(xp[i]);
-#pragma omp parallel for schedule(static) num_threads(num_threads()) if (par)
-  for (int64_t n = 0; n < N; ++n) {
+  parallel_work(N, std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, K)), M * N * K, [&](int64_t n) {
     const uint16_t* wr = wp + n * K;
     const float b = bp ? bf16_to_f32(bp[n]) : 0.0f;
     float out[8];
@@ -156,7 +157,7 @@ void linear_widened(const uint16_t* xp, const uint16_t* wp, const uint16_t* bp, 
 #endif
       for (int64_t m = 0; m < mb; ++m) yp[(m0 + m) * N + n] = f32_to_bf16(out[m] + b);
     }
-  }
+  }, par);
 }
 
 at::Tensor skinny_linear(at::Tensor x, at::Tensor w, c10::optional<at::Tensor> bias, c10::string_view impl) {

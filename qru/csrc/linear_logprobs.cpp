@@ -9,7 +9,7 @@
 // Ignored rows (y == ignore) get logp 0 and a zero gradient row. z is fp32 or bf16 (read and
 // written as torch rounds: nearest even); the math is fp32. exp: AVX2/FMA Cephes polynomial
 // (within 2 ulp of expf; 0 below -87.3), scalar std::exp when compiled without AVX2 or with
-// scalar=true. OpenMP over rows, torch's thread count.
+// scalar=true. qru::Team over rows, torch's thread count.
 #include "qru_common.h"
 
 #include <limits>
@@ -112,8 +112,7 @@ void check(const at::Tensor& z, const at::Tensor& y) {
 template <typename T>
 void lse_gather_impl(T* z, int64_t ld_z, const int64_t* y, float* lse, float* logp, int64_t N, int64_t V,
                      int64_t ignore, bool dlogits, bool scalar) {
-#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads())
-  for (int64_t n = 0; n < N; ++n) {
+  parallel_work(N, 1, N * V, [&](int64_t n) {
     T* row = z + n * ld_z;
     const float m = row_max(row, V, scalar);
     const int64_t t = y[n];
@@ -127,14 +126,14 @@ void lse_gather_impl(T* z, int64_t ld_z, const int64_t* y, float* lse, float* lo
     const float l = m + std::log(s);
     lse[n] = l;
     logp[n] = valid ? zt - l : 0.0f;
-    if (!dlogits) continue;
-    if (!valid) { zero_row(row, V); continue; }
+    if (!dlogits) return;
+    if (!valid) { zero_row(row, V); return; }
     if (std::is_same<T, float>::value)
       row_scale<T, false>(row, V, 0.0f, -1.0f / s, scalar);  // -softmax
     else
       row_scale<T, true>(row, V, l, -1.0f, scalar);
     st(row, t, ld(row, t) + 1.0f);
-  }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> lse_gather(at::Tensor z, at::Tensor y, int64_t ignore, bool dlogits, bool scalar) {
@@ -154,14 +153,13 @@ std::tuple<at::Tensor, at::Tensor> lse_gather(at::Tensor z, at::Tensor y, int64_
 template <typename T>
 void dlogits_impl(T* z, int64_t ld_z, const int64_t* y, const float* lse, const float* g, int64_t N, int64_t V,
                   int64_t ignore, bool scalar) {
-#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads())
-  for (int64_t n = 0; n < N; ++n) {
+  parallel_work(N, 1, N * V, [&](int64_t n) {
     T* row = z + n * ld_z;
     const int64_t t = y[n];
-    if (t == ignore || g[n] == 0.0f) { zero_row(row, V); continue; }
+    if (t == ignore || g[n] == 0.0f) { zero_row(row, V); return; }
     row_scale<T, true>(row, V, lse[n], -g[n], scalar);
     st(row, t, ld(row, t) + g[n]);
-  }
+  });
 }
 
 at::Tensor dlogits_(at::Tensor z, at::Tensor y, at::Tensor lse, at::Tensor g, int64_t ignore, bool scalar) {

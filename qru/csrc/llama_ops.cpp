@@ -13,7 +13,7 @@
 //
 // Tensors are float32 or bfloat16 (read / written as torch rounds: nearest even); all math in
 // fp32 (no fast-math; ISO C++ so no FMA contraction in the scalar code). AVX2 loops where they
-// pay (the norm and SwiGLU), a scalar path otherwise or with scalar=true. OpenMP over rows.
+// pay (the norm and SwiGLU), a scalar path otherwise or with scalar=true. qru::Team over rows.
 #include "qru_common.h"
 
 #include <limits>
@@ -21,6 +21,8 @@
 namespace {
 
 using namespace qru;
+
+constexpr int64_t kRmsBlocks = 16;  // rmsnorm backward: row blocks, each with its partial weight gradient
 
 int code(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
@@ -38,8 +40,7 @@ T* ptr(const at::Tensor& t) {
 // ---------------------------------------------------------------------------------- RMSNorm
 template <typename T>
 void rms_fwd(const T* x, const T* w, T* y, float* rstd, int64_t N, int64_t H, float eps, bool scalar) {
-#pragma omp parallel for schedule(static) num_threads(num_threads())
-  for (int64_t n = 0; n < N; ++n) {
+  parallel_work(N, std::max<int64_t>(1, kChunkValues / std::max<int64_t>(1, H)), N * H, [&](int64_t n) {
     const T* xr = x + n * H;
     T* yr = y + n * H;
     int64_t i = 0;
@@ -63,19 +64,18 @@ void rms_fwd(const T* x, const T* w, T* y, float* rstd, int64_t N, int64_t H, fl
     }
 #endif
     for (; i < H; ++i) st(yr, i, ld(w, i) * rnd(yr, ld(xr, i) * r));
-  }
+  });
 }
 
 template <typename T>
 void rms_bwd(const T* dy, const T* x, const T* w, const float* rstd, T* dx, float* dw, int64_t N, int64_t H,
              bool scalar) {
-  const int nt = num_threads();
-  std::vector<float> part(size_t(nt) * H, 0.0f);
-#pragma omp parallel num_threads(nt)
-  {
-    float* acc_w = part.data() + size_t(omp_get_thread_num()) * H;
-#pragma omp for schedule(static)
-    for (int64_t n = 0; n < N; ++n) {
+  // dw: one partial sum per fixed block of rows, added in block order: the same bits at any thread count
+  const int64_t NB = std::min<int64_t>(N, kRmsBlocks);
+  std::vector<float> part(size_t(NB) * H, 0.0f);
+  parallel_work(NB, 1, N * H, [&](int64_t blk) {
+    float* acc_w = part.data() + size_t(blk) * H;
+    for (int64_t n = blk * N / NB; n < (blk + 1) * N / NB; ++n) {
       const T* dyr = dy + n * H;
       const T* xr = x + n * H;
       T* dxr = dx + n * H;
@@ -113,8 +113,8 @@ void rms_bwd(const T* dy, const T* x, const T* w, const float* rstd, T* dx, floa
 #endif
       for (; i < H; ++i) st(dxr, i, r * (ld(dyr, i) * ld(w, i) - ld(xr, i) * c));
     }
-  }
-  for (int t = 0; t < nt; ++t)
+  });
+  for (int64_t t = 0; t < NB; ++t)
     for (int64_t i = 0; i < H; ++i) dw[i] += part[size_t(t) * H + i];
 }
 
@@ -162,9 +162,9 @@ template <typename TI, typename TO, bool FWD>
 void rope_impl(const TI* src, int64_t sb, int64_t st_, int64_t sh, TO* dst, const float* cs, const float* sn,
                int64_t B, int64_t T, int64_t NH, int64_t D) {
   const int64_t half = D / 2;
-#pragma omp parallel for collapse(2) schedule(static) num_threads(num_threads())
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t t = 0; t < T; ++t) {
+  parallel_work(B * T, std::max<int64_t>(1, kChunkValues / std::max<int64_t>(1, NH * D)), B * T * NH * D,
+                [&](int64_t bt) {
+      const int64_t b = bt / T, t = bt % T;
       const float* c = cs + (b * T + t) * D;
       const float* s = sn + (b * T + t) * D;
       for (int64_t h = 0; h < NH; ++h) {
@@ -185,7 +185,7 @@ void rope_impl(const TI* src, int64_t sb, int64_t st_, int64_t sh, TO* dst, cons
           }
         }
       }
-    }
+    });
 }
 
 template <bool FWD>
@@ -229,8 +229,8 @@ at::Tensor rope_bwd(at::Tensor g, at::Tensor cs, at::Tensor sn, at::ScalarType o
 template <typename T>
 void swiglu_fwd_impl(const T* g, const T* u, T* o, int64_t n, bool scalar) {
   const int64_t blk = 1 << 14;
-#pragma omp parallel for schedule(static) num_threads(num_threads())
-  for (int64_t s = 0; s < n; s += blk) {
+  parallel_work((n + blk - 1) / blk, 1, n, [&](int64_t sb) {
+    const int64_t s = sb * blk;
     const int64_t e = std::min(n, s + blk);
     int64_t i = s;
 #if QRU_AVX2
@@ -247,14 +247,14 @@ void swiglu_fwd_impl(const T* g, const T* u, T* o, int64_t n, bool scalar) {
       const float gv = ld(g, i);
       st(o, i, rnd(o, gv / (1.0f + std::exp(-gv))) * ld(u, i));
     }
-  }
+  });
 }
 
 template <typename T>
 void swiglu_bwd_impl(const T* d, const T* g, const T* u, T* dg, T* du, int64_t n, bool scalar) {
   const int64_t blk = 1 << 14;
-#pragma omp parallel for schedule(static) num_threads(num_threads())
-  for (int64_t s = 0; s < n; s += blk) {
+  parallel_work((n + blk - 1) / blk, 1, n, [&](int64_t sb) {
+    const int64_t s = sb * blk;
     const int64_t e = std::min(n, s + blk);
     int64_t i = s;
 #if QRU_AVX2
@@ -276,7 +276,7 @@ void swiglu_bwd_impl(const T* d, const T* g, const T* u, T* dg, T* du, int64_t n
       st(dg, i, dv * ld(u, i) * (sg * (1.0f + gv * (1.0f - sg))));
       st(du, i, dv * rnd(du, gv * sg));
     }
-  }
+  });
 }
 
 void check_same(const at::Tensor& a, const at::Tensor& b, const char* what) {
@@ -386,28 +386,27 @@ void decode_attn_impl(const T* q, int64_t qb, int64_t qh, const T* k, int64_t kb
   const int64_t G = H / KV;
 #if QRU_AVX2
   if (D % 8 == 0) {
-#pragma omp parallel num_threads(num_threads())
-    {
-      std::vector<float> s(S), qf(D);
-#pragma omp for schedule(static)
-      for (int64_t bg = 0; bg < B * KV; ++bg) {
-        const int64_t b = bg / KV, g = bg % KV;
-        for (int64_t h = g * G; h < (g + 1) * G; ++h) {
-          const T* qp = q + b * qb + h * qh;
-          for (int64_t d = 0; d < D; ++d) qf[d] = ld(qp, d);
-          decode_attn_head_vec(qf.data(), k + b * kb + g * kh, ks, v + b * vb + g * vh, vs,
-                               mask ? mask + b * S : nullptr, S, D, scale, s.data(), out + (b * H + h) * D);
-        }
+    struct TagS; struct TagQ;
+    parallel_work(B * KV, 1, B * H * S * D, [&](int64_t bg) {
+      float* s = scratch<TagS>(S);
+      float* qf = scratch<TagQ>(D);
+      const int64_t b = bg / KV, g = bg % KV;
+      for (int64_t h = g * G; h < (g + 1) * G; ++h) {
+        const T* qp = q + b * qb + h * qh;
+        for (int64_t d = 0; d < D; ++d) qf[d] = ld(qp, d);
+        decode_attn_head_vec(qf, k + b * kb + g * kh, ks, v + b * vb + g * vh, vs, mask ? mask + b * S : nullptr,
+                             S, D, scale, s, out + (b * H + h) * D);
       }
-    }
+    });
     return;
   }
 #endif
-#pragma omp parallel num_threads(num_threads())
-  {
-    std::vector<float> s(S), acc(D), qf(D);
-#pragma omp for schedule(static)
-    for (int64_t bh = 0; bh < B * H; ++bh) {
+  struct TagS; struct TagA; struct TagQ;
+  parallel_work(B * H, 1, B * H * S * D, [&](int64_t bh) {
+    float* s = scratch<TagS>(S);
+    float* acc = scratch<TagA>(D);
+    float* qf = scratch<TagQ>(D);
+    {
       const int64_t b = bh / H, h = bh % H, g = h / G;
       const T* qp = q + b * qb + h * qh;
       const T* kp = k + b * kb + g * kh;
@@ -425,7 +424,7 @@ void decode_attn_impl(const T* q, int64_t qb, int64_t qh, const T* k, int64_t kb
       }
       float l = 0.0f;
       for (int64_t j = 0; j < S; ++j) { s[j] = std::exp(s[j] - mx); l += s[j]; }
-      std::fill(acc.begin(), acc.end(), 0.0f);
+      std::fill(acc, acc + D, 0.0f);
       for (int64_t j = 0; j < S; ++j) {
         const float pj = s[j];
         if (pj == 0.0f) continue;
@@ -436,7 +435,7 @@ void decode_attn_impl(const T* q, int64_t qb, int64_t qh, const T* k, int64_t kb
       const float inv = 1.0f / l;
       for (int64_t d = 0; d < D; ++d) st(op, d, acc[d] * inv);
     }
-  }
+  });
 }
 
 at::Tensor decode_attn(at::Tensor q, at::Tensor k, at::Tensor v, c10::optional<at::Tensor> mask, double scale) {

@@ -13,7 +13,7 @@
 // qru.kernels.hash_dropout.hash_drop_reference is the torch oracle. The mask is recomputed wherever
 // it is needed (forward and backward), never stored.
 // fp32 accumulation in registers (AVX2/FMA micro-tiles, scalar tails; ``scalar=true`` or a
-// build without AVX2 takes the portable path). OpenMP, torch's thread count.
+// build without AVX2 takes the portable path). qru::Team, torch's thread count.
 #include "qru_common.h"
 
 #include <cstdlib>
@@ -122,8 +122,7 @@ at::Tensor drop_mask(int64_t rows, int64_t cols, int64_t seed, int64_t thr, bool
   at::Tensor out = at::empty({rows, cols}, at::kBool);
   uint8_t* o = reinterpret_cast<uint8_t*>(out.data_ptr<bool>());
   const bool vec = QRU_AVX2 && !scalar;
-#pragma omp parallel for schedule(dynamic, 16) num_threads(num_threads())
-  for (int64_t m = 0; m < rows; ++m) {
+  parallel_work(rows, 16, rows * cols, [&](int64_t m) {
     int64_t n = 0;
 #if QRU_AVX2
     if (vec)
@@ -133,7 +132,7 @@ at::Tensor drop_mask(int64_t rows, int64_t cols, int64_t seed, int64_t thr, bool
       }
 #endif
     for (; n < cols; ++n) o[m * cols + n] = keep.dropped(m, n);
-  }
+  });
   return out;
 }
 
@@ -212,18 +211,17 @@ at::Tensor rowdot(const at::Tensor& X, const at::Tensor& V, double alpha_d, cons
   // not pay here); masked rows go through a per-thread buffer.
   constexpr int MR = 3;
   const int64_t blocks = (M + MR - 1) / MR;
-#pragma omp parallel num_threads(num_threads())
-  {
-    std::vector<float> buf(masked ? MR * K : 0);
-#pragma omp for schedule(dynamic, 8)
-    for (int64_t b = 0; b < blocks; ++b) {
+  struct TagBuf;
+  parallel_work(blocks, 8, M * K * R, [&](int64_t b) {
+    float* buf = masked ? scratch<TagBuf>(MR * K) : nullptr;
+    {
       const int64_t m0 = b * MR;
       const int rows = int(std::min<int64_t>(MR, M - m0));
       const float* xr[MR];
       for (int i = 0; i < rows; ++i) {
         if (masked) {
-          mask_row(x + (m0 + i) * ldx, keep, m0 + i, 0, buf.data() + i * K, K, vec);
-          xr[i] = buf.data() + i * K;
+          mask_row(x + (m0 + i) * ldx, keep, m0 + i, 0, buf + i * K, K, vec);
+          xr[i] = buf + i * K;
         } else {
           xr[i] = x + (m0 + i) * ldx;
         }
@@ -233,7 +231,7 @@ at::Tensor rowdot(const at::Tensor& X, const at::Tensor& V, double alpha_d, cons
       else if (rows == 2) rowdot_rows<2>(xr, v, ldv, K, R, alpha, orow, R, vec);
       else rowdot_rows<1>(xr, v, ldv, K, R, alpha, orow, R, vec);
     }
-  }
+  });
   return out;
 }
 
@@ -327,8 +325,7 @@ at::Tensor expand(const at::Tensor& U, const at::Tensor& V, double alpha_d, cons
   constexpr int64_t kGroup = 32;
   const int64_t NP = std::max<int64_t>(24, kPanelFloats / std::max<int64_t>(R, 1) / 24 * 24);
   const int64_t groups = (M + kGroup - 1) / kGroup, panels = (N + NP - 1) / NP;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads())
-  for (int64_t item = 0; item < groups * panels; ++item) {
+  parallel_work(groups * panels, 1, M * N * R, [&](int64_t item) {
     const int64_t g0 = (item / panels) * kGroup, g1 = std::min(M, g0 + kGroup);
     const int64_t n0 = (item % panels) * NP, n1 = std::min(N, n0 + NP);
     for (int64_t m0 = g0; m0 < g1; m0 += MR) {
@@ -342,7 +339,7 @@ at::Tensor expand(const at::Tensor& U, const at::Tensor& V, double alpha_d, cons
         default: expand_rows<1>(ub, ldu, R, v, ldv, n0, n1, alpha, b, keep, m0, ob, N, vec); break;
       }
     }
-  }
+  });
   return out;
 }
 
@@ -405,20 +402,20 @@ at::Tensor tallreduce(const at::Tensor& U, const at::Tensor& X, double alpha_d, 
   const int64_t ldu = U.stride(0), ldx = X.stride(0);
   const float alpha = float(alpha_d);
   const int64_t strips = (N + kStrip - 1) / kStrip;
-#pragma omp parallel num_threads(num_threads())
-  {
-    std::vector<float> tile(kTileRows * kStrip), acc(R * kStrip);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t s = 0; s < strips; ++s) {
+  struct TagTile; struct TagAcc;
+  parallel_work(strips, 1, M * N * R, [&](int64_t s) {
+    float* tile = scratch<TagTile>(kTileRows * kStrip);
+    float* acc = scratch<TagAcc>(R * kStrip);
+    {
       const int64_t n0 = s * kStrip;
       const int64_t w = std::min(kStrip, N - n0);
       const int64_t subs = (w + kSub - 1) / kSub;
-      std::fill(acc.begin(), acc.end(), 0.0f);
+      std::fill(acc, acc + R * kStrip, 0.0f);
       for (int64_t m0 = 0; m0 < M; m0 += kTileRows) {
         const int64_t rows = std::min(kTileRows, M - m0);
         for (int64_t m = 0; m < rows; ++m) {
           const float* xr = x + (m0 + m) * ldx + n0;
-          float* t = tile.data() + m * kStrip;
+          float* t = tile + m * kStrip;
           if (w == kStrip) {
             mask_row(xr, keep, m0 + m, n0, t, kStrip, vec);
           } else {
@@ -428,8 +425,8 @@ at::Tensor tallreduce(const at::Tensor& U, const at::Tensor& X, double alpha_d, 
         }
         const float* ub = u + m0 * ldu;
         for (int64_t q = 0; q < subs; ++q) {
-          const float* tq = tile.data() + q * kSub;
-          float* aq = acc.data() + q * kSub;
+          const float* tq = tile + q * kSub;
+          float* aq = acc + q * kSub;
           int64_t j = 0;
           for (; j + 6 <= R; j += 6) tall_tile<6>(ub, ldu, j, tq, rows, aq, vec);
           switch (R - j) {
@@ -445,7 +442,7 @@ at::Tensor tallreduce(const at::Tensor& U, const at::Tensor& X, double alpha_d, 
       for (int64_t j = 0; j < R; ++j)
         for (int64_t c = 0; c < w; ++c) o[j * N + n0 + c] = alpha * acc[j * kStrip + c];
     }
-  }
+  });
   return out;
 }
 

@@ -12,7 +12,7 @@
 // words, 32 codes looked up by one vpermw, vdpbf16ps into each row of x), an AVX-512 path for
 // the 4-bit kinds (16 lanes, the table in one register, one permute), an AVX2 + FMA + F16C path (8 lanes, 16-entry table lookup = two permutes and a blend) and a
 // portable scalar path (``scalar=true`` forces it; also used for block heads / tails that are
-// not 32-element aligned). OpenMP over output rows, thread count = torch's.
+// not 32-element aligned). qru::Team over output rows, thread count = torch's.
 #include "qru_common.h"
 
 #ifndef QRU_QPF_BYTES
@@ -373,8 +373,7 @@ void run(const Problem& p, void* out, bool scalar) {
   const int64_t per_thread = int64_t(1) << 17;  // weights
   const int threads = int(std::min<int64_t>(std::max(1, at::get_num_threads()),
                                             std::max<int64_t>(1, p.N * p.K / per_thread)));
-#pragma omp parallel for schedule(dynamic, chunk) num_threads(threads) if (threads > 1)
-  for (int64_t n = 0; n < p.N; ++n) {
+  Team::get().run(p.N, chunk, threads, [&](int64_t n) {
     float acc[M];
 #if QRU_AVX512_BF16 && QRU_AVX2_F16C
     if (!scalar && p.kind != INT8 && WD == BF16 && p.xb && M >= kDpMinRows) row_dpbf16<M>(p, n, acc);
@@ -394,7 +393,7 @@ void run(const Problem& p, void* out, bool scalar) {
 #endif
     const float b = p.bias ? p.bias[n] : 0.0f;
     for (int m = 0; m < M; ++m) store_out<DT>(out, m * p.N + n, acc[m] + b);
-  }
+  });
 }
 
 template <int M>

@@ -17,7 +17,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
-#include <omp.h>
+#include <pthread.h>
 
 #include <algorithm>
 #include <atomic>
@@ -54,21 +54,27 @@
 
 namespace qru {
 
-// OpenMP team size: torch's intra-op thread count (torch.set_num_threads), at least 1.
+// Team size: torch's intra-op thread count (torch.set_num_threads), at least 1.
 inline int num_threads() { return std::max(1, at::get_num_threads()); }
 
-// A team for loops of independent items that must not stall on a busy machine (the quantizers).
+// The team every parallel qru kernel runs on, so that none stalls on a busy machine.
 // An OpenMP region ends when its last thread arrives, so a thread that another job keeps off its
 // core, even one that never started, holds up the caller, and libgomp's idle threads spin. Here
 // workers wait passively (condition variable), take chunks of items from a shared counter, and only
 // the workers that joined a job before it closed are waited for: a late one finds it closed and goes
 // back to sleep. The caller works too. Each shared object has its own team, created on first use
 // and never torn down (the threads sleep). Which items a thread runs never changes a result.
+// Fork-safe: a forked child has none of the parent's workers (and maybe a mutex some thread held),
+// so a pthread_atfork handler gives the child a fresh team, whose workers it starts on first use.
 class Team {
  public:
   static Team& get() {
-    static Team* team = new Team();  // leaked on purpose: no join at exit
-    return *team;
+    static std::once_flag once;
+    std::call_once(once, [] {
+      slot() = new Team();  // leaked on purpose: no join at exit
+      pthread_atfork(nullptr, nullptr, [] { slot() = new Team(); });  // the parent's is left untouched
+    });
+    return *slot();
   }
 
   // body(i) for i in [0, n), in chunks of `chunk` items, on up to `threads` threads (the caller included).
@@ -78,7 +84,7 @@ class Team {
     const int64_t n_chunks = (n + chunk - 1) / chunk;
     threads = int(std::min<int64_t>(threads, n_chunks));
     if (threads <= 1) {
-      for (int64_t i = 0; i < n; ++i) body(i);
+      trampoline<F>(&body, 0, n);  // the same compiled loop as the team's (see trampoline)
       return;
     }
     std::unique_lock<std::mutex> lock(mu_);  // one job at a time per team
@@ -103,9 +109,15 @@ class Team {
   }
 
  private:
+  static Team*& slot() {
+    static Team* team = nullptr;
+    return team;
+  }
   using Fn = void (*)(const void*, int64_t, int64_t);
+  // Never inlined: the body is compiled once, so a single thread and a team run the same code (two
+  // inlined copies could contract a * b + c into FMAs differently and differ in the last bit).
   template <class F>
-  static void trampoline(const void* ctx, int64_t lo, int64_t hi) {
+  __attribute__((noinline)) static void trampoline(const void* ctx, int64_t lo, int64_t hi) {
     const F& f = *static_cast<const F*>(ctx);
     for (int64_t i = lo; i < hi; ++i) f(i);
   }
@@ -151,6 +163,27 @@ class Team {
 template <class F>
 inline void parallel_items(int64_t n, int64_t chunk, const F& body) {
   Team::get().run(n, chunk, num_threads(), body);
+}
+
+// Items per chunk that make about this many values: enough work to repay taking a chunk.
+constexpr int64_t kChunkValues = int64_t(1) << 14;
+
+// Below this many values of work a kernel runs on the calling thread: waking the team costs more.
+constexpr int64_t kSmallWork = int64_t(1) << 16;
+
+// parallel_items for a loop over `work` values in all: one thread when that is small (kSmallWork)
+// or when `par` is false.
+template <class F>
+inline void parallel_work(int64_t n, int64_t chunk, int64_t work, const F& body, bool par = true) {
+  Team::get().run(n, chunk, (par && work >= kSmallWork) ? num_threads() : 1, body);
+}
+
+// A per-thread scratch buffer of at least n values, one per call site (Tag), kept between calls.
+template <class Tag, class T = float>
+inline T* scratch(size_t n) {
+  thread_local std::vector<T> buf;
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
 }
 
 inline uint32_t f2u(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }

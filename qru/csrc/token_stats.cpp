@@ -7,7 +7,7 @@
 //
 // z float32 or bfloat16 (widened exactly), all math fp32. One row at a time while it sits in L1/L2:
 // max; exp(z - max) into a row buffer with its sum and first moment; the centred second moment.
-// AVX-512 lanes (exp512) when built for it, plain loops with scalar=true or otherwise. OpenMP over rows.
+// AVX-512 lanes (exp512) when built for it, plain loops with scalar=true or otherwise. qru::Team over rows.
 #include "qru_common.h"
 
 #include <limits>
@@ -80,12 +80,10 @@ template <typename T>
 void run(const at::Tensor& z, const int64_t* y, float* lp, float* mu, float* var, bool scalar) {
   const int64_t N = z.size(0), V = z.size(1), rs = z.stride(0);
   const T* zp = reinterpret_cast<const T*>(z.data_ptr());
-#pragma omp parallel num_threads(num_threads())
-  {
-    std::vector<float> e(V);
-#pragma omp for schedule(static)
-    for (int64_t n = 0; n < N; ++n) row_stats(zp + n * rs, V, y[n], e.data(), scalar, lp + n, mu + n, var + n);
-  }
+  struct TagE;
+  parallel_work(N, 1, N * V, [&](int64_t n) {
+    row_stats(zp + n * rs, V, y[n], scratch<TagE>(V), scalar, lp + n, mu + n, var + n);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_stats(at::Tensor z, at::Tensor y, bool scalar) {

@@ -173,10 +173,10 @@ def load_cpp_ext(name: str):
         from torch.utils.cpp_extension import load
 
         # torch adds -std=c++20; no pybind11 / torch/extension.h, so a file builds in seconds
-        flags = ["-O3", "-fopenmp", "-march=native", f"-DQRU_COMMON_TAG={_common_header_tag()}"]
+        flags = ["-O3", "-fopenmp-simd", "-march=native", f"-DQRU_COMMON_TAG={_common_header_tag()}"]
         d = build_dir(name)
         with builder_lock(d):
-            load(name=ext_name(name), sources=[str(src)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+            load(name=ext_name(name), sources=[str(src)], extra_cflags=flags,
                  extra_include_paths=[str(CSRC)], build_directory=str(d), is_python_module=False, verbose=False)
         _ERRORS.pop(name, None)
         return getattr(torch.ops, f"qru_{name}")

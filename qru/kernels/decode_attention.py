@@ -5,7 +5,7 @@
 q (B, H, 1, D); k, v (B, KV, S, D) with H a multiple of KV (grouped-query heads: head h reads
 kv head h // (H/KV)); mask (B, 1, 1, S) bool (True = attend) or None. One public entry,
 :func:`decode_attention`: ``"cpp"`` (``csrc/llama_ops.cpp``) reads the bf16/fp32 cache in place
-and accumulates in fp32, one (batch, head) per OpenMP task; ``"torch"``:
+and accumulates in fp32, one (batch, head) per qru::Team item; ``"torch"``:
 :func:`decode_attention_reference`, two fp32 batched matmuls (it converts the cache to fp32 on
 every call). Both replace SDPA's CPU flash kernel, which spends ~0.7 ms per decode call at
 B 8, H 8, S 130 (the reference ~0.17 ms). Inference only (no autograd); CUDA keeps SDPA.

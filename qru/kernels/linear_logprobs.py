@@ -38,6 +38,8 @@ CPU_CHUNK_BYTES = 128 << 20
 CUDA_CHUNK_BYTES = 512 << 20
 # Bound on the per-group (G, V, H) fp32 weight-gradient partials of the "grouped" strategy.
 GROUPED_BYTES = 512 << 20
+# Bound on the (N, V) unit gradients the "stored" strategy keeps for backward (in the logits' dtype).
+STORED_BYTES = 256 << 20
 
 
 def linear_logprobs_reference(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -162,7 +164,7 @@ class LinearLogprobsFn(torch.autograd.Function):
     ``∂L/∂h_n = D_n W`` and ``∂L/∂W = Σ_n D_nᵀ h_n = Dᵀ h``. Write ``U'_n = e_{y_n} - p_n`` (the
     unit gradient, known in forward) so ``D_n = g_n U'_n``.
 
-    Three strategies, chosen in forward, none storing (N, V):
+    Four strategies, chosen in forward:
 
     * ``"unit"``: ``W`` needs no gradient (LoRA, frozen head). ``∂L/∂h_n = g_n (U'_n W)``: forward
       holds each chunk's softmax anyway and computes ``U = U' W`` (N, H) right there, the one
@@ -174,6 +176,15 @@ class LinearLogprobsFn(torch.autograd.Function):
       (bounded by ``GROUPED_BYTES``) next to ``U``; backward checks ``g`` is constant per group
       and combines ``dW = Σ_b c_b M_b``, ``dh = g[:, None]·U``: the GEMMs unfused autograd runs,
       no recomputation. If ``g`` turns out not to be constant per group, it recomputes as below.
+      A group whose rows are all ignored (the padding rows ``hidden_sequence_logprobs`` adds) has
+      ``M_b = 0``: it gets no partial and no GEMM. Each partial is the GEMM's own output (oneDNN
+      returns a new tensor), kept as is, not copied into a preallocated stack.
+    * ``"stored"``: ``W`` needs a gradient and ``U'`` (N, V), in the logits' dtype (bf16 under
+      autocast), fits ``STORED_BYTES`` and is no larger than the grouped partials would be (for a
+      small model's head: 1024 rows of a 32000-word vocabulary take 131 MB in fp32, four sequences'
+      partials at hidden 512 take 262 MB): forward keeps each chunk's ``U'``; backward runs
+      ``dW = Dᵀ h = U'ᵀ (g ⊙ h)`` (any ``g``) once per chunk, in the logits' dtype (one
+      bf16 GEMM under autocast, where the grouped partials were fp32 GEMMs plus fp32 casts).
     * ``"recompute"``: forward saves ``h`` and the per-row ``lse``; backward recomputes each chunk's
       ``z``, turns it in place into ``D = g(e_y - exp(z - lse))``, and runs ``dh = D W``,
       ``dW += Dᵀ h`` (one extra (chunk, V, H) GEMM per chunk).
@@ -188,19 +199,29 @@ class LinearLogprobsFn(torch.autograd.Function):
         if need_h and not need_w:
             strategy = "unit"
         elif need_w:
-            fits = (group_sizes is not None
-                    and group_sizes.numel() * weight.shape[0] * weight.shape[1] * 4 <= GROUPED_BYTES)
-            strategy = "grouped" if fits else "recompute"
+            dev = h.device.type
+            low = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+            stored = n * weight.shape[0] * (2 if low in (torch.bfloat16, torch.float16) else 4)
+            grouped = (None if group_sizes is None
+                       else group_sizes.numel() * weight.shape[0] * weight.shape[1] * 4)
+            if grouped is not None and grouped > GROUPED_BYTES:
+                grouped = None
+            if stored <= STORED_BYTES and (grouped is None or stored <= grouped):
+                strategy = "stored"
+            else:
+                strategy = "grouped" if grouped is not None else "recompute"
         lse = torch.empty(n, device=h.device, dtype=torch.float32)
         logp = torch.empty(n, device=h.device, dtype=torch.float32)
-        eager = strategy in ("unit", "grouped")
+        eager = strategy in ("unit", "grouped", "stored")
+        kept = [] if strategy == "stored" else None
         u = torch.empty((n, h.shape[1]), device=h.device, dtype=h.dtype) if eager and need_h else None
         parts, bounds = None, None
         if strategy == "grouped":
             ends = group_sizes.cumsum(0).tolist()
             bounds = list(zip([0] + ends[:-1], ends))
-            parts = torch.empty((len(bounds),) + tuple(weight.shape), device=h.device, dtype=torch.float32)
-            touched = [False] * len(bounds)
+            valid = torch.cat([y.new_zeros(1), (y != ignore_index).cumsum(0)]).tolist()
+            live = [valid[g1] > valid[g0] for g0, g1 in bounds]  # groups with a row that is not ignored
+            parts = [None] * len(bounds)  # M_b, fp32 (V, H); None: no row yet (zero)
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
             z = dense_linear(h[s:e], weight)
@@ -210,48 +231,74 @@ class LinearLogprobsFn(torch.autograd.Function):
             lse[s:e], logp[s:e] = unit_fn(z, y[s:e], ignore_index)  # z <- U' = e_y - softmax(z)
             if u is not None:
                 u[s:e] = dense_linear(z, weight.t())
+            if kept is not None:
+                kept.append(z)
             if parts is not None:  # M_b += U'ᵀ h over this chunk's rows of group b
                 for b, (g0, g1) in enumerate(bounds):
                     r0, r1 = max(s, g0), min(e, g1)
-                    if r0 >= r1:
+                    if r0 >= r1 or not live[b]:
                         continue
                     zt, hh = z[r0 - s:r1 - s].t(), h[r0:r1]
-                    if z.dtype == torch.float32:  # the torch path adds into parts[b] in place
-                        acc = parts[b]
-                        r = dense_linear(zt, hh.t(), add=acc if touched[b] else None, accumulate=True)
-                        if r.data_ptr() != acc.data_ptr():
-                            acc.copy_(r)
-                    elif touched[b]:
+                    if z.dtype == torch.float32:  # oneDNN: a new tensor; torch: into parts[b] in place
+                        parts[b] = dense_linear(zt, hh.t(), add=parts[b], accumulate=True)
+                    elif parts[b] is not None:
                         parts[b] += torch.mm(zt, hh)
                     else:
-                        parts[b].copy_(torch.mm(zt, hh))
-                    touched[b] = True
-        if parts is not None:
-            for b, t in enumerate(touched):
-                if not t:
-                    parts[b].zero_()
+                        parts[b] = torch.mm(zt, hh).float()
         ctx.strategy, ctx.chunk, ctx.ignore_index, ctx.backend = strategy, chunk, ignore_index, backend
         ctx.bounds = bounds
-        ctx.save_for_backward(h, weight, y, lse, u, parts, group_sizes)
+        ctx.live = None if parts is None else [p is not None for p in parts]
+        extra = kept if kept is not None else [p for p in parts or () if p is not None]
+        ctx.save_for_backward(h, weight, y, lse, u, group_sizes, *extra)
         return logp
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         g = g.float().contiguous()
-        h, weight, y, lse, u, parts, group_sizes = ctx.saved_tensors
+        h, weight, y, lse, u, group_sizes, *parts = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if ctx.strategy == "unit":
             return (u * g[:, None]).to(u.dtype), None, None, None, None, None, None
+        if ctx.strategy == "stored":
+            return LinearLogprobsFn._stored(g, h, weight, u, parts, need_h)
         if ctx.strategy == "grouped":
             c = torch.zeros(group_sizes.shape, device=g.device, dtype=g.dtype)  # c_b = g at group b's first row
             nonempty = group_sizes > 0
             c[nonempty] = g[(group_sizes.cumsum(0) - group_sizes)[nonempty]]
             if torch.equal(g, c.repeat_interleave(group_sizes)):
                 dh = (u * g[:, None]).to(u.dtype) if need_h else None
-                dw = torch.tensordot(c, parts, dims=1).to(weight.dtype)
+                cs = [c[b] for b, t in enumerate(ctx.live) if t]  # the groups with a partial, in order
+                if parts:
+                    dw = parts[0] * cs[0]
+                    for p, cb in zip(parts[1:], cs[1:]):
+                        dw.addcmul_(p, cb)
+                    dw = dw.to(weight.dtype)
+                else:
+                    dw = torch.zeros_like(weight)
                 return dh, dw, None, None, None, None, None
         return LinearLogprobsFn._recompute(ctx, g, h, weight, y, lse, need_h, need_w)
+
+    @staticmethod
+    def _stored(g, h, weight, u, kept, need_h):
+        """dh = g·U; dW = Σ_chunks U'ᵀ (g ⊙ h) from the kept unit gradients, in their dtype."""
+        dh = (u * g[:, None]).to(u.dtype) if need_h else None
+        dw, s = None, 0
+        for zk in kept:
+            e = s + zk.shape[0]
+            # Dᵀ h = (diag(g) U')ᵀ h = U'ᵀ (g ⊙ h): the rows of h (N x H) scaled, not those of U' (N x V)
+            hh = (h[s:e] * g[s:e, None]).to(zk.dtype)
+            if zk.dtype == torch.float32:  # the first chunk writes dW, the others add to it
+                dw = dense_linear(zk.t(), hh.t(), add=dw, accumulate=True)
+            else:
+                m = torch.mm(zk.t(), hh)
+                if dw is None:  # a half-precision running sum would round per chunk: fp32 from the second
+                    dw = m
+                else:
+                    dw = (dw.float() if dw.dtype != torch.float32 else dw).add_(m)
+            s = e
+        dw = torch.zeros_like(weight) if dw is None else dw.to(weight.dtype)
+        return dh, dw, None, None, None, None, None
 
     @staticmethod
     def _recompute(ctx, g, h, weight, y, lse, need_h, need_w):

@@ -19,7 +19,7 @@ One public entry, :func:`lora_linear`, picks the backend at call time:
   are autotuned on CUDA over :mod:`qru.kernels.lora_triton`'s ``GEMM_CONFIGS``, ``SHRINK_CONFIGS``,
   ``OUTER_CONFIGS``.
 * ``"cpp"`` (CPU, fp32; the default when ``csrc/lora.cpp`` builds): with dropout, the three
-  rank-r products that see the mask in C++ (AVX2/FMA micro-tiles, OpenMP), the mask applied as
+  rank-r products that see the mask in C++ (AVX2/FMA micro-tiles, qru::Team), the mask applied as
   x is read and as dX is stored, so neither a dropped-out copy of x nor the mask is kept; the
   other GEMMs stay with torch. Without dropout, and for other dtypes, the torch path below.
 * ``"torch"`` (CPU fallback, and bf16/fp16 on CPU): the same math as a custom autograd Function
