@@ -27,6 +27,7 @@ def _clean_env(monkeypatch, one_thread):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("QRU_DENSE_FP32", "onednn")
     monkeypatch.setenv("QRU_PACKED_FP32", "onednn")
+    monkeypatch.setenv("QRU_PACKED_BF16", "onednn")
 
 
 def _data(M=6, K=24, N=10, bias=True, dtype=torch.float32, lead=()):
@@ -160,6 +161,40 @@ def test_bf16_path(M):
     xg = x.clone().requires_grad_()
     assert KL.choose(xg, w, b) == "torch"  # bf16 with gradients: F.linear
     assert torch.equal(KL.linear(xg, w, b), F.linear(xg, w, b))
+
+
+@needs_onednn
+@pytest.mark.parametrize("M", [8, 40])
+def test_packed_bf16_path(M, monkeypatch):
+    """bf16 inference above PACKED_BF16_MIN_ROWS rows with a slot: oneDNN on the packed weight where
+    the calibration (here forced) picks it; equal to the bf16 GEMM up to one bf16 rounding; the copy
+    follows an in-place weight change; few rows, gradients, several threads or the other pick do not
+    take it."""
+    x, w, b = _data(M=M, K=64, N=33, dtype=torch.bfloat16)
+    slot = KL.PackedWeight()
+    with torch.no_grad():
+        assert KL.choose(x, w, b, slot) == "packed"
+        y = KL.linear(x, w, b, slot)
+        assert slot.packed and y.dtype == torch.bfloat16 and y.shape == (M, 33)
+        ref = _ref64(x, w, b)
+        assert ((y.double() - ref).abs() <= ref.abs() * 2 ** -7 + 1e-2).all()
+        x3 = x.view(2, M // 2, 64)  # leading dims as a decode step passes them
+        assert torch.equal(KL.linear(x3, w, b, slot), y.view(2, M // 2, 33))
+        w.mul_(-1)  # in place: the packed copy is stale and must be rebuilt
+        y2 = KL.linear(x, w, b, slot)
+        ref2 = _ref64(x, w, b)
+        assert ((y2.double() - ref2).abs() <= ref2.abs() * 2 ** -7 + 1e-2).all()
+        assert KL.choose(x[:KL.PACKED_BF16_MIN_ROWS], w, b, slot) == "bf16"  # the skinny kernel's rows
+        assert KL.choose(x, w, b) == "bf16"  # no slot
+        monkeypatch.setenv("QRU_PACKED_BF16", "torch")
+        assert KL.choose(x, w, b, slot) == "bf16"
+        monkeypatch.setenv("QRU_PACKED_BF16", "onednn")
+        torch.set_num_threads(2)
+        try:
+            assert KL.choose(x, w, b, slot) == "bf16"
+        finally:
+            torch.set_num_threads(1)
+    assert KL.choose(x.clone().requires_grad_(), w, b, slot) == "torch"
 
 
 def test_torch_path_cases():

@@ -21,6 +21,11 @@ Choices:
   same roofline.
 - ``packed_fp32``: the fp32 CPU linears without gradients (:func:`qru.kernels.linear.linear`):
   oneDNN with a weight packed once, or ``F.linear``.
+- ``packed_bf16``: the bf16 CPU linears without gradients above :data:`PACKED_BF16_MIN_ROWS` rows
+  (decoding's batched rows, prefill; :func:`qru.kernels.linear.linear`): oneDNN with the weight
+  packed once (on AMX CPUs its tile GEMM, with no per-call reorder of the weight), or the default
+  bf16 path (``qru.kernels.bf16_linear``: the C++ skinny kernel up to its row limit, torch's bf16
+  GEMM above). At 1-4 rows the skinny kernel's prefetched weight stream stays (no choice).
 - ``kernel_threads``: the thread rule of qru's parallel CPU kernels (``qru.kernels.threads``) at more
   than one torch thread. ``all``: torch's thread count; ``adaptive``: per call, as many threads as
   there are cores with no other runnable task at that instant (``/proc/loadavg``); ``one``: a single
@@ -46,6 +51,7 @@ import torch.nn.functional as F
 
 from qru.io import write_json
 from qru.kernels._backend import load_cpp_ext
+from qru.kernels.bf16_linear import bf16_linear, native_bf16_cpu
 from qru.kernels.machine import describe, free_cores
 
 CACHE_VERSION = 2  # 2: kernel_threads added, quantizers on qru::Team
@@ -123,6 +129,25 @@ def _probe_packed() -> dict[str, float]:
         })
 
 
+PACKED_BF16_MIN_ROWS = 4  # at most this many rows: the C++ skinny kernel (bandwidth-bound, prefetched)
+
+
+def _probe_packed_bf16() -> dict[str, float]:
+    """Batched decode (8 rows) and prefill (32 rows) through 16 distinct weights (12 MiB, cold in
+    cache as a model's are), bf16: the default bf16 path against oneDNN on packed weights."""
+    g = torch.Generator().manual_seed(0)
+    ws = [(torch.randn(n, k, generator=g) * 0.05).to(torch.bfloat16) for n, k in [(1536, 512), (512, 1536)] * 8]
+    xs = {(m, k): torch.randn(m, k, generator=g).to(torch.bfloat16) for m in (8, 32) for k in (512, 1536)}
+    packed = [torch.ops.mkldnn._reorder_linear_weight(w) for w in ws]
+    lin = torch.ops.mkldnn._linear_pointwise
+    with torch.no_grad():
+        return _paired_seconds({
+            "torch": lambda: [bf16_linear(xs[(m, w.shape[1])], w) for m in (8, 32) for w in ws],
+            "onednn": lambda: [lin(xs[(m, w.shape[1])], p, None, "none", [], "")
+                               for m in (8, 32) for w, p in zip(ws, packed)],
+        })
+
+
 def rule_threads(rule: str, threads: int | None = None) -> int:
     """Threads a kernel gets under the thread rule ``rule`` (a ``kernel_threads`` candidate) with
     ``threads`` torch threads (default: the current count)."""
@@ -161,6 +186,9 @@ CHOICES: dict[str, tuple[tuple[str, ...], str, Callable[[], dict[str, float]], C
     "dense_fp32": (("onednn", "torch"), "torch", _probe_dense, onednn_available),
     "packed_fp32": (("onednn", "torch"), "torch", _probe_packed,
                     lambda: onednn_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")),
+    "packed_bf16": (("onednn", "torch"), "torch", _probe_packed_bf16,
+                    lambda: (onednn_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+                             and native_bf16_cpu())),
     "kernel_threads": (("all", "adaptive", "one"), "all", _probe_threads,
                        lambda: torch.get_num_threads() > 1 and load_cpp_ext("quant") is not None),
 }

@@ -10,11 +10,15 @@ path           when
 ``"torch"``    ``F.linear`` itself: CUDA (cuBLAS; qru has no Triton GEMM), ``QRU_BACKEND=torch``
                or ``triton``, autocast on, other dtypes, a single row of ``x`` (MKL's GEMV is as
                fast), or when the calibration keeps torch's GEMM.
-``"bf16"``     bf16 CPU operands, no gradient needed: :func:`qru.kernels.bf16_linear.bf16_linear`
+``"bf16"``     bf16 CPU operands, no gradient needed, not packed: :func:`qru.kernels.bf16_linear.bf16_linear`
                (the C++ skinny kernel for few rows, else a bf16 or widened fp32 GEMM).
 ``"packed"``   fp32 CPU, no gradient needed, more than one row, one torch thread, a cache slot
                given, and calibration ``packed_fp32`` = onednn (override ``QRU_PACKED_FP32``):
                oneDNN with the weight packed once and cached in the slot (:class:`PackedWeight`).
+               bf16 the same, above ``PACKED_BF16_MIN_ROWS`` (4) rows, when calibration
+               ``packed_bf16`` = onednn (override ``QRU_PACKED_BF16``; on AMX CPUs oneDNN's tile
+               GEMM beats the skinny kernel from about 6 rows once the weight is not reordered
+               per call).
 ``"dense"``    fp32 CPU, more than one row, calibration ``dense_fp32`` = onednn (override
                ``QRU_DENSE_FP32``; with several threads only for large GEMMs):
                :class:`qru.kernels.dense.DenseLinearFn`, oneDNN GEMMs forward and backward.
@@ -48,7 +52,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from qru.kernels._backend import forced_backend, load_cpp_ext, triton_usable
 from qru.kernels.bf16_linear import bf16_linear, skinny_rows
-from qru.kernels.calibrate import onednn_available, pick
+from qru.kernels.calibrate import PACKED_BF16_MIN_ROWS, onednn_available, pick
 from qru.kernels.dense import SMALL_MACS, DenseLinearFn
 
 PATHS = ("torch", "bf16", "packed", "dense")
@@ -192,9 +196,15 @@ def choose(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return "torch"
     dt = x.dtype
     if dt == torch.bfloat16 and weight.dtype == torch.bfloat16 and not torch.is_grad_enabled():
-        if (forced == "cpp" and x.numel() // x.shape[-1] <= skinny_rows()
-                and load_cpp_ext("bf16_linear") is None):
-            raise RuntimeError("QRU_BACKEND=cpp but the C++ kernel 'bf16_linear' is unavailable")
+        rows = x.numel() // x.shape[-1]
+        if forced == "cpp" and rows <= skinny_rows():
+            if load_cpp_ext("bf16_linear") is None:
+                raise RuntimeError("QRU_BACKEND=cpp but the C++ kernel 'bf16_linear' is unavailable")
+            return "bf16"
+        if (packed is not None and rows > PACKED_BF16_MIN_ROWS and torch.get_num_threads() == 1
+                and (bias is None or bias.dtype == dt) and packing_available()
+                and pick("packed_bf16") == "onednn" and packed.fits(weight)):
+            return "packed"
         return "bf16"
     if dt != torch.float32 or weight.dtype != torch.float32 or (bias is not None and bias.dtype != dt):
         return "torch"
