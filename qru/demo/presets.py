@@ -165,7 +165,7 @@ class PretrainedSpec:
     precisions: tuple[str, ...] = EVAL_PRECISIONS
     headline: str = "fp4"
     max_new_tokens: int = 8
-    threads: int = 2
+    threads: int = 0  # CPU threads in all (0: the cores this process may run on); one single-thread worker each
 
 
 @dataclass(frozen=True)
