@@ -63,7 +63,8 @@ def test_prune_keeps_a_live_process_build(tmp_path):
         assert partial.is_dir() and str(other.pid) in partial.name
         # this process: the same stage name with other settings, another stage, and dead processes' leftovers
         dead = _dead_pid()
-        leftovers = [root / f".slow-0123456789ab.{dead}.deadbeef.partial", root / f".s-0123456789ab.tmp-{dead}-deadbeef"]
+        leftovers = [root / f".slow-0123456789ab.{dead}.deadbeef.partial",  # this version's build
+                     root / f".s-0123456789ab.tmp-{dead}-deadbeef"]  # an earlier version's
         for p in leftovers:
             p.mkdir()
         cache = StageCache(root, log=lambda m: None)

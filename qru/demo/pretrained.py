@@ -28,6 +28,12 @@ Protocol, per seed (the seed changes the facts and the unlearning):
   changed at all, the share of the changed weights whose quantized value equals the target's (inside the
   target's bin), the share of weights whose quantized value flips, and the projection
   (:mod:`qru.quant.survival`'s definition).
+* **Processes.** The stages of every seed (target + retrain, evaluations, unlearning runs) run in worker
+  processes of one thread each, as many as ``--threads`` (default: the cores this process may use), each
+  stage once its inputs exist (independent stages need no synchronisation; a 135M model's small GEMMs
+  split over threads do). Each stage is deterministic given its inputs and one thread, so
+  the results equal a one-process run's (tested). Scripts that call :func:`run_pretrained` with more than
+  one thread need the ``if __name__ == "__main__":`` guard (the workers are spawned).
 * **Restoration** at precision q, against the target at the same precision:
   ``R_q = (m_q(unlearned) - m_bf16(unlearned)) / (m_q(target) - m_bf16(unlearned))`` for forget accuracy
   and forget NLL (1: the quantized model is back at the quantized target, 0: quantization changed nothing).
@@ -314,9 +320,9 @@ def _init_worker(threads: int) -> None:
 
 
 class _Runner:
-    """Runs stage tasks in ``workers`` processes of one thread each (small GEMMs scale badly to two threads;
-    independent stages scale fully), or in this process when ``workers`` is 1. Every stage is deterministic
-    given its inputs and one thread, so both give the same results (tested)."""
+    """Runs stage tasks in ``workers`` spawned processes of one thread each, or in this process when
+    ``workers`` is 1. Every stage is deterministic given its inputs and one thread, so both give the same
+    results (tested)."""
 
     def __init__(self, ctx: _Ctx, workers: int):
         self.ctx, self.workers = ctx, workers
