@@ -54,7 +54,9 @@ C5. NF4 and INT8 are reported separately under the rule of C2 (and INT4 beside t
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import importlib.util
+import itertools
 import json
 import multiprocessing
 import os
@@ -322,18 +324,22 @@ def _init_worker(threads: int) -> None:
 class _Runner:
     """Runs stage tasks in ``workers`` spawned processes of one thread each, or in this process when
     ``workers`` is 1. Every stage is deterministic given its inputs and one thread, so both give the same
-    results (tested)."""
+    results (tested). Tasks wait here and go to a free worker by ``priority`` (lowest first; ties in
+    submission order): seed-major, so a worker keeps using one target's weights."""
 
     def __init__(self, ctx: _Ctx, workers: int):
         self.ctx, self.workers = ctx, workers
         self.pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                          initializer=_init_worker, initargs=(1,)) if workers > 1 else None)
         self.pending: dict[Future, Callable] = {}
+        self.queue: list = []  # heap of (priority, sequence number, kind, args, then)
+        self.seq = itertools.count()
 
-    def submit(self, kind: str, args: tuple, then: Callable) -> None:
+    def submit(self, kind: str, args: tuple, then: Callable, priority: tuple = ()) -> None:
         """Run the task; ``then(result)`` is called in this process when it is done."""
         if self.pool is not None:
-            self.pending[self.pool.submit(_task, self.ctx, kind, args)] = then
+            heapq.heappush(self.queue, (priority, next(self.seq), kind, args, then))
+            self._fill()
             return
         f: Future = Future()
         try:
@@ -342,6 +348,11 @@ class _Runner:
             f.set_exception(e)
         self.pending[f] = then
 
+    def _fill(self) -> None:
+        while self.queue and len(self.pending) < self.workers:
+            _, _, kind, args, then = heapq.heappop(self.queue)
+            self.pending[self.pool.submit(_task, self.ctx, kind, args)] = then
+
     def drain(self) -> None:
         """Wait for every task, including the ones their continuations submit."""
         while self.pending:
@@ -349,9 +360,12 @@ class _Runner:
             for f in done:
                 then = self.pending.pop(f)
                 then(f.result())
+            if self.pool is not None:
+                self._fill()
 
     def close(self, cancel: bool = False) -> None:
         if self.pool is not None:
+            self.queue.clear()
             self.pool.shutdown(wait=True, cancel_futures=cancel)
 
 
@@ -414,16 +428,16 @@ def run_pretrained(cfg: DemoConfig, out: Path, *, seed: int = 0, force: bool = F
         for k, st in (("target", target), ("retrain", retrain)):
             runner.submit("eval", (f"pt-eval-{k}-s{sd}", {"model": st.hash}, (tdir, st.dir / "model", None),
                                    facts[sd], None, None),
-                          lambda r, sd=sd, k=k: evaluated_ref(sd, k, use(r)))
+                          lambda r, sd=sd, k=k: evaluated_ref(sd, k, use(r)), (sd, 0))
 
     def evaluated_ref(sd, k, st):
         ev[sd][k] = st.result
         if k != "target":
             return
         t_acc = st.result["evals"]["bf16"]["forget_acc"]
-        for arm in arms(p):
+        for i, arm in enumerate(arms(p)):
             runner.submit("unlearn", (arm, targets[sd], facts[sd], sd, t_acc),
-                          lambda r, sd=sd, arm=arm: unlearned(sd, arm, use(r)))
+                          lambda r, sd=sd, arm=arm: unlearned(sd, arm, use(r)), (sd, 2, i))
 
     def unlearned(sd, arm, st):
         _log(f"seed {sd}: {arm.key}: {st.result['outcome']} after {st.result['epochs']} epochs "
@@ -442,11 +456,11 @@ def run_pretrained(cfg: DemoConfig, out: Path, *, seed: int = 0, force: bool = F
                                    {"model": st.hash, "merge": m["merge"] if lora else None,
                                     "target": targets[sd].hash},
                                    load_args, facts[sd], tdir, [q for q in p.precisions if not (same and q == "bf16")]),
-                          lambda r, sd=sd, k=m["key"]: ev[sd].__setitem__(k, use(r).result))
+                          lambda r, sd=sd, k=m["key"]: ev[sd].__setitem__(k, use(r).result), (sd, 1))
 
     try:
         for sd in seeds:
-            runner.submit("finetune", (base, facts[sd], sd), lambda pair, sd=sd: finetuned(sd, pair))
+            runner.submit("finetune", (base, facts[sd], sd), lambda pair, sd=sd: finetuned(sd, pair), (sd, 0))
         runner.drain()
     except BaseException:
         runner.close(cancel=True)
