@@ -2,9 +2,11 @@
 the facts, the stopping rules, restoration and the verdicts recomputed by hand from the saved numbers,
 the pre-registered criteria in the docstring and the report, the stage cache, and the missing-package exit.
 """
+import dataclasses
 import importlib.util
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -251,6 +253,27 @@ def test_pretrained_machinery_on_a_tiny_model(tiny_run, target):  # noqa: F811
     # every stage cached: a second run recomputes nothing and gives the same numbers
     again = P.run_pretrained(cfg, out, base_dir=target.out, progress=False)
     assert again["restoration"] == res["restoration"] and again["wall_seconds"] < res["wall_seconds"]
+
+
+def _numbers(res):
+    """The results without their timings (``seconds`` of runs and evaluations)."""
+    def strip(x):
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if k != "seconds"}
+        if isinstance(x, list):
+            return [strip(v) for v in x]
+        return x
+    return strip({k: res[k] for k in ("seeds", "arms", "models", "restoration", "verdicts")})
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_sequential_results(tiny_run, target, tmp_path):  # noqa: F811
+    cfg, res, _ = tiny_run
+    assert res["timing"]["workers"] == 1
+    par = P.run_pretrained(cfg, tmp_path / "par", base_dir=target.out, progress=False, threads=2)
+    assert par["timing"]["workers"] == 2 and par["timing"]["cached"] == []  # every stage computed here
+    assert _numbers(par) == _numbers(res)
+    assert P._workers(None, dataclasses.replace(cfg.pretrained, threads=0)) == len(os.sched_getaffinity(0))
 
 
 @pytest.mark.slow

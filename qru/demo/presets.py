@@ -165,7 +165,7 @@ class PretrainedSpec:
     precisions: tuple[str, ...] = EVAL_PRECISIONS
     headline: str = "fp4"
     max_new_tokens: int = 8
-    threads: int = 2
+    threads: int = 0  # CPU threads in all (0: the cores this process may run on); one single-thread worker each
 
 
 @dataclass(frozen=True)
@@ -392,8 +392,9 @@ def _validate_pretrained(p: "PretrainedSpec") -> None:
           p.precisions, f"a subset of {EVAL_PRECISIONS} with bf16")
     _need(p.headline in p.precisions and p.headline in FOUR_BIT, k + "headline", p.headline,
           "a 4-bit format listed in pretrained.precisions")
-    _need(p.rank >= 1 and p.alpha > 0 and p.batch_size >= 1 and p.max_new_tokens >= 1 and p.threads >= 1,
-          k + "rank/alpha/batch_size/max_new_tokens/threads", (p.rank, p.alpha, p.batch_size), "positive")
+    _need(p.rank >= 1 and p.alpha > 0 and p.batch_size >= 1 and p.max_new_tokens >= 1,
+          k + "rank/alpha/batch_size/max_new_tokens", (p.rank, p.alpha, p.batch_size, p.max_new_tokens), "positive")
+    _need(p.threads >= 0, k + "threads", p.threads, ">= 0 (0: the cores this process may run on)")
 
 
 def stable_hash(obj) -> str:

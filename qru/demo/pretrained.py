@@ -28,6 +28,12 @@ Protocol, per seed (the seed changes the facts and the unlearning):
   changed at all, the share of the changed weights whose quantized value equals the target's (inside the
   target's bin), the share of weights whose quantized value flips, and the projection
   (:mod:`qru.quant.survival`'s definition).
+* **Processes.** The stages of every seed (target + retrain, evaluations, unlearning runs) run in worker
+  processes of one thread each, as many as ``--threads`` (default: the cores this process may use), each
+  stage once its inputs exist (independent stages need no synchronisation; a 135M model's small GEMMs
+  split over threads do). Each stage is deterministic given its inputs and one thread, so
+  the results equal a one-process run's (tested). Scripts that call :func:`run_pretrained` with more than
+  one thread need the ``if __name__ == "__main__":`` guard (the workers are spawned).
 * **Restoration** at precision q, against the target at the same precision:
   ``R_q = (m_q(unlearned) - m_bf16(unlearned)) / (m_q(target) - m_bf16(unlearned))`` for forget accuracy
   and forget NLL (1: the quantized model is back at the quantized target, 0: quantization changed nothing).
@@ -48,13 +54,19 @@ C5. NF4 and INT8 are reported separately under the rule of C2 (and INT4 beside t
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import importlib.util
+import itertools
 import json
+import multiprocessing
+import os
 import re
 import shutil
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -65,7 +77,7 @@ from qru.demo.pretrained_report import (Arm, arms, fmt_ci, mean_ci, render_repor
 from qru.demo.pretrained_scoring import (SCORER_VERSION, QAScorer, TargetWeights, diagnostics,  # noqa: F401
                                          normalize, precision_view, quantized_linears, summary, target_rule,
                                          unlearn_rule)
-from qru.demo.stages import StageCache, atomic_write_json, atomic_write_text
+from qru.demo.stages import Stage, StageCache, atomic_write_json, atomic_write_text
 from qru.eval.precision import merge_adapter
 from qru.io import check_output
 from qru.kernels.machine import describe as describe_machine
@@ -235,12 +247,13 @@ def evaluate(model, scorer: QAScorer, precisions, target: TargetWeights | None) 
     return evals, items, diag
 
 
-def _eval_stage(cache, name, key: dict, load, scorer, p, target: "_Lazy | None", precisions=None):
+def _eval_stage(cache, name, key: dict, load, scorer, p, target: "Callable[[], TargetWeights] | None",
+                precisions=None):
     precisions = list(precisions or p.precisions)
 
     def build(d: Path):
         t0 = time.perf_counter()
-        evals, items, diag = evaluate(load(), scorer, precisions, target.get() if target is not None else None)
+        evals, items, diag = evaluate(load(), scorer, precisions, target() if target is not None else None)
         atomic_write_json(d / "items.json", items, indent=None)
         return {"evals": evals, "diagnostics": diag, "seconds": round(time.perf_counter() - t0, 2)}
 
@@ -248,16 +261,121 @@ def _eval_stage(cache, name, key: dict, load, scorer, p, target: "_Lazy | None",
                             "scorer": SCORER_VERSION}, build)
 
 
-class _Lazy:
-    """The target's :class:`TargetWeights`, built on first use (not at all when every stage is cached)."""
+# -- stage tasks: run in this process or in worker processes, with the same code and the same results --------
 
-    def __init__(self, target_dir: Path):
-        self.dir, self.value = target_dir, None
+@dataclasses.dataclass(frozen=True)
+class _Ctx:
+    """What a stage task needs besides its own arguments (picklable: sent to worker processes)."""
+    p: PretrainedSpec
+    root: Path  # the stage cache
+    force: bool
+    base: Path  # the base model (its tokenizer)
+    common: dict
 
-    def get(self) -> TargetWeights:
-        if self.value is None:
-            self.value = TargetWeights(Llama.from_pretrained(self.dir, dtype=torch.float32))
-        return self.value
+
+_STATE: dict = {}  # per process: the tokenizer, a scorer per fact set, the last target's TargetWeights
+
+
+def _scorer(ctx: _Ctx, facts: Stage) -> QAScorer:
+    scorers = _STATE.setdefault("scorers", {})
+    if facts.hash not in scorers:
+        if _STATE.get("tok_dir") != ctx.base:
+            _STATE["tok"], _STATE["tok_dir"] = load_tokenizer(ctx.base), ctx.base
+        sets = json.loads((facts.dir / "facts.json").read_text())
+        files = {g: facts.dir / f"{g}_qa.jsonl" for g in GROUPS}
+        scorers[facts.hash] = QAScorer(_STATE["tok"], sets, files, ctx.p.max_new_tokens, ctx.common["cache_dir"])
+    return scorers[facts.hash]
+
+
+def _target_weights(tdir: Path) -> TargetWeights:
+    """The target's :class:`TargetWeights`, built on first use and kept for the next model of the same target."""
+    if _STATE.get("tw_dir") != tdir:
+        _STATE["tw"], _STATE["tw_dir"] = None, None  # free the previous target's first
+        _STATE["tw"], _STATE["tw_dir"] = TargetWeights(Llama.from_pretrained(tdir, dtype=torch.float32)), tdir
+    return _STATE["tw"]
+
+
+def _task(ctx: _Ctx, kind: str, args: tuple):
+    """One stage (or the target + retrain pair) of one seed; returns its :class:`Stage` (a tuple for the pair)."""
+    p, cache = ctx.p, StageCache(ctx.root, force=ctx.force, log=_log)
+    if kind == "finetune":
+        base, facts, sd = args
+        scorer = _scorer(ctx, facts)
+        target = _finetune_stage(cache, f"pt-target-s{sd}", p, base, facts, sd, ("forget", "retain"),
+                                 p.target_max_epochs, target_rule(scorer, p.target_acc), ctx.common)
+        retrain = _finetune_stage(cache, f"pt-retrain-s{sd}", p, base, facts, sd, ("retain",),
+                                  max(1, target.result["epochs"]), None, ctx.common)
+        return target, retrain
+    if kind == "unlearn":
+        arm, target, facts, sd, t_acc = args
+        rule = unlearn_rule(_scorer(ctx, facts), t_acc, p.forget_ratio, p.retain_floor)
+        return _unlearn_stage(cache, p, arm, target, facts, sd, rule, ctx.common)
+    if kind == "eval":
+        name, key, load_args, facts, diag_target, precisions = args
+        tw = (lambda: _target_weights(diag_target)) if diag_target is not None else None
+        return _eval_stage(cache, name, key, lambda: load_model(*load_args), _scorer(ctx, facts), p, tw, precisions)
+    raise ValueError(f"unknown stage task {kind!r}")
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+class _Runner:
+    """Runs stage tasks in ``workers`` spawned processes of one thread each, or in this process when
+    ``workers`` is 1. Every stage is deterministic given its inputs and one thread, so both give the same
+    results (tested). Tasks wait here and go to a free worker by ``priority`` (lowest first; ties in
+    submission order): seed-major, so a worker keeps using one target's weights."""
+
+    def __init__(self, ctx: _Ctx, workers: int):
+        self.ctx, self.workers = ctx, workers
+        self.pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_init_worker, initargs=(1,)) if workers > 1 else None)
+        self.pending: dict[Future, Callable] = {}
+        self.queue: list = []  # heap of (priority, sequence number, kind, args, then)
+        self.seq = itertools.count()
+
+    def submit(self, kind: str, args: tuple, then: Callable, priority: tuple = ()) -> None:
+        """Run the task; ``then(result)`` is called in this process when it is done."""
+        if self.pool is not None:
+            heapq.heappush(self.queue, (priority, next(self.seq), kind, args, then))
+            self._fill()
+            return
+        f: Future = Future()
+        try:
+            f.set_result(_task(self.ctx, kind, args))
+        except BaseException as e:  # noqa: BLE001  (re-raised by drain, as a worker's would be)
+            f.set_exception(e)
+        self.pending[f] = then
+
+    def _fill(self) -> None:
+        while self.queue and len(self.pending) < self.workers:
+            _, _, kind, args, then = heapq.heappop(self.queue)
+            self.pending[self.pool.submit(_task, self.ctx, kind, args)] = then
+
+    def drain(self) -> None:
+        """Wait for every task, including the ones their continuations submit."""
+        while self.pending:
+            done, _ = wait(list(self.pending), return_when=FIRST_COMPLETED)
+            for f in done:
+                then = self.pending.pop(f)
+                then(f.result())
+            if self.pool is not None:
+                self._fill()
+
+    def close(self, cancel: bool = False) -> None:
+        if self.pool is not None:
+            self.queue.clear()
+            self.pool.shutdown(wait=True, cancel_futures=cancel)
+
+
+def _workers(threads: int | None, p: PretrainedSpec) -> int:
+    """Worker processes: ``threads`` (the CLI's ``--threads``), else the preset's ``threads``, else the cores this
+    process may run on (``os.sched_getaffinity``)."""
+    n = threads or p.threads or len(os.sched_getaffinity(0))
+    if n < 1:
+        raise ValueError(f"threads must be >= 1, got {n}")
+    return n
 
 
 # -- the run -------------------------------------------------------------------------------------------------
@@ -267,84 +385,115 @@ def run_pretrained(cfg: DemoConfig, out: Path, *, seed: int = 0, force: bool = F
                    report: bool = True, overwrite: bool = False) -> dict:
     """Run (or resume from the stage cache) the pretrained experiment into ``out``; returns the results
     (also ``results.json`` and ``report.md``). ``base_dir``: an HF checkpoint to use instead of the
-    installed SmolLM2 (tests use a tiny one); seeds are ``seed``, ``seed + 1``, ..."""
+    installed SmolLM2 (tests use a tiny one); seeds are ``seed``, ``seed + 1``, ... ``threads``: CPU
+    threads in all (:func:`_workers`); the stages run in that many single-thread worker processes."""
 
     p = cfg.pretrained
     t_start, cpu_start = time.perf_counter(), time.process_time()
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    workers = _workers(threads, p)
     src = None if base_dir is not None else gguf_path()  # fails (exit 2) before any work
     out = Path(out)
     check_output(out, overwrite=overwrite or (out / "stages").is_dir() or (out / "results.json").is_file())
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(threads or p.threads)
-    cache = StageCache(Path(stages_root) if stages_root else out / "stages", force=force, log=_log)
-    common = _common(p, out / "cache" / "tokens", progress)
+    torch.set_num_threads(1)
+    root = Path(stages_root) if stages_root else out / "stages"
+    cache = StageCache(root, force=force, log=_log)
+    common = _common(p, out / "cache" / "tokens", progress and workers == 1)
     if base_dir is not None:
         base = cache.run("pt-base", {"dir": str(Path(base_dir).resolve())},
                          lambda d: (shutil.copytree(Path(base_dir), d / "model"), {})[1])
     else:
         base = _base_stage(cache, src)
-    _log(f"base model: {'cached' if base.cached else 'converted'} ({base.dir / 'model'})")
-    tok = load_tokenizer(base.dir / "model")
+    _log(f"base model: {'cached' if base.cached else 'converted'} ({base.dir / 'model'}); "
+         f"{workers} worker process{'es' if workers > 1 else ''} of 1 thread")
     models = unlearned_models(p)
-    results = {"preset": cfg.name, "spec": dataclasses.asdict(p), "seeds": [], "criteria": list(CRITERIA),
-               "protocol_changes": list(PROTOCOL_CHANGES)}
-    per_seed, tr_seconds = [], 0.0
-    for s in range(p.seeds):
-        sd = seed + s
-        facts = _facts_stage(cache, p, sd)
-        sets = json.loads((facts.dir / "facts.json").read_text())
-        files = {g: facts.dir / f"{g}_qa.jsonl" for g in GROUPS}
-        scorer = QAScorer(tok, sets, files, p.max_new_tokens, common["cache_dir"])
-        target = _finetune_stage(cache, f"pt-target-s{sd}", p, base, facts, sd, ("forget", "retain"),
-                                 p.target_max_epochs, target_rule(scorer, p.target_acc), common)
+    seeds = [seed + s for s in range(p.seeds)]
+    facts = {sd: _facts_stage(cache, p, sd) for sd in seeds}
+    runner = _Runner(_Ctx(p, root, force, base.dir / "model", common), workers)
+    targets, retrains, runs, stage_of, ev = {}, {}, {sd: {} for sd in seeds}, {sd: {} for sd in seeds}, \
+        {sd: {} for sd in seeds}
+
+    def use(st: Stage) -> Stage:
+        cache.used[st.name] = st
+        return st
+
+    def finetuned(sd, pair):
+        target, retrain = map(use, pair)
+        targets[sd], retrains[sd] = target, retrain
         _log(f"seed {sd}: target {'cached' if target.cached else f'trained in {target.seconds:.0f}s'} "
              f"({target.result['epochs']} epochs)")
-        retrain = _finetune_stage(cache, f"pt-retrain-s{sd}", p, base, facts, sd, ("retain",),
-                                  max(1, target.result["epochs"]), None, common)
-        tr_seconds += target.seconds + retrain.seconds
         tdir = target.dir / "model"
-        tw = _Lazy(tdir)
-        ev = {k: _eval_stage(cache, f"pt-eval-{k}-s{sd}", {"model": st.hash},
-                             lambda st=st: load_model(tdir, st.dir / "model", None), scorer, p, None).result
-              for k, st in (("target", target), ("retrain", retrain))}
-        t_acc = ev["target"]["evals"]["bf16"]["forget_acc"]
-        runs, stage_of = {}, {}
-        for arm in arms(p):
-            st = _unlearn_stage(cache, p, arm, target, facts, sd,
-                                unlearn_rule(scorer, t_acc, p.forget_ratio, p.retain_floor), common)
-            _log(f"seed {sd}: {arm.key}: {st.result['outcome']} after {st.result['epochs']} epochs "
-                 f"({'cached' if st.cached else f'{st.seconds:.0f}s'})")
-            runs[arm.key], stage_of[arm.key] = st.result, st
+        for k, st in (("target", target), ("retrain", retrain)):
+            runner.submit("eval", (f"pt-eval-{k}-s{sd}", {"model": st.hash}, (tdir, st.dir / "model", None),
+                                   facts[sd], None, None),
+                          lambda r, sd=sd, k=k: evaluated_ref(sd, k, use(r)), (sd, 0))
+
+    def evaluated_ref(sd, k, st):
+        ev[sd][k] = st.result
+        if k != "target":
+            return
+        t_acc = st.result["evals"]["bf16"]["forget_acc"]
+        for i, arm in enumerate(arms(p)):
+            runner.submit("unlearn", (arm, targets[sd], facts[sd], sd, t_acc),
+                          lambda r, sd=sd, arm=arm: unlearned(sd, arm, use(r)), (sd, 2, i))
+
+    def unlearned(sd, arm, st):
+        _log(f"seed {sd}: {arm.key}: {st.result['outcome']} after {st.result['epochs']} epochs "
+             f"({'cached' if st.cached else f'{st.seconds:.0f}s'})")
+        runs[sd][arm.key], stage_of[sd][arm.key] = st.result, st
+        tdir = targets[sd].dir / "model"
         for m in models:
-            st = stage_of[m["arm"]]
+            if m["arm"] != arm.key:
+                continue
             lora = m["mode"] == "lora"
-            load = (lambda st=st, m=m: load_model(tdir, None, st.dir / "out", m["merge"])) if lora else \
-                (lambda st=st: load_model(tdir, st.dir / "out", None))
+            load_args = (tdir, None, st.dir / "out", m["merge"]) if lora else (tdir, st.dir / "out", None)
             # merged into bf16 or merged in fp32 then cast: at bf16 both are W + s BA computed in fp32 and rounded
             # to bf16, the same weights (tested), so the bf16 row of the bf16 merge is the fp32 merge's
             same = m["merge"] == "bf16" and "bf16" in p.precisions
-            r = _eval_stage(cache, f"pt-eval-{m['key']}-s{sd}",
-                            {"model": st.hash, "merge": m["merge"] if lora else None, "target": target.hash},
-                            load, scorer, p, tw, [q for q in p.precisions if not (same and q == "bf16")]).result
-            ev[m["key"]] = {**r, "evals": {"bf16": ev[m["arm"]]["evals"]["bf16"], **r["evals"]} if same else r["evals"]}
-        tw = None
-        per_seed.append({"seed": sd, "target": target.result, "retrain": retrain.result, "runs": runs,
-                         "evals": {f"{k}|{q}": v for k, r in ev.items() for q, v in r["evals"].items()},
-                         "diagnostics": {m["key"]: ev[m["key"]]["diagnostics"] for m in models}})
-        _log(f"seed {sd} done ({time.perf_counter() - t_start:.0f}s)")
+            runner.submit("eval", (f"pt-eval-{m['key']}-s{sd}",
+                                   {"model": st.hash, "merge": m["merge"] if lora else None,
+                                    "target": targets[sd].hash},
+                                   load_args, facts[sd], tdir, [q for q in p.precisions if not (same and q == "bf16")]),
+                          lambda r, sd=sd, k=m["key"]: ev[sd].__setitem__(k, use(r).result), (sd, 1))
+
+    try:
+        for sd in seeds:
+            runner.submit("finetune", (base, facts[sd], sd), lambda pair, sd=sd: finetuned(sd, pair), (sd, 0))
+        runner.drain()
+    except BaseException:
+        runner.close(cancel=True)
+        raise
+    runner.close()
+
+    results = {"preset": cfg.name, "spec": dataclasses.asdict(p), "seeds": [], "criteria": list(CRITERIA),
+               "protocol_changes": list(PROTOCOL_CHANGES)}
+    per_seed, tr_seconds = [], 0.0
+    for sd in seeds:
+        e = ev[sd]
+        for m in models:  # the bf16 merge's bf16 row is the fp32 merge's (above)
+            if m["merge"] == "bf16" and "bf16" in p.precisions:
+                e[m["key"]] = {**e[m["key"]], "evals": {"bf16": e[m["arm"]]["evals"]["bf16"], **e[m["key"]]["evals"]}}
+        tr_seconds += targets[sd].seconds + retrains[sd].seconds
+        per_seed.append({"seed": sd, "target": targets[sd].result, "retrain": retrains[sd].result, "runs": runs[sd],
+                         "evals": {f"{k}|{q}": v for k, r in e.items() for q, v in r["evals"].items()},
+                         "diagnostics": {m["key"]: e[m["key"]]["diagnostics"] for m in models}})
     results["seeds"] = per_seed
     results["arms"] = [dataclasses.asdict(a) | {"key": a.key, "label": a.label} for a in arms(p)]
     results["models"] = models
     results["restoration"] = restorations(per_seed, [m["key"] for m in models], p.precisions)
     results["verdicts"] = verdicts(results, p)
     results["wall_seconds"] = round(time.perf_counter() - t_start, 1)
-    results["computed_seconds"] = round(sum(st.seconds for st in cache.used.values() if not st.cached), 1)
+    computed = [st for st in cache.used.values() if not st.cached]
+    results["computed_seconds"] = round(sum(st.seconds for st in computed), 1)
     results["cold_seconds"] = round(sum(st.seconds for st in cache.used.values()), 1)
-    results["timing"] = {"cpu_seconds": round(time.process_time() - cpu_start, 1),
-                         "target_retrain_seconds": round(tr_seconds, 1), "threads": torch.get_num_threads(),
+    results["timing"] = {"cpu_seconds": round(time.process_time() - cpu_start, 1),  # this process only
+                         "stage_cpu_seconds": round(sum(st.cpu_seconds or 0.0 for st in computed), 1),
+                         "target_retrain_seconds": round(tr_seconds, 1), "threads": workers, "workers": workers,
                          "stages": {n: round(st.seconds, 1) for n, st in cache.used.items()},
+                         "stages_cpu": {n: None if st.cpu_seconds is None else round(st.cpu_seconds, 1)
+                                        for n, st in cache.used.items()},
                          "cached": sorted(n for n, st in cache.used.items() if st.cached)}
     results["machine"] = _machine()
     if stages_root is None:

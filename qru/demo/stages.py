@@ -5,22 +5,26 @@ stages it reads), and returns the cached result when ``ROOT/NAME-HASH/manifest.j
 otherwise ``fn(tmp_dir)`` builds the stage in a temporary directory beside it, the manifest is
 written last and the directory renamed into place (a crash leaves no half-built stage). Changed
 settings give a new hash, so they recompute; ``force`` recomputes every stage once per run.
+
+Several processes may share one root (``qru demo --preset pretrained`` builds stages in worker
+processes): a stage being built lives in ``.NAME-HASH.<pid>.<random>.partial`` (:func:`qru.io.stage_path`),
+and :meth:`StageCache.prune` removes such directories only when their owner process is dead.
 """
 from __future__ import annotations
 
 import json
-import os
+import re
 import shutil
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from qru.demo.presets import stable_hash
-from qru.io import commit_dir, write_json, write_text
+from qru.io import clean_stale_in, commit_dir, pid_alive, stage_path, write_json, write_text
 
 MANIFEST = "manifest.json"
+_LEGACY_TMP = re.compile(r"\..+\.tmp-(\d+)-[0-9a-f]{8}")  # the temporary directories of earlier versions
 
 
 def atomic_write_json(path: Path, obj, indent: int | None = 2) -> None:
@@ -39,6 +43,7 @@ class Stage:
     result: dict
     cached: bool
     seconds: float  # time spent computing it (the original time when cached)
+    cpu_seconds: float | None = None  # CPU time of the building process while computing it (None: not recorded)
 
 
 @dataclass
@@ -64,7 +69,9 @@ class StageCache:
             return None
         if man.get("hash") != h or not man.get("done"):
             return None
-        return Stage(name, d, h, man.get("result") or {}, True, float(man.get("seconds", 0.0)))
+        cpu = man.get("cpu_seconds")
+        return Stage(name, d, h, man.get("result") or {}, True, float(man.get("seconds", 0.0)),
+                     None if cpu is None else float(cpu))
 
     def run(self, name: str, key: dict, fn: Callable[[Path], dict | None]) -> Stage:
         h = stable_hash({"stage": name, **key})
@@ -76,35 +83,40 @@ class StageCache:
             return cached
         d = self.path(name, h)
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".{name}-{h}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp = stage_path(d)  # carries this process's pid: prune leaves it alone while we live
         tmp.mkdir()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             result = fn(tmp) or {}
-            secs = time.perf_counter() - t0
+            secs, cpu = time.perf_counter() - t0, time.process_time() - c0
             atomic_write_json(tmp / MANIFEST, {"stage": name, "hash": h, "done": True, "seconds": round(secs, 3),
+                                               "cpu_seconds": round(cpu, 3),
                                                "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "key": key,
                                                "result": result})
             commit_dir(tmp, d)  # one rename (a swap when d exists); the old one is removed after
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        st = Stage(name, d, h, result, False, secs)
+        st = Stage(name, d, h, result, False, secs, cpu)
         self.used[name] = st
         return st
 
     def prune(self) -> list[Path]:
-        """Remove stage directories of the stages used in this run that belong to other settings
-        (and leftovers of interrupted builds). Returns what was removed."""
-        removed = []
+        """Remove stage directories of the stages used in this run that belong to other settings, and
+        leftovers of interrupted builds whose process is dead (a live process's build in progress stays,
+        whatever its stage). Returns what was removed."""
         if not self.root.is_dir():
-            return removed
+            return []
+        removed = clean_stale_in(self.root)
         keep = {st.dir.name for st in self.used.values()}
         names = set(self.used)
-        for p in self.root.iterdir():
-            stale_tmp = p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name)
-            other = "-" in p.name and p.name.rsplit("-", 1)[0] in names and p.name not in keep
-            if stale_tmp or other:
+        for p in sorted(self.root.iterdir()):
+            legacy = _LEGACY_TMP.fullmatch(p.name)
+            if legacy:
+                other = not pid_alive(int(legacy.group(1)))
+            else:
+                other = not p.name.startswith(".") and p.name.rsplit("-", 1)[0] in names and p.name not in keep
+            if other:
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
         return removed
