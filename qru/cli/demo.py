@@ -52,7 +52,8 @@ def _add_demo_common(p) -> None:
     p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                    help="override a preset field, e.g. --set model.hidden=128 (repeatable)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default 1: tiny models; the other core builds the kernels)")
+                   help="torch CPU threads (default 1: tiny models; the other core builds the kernels); "
+                        "--preset pretrained: single-thread worker processes (default: every core this process may use)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
