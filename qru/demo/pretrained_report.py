@@ -222,12 +222,15 @@ def render_report(results: dict) -> str:
     t = results.get("timing", {})
     lines.append(f"Headline format: **{p['headline']}**. Seeds: {', '.join(str(s['seed']) for s in results['seeds'])}. "
                  f"Machine: {results['machine']}; wall time of this run {results['wall_seconds']:.0f} s"
-                 + (f" (process CPU time {t['cpu_seconds']:.0f} s)" if t.get("cpu_seconds") is not None else "")
+                 + (f" with {t['workers']} single-thread worker processes (CPU time of the stages computed in this "
+                    f"run {t.get('stage_cpu_seconds', 0):.0f} s)" if (t.get("workers") or 1) > 1 else
+                    f" (process CPU time {t['cpu_seconds']:.0f} s)" if t.get("cpu_seconds") is not None else "")
                  + f"; all stages computed from scratch took {results.get('cold_seconds', 0):.0f} s, of which the "
                  f"targets and retrain models {t.get('target_retrain_seconds', 0):.0f} s (the sums of their recorded "
                  f"times). Generation: greedy, {p['max_new_tokens']} new tokens; answers the teacher-forced pass "
                  "decides are not generated (`qru.demo.pretrained_scoring`). Quantized precisions: every linear but "
-                 "the head fake-quantized (dequantize(quantize(W)), block 64, int8 per row), fp32 compute.\n")
+                 "the head fake-quantized (dequantize(quantize(W)), block 64, int8 per row), "
+                 "bf16 compute (autocast; the answers' log-probs in fp32).\n")
     if results.get("protocol_changes"):
         lines.append("Protocol changes against the issue's suggestions (made before this run, with the reason):\n")
         lines += [f"- {c}" for c in results["protocol_changes"]]
