@@ -41,6 +41,15 @@ def grads(fn, h, W, y, up, **kw):
     return lp.detach(), h.grad.clone(), (W.grad.clone() if W.requires_grad else None)
 
 
+def assert_reference_grads(lp, dh, dw, h, W, y, up, dtype):
+    """log-probs and both gradients equal linear_logprobs_reference's (bf16: to bf16 round-off)."""
+    rlp, rdh, rdw = grads(linear_logprobs_reference, h, W, y, up)
+    t = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=3e-2)
+    torch.testing.assert_close(lp, rlp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dh.float(), rdh.float(), **t)
+    torch.testing.assert_close(dw.float(), rdw.float(), **t)
+
+
 @pytest.mark.parametrize("wgrad", [False, True])
 @pytest.mark.parametrize("chunk", [1, 8, 64])
 def test_matches_reference_fp32(backend, wgrad, chunk):
@@ -238,11 +247,7 @@ def test_grouped_weight_gradient_no_recompute(backend, dtype, monkeypatch):
     monkeypatch.setattr(LLP, "STORED_BYTES", 0)  # the grouped strategy, not the stored one
     lp, dh, dw = grads(linear_logprobs, h, W, y, up, chunk_size=8, group_sizes=sizes)
     monkeypatch.undo()
-    rlp, rdh, rdw = grads(linear_logprobs_reference, h, W, y, up)
-    t = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=3e-2)
-    torch.testing.assert_close(lp, rlp, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(dh.float(), rdh.float(), **t)
-    torch.testing.assert_close(dw.float(), rdw.float(), **t)
+    assert_reference_grads(lp, dh, dw, h, W, y, up, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -286,11 +291,7 @@ def test_stored_weight_gradient_any_upstream(backend, dtype, chunk, monkeypatch)
     monkeypatch.setattr(LLP.LinearLogprobsFn, "_recompute", staticmethod(boom))
     lp, dh, dw = grads(linear_logprobs, h, W, y, up, chunk_size=chunk)
     monkeypatch.undo()
-    rlp, rdh, rdw = grads(linear_logprobs_reference, h, W, y, up)
-    t = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=3e-2)
-    torch.testing.assert_close(lp, rlp, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(dh.float(), rdh.float(), **t)
-    torch.testing.assert_close(dw.float(), rdw.float(), **t)
+    assert_reference_grads(lp, dh, dw, h, W, y, up, dtype)
     assert dw.dtype == W.dtype
 
 
