@@ -7,23 +7,13 @@ import torch
 
 from qru import io
 from qru.kernels import calibrate
+from calib_helpers import fake_choice
 
 
 @pytest.fixture
 def fake(monkeypatch, tmp_path):
     """A private cache directory and a fake probe for dense_fp32 whose timings the test sets."""
-    monkeypatch.setenv("QRU_CACHE", str(tmp_path))
-    monkeypatch.delenv("QRU_DENSE_FP32", raising=False)
-    calibrate.clear_memo()
-    state = {"calls": 0, "secs": {"torch": 0.010, "onednn": 0.005}}
-
-    def probe():
-        state["calls"] += 1
-        return dict(state["secs"])
-
-    cands, default, _, usable = calibrate.CHOICES["dense_fp32"]
-    monkeypatch.setitem(calibrate.CHOICES, "dense_fp32", (cands, default, probe, lambda: True))
-    yield state
+    yield fake_choice(monkeypatch, tmp_path, "dense_fp32", "QRU_DENSE_FP32", {"torch": 0.010, "onednn": 0.005})
     calibrate.clear_memo()
 
 

@@ -137,6 +137,16 @@ def tiny_llama(seed=0, **over):
     return m
 
 
+def tiny_lora_llama(seed=0):
+    """tiny_llama with rank-2 adapters whose B is non-zero (so the adapter changes the weights)."""
+    m = tiny_llama(seed)
+    apply_lora(m, r=2, alpha=4, seed=0)
+    with torch.no_grad():
+        for _, mod in qa.quant_targets(m):
+            mod.lora_B.normal_(0, 0.05)
+    return m
+
+
 def test_attach_leaves_the_model_untouched_outside_the_quantized_pass():
     m = tiny_llama()
     params = {n: id(p) for n, p in m.named_parameters()}
@@ -185,11 +195,7 @@ def test_full_mode_quantized_forward_bit_equal_to_dequantized_model(fmt):
 
 
 def test_lora_mode_quantized_forward_bit_equal_to_merged_fake_quant():
-    m = tiny_llama(2)
-    apply_lora(m, r=2, alpha=4, seed=0)
-    with torch.no_grad():
-        for _, mod in qa.quant_targets(m):
-            mod.lora_B.normal_(0, 0.05)
+    m = tiny_lora_llama(2)
     oracle = copy.deepcopy(m)
     targets = dict(qa.quant_targets(oracle))
     with torch.no_grad():
@@ -263,11 +269,7 @@ def test_full_mode_ste_gradient_matches_finite_differences_of_unrounded_path():
 
 
 def test_lora_mode_ste_gradient_matches_finite_differences_of_unrounded_path():
-    m = tiny_llama(4)
-    apply_lora(m, r=2, alpha=4, seed=0)
-    with torch.no_grad():
-        for _, mod in qa.quant_targets(m):
-            mod.lora_B.normal_(0, 0.05)
+    m = tiny_lora_llama(4)
     x, y = torch.randint(0, 96, (2, 7)), torch.randint(0, 96, (2, 7))
     with qa.attached(m):
         with qa.fake_quantized(m, "int4_sym", 32):

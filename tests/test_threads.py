@@ -7,23 +7,13 @@ import torch
 
 from qru.kernels import calibrate, fake_quant, machine, quant4, quant_gguf, quant_int, threads
 from qru.kernels._backend import load_cpp_ext
+from calib_helpers import fake_choice
 
 
 @pytest.fixture
 def fake(monkeypatch, tmp_path):
     """A private cache and a fake kernel_threads probe whose timings the test sets."""
-    monkeypatch.setenv("QRU_CACHE", str(tmp_path))
-    monkeypatch.delenv("QRU_KERNEL_THREADS", raising=False)
-    calibrate.clear_memo()
-    state = {"calls": 0, "secs": {"all": 0.010, "adaptive": 0.030, "one": 0.0098}}
-
-    def probe():
-        state["calls"] += 1
-        return dict(state["secs"])
-
-    cands, default, _, _ = calibrate.CHOICES["kernel_threads"]
-    monkeypatch.setitem(calibrate.CHOICES, "kernel_threads", (cands, default, probe, lambda: True))
-    yield state
+    yield fake_choice(monkeypatch, tmp_path, "kernel_threads", "QRU_KERNEL_THREADS", {"all": 0.010, "adaptive": 0.030, "one": 0.0098})
     calibrate.clear_memo()
 
 

@@ -490,7 +490,7 @@ def run_pretrained(cfg: DemoConfig, out: Path, *, seed: int = 0, force: bool = F
     results["cold_seconds"] = round(sum(st.seconds for st in cache.used.values()), 1)
     results["timing"] = {"cpu_seconds": round(time.process_time() - cpu_start, 1),  # this process only
                          "stage_cpu_seconds": round(sum(st.cpu_seconds or 0.0 for st in computed), 1),
-                         "target_retrain_seconds": round(tr_seconds, 1), "threads": workers, "workers": workers,
+                         "target_retrain_seconds": round(tr_seconds, 1), "workers": workers,
                          "stages": {n: round(st.seconds, 1) for n, st in cache.used.items()},
                          "stages_cpu": {n: None if st.cpu_seconds is None else round(st.cpu_seconds, 1)
                                         for n, st in cache.used.items()},

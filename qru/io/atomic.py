@@ -142,6 +142,14 @@ def write_json(path: str | os.PathLike, obj, indent: int | None = 2, *, fault: b
     return write_text(path, json.dumps(obj, indent=indent, **kw) + "\n", fault=fault)
 
 
+def read_json(path: str | os.PathLike, error: type[Exception] = ValueError):
+    """The JSON value in ``path``; undecodable bytes or malformed JSON raise ``error`` naming the file."""
+    try:
+        return json.loads(Path(path).read_bytes())
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
+        raise error(f"{path}: malformed JSON ({type(e).__name__}: {str(e)[:200]})") from None
+
+
 def append_text(path: str | os.PathLike, text: str) -> None:
     """Append ``text`` to ``path`` (never truncating it) and fsync: for logs such as ``metrics.jsonl``."""
     fault_point(f"append {path}")

@@ -16,7 +16,7 @@ import torch
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
-from qru.io import write_bytes
+from qru.io import read_json, write_bytes
 from qru.model.tokenizer_common import check_batch_args, pad_rows, plain_ids, wrap_ids
 
 # Pre-tokenizer splits of byte-level vocabularies, by llama.cpp's ``tokenizer.ggml.pre`` name (llama-vocab.cpp).
@@ -185,10 +185,7 @@ class BPETokenizer:
         cfg_path = d / cls.CONFIG_NAME
         cfg = {}
         if cfg_path.is_file():
-            try:
-                cfg = json.loads(cfg_path.read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{cfg_path}: malformed JSON ({e})") from None
+            cfg = read_json(cfg_path)
         tok = lambda k: cfg.get(k)["content"] if isinstance(cfg.get(k), dict) else cfg.get(k)  # noqa: E731
         extra = {k: v for k, v in cfg.items() if k in ("chat_template", "model_max_length", "add_eos_token")}
         out = cls(tk, tok("bos_token"), tok("eos_token"), tok("pad_token"), tok("unk_token"),

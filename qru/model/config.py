@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from qru.io import write_text
+from qru.io import read_json, write_text
 
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -228,11 +228,7 @@ class LlamaConfig:
             path = path / "config.json"
         if not path.exists():
             raise FileNotFoundError(f"model config not found: {path}")
-        try:
-            d = json.loads(path.read_bytes())
-        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
-            raise ConfigError(f"{path}: malformed JSON ({type(e).__name__}: {str(e)[:200]})") from None
-        return cls.from_dict(d, source=str(path))
+        return cls.from_dict(read_json(path, ConfigError), source=str(path))
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}

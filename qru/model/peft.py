@@ -9,7 +9,6 @@ of merge-then-quantize and survival.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -18,6 +17,7 @@ from typing import Mapping
 
 import torch
 
+from qru.io import read_json
 from qru.model.checkpoint import load_safetensors
 from qru.model.lora_linear import lora_scale, merge_weight
 
@@ -176,11 +176,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
     cfg_path = path / CONFIG_NAME
     if not cfg_path.exists():
         raise FileNotFoundError(f"adapter config not found: {cfg_path}")
-    try:
-        cfg = json.loads(cfg_path.read_bytes())
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
-        raise AdapterError(f"{cfg_path}: malformed JSON ({type(e).__name__}: {str(e)[:200]})") from None
-    cfg = _validate_config(cfg, str(cfg_path))
+    cfg = _validate_config(read_json(cfg_path, AdapterError), str(cfg_path))
     w_path = path / WEIGHTS_NAME
     if w_path.exists():
         sd = load_safetensors(w_path)

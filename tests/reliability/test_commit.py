@@ -265,3 +265,20 @@ def test_save_adapter_commits_the_directory_whole(tmp_path, monkeypatch):
     assert sorted(_tree(d)) == sorted([L.CONFIG_NAME, L.WEIGHTS_NAME, "tokenizer.json"])  # no stale adapter file
     assert _tree(d)[L.WEIGHTS_NAME] != before[L.WEIGHTS_NAME]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_read_json_names_the_file_and_raises_the_callers_error(tmp_path):
+    """qru.io.read_json: the value of a good file; malformed JSON and undecodable bytes raise the
+    given error class, with the path in the message (what the config, adapter and tokenizer readers show)."""
+    class Bad(Exception):
+        pass
+    good = tmp_path / "good.json"
+    good.write_text('{"a": [1, 2.5, null]}')
+    assert io.read_json(good) == {"a": [1, 2.5, None]}
+    for name, data in (("trunc.json", b'{"a": '), ("bytes.json", b"\xff\xfe{")):
+        f = tmp_path / name
+        f.write_bytes(data)
+        with pytest.raises(Bad, match=rf"{name}: malformed JSON"):
+            io.read_json(f, Bad)
+    with pytest.raises(ValueError, match="trunc.json: malformed JSON"):
+        io.read_json(tmp_path / "trunc.json")
