@@ -81,6 +81,25 @@ def test_stale_cache_is_measured_again(fake, stale):
     assert json.loads(path.read_text())["version"] == calibrate.CACHE_VERSION
 
 
+def test_a_measurement_taken_while_busy_is_redone_when_idle(fake):
+    fake["others"] = 1  # another job holds one of the two cores: the probe may be skewed
+    d1 = calibrate.decide("dense_fp32", threads=2)
+    assert (d1.pick, fake["calls"]) == ("onednn", 1) and d1.why.startswith("measured busy:")
+    path = calibrate.cache_path(threads=2)
+    assert json.loads(path.read_text())["choices"]["dense_fp32"]["load"] == "busy"
+    calibrate.clear_memo()
+    assert calibrate.decide("dense_fp32", threads=2).source == "cache"  # still busy: the cache serves
+    calibrate.clear_memo()
+    fake["others"] = 0
+    fake["secs"] = {"torch": 0.001, "onednn": 0.010}
+    d2 = calibrate.decide("dense_fp32", threads=2)  # idle now: measured again, and kept for good
+    assert (d2.source, d2.pick, fake["calls"]) == ("measured", "torch", 2)
+    assert json.loads(path.read_text())["choices"]["dense_fp32"]["load"] == "idle"
+    calibrate.clear_memo()
+    fake["others"] = 1
+    assert (calibrate.decide("dense_fp32", threads=2).source, fake["calls"]) == ("cache", 2)
+
+
 def test_override_wins_over_cache_and_measurement(fake, monkeypatch):
     calibrate.decide("dense_fp32", threads=1)  # cached: onednn
     monkeypatch.setenv("QRU_DENSE_FP32", "torch")
@@ -129,8 +148,8 @@ def test_doctor_prints_machine_choices_and_cache(fake, capsys):
     assert m["cpu_model"] in out and f"ISA level {m['isa']}" in out
     assert str(calibrate.cache_root()) in out and calibrate.cache_path(1).name in out
     lines = {ln.split()[0]: ln for ln in out.splitlines() if " -> " in ln}
-    assert set(lines) == set(calibrate.CHOICES)
-    assert re.search(r"dense_fp32 +-> onednn +\[measured\] onednn 5.0 ms vs torch 10.0 ms", lines["dense_fp32"])
+    assert set(lines) == set(calibrate.CHOICES)  # one thread: no load states
+    assert re.search(r"dense_fp32 +-> onednn +\[measured\] measured idle: onednn 5.0 ms vs torch 10.0 ms", lines["dense_fp32"])
     # one column each for the arrows, the picks and the sources, whatever the names' lengths
     assert len({ln.index(" -> ") for ln in lines.values()}) == 1
     assert len({ln.index(" [") for ln in lines.values()}) == 1
@@ -138,6 +157,28 @@ def test_doctor_prints_machine_choices_and_cache(fake, capsys):
     assert main(["doctor", "--threads", "1"]) == 0  # a new process: from the cache
     assert re.search(r"dense_fp32 +-> onednn +\[cache\]", capsys.readouterr().out)
     assert main(["doctor", "--threads", "0"]) == 2
+
+
+def test_doctor_shows_the_thread_rule_per_load_state(monkeypatch, tmp_path, capsys):
+    from qru.cli import main
+
+    fake = fake_choice(monkeypatch, tmp_path, "kernel_threads", "QRU_KERNEL_THREADS",
+                       {"all": 0.010, "adaptive": 0.012, "one": 0.008})
+    fake["others"] = 1
+    assert main(["doctor", "--threads", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "the machine is busy now" in out
+    assert re.search(r"kernel_threads@busy +-> one +\[measured\] measured busy: one 8.0 ms", out)
+    assert re.search(r"kernel_threads@idle +-> \? +\[not measured\] the first kernel call while the machine is idle", out)
+    lines = [ln for ln in out.splitlines() if " -> " in ln]
+    assert len(lines) == len(calibrate.CHOICES) + 1 and len({ln.index(" -> ") for ln in lines}) == 1
+    fake["others"] = 0
+    calibrate.clear_memo()
+    assert main(["doctor", "--threads", "2", "--recalibrate"]) == 0  # measures the present state only
+    out = capsys.readouterr().out
+    assert re.search(r"kernel_threads@busy +-> one +\[cache\]", out)
+    assert re.search(r"kernel_threads@idle +-> one +\[measured\] measured idle", out)
+    calibrate.clear_memo()
 
 
 def test_real_thread_probe_times_the_three_rules(monkeypatch):

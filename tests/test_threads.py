@@ -23,18 +23,33 @@ def test_parse_loadavg_reads_the_runnable_count():
         machine.parse_loadavg("garbage")
 
 
-def test_free_cores_subtracts_the_other_runnable_tasks(monkeypatch):
-    for others, free in ((0, 4), (1, 3), (3, 1), (9, 1)):
-        monkeypatch.setattr(machine, "others_running", lambda o=others: o)
-        assert machine.free_cores(4) == free
-    monkeypatch.setattr(machine, "others_running", lambda: None)  # unknown: every core
-    assert machine.free_cores(4) == 4
+def test_free_cores_and_load_state_follow_the_other_runnable_tasks(fake):
+    for others, free, state2, state1 in ((0, 2, "idle", "idle"), (1, 1, "busy", "idle"), (2, 1, "busy", "busy"),
+                                         (9, 1, "busy", "busy"), (None, 2, "idle", "idle")):  # None: unknown
+        fake["others"] = others
+        assert calibrate.recent_free_cores() == free
+        assert (calibrate.load_state(2), calibrate.load_state(1)) == (state2, state1)
 
 
-def test_rules_give_their_thread_counts(monkeypatch):
-    monkeypatch.setattr(calibrate, "free_cores", lambda: 1)  # another job holds one of two cores
+def test_the_load_is_read_at_most_once_per_sample_period(monkeypatch):
+    reads = []
+    monkeypatch.setattr(calibrate, "others_running", lambda: reads.append(1) or 0)
+    monkeypatch.setattr(calibrate, "LOAD_SAMPLE_S", 60.0)
+    calibrate.clear_memo()
+    for _ in range(100):
+        calibrate.load_state(2), calibrate.rule_threads("adaptive", 2)
+    assert len(reads) == 1
+    monkeypatch.setattr(calibrate, "LOAD_SAMPLE_S", -1.0)  # every call reads
+    calibrate.load_state(2)
+    assert len(reads) == 2
+    calibrate.clear_memo()
+
+
+def test_rules_give_their_thread_counts(fake, monkeypatch):
+    fake["others"] = 1  # another job holds one of two cores
     assert [calibrate.rule_threads(r, 2) for r in ("adaptive", "all", "one")] == [1, 2, 1]
-    monkeypatch.setattr(calibrate, "free_cores", lambda: 8)
+    fake["others"] = 0
+    monkeypatch.setattr(calibrate.os, "cpu_count", lambda: 8)
     assert [calibrate.rule_threads(r, 4) for r in ("adaptive", "all", "one")] == [4, 4, 1]
     assert calibrate.rule_threads("all", 1) == 1
     with pytest.raises(ValueError, match="unknown thread rule 'spin'"):
@@ -55,14 +70,75 @@ def test_kernel_threads_choice_is_cached_then_used_and_recalibrated(fake):
     fake["secs"] = {"all": 0.010, "adaptive": 0.012, "one": 0.008}
     d1 = calibrate.decide("kernel_threads", threads=2)
     assert (d1.source, d1.pick, fake["calls"]) == ("measured", "one", 1)
+    assert d1.why.startswith("measured idle: one 8.0 ms")
     data = json.loads(calibrate.cache_path(threads=2).read_text())
-    assert data["choices"]["kernel_threads"]["pick"] == "one"
+    assert data["choices"]["kernel_threads@idle"]["pick"] == "one"
     calibrate.clear_memo()
     fake["secs"] = {"all": 0.010, "adaptive": 0.005, "one": 0.011}  # would flip it if measured
     d2 = calibrate.decide("kernel_threads", threads=2)
     assert (d2.source, d2.pick, fake["calls"]) == ("cache", "one", 1)
     d3 = calibrate.decide("kernel_threads", threads=2, recalibrate=True)
     assert (d3.source, d3.pick, fake["calls"]) == ("measured", "adaptive", 2)
+
+
+def test_a_rule_measured_busy_is_not_kept_on_an_idle_machine(fake):
+    """The defect this guards against: 'one' calibrated while another job held a core, then kept
+    (from the cache) on the idle machine, where all threads are faster."""
+    fake["others"] = 1  # busy: one thread wins
+    fake["secs"] = {"all": 0.0076, "adaptive": 0.0046, "one": 0.0041}
+    d = calibrate.decide("kernel_threads", threads=2)
+    assert (d.pick, d.why[:14]) == ("one", "measured busy:")
+    calls = fake["calls"]
+    fake["others"] = 0  # idle: all threads win, and the busy pick is not used
+    fake["secs"] = {"all": 0.0027, "adaptive": 0.0029, "one": 0.0038}
+    d = calibrate.decide("kernel_threads", threads=2)
+    assert (d.source, d.pick, fake["calls"]) == ("measured", "all", calls + 1)
+    data = json.loads(calibrate.cache_path(threads=2).read_text())
+    assert {k: v["pick"] for k, v in data["choices"].items()} == {"kernel_threads@busy": "one",
+                                                                  "kernel_threads@idle": "all"}
+    calibrate.clear_memo()  # a new process: both states from the cache, each in its own state
+    fake["others"] = 1
+    assert calibrate.decide("kernel_threads", threads=2).pick == "one"
+    fake["others"] = 0
+    assert calibrate.decide("kernel_threads", threads=2).pick == "all"
+    assert fake["calls"] == calls + 1
+
+
+def test_pick_follows_the_load_state_call_by_call(fake):
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fake["secs"] = {"all": 0.0076, "adaptive": 0.0046, "one": 0.0041}
+        fake["others"] = 1
+        assert calibrate.pick("kernel_threads") == "one"
+        assert threads.kernel_threads(1 << 20) == 1
+        fake["secs"] = {"all": 0.0027, "adaptive": 0.0029, "one": 0.0038}
+        fake["others"] = 0
+        assert calibrate.pick("kernel_threads") == "all"
+        assert threads.kernel_threads(1 << 20) == 2
+        fake["others"] = 1
+        assert calibrate.pick("kernel_threads") == "one"  # memoised per state: no new probe
+        assert fake["calls"] == 2
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_a_probe_during_which_the_load_changed_is_not_cached(fake):
+    fake["during"] = lambda: fake.update(others=1)  # another job starts during the probe
+    d = calibrate.decide("kernel_threads", threads=2)
+    assert d.source == "measured" and "not cached" in d.why
+    assert not calibrate.cache_path(threads=2).exists()
+    assert calibrate.decide("kernel_threads", threads=2, load="idle") is d  # this process keeps it
+
+
+def test_the_other_state_is_never_measured(fake):
+    fake["others"] = 1
+    assert calibrate.decide("kernel_threads", threads=2, load="idle") is None
+    assert fake["calls"] == 0
+    with pytest.raises(ValueError, match="unknown load state 'calm'"):
+        calibrate.decide("kernel_threads", threads=2, load="calm")
+    d = calibrate.decide("kernel_threads", threads=1)  # one thread: no rule, no load state
+    assert (d.source, d.pick, fake["calls"]) == ("unavailable", "all", 0)
 
 
 def test_stale_kernel_threads_cache_is_measured_again(fake):

@@ -52,14 +52,26 @@ def cmd_doctor(args) -> int:
     print(f"machine: {m['cpu_model']}; ISA level {m['isa']}; {m['cores']} cores; torch {m['torch']}; "
           f"allocator {m['allocator']}; CUDA {'yes: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'}")
     print(f"calibration cache: {calibrate.cache_root()}")
-    wc = max(len(c) for c in calibrate.CHOICES)  # columns: the longest choice and candidate names
+    rows = [(c, None) for c in calibrate.CHOICES if c not in calibrate.LOAD_AWARE]
+    rows += [(c, s) for c in calibrate.CHOICES if c in calibrate.LOAD_AWARE for s in calibrate.LOAD_STATES]
+    wc = max(len(calibrate.entry(c, s)) for c, s in rows)  # columns: the longest entry and candidate names
     wp = max(len(p) for cands, *_ in calibrate.CHOICES.values() for p in cands)
     for t in threads:
-        print(f"\n{t} thread{'s' if t > 1 else ''} ({calibrate.cache_path(t).name}):")
-        for choice in calibrate.CHOICES:
-            d = calibrate.decide(choice, threads=t, recalibrate=args.recalibrate)
-            print(f"  {choice:{wc}s} -> {d.pick:{wp}s} [{d.source}] {d.why}")
-    print("\noverride a choice with QRU_<CHOICE>=<pick> (e.g. QRU_DENSE_FP32=torch); --recalibrate measures again")
+        now = calibrate.load_state(t)
+        print(f"\n{t} thread{'s' if t > 1 else ''} ({calibrate.cache_path(t).name}; the machine is {now} now):")
+        for choice, state in rows:
+            if state == calibrate.LOAD_STATES[1] and t <= 1:
+                continue  # one thread: no thread rule, one row
+            state = None if t <= 1 else state
+            d = calibrate.decide(choice, threads=t, recalibrate=args.recalibrate and state in (None, now), load=state)
+            name = calibrate.entry(choice, state)
+            if d is None:
+                print(f"  {name:{wc}s} -> {'?':{wp}s} [not measured] the first kernel call while the machine "
+                      f"is {state} measures it")
+            else:
+                print(f"  {name:{wc}s} -> {d.pick:{wp}s} [{d.source}] {d.why}")
+    print("\noverride a choice with QRU_<CHOICE>=<pick> (e.g. QRU_DENSE_FP32=torch); --recalibrate measures again "
+          "(a load-aware choice: in the present load state)")
     return 0
 
 

@@ -11,6 +11,9 @@ Each choice names its candidates and a short timing probe. :func:`decide` return
    stale and measured again;
 3. else measure now (about half a second per choice), write the cache atomically, and use it.
 
+A measurement taken while another job held a core (``busy``, :func:`load_state`) may be skewed by
+it: the cache marks it, and the first process that finds the machine idle measures it again.
+
 ``qru doctor`` prints the machine, every choice, why, and the cache path.
 
 Choices:
@@ -30,7 +33,11 @@ Choices:
   than one torch thread. ``all``: torch's thread count; ``adaptive``: per call, as many threads as
   there are cores with no other runnable task at that instant (``/proc/loadavg``); ``one``: a single
   thread. The probe (int8 quantize + dequantize of 2M bf16 values) times the three, each as its
-  rule decides.
+  rule decides. The best rule depends on the load, so this choice is decided and cached per **load
+  state** (:data:`LOAD_AWARE`): ``idle`` (as many free cores as threads) or ``busy`` (another job
+  holds a core). A rule measured while busy is never used on an idle machine, nor the reverse: the
+  first call in the other state measures it then. A probe during which the state changed is used by
+  this process but not cached.
 
 A non-default candidate is picked only when it is at least ``MARGIN`` faster than the default
 (torch's own path; ``all`` for the thread rule).
@@ -52,10 +59,13 @@ import torch.nn.functional as F
 from qru.io import write_json
 from qru.kernels._backend import load_cpp_ext
 from qru.kernels.bf16_linear import bf16_linear, native_bf16_cpu
-from qru.kernels.machine import describe, free_cores
+from qru.kernels.machine import describe, others_running
 
-CACHE_VERSION = 2  # 2: kernel_threads added, quantizers on qru::Team
+CACHE_VERSION = 3  # 2: kernel_threads added, quantizers on qru::Team; 3: kernel_threads per load state
 MARGIN = 0.05  # oneDNN must be this much faster to be chosen over torch's default path
+LOAD_AWARE = frozenset({"kernel_threads"})  # choices decided and cached per load state
+LOAD_STATES = ("idle", "busy")
+LOAD_SAMPLE_S = 0.01  # /proc/loadavg is read at most this often (a read costs ~20 us)
 
 
 @dataclass
@@ -148,6 +158,32 @@ def _probe_packed_bf16() -> dict[str, float]:
         })
 
 
+_sample: list = [None, -1.0, None]  # [the others_running function read, when (monotonic s), its value]
+
+
+def _others_now() -> int | None:
+    """:func:`qru.kernels.machine.others_running`, read at most every :data:`LOAD_SAMPLE_S` seconds."""
+    now = time.monotonic()
+    if _sample[0] is not others_running or now - _sample[1] > LOAD_SAMPLE_S:
+        _sample[:] = [others_running, now, others_running()]
+    return _sample[2]
+
+
+def recent_free_cores() -> int:
+    """Cores with no other runnable task (at least 1; all where unknown), from a recent reading."""
+    cores = os.cpu_count() or 1
+    others = _others_now()
+    return cores if others is None else max(1, cores - others)
+
+
+def load_state(threads: int | None = None) -> str:
+    """``idle`` when at least ``threads`` cores (default: torch's thread count) have no other
+    runnable task right now (or the load is unknown), else ``busy``."""
+    n = torch.get_num_threads() if threads is None else threads
+    others = _others_now()
+    return "idle" if others is None or (os.cpu_count() or 1) - others >= n else "busy"
+
+
 def rule_threads(rule: str, threads: int | None = None) -> int:
     """Threads a kernel gets under the thread rule ``rule`` (a ``kernel_threads`` candidate) with
     ``threads`` torch threads (default: the current count)."""
@@ -157,7 +193,7 @@ def rule_threads(rule: str, threads: int | None = None) -> int:
     if rule == "all":
         return n
     if rule == "adaptive":
-        return min(n, free_cores())
+        return min(n, recent_free_cores())
     raise ValueError(f"unknown thread rule {rule!r} (known: all, adaptive, one)")
 
 
@@ -252,26 +288,46 @@ def measure(choice: str) -> Decision:
     return Decision(choice, pick, "measured", why, secs)
 
 
-_memo: dict[tuple[int, str], Decision] = {}  # (threads, choice): the machine is the same within a process
+_memo: dict[tuple[int, str], Decision] = {}  # (threads, entry): the machine is the same within a process
 
 
-def decide(choice: str, threads: int | None = None, recalibrate: bool = False) -> Decision:
+def entry(choice: str, load: str | None) -> str:
+    """The cache entry of ``choice``: ``kernel_threads@idle`` for a load-aware choice, else the name."""
+    return f"{choice}@{load}" if choice in LOAD_AWARE and load else choice
+
+
+def decide(choice: str, threads: int | None = None, recalibrate: bool = False, load: str | None = None,
+           measure_missing: bool = True) -> Decision | None:
     """The pick for ``choice`` on this machine at ``threads`` torch threads (default: the current
-    count): override, else cache, else measured now (and cached)."""
+    count): override, else cache, else measured now (and cached). A load-aware choice is decided
+    for the load state ``load`` (default: the present one); a state other than the present one is
+    never measured (None when not cached), nor is any missing entry with ``measure_missing=False``."""
     if choice not in CHOICES:
         raise ValueError(f"unknown calibration choice {choice!r} (known: {', '.join(CHOICES)})")
     forced = override(choice)
     if forced is not None:
         return Decision(choice, forced, "override", f"QRU_{choice.upper()}={forced}")
+    if load is not None and load not in LOAD_STATES:
+        raise ValueError(f"unknown load state {load!r} (known: {', '.join(LOAD_STATES)})")
     threads = torch.get_num_threads() if threads is None else threads
-    if not recalibrate and (threads, choice) in _memo:
-        return _memo[(threads, choice)]
+    if choice in LOAD_AWARE and threads <= 1:
+        return Decision(choice, CHOICES[choice][1], "unavailable", "one thread: no rule to choose")
+    aware = choice in LOAD_AWARE
+    load = (load or load_state(threads)) if aware else None
+    name = entry(choice, load)
+    if not recalibrate and (threads, name) in _memo:
+        return _memo[(threads, name)]
+    now = load_state(threads)
     key, fields = machine_key(threads)
     path = cache_root() / f"{key}.json"
-    data = None if recalibrate else _read_cache(path, key)
-    if data is not None and choice in data.get("choices", {}):
-        d = data["choices"][choice]
+    data = _read_cache(path, key)
+    d = (data or {}).get("choices", {}).get(name)
+    # a load-aware entry holds for its own state; another measured while busy only until the machine is idle
+    provisional = d is not None and not aware and d.get("load") == "busy" and now == "idle"
+    if not recalibrate and d is not None and not provisional:
         dec = Decision(choice, d["pick"], "cache", d["why"], d.get("seconds", {}))
+    elif not measure_missing or load != now and aware:
+        return None
     else:
         old = torch.get_num_threads()
         torch.set_num_threads(threads)
@@ -279,27 +335,40 @@ def decide(choice: str, threads: int | None = None, recalibrate: bool = False) -
             dec = measure(choice)
         finally:
             torch.set_num_threads(old)
-        data = data or {"version": CACHE_VERSION, "key": key, "machine": fields, "choices": {}}
-        data["choices"][choice] = {k: v for k, v in asdict(dec).items() if k in ("pick", "why", "seconds")}
-        write_json(path, data, indent=1, fault=False)  # a cache: not a numbered fault point
-    _memo[(threads, choice)] = dec
-    _picks.pop((choice, threads), None)
+        after = load_state(threads)
+        if dec.source == "measured":
+            dec.why = f"measured {now}: {dec.why}"
+        if aware and after != now:  # the state changed during the probe
+            dec.why += " (the load changed during the probe: used by this process, not cached)"
+        else:
+            data = data or {"version": CACHE_VERSION, "key": key, "machine": fields, "choices": {}}
+            data["choices"][name] = {k: v for k, v in asdict(dec).items() if k in ("pick", "why", "seconds")}
+            data["choices"][name]["load"] = "busy" if "busy" in (now, after) else "idle"
+            write_json(path, data, indent=1, fault=False)  # a cache: not a numbered fault point
+    _memo[(threads, name)] = dec
+    _picks.pop((name, threads), None)
     return dec
 
 
-_picks: dict[tuple[str, int], str] = {}  # (choice, threads) -> pick: the per-call fast path of pick()
+_picks: dict[tuple[str, int], str] = {}  # (entry, threads) -> pick: the per-call fast path of pick()
 
 
 def pick(choice: str) -> str:
-    """Just the pick of :func:`decide` at the current thread count (memoised per process; an
-    override is read on every call). Cheap: the linear dispatch asks on every call."""
+    """Just the pick of :func:`decide` at the current thread count (and, for a load-aware choice,
+    the present load state; memoised per process; an override is read on every call). Cheap: the
+    linear dispatch asks on every call."""
     forced = override(choice)
     if forced is not None:
         return forced
-    key = (choice, torch.get_num_threads())
+    n = torch.get_num_threads()
+    load = load_state(n) if choice in LOAD_AWARE else None
+    key = (entry(choice, load), n)
     got = _picks.get(key)
     if got is None:
-        got = _picks[key] = decide(choice).pick
+        dec = decide(choice, load=load)
+        if dec is None:  # the load state changed just now and this state is not cached: the present one
+            return decide(choice).pick
+        got = _picks[key] = dec.pick
     return got
 
 
@@ -307,3 +376,4 @@ def clear_memo() -> None:
     """Forget the in-process decisions (the next :func:`decide` reads the cache file again)."""
     _memo.clear()
     _picks.clear()
+    _sample[:] = [None, -1.0, None]

@@ -92,13 +92,6 @@ def others_running() -> int | None:
         return None
 
 
-def free_cores(cores: int | None = None) -> int:
-    """Cores not taken by another runnable task right now (at least 1; all of them where unknown)."""
-    cores = cores or os.cpu_count() or 1
-    others = others_running()
-    return cores if others is None else max(1, cores - others)
-
-
 def describe() -> dict[str, str]:
     """The machine as benchmark rows record it."""
     return {"cpu_model": cpu_model(), "isa": isa_level(), "cores": str(os.cpu_count() or 0),
