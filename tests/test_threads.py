@@ -1,6 +1,8 @@
 """qru.kernels.threads: the busy-machine thread rule of the OpenMP kernels (calibrated, cached,
 overridable) and results that do not depend on the team size."""
 import json
+import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +23,21 @@ def test_parse_loadavg_reads_the_runnable_count():
     assert machine.parse_loadavg("9.05 6.01 3.11 12/167 29277\n") == 12
     with pytest.raises(ValueError, match="/proc/loadavg"):
         machine.parse_loadavg("garbage")
+
+
+def test_own_runnable_threads_are_not_another_job(monkeypatch):
+    assert machine.task_state("812 (python3 (x) y) R 1 812 812 0 -1") == "R"
+    assert machine.task_state("813 (pt_main_thread) S 1 812") == "S"
+    with pytest.raises(ValueError, match="task stat"):
+        machine.task_state("garbage")
+    me = Path(f"/proc/self/task/{threading.get_native_id()}/stat")
+    if me.exists():  # Linux: the reading thread is itself runnable, and counted
+        assert machine.task_state(me.read_text()) == "R" and machine.own_running() >= 1
+    monkeypatch.setattr(machine, "parse_loadavg", lambda text: 5)
+    monkeypatch.setattr(machine, "own_running", lambda: 3)  # e.g. two OpenMP workers still spinning
+    assert machine.others_running() == 2
+    monkeypatch.setattr(machine, "own_running", lambda: 7)
+    assert machine.others_running() == 0
 
 
 def test_free_cores_and_load_state_follow_the_other_runnable_tasks(fake):

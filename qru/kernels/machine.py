@@ -83,13 +83,40 @@ def parse_loadavg(text: str) -> int:
         raise ValueError(f"/proc/loadavg: cannot read the runnable count from {text.strip()!r}") from None
 
 
-def others_running() -> int | None:
-    """How many other tasks are runnable at this instant (``/proc/loadavg`` counts the reader too;
-    an OpenMP worker of this process still spinning counts as another), or None where unknown."""
+def task_state(stat: str) -> str:
+    """The state letter (``R`` runnable, ``S`` sleeping, ...) of a ``/proc/<pid>/task/<tid>/stat`` line
+    (the field after the parenthesised name, which may itself hold spaces and parentheses)."""
     try:
-        return max(0, parse_loadavg(Path("/proc/loadavg").read_text()) - 1)
+        return stat[stat.rindex(")") + 2]
+    except (ValueError, IndexError):
+        raise ValueError(f"task stat: cannot read the state from {stat.strip()[:80]!r}") from None
+
+
+def own_running() -> int:
+    """Runnable threads of this process right now (the reader included; at least 1): an OpenMP
+    worker still spinning after a parallel region is one of them."""
+    n = 0
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return 1
+    for tid in tids:
+        try:
+            n += task_state(Path(f"/proc/self/task/{tid}/stat").read_text()) == "R"
+        except (OSError, ValueError):  # the thread ended meanwhile
+            continue
+    return max(1, n)
+
+
+def others_running() -> int | None:
+    """How many tasks of other processes are runnable at this instant (``/proc/loadavg``'s count
+    less this process's runnable threads, so that its own spinning OpenMP workers do not count as
+    another job), or None where unknown."""
+    try:
+        total = parse_loadavg(Path("/proc/loadavg").read_text())
     except (OSError, ValueError):
         return None
+    return max(0, total - own_running())
 
 
 def describe() -> dict[str, str]:
