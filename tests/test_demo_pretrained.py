@@ -315,6 +315,16 @@ def test_pretrained_sweep_two_points(tiny_run, target, tmp_path):  # noqa: F811
     assert json.loads((st / "out" / "run.json").read_text())["config"]["train"] == "all"
 
 
+def test_arm_labels_name_the_configuration_not_a_role():
+    """A sweep's fp32-master points are grid points, not the preset's control: a label names only the
+    method, mode, master dtype, trained parameters and lr."""
+    from qru.demo.pretrained_report import Arm
+
+    assert Arm("ga_gdr", "full", 1e-4, "fp32").label == "GA+GDR full FT, fp32 master, lr 0.0001"
+    assert Arm("npo_gdr", "full", 3e-4, "bf16", "all").label == "NPO+GDR full FT, pure bf16, all parameters, lr 0.0003"
+    assert Arm("ga_gdr", "lora", 1e-3, "fp32").label == "GA+GDR LoRA, merged fp32, lr 0.001"
+
+
 def test_pretrained_sweep_cli_without_the_model(monkeypatch, tmp_path, capsys):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == P.PACKAGE else real(name, *a))

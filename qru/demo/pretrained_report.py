@@ -27,7 +27,7 @@ class Arm:
 
     @property
     def label(self) -> str:
-        kind = {"full": "full FT, pure bf16" if self.master == "bf16" else "full FT, fp32 master (control)",
+        kind = {"full": "full FT, pure bf16" if self.master == "bf16" else "full FT, fp32 master",
                 "lora": "LoRA, merged fp32"}[self.mode]
         return f"{LABEL[self.method]} {kind}{', all parameters' if self.train == 'all' else ''}, lr {self.lr:g}"
 
