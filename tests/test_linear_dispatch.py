@@ -3,7 +3,10 @@ fp64 oracle), the packed-weight cache and its invalidation, QRU_BACKEND forcing,
 calibration honoured, the weight-transform seam of qru.model.linear.Linear, and that nothing in
 qru replaces a module's ``forward``."""
 import copy
+import os
 import re
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -85,6 +88,38 @@ def test_packed_path_values_and_cache():
     assert KL.choose(xg, w, b, slot) == "dense"
     KL.linear(xg, w, b, slot).sum().backward()
     _close(xg.grad, w.double().sum(0).expand(6, 24), 24)
+
+
+@needs_onednn
+def test_the_optimizer_hook_is_registered_only_when_a_trainable_weight_is_packed():
+    """Importing qru (or the linear dispatch) registers no global torch.optim hook; packing a
+    trainable weight does, once, and its copy still follows the steps taken from then on."""
+    code = """
+import torch, torch.optim.optimizer as O
+import qru.kernels.linear as KL
+from qru.model.linear import Linear
+assert not O._global_optimizer_post_hooks, "registered at import"
+lin = Linear(24, 10)
+opt = torch.optim.AdamW(lin.parameters(), lr=0.1, fused=True)
+frozen = Linear(24, 10).requires_grad_(False)
+x = torch.randn(5, 24)
+with torch.no_grad():
+    frozen(x)
+assert not O._global_optimizer_post_hooks, "registered for a frozen weight"
+with torch.no_grad():
+    lin(x)
+assert lin.packed_weight.packed and len(O._global_optimizer_post_hooks) == 1
+lin(x).sum().backward()
+opt.step()
+with torch.no_grad():
+    y = lin(x)
+ref = (x.double() @ lin.weight.detach().double().t() + lin.bias.detach().double()).float()
+assert torch.allclose(y, ref, atol=1e-5), "stale packed copy after a fused step"
+assert len(O._global_optimizer_post_hooks) == 1
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "QRU_PACKED_FP32": "onednn", "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
 
 
 @needs_onednn

@@ -28,8 +28,8 @@ The choice is a pure function of the call: no module's ``forward`` is replaced a
 switched around a block, so concurrent callers never see each other's choices. A packed weight
 is keyed on the weight tensor (its identity, storage pointer and in-place ``_version``) and, for a
 weight that requires grad, on the count of optimizer steps taken in the process (a global
-``torch.optim`` post-step hook counts them: torch's fused AdamW updates parameters without
-bumping ``_version``). So an optimizer step, ``load_state_dict`` or ``.to()`` repacks it on the
+``torch.optim`` post-step hook, registered when a trainable weight is first packed, counts them:
+torch's fused AdamW updates parameters without bumping ``_version``). So an optimizer step, ``load_state_dict`` or ``.to()`` repacks it on the
 next call; a stale copy is dropped on the first call that sees it stale. (A write through
 ``weight.data`` is not seen: it bypasses the version counter.) All packed copies of the process together stay
 under ``QRU_PACKED_MAX_BYTES`` (default 2 GiB: they cost as much memory as the weights); past
@@ -79,7 +79,9 @@ def packed_max_bytes() -> int:
     return value
 
 
-_optimizer_steps = 0  # optimizer steps taken in this process (any torch.optim optimizer)
+_lock = threading.RLock()  # guards the slots' entries and the byte count (re-entrant: __del__ may run in GC)
+_optimizer_steps = 0  # optimizer steps taken in this process (any torch.optim optimizer) since the hook
+_step_hook = None  # the torch.optim post-step hook's handle, registered when a trainable weight is first packed
 
 
 def _count_optimizer_step(optimizer, args, kwargs) -> None:
@@ -87,16 +89,21 @@ def _count_optimizer_step(optimizer, args, kwargs) -> None:
     _optimizer_steps += 1
 
 
-register_optimizer_step_post_hook(_count_optimizer_step)
-
-
 def _epoch(w: torch.Tensor):
     """What besides its version an update of ``w`` may change: the optimizer step count if ``w`` is
-    trainable (fused optimizers do not bump ``_version``), else nothing."""
-    return _optimizer_steps if w.requires_grad else None
+    trainable (fused optimizers do not bump ``_version``), else nothing. The counting hook is
+    registered on the first call for a trainable weight, not at import: a process that never packs
+    one never has it."""
+    global _step_hook
+    if not w.requires_grad:
+        return None
+    if _step_hook is None:
+        with _lock:
+            if _step_hook is None:
+                _step_hook = register_optimizer_step_post_hook(_count_optimizer_step)
+    return _optimizer_steps
 
 
-_lock = threading.RLock()  # guards the slots' entries and the byte count (re-entrant: __del__ may run in GC)
 _packed_bytes = 0  # bytes held by all PackedWeight slots of the process
 
 
