@@ -157,3 +157,17 @@ def test_stale_lock_does_not_hang_a_real_build(tmp_path):
         lock.unlink(missing_ok=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert not stale and "stale build lock" in r.stderr
+
+
+def test_every_shared_header_is_in_the_build_tag(monkeypatch, tmp_path):
+    """torch versions a JIT build by its sources, not the headers they include: the flags carry a hash
+    of every qru/csrc/*.h, so editing any of them (qru_common.h, gguf_blocks.h) rebuilds."""
+    assert {"qru_common.h", "gguf_blocks.h"} <= {p.name for p in _backend.CSRC.glob("*.h")}
+    for f in _backend.CSRC.glob("*.h"):
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    monkeypatch.setattr(_backend, "CSRC", tmp_path)
+    tags = {_backend._common_header_tag()}
+    for name in ("qru_common.h", "gguf_blocks.h"):
+        (tmp_path / name).write_text((tmp_path / name).read_text() + "\n// edited\n")
+        tags.add(_backend._common_header_tag())
+    assert len(tags) == 3

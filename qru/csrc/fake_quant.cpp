@@ -15,6 +15,7 @@
 #elif defined(__GNUC__)
 #pragma GCC optimize("fp-contract=off")
 #endif
+#include "gguf_blocks.h"  // after the pragma: its block math must not contract either
 
 namespace {
 
@@ -126,78 +127,32 @@ void fq_int(const float* x, int64_t len, int kind, float eps, float* v) {
 
 // ================================================================ GGUF 32-element blocks
 
-enum GgufKind { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2, Q5_0 = 3, Q5_1 = 4, Q4_K = 5, MXFP4 = 6 };
-constexpr int8_t kMxfp4[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+using namespace qru::gguf;
 
-inline float roundf_away(float v) {
-  const float a = std::fabs(v);
-  const float f = std::floor(a);
-  const float b = f + std::floor(2.0f * (a - f));
-  return std::copysign(b, v);
-}
-
-inline float e8m0_half(int e) { return u2f(e < 2 ? (0x00200000u << e) : (uint32_t(e - 1) << 23)); }
-
-// x: 32 values (a partial last block zero-padded), v: their fake-quantized values
+// x: 32 values (a partial last block zero-padded), v: their fake-quantized values: the codes of
+// gguf_blocks.h, decoded as quant_gguf.cpp's dequantize does (scales rounded to fp16).
 void fq_gguf(const float* x, int kind, const int32_t* thr, float* v) {
+  int q[32];
   if (kind == Q8_0) {
-    float amax = 0.0f;
-    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[j]));
-    const float d = amax / 127.0f;
-    const float id = d != 0.0f ? 1.0f / d : 0.0f;
-    const float dh = half_round(d);
-    for (int j = 0; j < 32; ++j) v[j] = float(int8_t(int(roundf_away(x[j] * id)))) * dh;
+    const float dh = half_round(q8_0_codes(x, q));
+    for (int j = 0; j < 32; ++j) v[j] = float(q[j]) * dh;
     return;
   }
   if (kind == MXFP4) {
-    float amax = 0.0f;
-    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[j]));
-    int e = 0;
-    if (amax > 0.0f) {
-      const int32_t bits = int32_t(f2u(amax));
-      const int ex = bits >> 23;
-      const int fl = ex - 127 + (bits >= thr[ex] ? 1 : 0);
-      e = std::min(std::max(fl + 125, 0), 255);
-    }
-    const float d = e8m0_half(e);
-    for (int j = 0; j < 32; ++j) {
-      int best = 0;
-      float best_err = std::fabs(float(kMxfp4[0]) * d - x[j]);
-      for (int k = 1; k < 16; ++k) {
-        const float err = std::fabs(float(kMxfp4[k]) * d - x[j]);
-        if (err < best_err) { best = k; best_err = err; }
-      }
-      v[j] = d * float(kMxfp4[best]);
-    }
+    const float d = e8m0_half(mxfp4_codes(x, thr, q));
+    for (int j = 0; j < 32; ++j) v[j] = d * float(kMxfp4[q[j]]);
     return;
   }
   const bool five = kind == Q5_0 || kind == Q5_1;
-  const int top = five ? 31 : 15;
   if (kind == Q4_0 || kind == Q5_0) {
-    int imax = 0;
-    float amax = std::fabs(x[0]);
-    for (int j = 1; j < 32; ++j)
-      if (std::fabs(x[j]) > amax) { amax = std::fabs(x[j]); imax = j; }
-    const float half = five ? 16.0f : 8.0f;
-    const float d = x[imax] / -half;
-    const float id = d != 0.0f ? 1.0f / d : 0.0f;
-    const float dh = half_round(d);
-    for (int j = 0; j < 32; ++j) {
-      const float t = std::trunc(x[j] * id + (half + 0.5f));
-      const int q = int(std::min(std::max(t, 0.0f), float(top)));
-      v[j] = dh * float(q - (five ? 16 : 8));
-    }
+    const float dh = half_round(q_0_codes(x, five, q));
+    for (int j = 0; j < 32; ++j) v[j] = dh * float(q[j] - (five ? 16 : 8));
     return;
   }
-  float mn = x[0], mx = x[0];
-  for (int j = 1; j < 32; ++j) { mn = std::min(mn, x[j]); mx = std::max(mx, x[j]); }
-  const float d = (mx - mn) / float(top);
-  const float id = d != 0.0f ? 1.0f / d : 0.0f;
-  const float dh = half_round(d), mh = half_round(mn);
+  float mn;
+  const float dh = half_round(q_1_codes(x, five, &mn, q)), mh = half_round(mn);
   for (int j = 0; j < 32; ++j) {
-    const float t = std::trunc((x[j] - mn) * id + 0.5f);
-    const int q = int(std::min(std::max(t, 0.0f), float(top)));
-    const float p = dh * float(q);
+    const float p = dh * float(q[j]);
     v[j] = p + mh;
   }
 }

@@ -13,17 +13,15 @@
 #elif defined(__GNUC__)
 #pragma GCC optimize("fp-contract=off")
 #endif
+#include "gguf_blocks.h"  // after the pragma: its block math must not contract either
 
 namespace {
 
 using namespace qru;
+using namespace qru::gguf;
 
-enum Kind { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2, Q5_0 = 3, Q5_1 = 4, Q4_K = 5, MXFP4 = 6 };
 constexpr int kBlock[7] = {32, 32, 32, 32, 32, 256, 32};
 constexpr int kTypeSize[7] = {34, 18, 20, 22, 24, 144, 17};
-constexpr int8_t kMxfp4[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
-
-
 
 inline void put16(uint8_t* p, uint16_t v) { p[0] = uint8_t(v & 255); p[1] = uint8_t(v >> 8); }
 inline uint16_t get16(const uint8_t* p) { return uint16_t(p[0] | (p[1] << 8)); }
@@ -34,97 +32,44 @@ inline int nearest_int(float fval) {
   return int(f2u(val) & 0x007fffff) - 0x00400000;
 }
 
-// C roundf, as numpy's np_roundf computes it.
-inline float roundf_away(float v) {
-  const float a = std::fabs(v);
-  const float f = std::floor(a);
-  const float b = f + std::floor(2.0f * (a - f));
-  return std::copysign(b, v);  // branchless; a zero's sign is lost in the int8 anyway
-}
-
-inline float e8m0_half(int e) { return u2f(e < 2 ? (0x00200000u << e) : (uint32_t(e - 1) << 23)); }
-
 void pack_halves(const int* q, uint8_t* qs) {
   for (int j = 0; j < 16; ++j) qs[j] = uint8_t((q[j] & 15) | ((q[j + 16] & 15) << 4));
 }
 
 void quant_q8_0(const float* x, uint8_t* y) {
-  float amax = 0.0f;
-  for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[j]));
-  const float d = amax / 127.0f;
-  const float id = d != 0.0f ? 1.0f / d : 0.0f;
-  put16(y, f32_to_half(d));
-  for (int j = 0; j < 32; ++j) y[2 + j] = uint8_t(int8_t(int(roundf_away(x[j] * id))));
+  int q[32];
+  put16(y, f32_to_half(q8_0_codes(x, q)));
+  for (int j = 0; j < 32; ++j) y[2 + j] = uint8_t(int8_t(q[j]));
 }
 
-// q4_0 / q5_0: the first element of largest |x| sets d = max / -half.
+// the fifth bits of q5_0 / q5_1's codes, then their low nibbles
+void pack_codes(const int* q, uint8_t* y, bool five) {
+  if (five) {
+    uint32_t qh = 0;
+    for (int j = 0; j < 32; ++j) qh |= uint32_t((q[j] >> 4) & 1) << j;
+    for (int k = 0; k < 4; ++k) y[k] = uint8_t((qh >> (8 * k)) & 255);
+    y += 4;
+  }
+  pack_halves(q, y);
+}
+
 void quant_q_0(const float* x, uint8_t* y, bool five) {
-  int imax = 0;
-  float amax = std::fabs(x[0]);
-  for (int j = 1; j < 32; ++j)
-    if (std::fabs(x[j]) > amax) { amax = std::fabs(x[j]); imax = j; }
-  const float half = five ? 16.0f : 8.0f;
-  const int top = five ? 31 : 15;
-  const float d = x[imax] / -half;
-  const float id = d != 0.0f ? 1.0f / d : 0.0f;
-  put16(y, f32_to_half(d));
   int q[32];
-  uint32_t qh = 0;
-  for (int j = 0; j < 32; ++j) {
-    const float v = x[j] * id;
-    const float t = std::trunc(v + (half + 0.5f));
-    q[j] = int(std::min(std::max(t, 0.0f), float(top)));
-    qh |= uint32_t((q[j] >> 4) & 1) << j;
-  }
-  int off = 2;
-  if (five) { for (int k = 0; k < 4; ++k) y[off + k] = uint8_t((qh >> (8 * k)) & 255); off += 4; }
-  pack_halves(q, y + off);
+  put16(y, f32_to_half(q_0_codes(x, five, q)));
+  pack_codes(q, y + 2, five);
 }
 
-// q4_1 / q5_1: d = (max - min) / top, m = min.
 void quant_q_1(const float* x, uint8_t* y, bool five) {
-  float mn = x[0], mx = x[0];
-  for (int j = 1; j < 32; ++j) { mn = std::min(mn, x[j]); mx = std::max(mx, x[j]); }
-  const int top = five ? 31 : 15;
-  const float d = (mx - mn) / float(top);
-  const float id = d != 0.0f ? 1.0f / d : 0.0f;
-  put16(y, f32_to_half(d));
-  put16(y + 2, f32_to_half(mn));
   int q[32];
-  uint32_t qh = 0;
-  for (int j = 0; j < 32; ++j) {
-    const float v = (x[j] - mn) * id;
-    const float t = std::trunc(v + 0.5f);
-    q[j] = int(std::min(std::max(t, 0.0f), float(top)));
-    qh |= uint32_t((q[j] >> 4) & 1) << j;
-  }
-  int off = 4;
-  if (five) { for (int k = 0; k < 4; ++k) y[off + k] = uint8_t((qh >> (8 * k)) & 255); off += 4; }
-  pack_halves(q, y + off);
+  float mn;
+  put16(y, f32_to_half(q_1_codes(x, five, &mn, q)));
+  put16(y + 2, f32_to_half(mn));
+  pack_codes(q, y + 4, five);
 }
 
 void quant_mxfp4(const float* x, uint8_t* y, const int32_t* thr) {
-  float amax = 0.0f;
-  for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[j]));
-  int e = 0;
-  if (amax > 0.0f) {
-    const int32_t bits = int32_t(f2u(amax));
-    const int ex = bits >> 23;
-    const int fl = ex - 127 + (bits >= thr[ex] ? 1 : 0);
-    e = std::min(std::max(fl + 125, 0), 255);
-  }
-  const float d = e8m0_half(e);
-  y[0] = uint8_t(e);
   int q[32];
-  for (int j = 0; j < 32; ++j) {
-    int best = 0;
-    float best_err = std::fabs(float(kMxfp4[0]) * d - x[j]);
-    for (int k = 1; k < 16; ++k) {
-      const float err = std::fabs(float(kMxfp4[k]) * d - x[j]);
-      if (err < best_err) { best = k; best_err = err; }
-    }
-    q[j] = best;
-  }
+  y[0] = uint8_t(mxfp4_codes(x, thr, q));
   pack_halves(q, y + 1);
 }
 

@@ -97,10 +97,13 @@ def missing_toolchain() -> str | None:
 
 
 def _common_header_tag() -> str:
-    """A short hash of ``qru/csrc/qru_common.h``. torch versions a JIT build by its sources and flags,
-    not by the headers they include, so the tag goes into the flags: editing the header rebuilds."""
-    h = CSRC / "qru_common.h"
-    return hashlib.sha1(h.read_bytes()).hexdigest()[:12] if h.exists() else "none"
+    """A short hash of the shared headers ``qru/csrc/*.h``. torch versions a JIT build by its sources
+    and flags, not by the headers they include, so the tag goes into the flags: editing a header rebuilds."""
+    hs = sorted(CSRC.glob("*.h"))
+    h = hashlib.sha1()
+    for f in hs:
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:12] if hs else "none"
 
 
 def ext_name(name: str) -> str:
