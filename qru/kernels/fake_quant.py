@@ -36,6 +36,7 @@ import triton.language as tl
 from qru.kernels import quant4, quant_gguf, quant_int
 from qru.kernels._backend import backend_for, load_cpp_ext
 from qru.kernels._triton_io import jit, kernel_view, load_f32, store_f32
+from qru.kernels.quant_gguf_triton import mxfp4_codes, q8_0_codes, q_0_codes, q_1_codes
 from qru.kernels.quant_int import int4_asym_codes, rint
 from qru.kernels.threads import with_kernel_team
 
@@ -238,48 +239,19 @@ def _fq_gguf_kernel(w_ptr, a_ptr, b_ptr, s, thr_ptr, kv_ptr, out_ptr, n, cols, r
     offs = blk.to(tl.int64)[:, None] * 32 + col[None, :]
     mask = (offs < n) & bok[:, None]
     x = _merged(w_ptr, a_ptr, b_ptr, s, offs, mask, cols, rank, LORA, IN_BF16)  # zero padding
+    # the codes of quant_gguf's kernels, decoded as its dequantize does (scales rounded to fp16)
     if KIND == 0:
-        d = tl.math.div_rn(tl.max(tl.abs(x), axis=1), tl.full((ROWS,), 127.0, tl.float32))
-        inv = tl.where(d == 0, 0.0, tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), tl.where(d == 0, 1.0, d)))
-        v = x * inv[:, None]
-        a = tl.abs(v)
-        f = tl.math.floor(a)
-        r = f + tl.math.floor(2.0 * (a - f))
-        q = tl.where(v < 0, -r, r).to(tl.int32).to(tl.float32)
-        val = q * d.to(tl.float16).to(tl.float32)[:, None]
+        d, q = q8_0_codes(x, ROWS)
+        val = q.to(tl.float32) * d.to(tl.float16).to(tl.float32)[:, None]
     elif KIND == 6:
-        am = tl.max(tl.abs(x), axis=1)
-        bits = am.to(tl.int32, bitcast=True)
-        ex = bits >> 23
-        fl = ex - 127 + (bits >= tl.load(thr_ptr + ex)).to(tl.int32)
-        e = tl.where(am > 0, tl.minimum(tl.maximum(fl + 125, 0), 255), 0)
-        d = tl.where(e < 2, 0x00200000 << e, (e - 1) << 23).to(tl.float32, bitcast=True)
-        best = tl.abs(0.0 * d[:, None] - x)
-        q = tl.zeros((ROWS, 32), dtype=tl.int32)
-        for k in tl.static_range(1, 16):
-            err = tl.abs(tl.load(kv_ptr + k) * d[:, None] - x)
-            q = tl.where(err < best, k, q)
-            best = tl.minimum(err, best)
+        e, d, q = mxfp4_codes(x, thr_ptr, kv_ptr, ROWS)
         val = d[:, None] * tl.load(kv_ptr + q)
     elif KIND == 1 or KIND == 3:
         HALF: tl.constexpr = 8.0 if KIND == 1 else 16.0
-        TOP: tl.constexpr = 15 if KIND == 1 else 31
-        imax = tl.argmax(tl.abs(x), axis=1, tie_break_left=True)
-        xbits = x.to(tl.int32, bitcast=True)
-        mbits = tl.max(tl.where(col[None, :] == imax[:, None], xbits, -2147483648), axis=1)
-        d = tl.math.div_rn(mbits.to(tl.float32, bitcast=True), tl.full((ROWS,), -HALF, tl.float32))
-        inv = tl.where(d == 0, 0.0, tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), tl.where(d == 0, 1.0, d)))
-        v = x * inv[:, None] + (HALF + 0.5)
-        q = tl.minimum(tl.maximum(v.to(tl.int32), 0), TOP)
+        d, q = q_0_codes(x, col, HALF, 15 if KIND == 1 else 31, ROWS)
         val = d.to(tl.float16).to(tl.float32)[:, None] * (q.to(tl.float32) - HALF)
     else:
-        TOP2: tl.constexpr = 15 if KIND == 2 else 31
-        mx = tl.max(x, axis=1)
-        mn = tl.min(x, axis=1)
-        d = tl.math.div_rn(mx - mn, tl.full((ROWS,), TOP2 * 1.0, tl.float32))
-        inv = tl.where(d == 0, 0.0, tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), tl.where(d == 0, 1.0, d)))
-        v = (x - mn[:, None]) * inv[:, None] + 0.5
-        q = tl.minimum(tl.maximum(v.to(tl.int32), 0), TOP2)
+        d, mn, q = q_1_codes(x, 15 if KIND == 2 else 31, ROWS)
         val = d.to(tl.float16).to(tl.float32)[:, None] * q.to(tl.float32) \
             + mn.to(tl.float16).to(tl.float32)[:, None]
     store_f32(out_ptr, offs, val, mask, IN_BF16)

@@ -42,6 +42,66 @@ def _fp16_lo_hi(v):
     return h & 255, h >> 8
 
 
+# The 32-value block math, shared with fake_quant's kernel (as csrc/gguf_blocks.h is on CPU): the
+# scales and integer codes of ROWS blocks ``x`` (ROWS, 32), ggml's reference arithmetic.
+@jit
+def _recip(d, ROWS: tl.constexpr):
+    """1 / d, 0 where d is 0."""
+    return tl.where(d == 0, 0.0, tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), tl.where(d == 0, 1.0, d)))
+
+
+@jit
+def q8_0_codes(x, ROWS: tl.constexpr):
+    """(d = amax / 127 before its fp16 rounding, codes round-half-away(x / d) in [-127, 127])."""
+    d = tl.math.div_rn(tl.max(tl.abs(x), axis=1), tl.full((ROWS,), 127.0, tl.float32))
+    v = _mul(x, _recip(d, ROWS)[:, None])
+    a = tl.abs(v)
+    f = tl.math.floor(a)
+    r = f + tl.math.floor(2.0 * (a - f))
+    return d, tl.where(v < 0, -r, r).to(tl.int32)
+
+
+@jit
+def q_0_codes(x, col, HALF: tl.constexpr, TOP: tl.constexpr, ROWS: tl.constexpr):
+    """q4_0 (HALF 8, TOP 15) / q5_0 (16, 31): (d = the first largest-|x| value / -HALF, codes in
+    [0, TOP]; the value is d * (code - HALF))."""
+    imax = tl.argmax(tl.abs(x), axis=1, tie_break_left=True)
+    xbits = x.to(tl.int32, bitcast=True)
+    mbits = tl.max(tl.where(col[None, :] == imax[:, None], xbits, -2147483648), axis=1)
+    d = tl.math.div_rn(mbits.to(tl.float32, bitcast=True), tl.full((ROWS,), -HALF, tl.float32))
+    v = _add(_mul(x, _recip(d, ROWS)[:, None]), HALF + 0.5)
+    return d, tl.minimum(tl.maximum(v.to(tl.int32), 0), TOP)
+
+
+@jit
+def q_1_codes(x, TOP: tl.constexpr, ROWS: tl.constexpr):
+    """q4_1 (TOP 15) / q5_1 (31): (d = (max - min) / TOP, min, codes in [0, TOP]; value d * code + min)."""
+    mx = tl.max(x, axis=1)
+    mn = tl.min(x, axis=1)
+    d = tl.math.div_rn(mx - mn, tl.full((ROWS,), TOP * 1.0, tl.float32))
+    v = _add(_mul(x - mn[:, None], _recip(d, ROWS)[:, None]), 0.5)
+    return d, mn, tl.minimum(tl.maximum(v.to(tl.int32), 0), TOP)
+
+
+@jit
+def mxfp4_codes(x, thr_ptr, kv_ptr, ROWS: tl.constexpr):
+    """(E8M0 exponent e, d = half its scale, codes 0..15 indexing the doubled value table ``kv``:
+    the nearest to x / d, the first on a tie)."""
+    am = tl.max(tl.abs(x), axis=1)
+    bits = am.to(tl.int32, bitcast=True)
+    ex = bits >> 23
+    fl = ex - 127 + (bits >= tl.load(thr_ptr + ex)).to(tl.int32)
+    e = tl.where(am > 0, tl.minimum(tl.maximum(fl + 125, 0), 255), 0)
+    d = tl.where(e < 2, 0x00200000 << e, (e - 1) << 23).to(tl.float32, bitcast=True)
+    best = tl.abs(0.0 * d[:, None] - x)
+    q = tl.zeros((ROWS, 32), dtype=tl.int32)
+    for k in tl.static_range(1, 16):
+        err = tl.abs(_sub(tl.load(kv_ptr + k) * d[:, None], x))
+        q = tl.where(err < best, k, q)
+        best = tl.minimum(err, best)
+    return e, d, q
+
+
 @jit
 def _gguf_quant_kernel(x_ptr, out_ptr, thr_ptr, kv_ptr, n, nb,
                        KIND: tl.constexpr, TS: tl.constexpr, ROWS: tl.constexpr, IN_BF16: tl.constexpr):
@@ -53,56 +113,24 @@ def _gguf_quant_kernel(x_ptr, out_ptr, thr_ptr, kv_ptr, n, nb,
     x = load_f32(x_ptr, offs, (offs < n) & bok[:, None], IN_BF16)  # the zero padding
     ob = out_ptr + blk.to(tl.int64) * TS
     if KIND == 0:
-        d = tl.math.div_rn(tl.max(tl.abs(x), axis=1), tl.full((ROWS,), 127.0, tl.float32))
-        inv = tl.where(d == 0, 0.0, tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), tl.where(d == 0, 1.0, d)))
-        v = _mul(x, inv[:, None])
-        a = tl.abs(v)
-        f = tl.math.floor(a)
-        r = f + tl.math.floor(2.0 * (a - f))
-        q = tl.where(v < 0, -r, r).to(tl.int32)
+        d, q = q8_0_codes(x, ROWS)
         lo, hi = _fp16_lo_hi(d)
         tl.store(ob, lo.to(tl.uint8), mask=bok)
         tl.store(ob + 1, hi.to(tl.uint8), mask=bok)
         tl.store(ob[:, None] + 2 + col[None, :], (q & 255).to(tl.uint8), mask=bok[:, None])
     else:
         if KIND == 6:
-            am = tl.max(tl.abs(x), axis=1)
-            bits = am.to(tl.int32, bitcast=True)
-            ex = bits >> 23
-            fl = ex - 127 + (bits >= tl.load(thr_ptr + ex)).to(tl.int32)
-            e = tl.where(am > 0, tl.minimum(tl.maximum(fl + 125, 0), 255), 0)
-            d = tl.where(e < 2, 0x00200000 << e, (e - 1) << 23).to(tl.float32, bitcast=True)
-            best = tl.abs(0.0 * d[:, None] - x)
-            q = tl.zeros((ROWS, 32), dtype=tl.int32)
-            for k in tl.static_range(1, 16):
-                err = tl.abs(_sub(tl.load(kv_ptr + k) * d[:, None], x))
-                q = tl.where(err < best, k, q)
-                best = tl.minimum(err, best)
+            e, d, q = mxfp4_codes(x, thr_ptr, kv_ptr, ROWS)
             tl.store(ob, e.to(tl.uint8), mask=bok)
             qoff = 1
         elif KIND == 1 or KIND == 3:
-            HALF: tl.constexpr = 8.0 if KIND == 1 else 16.0
-            TOP: tl.constexpr = 15 if KIND == 1 else 31
-            ax = tl.abs(x)
-            imax = tl.argmax(ax, axis=1, tie_break_left=True)
-            xbits = x.to(tl.int32, bitcast=True)
-            mbits = tl.max(tl.where(col[None, :] == imax[:, None], xbits, -2147483648), axis=1)
-            d = tl.math.div_rn(mbits.to(tl.float32, bitcast=True), tl.full((ROWS,), -HALF, tl.float32))
-            inv = tl.where(d == 0, 0.0, tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), tl.where(d == 0, 1.0, d)))
-            v = _add(_mul(x, inv[:, None]), HALF + 0.5)
-            q = tl.minimum(tl.maximum(v.to(tl.int32), 0), TOP)
+            d, q = q_0_codes(x, col, 8.0 if KIND == 1 else 16.0, 15 if KIND == 1 else 31, ROWS)
             lo, hi = _fp16_lo_hi(d)
             tl.store(ob, lo.to(tl.uint8), mask=bok)
             tl.store(ob + 1, hi.to(tl.uint8), mask=bok)
             qoff = 2
         else:
-            TOP2: tl.constexpr = 15 if KIND == 2 else 31
-            mx = tl.max(x, axis=1)
-            mn = tl.min(x, axis=1)
-            d = tl.math.div_rn(mx - mn, tl.full((ROWS,), TOP2 * 1.0, tl.float32))
-            inv = tl.where(d == 0, 0.0, tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), tl.where(d == 0, 1.0, d)))
-            v = _add(_mul(x - mn[:, None], inv[:, None]), 0.5)
-            q = tl.minimum(tl.maximum(v.to(tl.int32), 0), TOP2)
+            d, mn, q = q_1_codes(x, 15 if KIND == 2 else 31, ROWS)
             lo, hi = _fp16_lo_hi(d)
             tl.store(ob, lo.to(tl.uint8), mask=bok)
             tl.store(ob + 1, hi.to(tl.uint8), mask=bok)
