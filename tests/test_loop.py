@@ -389,3 +389,44 @@ def test_pretrain_checkpoint_loads_in_transformers(target):
     ids = torch.tensor([tok.encode("Question: Who is Basil Mahfouz Al-Kuwaiti?\nAnswer:")])
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, ours(ids), atol=1e-4, rtol=1e-4)
+
+
+def test_threads_fixed_or_adaptive_per_step(tofu_slice, target, tmp_path, monkeypatch):
+    """``threads=N`` runs the whole run on N torch threads; ``"adaptive"`` runs each step on the cores
+    free of other jobs at its start (at most torch's count) and logs the mean per row; both restore
+    torch's count afterwards. The load is faked through ``others_running``."""
+    from qru.kernels import calibrate
+
+    cores = os.cpu_count() or 1
+    if cores < 2:
+        pytest.skip("one core: no thread count to vary")
+    others = {"n": cores - 1}  # every core but one is held by another job
+    monkeypatch.setattr(calibrate, "others_running", lambda: others["n"])
+    monkeypatch.setattr(calibrate, "LOAD_SAMPLE_S", -1.0)
+    seen = []
+    real = loop.lr_at
+    monkeypatch.setattr(loop, "lr_at", lambda *a: seen.append(torch.get_num_threads()) or real(*a))
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        kw = dict(method="ga", mode="lora", epochs=1)
+        busy = unlearn(_ucfg(tofu_slice, target, tmp_path / "busy", threads="adaptive", **kw))
+        steps = seen[1:]  # the first call is the step-0 row's, outside any step
+        assert steps and set(steps) == {1} and torch.get_num_threads() == 2
+        assert [r["threads"] for r in busy.metrics[1:]] == [1.0] * (len(busy.metrics) - 1)
+        seen.clear()
+        others["n"] = 0
+        idle = unlearn(_ucfg(tofu_slice, target, tmp_path / "idle", threads="adaptive", **kw))
+        assert set(seen[1:]) == {2} and {r["threads"] for r in idle.metrics[1:]} == {2.0}
+        seen.clear()
+        fixed = unlearn(_ucfg(tofu_slice, target, tmp_path / "one", threads=1, **kw))
+        assert set(seen) == {1} and all("threads" not in r for r in fixed.metrics)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(n)
+    for bad in (0, -2, "auto", True, 1.5):
+        with pytest.raises(TrainConfigError, match="threads must be a positive integer or 'adaptive'"):
+            unlearn(_ucfg(tofu_slice, target, tmp_path / "bad", threads=bad, **kw))
+    r = _qru("unlearn", "--model", str(target.out), "--forget", str(tofu_slice["forget"]), "--retain",
+             str(tofu_slice["retain"]), "--out", str(tmp_path / "cli"), "--threads", "two")
+    assert r.returncode == 2 and "--threads: must be a positive integer or 'adaptive', got 'two'" in r.stderr

@@ -7,6 +7,7 @@ import os
 import sys
 
 from qru.cli.common import csv_list
+from qru.kernels.threads import ADAPTIVE, check_threads
 from qru.train.config import PretrainConfig, UnlearnConfig
 from qru.train.pretrain import pretrain
 from qru.train.state import work_dir
@@ -46,6 +47,16 @@ def cmd_unlearn(args) -> int:
     return _run_training("unlearn", unlearn, _train_config(UnlearnConfig, args))
 
 
+def threads_arg(text: str):
+    """``--threads``: a positive integer or ``adaptive``."""
+    if text == ADAPTIVE:
+        return text
+    try:
+        return check_threads(int(text), "--threads")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or {ADAPTIVE!r}, got {text!r}") from None
+
+
 def _add_train_options(p) -> None:
     S = argparse.SUPPRESS  # unset options keep the config's defaults
     p.add_argument("--out", required=True, help="output directory")
@@ -64,6 +75,10 @@ def _add_train_options(p) -> None:
                    help="trainable weights and optimizer state dtype (bf16: no fp32 master copy)")
     p.add_argument("--gradient-checkpointing", action="store_true", default=S)
     p.add_argument("--device", default=S, help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--threads", type=threads_arg, default=S,
+                   help="CPU threads: N, or 'adaptive' (each step on the cores free of other jobs at its start, "
+                        "at most torch's count: fast on a shared machine, results then depend on the load in the "
+                        "last bits); default: torch's")
     p.add_argument("--format", dest="fmt", choices=["auto", "text", "qa"], default=S, help="data format")
     p.add_argument("--qa-loss", choices=["answer", "all"], default=S, help="QA loss on answer tokens or all")
     p.add_argument("--eval-samples", type=int, default=S, help="held-fixed examples per eval set")

@@ -12,6 +12,13 @@ training-path kernels (norms, attention, LoRA, the log-probs head) run at torch'
 
 The thread count never changes a result: every kernel splits its work into the same blocks, rows
 or groups whatever the team size (tests/test_threads.py).
+
+torch's own parallel ops are not so: a reduction over two OpenMP threads waits a scheduler slice
+for a thread another job keeps off its core (``x.sum()`` of 0.5M floats: 0.04 ms at one thread,
+7 ms at two on a busy 2-core VM). :func:`step_threads` is the training loop's remedy, opted into
+with ``threads="adaptive"`` (``--threads adaptive``): each step runs on the cores free of other
+jobs at its start. It is not the default because torch's results depend on its thread count in
+the last bits, so a run's numbers would then depend on the machine's load.
 """
 from __future__ import annotations
 
@@ -26,6 +33,35 @@ from qru.kernels import calibrate
 SMALL = 1 << 16  # below this many values a kernel runs on one thread: the team costs more than it saves
 
 F = TypeVar("F", bound=Callable)
+
+
+ADAPTIVE = "adaptive"
+
+
+def check_threads(value, name: str = "threads"):
+    """A thread setting: None (torch's count, as set), a positive int, or ``"adaptive"``; returns
+    it, or raises ValueError naming ``name``."""
+    if value is None or value == ADAPTIVE or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        return value
+    raise ValueError(f"{name} must be a positive integer or {ADAPTIVE!r}, got {value!r}")
+
+
+@contextlib.contextmanager
+def step_threads(setting, limit: int | None = None) -> Iterator[int]:
+    """Within the block torch runs on ``setting`` threads: None keeps the present count, an int
+    sets it, ``"adaptive"`` takes the cores free of other jobs right now, at most ``limit``
+    (default: the present count). Restored afterwards. Yields the count."""
+    n = torch.get_num_threads()
+    check_threads(setting)
+    k = n if setting is None else setting if setting != ADAPTIVE else min(limit or n, calibrate.recent_free_cores())
+    if k == n:
+        yield k
+        return
+    torch.set_num_threads(k)
+    try:
+        yield k
+    finally:
+        torch.set_num_threads(n)
 
 
 def kernel_threads(work: int) -> int:

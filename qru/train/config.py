@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from qru.io import check_device
+from qru.kernels.threads import check_threads
 from qru.model.config import LlamaConfig
 from qru.model.lora import TARGETS
 from qru.model.tokenizer import Tokenizer
@@ -63,6 +64,10 @@ class TrainOptions:
     overwrite: bool = False  # replace an existing non-empty ``out`` (committed only when the run finishes)
     progress: bool = True
     cache_dir: str | None = None  # token cache (default $QRU_CACHE/tokens or ~/.cache/qru/tokens)
+    # CPU threads: None keeps torch's count; N sets it; "adaptive": each step on the cores free of
+    # other jobs at its start, at most torch's count (fast on a shared machine; results then depend
+    # on the load in the last bits, qru.kernels.threads.step_threads)
+    threads: int | str | None = None
 
 
 STALL_THRESHOLD = 0.05
@@ -215,6 +220,10 @@ def _validate_common(c: TrainOptions) -> None:
     _check(c.qa_loss in ("answer", "all"), "qa_loss", c.qa_loss, "one of ('answer', 'all')")
     _check(bool(c.out), "out", c.out, "an output directory")
     check_device(c.device)
+    try:
+        check_threads(c.threads)
+    except ValueError as e:
+        raise TrainConfigError(str(e)) from None
 
 
 def validate_unlearn(c: UnlearnConfig) -> None:

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from qru.io import check_device
+from qru.kernels.threads import ADAPTIVE, step_threads
 from qru.model.linear import Linear
 from qru.model.llama import Llama
 from qru.train import distributed as D
@@ -277,9 +278,13 @@ def train_loop(model: torch.nn.Module, step_fn: StepFn, main: TokenizedSet, aux:
     metrics_path = out / METRICS
     config_dict = config_dict or {}
 
+    per_step = ADAPTIVE if opts.threads == ADAPTIVE else None  # a fixed count is set for the whole run
+    used_threads: list[int] = []  # torch threads of each step since the last logged row
+
     def run_evals() -> dict:
-        out = {f"{k}_nll": eval_nll(model, v, opts.eval_batch_size, pad_id, device, opts.precision, d)
-               for k, v in evals.items()}
+        with step_threads(per_step):
+            out = {f"{k}_nll": eval_nll(model, v, opts.eval_batch_size, pad_id, device, opts.precision, d)
+                   for k, v in evals.items()}
         if update_probe is not None:
             out["update"] = update_probe()
         if eval_extra is not None:
@@ -321,30 +326,32 @@ def train_loop(model: torch.nn.Module, step_fn: StepFn, main: TokenizedSet, aux:
                file=sys.stderr) if tqdm else None
     with _SigintGuard() as guard, (bar if bar is not None else contextlib.nullcontext()):
         while step < total:
-            in_epoch = step % steps_per_epoch
-            n_micro = min(opts.grad_accum, nb - in_epoch * opts.grad_accum)
-            lr = lr_at(step, total, opts.lr, opts.scheduler, opts.warmup_steps)
-            for g in optimizer.param_groups:
-                g["lr"] = lr_at(step, total, g["base_lr"], opts.scheduler, opts.warmup_steps) if "base_lr" in g else lr
-            for _ in range(n_micro):
-                # this rank's part of the global batch (all of it in one process)
-                mb = D.rank_batch(d, main, stream.next(), pad_id, PAD_MULTIPLE)
-                ab = D.rank_batch(d, aux, aux_stream.next(), pad_id, PAD_MULTIPLE) if aux_stream is not None else None
-                for b in (mb, ab):
-                    if b is not None and b.row_share > 0:  # an idle rank's stand-in row is not counted
-                        tokens += b.num_tokens
-                with autocast(device, opts.precision):
-                    losses = step_fn(mb.to(device), ab.to(device) if ab is not None else None)
-                seen = losses if d is None else _reduced(d, losses, loss_names)  # the global batch's values
-                check_finite_losses(seen, loss_names, step + 1)
-                (losses["loss"] / n_micro).backward()
-                for k in loss_names:
-                    if seen.get(k) is not None:
-                        acc[k] = acc.get(k, 0.0) + seen[k].detach().float() / n_micro
-                del losses, seen
-            check_finite_grads(param_names, params, opts.max_grad_norm, step + 1, d)  # and clips
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            with step_threads(per_step) as n_threads:  # "adaptive": the cores free of other jobs now
+                in_epoch = step % steps_per_epoch
+                n_micro = min(opts.grad_accum, nb - in_epoch * opts.grad_accum)
+                lr = lr_at(step, total, opts.lr, opts.scheduler, opts.warmup_steps)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr_at(step, total, g["base_lr"], opts.scheduler, opts.warmup_steps) if "base_lr" in g else lr
+                for _ in range(n_micro):
+                    # this rank's part of the global batch (all of it in one process)
+                    mb = D.rank_batch(d, main, stream.next(), pad_id, PAD_MULTIPLE)
+                    ab = D.rank_batch(d, aux, aux_stream.next(), pad_id, PAD_MULTIPLE) if aux_stream is not None else None
+                    for b in (mb, ab):
+                        if b is not None and b.row_share > 0:  # an idle rank's stand-in row is not counted
+                            tokens += b.num_tokens
+                    with autocast(device, opts.precision):
+                        losses = step_fn(mb.to(device), ab.to(device) if ab is not None else None)
+                    seen = losses if d is None else _reduced(d, losses, loss_names)  # the global batch's values
+                    check_finite_losses(seen, loss_names, step + 1)
+                    (losses["loss"] / n_micro).backward()
+                    for k in loss_names:
+                        if seen.get(k) is not None:
+                            acc[k] = acc.get(k, 0.0) + seen[k].detach().float() / n_micro
+                    del losses, seen
+                check_finite_grads(param_names, params, opts.max_grad_norm, step + 1, d)  # and clips
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            used_threads.append(n_threads)
             step += 1
             n_acc += 1
             end_of_epoch = step % steps_per_epoch == 0
@@ -355,6 +362,9 @@ def train_loop(model: torch.nn.Module, step_fn: StepFn, main: TokenizedSet, aux:
                 row = {"step": step, "epoch": round(step / steps_per_epoch, 6),
                        **{k: float(acc[k]) / n_acc if k in acc else None for k in loss_names}, "lr": lr,
                        "tokens_per_s": tokens / max(now - t_log, 1e-9)}
+                if per_step is not None and used_threads:
+                    row["threads"] = sum(used_threads) / len(used_threads)  # mean over the row's steps
+                used_threads.clear()
                 stop_now = False
                 if end_of_epoch:
                     row.update(run_evals())

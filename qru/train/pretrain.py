@@ -17,6 +17,7 @@ from qru.data import format_qa
 from qru.model.config import LlamaConfig
 from qru.model.llama import Llama
 from qru.model.tokenizer import Tokenizer, load_tokenizer
+from qru.kernels.threads import ADAPTIVE, step_threads
 from qru.train import distributed as D
 from qru.train import losses as L
 from qru.train.config import PretrainConfig, TrainConfigError, TrainResult, check_vocab, model_dtype, validate_pretrain
@@ -77,6 +78,7 @@ def pretrain(cfg: PretrainConfig, stop_check: Callable[[torch.nn.Module], dict] 
         with contextlib.ExitStack() as owner:
             inputs = {"data": cfg.data, "init": cfg.init, "tokenizer": cfg.tokenizer, "config": cfg_file}
             out, work, resume = claim_run(d, owner, cfg.out, inputs, cfg.overwrite, cfg.resume)
+            owner.enter_context(step_threads(cfg.threads if cfg.threads != ADAPTIVE else None))
             return _pretrain(cfg, t0, out, work, resume, d.device if d else device, stop_check, d)
 
 

@@ -49,7 +49,7 @@ METRICS = "metrics.jsonl"
 RUN_JSON = "run.json"
 # Options that may differ between a run and its resumption.
 _RESUME_FREE = {"resume", "stop_after", "progress", "save_every", "log_every", "keep_checkpoint", "cache_dir",
-                "device", "overwrite"}
+                "device", "overwrite", "threads"}
 
 
 def versions() -> dict:

@@ -32,6 +32,7 @@ from qru.model import lora
 from qru.model.llama import Llama
 from qru.model.tokenizer import load_tokenizer
 from qru.quant.qlinear import resolve_block_size, split_linears
+from qru.kernels.threads import ADAPTIVE, step_threads
 from qru.train import distributed as D
 from qru.train import losses as L
 from qru.train.config import (METHODS, REGS, TrainConfigError, TrainResult, UnlearnConfig, check_vocab, model_dtype,
@@ -267,6 +268,7 @@ def unlearn(cfg: UnlearnConfig, stop_check: Callable[[torch.nn.Module], dict] | 
             inputs = {"model": model_dir, "forget data": cfg.forget, "retain data": cfg.retain,
                       "tokenizer": cfg.tokenizer}
             out, work, resume = claim_run(d, owner, cfg.out, inputs, cfg.overwrite, cfg.resume)
+            owner.enter_context(step_threads(cfg.threads if cfg.threads != ADAPTIVE else None))
             return _unlearn(cfg, t0, model_dir, out, work, resume, d.device if d else device, stop_check, d)
 
 
