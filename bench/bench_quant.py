@@ -13,18 +13,23 @@ reference numpy quantizers; fed the weights already converted to a fp32 numpy ar
 has no bf16) in the same rotation; gguf cannot quantize q4_k, whose quantize compares with the
 reference. The GPU section covers NF4 only.
 
-CPU targets (printed, not tested): NF4 quantize >= 30x bitsandbytes, NF4 dequantize >= 1.5x.
+CPU targets (printed, not tested): NF4 quantize >= 30x bitsandbytes, NF4 dequantize >= 1.5x, also with
+``--busy 1``: that many one-thread busy loops (other jobs) run on the machine throughout the CPU
+section, and the shapes carry " +N busy" in the table and the CSV.
 GPU section (skipped without CUDA): Triton vs bitsandbytes CUDA as % of peak bandwidth.
 
     python bench/bench_quant.py [--quick] [--formats nf4 fp4 int4 int4_sym int8 q4_0 q4_k mxfp4 ...]
-                                [--samples N] [--threads N]
+                                [--samples N] [--threads N] [--busy N]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import statistics
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -141,12 +146,25 @@ def providers_gguf(w, fmt):
     return quant, deq, ref
 
 
-def cpu_section(shapes, formats, samples):
+@contextlib.contextmanager
+def busy_jobs(n: int):
+    """``n`` other jobs on the machine: one-thread busy loops in child processes, killed on exit."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        time.sleep(0.2 if n else 0)  # let them start
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def cpu_section(shapes, formats, samples, busy: int = 0):
     rows, summary = [], []
     for shape in shapes:
         w = (torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
         n = w.numel()
-        sh = f"{shape[0]}x{shape[1]}"
+        sh = f"{shape[0]}x{shape[1]}" + (f" +{busy} busy" if busy else "")
         for fmt in formats:
             block = 64 if fmt in ("nf4", "fp4") else (None if fmt == "int8" else 128)
             if fmt in quant_gguf.GGUF_FORMATS:
@@ -244,8 +262,11 @@ def main(argv=None):
     ap.add_argument("--formats", nargs="+", default=all_formats, choices=all_formats)
     ap.add_argument("--samples", type=int, default=None, help="timed calls per provider")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--busy", type=int, default=0, help="one-thread busy loops (other jobs) running meanwhile")
     ap.add_argument("--no-gpu", action="store_true")
     args = ap.parse_args(argv)
+    if args.busy < 0:
+        ap.error(f"--busy must be >= 0, got {args.busy}")
     torch.set_num_threads(args.threads)
     if load_cpp_ext("quant") is None or load_cpp_ext("quant_gguf") is None:
         print("C++ quant extension unavailable (no compiler?): nothing to compare")
@@ -254,11 +275,12 @@ def main(argv=None):
         shapes, samples = [(1024, 1024), (2752, 1024)], args.samples or 5
     else:
         shapes, samples = [(4096, 4096), (11008, 4096)], args.samples or 7
-    rule = calibrate.decide("kernel_threads")
-    print(f"## quant CPU, bf16 weights, {torch.get_num_threads()} threads, {samples} paired samples; "
-          f"load {' '.join(Path('/proc/loadavg').read_text().split()[:4])}")
-    print(f"kernel thread rule: {rule.pick} [{rule.source}] {rule.why}")
-    rows, summary = cpu_section(shapes, args.formats, samples)
+    with busy_jobs(args.busy):
+        rule = calibrate.decide("kernel_threads")
+        print(f"## quant CPU, bf16 weights, {torch.get_num_threads()} threads, {samples} paired samples, "
+              f"{args.busy} busy job(s) meanwhile; load {' '.join(Path('/proc/loadavg').read_text().split()[:4])}")
+        print(f"kernel thread rule ({calibrate.load_state()} now): {rule.pick} [{rule.source}] {rule.why}")
+        rows, summary = cpu_section(shapes, args.formats, samples, args.busy)
     report("quant CPU (Gparam/s rows: vs peer = bitsandbytes (GGUF formats: gguf.quants; ints, q4_k quantize: "
            "reference) time / this time; "
            "GB/s rows of qru-cpp: vs peer = fraction of the plain-copy bandwidth)", rows)

@@ -26,6 +26,8 @@ ROOT = HERE.parent
 # name -> (script, quick args, full args, time limit in seconds for the quick run)
 SUITES = {
     "quant": ("bench_quant.py", ["--quick", "--formats", "nf4", "int8", "--threads", "2"], [], 90),
+    "quant-busy": ("bench_quant.py", ["--quick", "--formats", "nf4", "--threads", "2", "--busy", "1"],
+                   ["--formats", "nf4", "--threads", "2", "--busy", "1"], 60),
     "lora": ("bench_lora.py", ["--quick", "--dropout", "0", "--threads", "2"], [], 90),
     "qlinear": ("bench_qlinear.py", ["--quick", "--formats", "nf4", "--threads", "1"], [], 60),
     "step": ("bench_step.py", ["--quick", "--threads", "1"], ["--threads", "1"], 260),
