@@ -4,6 +4,7 @@ plain-autograd reference and do not depend on the thread count (awkward shapes, 
 import pytest
 import torch
 
+from qru.kernels import calibrate
 from qru.kernels import lora as K
 from cpp_helpers import need_cpp
 from test_lora_kernels import TOL, make, reference, rel_err
@@ -11,6 +12,12 @@ from test_lora_kernels import TOL, make, reference, rel_err
 # (tokens, in, out, r): odd token counts, in/out not multiples of 8 or 16, ranks 1/3/16/64, and
 # enough work (M·in·r >= 2^16) that the C++ kernels and torch really split it across threads.
 SHAPES = [(301, 515, 33, 1), (67, 1027, 41, 3), (67, 257, 130, 16), (129, 100, 75, 64)]
+
+
+@pytest.fixture(autouse=True)
+def rule_all(monkeypatch):
+    """The base GEMMs' thread rule fixed to ``all`` (torch's count), so no test runs the probe."""
+    monkeypatch.setenv("QRU_KERNEL_THREADS", "all")
 
 
 @pytest.fixture(params=["cpp", "torch"])
@@ -118,6 +125,28 @@ def test_thin_work_on_one_thread_base_gemms_on_all(cpu_backend, restore_threads,
     assert torch.get_num_threads() == 2
     assert seen["thin"] and set(seen["thin"]) == {1}, seen
     assert seen["base"] == [2, 2], seen
+
+
+@pytest.mark.parametrize("rule,free,want", [("one", 2, 1), ("adaptive", 1, 1), ("adaptive", 2, 2), ("all", 1, 2)])
+def test_base_gemms_follow_the_thread_rule(cpu_backend, restore_threads, monkeypatch, rule, free, want):
+    """The frozen-base GEMMs run at the thread rule's count (QRU_KERNEL_THREADS; ``adaptive``: the
+    cores free at the call), the caller's count is restored, and the result still matches."""
+    monkeypatch.setenv("QRU_KERNEL_THREADS", rule)
+    monkeypatch.setattr(calibrate, "free_cores", lambda: free)
+    seen = []
+    dense = K.dense_linear
+
+    def spy(*a, **k):
+        seen.append(torch.get_num_threads())
+        return dense(*a, **k)
+    monkeypatch.setattr(K, "dense_linear", spy)
+    x, W, b, A, B = make(67, 257, 130, 16, torch.float32, bias=True)
+    gy = torch.randn(67, 130, generator=torch.Generator().manual_seed(1))
+    got = run(x, W, b, A, B, 0.5, gy, 2, dropout_p=0.3, training=True)
+    assert seen == [want, want] and torch.get_num_threads() == 2
+    mask, keep = K.make_dropout_mask((67, 257), 0.3, "cpu", torch.Generator().manual_seed(11))
+    for name, g, w in zip(("y", "dX", "dA", "dB"), got, reference(x, W, b, A, B, 0.5, gy, mask=mask, keep=keep)):
+        assert rel_err(g, w) <= TOL[torch.float32], f"{rule} {name}: {rel_err(g, w):.2e}"
 
 
 def test_one_thread_restores_the_count_on_error(restore_threads):

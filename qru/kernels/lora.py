@@ -30,6 +30,11 @@ gradient) runs on one thread (:func:`one_thread`): each is a fraction of a milli
 torch's parallel regions stall for a whole time slice when another job holds a core. The C++ thin
 products run on ``qru::Team``, which does not stall, at torch's thread count.
 
+The two frozen-base GEMMs run under :func:`base_gemm` at the machine's thread rule
+(:func:`qru.kernels.threads.kernel_team`): torch's thread count under the default ``all``; under
+``QRU_KERNEL_THREADS=adaptive`` only the cores free at the call (MKL on a core that another job
+holds waits for it, and can be slower than on fewer threads).
+
 On CPU both paths run the two big frozen-base GEMMs (``x Wᵀ``, ``dY W``) through
 :func:`qru.kernels.dense.dense_linear` (fp32: oneDNN with a fused add, about 2x MKL's sgemm
 on the AVX-512 AMD development VM; torch's ``addmm`` otherwise).
@@ -50,6 +55,7 @@ from qru.kernels.dense import dense_linear
 from qru.kernels.linear import PackedWeight, linear
 from qru.kernels.lora_triton import BaseTritonFn, LoRALinearTritonFn
 from qru.kernels.qtensor import QTensor
+from qru.kernels.threads import kernel_team
 
 # ----------------------------------------------------------------------------------------
 # NF4 base weight
@@ -103,9 +109,8 @@ def one_thread() -> Iterator[None]:
 
     For the thin LoRA products (rank r) and elementwise work on CPU: a torch parallel region with
     2+ threads ends when its last thread does, so on a machine where another job holds a core
-    every such call can wait a scheduler time slice (measured on a 2-core VM: ~12 ms per rank-16
-    GEMM against 0.1-0.7 ms on one thread). One thread also makes these results independent of
-    the thread count."""
+    every such call can wait a scheduler time slice, many times what the product takes on one
+    thread. One thread also makes these results independent of the thread count."""
     n = torch.get_num_threads()
     if n == 1:
         yield
@@ -115,6 +120,13 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(n)
+
+
+def base_gemm(x: torch.Tensor, w: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
+    """``add += x wᵀ`` (:func:`qru.kernels.dense.dense_linear`; use the return value) on the thread
+    count that the machine's thread rule gives a GEMM of this size."""
+    with kernel_team(x.shape[0] * w.shape[0] * w.shape[1]):
+        return dense_linear(x, w, add=add, accumulate=True)
 
 
 # ----------------------------------------------------------------------------------------
@@ -157,7 +169,7 @@ class LoRALinearTorchFn(torch.autograd.Function):
                 u.mul_(keep)
             us = u * scale  # scale the thin (M, r) factor, never an (M, out) tensor
             y = torch.addmm(bias.to(dtype), us, Bc.t()) if bias is not None else torch.mm(us, Bc.t())
-        y = dense_linear(x, W, add=y, accumulate=True)
+        y = base_gemm(x, W, y)
         ctx.save_for_backward(xd, drop, u, weight, A, B)
         ctx.scale, ctx.keep, ctx.nf4 = scale, keep, nf4
         ctx.has_bias = bias is not None
@@ -187,7 +199,7 @@ class LoRALinearTorchFn(torch.autograd.Function):
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 db = gy.sum(0)
         if dx is not None:
-            dx = dense_linear(gy, _dense_base(weight, nf4, dtype).t(), add=dx, accumulate=True)
+            dx = base_gemm(gy, _dense_base(weight, nf4, dtype).t(), dx)
         return dx, None, db, dA, dB, None, None, None, None
 
 
@@ -234,7 +246,7 @@ class LoRALinearCppFn(torch.autograd.Function):
         with one_thread():
             us = u * scale
             y = torch.addmm(bias, us, B.t()) if bias is not None else torch.mm(us, B.t())
-        y = dense_linear(x, W, add=y, accumulate=True)
+        y = base_gemm(x, W, y)
         ctx.save_for_backward(x, drop, u, weight, Ac, B)
         ctx.scale, ctx.keep, ctx.nf4, ctx.seed, ctx.thr = scale, keep, nf4, seed, thr
         ctx.has_bias = bias is not None
@@ -256,7 +268,7 @@ class LoRALinearCppFn(torch.autograd.Function):
                 db = gy.sum(0)
         if ctx.needs_input_grad[0]:
             dx = ext.expand(g, A, s * keep, None, drop, seed, thr)
-            dx = dense_linear(gy, _dense_base(weight, nf4, gy.dtype).t(), add=dx, accumulate=True)
+            dx = base_gemm(gy, _dense_base(weight, nf4, gy.dtype).t(), dx)
         if ctx.needs_input_grad[3]:
             dA = ext.tallreduce(g, x, s * keep, drop, seed, thr)
         return dx, None, db, dA, dB, None, None, None, None, None, None
