@@ -7,7 +7,7 @@ import torch
 from qru.kernels import calibrate
 from qru.kernels import lora as K
 from cpp_helpers import need_cpp
-from test_lora_kernels import TOL, make, reference, rel_err
+from test_lora_kernels import TOL, make, nf4_of, reference, rel_err
 
 # (tokens, in, out, r): odd token counts, in/out not multiples of 8 or 16, ranks 1/3/16/64, and
 # enough work (M·in·r >= 2^16) that the C++ kernels and torch really split it across threads.
@@ -160,3 +160,23 @@ def test_one_thread_restores_the_count_on_error(restore_threads):
     with K.one_thread():
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == 1
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3], ids=["p0", "p0.3"])
+def test_nf4_base_same_at_1_2_3_threads(cpu_backend, pinned_base, restore_threads, p):
+    """QLoRA: the NF4 base (bitsandbytes-quantized, test-only peer) decoded per call, thin work
+    and gradients bit-identical across thread counts and equal to the reference on the decoded base."""
+    M, n_in, n_out, r = 67, 257, 130, 16
+    x, W, b, A, B = make(M, n_in, n_out, r, torch.float32, bias=True)
+    nf4 = nf4_of(W)
+    gy = torch.randn(M, n_out, generator=torch.Generator().manual_seed(1))
+    got = {t: run(x, None, b, A, B, 0.5, gy, t, dropout_p=p, training=True, nf4=nf4) for t in (1, 2, 3)}
+    for t in (2, 3):
+        for name, a, c in zip(("y", "dX", "dA", "dB"), got[1], got[t]):
+            assert torch.equal(a, c), f"{cpu_backend} nf4 p{p}: {name} at {t} threads differs from 1 thread"
+    mask, keep = (None, 1.0)
+    if p:
+        mask, keep = K.make_dropout_mask((M, n_in), p, "cpu", torch.Generator().manual_seed(11))
+    want = reference(x, None, b, A, B, 0.5, gy, mask=mask, keep=keep, nf4=nf4)
+    for name, g, w in zip(("y", "dX", "dA", "dB"), got[1], want):
+        assert rel_err(g, w) <= TOL[torch.float32], f"{cpu_backend} nf4 p{p} {name}: {rel_err(g, w):.2e}"
