@@ -7,7 +7,10 @@ alone (training mode, graph recorded) and forward+backward. The providers altern
 call and the speed-up is the median of the paired ratios, so outside load hits all alike. A
 ``floor`` row times the frozen-base GEMMs alone with torch (``x Wᵀ``; and ``dY W`` for fwd+bwd):
 the floor of any LoRA built on torch's fp32 GEMMs, as peft is; a ``dense floor`` row times the same
-two GEMMs through ``qru.kernels.dense``, the floor under qru's own layer. GPU (skipped without CUDA): qru's Triton kernels
+two GEMMs through ``qru.kernels.dense``, the floor under qru's own layer. A ``rank-r products`` row
+times the six thin products of a fwd+bwd (``x Aᵀ``, ``u Bᵀ``, ``dY B``, ``g A``, ``gᵀ x``, ``dYᵀ u``)
+with torch at the current thread count (``torch``, what peft runs) and on one thread (``one thread``,
+what qru's layer runs them with, :func:`qru.kernels.lora.one_thread`). GPU (skipped without CUDA): qru's Triton kernels
 vs the unfused torch composition and peft, bf16, in TFLOP/s.
 
     python bench/bench_lora.py [--quick] [--dropout 0 0.05] [--samples N] [--threads N] [--clock wall|thread]
@@ -26,7 +29,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.harness import Row, Timing, add_allocator_arg, bench, report, run_under_allocators  # noqa: E402
-from qru.kernels.lora import lora_linear_reference  # noqa: E402
+from qru.kernels.lora import lora_linear_reference, one_thread  # noqa: E402
 from qru.model.lora_linear import LoRALinear  # noqa: E402
 
 SUITE = "lora"
@@ -106,6 +109,28 @@ def dense_gemms(x, W, gy, backward: bool):
     return run
 
 
+def thin_products(x, A, B, gy, one: bool):
+    """The six rank-r GEMMs of a LoRA fwd+bwd, with torch; ``one``: under :func:`one_thread`."""
+    xd, Ad, Bd = x.detach(), A.detach(), B.detach()
+    u, g = xd @ Ad.t(), gy @ Bd
+
+    def six():
+        torch.mm(xd, Ad.t())
+        torch.mm(u, Bd.t())
+        torch.mm(gy, Bd)
+        torch.mm(g, Ad)
+        torch.mm(g.t(), xd)
+        torch.mm(gy.t(), u)
+
+    def run():
+        if one:
+            with one_thread():
+                six()
+        else:
+            six()
+    return run
+
+
 def flops(M, n_in, n_out, r):
     """Forward + backward (no dW): 2 big GEMMs and 6 thin ones."""
     return 4 * M * n_in * n_out + 6 * M * r * (n_in + n_out)
@@ -170,6 +195,15 @@ def cpu_section(shapes, ranks, dropouts, tokens, samples):
                           ("fwd+bwd", "x@W^T + dY@W only", {"peft": step(pf, x, gy), "qru": step(q, x, gy),
                                                             "floor": base_gemms(x, W, gy),
                                                             "dense floor": dense_gemms(x, W, gy, True)}))
+                if p == dropouts[0]:
+                    t, ratio = interleaved({"torch": thin_products(x, A, B, gy, False),
+                                            "one thread": thin_products(x, A, B, gy, True)}, samples, "cpu")
+                    for k in t:
+                        rows.append(Row.of(SUITE, "rank-r products", k, f"M{tokens} {n_in}->{n_out} r{r}", "fp32",
+                                           "cpu", t[k], ratio=ratio[k]))
+                    print(f"  {shape} rank-r products: torch at {torch.get_num_threads()} threads "
+                          f"{t['torch'].median * 1e3:.2f} ms, one thread {t['one thread'].median * 1e3:.2f} ms "
+                          f"({ratio['one thread']:.2f}x)", flush=True)
                 for op, floor_op, fns in groups:
                     t, ratio = interleaved(fns, samples, "cpu")
                     for k in fns:

@@ -25,6 +25,14 @@ One public entry, :func:`lora_linear`, picks the backend at call time:
 * ``"torch"`` (CPU fallback, and bf16/fp16 on CPU): the same math as a custom autograd Function
   over ``addmm`` with ``beta``/``out`` accumulation, never materialising ``W + s·B A``.
 
+On CPU the small work around the base GEMMs (the rank-r products through torch, masking, the bias
+gradient) runs on one thread (:func:`one_thread`): each is a fraction of a millisecond, and
+torch's parallel regions stall for a whole time slice when another job holds a core. The C++ thin
+products run on ``qru::Team``, which does not stall, at torch's thread count.
+
+The two frozen-base GEMMs run at torch's thread count (a run adapts it to the load with
+``--threads adaptive``, :func:`qru.kernels.threads.step_threads`).
+
 On CPU both paths run the two big frozen-base GEMMs (``x Wᵀ``, ``dY W``) through
 :func:`qru.kernels.dense.dense_linear` (fp32: oneDNN with a fused add, about 2x MKL's sgemm
 on the AVX-512 AMD development VM; torch's ``addmm`` otherwise).
@@ -42,6 +50,7 @@ from qru.kernels.dense import dense_linear
 from qru.kernels.linear import PackedWeight, linear
 from qru.kernels.lora_triton import BaseTritonFn, LoRALinearTritonFn
 from qru.kernels.qtensor import QTensor
+from qru.kernels.threads import step_threads
 
 # ----------------------------------------------------------------------------------------
 # NF4 base weight
@@ -89,6 +98,16 @@ def lora_linear_reference(x, weight, bias, lora_A, lora_B, scale, *, dropout_mas
     return y + scale * F.linear(F.linear(xd, lora_A.to(x.dtype)), lora_B.to(x.dtype))
 
 
+def one_thread():
+    """A block in which torch's intra-op thread count is 1 (restored after; ~0.2 µs a switch).
+
+    For the thin LoRA products (rank r) and elementwise work on CPU: a torch parallel region with
+    2+ threads ends when its last thread does, so on a machine where another job holds a core
+    every such call can wait a scheduler time slice, many times what the product takes on one
+    thread. One thread also makes these results independent of the thread count."""
+    return step_threads(1)
+
+
 # ----------------------------------------------------------------------------------------
 # CPU path: reference math in a custom autograd Function
 # ----------------------------------------------------------------------------------------
@@ -121,13 +140,14 @@ class LoRALinearTorchFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, A, B, scale, drop, keep, nf4):
         dtype = x.dtype
         W = _dense_base(weight, nf4, dtype)
-        Ac, Bc = A.to(dtype), B.to(dtype)
-        xd = x if drop is None else x.masked_fill(drop, 0)
-        u = torch.mm(xd, Ac.t())
-        if keep != 1.0:
-            u.mul_(keep)
-        us = u * scale  # scale the thin (M, r) factor, never an (M, out) tensor
-        y = torch.addmm(bias.to(dtype), us, Bc.t()) if bias is not None else torch.mm(us, Bc.t())
+        with one_thread():
+            Ac, Bc = A.to(dtype), B.to(dtype)
+            xd = x if drop is None else x.masked_fill(drop, 0)
+            u = torch.mm(xd, Ac.t())
+            if keep != 1.0:
+                u.mul_(keep)
+            us = u * scale  # scale the thin (M, r) factor, never an (M, out) tensor
+            y = torch.addmm(bias.to(dtype), us, Bc.t()) if bias is not None else torch.mm(us, Bc.t())
         y = dense_linear(x, W, add=y, accumulate=True)
         ctx.save_for_backward(xd, drop, u, weight, A, B)
         ctx.scale, ctx.keep, ctx.nf4 = scale, keep, nf4
@@ -138,26 +158,27 @@ class LoRALinearTorchFn(torch.autograd.Function):
     def backward(ctx, gy):
         xd, drop, u, weight, A, B = ctx.saved_tensors
         s, keep, nf4 = ctx.scale, ctx.keep, ctx.nf4
-        gy = gy.contiguous()
         dtype = gy.dtype
-        Ac, Bc = A.to(dtype), B.to(dtype)
-        gs = torch.mm(gy, Bc)
-        gs.mul_(s * keep)  # (M, r): the scales ride on the thin factor
         dx = dA = dB = db = None
-        if ctx.needs_input_grad[0]:
-            W = _dense_base(weight, nf4, dtype)
-            dx = torch.mm(gs, Ac)
-            if drop is not None:
-                dx.masked_fill_(drop, 0)
-            dx = dense_linear(gy, W.t(), add=dx, accumulate=True)
-        if ctx.needs_input_grad[3]:
-            dA = torch.mm(gs.t(), xd).to(A.dtype)
-        if ctx.needs_input_grad[4]:
-            dB = torch.mm(gy.t(), u)
-            dB.mul_(s)
-            dB = dB.to(B.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = gy.sum(0)
+        with one_thread():  # everything but the base GEMM
+            gy = gy.contiguous()
+            Ac, Bc = A.to(dtype), B.to(dtype)
+            gs = torch.mm(gy, Bc)
+            gs.mul_(s * keep)  # (M, r): the scales ride on the thin factor
+            if ctx.needs_input_grad[0]:
+                dx = torch.mm(gs, Ac)
+                if drop is not None:
+                    dx.masked_fill_(drop, 0)
+            if ctx.needs_input_grad[3]:
+                dA = torch.mm(gs.t(), xd).to(A.dtype)
+            if ctx.needs_input_grad[4]:
+                dB = torch.mm(gy.t(), u)
+                dB.mul_(s)
+                dB = dB.to(B.dtype)
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                db = gy.sum(0)
+        if dx is not None:
+            dx = dense_linear(gy, _dense_base(weight, nf4, dtype).t(), add=dx, accumulate=True)
         return dx, None, db, dA, dB, None, None, None, None
 
 
@@ -201,8 +222,9 @@ class LoRALinearCppFn(torch.autograd.Function):
         W = _dense_base(weight, nf4, x.dtype)
         Ac = A.contiguous()
         u = ext.rowdot(x, Ac, keep, drop, seed, thr)
-        us = u * scale
-        y = torch.addmm(bias, us, B.t()) if bias is not None else torch.mm(us, B.t())
+        with one_thread():
+            us = u * scale
+            y = torch.addmm(bias, us, B.t()) if bias is not None else torch.mm(us, B.t())
         y = dense_linear(x, W, add=y, accumulate=True)
         ctx.save_for_backward(x, drop, u, weight, Ac, B)
         ctx.scale, ctx.keep, ctx.nf4, ctx.seed, ctx.thr = scale, keep, nf4, seed, thr
@@ -214,19 +236,20 @@ class LoRALinearCppFn(torch.autograd.Function):
         x, drop, u, weight, A, B = ctx.saved_tensors
         s, keep, nf4, seed, thr = ctx.scale, ctx.keep, ctx.nf4, ctx.seed, ctx.thr
         ext = load_cpp_ext("lora")
-        gy = gy.contiguous()
-        g = torch.mm(gy, B)
         dx = dA = dB = db = None
+        with one_thread():
+            gy = gy.contiguous()
+            g = torch.mm(gy, B)
+            if ctx.needs_input_grad[4]:
+                dB = torch.mm(gy.t(), u)
+                dB.mul_(s)
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                db = gy.sum(0)
         if ctx.needs_input_grad[0]:
             dx = ext.expand(g, A, s * keep, None, drop, seed, thr)
             dx = dense_linear(gy, _dense_base(weight, nf4, gy.dtype).t(), add=dx, accumulate=True)
         if ctx.needs_input_grad[3]:
             dA = ext.tallreduce(g, x, s * keep, drop, seed, thr)
-        if ctx.needs_input_grad[4]:
-            dB = torch.mm(gy.t(), u)
-            dB.mul_(s)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = gy.sum(0)
         return dx, None, db, dA, dB, None, None, None, None, None, None
 
 
