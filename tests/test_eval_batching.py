@@ -246,7 +246,9 @@ def test_muse_with_packed_linears_equals_plain(model_tok, shared_data, one_threa
         for h in hooks:
             h.remove()
     assert swapped == [] and all("forward" not in m.__dict__ for m in model.modules())
-    assert model.lm_head.packed_weight.packed and model.model.layers[0].mlp.up_proj.packed_weight.packed
+    layer = model.model.layers[0]  # q/k/v and gate/up packed as one weight each (fused_linears)
+    assert model.lm_head.packed_weight.packed and layer.mlp.down_proj.packed_weight.packed
+    assert layer.mlp.gate_up_packed.packed and layer.self_attn.qkv_packed.packed
     monkeypatch.setenv("QRU_PACKED_FP32", "torch")
     monkeypatch.setenv("QRU_DENSE_FP32", "torch")
     plain = muse.evaluate_muse(model, tok, shared_data / "muse-news", **kw)

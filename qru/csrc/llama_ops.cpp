@@ -7,9 +7,13 @@
 //                                     out[i] = x[i] c[i] - x[i+h] s[i],  out[i+h] = x[i+h] c[i+h] + x[i] s[i+h]
 //   rope_bwd(dout, cos, sin, dtype)   dout (B, NH, T, D) any strides -> dx (B, T, NH, D) contiguous (the transpose)
 //   swiglu_fwd(g, u)                  out = round(silu(g)) * u
+//   swiglu_halves_fwd(gu)             gu (N, 2I) row-strided -> silu(gu[:, :I]) * gu[:, I:] (inference)
 //   swiglu_bwd(dout, g, u)            dg = dout u sig(g) (1 + g (1 - sig(g))),  du = dout silu(g)
 //   decode_attn(q, k, v, mask, scale) one query position: softmax(scale q kᵀ, masked) v, K/V read in place
 //     (vector path: one task per (batch, kv head) for its query heads, 8 keys per score block)
+//   argmax_rows(x)                    x (N, V) rows (unit last stride) -> (N,) int64: the first index of
+//                                     each row's maximum, or of its first NaN (torch.argmax's rule); a greedy
+//                                     decode step's next tokens, without torch's slow last-dim reduction
 //
 // Tensors are float32 or bfloat16 (read / written as torch rounds: nearest even); all math in
 // fp32 (no fast-math; ISO C++ so no FMA contraction in the scalar code). AVX2 loops where they
@@ -226,27 +230,31 @@ at::Tensor rope_bwd(at::Tensor g, at::Tensor cs, at::Tensor sn, at::ScalarType o
 }
 
 // ---------------------------------------------------------------------------------- SwiGLU
+// Values [s, e) of one span, on the calling thread.
+template <typename T>
+void swiglu_fwd_span(const T* g, const T* u, T* o, int64_t s, int64_t e, bool scalar) {
+  int64_t i = s;
+#if QRU_AVX2
+  if (!scalar) {
+    const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+    for (; i + 8 <= e; i += 8) {
+      __m256 gv = load8(g + i);
+      __m256 sl = _mm256_div_ps(gv, _mm256_add_ps(one, exp256(_mm256_sub_ps(zero, gv))));
+      store8(o + i, _mm256_mul_ps(rnd8(o, sl), load8(u + i)));
+    }
+  }
+#endif
+  for (; i < e; ++i) {
+    const float gv = ld(g, i);
+    st(o, i, rnd(o, gv / (1.0f + std::exp(-gv))) * ld(u, i));
+  }
+}
+
 template <typename T>
 void swiglu_fwd_impl(const T* g, const T* u, T* o, int64_t n, bool scalar) {
   const int64_t blk = 1 << 14;
   parallel_work((n + blk - 1) / blk, 1, n, [&](int64_t sb) {
-    const int64_t s = sb * blk;
-    const int64_t e = std::min(n, s + blk);
-    int64_t i = s;
-#if QRU_AVX2
-    if (!scalar) {
-      const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
-      for (; i + 8 <= e; i += 8) {
-        __m256 gv = load8(g + i);
-        __m256 sl = _mm256_div_ps(gv, _mm256_add_ps(one, exp256(_mm256_sub_ps(zero, gv))));
-        store8(o + i, _mm256_mul_ps(rnd8(o, sl), load8(u + i)));
-      }
-    }
-#endif
-    for (; i < e; ++i) {
-      const float gv = ld(g, i);
-      st(o, i, rnd(o, gv / (1.0f + std::exp(-gv))) * ld(u, i));
-    }
+    swiglu_fwd_span(g, u, o, sb * blk, std::min(n, sb * blk + blk), scalar);
   });
 }
 
@@ -292,6 +300,26 @@ at::Tensor swiglu_fwd(at::Tensor g, at::Tensor u, bool scalar) {
     swiglu_fwd_impl<float>(ptr<float>(g), ptr<float>(u), ptr<float>(o), g.numel(), scalar);
   else
     swiglu_fwd_impl<uint16_t>(ptr<uint16_t>(g), ptr<uint16_t>(u), ptr<uint16_t>(o), g.numel(), scalar);
+  return o;
+}
+
+// x (N, 2I) with unit last stride (the gate and up projections side by side, e.g. one fused GEMM's
+// output) -> (N, I) contiguous: silu(x[:, :I]) * x[:, I:], the same values as swiglu_fwd on the halves.
+at::Tensor swiglu_halves_fwd(at::Tensor x, bool scalar) {
+  const int dt = code(x, "gate_up");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) % 2 == 0 && x.stride(1) == 1,
+              "swiglu_halves: gate_up must be (N, 2I) with unit last stride");
+  const int64_t N = x.size(0), I = x.size(1) / 2, rs = x.stride(0);
+  at::Tensor o = at::empty({N, I}, x.options());
+  parallel_work(N, std::max<int64_t>(1, kChunkValues / std::max<int64_t>(1, I)), N * I, [&](int64_t r) {
+    if (dt == F32) {
+      const float* g = ptr<float>(x) + r * rs;
+      swiglu_fwd_span(g, g + I, ptr<float>(o) + r * I, 0, I, scalar);
+    } else {
+      const uint16_t* g = ptr<uint16_t>(x) + r * rs;
+      swiglu_fwd_span(g, g + I, ptr<uint16_t>(o) + r * I, 0, I, scalar);
+    }
+  });
   return o;
 }
 
@@ -466,7 +494,67 @@ at::Tensor decode_attn(at::Tensor q, at::Tensor k, at::Tensor v, c10::optional<a
   return out;
 }
 
+// ------------------------------------------------------------------------------------ argmax
+// Per row: the max over 8 lanes (NaNs noted on the side), then the first index holding it. A row with a
+// NaN takes the scalar loop, which returns the first NaN as torch.argmax does.
+template <typename T>
+int64_t argmax_row_scalar(const T* x, int64_t V) {
+  int64_t best = 0;
+  float bv = ld(x, 0);
+  if (std::isnan(bv)) return 0;
+  for (int64_t j = 1; j < V; ++j) {
+    const float v = ld(x, j);
+    if (std::isnan(v)) return j;
+    if (v > bv) { bv = v; best = j; }
+  }
+  return best;
+}
+
+template <typename T>
+int64_t argmax_row(const T* x, int64_t V, bool scalar) {
+#if QRU_AVX2
+  if (!scalar && V >= 8) {
+    __m256 mx = load8(x), nan = _mm256_cmp_ps(mx, mx, _CMP_UNORD_Q);
+    int64_t j = 8;
+    for (; j + 8 <= V; j += 8) {
+      const __m256 v = load8(x + j);
+      mx = _mm256_max_ps(mx, v);
+      nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    float m = hmax(mx);
+    for (int64_t t = j; t < V; ++t) {
+      const float v = ld(x, t);
+      if (std::isnan(v)) return argmax_row_scalar(x, V);
+      m = std::max(m, v);
+    }
+    if (_mm256_movemask_ps(nan)) return argmax_row_scalar(x, V);
+    const __m256 m8 = _mm256_set1_ps(m);
+    for (j = 0; j + 8 <= V; j += 8) {
+      const int hit = _mm256_movemask_ps(_mm256_cmp_ps(load8(x + j), m8, _CMP_EQ_OQ));
+      if (hit) return j + __builtin_ctz(unsigned(hit));
+    }
+    for (; j < V; ++j)
+      if (ld(x, j) == m) return j;
+    return 0;  // not reached
+  }
+#endif
+  return argmax_row_scalar(x, V);
+}
+
+at::Tensor argmax_rows(at::Tensor x, bool scalar) {
+  const int dt = code(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) > 0 && x.stride(1) == 1, "argmax_rows: x must be (N, V), V > 0, unit last stride");
+  const int64_t N = x.size(0), V = x.size(1), rs = x.stride(0);
+  at::Tensor out = at::empty({N}, x.options().dtype(at::kLong));
+  int64_t* o = out.data_ptr<int64_t>();
+  parallel_work(N, 1, N * V, [&](int64_t r) {
+    o[r] = dt == F32 ? argmax_row(ptr<float>(x) + r * rs, V, scalar) : argmax_row(ptr<uint16_t>(x) + r * rs, V, scalar);
+  });
+  return out;
+}
+
 }  // namespace
+
 
 TORCH_LIBRARY(qru_llama_ops, m) {
   m.def("rmsnorm_fwd(Tensor x, Tensor w, float eps, bool scalar=False) -> (Tensor, Tensor)", &rmsnorm_fwd);
@@ -474,6 +562,8 @@ TORCH_LIBRARY(qru_llama_ops, m) {
   m.def("rope_fwd(Tensor x, Tensor cos, Tensor sin, ScalarType out_dtype) -> Tensor", &rope_fwd);
   m.def("rope_bwd(Tensor grad, Tensor cos, Tensor sin, ScalarType out_dtype) -> Tensor", &rope_bwd);
   m.def("swiglu_fwd(Tensor gate, Tensor up, bool scalar=False) -> Tensor", &swiglu_fwd);
+  m.def("swiglu_halves_fwd(Tensor gate_up, bool scalar=False) -> Tensor", &swiglu_halves_fwd);
   m.def("swiglu_bwd(Tensor grad, Tensor gate, Tensor up, bool scalar=False) -> (Tensor, Tensor)", &swiglu_bwd);
   m.def("decode_attn(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor", &decode_attn);
+  m.def("argmax_rows(Tensor x, bool scalar=False) -> Tensor", &argmax_rows);
 }

@@ -6,14 +6,15 @@ from typing import Callable, Sequence
 
 import torch
 
+from qru.kernels.argmax import argmax
+
 
 def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
                 generator: torch.Generator | None) -> torch.Tensor:
     """Next token ids (B,) from last-position logits (B, V). Top-p follows HF: keep the
     smallest set of most likely tokens whose probability mass reaches ``top_p``."""
     if not do_sample:
-        # the same index (bf16/fp16 -> fp32 is exact); torch's CPU argmax over bf16 is ~5x slower
-        return logits.float().argmax(-1) if logits.dtype in (torch.bfloat16, torch.float16) else logits.argmax(-1)
+        return argmax(logits)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
     if not 0 < top_p <= 1:

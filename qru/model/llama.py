@@ -8,7 +8,9 @@ the head transpose) and the SwiGLU gate run as fused kernel ops (``qru.kernels.r
 ``rope`` / ``swiglu``: C++ on CPU, Triton on CUDA), each equal to the plain composite it
 replaces up to float round-off. Every linear layer is a :class:`qru.model.linear.Linear` (an
 ``nn.Linear``, same state-dict names) whose forward is qru's one linear dispatch
-(``qru.kernels.linear``). A KV cache may hold a prefix shared by all its rows, kept once
+(``qru.kernels.linear``); in no-grad CPU inference, where the dispatch packs weights, attention's
+q/k/v and the MLP's gate/up run as one GEMM each on a packed concatenated weight
+(:func:`qru.model.linear.fused_linears`). A KV cache may hold a prefix shared by all its rows, kept once
 (``KVCache.prefix_keys``); :class:`Attention` then attends to it before the rows' own keys
 (``qru.kernels.prefix_attention``).
 """
@@ -27,11 +29,12 @@ from qru.kernels.decode_attention import decode_attention
 from qru.kernels.prefix_attention import prefix_attention
 from qru.kernels.rmsnorm import rms_norm
 from qru.kernels.rope import rope
-from qru.kernels.swiglu import swiglu
+from qru.kernels.linear import PackedWeight
+from qru.kernels.swiglu import swiglu, swiglu_halves
 from qru.model.checkpoint import load_pretrained, save_pretrained
 from qru.model.config import LlamaConfig, rope_cos_sin, rope_inv_freq
 from qru.model.gguf import load_gguf
-from qru.model.linear import Linear
+from qru.model.linear import Linear, fused_linears
 
 
 class RMSNorm(nn.Module):
@@ -111,12 +114,19 @@ class Attention(nn.Module):
         self.k_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=b)
         self.v_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=b)
         self.o_proj = Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=b)
+        self.qkv_packed = PackedWeight()  # q/k/v as one packed GEMM in inference (fused_linears)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None):
         B, T, _ = x.shape
-        q = rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
-        k = rope(self.k_proj(x).view(B, T, self.n_kv, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        qkv = fused_linears((self.q_proj, self.k_proj, self.v_proj), x, self.qkv_packed)
+        if qkv is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            q, k, v = qkv.split((self.n_heads * self.head_dim, self.n_kv * self.head_dim,
+                                 self.n_kv * self.head_dim), dim=-1)
+        q = rope(q.view(B, T, self.n_heads, self.head_dim), cos, sin)
+        k = rope(k.view(B, T, self.n_kv, self.head_dim), cos, sin)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         gqa = self.n_kv != self.n_heads
@@ -141,8 +151,12 @@ class MLP(nn.Module):
         self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=b)
         self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=b)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=b)
+        self.gate_up_packed = PackedWeight()  # gate/up as one packed GEMM in inference (fused_linears)
 
     def forward(self, x):
+        gate_up = fused_linears((self.gate_proj, self.up_proj), x, self.gate_up_packed)
+        if gate_up is not None:
+            return self.down_proj(swiglu_halves(gate_up))
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
