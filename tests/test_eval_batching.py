@@ -119,21 +119,29 @@ def test_prefill_in_row_groups(model, monkeypatch):
 
 
 def test_unpadded_prefill(model, monkeypatch):
-    """A left-padded batch prefills row groups of equal length without their padding (causal
-    path, no mask), consecutive rows and scattered ones alike, with a token budget: every row's
-    tokens equal the row generated alone, and no forward sees a padded position."""
+    """A left-padded batch prefills without its padding: the rows' prompts packed end to end in
+    one forward row (each causal within itself), in groups of consecutive rows under a token
+    budget (a longer row alone); every row's tokens equal the row generated alone, and no
+    forward sees a padded position. Without the model's ``head``: rows of equal length together."""
     torch.manual_seed(8)
     rows = [torch.randint(3, 97, (n,)) for n in (9, 4, 7, 4, 4, 8)]
     ids, mask = left_pad_rows(rows)
     W = ids.shape[1]
     widths = prefill_widths(model, monkeypatch)
     alone = [generate_ids(model, r[None], max_new_tokens=6)[0, len(r):] for r in rows]
-    for budget, want_widths in ((None, [(3, 4), (1, 7), (1, 8), (1, 9)]), (8, [(2, 4), (1, 4), (1, 7), (1, 8), (1, 9)])):
+    for budget, want_widths in ((None, [(1, 36)]), (8, [(1, 9), (1, 4), (1, 7), (1, 8), (1, 8)]),
+                                (20, [(1, 20), (1, 16)])):
         widths.clear()
         got = generate_ids(model, ids, mask, max_new_tokens=6, prefill_tokens=budget)
         assert widths == want_widths
         for i in range(len(rows)):
             assert torch.equal(got[i, W:], alone[i]), (budget, i)
+    monkeypatch.setattr(type(model), "head", None)  # no separate lm_head: equal lengths batched
+    widths.clear()
+    got = generate_ids(model, ids, mask, max_new_tokens=6, prefill_tokens=None)
+    assert widths == [(3, 4), (1, 7), (1, 8), (1, 9)]
+    for i in range(len(rows)):
+        assert torch.equal(got[i, W:], alone[i]), i
     right = torch.zeros_like(mask)
     right[:, :3] = 1
     with pytest.raises(ValueError, match="left padding"):

@@ -65,12 +65,18 @@ class KVCache:
     ``prefix_keys``/``prefix_values`` (optional, per layer (kv_heads, P, head_dim)): a prefix that
     every row attends to in full before its own positions, held once for the whole batch (e.g. the
     few-shot examples shared by all prompts, ``qru.eval.generation``). It is not counted in
-    ``seen`` or in attention masks; the caller shifts positions by its length."""
+    ``seen`` or in attention masks; the caller shifts positions by its length.
+
+    ``segments`` (set by :meth:`packed_rows`, prefill only): the forward's one row holds several
+    cache rows' prompts end to end; each ``(row, start, length, dest)`` is tokens
+    ``start:start+length`` of the forward, cache row ``row`` positions ``dest:dest+length``
+    (:meth:`attend_segments`)."""
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     seen: int = 0
     prefix_keys: list[torch.Tensor] | None = None
     prefix_values: list[torch.Tensor] | None = None
+    segments: list[tuple[int, int, int, int]] | None = None
 
     def __post_init__(self):
         if (self.prefix_keys is None) != (self.prefix_values is None):
@@ -96,6 +102,31 @@ class KVCache:
         """Keep only the batch rows in ``index`` (drop finished sequences); the prefix stays."""
         self.keys = [k.index_select(0, index) for k in self.keys]
         self.values = [v.index_select(0, index) for v in self.values]
+
+    def packed_rows(self, segments: list[tuple[int, int, int, int]]) -> "KVCache":
+        """This cache (same buffers and prefix) for one forward over several rows' prompts packed end
+        to end in a single row: ``segments`` as in the class docstring. Every token attends
+        causally within its own segment only (and to the prefix), its keys/values written to its
+        row's positions; the numbers are those of each row's prompt alone."""
+        return KVCache(self.keys, self.values, 0, self.prefix_keys, self.prefix_values, list(segments))
+
+    def attend_segments(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention of a packed-rows forward (``q`` (1, H, N, D), ``k``/``v`` (1, KV, N, D)): each
+        segment's keys/values go to its cache row, then causal attention over them (after the prefix,
+        if any), as :class:`Attention` runs one row's prompt alone."""
+        out = q.new_empty(q.shape)
+        for row, start, n, dest in self.segments:
+            kc = self.keys[layer][row:row + 1, :, dest:dest + n]
+            vc = self.values[layer][row:row + 1, :, dest:dest + n]
+            kc.copy_(k[:, :, start:start + n])
+            vc.copy_(v[:, :, start:start + n])
+            qs = q[:, :, start:start + n]
+            if self.prefix_keys is not None:
+                out[:, :, start:start + n] = prefix_attention(qs, self.prefix_keys[layer], self.prefix_values[layer],
+                                                              kc, vc, None)
+            else:
+                out[:, :, start:start + n] = causal_attention(qs, kc, vc)
+        return out
 
     def part(self, rows=slice(None), start: int = 0, seen: int = 0) -> "KVCache":
         """A cache over batch ``rows`` (a slice: views into this cache; an index tensor: copies)
@@ -127,6 +158,9 @@ class Attention(nn.Module):
         q = rope(q.view(B, T, self.n_heads, self.head_dim), cos, sin)
         k = rope(k.view(B, T, self.n_kv, self.head_dim), cos, sin)
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        if cache is not None and cache.segments is not None:  # several rows' prompts packed in one row
+            out = cache.attend_segments(self.layer_idx, q, k, v)
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         gqa = self.n_kv != self.n_heads
