@@ -10,7 +10,8 @@
 //   swiglu_halves_fwd(gu)             gu (N, 2I) row-strided -> silu(gu[:, :I]) * gu[:, I:] (inference)
 //   swiglu_bwd(dout, g, u)            dg = dout u sig(g) (1 + g (1 - sig(g))),  du = dout silu(g)
 //   decode_attn(q, k, v, mask, scale) one query position: softmax(scale q kᵀ, masked) v, K/V read in place
-//     (vector path: one task per (batch, kv head) for its query heads, 8 keys per score block)
+//     (vector path: one task per (batch, kv head) for its query heads, 8 keys per score block; with
+//     AVX-512 and D % 16 == 0: 16 lanes, 16 keys per block)
 //   argmax_rows(x)                    x (N, V) rows (unit last stride) -> (N,) int64: the first index of
 //                                     each row's maximum, or of its first NaN (torch.argmax's rule); a greedy
 //                                     decode step's next tokens, without torch's slow last-dim reduction
@@ -407,11 +408,91 @@ void decode_attn_head_vec(const float* qf, const T* kp, int64_t ks, const T* vp,
 }
 #endif
 
+#if QRU_AVX512
+// The AVX-512 path (D % 16 == 0): as decode_attn_head_vec with 16 lanes, 16 keys per score block.
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(uint16_t* p, __m512 v) {
+  store8(p, _mm512_castps512_ps256(v));
+  store8(p + 8, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+
+template <typename T>
+void decode_attn_head_512(const float* qf, const T* kp, int64_t ks, const T* vp, int64_t vs, const uint8_t* mrow,
+                          int64_t S, int64_t D, float scale, float* s, T* op) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  const __m512 sc = _mm512_set1_ps(scale);
+  int64_t j = 0;
+  const int64_t vrow = D * int64_t(sizeof(T));  // bytes of a value row
+  for (; j + 16 <= S; j += 16) {
+    for (int i = 0; i < 16; ++i)  // the value rows of this block: in cache by the weighted sum
+      for (int64_t o = 0; o < vrow; o += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(vp + (j + i) * vs) + o, _MM_HINT_T0);
+    __m512 acc[16];
+    for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16) {
+      const __m512 qv = _mm512_loadu_ps(qf + d);
+      for (int i = 0; i < 16; ++i) acc[i] = _mm512_fmadd_ps(qv, wide16(kp + (j + i) * ks + d), acc[i]);
+    }
+    _mm512_storeu_ps(s + j, _mm512_mul_ps(reduce16(acc), sc));
+  }
+  for (; j < S; ++j) {
+    __m512 a = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(qf + d), wide16(kp + j * ks + d), a);
+    s[j] = _mm512_reduce_add_ps(a) * scale;
+  }
+  float mx = ninf;
+  for (j = 0; j < S; ++j) {
+    if (mrow && !mrow[j]) s[j] = ninf;
+    mx = std::max(mx, s[j]);
+  }
+  const __m512 m16 = _mm512_set1_ps(mx);
+  __m512 l16 = _mm512_setzero_ps();
+  for (j = 0; j + 16 <= S; j += 16) {
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + j), m16));
+    _mm512_storeu_ps(s + j, e);
+    l16 = _mm512_add_ps(l16, e);
+  }
+  float l = _mm512_reduce_add_ps(l16);
+  for (; j < S; ++j) { s[j] = std::exp(s[j] - mx); l += s[j]; }
+  const __m512 inv = _mm512_set1_ps(1.0f / l);
+  for (int64_t d0 = 0; d0 < D; d0 += 64) {
+    const int nd = int(std::min<int64_t>(64, D - d0)) / 16;  // 1..4 vectors of 16
+    __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (j = 0; j < S; ++j) {
+      const float pj = s[j];
+      if (pj == 0.0f) continue;  // masked or underflowed: adds nothing (and never reads padding's values)
+      const __m512 pv = _mm512_set1_ps(pj);
+      const T* vr = vp + j * vs + d0;
+      for (int i = 0; i < 4; ++i)
+        if (i < nd) a[i] = _mm512_fmadd_ps(pv, wide16(vr + 16 * i), a[i]);
+    }
+    for (int i = 0; i < nd; ++i) store16(op + d0 + 16 * i, _mm512_mul_ps(a[i], inv));
+  }
+}
+#endif
+
 template <typename T>
 void decode_attn_impl(const T* q, int64_t qb, int64_t qh, const T* k, int64_t kb, int64_t kh, int64_t ks,
                       const T* v, int64_t vb, int64_t vh, int64_t vs, const uint8_t* mask, T* out, int64_t B,
                       int64_t H, int64_t KV, int64_t S, int64_t D, float scale) {
   const int64_t G = H / KV;
+#if QRU_AVX512
+  if (D % 16 == 0) {
+    struct TagS5; struct TagQ5;
+    parallel_work(B * KV, 1, B * H * S * D, [&](int64_t bg) {
+      float* s = scratch<TagS5>(S);
+      float* qf = scratch<TagQ5>(D);
+      const int64_t b = bg / KV, g = bg % KV;
+      for (int64_t h = g * G; h < (g + 1) * G; ++h) {
+        const T* qp = q + b * qb + h * qh;
+        for (int64_t d = 0; d < D; ++d) qf[d] = ld(qp, d);
+        decode_attn_head_512(qf, k + b * kb + g * kh, ks, v + b * vb + g * vh, vs, mask ? mask + b * S : nullptr,
+                             S, D, scale, s, out + (b * H + h) * D);
+      }
+    });
+    return;
+  }
+#endif
 #if QRU_AVX2
   if (D % 8 == 0) {
     struct TagS; struct TagQ;

@@ -119,6 +119,7 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     mask = torch.cat([mask, mask.new_ones(B, max_new_tokens)], dim=1)
     padded = not bool(mask.all())
     live = torch.arange(B, device=dev)  # original row of each cache row
+    finishing = bool(eos) or should_stop is not None  # else no row stops early: no bookkeeping
     ids = input_ids
     for step in range(max_new_tokens):
         past, seen = cache.seen, cache.seen + ids.shape[1]
@@ -131,9 +132,13 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
         else:
             logits = _forward_rows(model, ids, mask[:, :seen] if padded else None, pos, cache, prefill_tokens)
         nxt = sample_next(logits, do_sample, temperature, top_p, generator)
+        n = step + 1
+        if not finishing:
+            out[:, step] = nxt
+            ids = nxt[:, None]
+            continue
         nxt = torch.where(done[live], torch.full_like(nxt, pad), nxt)
         out[live, step] = nxt
-        n = step + 1
         if eos:
             done[live] |= torch.isin(nxt, eos_t)
         if should_stop is not None:

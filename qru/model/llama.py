@@ -318,6 +318,10 @@ class Llama(nn.Module):
         if attention_mask is None and past == 0:
             return None
         S = past + T
+        if T == 1 and attention_mask is not None:  # a decode step: every key is causal, the query sees itself
+            m = attention_mask != 0
+            m[:, -1] = True
+            return m[:, None, None, :]
         q_pos = torch.arange(past, S, device=device)[:, None]
         k_pos = torch.arange(S, device=device)[None, :]
         m = (k_pos <= q_pos)[None, None]
