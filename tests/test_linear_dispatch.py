@@ -419,8 +419,8 @@ def test_linear_group_declines_where_the_packed_path_would(monkeypatch):
 def test_fused_linears_in_the_model_equal_the_unfused_forward(monkeypatch):
     """A bf16 Llama in no-grad CPU inference runs q/k/v and gate/up as one packed GEMM each; the
     logits and the KV cache equal those of the unfused path (packing off) within bf16 round-off;
-    the layers' own slots stay empty (no second copy); a LoRA-wrapped or transformed projection,
-    or gradients, take the layers one by one."""
+    the layers' own slots stay empty (no second copy); a transformed or hooked projection, global
+    module hooks, or gradients, take the layers one by one."""
     from qru.model.config import LlamaConfig
     from qru.model.linear import fused_linears
     from qru.model.llama import Llama
@@ -451,3 +451,17 @@ def test_fused_linears_in_the_model_equal_the_unfused_forward(monkeypatch):
         assert fused_linears(layers, x, attn.qkv_packed) is None and not attn.qkv_packed.packed
         set_weight_transform(attn.k_proj, None)
     assert fused_linears(layers, x, attn.qkv_packed) is None  # grad mode: bf16 takes no packed path
+    # a forward hook on a projection (or a global one) sees its own call: the layers run one by one
+    seen = []
+    with torch.no_grad():
+        h = attn.v_proj.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        assert fused_linears(layers, x, attn.qkv_packed) is None
+        model(ids)
+        h.remove()
+        g = torch.nn.modules.module.register_module_forward_pre_hook(lambda m, i: None)
+        try:
+            assert fused_linears(layers, x, attn.qkv_packed) is None
+        finally:
+            g.remove()
+        assert fused_linears(layers, x, attn.qkv_packed) is not None
+    assert seen == [(3, 7, 16)]

@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module_mod
 
 from qru.kernels.linear import PackedWeight, linear, linear_group
 
@@ -67,13 +68,21 @@ def set_weight_transform(layer: nn.Module, fn: WeightTransform | None) -> None:
 
 
 
+def _hooks_set() -> bool:
+    """Global module forward hooks are registered (``torch.nn.modules.module.register_module_forward_*``)."""
+    return bool(_module_mod._global_forward_hooks or _module_mod._global_forward_pre_hooks)
+
+
 def fused_linears(layers, x: torch.Tensor, packed: PackedWeight) -> torch.Tensor | None:
     """``cat([layer(x) for layer in layers], -1)`` as one packed GEMM (``packed``: the block's
     slot for the concatenated weight), or None when the layers must run one by one: one of them
     is not a plain :class:`Linear` (LoRA, quantized, a subclass) or has a weight transform, or the
-    dispatch would not pack (grad, CUDA, few rows, ...: :func:`qru.kernels.linear.linear_group`).
+    dispatch would not pack (grad, CUDA, few rows, ...: :func:`qru.kernels.linear.linear_group`), or
+    a forward hook would miss the call (hooks on a layer, or global module hooks: e.g. the input
+    capture of ``qru.quant.survival``).
     Memory: the concatenation's packed copy replaces the layers' own packed copies."""
-    if any(type(m) is not Linear or m.weight_transform is not None for m in layers):
+    if _hooks_set() or any(type(m) is not Linear or m.weight_transform is not None or m._forward_hooks
+                           or m._forward_pre_hooks for m in layers):
         packed.clear()
         return None
     y = linear_group(x, [m.weight for m in layers], [m.bias for m in layers], packed)
