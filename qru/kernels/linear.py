@@ -24,6 +24,10 @@ path           when
                :class:`qru.kernels.dense.DenseLinearFn`, oneDNN GEMMs forward and backward.
 =============  ================================================================================
 
+:func:`linear_group` runs several weights on one input (a block's q/k/v or gate/up projections) as
+one ``"packed"`` GEMM on their packed concatenation, where the packed path would run; the caller
+(:func:`qru.model.linear.fused_linears`) runs its layers one by one otherwise.
+
 The choice is a pure function of the call: no module's ``forward`` is replaced and no flag is
 switched around a block, so concurrent callers never see each other's choices. A packed weight
 is keyed on the weight tensor (its identity, storage pointer and in-place ``_version``) and, for a
