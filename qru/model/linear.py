@@ -81,7 +81,7 @@ def fused_linears(layers, x: torch.Tensor, packed: PackedWeight) -> torch.Tensor
     a forward hook would miss the call (hooks on a layer, or global module hooks: e.g. the input
     capture of ``qru.quant.survival``).
     Memory: the concatenation's packed copy replaces the layers' own packed copies."""
-    if _hooks_set() or any(type(m) is not Linear or m.weight_transform is not None or m._forward_hooks
+    if not x.is_cpu or _hooks_set() or any(type(m) is not Linear or m.weight_transform is not None or m._forward_hooks
                            or m._forward_pre_hooks for m in layers):
         packed.clear()
         return None
