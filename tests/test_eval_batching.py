@@ -239,8 +239,9 @@ needs_onednn = pytest.mark.skipif(not KL.packing_available(), reason="oneDNN pac
 @needs_onednn
 def test_muse_with_packed_linears_equals_plain(model_tok, shared_data, one_thread, monkeypatch):
     """MUSE through the packed oneDNN linears equals MUSE through F.linear (both calibration
-    choices overridden), and the packed copies really were used; no module's forward is replaced
-    at any call during the evaluation (checked by a pre-hook on every module)."""
+    choices overridden), and the packed copies really were used, one by one and with q/k/v and
+    gate/up fused (without hooks); no module's forward is replaced at any call during the
+    evaluation (checked by a pre-hook on every module, under which the projections run one by one)."""
     monkeypatch.setenv("QRU_PACKED_FP32", "onednn")
     model, tok = model_tok
     kw = dict(limit=2, batch_size=4, score_batch_size=4, max_len=96, verbmem_max_new_tokens=16,
@@ -254,20 +255,24 @@ def test_muse_with_packed_linears_equals_plain(model_tok, shared_data, one_threa
         for h in hooks:
             h.remove()
     assert swapped == [] and all("forward" not in m.__dict__ for m in model.modules())
-    layer = model.model.layers[0]  # q/k/v and gate/up packed as one weight each (fused_linears)
-    assert model.lm_head.packed_weight.packed and layer.mlp.down_proj.packed_weight.packed
+    layer = model.model.layers[0]  # hooked layers run one by one (fused_linears declines)
+    assert model.lm_head.packed_weight.packed and layer.mlp.up_proj.packed_weight.packed
+    assert not layer.mlp.gate_up_packed.packed
+    fused = muse.evaluate_muse(model, tok, shared_data / "muse-news", **kw)  # no hooks: q/k/v, gate/up fused
     assert layer.mlp.gate_up_packed.packed and layer.self_attn.qkv_packed.packed
+    assert not layer.mlp.up_proj.packed_weight.packed  # its copy was replaced by the fused one
     monkeypatch.setenv("QRU_PACKED_FP32", "torch")
     monkeypatch.setenv("QRU_DENSE_FP32", "torch")
     plain = muse.evaluate_muse(model, tok, shared_data / "muse-news", **kw)
     monkeypatch.setenv("QRU_PACKED_FP32", "onednn")
     monkeypatch.delenv("QRU_DENSE_FP32")
-    for key in ("verbmem_f", "knowmem_f", "knowmem_r"):
-        assert [x["output"] for x in fast["items"][key]] == [x["output"] for x in plain["items"][key]]
-    for side in ("forget", "holdout"):
-        for a, b in zip(fast["items"]["privleak"][side], plain["items"]["privleak"][side]):
-            assert a["Min-40%"] == pytest.approx(b["Min-40%"], abs=1e-4)
-            assert a["Min-40%++"] == pytest.approx(b["Min-40%++"], abs=1e-3)
+    for got in (fast, fused):
+        for key in ("verbmem_f", "knowmem_f", "knowmem_r"):
+            assert [x["output"] for x in got["items"][key]] == [x["output"] for x in plain["items"][key]]
+        for side in ("forget", "holdout"):
+            for a, b in zip(got["items"]["privleak"][side], plain["items"]["privleak"][side]):
+                assert a["Min-40%"] == pytest.approx(b["Min-40%"], abs=1e-4)
+                assert a["Min-40%++"] == pytest.approx(b["Min-40%++"], abs=1e-3)
     assert fast["auc"] == plain["auc"]
     single = muse.evaluate_muse(model, tok, shared_data / "muse-news", **{**kw, "batch_size": 1, "score_batch_size": 1})
     for key in ("verbmem_f", "knowmem_f", "knowmem_r"):

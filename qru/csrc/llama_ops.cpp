@@ -624,7 +624,8 @@ int64_t argmax_row(const T* x, int64_t V, bool scalar) {
 
 at::Tensor argmax_rows(at::Tensor x, bool scalar) {
   const int dt = code(x, "x");
-  TORCH_CHECK(x.dim() == 2 && x.size(1) > 0 && x.stride(1) == 1, "argmax_rows: x must be (N, V), V > 0, unit last stride");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) > 0 && x.stride(1) == 1,
+              "argmax_rows: x must be (N, V), V > 0, unit last stride");
   const int64_t N = x.size(0), V = x.size(1), rs = x.stride(0);
   at::Tensor out = at::empty({N}, x.options().dtype(at::kLong));
   int64_t* o = out.data_ptr<int64_t>();

@@ -67,7 +67,6 @@ def set_weight_transform(layer: nn.Module, fn: WeightTransform | None) -> None:
     layer.packed_weight.clear()  # the stored weight's packed copy is not used while transformed
 
 
-
 def _hooks_set() -> bool:
     """Global module forward hooks are registered (``torch.nn.modules.module.register_module_forward_*``)."""
     return bool(_module_mod._global_forward_hooks or _module_mod._global_forward_pre_hooks)
@@ -79,10 +78,10 @@ def fused_linears(layers, x: torch.Tensor, packed: PackedWeight) -> torch.Tensor
     is not a plain :class:`Linear` (LoRA, quantized, a subclass) or has a weight transform, or the
     dispatch would not pack (grad, CUDA, few rows, ...: :func:`qru.kernels.linear.linear_group`), or
     a forward hook would miss the call (hooks on a layer, or global module hooks: e.g. the input
-    capture of ``qru.quant.survival``).
-    Memory: the concatenation's packed copy replaces the layers' own packed copies."""
-    if not x.is_cpu or _hooks_set() or any(type(m) is not Linear or m.weight_transform is not None or m._forward_hooks
-                           or m._forward_pre_hooks for m in layers):
+    capture of ``qru.quant.survival``). Memory: the concatenation's packed copy replaces the
+    layers' own packed copies."""
+    if not x.is_cpu or _hooks_set() or any(type(m) is not Linear or m.weight_transform is not None
+                                           or m._forward_hooks or m._forward_pre_hooks for m in layers):
         packed.clear()
         return None
     y = linear_group(x, [m.weight for m in layers], [m.bias for m in layers], packed)

@@ -10,9 +10,9 @@ replaces up to float round-off. Every linear layer is a :class:`qru.model.linear
 ``nn.Linear``, same state-dict names) whose forward is qru's one linear dispatch
 (``qru.kernels.linear``); in no-grad CPU inference, where the dispatch packs weights, attention's
 q/k/v and the MLP's gate/up run as one GEMM each on a packed concatenated weight
-(:func:`qru.model.linear.fused_linears`). A KV cache may hold a prefix shared by all its rows, kept once
-(``KVCache.prefix_keys``); :class:`Attention` then attends to it before the rows' own keys
-(``qru.kernels.prefix_attention``).
+(:func:`qru.model.linear.fused_linears`). A KV cache may hold a prefix shared by all its rows,
+kept once (``KVCache.prefix_keys``); :class:`Attention` then attends to it before the rows' own
+keys (``qru.kernels.prefix_attention``).
 """
 from __future__ import annotations
 
@@ -26,10 +26,10 @@ from torch.utils.checkpoint import checkpoint
 
 from qru.kernels.causal_attention import causal_attention
 from qru.kernels.decode_attention import decode_attention
+from qru.kernels.linear import PackedWeight
 from qru.kernels.prefix_attention import prefix_attention
 from qru.kernels.rmsnorm import rms_norm
 from qru.kernels.rope import rope
-from qru.kernels.linear import PackedWeight
 from qru.kernels.swiglu import swiglu, swiglu_halves
 from qru.model.checkpoint import load_pretrained, save_pretrained
 from qru.model.config import LlamaConfig, rope_cos_sin, rope_inv_freq
