@@ -119,21 +119,29 @@ def test_prefill_in_row_groups(model, monkeypatch):
 
 
 def test_unpadded_prefill(model, monkeypatch):
-    """A left-padded batch prefills row groups of equal length without their padding (causal
-    path, no mask), consecutive rows and scattered ones alike, with a token budget: every row's
-    tokens equal the row generated alone, and no forward sees a padded position."""
+    """A left-padded batch prefills without its padding: the rows' prompts packed end to end in
+    one forward row (each causal within itself), in groups of consecutive rows under a token
+    budget (a longer row alone); every row's tokens equal the row generated alone, and no
+    forward sees a padded position. Without the model's ``head``: rows of equal length together."""
     torch.manual_seed(8)
     rows = [torch.randint(3, 97, (n,)) for n in (9, 4, 7, 4, 4, 8)]
     ids, mask = left_pad_rows(rows)
     W = ids.shape[1]
     widths = prefill_widths(model, monkeypatch)
     alone = [generate_ids(model, r[None], max_new_tokens=6)[0, len(r):] for r in rows]
-    for budget, want_widths in ((None, [(3, 4), (1, 7), (1, 8), (1, 9)]), (8, [(2, 4), (1, 4), (1, 7), (1, 8), (1, 9)])):
+    for budget, want_widths in ((None, [(1, 36)]), (8, [(1, 9), (1, 4), (1, 7), (1, 8), (1, 8)]),
+                                (20, [(1, 20), (1, 16)])):
         widths.clear()
         got = generate_ids(model, ids, mask, max_new_tokens=6, prefill_tokens=budget)
         assert widths == want_widths
         for i in range(len(rows)):
             assert torch.equal(got[i, W:], alone[i]), (budget, i)
+    monkeypatch.setattr(type(model), "head", None)  # no separate lm_head: equal lengths batched
+    widths.clear()
+    got = generate_ids(model, ids, mask, max_new_tokens=6, prefill_tokens=None)
+    assert widths == [(3, 4), (1, 7), (1, 8), (1, 9)]
+    for i in range(len(rows)):
+        assert torch.equal(got[i, W:], alone[i]), i
     right = torch.zeros_like(mask)
     right[:, :3] = 1
     with pytest.raises(ValueError, match="left padding"):
@@ -231,8 +239,9 @@ needs_onednn = pytest.mark.skipif(not KL.packing_available(), reason="oneDNN pac
 @needs_onednn
 def test_muse_with_packed_linears_equals_plain(model_tok, shared_data, one_thread, monkeypatch):
     """MUSE through the packed oneDNN linears equals MUSE through F.linear (both calibration
-    choices overridden), and the packed copies really were used; no module's forward is replaced
-    at any call during the evaluation (checked by a pre-hook on every module)."""
+    choices overridden), and the packed copies really were used, one by one and with q/k/v and
+    gate/up fused (without hooks); no module's forward is replaced at any call during the
+    evaluation (checked by a pre-hook on every module, under which the projections run one by one)."""
     monkeypatch.setenv("QRU_PACKED_FP32", "onednn")
     model, tok = model_tok
     kw = dict(limit=2, batch_size=4, score_batch_size=4, max_len=96, verbmem_max_new_tokens=16,
@@ -246,18 +255,24 @@ def test_muse_with_packed_linears_equals_plain(model_tok, shared_data, one_threa
         for h in hooks:
             h.remove()
     assert swapped == [] and all("forward" not in m.__dict__ for m in model.modules())
-    assert model.lm_head.packed_weight.packed and model.model.layers[0].mlp.up_proj.packed_weight.packed
+    layer = model.model.layers[0]  # hooked layers run one by one (fused_linears declines)
+    assert model.lm_head.packed_weight.packed and layer.mlp.up_proj.packed_weight.packed
+    assert not layer.mlp.gate_up_packed.packed
+    fused = muse.evaluate_muse(model, tok, shared_data / "muse-news", **kw)  # no hooks: q/k/v, gate/up fused
+    assert layer.mlp.gate_up_packed.packed and layer.self_attn.qkv_packed.packed
+    assert not layer.mlp.up_proj.packed_weight.packed  # its copy was replaced by the fused one
     monkeypatch.setenv("QRU_PACKED_FP32", "torch")
     monkeypatch.setenv("QRU_DENSE_FP32", "torch")
     plain = muse.evaluate_muse(model, tok, shared_data / "muse-news", **kw)
     monkeypatch.setenv("QRU_PACKED_FP32", "onednn")
     monkeypatch.delenv("QRU_DENSE_FP32")
-    for key in ("verbmem_f", "knowmem_f", "knowmem_r"):
-        assert [x["output"] for x in fast["items"][key]] == [x["output"] for x in plain["items"][key]]
-    for side in ("forget", "holdout"):
-        for a, b in zip(fast["items"]["privleak"][side], plain["items"]["privleak"][side]):
-            assert a["Min-40%"] == pytest.approx(b["Min-40%"], abs=1e-4)
-            assert a["Min-40%++"] == pytest.approx(b["Min-40%++"], abs=1e-3)
+    for got in (fast, fused):
+        for key in ("verbmem_f", "knowmem_f", "knowmem_r"):
+            assert [x["output"] for x in got["items"][key]] == [x["output"] for x in plain["items"][key]]
+        for side in ("forget", "holdout"):
+            for a, b in zip(got["items"]["privleak"][side], plain["items"]["privleak"][side]):
+                assert a["Min-40%"] == pytest.approx(b["Min-40%"], abs=1e-4)
+                assert a["Min-40%++"] == pytest.approx(b["Min-40%++"], abs=1e-3)
     assert fast["auc"] == plain["auc"]
     single = muse.evaluate_muse(model, tok, shared_data / "muse-news", **{**kw, "batch_size": 1, "score_batch_size": 1})
     for key in ("verbmem_f", "knowmem_f", "knowmem_r"):

@@ -394,3 +394,109 @@ def test_no_forward_assignment_in_qru_sources():
     hits = [f"{p.relative_to(root)}:{i}" for p in sorted(root.rglob("*.py"))
             for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
     assert hits == []
+
+
+# -- fused projections: linear_group and qru.model.linear.fused_linears ---------------------------
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_group_equals_the_layers_one_by_one(dtype, bias):
+    """One GEMM on the packed concatenation equals the separate products (fp64 oracle; bf16: the
+    bf16 rounding of it), the slot holds the same bytes as the three single copies would."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 6, 32, generator=g).to(dtype)
+    ws = [torch.randn(n, 32, generator=g).to(dtype) for n in (16, 8, 8)]
+    bs = [torch.randn(n, generator=g).to(dtype) if bias else None for n in (16, 8, 8)]
+    slot, held = KL.PackedWeight(), KL.packed_bytes()
+    with torch.no_grad():
+        y = KL.linear_group(x, ws, bs, slot)
+        assert y is not None and y.shape == (2, 6, 32) and slot.packed
+        assert KL.packed_bytes() == held + 32 * 32 * ws[0].element_size()
+        want = torch.cat([_ref64(x, w, b) for w, b in zip(ws, bs)], -1)
+        if dtype == torch.float32:
+            _close(y, want, 32)
+        else:
+            torch.testing.assert_close(y.double(), want, atol=0.1, rtol=0.02)
+            one = torch.cat([KL.linear(x, w, b) for w, b in zip(ws, bs)], -1)
+            torch.testing.assert_close(y, one, atol=0.05, rtol=0.02)
+        packed = slot.get(ws)
+        assert KL.linear_group(x, ws, bs, slot) is not None and slot.get(ws) is packed  # cached
+        ws[1].mul_(2)  # an in-place update of one weight: repacked
+        _close(KL.linear_group(x, ws, bs, slot).float(),
+               torch.cat([_ref64(x, w, b) for w, b in zip(ws, bs)], -1), 32 if dtype == torch.float32 else 4e5)
+
+
+@needs_onednn
+def test_linear_group_declines_where_the_packed_path_would(monkeypatch):
+    x, w, b = _data(M=6, K=24, N=10)
+    ws, bs = [w, w.clone()], [b, b.clone()]
+    slot = KL.PackedWeight()
+    assert KL.linear_group(x, ws, bs, slot) is not None  # fp32, nothing needs a gradient: packed, as linear()
+    assert KL.choose(x, w, b, KL.PackedWeight()) == "packed"
+    ws_g = [w.clone().requires_grad_(), w.clone()]
+    assert KL.linear_group(x, ws_g, bs, slot) is None and not slot.packed  # a weight needs its gradient
+    with torch.no_grad():
+        assert KL.linear_group(x[:1], ws, bs, slot) is None  # one row
+        assert KL.linear_group(x, ws, [b, None], slot) is None  # a bias on some layers only
+        assert KL.linear_group(x, [w, w.double()], bs, slot) is None  # mixed dtypes
+        xb, wb = x.to(torch.bfloat16), [t.to(torch.bfloat16) for t in ws]
+        assert KL.linear_group(xb[:4], wb, [None, None], slot) is None  # bf16 at <= 4 rows: the skinny kernel
+        assert KL.linear_group(xb, wb, [None, None], slot) is not None and slot.packed
+        monkeypatch.setenv("QRU_PACKED_BF16", "torch")  # the calibration keeps the default path
+        assert KL.linear_group(xb, wb, [None, None], slot) is None
+        monkeypatch.setenv("QRU_PACKED_BF16", "onednn")
+        monkeypatch.setenv("QRU_BACKEND", "torch")
+        assert KL.linear_group(xb, wb, [None, None], slot) is None and not slot.packed
+
+
+@needs_onednn
+def test_fused_linears_in_the_model_equal_the_unfused_forward(monkeypatch):
+    """A bf16 Llama in no-grad CPU inference runs q/k/v and gate/up as one packed GEMM each; the
+    logits and the KV cache equal those of the unfused path (packing off) within bf16 round-off;
+    the layers' own slots stay empty (no second copy); a transformed or hooked projection, global
+    module hooks, or gradients, take the layers one by one."""
+    from qru.model.config import LlamaConfig
+    from qru.model.linear import fused_linears
+    from qru.model.llama import Llama
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = Llama(cfg).to(torch.bfloat16).eval()
+    ids = torch.randint(0, 64, (3, 7))
+    with torch.no_grad():
+        cache = model.new_cache(3, 8)
+        fused = model(ids, cache=cache).float()
+        attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+        assert attn.qkv_packed.packed and mlp.gate_up_packed.packed
+        assert not any(m.packed_weight.packed for m in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj))
+        monkeypatch.setenv("QRU_PACKED_BF16", "torch")
+        cache2 = model.new_cache(3, 8)
+        plain = model(ids, cache=cache2).float()
+    torch.testing.assert_close(fused, plain, atol=0.03, rtol=0.03)
+    for a, b in zip(cache.keys + cache.values, cache2.keys + cache2.values):
+        torch.testing.assert_close(a.float(), b.float(), atol=0.03, rtol=0.03)
+    monkeypatch.setenv("QRU_PACKED_BF16", "onednn")
+    x = torch.randn(3, 7, 32).to(torch.bfloat16)
+    layers = (attn.q_proj, attn.k_proj, attn.v_proj)
+    with torch.no_grad():
+        assert fused_linears(layers, x, attn.qkv_packed) is not None
+        set_weight_transform(attn.k_proj, lambda m, w: w * 1)
+        assert fused_linears(layers, x, attn.qkv_packed) is None and not attn.qkv_packed.packed
+        set_weight_transform(attn.k_proj, None)
+    assert fused_linears(layers, x, attn.qkv_packed) is None  # grad mode: bf16 takes no packed path
+    # a forward hook on a projection (or a global one) sees its own call: the layers run one by one
+    seen = []
+    with torch.no_grad():
+        h = attn.v_proj.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        assert fused_linears(layers, x, attn.qkv_packed) is None
+        model(ids)
+        h.remove()
+        g = torch.nn.modules.module.register_module_forward_pre_hook(lambda m, i: None)
+        try:
+            assert fused_linears(layers, x, attn.qkv_packed) is None
+        finally:
+            g.remove()
+        assert fused_linears(layers, x, attn.qkv_packed) is not None
+    assert seen == [(3, 7, 16)]

@@ -7,7 +7,7 @@ import torch
 
 from qru.kernels.rmsnorm import rms_norm, rms_norm_reference
 from qru.kernels.rope import rope, rope_reference
-from qru.kernels.swiglu import swiglu, swiglu_reference
+from qru.kernels.swiglu import swiglu, swiglu_halves, swiglu_reference
 from cpp_helpers import need_cpp
 
 BACKENDS = ["torch", "triton", "cpp"]
@@ -282,6 +282,35 @@ def test_swiglu_cpp_scalar_equals_avx2(dtype):
     torch.testing.assert_close(e.swiglu_fwd(g, u, False).float(), e.swiglu_fwd(g, u, True).float(), **tol(dtype))
     for a, b in zip(e.swiglu_bwd(d, g, u, False), e.swiglu_bwd(d, g, u, True)):
         torch.testing.assert_close(a.float(), b.float(), **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scalar", [False, True])
+def test_swiglu_halves_equals_swiglu_of_the_halves(dtype, scalar):
+    """The gate and up halves of one (row-strided) tensor, read in place: the kernel on the two
+    halves (its vector/scalar split falls elsewhere: within an ulp), within tolerance of the
+    reference; with grads: the reference's."""
+    e = ext()
+    gen = torch.Generator().manual_seed(6)
+    full = (torch.randn(5, 3, 2 * 37 + 6, generator=gen) * 3).to(dtype)
+    gu = full[..., 6:]  # a view: rows strided, unit last stride
+    g, u = gu.chunk(2, -1)
+    near = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-5)
+    want = e.swiglu_fwd(g.contiguous(), u.contiguous(), scalar)
+    torch.testing.assert_close(e.swiglu_halves_fwd(gu.reshape(15, 74), scalar).view(5, 3, 37), want, **near)
+    with torch.no_grad():
+        got = swiglu_halves(gu)
+    assert got.shape == (5, 3, 37) and got.dtype == dtype
+    torch.testing.assert_close(got, e.swiglu_fwd(g.contiguous(), u.contiguous(), False), **near)
+    torch.testing.assert_close(got.float(), swiglu_reference(g, u).float(), **tol(dtype))
+    leafed = gu.detach().clone().requires_grad_()
+    y = swiglu_halves(leafed)
+    y.float().sum().backward()
+    ref = gu.detach().clone().requires_grad_()
+    swiglu_reference(*ref.chunk(2, -1)).float().sum().backward()
+    torch.testing.assert_close(leafed.grad.float(), ref.grad.float(), **tol(dtype))
+    with pytest.raises(ValueError, match="even"):
+        swiglu_halves(torch.zeros(2, 5))
 
 
 # ---------------------------------------------------------------------------------- the model

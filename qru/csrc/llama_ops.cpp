@@ -7,9 +7,14 @@
 //                                     out[i] = x[i] c[i] - x[i+h] s[i],  out[i+h] = x[i+h] c[i+h] + x[i] s[i+h]
 //   rope_bwd(dout, cos, sin, dtype)   dout (B, NH, T, D) any strides -> dx (B, T, NH, D) contiguous (the transpose)
 //   swiglu_fwd(g, u)                  out = round(silu(g)) * u
+//   swiglu_halves_fwd(gu)             gu (N, 2I) row-strided -> silu(gu[:, :I]) * gu[:, I:] (inference)
 //   swiglu_bwd(dout, g, u)            dg = dout u sig(g) (1 + g (1 - sig(g))),  du = dout silu(g)
 //   decode_attn(q, k, v, mask, scale) one query position: softmax(scale q kᵀ, masked) v, K/V read in place
-//     (vector path: one task per (batch, kv head) for its query heads, 8 keys per score block)
+//     (vector path: one task per (batch, kv head) for its query heads, 8 keys per score block; with
+//     AVX-512 and D % 16 == 0: 16 lanes, 16 keys per block)
+//   argmax_rows(x)                    x (N, V) rows (unit last stride) -> (N,) int64: the first index of
+//                                     each row's maximum, or of its first NaN (torch.argmax's rule); a greedy
+//                                     decode step's next tokens, without torch's slow last-dim reduction
 //
 // Tensors are float32 or bfloat16 (read / written as torch rounds: nearest even); all math in
 // fp32 (no fast-math; ISO C++ so no FMA contraction in the scalar code). AVX2 loops where they
@@ -226,27 +231,31 @@ at::Tensor rope_bwd(at::Tensor g, at::Tensor cs, at::Tensor sn, at::ScalarType o
 }
 
 // ---------------------------------------------------------------------------------- SwiGLU
+// Values [s, e) of one span, on the calling thread.
+template <typename T>
+void swiglu_fwd_span(const T* g, const T* u, T* o, int64_t s, int64_t e, bool scalar) {
+  int64_t i = s;
+#if QRU_AVX2
+  if (!scalar) {
+    const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+    for (; i + 8 <= e; i += 8) {
+      __m256 gv = load8(g + i);
+      __m256 sl = _mm256_div_ps(gv, _mm256_add_ps(one, exp256(_mm256_sub_ps(zero, gv))));
+      store8(o + i, _mm256_mul_ps(rnd8(o, sl), load8(u + i)));
+    }
+  }
+#endif
+  for (; i < e; ++i) {
+    const float gv = ld(g, i);
+    st(o, i, rnd(o, gv / (1.0f + std::exp(-gv))) * ld(u, i));
+  }
+}
+
 template <typename T>
 void swiglu_fwd_impl(const T* g, const T* u, T* o, int64_t n, bool scalar) {
   const int64_t blk = 1 << 14;
   parallel_work((n + blk - 1) / blk, 1, n, [&](int64_t sb) {
-    const int64_t s = sb * blk;
-    const int64_t e = std::min(n, s + blk);
-    int64_t i = s;
-#if QRU_AVX2
-    if (!scalar) {
-      const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
-      for (; i + 8 <= e; i += 8) {
-        __m256 gv = load8(g + i);
-        __m256 sl = _mm256_div_ps(gv, _mm256_add_ps(one, exp256(_mm256_sub_ps(zero, gv))));
-        store8(o + i, _mm256_mul_ps(rnd8(o, sl), load8(u + i)));
-      }
-    }
-#endif
-    for (; i < e; ++i) {
-      const float gv = ld(g, i);
-      st(o, i, rnd(o, gv / (1.0f + std::exp(-gv))) * ld(u, i));
-    }
+    swiglu_fwd_span(g, u, o, sb * blk, std::min(n, sb * blk + blk), scalar);
   });
 }
 
@@ -292,6 +301,26 @@ at::Tensor swiglu_fwd(at::Tensor g, at::Tensor u, bool scalar) {
     swiglu_fwd_impl<float>(ptr<float>(g), ptr<float>(u), ptr<float>(o), g.numel(), scalar);
   else
     swiglu_fwd_impl<uint16_t>(ptr<uint16_t>(g), ptr<uint16_t>(u), ptr<uint16_t>(o), g.numel(), scalar);
+  return o;
+}
+
+// x (N, 2I) with unit last stride (the gate and up projections side by side, e.g. one fused GEMM's
+// output) -> (N, I) contiguous: silu(x[:, :I]) * x[:, I:], the same values as swiglu_fwd on the halves.
+at::Tensor swiglu_halves_fwd(at::Tensor x, bool scalar) {
+  const int dt = code(x, "gate_up");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) % 2 == 0 && x.stride(1) == 1,
+              "swiglu_halves: gate_up must be (N, 2I) with unit last stride");
+  const int64_t N = x.size(0), I = x.size(1) / 2, rs = x.stride(0);
+  at::Tensor o = at::empty({N, I}, x.options());
+  parallel_work(N, std::max<int64_t>(1, kChunkValues / std::max<int64_t>(1, I)), N * I, [&](int64_t r) {
+    if (dt == F32) {
+      const float* g = ptr<float>(x) + r * rs;
+      swiglu_fwd_span(g, g + I, ptr<float>(o) + r * I, 0, I, scalar);
+    } else {
+      const uint16_t* g = ptr<uint16_t>(x) + r * rs;
+      swiglu_fwd_span(g, g + I, ptr<uint16_t>(o) + r * I, 0, I, scalar);
+    }
+  });
   return o;
 }
 
@@ -379,11 +408,91 @@ void decode_attn_head_vec(const float* qf, const T* kp, int64_t ks, const T* vp,
 }
 #endif
 
+#if QRU_AVX512
+// The AVX-512 path (D % 16 == 0): as decode_attn_head_vec with 16 lanes, 16 keys per score block.
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(uint16_t* p, __m512 v) {
+  store8(p, _mm512_castps512_ps256(v));
+  store8(p + 8, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+
+template <typename T>
+void decode_attn_head_512(const float* qf, const T* kp, int64_t ks, const T* vp, int64_t vs, const uint8_t* mrow,
+                          int64_t S, int64_t D, float scale, float* s, T* op) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  const __m512 sc = _mm512_set1_ps(scale);
+  int64_t j = 0;
+  const int64_t vrow = D * int64_t(sizeof(T));  // bytes of a value row
+  for (; j + 16 <= S; j += 16) {
+    for (int i = 0; i < 16; ++i)  // the value rows of this block: in cache by the weighted sum
+      for (int64_t o = 0; o < vrow; o += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(vp + (j + i) * vs) + o, _MM_HINT_T0);
+    __m512 acc[16];
+    for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16) {
+      const __m512 qv = _mm512_loadu_ps(qf + d);
+      for (int i = 0; i < 16; ++i) acc[i] = _mm512_fmadd_ps(qv, wide16(kp + (j + i) * ks + d), acc[i]);
+    }
+    _mm512_storeu_ps(s + j, _mm512_mul_ps(reduce16(acc), sc));
+  }
+  for (; j < S; ++j) {
+    __m512 a = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(qf + d), wide16(kp + j * ks + d), a);
+    s[j] = _mm512_reduce_add_ps(a) * scale;
+  }
+  float mx = ninf;
+  for (j = 0; j < S; ++j) {
+    if (mrow && !mrow[j]) s[j] = ninf;
+    mx = std::max(mx, s[j]);
+  }
+  const __m512 m16 = _mm512_set1_ps(mx);
+  __m512 l16 = _mm512_setzero_ps();
+  for (j = 0; j + 16 <= S; j += 16) {
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + j), m16));
+    _mm512_storeu_ps(s + j, e);
+    l16 = _mm512_add_ps(l16, e);
+  }
+  float l = _mm512_reduce_add_ps(l16);
+  for (; j < S; ++j) { s[j] = std::exp(s[j] - mx); l += s[j]; }
+  const __m512 inv = _mm512_set1_ps(1.0f / l);
+  for (int64_t d0 = 0; d0 < D; d0 += 64) {
+    const int nd = int(std::min<int64_t>(64, D - d0)) / 16;  // 1..4 vectors of 16
+    __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (j = 0; j < S; ++j) {
+      const float pj = s[j];
+      if (pj == 0.0f) continue;  // masked or underflowed: adds nothing (and never reads padding's values)
+      const __m512 pv = _mm512_set1_ps(pj);
+      const T* vr = vp + j * vs + d0;
+      for (int i = 0; i < 4; ++i)
+        if (i < nd) a[i] = _mm512_fmadd_ps(pv, wide16(vr + 16 * i), a[i]);
+    }
+    for (int i = 0; i < nd; ++i) store16(op + d0 + 16 * i, _mm512_mul_ps(a[i], inv));
+  }
+}
+#endif
+
 template <typename T>
 void decode_attn_impl(const T* q, int64_t qb, int64_t qh, const T* k, int64_t kb, int64_t kh, int64_t ks,
                       const T* v, int64_t vb, int64_t vh, int64_t vs, const uint8_t* mask, T* out, int64_t B,
                       int64_t H, int64_t KV, int64_t S, int64_t D, float scale) {
   const int64_t G = H / KV;
+#if QRU_AVX512
+  if (D % 16 == 0) {
+    struct TagS5; struct TagQ5;
+    parallel_work(B * KV, 1, B * H * S * D, [&](int64_t bg) {
+      float* s = scratch<TagS5>(S);
+      float* qf = scratch<TagQ5>(D);
+      const int64_t b = bg / KV, g = bg % KV;
+      for (int64_t h = g * G; h < (g + 1) * G; ++h) {
+        const T* qp = q + b * qb + h * qh;
+        for (int64_t d = 0; d < D; ++d) qf[d] = ld(qp, d);
+        decode_attn_head_512(qf, k + b * kb + g * kh, ks, v + b * vb + g * vh, vs, mask ? mask + b * S : nullptr,
+                             S, D, scale, s, out + (b * H + h) * D);
+      }
+    });
+    return;
+  }
+#endif
 #if QRU_AVX2
   if (D % 8 == 0) {
     struct TagS; struct TagQ;
@@ -466,7 +575,68 @@ at::Tensor decode_attn(at::Tensor q, at::Tensor k, at::Tensor v, c10::optional<a
   return out;
 }
 
+// ------------------------------------------------------------------------------------ argmax
+// Per row: the max over 8 lanes (NaNs noted on the side), then the first index holding it. A row with a
+// NaN takes the scalar loop, which returns the first NaN as torch.argmax does.
+template <typename T>
+int64_t argmax_row_scalar(const T* x, int64_t V) {
+  int64_t best = 0;
+  float bv = ld(x, 0);
+  if (std::isnan(bv)) return 0;
+  for (int64_t j = 1; j < V; ++j) {
+    const float v = ld(x, j);
+    if (std::isnan(v)) return j;
+    if (v > bv) { bv = v; best = j; }
+  }
+  return best;
+}
+
+template <typename T>
+int64_t argmax_row(const T* x, int64_t V, bool scalar) {
+#if QRU_AVX2
+  if (!scalar && V >= 8) {
+    __m256 mx = load8(x), nan = _mm256_cmp_ps(mx, mx, _CMP_UNORD_Q);
+    int64_t j = 8;
+    for (; j + 8 <= V; j += 8) {
+      const __m256 v = load8(x + j);
+      mx = _mm256_max_ps(mx, v);
+      nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    float m = hmax(mx);
+    for (int64_t t = j; t < V; ++t) {
+      const float v = ld(x, t);
+      if (std::isnan(v)) return argmax_row_scalar(x, V);
+      m = std::max(m, v);
+    }
+    if (_mm256_movemask_ps(nan)) return argmax_row_scalar(x, V);
+    const __m256 m8 = _mm256_set1_ps(m);
+    for (j = 0; j + 8 <= V; j += 8) {
+      const int hit = _mm256_movemask_ps(_mm256_cmp_ps(load8(x + j), m8, _CMP_EQ_OQ));
+      if (hit) return j + __builtin_ctz(unsigned(hit));
+    }
+    for (; j < V; ++j)
+      if (ld(x, j) == m) return j;
+    return 0;  // not reached
+  }
+#endif
+  return argmax_row_scalar(x, V);
+}
+
+at::Tensor argmax_rows(at::Tensor x, bool scalar) {
+  const int dt = code(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) > 0 && x.stride(1) == 1,
+              "argmax_rows: x must be (N, V), V > 0, unit last stride");
+  const int64_t N = x.size(0), V = x.size(1), rs = x.stride(0);
+  at::Tensor out = at::empty({N}, x.options().dtype(at::kLong));
+  int64_t* o = out.data_ptr<int64_t>();
+  parallel_work(N, 1, N * V, [&](int64_t r) {
+    o[r] = dt == F32 ? argmax_row(ptr<float>(x) + r * rs, V, scalar) : argmax_row(ptr<uint16_t>(x) + r * rs, V, scalar);
+  });
+  return out;
+}
+
 }  // namespace
+
 
 TORCH_LIBRARY(qru_llama_ops, m) {
   m.def("rmsnorm_fwd(Tensor x, Tensor w, float eps, bool scalar=False) -> (Tensor, Tensor)", &rmsnorm_fwd);
@@ -474,6 +644,8 @@ TORCH_LIBRARY(qru_llama_ops, m) {
   m.def("rope_fwd(Tensor x, Tensor cos, Tensor sin, ScalarType out_dtype) -> Tensor", &rope_fwd);
   m.def("rope_bwd(Tensor grad, Tensor cos, Tensor sin, ScalarType out_dtype) -> Tensor", &rope_bwd);
   m.def("swiglu_fwd(Tensor gate, Tensor up, bool scalar=False) -> Tensor", &swiglu_fwd);
+  m.def("swiglu_halves_fwd(Tensor gate_up, bool scalar=False) -> Tensor", &swiglu_halves_fwd);
   m.def("swiglu_bwd(Tensor grad, Tensor gate, Tensor up, bool scalar=False) -> (Tensor, Tensor)", &swiglu_bwd);
   m.def("decode_attn(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor", &decode_attn);
+  m.def("argmax_rows(Tensor x, bool scalar=False) -> Tensor", &argmax_rows);
 }

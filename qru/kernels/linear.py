@@ -24,6 +24,10 @@ path           when
                :class:`qru.kernels.dense.DenseLinearFn`, oneDNN GEMMs forward and backward.
 =============  ================================================================================
 
+:func:`linear_group` runs several weights on one input (a block's q/k/v or gate/up projections) as
+one ``"packed"`` GEMM on their packed concatenation, where the packed path would run; the caller
+(:func:`qru.model.linear.fused_linears`) runs its layers one by one otherwise.
+
 The choice is a pure function of the call: no module's ``forward`` is replaced and no flag is
 switched around a block, so concurrent callers never see each other's choices. A packed weight
 is keyed on the weight tensor (its identity, storage pointer and in-place ``_version``) and, for a
@@ -112,43 +116,66 @@ def packed_bytes() -> int:
     return _packed_bytes
 
 
+def _weights(w) -> tuple[torch.Tensor, ...]:
+    return (w,) if isinstance(w, torch.Tensor) else tuple(w)
+
+
 class PackedWeight:
     """A cache slot for one layer's oneDNN-packed weight (owned by the layer, e.g.
-    ``qru.model.linear.Linear``). Holds at most one packed copy, valid while the weight is the same
-    tensor with the same storage and in-place version. Copies (``copy.deepcopy``) and pickles of a
-    layer get an empty slot. Thread-safe: concurrent callers may both pack, one copy is kept."""
+    ``qru.model.linear.Linear``), or for the packed concatenation of several weights of the same
+    input (``weight`` a sequence: a fused projection, :func:`linear_group`). Holds at most one packed
+    copy, valid while every weight is the same tensor with the same storage and in-place version.
+    Copies (``copy.deepcopy``) and pickles of a layer get an empty slot. Thread-safe: concurrent
+    callers may both pack, one copy is kept."""
 
     __slots__ = ("_entry", "_nbytes")
 
     def __init__(self):
-        self._entry = None  # (weakref to the weight, data_ptr, _version, _epoch, packed tensor)
+        self._entry = None  # (((weakref, data_ptr, _version, _epoch) per weight), packed tensor)
         self._nbytes = 0
 
-    def _valid(self, w: torch.Tensor) -> bool:
-        e = self._entry
-        return (e is not None and e[0]() is w and e[1] == w.data_ptr() and e[2] == w._version
-                and e[3] == _epoch(w))
+    @staticmethod
+    def _key(ws) -> tuple:
+        return tuple((weakref.ref(w), w.data_ptr(), w._version, _epoch(w)) for w in ws)
 
-    def fits(self, w: torch.Tensor) -> bool:
-        """Whether ``w`` is packed here already or a new packed copy fits the budget."""
+    def _valid(self, w) -> bool:
+        e = self._entry
+        if e is None:
+            return False
+        keys = e[0]
+        if isinstance(w, torch.Tensor):
+            if len(keys) != 1:
+                return False
+            r, p, v, ep = keys[0]
+            return r() is w and p == w.data_ptr() and v == w._version and ep == _epoch(w)
+        ws = tuple(w)
+        return len(keys) == len(ws) and all(r() is t and p == t.data_ptr() and v == t._version and ep == _epoch(t)
+                                            for (r, p, v, ep), t in zip(keys, ws))
+
+    def fits(self, w) -> bool:
+        """Whether ``w`` (a weight, or a sequence of weights) is packed here already or a new packed
+        copy fits the budget."""
         if self._valid(w):
             return True
         self.clear()  # stale: free it before anything else is packed
-        return _packed_bytes + w.numel() * w.element_size() <= packed_max_bytes()
+        return _packed_bytes + sum(t.numel() * t.element_size() for t in _weights(w)) <= packed_max_bytes()
 
-    def get(self, w: torch.Tensor) -> torch.Tensor:
-        """The packed copy of ``w``, packed now if the slot holds none or a stale one."""
+    def get(self, w) -> torch.Tensor:
+        """The packed copy of ``w`` (a weight, or a sequence of weights packed as their concatenation
+        along the output dim), packed now if the slot holds none or a stale one."""
         if self._valid(w):
-            return self._entry[4]
-        entry = (weakref.ref(w), w.data_ptr(), w._version, _epoch(w),
-                 torch.ops.mkldnn._reorder_linear_weight(w.detach()))
-        nbytes = w.numel() * w.element_size()
+            return self._entry[1]
+        ws = _weights(w)
+        whole = ws[0].detach() if len(ws) == 1 else torch.cat([t.detach() for t in ws])
+        entry = (self._key(ws), torch.ops.mkldnn._reorder_linear_weight(whole))
+        del whole
+        nbytes = sum(t.numel() * t.element_size() for t in ws)
         global _packed_bytes
         with _lock:
             self._drop()
             self._entry, self._nbytes = entry, nbytes
             _packed_bytes += nbytes
-        return entry[4]
+        return entry[1]
 
     def _drop(self) -> None:  # under _lock
         global _packed_bytes
@@ -188,6 +215,16 @@ def _needs_grad(x, weight, bias) -> bool:
                                         or (bias is not None and bias.requires_grad))
 
 
+def _packable(x: torch.Tensor, rows: int, weight, bias_dtype_ok: bool, packed: PackedWeight) -> bool:
+    """The packed path's common conditions: enough rows for the dtype, one torch thread, a bias (if
+    any) of the operands' dtype, oneDNN packing here and picked by the calibration, and room in the
+    budget (``weight``: one weight or a group)."""
+    bf16 = x.dtype == torch.bfloat16
+    return (rows > (PACKED_BF16_MIN_ROWS if bf16 else 1) and bias_dtype_ok and torch.get_num_threads() == 1
+            and packing_available() and pick("packed_bf16" if bf16 else "packed_fp32") == "onednn"
+            and packed.fits(weight))
+
+
 def choose(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            packed: PackedWeight | None = None) -> str:
     """The path :func:`linear` takes for these operands now (one of :data:`PATHS`); see the module
@@ -208,9 +245,7 @@ def choose(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             if load_cpp_ext("bf16_linear") is None:
                 raise RuntimeError("QRU_BACKEND=cpp but the C++ kernel 'bf16_linear' is unavailable")
             return "bf16"
-        if (packed is not None and rows > PACKED_BF16_MIN_ROWS and torch.get_num_threads() == 1
-                and (bias is None or bias.dtype == dt) and packing_available()
-                and pick("packed_bf16") == "onednn" and packed.fits(weight)):
+        if packed is not None and _packable(x, rows, weight, bias is None or bias.dtype == dt, packed):
             return "packed"
         return "bf16"
     if dt != torch.float32 or weight.dtype != torch.float32 or (bias is not None and bias.dtype != dt):
@@ -220,14 +255,43 @@ def choose(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     rows = x.numel() // x.shape[-1]
     if rows <= 1 or not onednn_available():
         return "torch"
-    if (packed is not None and not _needs_grad(x, weight, bias) and torch.get_num_threads() == 1
-            and packing_available() and pick("packed_fp32") == "onednn" and packed.fits(weight)):
+    if packed is not None and not _needs_grad(x, weight, bias) and _packable(x, rows, weight, True, packed):
         return "packed"
     # the rule of qru.kernels.dense.use_onednn: with several threads only GEMMs large enough to share
     if ((torch.get_num_threads() == 1 or rows * weight.shape[0] * weight.shape[1] >= SMALL_MACS)
             and pick("dense_fp32") == "onednn"):
         return "dense"
     return "torch"
+
+
+def linear_group(x: torch.Tensor, weights, biases, packed: PackedWeight) -> torch.Tensor | None:
+    """``cat([F.linear(x, w, b) for w, b in zip(weights, biases)], -1)`` as one GEMM on the packed
+    concatenation of ``weights`` (held in ``packed``), or None where the ``"packed"`` path would not
+    run for the concatenated weight: then the caller runs its layers one by one (a model's q/k/v
+    or gate/up projections). One call instead of several: per-call overhead paid once, ``x`` read
+    once. The packed copy replaces those of the single layers (it holds the same bytes), so the
+    caller clears theirs. ``biases``: all None or all tensors."""
+    ws = tuple(weights)
+    dt = x.dtype
+    if (forced_backend() is not None or x.device.type != "cpu" or dt not in (torch.float32, torch.bfloat16)
+            or x.dim() == 0 or x.numel() == 0 or torch.is_autocast_enabled("cpu")
+            or any(w.device.type != "cpu" or w.dtype != dt or w.dim() != 2 or w.shape[1] != x.shape[-1] for w in ws)):
+        packed.clear()
+        return None
+    bs = tuple(biases)
+    with_bias = bs[0] is not None
+    if any((b is not None) != with_bias or (b is not None and b.dtype != dt) for b in bs):
+        packed.clear()
+        return None
+    grad = (torch.is_grad_enabled() if dt == torch.bfloat16
+            else any(_needs_grad(x, w, b) for w, b in zip(ws, bs)))
+    rows = x.numel() // x.shape[-1]
+    if grad or not _packable(x, rows, ws, True, packed):
+        if packed.packed and not packed._valid(ws):
+            packed.clear()
+        return None
+    b = torch.cat([t.detach() for t in bs]) if with_bias else None
+    return torch.ops.mkldnn._linear_pointwise(x.detach(), packed.get(ws), b, "none", [], "")
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

@@ -135,4 +135,6 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
     c = cos.float().contiguous()
     s = sin.float().contiguous()
+    if backend == "cpp" and not (torch.is_grad_enabled() and x.requires_grad):
+        return _ext().rope_fwd(x, c, s, out_dtype)  # no graph: no Function
     return RoPEFn.apply(x, c, s, out_dtype, backend)

@@ -96,4 +96,20 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     backend = backend_for(gate, cpp="llama_ops")
     if backend == "torch":
         return swiglu_reference(gate, up)
+    if backend == "cpp" and not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)):
+        return _ext().swiglu_fwd(gate.contiguous(), up.contiguous())  # no graph: no Function
     return SwiGLUFn.apply(gate.contiguous(), up.contiguous(), backend)
+
+
+def swiglu_halves(gate_up: torch.Tensor) -> torch.Tensor:
+    """``swiglu(*gate_up.chunk(2, -1))``: the gate and up projections side by side in one tensor (a
+    fused projection's output). Without a graph to build on CPU, one C++ pass over the halves in
+    place (no copies of them); otherwise :func:`swiglu` of the two halves."""
+    if gate_up.shape[-1] % 2:
+        raise ValueError(f"swiglu_halves: last dim of gate_up {tuple(gate_up.shape)} must be even")
+    if (gate_up.dtype in (torch.float32, torch.bfloat16) and gate_up.device.type == "cpu" and gate_up.numel()
+            and gate_up.stride(-1) == 1 and not (torch.is_grad_enabled() and gate_up.requires_grad)
+            and backend_for(gate_up, cpp="llama_ops") == "cpp"):
+        x2 = gate_up if gate_up.dim() == 2 else gate_up.reshape(-1, gate_up.shape[-1])
+        return _ext().swiglu_halves_fwd(x2).view(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
+    return swiglu(*gate_up.chunk(2, dim=-1))

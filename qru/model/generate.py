@@ -6,14 +6,15 @@ from typing import Callable, Sequence
 
 import torch
 
+from qru.kernels.argmax import argmax
+
 
 def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
                 generator: torch.Generator | None) -> torch.Tensor:
     """Next token ids (B,) from last-position logits (B, V). Top-p follows HF: keep the
     smallest set of most likely tokens whose probability mass reaches ``top_p``."""
     if not do_sample:
-        # the same index (bf16/fp16 -> fp32 is exact); torch's CPU argmax over bf16 is ~5x slower
-        return logits.float().argmax(-1) if logits.dtype in (torch.bfloat16, torch.float16) else logits.argmax(-1)
+        return argmax(logits)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
     if not 0 < top_p <= 1:
@@ -67,10 +68,11 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     (rows x width; "auto": 2048 on CPU, where larger GEMMs fall out of cache and run slower per
     token, unbounded elsewhere) runs in groups of rows into the same cache.
 
-    ``unpadded_prefill``: a left-padded prompt batch prefills into an empty cache row by row
-    (rows of equal length together), each on the plain causal path over its own tokens, written
-    to its cache row behind the padding (:func:`_prefill_unpadded`): no compute on padding and
-    causal attention at half the cost of a masked one; the numbers are those of the row alone.
+    ``unpadded_prefill``: a left-padded prompt batch prefills into an empty cache without its
+    padding: the rows' prompts end to end in one forward row (the linears see all tokens in one
+    GEMM), each on the plain causal path over its own tokens, written to its cache row behind the
+    padding (:func:`_prefill_unpadded`): no compute on padding and causal attention at half the
+    cost of a masked one; the numbers are those of the row alone.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -117,6 +119,7 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     mask = torch.cat([mask, mask.new_ones(B, max_new_tokens)], dim=1)
     padded = not bool(mask.all())
     live = torch.arange(B, device=dev)  # original row of each cache row
+    finishing = bool(eos) or should_stop is not None  # else no row stops early: no bookkeeping
     ids = input_ids
     for step in range(max_new_tokens):
         past, seen = cache.seen, cache.seen + ids.shape[1]
@@ -129,9 +132,13 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
         else:
             logits = _forward_rows(model, ids, mask[:, :seen] if padded else None, pos, cache, prefill_tokens)
         nxt = sample_next(logits, do_sample, temperature, top_p, generator)
+        n = step + 1
+        if not finishing:
+            out[:, step] = nxt
+            ids = nxt[:, None]
+            continue
         nxt = torch.where(done[live], torch.full_like(nxt, pad), nxt)
         out[live, step] = nxt
-        n = step + 1
         if eos:
             done[live] |= torch.isin(nxt, eos_t)
         if should_stop is not None:
@@ -153,21 +160,68 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
 
 
 def _prefill_unpadded(model, ids, mask, cache, position_offset: int = 0, max_tokens: int | None = None) -> torch.Tensor:
-    """Last-position logits (B, V) of a left-padded prompt batch into an empty ``cache``: rows of
-    equal length run together, unpadded, on the causal path (no mask), writing their keys/values
-    at the cache positions behind their padding; the padded positions stay as they were (zeros)
-    and are masked in later steps. Positions start at ``position_offset`` in every row. At most
-    ``max_tokens`` tokens per forward (None: no limit)."""
+    """Last-position logits (B, V) of a left-padded prompt batch into an empty ``cache``: each row
+    unpadded on the causal path (no mask), its keys/values written at the cache positions behind
+    its padding; the padded positions stay as they were (zeros) and are masked in later steps.
+    Positions start at ``position_offset`` in every row. At most ``max_tokens`` tokens per
+    forward (None: no limit).
+
+    With the model's ``head`` (the lm_head apart): the rows' prompts run packed end to end in one
+    forward row (:meth:`qru.model.llama.KVCache.packed_rows`: each attends only within itself), so
+    the linears see all tokens in one GEMM; else rows of equal length run together."""
     B, T = ids.shape
     head = getattr(model, "head", None)
     lens = mask.sum(-1).tolist()
     if any(int(m[T - n:].sum()) != n for m, n in zip(mask, lens)):
         raise ValueError("unpadded prefill needs left padding: each row's ones at its end")
+    for r, n in enumerate(lens):
+        if n == 0:
+            raise ValueError(f"row {r} of the prompt batch has no tokens")
+    if head is not None and hasattr(cache, "packed_rows"):
+        out_h = _prefill_packed(model, ids, lens, cache, position_offset, max_tokens)
+    else:
+        out_h = _prefill_by_length(model, ids, lens, cache, position_offset, max_tokens, head)
+    cache.seen = T
+    # one lm_head over all rows (its weight read once, not once per group)
+    return head(out_h) if head else out_h
+
+
+def _prefill_packed(model, ids, lens, cache, position_offset, max_tokens) -> torch.Tensor:
+    """Final hidden states (B, hidden) at each row's last prompt token: groups of consecutive rows
+    of at most ``max_tokens`` tokens (a longer row alone), each group's prompts end to end in one
+    forward row."""
+    B, T = ids.shape
+    dev = ids.device
+    groups, cur, size = [], [], 0
+    for r, n in enumerate(lens):
+        if cur and max_tokens is not None and size + n > max_tokens:
+            groups.append(cur)
+            cur, size = [], 0
+        cur.append(r)
+        size += n
+    groups.append(cur)
+    out = [None] * B
+    for rows in groups:
+        segs, start = [], 0
+        for r in rows:
+            segs.append((r, start, lens[r], T - lens[r]))
+            start += lens[r]
+        flat = torch.cat([ids[r, T - lens[r]:] for r in rows])[None]
+        pos = torch.cat([torch.arange(position_offset, position_offset + lens[r], device=dev) for r in rows])[None]
+        hidden = model(flat, attention_mask=None, position_ids=pos, cache=cache.packed_rows(segs), return_hidden=True)
+        last = hidden[0, torch.tensor([s + n - 1 for _, s, n, _ in segs], device=dev)]
+        for i, r in enumerate(rows):
+            out[r] = last[i]
+    return torch.stack(out)
+
+
+def _prefill_by_length(model, ids, lens, cache, position_offset, max_tokens, head) -> torch.Tensor:
+    """Last-position hidden states (with ``head``) or logits (B, ...): rows of equal length
+    together, each group a batch of unpadded rows."""
+    B, T = ids.shape
     out = [None] * B
     for n in sorted(set(lens)):
         same = [r for r in range(B) if lens[r] == n]
-        if n == 0:
-            raise ValueError(f"row {same[0]} of the prompt batch has no tokens")
         step = len(same) if max_tokens is None else max(1, max_tokens // n)
         for i0 in range(0, len(same), step):
             rows = same[i0:i0 + step]
@@ -185,9 +239,7 @@ def _prefill_unpadded(model, ids, mask, cache, position_offset: int = 0, max_tok
                     cache.values[layer][sl] = part.values[layer]
             for i, r in enumerate(rows):
                 out[r] = out_h[i]
-    cache.seen = T
-    # one lm_head over all rows (its weight read once, not once per group)
-    return head(torch.stack(out)) if head else torch.stack(out)
+    return torch.stack(out)
 
 
 def _forward_rows(model, ids, mask, pos, cache, max_tokens: int | None) -> torch.Tensor:

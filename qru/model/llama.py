@@ -8,9 +8,11 @@ the head transpose) and the SwiGLU gate run as fused kernel ops (``qru.kernels.r
 ``rope`` / ``swiglu``: C++ on CPU, Triton on CUDA), each equal to the plain composite it
 replaces up to float round-off. Every linear layer is a :class:`qru.model.linear.Linear` (an
 ``nn.Linear``, same state-dict names) whose forward is qru's one linear dispatch
-(``qru.kernels.linear``). A KV cache may hold a prefix shared by all its rows, kept once
-(``KVCache.prefix_keys``); :class:`Attention` then attends to it before the rows' own keys
-(``qru.kernels.prefix_attention``).
+(``qru.kernels.linear``); in no-grad CPU inference, where the dispatch packs weights, attention's
+q/k/v and the MLP's gate/up run as one GEMM each on a packed concatenated weight
+(:func:`qru.model.linear.fused_linears`). A KV cache may hold a prefix shared by all its rows,
+kept once (``KVCache.prefix_keys``); :class:`Attention` then attends to it before the rows' own
+keys (``qru.kernels.prefix_attention``).
 """
 from __future__ import annotations
 
@@ -24,14 +26,15 @@ from torch.utils.checkpoint import checkpoint
 
 from qru.kernels.causal_attention import causal_attention
 from qru.kernels.decode_attention import decode_attention
+from qru.kernels.linear import PackedWeight
 from qru.kernels.prefix_attention import prefix_attention
 from qru.kernels.rmsnorm import rms_norm
 from qru.kernels.rope import rope
-from qru.kernels.swiglu import swiglu
+from qru.kernels.swiglu import swiglu, swiglu_halves
 from qru.model.checkpoint import load_pretrained, save_pretrained
 from qru.model.config import LlamaConfig, rope_cos_sin, rope_inv_freq
 from qru.model.gguf import load_gguf
-from qru.model.linear import Linear
+from qru.model.linear import Linear, fused_linears
 
 
 class RMSNorm(nn.Module):
@@ -62,12 +65,18 @@ class KVCache:
     ``prefix_keys``/``prefix_values`` (optional, per layer (kv_heads, P, head_dim)): a prefix that
     every row attends to in full before its own positions, held once for the whole batch (e.g. the
     few-shot examples shared by all prompts, ``qru.eval.generation``). It is not counted in
-    ``seen`` or in attention masks; the caller shifts positions by its length."""
+    ``seen`` or in attention masks; the caller shifts positions by its length.
+
+    ``segments`` (set by :meth:`packed_rows`, prefill only): the forward's one row holds several
+    cache rows' prompts end to end; each ``(row, start, length, dest)`` is tokens
+    ``start:start+length`` of the forward, cache row ``row`` positions ``dest:dest+length``
+    (:meth:`attend_segments`)."""
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     seen: int = 0
     prefix_keys: list[torch.Tensor] | None = None
     prefix_values: list[torch.Tensor] | None = None
+    segments: list[tuple[int, int, int, int]] | None = None
 
     def __post_init__(self):
         if (self.prefix_keys is None) != (self.prefix_values is None):
@@ -94,6 +103,31 @@ class KVCache:
         self.keys = [k.index_select(0, index) for k in self.keys]
         self.values = [v.index_select(0, index) for v in self.values]
 
+    def packed_rows(self, segments: list[tuple[int, int, int, int]]) -> "KVCache":
+        """This cache (same buffers and prefix) for one forward over several rows' prompts packed end
+        to end in a single row: ``segments`` as in the class docstring. Every token attends
+        causally within its own segment only (and to the prefix), its keys/values written to its
+        row's positions; the numbers are those of each row's prompt alone."""
+        return KVCache(self.keys, self.values, 0, self.prefix_keys, self.prefix_values, list(segments))
+
+    def attend_segments(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention of a packed-rows forward (``q`` (1, H, N, D), ``k``/``v`` (1, KV, N, D)): each
+        segment's keys/values go to its cache row, then causal attention over them (after the prefix,
+        if any), as :class:`Attention` runs one row's prompt alone."""
+        out = q.new_empty(q.shape)
+        for row, start, n, dest in self.segments:
+            kc = self.keys[layer][row:row + 1, :, dest:dest + n]
+            vc = self.values[layer][row:row + 1, :, dest:dest + n]
+            kc.copy_(k[:, :, start:start + n])
+            vc.copy_(v[:, :, start:start + n])
+            qs = q[:, :, start:start + n]
+            if self.prefix_keys is not None:
+                out[:, :, start:start + n] = prefix_attention(qs, self.prefix_keys[layer], self.prefix_values[layer],
+                                                              kc, vc, None)
+            else:
+                out[:, :, start:start + n] = causal_attention(qs, kc, vc)
+        return out
+
     def part(self, rows=slice(None), start: int = 0, seen: int = 0) -> "KVCache":
         """A cache over batch ``rows`` (a slice: views into this cache; an index tensor: copies)
         and positions ``start:``, with ``seen`` positions filled and the same shared prefix."""
@@ -111,12 +145,22 @@ class Attention(nn.Module):
         self.k_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=b)
         self.v_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=b)
         self.o_proj = Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=b)
+        self.qkv_packed = PackedWeight()  # q/k/v as one packed GEMM in inference (fused_linears)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None):
         B, T, _ = x.shape
-        q = rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
-        k = rope(self.k_proj(x).view(B, T, self.n_kv, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        qkv = fused_linears((self.q_proj, self.k_proj, self.v_proj), x, self.qkv_packed)
+        if qkv is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            q, k, v = qkv.split((self.n_heads * self.head_dim, self.n_kv * self.head_dim,
+                                 self.n_kv * self.head_dim), dim=-1)
+        q = rope(q.view(B, T, self.n_heads, self.head_dim), cos, sin)
+        k = rope(k.view(B, T, self.n_kv, self.head_dim), cos, sin)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        if cache is not None and cache.segments is not None:  # several rows' prompts packed in one row
+            out = cache.attend_segments(self.layer_idx, q, k, v)
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         gqa = self.n_kv != self.n_heads
@@ -141,8 +185,12 @@ class MLP(nn.Module):
         self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=b)
         self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=b)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=b)
+        self.gate_up_packed = PackedWeight()  # gate/up as one packed GEMM in inference (fused_linears)
 
     def forward(self, x):
+        gate_up = fused_linears((self.gate_proj, self.up_proj), x, self.gate_up_packed)
+        if gate_up is not None:
+            return self.down_proj(swiglu_halves(gate_up))
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
@@ -270,6 +318,10 @@ class Llama(nn.Module):
         if attention_mask is None and past == 0:
             return None
         S = past + T
+        if T == 1 and attention_mask is not None:  # a decode step: every key is causal, the query sees itself
+            m = attention_mask != 0
+            m[:, -1] = True
+            return m[:, None, None, :]
         q_pos = torch.arange(past, S, device=device)[:, None]
         k_pos = torch.arange(S, device=device)[None, :]
         m = (k_pos <= q_pos)[None, None]
