@@ -10,6 +10,8 @@
 
 #include <sys/mman.h>
 
+#include <type_traits>
+
 namespace {
 
 using namespace qru;
@@ -210,60 +212,169 @@ std::tuple<at::Tensor, at::Tensor> q4_quantize(const at::Tensor& x, const at::Te
   return {packed, absmax};
 }
 
-#if QRU_AVX512
+// Dequantize: per block, the 16 possible outputs round(code[k] * absmax) are computed once (the
+// same fp32 product and rounding as element by element, so the same bits), then every element is
+// a 16-entry table lookup by its nibble: AVX-512 vpermw (16-bit outputs) / vpermps (fp32), AVX2
+// pshufb on the low and high bytes / two vpermps, or a scalar loop. ``level`` caps the path: 2 =
+// AVX-512, 1 = AVX2, 0 = scalar (a path not compiled on this CPU falls to the next lower one).
 template <int DT>
-inline void store16(void* out, int64_t i, __m512 v) {
-  if constexpr (DT == F32) {
-    _mm512_storeu_ps(static_cast<float*>(out) + i, v);
-  } else if constexpr (DT == BF16) {
+using Out = std::conditional_t<DT == F32, float, uint16_t>;
+
+// Elements [i, len) of a block from its table, scalar.
+template <int DT>
+inline void q4_lookup_scalar(const uint8_t* packed, int64_t start, int64_t i, int64_t len, const Out<DT>* tab,
+                             Out<DT>* out) {
+  for (; i < len; ++i) {
+    const uint8_t byte = packed[(start + i) >> 1];
+    out[start + i] = tab[((start + i) & 1) ? (byte & 0xF) : (byte >> 4)];
+  }
+}
+
+#if QRU_AVX512
+// 16 fp32 -> 16 bits of DT (bf16: nearest even, NaN -> 0x7FC0; fp16: vcvtps2ph, nearest even).
+template <int DT>
+inline __m256i to16_avx512(__m512 v) {
+  if constexpr (DT == BF16) {
     const __m512i u = _mm512_castps_si512(v);
     const __m512i bias = _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)));
     __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
     r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + i), _mm512_cvtepi32_epi16(r));
+    return _mm512_cvtepi32_epi16(r);
   } else {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + i),
-                        _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+}
+
+template <int DT>
+inline void store16(void* out, int64_t i, __m512 v) {
+  if constexpr (DT == F32) _mm512_storeu_ps(static_cast<float*>(out) + i, v);
+  else _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + i), to16_avx512<DT>(v));
+}
+
+// One block (elements start .. start + len), AVX-512; the last len % 32 scalar.
+template <int DT>
+inline void q4_deq_block_avx512(const uint8_t* packed, int64_t start, int64_t len, __m512 code, float a,
+                                Out<DT>* out) {
+  const __m512 prod = _mm512_mul_ps(code, _mm512_set1_ps(a));
+  int64_t i = 0;
+  if constexpr (DT == F32) {
+    const __m128i nib = _mm_set1_epi8(0x0F);
+    for (; i + 32 <= len; i += 32) {
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + ((start + i) >> 1)));
+      const __m128i h = _mm_and_si128(_mm_srli_epi16(bytes, 4), nib), l = _mm_and_si128(bytes, nib);
+      _mm512_storeu_ps(out + start + i, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(h, l)), prod));
+      _mm512_storeu_ps(out + start + i + 16,
+                       _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(h, l)), prod));
+    }
+  } else {
+    const __m512i tab = _mm512_castsi256_si512(to16_avx512<DT>(prod));
+    const __m512i lo4 = _mm512_set1_epi32(0x000F0000);
+    for (; i + 32 <= len; i += 32) {
+      // byte k widened to dword k, rearranged as the words (k >> 4, k & 15): elements 2k, 2k + 1
+      const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + ((start + i) >> 1))));
+      const __m512i idx = _mm512_or_si512(_mm512_srli_epi32(d, 4), _mm512_and_si512(_mm512_slli_epi32(d, 16), lo4));
+      _mm512_storeu_si512(out + start + i, _mm512_permutexvar_epi16(idx, tab));
+    }
+  }
+  if (i < len) {
+    alignas(64) Out<DT> t[16];
+    if constexpr (DT == F32) _mm512_store_ps(t, prod);
+    else _mm256_store_si256(reinterpret_cast<__m256i*>(t), to16_avx512<DT>(prod));
+    q4_lookup_scalar<DT>(packed, start, i, len, t, out);
   }
 }
 #endif
 
+#if QRU_AVX2 && QRU_AVX2_F16C
+// One block, AVX2 (+F16C for fp16 outputs); the last len % 32 scalar.
+template <int DT>
+inline void q4_deq_block_avx2(const uint8_t* packed, int64_t start, int64_t len, __m256 code_lo, __m256 code_hi,
+                              float a, Out<DT>* out) {
+  const __m256 va = _mm256_set1_ps(a);
+  const __m256 plo = _mm256_mul_ps(code_lo, va), phi = _mm256_mul_ps(code_hi, va);
+  const __m128i nib = _mm_set1_epi8(0x0F);
+  int64_t i = 0;
+  if constexpr (DT == F32) {
+    for (; i + 32 <= len; i += 32) {
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + ((start + i) >> 1)));
+      const __m128i h = _mm_and_si128(_mm_srli_epi16(bytes, 4), nib), l = _mm_and_si128(bytes, nib);
+      const __m128i e[2] = {_mm_unpacklo_epi8(h, l), _mm_unpackhi_epi8(h, l)};  // codes of elements 0..15, 16..31
+      for (int k = 0; k < 4; ++k) {
+        const __m256i q = _mm256_cvtepu8_epi32(k & 1 ? _mm_srli_si128(e[k >> 1], 8) : e[k >> 1]);
+        // bit 3 of the code (shifted to the sign) picks the upper half of the table
+        const __m256 v = _mm256_blendv_ps(_mm256_permutevar8x32_ps(plo, q), _mm256_permutevar8x32_ps(phi, q),
+                                          _mm256_castsi256_ps(_mm256_slli_epi32(q, 28)));
+        _mm256_storeu_ps(out + start + i + 8 * k, v);
+      }
+    }
+  } else {
+    __m128i t0, t1;  // the 16 table entries, 8 + 8
+    if constexpr (DT == BF16) {
+      t0 = _mm_packus_epi32(_mm256_castsi256_si128(bf16_bits(plo)), _mm256_extracti128_si256(bf16_bits(plo), 1));
+      t1 = _mm_packus_epi32(_mm256_castsi256_si128(bf16_bits(phi)), _mm256_extracti128_si256(bf16_bits(phi), 1));
+    } else {
+      t0 = _mm256_cvtps_ph(plo, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      t1 = _mm256_cvtps_ph(phi, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    }
+    // low bytes and high bytes of the 16 entries, each a 16-byte pshufb table (in both lanes)
+    const __m128i evens = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    const __m128i s0 = _mm_shuffle_epi8(t0, evens), s1 = _mm_shuffle_epi8(t1, evens);
+    const __m256i tlo = _mm256_broadcastsi128_si256(_mm_unpacklo_epi64(s0, s1));
+    const __m256i thi = _mm256_broadcastsi128_si256(_mm_unpackhi_epi64(s0, s1));
+    for (; i + 32 <= len; i += 32) {
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + ((start + i) >> 1)));
+      const __m128i h = _mm_and_si128(_mm_srli_epi16(bytes, 4), nib), l = _mm_and_si128(bytes, nib);
+      const __m256i q = _mm256_set_m128i(_mm_unpackhi_epi8(h, l), _mm_unpacklo_epi8(h, l));  // codes 0..31
+      const __m256i lo = _mm256_shuffle_epi8(tlo, q), hi = _mm256_shuffle_epi8(thi, q);
+      const __m256i w0 = _mm256_unpacklo_epi8(lo, hi), w1 = _mm256_unpackhi_epi8(lo, hi);  // 0..7|16..23, 8..15|24..31
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + start + i), _mm256_permute2x128_si256(w0, w1, 0x20));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + start + i + 16), _mm256_permute2x128_si256(w0, w1, 0x31));
+    }
+  }
+  if (i < len) {
+    alignas(32) Out<DT> t[16];
+    for (int k = 0; k < 8; ++k) {
+      store_f32<DT>(t, k, _mm256_cvtss_f32(_mm256_permutevar8x32_ps(plo, _mm256_set1_epi32(k))));
+      store_f32<DT>(t, k + 8, _mm256_cvtss_f32(_mm256_permutevar8x32_ps(phi, _mm256_set1_epi32(k))));
+    }
+    q4_lookup_scalar<DT>(packed, start, i, len, t, out);
+  }
+}
+#endif
+
+// The most capable dequantize path compiled here (2 AVX-512, 1 AVX2 + F16C, 0 scalar).
+constexpr int kQ4Level = QRU_AVX512 ? 2 : ((QRU_AVX2 && QRU_AVX2_F16C) ? 1 : 0);
+
 template <int DT>
 void q4_dequantize_impl(const uint8_t* packed, const float* absmax, int64_t n, int64_t bs, const Q4Tables& t,
-                        void* out, bool scalar) {
+                        void* out_, int level) {
   const int64_t n_blocks = (n + bs - 1) / bs;
-#if QRU_AVX512
-  const __m512 code = _mm512_loadu_ps(t.code);
-  const __m128i nib = _mm_set1_epi8(0x0F);
-#endif
+  Out<DT>* out = static_cast<Out<DT>*>(out_);
+  level = std::min(level, kQ4Level);
   const int64_t chunk = chunk_of(bs);
   parallel_items(n_blocks, chunk, [&](int64_t b) {
     const int64_t start = b * bs, len = std::min(bs, n - start);
     const float a = absmax[b];
-    int64_t i = 0;
 #if QRU_AVX512
-    if (!scalar) {
-      const __m512 va = _mm512_set1_ps(a);
-      for (; i + 32 <= len; i += 32) {
-        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + ((start + i) >> 1)));
-        const __m128i h = _mm_and_si128(_mm_srli_epi16(bytes, 4), nib), l = _mm_and_si128(bytes, nib);
-        const __m512 v0 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(h, l)), code), va);
-        const __m512 v1 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(h, l)), code), va);
-        store16<DT>(out, start + i, v0);
-        store16<DT>(out, start + i + 16, v1);
-      }
+    if (level == 2) {
+      q4_deq_block_avx512<DT>(packed, start, len, _mm512_loadu_ps(t.code), a, out);
+      return;
     }
 #endif
-    for (; i < len; ++i) {
-      const uint8_t byte = packed[(start + i) >> 1];
-      const int q = (i & 1) ? (byte & 0xF) : (byte >> 4);
-      store_f32<DT>(out, start + i, t.code[q] * a);
+#if QRU_AVX2 && QRU_AVX2_F16C
+    if (level == 1) {
+      q4_deq_block_avx2<DT>(packed, start, len, _mm256_loadu_ps(t.code), _mm256_loadu_ps(t.code + 8), a, out);
+      return;
     }
+#endif
+    Out<DT> tab[16];
+    for (int k = 0; k < 16; ++k) store_f32<DT>(tab, k, t.code[k] * a);
+    q4_lookup_scalar<DT>(packed, start, 0, len, tab, out);
   });
 }
 
 at::Tensor q4_dequantize(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
-                         int64_t block_size, int64_t n, at::ScalarType dtype, bool scalar) {
+                         int64_t block_size, int64_t n, at::ScalarType dtype, bool scalar, int64_t level) {
   TORCH_CHECK(packed.device().is_cpu() && packed.is_contiguous() && packed.scalar_type() == at::kByte,
               "packed must be a contiguous CPU uint8 tensor");
   TORCH_CHECK(absmax.is_contiguous() && absmax.scalar_type() == at::kFloat, "absmax must be contiguous float32");
@@ -277,9 +388,10 @@ at::Tensor q4_dequantize(const at::Tensor& packed, const at::Tensor& absmax, con
   const Q4Tables t = make_tables(at::Tensor(), at::Tensor(), code);
   const uint8_t* pk = packed.data_ptr<uint8_t>();
   const float* am = absmax.data_ptr<float>();
-  if (dt == F32) q4_dequantize_impl<F32>(pk, am, n, block_size, t, out.data_ptr(), scalar);
-  else if (dt == BF16) q4_dequantize_impl<BF16>(pk, am, n, block_size, t, out.data_ptr(), scalar);
-  else q4_dequantize_impl<F16>(pk, am, n, block_size, t, out.data_ptr(), scalar);
+  const int lv = scalar ? 0 : int(std::clamp<int64_t>(level, 0, 2));
+  if (dt == F32) q4_dequantize_impl<F32>(pk, am, n, block_size, t, out.data_ptr(), lv);
+  else if (dt == BF16) q4_dequantize_impl<BF16>(pk, am, n, block_size, t, out.data_ptr(), lv);
+  else q4_dequantize_impl<F16>(pk, am, n, block_size, t, out.data_ptr(), lv);
   return out;
 }
 
@@ -521,7 +633,9 @@ TORCH_LIBRARY(qru_quant, m) {
         &q4_quantize);
   // NF4/FP4 blockwise dequantize -> flat tensor
   m.def("q4_dequantize(Tensor packed, Tensor absmax, Tensor code, int block_size, int n, ScalarType dtype, "
-        "bool scalar) -> Tensor", &q4_dequantize);
+        "bool scalar, int level=2) -> Tensor", &q4_dequantize);
+  // the most capable NF4/FP4 dequantize path compiled on this CPU: 2 AVX-512, 1 AVX2, 0 scalar
+  m.def("q4_level() -> int", [] { return int64_t(kQ4Level); });
   // int4/int4_sym/int8 quantize -> (data, scales, zeros)
   m.def("int_quantize(Tensor x, int cols, int group, int kind, float eps, bool scalar) -> (Tensor, Tensor, Tensor)",
         &int_quantize);
