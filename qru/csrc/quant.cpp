@@ -48,7 +48,37 @@ struct Q4Tables {
   float bounds[16];  // 15 midpoints (+ unused pad)
   int32_t order[16];
   float code[16];
+  // Bucketed lookup (the AVX-512 quantizer, where it applies: NF4): s in [-1, 1] falls in bucket
+  // j = trunc(s * 16 + 16) (clamped to 31); when every bucket holds at most one midpoint, far
+  // from its edges, the code is below[j] + (s > bound[j]): two table lookups instead of a binary
+  // search of four. (The index's rounding only moves an s across an edge no midpoint is near.)
+  bool bucketed = false;
+  float bucket_bound[32];   // the midpoint in bucket j, or +inf
+  int32_t bucket_below[32]; // midpoints in the buckets below j
 };
+
+// Fills the bucket tables when the midpoints allow them (see Q4Tables) and the order is the identity.
+inline void make_buckets(Q4Tables& t) {
+  t.bucketed = false;
+  for (int k = 0; k < 16; ++k)
+    if (t.order[k] != k) return;
+  int owner[32];
+  std::fill(owner, owner + 32, -1);
+  for (int k = 0; k < 15; ++k) {
+    const double u = (double(t.bounds[k]) + 1.0) * 16.0;
+    if (!(u > 0.0 && u < 32.0)) return;
+    const int j = int(u);
+    if (owner[j] >= 0 || u - j < 1e-3 || j + 1 - u < 1e-3) return;
+    owner[j] = k;
+  }
+  int below = 0;
+  for (int j = 0; j < 32; ++j) {
+    t.bucket_bound[j] = owner[j] >= 0 ? t.bounds[owner[j]] : INFINITY;
+    t.bucket_below[j] = below;
+    below += owner[j] >= 0;
+  }
+  t.bucketed = true;
+}
 
 inline int q4_index(float s, const Q4Tables& t) {
   int idx = 0;
@@ -109,9 +139,11 @@ inline uint32_t absmax_bits_avx512(const void* x, int64_t start, int64_t len) {
     const uint16_t* p = static_cast<const uint16_t*>(x) + start;
     for (int64_t i = 0; i < len; i += 32)
       m = _mm512_max_epu16(m, _mm512_and_si512(_mm512_loadu_si512(p + i), mask));
-    const __m512i lo = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(m));
-    const __m512i hi = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(m, 1));
-    const uint32_t h = _mm512_reduce_max_epu32(_mm512_max_epu32(lo, hi));
+    // halve to 8 lanes, then phminposuw on the complement: max = ~min(~v)
+    const __m256i m2 = _mm256_max_epu16(_mm512_castsi512_si256(m), _mm512_extracti64x4_epi64(m, 1));
+    const __m128i m1 = _mm_max_epu16(_mm256_castsi256_si128(m2), _mm256_extracti128_si256(m2, 1));
+    const __m128i ones = _mm_set1_epi32(-1);
+    const uint32_t h = uint32_t(~_mm_cvtsi128_si32(_mm_minpos_epu16(_mm_xor_si128(m1, ones)))) & 0xFFFFu;
     if constexpr (DT == BF16) return h << 16;
     return f2u(half_to_f32(uint16_t(h)));
   }
@@ -133,26 +165,64 @@ inline __m512i q4_index16(__m512 s, __m512 bounds, __m512i order) {
   return _mm512_permutexvar_epi32(pos, order);
 }
 
+// q4_index16 through the bucket tables (Q4Tables::bucketed): the bucket's midpoint and count.
+struct Q4Buckets {
+  __m512 b0, b1;
+  __m512i c0, c1;
+};
+inline __m512i q4_index16_buckets(__m512 s, const Q4Buckets& k) {
+  const __m512i j = _mm512_min_epi32(
+      _mm512_cvttps_epi32(_mm512_fmadd_ps(s, _mm512_set1_ps(16.0f), _mm512_set1_ps(16.0f))),
+      _mm512_set1_epi32(31));
+  const __m512i below = _mm512_permutex2var_epi32(k.c0, j, k.c1);
+  const __mmask16 up = _mm512_cmp_ps_mask(s, _mm512_permutex2var_ps(k.b0, j, k.b1), _CMP_GT_OQ);
+  return _mm512_mask_add_epi32(below, up, below, _mm512_set1_epi32(1));
+}
+
+// 32 consecutive values as fp32, split: elements 0, 2, .., 30 (ev) and 1, 3, .., 31 (od), so that
+// lane k of both gives byte k of the packed output. bf16 needs no shuffle: dword k holds both.
+template <int DT>
+inline void load32_split(const void* p, int64_t i, __m512& ev, __m512& od) {
+  if constexpr (DT == F32) {
+    const float* f = static_cast<const float*>(p) + i;
+    const __m512 a = _mm512_loadu_ps(f), b = _mm512_loadu_ps(f + 16);
+    const __m512i ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    ev = _mm512_permutex2var_ps(a, ie, b);
+    od = _mm512_permutex2var_ps(a, _mm512_add_epi32(ie, _mm512_set1_epi32(1)), b);
+  } else {
+    const __m512i d = _mm512_loadu_si512(static_cast<const uint16_t*>(p) + i);
+    if constexpr (DT == BF16) {
+      ev = _mm512_castsi512_ps(_mm512_slli_epi32(d, 16));
+      od = _mm512_castsi512_ps(_mm512_and_si512(d, _mm512_set1_epi32(int(0xFFFF0000u))));
+    } else {
+      ev = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(d));
+      od = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(d, 16)));
+    }
+  }
+}
+
 // 16 codes (bytes c0..c15) -> 8 bytes (c0 << 4 | c1, ...) in the low half of the result.
 inline __m128i pack_pairs(__m128i c) {
   const __m128i lo8 = _mm_set1_epi16(0x00FF);
   return _mm_or_si128(_mm_slli_epi16(_mm_and_si128(c, lo8), 4), _mm_srli_epi16(c, 8));
 }
 
-template <int DT>
-void q4_block_avx512(const void* x, int64_t start, int64_t len, const Q4Tables& t, __m512 bounds,
+template <int DT, bool BUCKETS>
+void q4_block_avx512(const void* x, int64_t start, int64_t len, const Q4Buckets& bk, __m512 bounds,
                      __m512i order, uint8_t* packed, float* absmax_out) {
   const uint32_t m = absmax_bits_avx512<DT>(x, start, len);
   *absmax_out = u2f(m);
   const __m512 recip = _mm512_set1_ps(1.0f / u2f(std::max(m, kTinyBits)));
   const __m512 lo = _mm512_set1_ps(-1.0f), hi = _mm512_set1_ps(1.0f);
   for (int64_t i = 0; i < len; i += 32) {
-    const __m512 s0 = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(load16<DT>(x, start + i), recip), lo), hi);
-    const __m512 s1 = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(load16<DT>(x, start + i + 16), recip), lo), hi);
-    const __m128i c0 = _mm512_cvtepi32_epi8(q4_index16(s0, bounds, order));
-    const __m128i c1 = _mm512_cvtepi32_epi8(q4_index16(s1, bounds, order));
+    __m512 ev, od;  // elements 2k and 2k + 1 in lane k: byte k of the output
+    load32_split<DT>(x, start + i, ev, od);
+    const __m512 se = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(ev, recip), lo), hi);
+    const __m512 so = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(od, recip), lo), hi);
+    const __m512i ce = BUCKETS ? q4_index16_buckets(se, bk) : q4_index16(se, bounds, order);
+    const __m512i co = BUCKETS ? q4_index16_buckets(so, bk) : q4_index16(so, bounds, order);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(packed + ((start + i) >> 1)),
-                     _mm_packus_epi16(pack_pairs(c0), pack_pairs(c1)));
+                     _mm512_cvtepi32_epi8(_mm512_or_si512(_mm512_slli_epi32(ce, 4), co)));
   }
 }
 #endif
@@ -164,6 +234,7 @@ Q4Tables make_tables(const at::Tensor& bounds, const at::Tensor& order, const at
     TORCH_CHECK(order.dtype() == at::kInt && order.numel() == 16, "order must be int32[16]");
     std::memcpy(t.bounds, bounds.contiguous().data_ptr<float>(), sizeof(t.bounds));
     std::memcpy(t.order, order.contiguous().data_ptr<int32_t>(), sizeof(t.order));
+    make_buckets(t);
   }
   if (code.defined()) {
     TORCH_CHECK(code.dtype() == at::kFloat && code.numel() == 16, "code must be float32[16]");
@@ -179,13 +250,17 @@ void q4_quantize_impl(const void* x, int64_t n, int64_t bs, const Q4Tables& t, u
 #if QRU_AVX512
   const __m512 bounds = _mm512_loadu_ps(t.bounds);
   const __m512i order = _mm512_loadu_si512(t.order);
+  const Q4Buckets bk{_mm512_loadu_ps(t.bucket_bound), _mm512_loadu_ps(t.bucket_bound + 16),
+                     _mm512_loadu_si512(t.bucket_below), _mm512_loadu_si512(t.bucket_below + 16)};
+  const bool buckets = t.bucketed;
 #endif
   const int64_t chunk = chunk_of(bs);
   parallel_items(n_blocks, chunk, [&](int64_t b) {
     const int64_t start = b * bs, len = std::min(bs, n - start);
 #if QRU_AVX512
     if (!scalar && b < n_full) {
-      q4_block_avx512<DT>(x, start, len, t, bounds, order, packed, absmax + b);
+      if (buckets) q4_block_avx512<DT, true>(x, start, len, bk, bounds, order, packed, absmax + b);
+      else q4_block_avx512<DT, false>(x, start, len, bk, bounds, order, packed, absmax + b);
       return;
     }
 #endif
