@@ -227,6 +227,95 @@ void q4_block_avx512(const void* x, int64_t start, int64_t len, const Q4Buckets&
 }
 #endif
 
+// The most capable NF4/FP4 path compiled here (2 AVX-512, 1 AVX2 + F16C, 0 scalar).
+constexpr int kQ4Level = QRU_AVX512 ? 2 : ((QRU_AVX2 && QRU_AVX2_F16C) ? 1 : 0);
+
+#if QRU_AVX2 && QRU_AVX2_F16C
+// 16 consecutive values as fp32, split as load32_split does: lane k of (ev, od) = elements 2k, 2k + 1.
+template <int DT>
+inline void load16_split_avx2(const void* p, int64_t i, __m256& ev, __m256& od) {
+  if constexpr (DT == BF16) {
+    const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i));
+    ev = _mm256_castsi256_ps(_mm256_slli_epi32(d, 16));
+    od = _mm256_castsi256_ps(_mm256_and_si256(d, _mm256_set1_epi32(int(0xFFFF0000u))));
+  } else {
+    __m256 a, b;
+    if constexpr (DT == F32) {
+      a = _mm256_loadu_ps(static_cast<const float*>(p) + i);
+      b = _mm256_loadu_ps(static_cast<const float*>(p) + i + 8);
+    } else {
+      const uint16_t* h = static_cast<const uint16_t*>(p) + i;
+      a = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h)));
+      b = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + 8)));
+    }
+    // in-lane even / odd picks give pairs (0 2 8 10 | 4 6 12 14); the 64-bit permute restores the order
+    ev = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88)), 0xD8));
+    od = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0xDD)), 0xD8));
+  }
+}
+
+// Max of |x| bits over a full block, AVX2.
+template <int DT>
+inline uint32_t absmax_bits_avx2(const void* x, int64_t start, int64_t len) {
+  if constexpr (DT == F32) {
+    const __m256i mask = _mm256_set1_epi32(int(kAbsMask));
+    __m256i m = _mm256_setzero_si256();
+    const float* p = static_cast<const float*>(x) + start;
+    for (int64_t i = 0; i < len; i += 8)
+      m = _mm256_max_epu32(m, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i)), mask));
+    __m128i r = _mm_max_epu32(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1));
+    r = _mm_max_epu32(r, _mm_shuffle_epi32(r, 0x4E));
+    r = _mm_max_epu32(r, _mm_shuffle_epi32(r, 0xB1));
+    return uint32_t(_mm_cvtsi128_si32(r));
+  } else {
+    const __m256i mask = _mm256_set1_epi16(0x7FFF);
+    __m256i m = _mm256_setzero_si256();
+    const uint16_t* p = static_cast<const uint16_t*>(x) + start;
+    for (int64_t i = 0; i < len; i += 16)
+      m = _mm256_max_epu16(m, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i)), mask));
+    const __m128i m1 = _mm_max_epu16(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1));
+    const uint32_t h = uint32_t(~_mm_cvtsi128_si32(_mm_minpos_epu16(_mm_xor_si128(m1, _mm_set1_epi32(-1))))) & 0xFFFFu;
+    if constexpr (DT == BF16) return h << 16;
+    return f2u(half_to_f32(uint16_t(h)));
+  }
+}
+
+// 8 normalized values -> 8 codes: the count of midpoints below s (15 compares), then the order map.
+// ``bb``: the 15 midpoints, each broadcast.
+inline __m256i q4_index8_avx2(__m256 s, const __m256* bb, const Q4Tables& t, bool identity) {
+  __m256i pos = _mm256_setzero_si256();
+  for (int k = 0; k < 15; ++k)  // a true compare is -1
+    pos = _mm256_sub_epi32(pos, _mm256_castps_si256(_mm256_cmp_ps(s, bb[k], _CMP_GT_OQ)));
+  if (identity) return pos;
+  const __m256 lo = _mm256_loadu_ps(reinterpret_cast<const float*>(t.order));
+  const __m256 hi = _mm256_loadu_ps(reinterpret_cast<const float*>(t.order + 8));
+  return _mm256_castps_si256(_mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, pos), _mm256_permutevar8x32_ps(hi, pos),
+                                              _mm256_castsi256_ps(_mm256_slli_epi32(pos, 28))));
+}
+
+template <int DT>
+void q4_block_avx2(const void* x, int64_t start, int64_t len, const __m256* bb, const Q4Tables& t, bool identity,
+                   uint8_t* packed, float* absmax_out) {
+  const uint32_t m = absmax_bits_avx2<DT>(x, start, len);
+  *absmax_out = u2f(m);
+  const __m256 recip = _mm256_set1_ps(1.0f / u2f(std::max(m, kTinyBits)));
+  const __m256 lo = _mm256_set1_ps(-1.0f), hi = _mm256_set1_ps(1.0f);
+  const __m256i first = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                         0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  for (int64_t i = 0; i < len; i += 16) {
+    __m256 ev, od;
+    load16_split_avx2<DT>(x, start + i, ev, od);
+    const __m256 se = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(ev, recip), lo), hi);
+    const __m256 so = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(od, recip), lo), hi);
+    const __m256i bytes = _mm256_shuffle_epi8(
+        _mm256_or_si256(_mm256_slli_epi32(q4_index8_avx2(se, bb, t, identity), 4), q4_index8_avx2(so, bb, t, identity)),
+        first);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(packed + ((start + i) >> 1)),
+                     _mm_unpacklo_epi32(_mm256_castsi256_si128(bytes), _mm256_extracti128_si256(bytes, 1)));
+  }
+}
+#endif
+
 Q4Tables make_tables(const at::Tensor& bounds, const at::Tensor& order, const at::Tensor& code) {
   Q4Tables t{};
   if (bounds.defined()) {
@@ -245,8 +334,16 @@ Q4Tables make_tables(const at::Tensor& bounds, const at::Tensor& order, const at
 
 template <int DT>
 void q4_quantize_impl(const void* x, int64_t n, int64_t bs, const Q4Tables& t, uint8_t* packed, float* absmax,
-                      bool scalar) {
+                      int level) {
   const int64_t n_blocks = (n + bs - 1) / bs, n_full = n / bs;
+  level = std::min(level, kQ4Level);
+  bool identity = true;
+  for (int k = 0; k < 16; ++k) identity = identity && t.order[k] == k;
+  (void)identity;
+#if QRU_AVX2 && QRU_AVX2_F16C
+  __m256 bb[15];
+  for (int k = 0; k < 15; ++k) bb[k] = _mm256_set1_ps(t.bounds[k]);
+#endif
 #if QRU_AVX512
   const __m512 bounds = _mm512_loadu_ps(t.bounds);
   const __m512i order = _mm512_loadu_si512(t.order);
@@ -258,9 +355,15 @@ void q4_quantize_impl(const void* x, int64_t n, int64_t bs, const Q4Tables& t, u
   parallel_items(n_blocks, chunk, [&](int64_t b) {
     const int64_t start = b * bs, len = std::min(bs, n - start);
 #if QRU_AVX512
-    if (!scalar && b < n_full) {
+    if (level == 2 && b < n_full) {
       if (buckets) q4_block_avx512<DT, true>(x, start, len, bk, bounds, order, packed, absmax + b);
       else q4_block_avx512<DT, false>(x, start, len, bk, bounds, order, packed, absmax + b);
+      return;
+    }
+#endif
+#if QRU_AVX2 && QRU_AVX2_F16C
+    if (level == 1 && b < n_full) {
+      q4_block_avx2<DT>(x, start, len, bb, t, identity, packed, absmax + b);
       return;
     }
 #endif
@@ -269,7 +372,8 @@ void q4_quantize_impl(const void* x, int64_t n, int64_t bs, const Q4Tables& t, u
 }
 
 std::tuple<at::Tensor, at::Tensor> q4_quantize(const at::Tensor& x, const at::Tensor& bounds,
-                                               const at::Tensor& order, int64_t block_size, bool scalar) {
+                                               const at::Tensor& order, int64_t block_size, bool scalar,
+                                               int64_t level) {
   TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "x must be a contiguous CPU tensor");
   TORCH_CHECK(block_size >= 32 && block_size <= 4096 && (block_size & (block_size - 1)) == 0,
               "block_size must be a power of two between 32 and 4096, got ", block_size);
@@ -281,9 +385,10 @@ std::tuple<at::Tensor, at::Tensor> q4_quantize(const at::Tensor& x, const at::Te
   const void* src = x.data_ptr();
   uint8_t* pk = packed.data_ptr<uint8_t>();
   float* am = absmax.data_ptr<float>();
-  if (dt == F32) q4_quantize_impl<F32>(src, n, block_size, t, pk, am, scalar);
-  else if (dt == BF16) q4_quantize_impl<BF16>(src, n, block_size, t, pk, am, scalar);
-  else q4_quantize_impl<F16>(src, n, block_size, t, pk, am, scalar);
+  const int lv = scalar ? 0 : int(std::clamp<int64_t>(level, 0, 2));
+  if (dt == F32) q4_quantize_impl<F32>(src, n, block_size, t, pk, am, lv);
+  else if (dt == BF16) q4_quantize_impl<BF16>(src, n, block_size, t, pk, am, lv);
+  else q4_quantize_impl<F16>(src, n, block_size, t, pk, am, lv);
   return {packed, absmax};
 }
 
@@ -416,9 +521,6 @@ inline void q4_deq_block_avx2(const uint8_t* packed, int64_t start, int64_t len,
   }
 }
 #endif
-
-// The most capable dequantize path compiled here (2 AVX-512, 1 AVX2 + F16C, 0 scalar).
-constexpr int kQ4Level = QRU_AVX512 ? 2 : ((QRU_AVX2 && QRU_AVX2_F16C) ? 1 : 0);
 
 template <int DT>
 void q4_dequantize_impl(const uint8_t* packed, const float* absmax, int64_t n, int64_t bs, const Q4Tables& t,
@@ -704,12 +806,14 @@ at::Tensor int_dequantize(const at::Tensor& data, const at::Tensor& scales, cons
 
 TORCH_LIBRARY(qru_quant, m) {
   // NF4/FP4 blockwise quantize -> (packed uint8, absmax fp32)
-  m.def("q4_quantize(Tensor x, Tensor bounds, Tensor order, int block_size, bool scalar) -> (Tensor, Tensor)",
+  // (level caps the instruction set: 2 AVX-512, 1 AVX2, 0 scalar, as ``scalar`` does)
+  m.def("q4_quantize(Tensor x, Tensor bounds, Tensor order, int block_size, bool scalar, int level=2) "
+        "-> (Tensor, Tensor)",
         &q4_quantize);
   // NF4/FP4 blockwise dequantize -> flat tensor
   m.def("q4_dequantize(Tensor packed, Tensor absmax, Tensor code, int block_size, int n, ScalarType dtype, "
         "bool scalar, int level=2) -> Tensor", &q4_dequantize);
-  // the most capable NF4/FP4 dequantize path compiled on this CPU: 2 AVX-512, 1 AVX2, 0 scalar
+  // the most capable NF4/FP4 path compiled on this CPU: 2 AVX-512, 1 AVX2, 0 scalar
   m.def("q4_level() -> int", [] { return int64_t(kQ4Level); });
   // int4/int4_sym/int8 quantize -> (data, scales, zeros)
   m.def("int_quantize(Tensor x, int cols, int group, int kind, float eps, bool scalar) -> (Tensor, Tensor, Tensor)",
