@@ -400,14 +400,16 @@ std::tuple<at::Tensor, at::Tensor> q4_quantize(const at::Tensor& x, const at::Te
 template <int DT>
 using Out = std::conditional_t<DT == F32, float, uint16_t>;
 
-// Elements [i, len) of a block from its table, scalar.
+// Elements [i, len) of a block from its table, scalar (start + i is even: blocks and vector steps are).
 template <int DT>
 inline void q4_lookup_scalar(const uint8_t* packed, int64_t start, int64_t i, int64_t len, const Out<DT>* tab,
                              Out<DT>* out) {
-  for (; i < len; ++i) {
+  for (; i + 1 < len; i += 2) {
     const uint8_t byte = packed[(start + i) >> 1];
-    out[start + i] = tab[((start + i) & 1) ? (byte & 0xF) : (byte >> 4)];
+    out[start + i] = tab[byte >> 4];
+    out[start + i + 1] = tab[byte & 0xF];
   }
+  if (i < len) out[start + i] = tab[packed[(start + i) >> 1] >> 4];
 }
 
 #if QRU_AVX512
