@@ -63,14 +63,18 @@ inline int num_threads() { return std::max(1, at::get_num_threads()); }
 // core, even one that never started, holds up the caller, and libgomp's idle threads spin. Here
 // workers wait passively (condition variable), take chunks of items from a shared counter, and only
 // the workers that joined a job before it closed are waited for: a late one finds it closed and goes
-// back to sleep. The caller works too. Each shared object has its own team, created on first use
-// and never torn down (the threads sleep). Which items a thread runs never changes a result.
+// back to sleep. The caller works too. One team per process, created on first use and never torn
+// down (the threads sleep): Team::get's statics are unique symbols, shared by every extension built
+// from this header (so builds from different versions of it must not share a process; the build
+// flags carry the header's hash, see _backend._common_header_tag, so qru's own never do). Which
+// items a thread runs never changes a result.
 // Small jobs: waking a sleeping thread (futex, and on a VM an IPI to an idle vCPU) takes tens of
 // microseconds, as long as a whole 1M-value kernel. So both sides wait briefly before sleeping, each
 // bounded by kSpinUs: a worker that finished a job watches for the next one (back-to-back calls skip
 // the wake-up), and the caller watches for the joined workers' last chunks (a chunk is a few
-// microseconds) instead of sleeping and being woken. The spin is bounded and pauses, so a worker on a
-// core another job needs gives it back within kSpinUs; no one waits for a worker that never joined.
+// microseconds) instead of sleeping and being woken. The wait yields the core between looks (to
+// another job, or to a worker placed on the same core) and ends within kSpinUs; no one waits for a
+// worker that never joined.
 // Fork-safe: a forked child has none of the parent's workers (and maybe a mutex some thread held),
 // so a pthread_atfork handler gives the child a fresh team, whose workers it starts on first use.
 class Team {
@@ -144,17 +148,21 @@ class Team {
       fn(ctx, lo, std::min(n, lo + chunk));
     }
   }
-  // pred() within kSpinUs of spinning (true), or false when the time is up.
+  // pred() within kSpinUs of waiting (true), or false when the time is up. A few pauses first, then
+  // sched_yield between looks: a thread waiting for a worker that the scheduler put on its own core
+  // (or another job there) lets it run instead of holding the core for the whole spin.
   template <class P>
   static bool spin_until(const P& pred) {
     const auto end = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinUs);
-    for (;;) {
-      for (int i = 0; i < 16; ++i) {
-        if (pred()) return true;
+    for (int i = 0; i < 64; ++i) {
+      if (pred()) return true;
 #if defined(__x86_64__) || defined(__i386__)
-        __builtin_ia32_pause();
+      __builtin_ia32_pause();
 #endif
-      }
+    }
+    for (;;) {
+      if (pred()) return true;
+      std::this_thread::yield();
       if (std::chrono::steady_clock::now() >= end) return pred();
     }
   }
