@@ -2,9 +2,10 @@
 //
 // Bit-identical to the torch references: every element goes through the same IEEE fp32
 // operations in the same order (no fast-math; no multiply feeds an add, so FMA
-// contraction cannot change a result). The AVX-512 paths and
-// the portable scalar paths compute the same thing; ``scalar=true`` forces the latter
-// (tests compare both). Parallel over blocks / rows in dynamic chunks on qru::Team (passive waiting; see
+// contraction cannot change a result; the one explicit FMA, NF4's bucket index, only picks which
+// midpoint to compare with, see Q4Tables). The AVX-512, AVX2 (NF4/FP4) and portable scalar paths
+// compute the same thing; ``scalar=true`` forces the scalar one and the NF4/FP4 ops' ``level`` caps
+// the path (tests compare all). Parallel over blocks / rows in dynamic chunks on qru::Team (see
 // qru_common.h), thread count = torch's.
 #include "qru_common.h"
 
