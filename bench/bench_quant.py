@@ -2,9 +2,9 @@
 bf16 weights, same run. A plain copy moving the same number of bytes (read + write) is timed
 in the same rotation and serves as the bandwidth roofline.
 
-bitsandbytes, qru C++ and the copy are called one at a time, in turn, so outside load hits
-all of them alike; the speed-up is the median of the paired per-turn ratios (peer time /
-provider time). The torch reference is timed after that rotation (ratio of medians): its
+bitsandbytes, qru C++ and the copy are called one at a time, in turn (the order reversed every
+other turn), so outside load and the previous call's after-effects hit all of them alike; the
+speed-up is the median of the paired per-turn ratios (peer time / provider time). The torch reference is timed after that rotation (ratio of medians): its
 multi-GB temporaries, freed between calls, otherwise slow the next provider's page faults.
 NF4/FP4 also time ``qru-cpp-all-threads``: the same C++ kernel on all torch threads, without the
 busy-machine thread rule of ``qru.kernels.threads``. The thread rule in force and the load are printed. Integer formats (no bitsandbytes peer) compare C++ with the reference. llama.cpp's GGUF block
@@ -50,9 +50,12 @@ def paired(fns: dict, samples: int, device: str = "cpu") -> tuple[dict[str, Timi
     for fn in fns.values():
         fn()
     times = {k: [] for k in fns}
-    for _ in range(samples):
-        for name, fn in fns.items():
-            times[name].append(bench(fn, warmup=0, repeats=1, device=device).median)
+    order = list(fns)
+    for turn in range(samples):
+        # ABBA: the order flips every turn, so no provider always runs right after the same one (a
+        # peer's OpenMP threads still spinning, or a team still awake from the previous call)
+        for name in (order if turn % 2 == 0 else order[::-1]):
+            times[name].append(bench(fns[name], warmup=0, repeats=1, device=device).median)
     peer = next(iter(fns))
     out, ratios = {}, {}
     for k, s in times.items():

@@ -11,7 +11,8 @@ from hypothesis.extra.numpy import arrays
 
 from qru.kernels import quant4, quant_int
 from cpp_helpers import need_cpp
-from qru.kernels._backend import missing_toolchain
+from qru.kernels import machine
+from qru.kernels._backend import load_cpp_ext, missing_toolchain
 
 # the interpreter evaluates masked-out lanes too (0/0 for all-zero groups): numpy warns
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
@@ -61,6 +62,7 @@ def check_4bit(w, fmt, bs, cpp, scalar_too=True):
     if cpp:
         outs["cpp"] = quant4._quantize_cpp(w, fmt, bs)
     if cpp and scalar_too:
+        outs["cpp-avx2"] = quant4._quantize_cpp(w, fmt, bs, path="avx2")
         outs["cpp-scalar"] = quant4._quantize_cpp(w, fmt, bs, scalar=True)
     for name, (p, a) in outs.items():
         assert_same(p, ref[0], f"{name} packed")
@@ -72,7 +74,8 @@ def check_4bit(w, fmt, bs, cpp, scalar_too=True):
         if cpp:
             assert_same(quant4._dequantize_cpp(*ref, fmt, bs, n, dt), d, f"cpp dequant {dt}")
         if cpp and scalar_too:
-            assert_same(quant4._dequantize_cpp(*ref, fmt, bs, n, dt, scalar=True), d, f"cpp-scalar dequant {dt}")
+            for path in ("avx2", "scalar"):
+                assert_same(quant4._dequantize_cpp(*ref, fmt, bs, n, dt, path=path), d, f"cpp-{path} dequant {dt}")
     return ref
 
 
@@ -160,6 +163,49 @@ def test_4bit_adversarial(cpp, fmt, dtype, bs):
     packed, absmax = check_4bit(w, fmt, bs, cpp)
     assert absmax[0] == 0  # an all-zero full block keeps absmax 0 (bitsandbytes)
     assert absmax[-1].view(torch.int32) == quant4.TINY_BITS or absmax[-1] > 1e-38
+
+
+@pytest.mark.parametrize("fmt", FMT4)
+@pytest.mark.parametrize("bs,n", [(32, 1), (32, 31), (32, 33), (64, 95), (64, 129), (64, 64 * 257 + 63),
+                                  (128, 300_001), (4096, 4096 * 3 + 17)])
+def test_4bit_paths_awkward_sizes_and_threads(cpp_only, fmt, bs, n):
+    """Every quantize and dequantize path (AVX-512, AVX2, scalar: each capped, falling back where
+    not compiled) on sizes off the block and vector widths, odd counts, every input dtype, a NaN /
+    Inf / 0 absmax, at 1, 2 and 3 threads: the reference's bits."""
+    g = torch.Generator().manual_seed(n)
+    w = torch.randn(n, generator=g) * 0.03
+    packed, absmax = quant4.quantize_4bit_reference(w, fmt, bs)
+    absmax[0] = 0.0
+    if absmax.numel() > 3:
+        absmax[1], absmax[2] = float("nan"), float("inf")
+    absmax[-1] *= 1e-39  # a subnormal product in the (maybe partial) last block
+    n_threads = torch.get_num_threads()
+    try:
+        for dt in DTYPES:
+            x = w.to(dt)
+            ref = quant4.quantize_4bit_reference(x, fmt, bs)
+            for path in quant4.CPP_PATHS:
+                for t in (1, 2, 3):
+                    torch.set_num_threads(t)
+                    p, a = quant4._quantize_cpp(x, fmt, bs, path=path)
+                    assert_same(p, ref[0], f"{path} {dt} {t} threads packed")
+                    assert_same(a, ref[1], f"{path} {dt} {t} threads absmax")
+        for dt in DTYPES:
+            d = quant4.dequantize_4bit_reference(packed, absmax, fmt, bs, n, dt)
+            for path in quant4.CPP_PATHS:
+                for t in (1, 2, 3):
+                    torch.set_num_threads(t)
+                    assert_same(quant4._dequantize_cpp(packed, absmax, fmt, bs, n, dt, path=path), d,
+                                f"{path} {dt} {t} threads")
+    finally:
+        torch.set_num_threads(n_threads)
+
+
+def test_4bit_paths_match_the_cpu(cpp_only):
+    """The fastest compiled quantize / dequantize path is the one the CPU's instruction set allows."""
+    level = load_cpp_ext("quant").q4_level()
+    isa = machine.isa_level()
+    assert level == {"amx": 2, "avx512_bf16": 2, "avx512": 2, "avx2": 1}.get(isa, 0), isa
 
 
 def test_4bit_midpoint_ties_take_lower_code(cpp):

@@ -2,6 +2,7 @@
 thread count, each agreeing with its pure-torch reference; and the team survives ``fork``."""
 import multiprocessing as mp
 import os
+import time
 
 import pytest
 import torch
@@ -174,3 +175,41 @@ def test_team_works_in_a_forked_child():
             assert new_threads >= 1, "the child's kernel ran without a team worker"
     finally:
         torch.set_num_threads(n)
+
+
+def _task_cpu_seconds() -> dict[str, float]:
+    """CPU time (user + system) of each thread of this process, by thread id."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[tid] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return out
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs /proc")
+def test_idle_team_workers_sleep():
+    """A worker waits for the next job only briefly (a bounded spin), then sleeps: between calls the
+    team takes no CPU from another job on the machine. Measured per thread: the workers' CPU time
+    over half a second of idling."""
+    n = torch.get_num_threads()
+    w = (torch.randn(1 << 20, generator=torch.Generator().manual_seed(2)) * 0.02).to(torch.bfloat16)
+    packed, absmax = quant4.quantize_4bit_reference(w, "nf4", 64)
+    code = quant4.codebook("nf4")
+    ext = load_cpp_ext("quant")
+    torch.set_num_threads(2)
+    try:
+        for _ in range(20):  # back-to-back calls: the workers are up (and spinning between calls)
+            ext.q4_dequantize(packed, absmax, code, 64, w.numel(), torch.bfloat16, False)
+        time.sleep(0.05)
+        before = _task_cpu_seconds()
+        time.sleep(0.5)
+        after = _task_cpu_seconds()
+    finally:
+        torch.set_num_threads(n)
+    busy = {t: after[t] - before[t] for t in before if t in after}
+    assert max(busy.values()) < 0.05, f"threads burnt CPU while idle: {busy}"

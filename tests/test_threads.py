@@ -199,6 +199,32 @@ def test_kernel_team_sets_and_restores_torch_threads(fake, monkeypatch):
         torch.set_num_threads(n)
 
 
+
+def test_with_kernel_team_runs_at_the_rule_s_count_and_restores(fake, monkeypatch):
+    seen = []
+
+    @threads.with_kernel_team(lambda work: work)
+    def kernel(work):
+        seen.append(torch.get_num_threads())
+        if work < 0:
+            raise RuntimeError("kernel failed")
+        return work
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setenv("QRU_KERNEL_THREADS", "one")
+        assert kernel(1 << 20) == 1 << 20 and seen[-1] == 1 and torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError):
+            kernel(-(1 << 20))
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("QRU_KERNEL_THREADS", "all")
+        kernel(1 << 20)
+        kernel(threads.SMALL - 1)
+        assert seen[-2:] == [2, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(n)
+
 def _quant_outputs(w):
     n = w.numel()
     out = {}

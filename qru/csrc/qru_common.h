@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
@@ -62,8 +63,18 @@ inline int num_threads() { return std::max(1, at::get_num_threads()); }
 // core, even one that never started, holds up the caller, and libgomp's idle threads spin. Here
 // workers wait passively (condition variable), take chunks of items from a shared counter, and only
 // the workers that joined a job before it closed are waited for: a late one finds it closed and goes
-// back to sleep. The caller works too. Each shared object has its own team, created on first use
-// and never torn down (the threads sleep). Which items a thread runs never changes a result.
+// back to sleep. The caller works too. One team per process, created on first use and never torn
+// down (the threads sleep): Team::get's statics are unique symbols, shared by every extension built
+// from this header (so builds from different versions of it must not share a process; the build
+// flags carry the header's hash, see _backend._common_header_tag, so qru's own never do). Which
+// items a thread runs never changes a result.
+// Small jobs: waking a sleeping thread (futex, and on a VM an IPI to an idle vCPU) takes tens of
+// microseconds, as long as a whole 1M-value kernel. So both sides wait briefly before sleeping, each
+// bounded by kSpinUs: a worker that finished a job watches for the next one (back-to-back calls skip
+// the wake-up), and the caller watches for the joined workers' last chunks (a chunk is a few
+// microseconds) instead of sleeping and being woken. The wait yields the core between looks (to
+// another job, or to a worker placed on the same core) and ends within kSpinUs; no one waits for a
+// worker that never joined.
 // Fork-safe: a forked child has none of the parent's workers (and maybe a mutex some thread held),
 // so a pthread_atfork handler gives the child a fresh team, whose workers it starts on first use.
 class Team {
@@ -88,7 +99,7 @@ class Team {
       return;
     }
     std::unique_lock<std::mutex> lock(mu_);  // one job at a time per team
-    while (open_ || joined_ > 0) done_.wait(lock);
+    while (open_ || joined_.load(std::memory_order_relaxed) > 0) done_.wait(lock);
     while (int(workers_.size()) < threads - 1) workers_.emplace_back([this] { work(); });
     fn_ = &trampoline<F>;
     ctx_ = &body;
@@ -97,16 +108,25 @@ class Team {
     seats_ = threads - 1;
     next_.store(0, std::memory_order_relaxed);
     open_ = true;
-    ++gen_;
+    gen_.fetch_add(1, std::memory_order_release);
+    const bool sleeping = sleepers_ > 0;
     lock.unlock();
-    wake_.notify_all();
+    if (sleeping) wake_.notify_all();  // spinning workers see gen_ without a system call
     take(&trampoline<F>, &body, n, chunk);
     lock.lock();
     open_ = false;  // no one joins from now on; wait only for those who did
-    done_.wait(lock, [this] { return joined_ == 0; });
+    if (joined_.load(std::memory_order_acquire) > 0) {
+      lock.unlock();
+      spin_until([this] { return joined_.load(std::memory_order_acquire) == 0; });
+      lock.lock();
+      done_.wait(lock, [this] { return joined_.load(std::memory_order_acquire) == 0; });
+    }
     lock.unlock();
     done_.notify_all();
   }
+
+  // Microseconds a waiting thread spins (pausing) before it sleeps.
+  static constexpr int kSpinUs = 50;
 
  private:
   static Team*& slot() {
@@ -128,31 +148,57 @@ class Team {
       fn(ctx, lo, std::min(n, lo + chunk));
     }
   }
+  // pred() within kSpinUs of waiting (true), or false when the time is up. A few pauses first, then
+  // sched_yield between looks: a thread waiting for a worker that the scheduler put on its own core
+  // (or another job there) lets it run instead of holding the core for the whole spin.
+  template <class P>
+  static bool spin_until(const P& pred) {
+    const auto end = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinUs);
+    for (int i = 0; i < 64; ++i) {
+      if (pred()) return true;
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+    }
+    for (;;) {
+      if (pred()) return true;
+      std::this_thread::yield();
+      if (std::chrono::steady_clock::now() >= end) return pred();
+    }
+  }
   void work() {
     uint64_t seen = 0;
     std::unique_lock<std::mutex> lock(mu_);
     for (;;) {
-      wake_.wait(lock, [&] { return gen_ != seen; });
-      seen = gen_;
+      if (gen_.load(std::memory_order_relaxed) == seen) {
+        lock.unlock();
+        spin_until([&] { return gen_.load(std::memory_order_acquire) != seen; });
+        lock.lock();
+        ++sleepers_;
+        wake_.wait(lock, [&] { return gen_.load(std::memory_order_relaxed) != seen; });
+        --sleepers_;
+      }
+      seen = gen_.load(std::memory_order_relaxed);
       if (!open_ || seats_ == 0) continue;
       --seats_;
-      ++joined_;
+      joined_.fetch_add(1, std::memory_order_relaxed);
       const Fn fn = fn_;
       const void* ctx = ctx_;
       const int64_t n = n_, chunk = chunk_;
       lock.unlock();
       take(fn, ctx, n, chunk);
       lock.lock();
-      if (--joined_ == 0) done_.notify_all();
+      if (joined_.fetch_sub(1, std::memory_order_acq_rel) == 1) done_.notify_all();
     }
   }
 
   std::mutex mu_;
   std::condition_variable wake_, done_;
   std::vector<std::thread> workers_;
-  uint64_t gen_ = 0;
+  std::atomic<uint64_t> gen_{0};  // changed under mu_; read without it while spinning
   bool open_ = false;
-  int seats_ = 0, joined_ = 0;
+  int seats_ = 0, sleepers_ = 0;
+  std::atomic<int> joined_{0};  // changed under mu_; read without it while spinning
   Fn fn_ = nullptr;
   const void* ctx_ = nullptr;
   int64_t n_ = 0, chunk_ = 1;

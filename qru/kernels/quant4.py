@@ -217,16 +217,25 @@ def _dequantize_triton(packed, absmax, fmt, block_size, n, dtype):
 # ----------------------------------------------------------------------------- C++
 
 
+# instruction-set paths of the C++ kernels (the most capable first); one not compiled on this CPU
+# falls back to the next
+CPP_PATHS = {"avx512": 2, "avx2": 1, "scalar": 0}
+
+
 @with_kernel_team(lambda x, *a, **k: x.numel())
-def _quantize_cpp(x: torch.Tensor, fmt: str, block_size: int, scalar: bool = False):
+def _quantize_cpp(x: torch.Tensor, fmt: str, block_size: int, scalar: bool = False, path: str = "avx512"):
+    """``path`` caps the instruction set (tests force each one); ``scalar=True`` means ``path="scalar"``."""
     _, bounds, order = _tables(fmt, x.device)
-    return load_cpp_ext("quant").q4_quantize(x.reshape(-1).contiguous(), bounds, order, block_size, scalar)
+    return load_cpp_ext("quant").q4_quantize(x.reshape(-1).contiguous(), bounds, order, block_size, scalar,
+                                             CPP_PATHS[path])
 
 
 @with_kernel_team(lambda packed, absmax, fmt, block_size, n, *a, **k: n)
-def _dequantize_cpp(packed, absmax, fmt, block_size, n, dtype, scalar: bool = False):
+def _dequantize_cpp(packed, absmax, fmt, block_size, n, dtype, scalar: bool = False, path: str = "avx512"):
+    """``path`` caps the instruction set (tests force each one); ``scalar=True`` means ``path="scalar"``."""
     return load_cpp_ext("quant").q4_dequantize(
-        packed.contiguous(), absmax.contiguous(), codebook(fmt, packed.device), block_size, n, dtype, scalar)
+        packed.contiguous(), absmax.contiguous(), codebook(fmt, packed.device), block_size, n, dtype, scalar,
+        CPP_PATHS[path])
 
 
 # ----------------------------------------------------------------------------- dispatch
