@@ -72,20 +72,10 @@ def kernel_threads(work: int) -> int:
     return calibrate.rule_threads(calibrate.pick("kernel_threads"), n)
 
 
-@contextlib.contextmanager
-def kernel_team(work: int) -> Iterator[int]:
-    """Within the block torch's thread count (which the C++ kernels use) is :func:`kernel_threads`;
+def kernel_team(work: int):
+    """A block in which torch's thread count (which the C++ kernels use) is :func:`kernel_threads`;
     restored afterwards. Yields the count."""
-    n = torch.get_num_threads()
-    k = kernel_threads(work)
-    if k == n:
-        yield k
-        return
-    torch.set_num_threads(k)
-    try:
-        yield k
-    finally:
-        torch.set_num_threads(n)
+    return step_threads(kernel_threads(work))
 
 
 def with_kernel_team(work_of: Callable[..., int]) -> Callable[[F], F]:
