@@ -1,7 +1,10 @@
 """Shared test set-up. Without CUDA, Triton kernels run under the interpreter (TRITON_INTERPRET=1,
 read at each launch). The C++ kernels are loaded per test through ``cpp_helpers.need_cpp``; nothing
 here builds them, so the Triton tests never wait on (or fail with) a C++ build."""
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# The per-machine calibration and the token cache go to a private directory for the session, never
+# the user's ~/.cache/qru (unless QRU_CACHE is set: then there). Subprocesses inherit it.
+if not os.environ.get("QRU_CACHE"):
+    _cache = tempfile.mkdtemp(prefix="qru-test-cache-")
+    os.environ["QRU_CACHE"] = _cache
+    atexit.register(shutil.rmtree, _cache, True)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
