@@ -142,15 +142,9 @@ class PackedWeight:
         e = self._entry
         if e is None:
             return False
-        keys = e[0]
-        if isinstance(w, torch.Tensor):
-            if len(keys) != 1:
-                return False
-            r, p, v, ep = keys[0]
-            return r() is w and p == w.data_ptr() and v == w._version and ep == _epoch(w)
-        ws = tuple(w)
-        return len(keys) == len(ws) and all(r() is t and p == t.data_ptr() and v == t._version and ep == _epoch(t)
-                                            for (r, p, v, ep), t in zip(keys, ws))
+        ws = _weights(w)
+        return len(e[0]) == len(ws) and all(r() is t and p == t.data_ptr() and v == t._version and ep == _epoch(t)
+                                            for (r, p, v, ep), t in zip(e[0], ws))
 
     def fits(self, w) -> bool:
         """Whether ``w`` (a weight, or a sequence of weights) is packed here already or a new packed

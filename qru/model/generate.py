@@ -177,7 +177,7 @@ def _prefill_unpadded(model, ids, mask, cache, position_offset: int = 0, max_tok
     for r, n in enumerate(lens):
         if n == 0:
             raise ValueError(f"row {r} of the prompt batch has no tokens")
-    if head is not None and hasattr(cache, "packed_rows"):
+    if head is not None:
         out_h = _prefill_packed(model, ids, lens, cache, position_offset, max_tokens)
     else:
         out_h = _prefill_by_length(model, ids, lens, cache, position_offset, max_tokens, head)
