@@ -9,7 +9,7 @@ def fake_choice(monkeypatch, tmp_path, choice: str, env: str, secs: dict):
     afresh on every call; the probe runs ``state["during"]()`` when the test sets it."""
     monkeypatch.setenv("QRU_CACHE", str(tmp_path))
     monkeypatch.delenv(env, raising=False)
-    monkeypatch.setattr(calibrate.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(calibrate, "usable_cores", lambda: 2)
     monkeypatch.setattr(calibrate, "LOAD_SAMPLE_S", -1.0)
     calibrate.clear_memo()
     state = {"calls": 0, "secs": dict(secs), "others": 0, "during": None}

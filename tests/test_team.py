@@ -9,6 +9,7 @@ import torch
 
 from qru.kernels import (bf16_linear, causal_attention, decode_attention, linear_logprobs, lora, qmatmul,
                          quant4, rmsnorm, rope, swiglu, token_stats)
+from qru.kernels import threads
 from qru.kernels._backend import load_cpp_ext
 
 pytestmark = pytest.mark.skipif(load_cpp_ext("llama_ops") is None, reason="no C++ compiler")
@@ -115,20 +116,24 @@ def _run_all(dt):
 
 
 @pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])
-def test_kernels_give_the_same_bits_at_any_thread_count(monkeypatch, dt):
+def test_kernels_give_the_same_bits_at_any_thread_count_and_pool(monkeypatch, dt):
+    """1 thread is the baseline; 2 and 3 threads on torch's OpenMP pool and on the Team (forced with
+    QRU_CPU_POOL; 3 threads oversubscribe a 2-core machine)."""
     monkeypatch.setenv("QRU_BACKEND", "cpp")
     n = torch.get_num_threads()
     runs = {}
     try:
-        for t in (1, 2, 3):
+        for t, pool in ((1, "auto"), (2, "omp"), (2, "team"), (3, "omp"), (3, "team")):
+            monkeypatch.setenv("QRU_CPU_POOL", pool)
             torch.set_num_threads(t)
-            runs[t] = _run_all(dt)
+            runs[(t, pool)] = _run_all(dt)
     finally:
         torch.set_num_threads(n)
-    for t in (2, 3):
-        for name, tensors in runs[1].items():
-            for i, (a, b) in enumerate(zip(tensors, runs[t][name])):
-                assert torch.equal(a, b), f"{name}[{i}] differs between 1 and {t} threads"
+    base = runs.pop((1, "auto"))
+    for key, out in runs.items():
+        for name, tensors in base.items():
+            for i, (a, b) in enumerate(zip(tensors, out[name])):
+                assert torch.equal(a, b), f"{name}[{i}] differs between 1 thread and {key}"
 
 
 def _threads_now() -> int:
@@ -136,8 +141,8 @@ def _threads_now() -> int:
 
 
 def _child(conn):
-    """In a forked child: the kernel still runs, gives the parent's result, and on 2 threads its
-    team starts a worker of its own (the parent's workers do not exist here)."""
+    """In a forked child: the kernel still runs, gives the parent's result, and on 2 threads it runs
+    on the Team (never OpenMP), which starts a worker of its own (the parent's do not exist here)."""
     try:
         torch.set_num_threads(2)
         x = torch.randn(512, 1024, generator=torch.Generator().manual_seed(1))
@@ -146,7 +151,7 @@ def _child(conn):
         y = load_cpp_ext("llama_ops").rmsnorm_fwd(x, w, 1e-6)[0]
         # raw bytes: pickling a tensor would copy it through torch's own OpenMP pool, which (libgomp)
         # hangs in a child forked after the parent used it; that is torch's, not the kernels'
-        conn.send((y.numpy().tobytes(), _threads_now() - before))
+        conn.send((y.numpy().tobytes(), _threads_now() - before, threads.cpu_pool(2)["pool"]))
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         conn.send(repr(e))
     finally:
@@ -159,7 +164,7 @@ def test_team_works_in_a_forked_child():
     torch.set_num_threads(2)
     try:
         x = torch.randn(512, 1024, generator=torch.Generator().manual_seed(1))
-        ref = load_cpp_ext("llama_ops").rmsnorm_fwd(x, torch.ones(1024), 1e-6)[0]  # the parent's team is up
+        ref = load_cpp_ext("llama_ops").rmsnorm_fwd(x, torch.ones(1024), 1e-6)[0]  # the parent's pool is up
         ctx = mp.get_context("fork")
         for _ in range(2):  # twice: a second fork from the same parent
             recv, send = ctx.Pipe(duplex=False)
@@ -170,8 +175,9 @@ def test_team_works_in_a_forked_child():
             got = recv.recv()
             p.join(10)
             assert not isinstance(got, str), got
-            y, new_threads = got
+            y, new_threads, pool = got
             assert y == ref.numpy().tobytes()
+            assert pool == "team", "a forked child must not join libgomp's pool"
             assert new_threads >= 1, "the child's kernel ran without a team worker"
     finally:
         torch.set_num_threads(n)
@@ -192,10 +198,12 @@ def _task_cpu_seconds() -> dict[str, float]:
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs /proc")
-def test_idle_team_workers_sleep():
+@pytest.mark.parametrize("pool", ["team", "omp"])
+def test_idle_team_workers_sleep(monkeypatch, pool):
     """A worker waits for the next job only briefly (a bounded spin), then sleeps: between calls the
     team takes no CPU from another job on the machine. Measured per thread: the workers' CPU time
-    over half a second of idling."""
+    over half a second of idling. On OpenMP, libgomp's workers likewise stop spinning within 50 ms."""
+    monkeypatch.setenv("QRU_CPU_POOL", pool)
     n = torch.get_num_threads()
     w = (torch.randn(1 << 20, generator=torch.Generator().manual_seed(2)) * 0.02).to(torch.bfloat16)
     packed, absmax = quant4.quantize_4bit_reference(w, "nf4", 64)

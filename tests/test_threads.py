@@ -23,11 +23,130 @@ def test_parse_loadavg_reads_the_runnable_count():
         machine.parse_loadavg("garbage")
 
 
-def test_others_running_is_the_runnable_count_less_the_reader(monkeypatch):
+def test_others_running_is_the_runnable_count_less_this_process_s_own(monkeypatch):
     monkeypatch.setattr(machine, "parse_loadavg", lambda text: 5)
+    monkeypatch.setattr(machine, "own_runnable_threads", lambda: 1)  # the reader
     assert machine.others_running() == 4
-    monkeypatch.setattr(machine, "parse_loadavg", lambda text: 1)  # the reader alone
+    monkeypatch.setattr(machine, "own_runnable_threads", lambda: 3)  # and two spinning OpenMP workers
+    assert machine.others_running() == 2
+    monkeypatch.setattr(machine, "parse_loadavg", lambda text: 1)
     assert machine.others_running() == 0
+
+
+def _busy_thread_while(check):
+    """Run ``check()`` while another thread of this process computes without the GIL (sha256 of
+    64 MB, repeated), and return what it returned."""
+    import hashlib
+    import threading
+
+    data, stop = b"x" * (64 << 20), threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            hashlib.sha256(data).digest()  # releases the GIL: the thread is running (R) meanwhile
+
+    t = threading.Thread(target=spin)
+    t.start()
+    try:
+        return check()
+    finally:
+        stop.set()
+        t.join()
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/task"), reason="needs /proc")
+def test_own_runnable_threads_counts_the_reader_and_a_computing_thread():
+    assert machine.own_runnable_threads() >= 1  # the reader is running
+    seen = _busy_thread_while(lambda: max(machine.own_runnable_threads() for _ in range(50)))
+    assert seen >= 2
+
+
+def _busy_processes(n):
+    import subprocess
+    import sys
+
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
+@pytest.mark.skipif(load_cpp_ext("quant") is None, reason="no C++ compiler")
+def test_cpu_pool_joins_openmp_only_when_other_processes_leave_the_cores(monkeypatch):
+    import time
+
+    monkeypatch.delenv("QRU_CPU_POOL", raising=False)
+    cores = threads.cpu_pool(2)["cores"]
+    assert threads.cpu_pool(1)["pool"] == "serial"
+    monkeypatch.setenv("QRU_CPU_POOL", "omp")
+    assert threads.cpu_pool(2)["pool"] == "omp"
+    monkeypatch.setenv("QRU_CPU_POOL", "team")
+    assert threads.cpu_pool(2)["pool"] == "team"
+    monkeypatch.setenv("QRU_CPU_POOL", "spin")
+    with pytest.raises(RuntimeError, match="QRU_CPU_POOL must be auto, omp or team, got 'spin'"):
+        threads.cpu_pool(2)
+    monkeypatch.delenv("QRU_CPU_POOL")
+    # more threads than cores: never OpenMP (a region would wait for a thread with no core)
+    assert threads.cpu_pool(cores + 1)["pool"] == "team"
+    # other processes on every core but one: a 2-thread loop must not wait for them, so the Team;
+    # the reading is refreshed in the background within ~10 ms of a call
+    procs = _busy_processes(cores - 1)
+    try:
+        got = []
+        for _ in range(100):
+            got.append(threads.cpu_pool(2))
+            if got[-1]["pool"] == "team" and got[-1]["others"] >= cores - 1:
+                break
+            time.sleep(0.01)
+        assert got[-1]["pool"] == "team" and got[-1]["others"] >= cores - 1, got[-5:]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    # a computing thread of this process is not another process: the count leaves it out, like the reader
+    def others_stay_low():
+        time.sleep(0.05)
+        return [threads.cpu_pool(2)["others"] for _ in range(3)] + [machine.others_running()]
+    assert min(_busy_thread_while(others_stay_low)) <= max(0, cores - 2)
+
+
+@pytest.mark.skipif(load_cpp_ext("quant") is None, reason="no C++ compiler")
+def test_calibrate_reads_the_load_from_the_cpp_reader_once_loaded(monkeypatch):
+    class Ext:  # a loaded quant extension whose background reading says `value`
+        def __init__(self, value):
+            self.value = value
+
+        def others_running(self):
+            return self.value
+
+    load_cpp_ext("quant")
+    assert calibrate.loaded_cpp_ext("quant") is not None  # loaded: the reading comes from C++
+    monkeypatch.setattr(calibrate, "loaded_cpp_ext", lambda name: Ext(7))
+    assert calibrate.others_running() == 7
+    monkeypatch.setattr(calibrate, "loaded_cpp_ext", lambda name: Ext(-1))
+    assert calibrate.others_running() is None  # unknown
+    monkeypatch.setattr(calibrate, "loaded_cpp_ext", lambda name: None)  # no kernels: /proc, from Python
+    monkeypatch.setattr(calibrate.machine, "others_running", lambda: 3)
+    assert calibrate.others_running() == 3
+
+
+def test_kernel_threads_works_the_rule_out_once_per_load_reading(fake, monkeypatch):
+    calls = []
+    real = calibrate.pick
+    monkeypatch.setattr(calibrate, "pick", lambda choice: calls.append(choice) or real(choice))
+    monkeypatch.setattr(calibrate, "LOAD_SAMPLE_S", 60.0)
+    calibrate.clear_memo()
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ks = [threads.kernel_threads(1 << 20) for _ in range(50)]
+        assert ks == [2] * 50 and len(calls) == 1  # the probe says "all": 2 threads, worked out once
+        monkeypatch.setenv("QRU_KERNEL_THREADS", "one")  # an override takes effect on the next call
+        assert threads.kernel_threads(1 << 20) == 1 and len(calls) == 2
+        monkeypatch.delenv("QRU_KERNEL_THREADS")
+        fake["others"] = 1  # a new reading: worked out again (another job holds a core)
+        monkeypatch.setattr(calibrate, "LOAD_SAMPLE_S", -1.0)
+        fake["secs"] = {"all": 0.010, "adaptive": 0.001, "one": 0.0098}
+        assert threads.kernel_threads(1 << 20) == 1 and len(calls) == 3
+    finally:
+        torch.set_num_threads(n)
 
 
 def test_free_cores_and_load_state_follow_the_other_runnable_tasks(fake):
@@ -56,7 +175,7 @@ def test_rules_give_their_thread_counts(fake, monkeypatch):
     fake["others"] = 1  # another job holds one of two cores
     assert [calibrate.rule_threads(r, 2) for r in ("adaptive", "all", "one")] == [1, 2, 1]
     fake["others"] = 0
-    monkeypatch.setattr(calibrate.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(calibrate, "usable_cores", lambda: 8)
     assert [calibrate.rule_threads(r, 4) for r in ("adaptive", "all", "one")] == [4, 4, 1]
     assert calibrate.rule_threads("all", 1) == 1
     with pytest.raises(ValueError, match="unknown thread rule 'spin'"):

@@ -17,7 +17,14 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <dirent.h>
+#include <fcntl.h>
 #include <pthread.h>
+#include <sched.h>
+#include <unistd.h>
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -25,7 +32,10 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -58,12 +68,216 @@ namespace qru {
 // Team size: torch's intra-op thread count (torch.set_num_threads), at least 1.
 inline int num_threads() { return std::max(1, at::get_num_threads()); }
 
-// The team every parallel qru kernel runs on, so that none stalls on a busy machine.
+// ---- Which threads run a parallel loop: torch's OpenMP pool, or qru's own Team (below).
+// Where other processes leave the loop's threads a core each, the loop joins the OpenMP pool that
+// torch's own ops (and bitsandbytes') use. libgomp's workers spin for milliseconds after every
+// parallel op, so they start at once, and each takes the same contiguous part of the data call after
+// call (it stays in that core's cache). A Team worker would first have to win its core from that
+// spinning thread: NF4 dequantize of 1M values right after a 2-thread bf16 matmul took 131 us on a
+// 2-thread Team, 116 us on one thread, 54 us joining OpenMP (2-core Intel Xeon AMX VM). Where another
+// process holds a core, an OpenMP region waits a scheduler slice (ms) for a thread kept off its core,
+// so the loop runs on the Team, which never waits for a worker that did not turn up.
+// The load is read at most every kLoadSampleUs: /proc/loadavg's runnable count less this process's
+// own runnable threads (its spinning OpenMP workers among them); unreadable counts as busy.
+// QRU_CPU_POOL=auto|omp|team (default auto) forces a pool. A forked child never joins OpenMP (libgomp
+// can hang in a child after the parent used it); nor does a loop called from inside an OpenMP region.
+enum class Pool { Team, OpenMP };
+
+constexpr int64_t kLoadSampleUs = 10000;
+
+// Runnable tasks on the machine right now (the 4th field of /proc/loadavg, "R/T"), or -1.
+inline int loadavg_runnable() {
+  static const int fd = ::open("/proc/loadavg", O_RDONLY | O_CLOEXEC);  // opened once: pread is cheap
+  if (fd < 0) return -1;
+  char buf[160];
+  const ssize_t k = ::pread(fd, buf, sizeof(buf) - 1, 0);
+  if (k <= 0) return -1;
+  buf[k] = 0;
+  const char* p = buf;
+  for (int field = 0; field < 3; ++field) {
+    p = std::strchr(p, ' ');
+    if (p == nullptr) return -1;
+    ++p;
+  }
+  char* end = nullptr;
+  const long r = std::strtol(p, &end, 10);
+  return (end == p || *end != '/') ? -1 : int(r);
+}
+
+// This process's threads in state R (running or runnable; the caller is one), or -1.
+inline int own_runnable_threads() {
+  DIR* dir = ::opendir("/proc/self/task");
+  if (dir == nullptr) return -1;
+  int count = 0;
+  char path[64], buf[512];
+  while (const dirent* e = ::readdir(dir)) {
+    if (e->d_name[0] < '0' || e->d_name[0] > '9') continue;
+    std::snprintf(path, sizeof(path), "/proc/self/task/%s/stat", e->d_name);
+    const int fd = ::open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) continue;  // the thread has just exited
+    const ssize_t k = ::read(fd, buf, sizeof(buf) - 1);
+    ::close(fd);
+    if (k <= 0) continue;
+    buf[k] = 0;
+    const char* r = std::strrchr(buf, ')');  // "tid (comm) S ...": comm may hold spaces and parentheses
+    if (r != nullptr && r[1] == ' ' && r[2] == 'R') ++count;
+  }
+  ::closedir(dir);
+  return count;
+}
+
+// Other processes' runnable tasks right now, read from /proc (tens of microseconds, 40-140 us right
+// after a long call on a VM), or -1 where unknown.
+inline int read_other_processes_running() {
+  const int total = loadavg_runnable(), own = own_runnable_threads();
+  return total < 0 || own < 0 ? -1 : std::max(0, total - own);
+}
+
+// True in a child forked after these kernels were loaded (set by a pthread_atfork handler).
+inline std::atomic<bool>& in_forked_child() {
+  static std::atomic<bool> forked{false};
+  return forked;
+}
+inline const int kForkWatch = ::pthread_atfork(nullptr, nullptr, [] { in_forked_child().store(true); });
+
+// read_other_processes_running, refreshed in the background so that no kernel call waits for /proc.
+// While kernels are being called (one within kActiveUs), the reader thread reads every kLoadSampleUs
+// on its own and a call only loads the last value: no system call. Otherwise the reader sleeps, and
+// the first call that finds the reading stale wakes it and goes on with the last value. The reader
+// runs at SCHED_IDLE, so it never preempts a kernel on its core. The first call (and any call in a
+// forked child, which has no reader) reads itself.
+class LoadReader {
+ public:
+  static constexpr int64_t kActiveUs = 100000;
+
+  static LoadReader& get() {
+    static LoadReader* r = new LoadReader();  // leaked on purpose: the thread sleeps, no join at exit
+    return *r;
+  }
+  int others() {
+    if (in_forked_child().load(std::memory_order_relaxed)) return read_other_processes_running();
+    const int64_t now = now_us();
+    last_call_.store(now, std::memory_order_relaxed);
+    if (stamp_.load(std::memory_order_acquire) < 0) {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (stamp_.load(std::memory_order_relaxed) < 0) {
+        value_.store(read_other_processes_running(), std::memory_order_relaxed);
+        stamp_.store(now, std::memory_order_release);
+        std::thread([this] { loop(); }).detach();
+      }
+    } else if (asleep_.load(std::memory_order_acquire) && now - stamp_.load(std::memory_order_relaxed) >= kLoadSampleUs &&
+               !pending_.exchange(true, std::memory_order_acq_rel)) {
+      { std::lock_guard<std::mutex> lock(mu_); }  // the reader is waiting, or about to test pending_
+      wake_.notify_one();
+    }
+    return value_.load(std::memory_order_relaxed);
+  }
+
+ private:
+  static int64_t now_us() {
+    return std::chrono::duration_cast<std::chrono::microseconds>(
+               std::chrono::steady_clock::now().time_since_epoch()).count();
+  }
+  void loop() {
+#if defined(SCHED_IDLE)
+    sched_param sp{};
+    ::pthread_setschedparam(::pthread_self(), SCHED_IDLE, &sp);
+#endif
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+      if (now_us() - last_call_.load(std::memory_order_relaxed) < kActiveUs) {
+        wake_.wait_for(lock, std::chrono::microseconds(kLoadSampleUs));
+      } else {
+        asleep_.store(true, std::memory_order_release);
+        wake_.wait(lock, [this] { return pending_.load(std::memory_order_acquire); });
+        asleep_.store(false, std::memory_order_relaxed);
+      }
+      pending_.store(false, std::memory_order_relaxed);
+      lock.unlock();
+      value_.store(read_other_processes_running(), std::memory_order_relaxed);
+      stamp_.store(now_us(), std::memory_order_release);
+      lock.lock();
+    }
+  }
+  std::mutex mu_;
+  std::condition_variable wake_;
+  std::atomic<int64_t> stamp_{-1}, last_call_{0};
+  std::atomic<int> value_{-1};
+  std::atomic<bool> pending_{false}, asleep_{false};
+};
+
+// Other processes' runnable tasks, a reading at most about kLoadSampleUs old, or -1 where unknown.
+inline int other_processes_running() { return LoadReader::get().others(); }
+
+// Cores this process may run on.
+inline int usable_cores() {
+  static const int cores = [] {
+    cpu_set_t set;
+    if (::sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+    return std::max(1, int(std::thread::hardware_concurrency()));
+  }();
+  return cores;
+}
+
+// QRU_CPU_POOL: 0 auto, 1 omp, 2 team (an unknown value is an error that names it).
+inline int pool_setting() {
+  const char* v = std::getenv("QRU_CPU_POOL");
+  if (v == nullptr || *v == 0 || std::strcmp(v, "auto") == 0) return 0;
+  if (std::strcmp(v, "omp") == 0) return 1;
+  if (std::strcmp(v, "team") == 0) return 2;
+  TORCH_CHECK(false, "QRU_CPU_POOL must be auto, omp or team, got '", v, "'");
+}
+
+// The pool a loop on `threads` (> 1) threads runs on.
+inline Pool pick_pool(int threads) {
+  const int setting = pool_setting();
+#if defined(_OPENMP)
+  if (setting == 2 || omp_in_parallel() || in_forked_child().load(std::memory_order_relaxed)) return Pool::Team;
+  if (setting == 1) return Pool::OpenMP;
+  const int others = other_processes_running();
+  return others >= 0 && usable_cores() - others >= threads ? Pool::OpenMP : Pool::Team;
+#else
+  (void)setting;
+  (void)threads;
+  return Pool::Team;
+#endif
+}
+
+// Items [0, n) cut into contiguous chunk-aligned ranges, one per thread (a "seat"): a thread takes
+// its own range's chunks in order, then helps with the others', so a thread that starts late (or
+// never) leaves no work undone, and on a quiet machine each thread writes the same part call after call.
+struct alignas(64) Range {
+  std::atomic<int64_t> next{0};
+  int64_t end = 0;
+};
+
+inline void split_ranges(Range* r, int parts, int64_t n, int64_t chunk) {
+  const int64_t n_chunks = (n + chunk - 1) / chunk;
+  for (int p = 0; p < parts; ++p) {
+    r[p].next.store(std::min(n, n_chunks * p / parts * chunk), std::memory_order_relaxed);
+    r[p].end = std::min(n, n_chunks * (p + 1) / parts * chunk);
+  }
+}
+
+using ChunkFn = void (*)(const void*, int64_t, int64_t);
+
+inline void take_ranges(ChunkFn fn, const void* ctx, Range* r, int parts, int seat, int64_t chunk) {
+  for (int k = 0; k < parts; ++k) {
+    Range& g = r[(seat + k) % parts];
+    for (;;) {
+      const int64_t lo = g.next.fetch_add(chunk, std::memory_order_relaxed);
+      if (lo >= g.end) break;
+      fn(ctx, lo, std::min(g.end, lo + chunk));
+    }
+  }
+}
+
+// The Team every parallel qru kernel runs on where it does not join OpenMP (see pick_pool).
 // An OpenMP region ends when its last thread arrives, so a thread that another job keeps off its
 // core, even one that never started, holds up the caller, and libgomp's idle threads spin. Here
-// workers wait passively (condition variable), take chunks of items from a shared counter, and only
+// workers wait passively (condition variable), take chunks of items (take_ranges), and only
 // the workers that joined a job before it closed are waited for: a late one finds it closed and goes
-// back to sleep. The caller works too. One team per process, created on first use and never torn
+// back to sleep. The caller works too. Chunks come from contiguous ranges, one per seat (Range). One team per process, created on first use and never torn
 // down (the threads sleep): Team::get's statics are unique symbols, shared by every extension built
 // from this header (so builds from different versions of it must not share a process; the build
 // flags carry the header's hash, see _backend._common_header_tag, so qru's own never do). Which
@@ -88,7 +302,8 @@ class Team {
     return *slot();
   }
 
-  // body(i) for i in [0, n), in chunks of `chunk` items, on up to `threads` threads (the caller included).
+  // body(i) for i in [0, n), in chunks of `chunk` items, on up to `threads` threads (the caller
+  // included): on the OpenMP pool or on this Team, as pick_pool says.
   template <class F>
   void run(int64_t n, int64_t chunk, int threads, const F& body) {
     chunk = std::max<int64_t>(1, chunk);
@@ -98,21 +313,36 @@ class Team {
       trampoline<F>(&body, 0, n);  // the same compiled loop as the team's (see trampoline)
       return;
     }
+#if defined(_OPENMP)
+    if (pick_pool(threads) == Pool::OpenMP) {
+      std::unique_ptr<Range[]> ranges(new Range[threads]);
+      split_ranges(ranges.get(), threads, n, chunk);
+      Range* r = ranges.get();
+      const void* ctx = &body;
+#pragma omp parallel num_threads(threads)
+      take_ranges(&trampoline<F>, ctx, r, threads, omp_get_thread_num(), chunk);
+      return;
+    }
+#endif
     std::unique_lock<std::mutex> lock(mu_);  // one job at a time per team
     while (open_ || joined_.load(std::memory_order_relaxed) > 0) done_.wait(lock);
     while (int(workers_.size()) < threads - 1) workers_.emplace_back([this] { work(); });
+    if (n_ranges_ < threads) {
+      ranges_.reset(new Range[threads]);
+      n_ranges_ = threads;
+    }
+    split_ranges(ranges_.get(), threads, n, chunk);
     fn_ = &trampoline<F>;
     ctx_ = &body;
-    n_ = n;
+    parts_ = threads;
     chunk_ = chunk;
     seats_ = threads - 1;
-    next_.store(0, std::memory_order_relaxed);
     open_ = true;
     gen_.fetch_add(1, std::memory_order_release);
     const bool sleeping = sleepers_ > 0;
     lock.unlock();
     if (sleeping) wake_.notify_all();  // spinning workers see gen_ without a system call
-    take(&trampoline<F>, &body, n, chunk);
+    take_ranges(&trampoline<F>, &body, ranges_.get(), threads, 0, chunk);
     lock.lock();
     open_ = false;  // no one joins from now on; wait only for those who did
     if (joined_.load(std::memory_order_acquire) > 0) {
@@ -133,20 +363,12 @@ class Team {
     static Team* team = nullptr;
     return team;
   }
-  using Fn = void (*)(const void*, int64_t, int64_t);
   // Never inlined: the body is compiled once, so a single thread and a team run the same code (two
   // inlined copies could contract a * b + c into FMAs differently and differ in the last bit).
   template <class F>
   __attribute__((noinline)) static void trampoline(const void* ctx, int64_t lo, int64_t hi) {
     const F& f = *static_cast<const F*>(ctx);
     for (int64_t i = lo; i < hi; ++i) f(i);
-  }
-  void take(Fn fn, const void* ctx, int64_t n, int64_t chunk) {
-    for (;;) {
-      const int64_t lo = next_.fetch_add(chunk, std::memory_order_relaxed);
-      if (lo >= n) return;
-      fn(ctx, lo, std::min(n, lo + chunk));
-    }
   }
   // pred() within kSpinUs of waiting (true), or false when the time is up. A few pauses first, then
   // sched_yield between looks: a thread waiting for a worker that the scheduler put on its own core
@@ -180,13 +402,15 @@ class Team {
       }
       seen = gen_.load(std::memory_order_relaxed);
       if (!open_ || seats_ == 0) continue;
-      --seats_;
+      const int seat = parts_ - seats_--;  // the first to join takes range 1 (the caller has 0)
       joined_.fetch_add(1, std::memory_order_relaxed);
-      const Fn fn = fn_;
+      const ChunkFn fn = fn_;
       const void* ctx = ctx_;
-      const int64_t n = n_, chunk = chunk_;
+      Range* ranges = ranges_.get();
+      const int parts = parts_;
+      const int64_t chunk = chunk_;
       lock.unlock();
-      take(fn, ctx, n, chunk);
+      take_ranges(fn, ctx, ranges, parts, seat, chunk);
       lock.lock();
       if (joined_.fetch_sub(1, std::memory_order_acq_rel) == 1) done_.notify_all();
     }
@@ -199,10 +423,11 @@ class Team {
   bool open_ = false;
   int seats_ = 0, sleepers_ = 0;
   std::atomic<int> joined_{0};  // changed under mu_; read without it while spinning
-  Fn fn_ = nullptr;
+  ChunkFn fn_ = nullptr;
   const void* ctx_ = nullptr;
-  int64_t n_ = 0, chunk_ = 1;
-  std::atomic<int64_t> next_{0};
+  std::unique_ptr<Range[]> ranges_;  // one per seat of the present job; replaced only between jobs
+  int n_ranges_ = 0, parts_ = 0;
+  int64_t chunk_ = 1;
 };
 
 // body(i) for i in [0, n) on torch's thread count through the Team (dynamic chunks of `chunk` items).

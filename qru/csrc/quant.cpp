@@ -805,9 +805,20 @@ at::Tensor int_dequantize(const at::Tensor& data, const at::Tensor& scales, cons
   return out;
 }
 
+// Where a parallel loop on `threads` threads would run now, and the load reading behind it.
+std::tuple<std::string, int64_t, int64_t> cpu_pool(int64_t threads) {
+  const int t = int(std::max<int64_t>(1, threads));
+  const std::string pool = t <= 1 ? "serial" : pick_pool(t) == Pool::OpenMP ? "omp" : "team";
+  return {pool, other_processes_running(), usable_cores()};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(qru_quant, m) {
+  // (pool: "omp", "team" or "serial"; other processes' runnable tasks (-1: unknown); usable cores)
+  m.def("cpu_pool(int threads) -> (str, int, int)", &cpu_pool);
+  // other processes' runnable tasks, from the background reading (-1: unknown)
+  m.def("others_running() -> int", [] { return int64_t(other_processes_running()); });
   // NF4/FP4 blockwise quantize -> (packed uint8, absmax fp32)
   // (level caps the instruction set: 2 AVX-512, 1 AVX2, 0 scalar, as ``scalar`` does)
   m.def("q4_quantize(Tensor x, Tensor bounds, Tensor order, int block_size, bool scalar, int level=2) "

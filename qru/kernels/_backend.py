@@ -144,6 +144,13 @@ def builder_lock(directory: Path):
 
 
 _ERRORS: dict[str, str] = {}
+_LOADED: dict[str, object] = {}
+
+
+def loaded_cpp_ext(name: str):
+    """The op namespace of ``qru/csrc/{name}.cpp`` if :func:`load_cpp_ext` has loaded it, else None
+    (never builds)."""
+    return _LOADED.get(name)
 
 
 def build_error(name: str) -> str | None:
@@ -175,14 +182,16 @@ def load_cpp_ext(name: str):
             raise FileNotFoundError(f"C++ source {src} not found")
         from torch.utils.cpp_extension import load
 
-        # torch adds -std=c++20; no pybind11 / torch/extension.h, so a file builds in seconds
-        flags = ["-O3", "-fopenmp-simd", "-march=native", f"-DQRU_COMMON_TAG={_common_header_tag()}"]
+        # torch adds -std=c++20; no pybind11 / torch/extension.h, so a file builds in seconds. OpenMP:
+        # libgomp, the one torch loaded (same soname), whose pool a loop joins on a quiet machine
+        flags = ["-O3", "-fopenmp", "-march=native", f"-DQRU_COMMON_TAG={_common_header_tag()}"]
         d = build_dir(name)
         with builder_lock(d):
-            load(name=ext_name(name), sources=[str(src)], extra_cflags=flags,
+            load(name=ext_name(name), sources=[str(src)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                  extra_include_paths=[str(CSRC)], build_directory=str(d), is_python_module=False, verbose=False)
         _ERRORS.pop(name, None)
-        return getattr(torch.ops, f"qru_{name}")
+        _LOADED[name] = getattr(torch.ops, f"qru_{name}")
+        return _LOADED[name]
     except Exception as exc:  # a build error (or a missing source file)
         _ERRORS[name] = f"{type(exc).__name__}: {_last_line(exc)}"
         warnings.warn(f"qru: the C++ kernel {src.name} failed to build ({_ERRORS[name]}); "

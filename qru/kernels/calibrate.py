@@ -57,15 +57,16 @@ import torch
 import torch.nn.functional as F
 
 from qru.io import write_json
-from qru.kernels._backend import load_cpp_ext
+from qru.kernels._backend import load_cpp_ext, loaded_cpp_ext
 from qru.kernels.bf16_linear import bf16_linear, native_bf16_cpu
-from qru.kernels.machine import describe, others_running
+from qru.kernels import machine
+from qru.kernels.machine import describe, usable_cores
 
 CACHE_VERSION = 3  # 2: kernel_threads added, quantizers on qru::Team; 3: kernel_threads per load state
 MARGIN = 0.05  # oneDNN must be this much faster to be chosen over torch's default path
 LOAD_AWARE = frozenset({"kernel_threads"})  # choices decided and cached per load state
 LOAD_STATES = ("idle", "busy")
-LOAD_SAMPLE_S = 0.01  # /proc/loadavg is read at most this often (a read costs ~20 us)
+LOAD_SAMPLE_S = 0.05  # the load is read at most this often (the C++ reader's value ~1 us, a /proc scan 10-140 us)
 
 
 @dataclass
@@ -158,20 +159,38 @@ def _probe_packed_bf16() -> dict[str, float]:
         })
 
 
+def others_running() -> int | None:
+    """Other processes' runnable tasks right now, or None where unknown: the C++ kernels' background
+    reading where they are loaded (a call costs ~1 us), else :func:`qru.kernels.machine.others_running`
+    (a /proc scan, 10-140 us)."""
+    ext = loaded_cpp_ext("quant")
+    if ext is None:
+        return machine.others_running()
+    v = int(ext.others_running())
+    return None if v < 0 else v
+
+
 _sample: list = [None, -1.0, None]  # [the others_running function read, when (monotonic s), its value]
 
 
 def _others_now() -> int | None:
-    """:func:`qru.kernels.machine.others_running`, read at most every :data:`LOAD_SAMPLE_S` seconds."""
+    """:func:`others_running`, read at most every :data:`LOAD_SAMPLE_S` seconds."""
     now = time.monotonic()
     if _sample[0] is not others_running or now - _sample[1] > LOAD_SAMPLE_S:
         _sample[:] = [others_running, now, others_running()]
     return _sample[2]
 
 
+def load_reading_time() -> float:
+    """When the load reading in use was taken (monotonic s), refreshed first if stale: a decision
+    made from the load holds until this changes."""
+    _others_now()
+    return _sample[1]
+
+
 def recent_free_cores() -> int:
     """Cores with no other runnable task (at least 1; all where unknown), from a recent reading."""
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     others = _others_now()
     return cores if others is None else max(1, cores - others)
 
@@ -181,7 +200,7 @@ def load_state(threads: int | None = None) -> str:
     runnable task right now (or the load is unknown), else ``busy``."""
     n = torch.get_num_threads() if threads is None else threads
     others = _others_now()
-    return "idle" if others is None or (os.cpu_count() or 1) - others >= n else "busy"
+    return "idle" if others is None or usable_cores() - others >= n else "busy"
 
 
 def rule_threads(rule: str, threads: int | None = None) -> int:

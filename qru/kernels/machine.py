@@ -98,14 +98,39 @@ def _read_loadavg() -> str:
     return os.pread(fd, 256, 0).decode()
 
 
+def own_runnable_threads() -> int:
+    """This process's threads in state R, running or waiting for a core (the caller is one), from
+    ``/proc/self/task/*/stat``; raises OSError where unreadable."""
+    count = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat", "rb") as f:
+                stat = f.read()
+        except FileNotFoundError:  # the thread has just exited
+            continue
+        # "tid (comm) S ...": comm may hold spaces and parentheses, so the state follows the last ")"
+        count += stat[stat.rfind(b")") + 2:][:1] == b"R"
+    return count
+
+
 def others_running() -> int | None:
-    """How many other tasks are runnable at this instant (``/proc/loadavg`` counts the reader too), or
-    None where unknown. This process's own other threads count: an OpenMP worker still spinning after
-    a torch parallel region holds its core as surely as another job does."""
+    """How many runnable tasks of other processes there are at this instant, or None where unknown:
+    ``/proc/loadavg``'s runnable count less this process's own runnable threads (the reader, and any
+    OpenMP worker still spinning after a torch op: qru's parallel kernels join that pool, see
+    ``qru/csrc/qru_common.h``, so it holds no core from them). About 10 us."""
     try:
-        return max(0, parse_loadavg(_read_loadavg()) - 1)
+        return max(0, parse_loadavg(_read_loadavg()) - own_runnable_threads())
     except (OSError, ValueError):
         return None
+
+
+@functools.lru_cache(maxsize=None)
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity; ``os.cpu_count()`` where unknown)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def describe() -> dict[str, str]:

@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from typing import Callable, Iterator, TypeVar
 
 import torch
 
 from qru.kernels import calibrate
+from qru.kernels._backend import load_cpp_ext
 
 SMALL = 1 << 16  # below this many values a kernel runs on one thread: the team costs more than it saves
 
@@ -64,12 +66,30 @@ def step_threads(setting, limit: int | None = None) -> Iterator[int]:
         torch.set_num_threads(n)
 
 
+def cpu_pool(threads: int | None = None) -> dict | None:
+    """Where a qru C++ parallel loop on ``threads`` threads (default: torch's count) runs right now:
+    ``{"pool": "omp" | "team" | "serial", "others": other processes' runnable tasks (-1: unknown),
+    "cores": usable cores}``; None without the C++ kernels. ``QRU_CPU_POOL=auto|omp|team`` forces the pool."""
+    ext = load_cpp_ext("quant")
+    if ext is None:
+        return None
+    pool, others, cores = ext.cpu_pool(torch.get_num_threads() if threads is None else threads)
+    return {"pool": pool, "others": others, "cores": cores}
+
+
+_rule_memo: list = [None, 1]  # [(torch threads, override, load reading time), threads]: kernel_threads' fast path
+
+
 def kernel_threads(work: int) -> int:
-    """Threads for a kernel over ``work`` values under this machine's thread rule."""
+    """Threads for a kernel over ``work`` values under this machine's thread rule (worked out again
+    when the thread count, the override or the load reading changes: a few us per call otherwise)."""
     n = torch.get_num_threads()
     if n <= 1 or work < SMALL:
         return 1
-    return calibrate.rule_threads(calibrate.pick("kernel_threads"), n)
+    key = (n, os.environ.get("QRU_KERNEL_THREADS"), calibrate.load_reading_time())
+    if _rule_memo[0] != key:
+        _rule_memo[:] = [key, calibrate.rule_threads(calibrate.pick("kernel_threads"), n)]
+    return _rule_memo[1]
 
 
 def kernel_team(work: int):
