@@ -7,6 +7,7 @@ import torch
 
 from qru import io
 from qru.kernels import calibrate
+from qru.kernels._backend import load_cpp_ext
 from calib_helpers import fake_choice
 
 
@@ -168,6 +169,13 @@ def test_doctor_shows_the_thread_rule_per_load_state(monkeypatch, tmp_path, caps
     assert main(["doctor", "--threads", "2"]) == 0
     out = capsys.readouterr().out
     assert "the machine is busy now" in out
+    if load_cpp_ext("quant") is not None:  # where the parallel loops run: a reading of the real machine
+        assert re.search(r"parallel C\+\+ loops now on: (OpenMP \(torch's pool\)|qru::Team) \(other processes' "
+                         r"runnable tasks: \d+; usable cores: \d+\)", out)
+        monkeypatch.setenv("QRU_CPU_POOL", "team")
+        assert main(["doctor", "--threads", "2"]) == 0
+        assert "parallel C++ loops now on: qru::Team" in capsys.readouterr().out
+        monkeypatch.delenv("QRU_CPU_POOL")
     assert re.search(r"kernel_threads@busy +-> one +\[measured\] measured busy: one 8.0 ms", out)
     assert re.search(r"kernel_threads@idle +-> \? +\[not measured\] the first kernel call while the machine is idle", out)
     lines = [ln for ln in out.splitlines() if " -> " in ln]

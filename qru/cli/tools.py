@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from qru.cli.common import csv_list
-from qru.kernels import calibrate, machine
+from qru.kernels import calibrate, machine, threads as kthreads
 from qru.model.config import LlamaConfig
 from qru.model.generate import generate_ids
 from qru.model.gguf import convert_gguf
@@ -59,6 +59,16 @@ def cmd_doctor(args) -> int:
     for t in threads:
         now = calibrate.load_state(t)
         print(f"\n{t} thread{'s' if t > 1 else ''} ({calibrate.cache_path(t).name}; the machine is {now} now):")
+        if t > 1:
+            pool = kthreads.cpu_pool(t)
+            if pool is None:
+                print("  parallel C++ loops: none (the C++ kernels are unavailable)")
+            else:
+                others = "unknown" if pool["others"] < 0 else pool["others"]
+                forced = os.environ.get("QRU_CPU_POOL", "").strip()
+                print(f"  parallel C++ loops now on: {'OpenMP (torch' + chr(39) + 's pool)' if pool['pool'] == 'omp' else 'qru::Team'}"
+                      f" (other processes' runnable tasks: {others}; usable cores: {pool['cores']}"
+                      f"{'; QRU_CPU_POOL=' + forced if forced else ''})")
         for choice, state in rows:
             if state == calibrate.LOAD_STATES[1] and t <= 1:
                 continue  # one thread: no thread rule, one row
