@@ -3,9 +3,10 @@
 A parallel loop ends when its last thread does. When another job holds a core, the thread put on it
 waits for a time slice (milliseconds), and the whole kernel with it: on a 2-core VM with one other
 job the NF4 quantizer (then an OpenMP loop) fell from 58x bitsandbytes at one thread to 16x at two.
-Every parallel C++ kernel now runs on ``qru::Team`` (qru/csrc/qru_common.h): workers
-wait passively, take dynamic chunks of ~16K values, and a worker that starts late finds the job
-closed instead of holding up the caller. On top, the thread rule ``kernel_threads`` (measured per machine by
+Every parallel C++ kernel runs on torch's OpenMP pool where no other process contends for the
+cores (its workers are awake after every torch op), else on ``qru::Team`` (qru/csrc/qru_common.h),
+whose workers wait passively, and a worker that starts late finds the job closed instead of
+holding up the caller (:func:`cpu_pool` says which, now). On top, the thread rule ``kernel_threads`` (measured per machine by
 ``qru.kernels.calibrate``, overridable with ``QRU_KERNEL_THREADS=all|adaptive|one``) sets the team
 size of each quantizer call: torch's thread count, the cores free at that instant, or one. The
 training-path kernels (norms, attention, LoRA, the log-probs head) run at torch's thread count.
