@@ -2,9 +2,12 @@
 bf16 weights, same run. A plain copy moving the same number of bytes (read + write) is timed
 in the same rotation and serves as the bandwidth roofline.
 
-bitsandbytes, qru C++ and the copy are called one at a time, in turn (the order reversed every
-other turn), so outside load and the previous call's after-effects hit all of them alike; the
-speed-up is the median of the paired per-turn ratios (peer time / provider time). The torch reference is timed after that rotation (ratio of medians): its
+bitsandbytes, qru C++ and the copy are called one at a time, in turn, each turn's order from a
+balanced rotation (``harness.balanced_orders``: every provider runs right after every other equally
+often), so outside load and the previous call's after-effects (its caches, its OpenMP threads still
+spinning) hit all of them alike; the speed-up is the median of the paired per-turn ratios (peer
+time / provider time); the printed line adds the ratio of total times over the samples, which
+counts the few calls a stall (a thread kept off its core) makes slow. Samples are a multiple of the rotation's length (four orders for four providers). The torch reference is timed after that rotation (ratio of medians): its
 multi-GB temporaries, freed between calls, otherwise slow the next provider's page faults.
 NF4/FP4 also time ``qru-cpp-all-threads``: the same C++ kernel on all torch threads, without the
 busy-machine thread rule of ``qru.kernels.threads``. The thread rule in force and the load are printed. Integer formats (no bitsandbytes peer) compare C++ with the reference. llama.cpp's GGUF block
@@ -36,33 +39,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.harness import Row, Timing, bench, report  # noqa: E402
+from bench.harness import Row, bench, paired, report  # noqa: E402
 from qru.kernels import calibrate, quant4, quant_gguf, quant_int  # noqa: E402
 from qru.kernels._backend import load_cpp_ext  # noqa: E402
 
 SUITE = "quant"
 TARGETS = {("nf4", "quantize"): 30.0, ("nf4", "dequantize"): 1.5}
-
-
-def paired(fns: dict, samples: int, device: str = "cpu") -> tuple[dict[str, Timing], dict[str, float]]:
-    """Time ``fns`` one call each per turn. Returns timings and, per provider, the median
-    over turns of (first provider's time / this provider's time)."""
-    for fn in fns.values():
-        fn()
-    times = {k: [] for k in fns}
-    order = list(fns)
-    for turn in range(samples):
-        # ABBA: the order flips every turn, so no provider always runs right after the same one (a
-        # peer's OpenMP threads still spinning, or a team still awake from the previous call)
-        for name in (order if turn % 2 == 0 else order[::-1]):
-            times[name].append(bench(fns[name], warmup=0, repeats=1, device=device).median)
-    peer = next(iter(fns))
-    out, ratios = {}, {}
-    for k, s in times.items():
-        srt = sorted(s)
-        out[k] = Timing(statistics.median(s), srt[int(0.2 * (len(s) - 1))], srt[int(0.8 * (len(s) - 1))], s)
-        ratios[k] = statistics.median(a / b for a, b in zip(times[peer], s))
-    return out, ratios
 
 
 def traffic(fmt: str, shape: tuple[int, int], block: int | None) -> tuple[int, int]:
@@ -201,9 +183,12 @@ def cpu_section(shapes, formats, samples, busy: int = 0):
                                    scale=gbs, ratio=roof))
                 summary.append((fmt, op, sh, n / t["qru-cpp"].median / 1e9, gbs(t["qru-cpp"].median),
                                 gbs(t["copy"].median), roof, peer, ratio["qru-cpp"]))
+                # stalls (a thread kept off its core) hit a few calls hard: the total time shows them
+                total = (f", total time {sum(t[peer].samples) / sum(t['qru-cpp'].samples):.2f}x"
+                         if t[peer].samples and peer != "qru-reference" else "")
                 print(f"  {fmt} {op} {sh}: qru-cpp {t['qru-cpp'].median * 1e3:.2f} ms "
                       f"({gbs(t['qru-cpp'].median):.2f} GB/s, {roof:.0%} of copy), "
-                      f"{peer} {t[peer].median * 1e3:.2f} ms, speed-up {ratio['qru-cpp']:.2f}x"
+                      f"{peer} {t[peer].median * 1e3:.2f} ms, speed-up {ratio['qru-cpp']:.2f}x{total}"
                       + (f" (all threads, no rule: {t['qru-cpp-all-threads'].median * 1e3:.2f} ms, "
                          f"{ratio['qru-cpp-all-threads']:.2f}x)" if "qru-cpp-all-threads" in t else ""), flush=True)
             del quant, deq, ref
@@ -275,9 +260,9 @@ def main(argv=None):
         print("C++ quant extension unavailable (no compiler?): nothing to compare")
         return 1
     if args.quick:
-        shapes, samples = [(1024, 1024), (2752, 1024)], args.samples or 5
+        shapes, samples = [(1024, 1024), (2752, 1024)], args.samples or 8
     else:
-        shapes, samples = [(4096, 4096), (11008, 4096)], args.samples or 7
+        shapes, samples = [(4096, 4096), (11008, 4096)], args.samples or 8
     with busy_jobs(args.busy):
         rule = calibrate.decide("kernel_threads")
         print(f"## quant CPU, bf16 weights, {torch.get_num_threads()} threads, {samples} paired samples, "

@@ -78,19 +78,48 @@ def bench(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 10,
     return Timing(statistics.median(samples), _quantile(samples, 0.2), _quantile(samples, 0.8), samples)
 
 
+def balanced_orders(k: int) -> list[list[int]]:
+    """Orders of ``k`` providers, one per turn in rotation, in which every provider runs right after
+    every other equally often (a Williams design: k orders for even k, 2k for odd k; for two, AB BA),
+    so no provider always inherits the same one's after-effects (its caches, its spinning threads),
+    and none runs twice in a row across a turn boundary (k > 2)."""
+    first = [0]
+    for j in range(1, k):
+        first.append((j + 1) // 2 if j % 2 else k - j // 2)
+    rows = [[(x + r) % k for x in first] for r in range(k)]
+    if k % 2 == 0:
+        return rows
+    rows += [row[::-1] for row in rows]
+
+    def chain(done: list[list[int]], rest: list[list[int]]) -> list[list[int]] | None:
+        # the orders arranged so that no turn starts with the provider that ended the one before
+        if not rest:
+            return done if done[-1][-1] != done[0][0] else None
+        for i, row in enumerate(rest):
+            if row[0] != done[-1][-1]:
+                got = chain(done + [row], rest[:i] + rest[i + 1:])
+                if got:
+                    return got
+        return None
+
+    return chain(rows[:1], rows[1:]) or rows
+
+
 def paired(fns: dict[str, Callable[[], object]], samples: int, *, device: str = "cpu", warmup: int = 1
            ) -> tuple[dict[str, Timing], dict[str, float]]:
-    """Time each provider once per turn, in turn, ``samples`` turns, alternating the order
-    (ABBA...) so slow drift charges all alike. Returns per-provider timings and, per provider,
-    the median over turns of (first provider's time / this provider's time): the speed-up
-    against the first provider, robust to load bursts that hit one turn."""
+    """Time each provider once per turn, ``samples`` turns, the order of each turn taken in rotation
+    from :func:`balanced_orders` (for two providers ABBA...) so slow drift and each provider's
+    after-effects charge all alike. Returns per-provider timings and, per provider, the median over
+    turns of (first provider's time / this provider's time): the speed-up against the first
+    provider, robust to load bursts that hit one turn."""
     names = list(fns)
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {k: [] for k in names}
+    orders = balanced_orders(len(names))
     for i in range(samples):
-        for name in (names if i % 2 == 0 else names[::-1]):
+        for name in (names[j] for j in orders[i % len(orders)]):
             if device == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
