@@ -103,7 +103,7 @@ def _probe_shapes() -> list[tuple[int, int, int]]:
     return [(512, 512, 512), (1024, 512, 1536), (1024, 1536, 512)]
 
 
-def _paired_seconds(fns: dict[str, Callable[[], object]], rounds: int = 5) -> dict[str, float]:
+def _paired_seconds(fns: dict[str, Callable[[], object]], rounds: int = 9) -> dict[str, float]:
     """Median seconds per candidate, timed call by call in ABBA order (load bursts hit all alike)."""
     names = list(fns)
     for fn in fns.values():  # warm-up (first-call allocation, oneDNN primitive creation)
