@@ -14,3 +14,12 @@ def need_cpp(name: str):
     if missing is not None:
         pytest.skip(f"no {missing}: the C++ kernels cannot be built here")
     pytest.fail(f"the C++ kernel {name}.cpp failed to build: {build_error(name)}")
+
+
+def use_backend(monkeypatch, backend: str, name: str) -> str:
+    """Force ``QRU_BACKEND=backend`` for a test; ``cpp`` first needs ``qru/csrc/{name}.cpp`` (see
+    :func:`need_cpp`). Returns the backend: the body of the tests' backend fixtures."""
+    if backend == "cpp":
+        need_cpp(name)
+    monkeypatch.setenv("QRU_BACKEND", backend)
+    return backend

@@ -9,17 +9,14 @@ import torch
 from qru.kernels import linear_logprobs as LLP
 from qru.kernels.linear_logprobs import linear_logprobs, linear_logprobs_reference
 from qru.train import losses as L
-from cpp_helpers import need_cpp
+from cpp_helpers import need_cpp, use_backend
 
 BACKENDS = ["torch", "triton", "cpp"]
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
-    if request.param == "cpp":
-        need_cpp("linear_logprobs")
-    monkeypatch.setenv("QRU_BACKEND", request.param)
-    return request.param
+    return use_backend(monkeypatch, request.param, "linear_logprobs")
 
 
 def make(N=37, H=24, V=150, dtype=torch.float32, seed=0, wgrad=False, ignore=(3, 10)):

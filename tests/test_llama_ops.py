@@ -8,26 +8,20 @@ import torch
 from qru.kernels.rmsnorm import rms_norm, rms_norm_reference
 from qru.kernels.rope import rope, rope_reference
 from qru.kernels.swiglu import swiglu, swiglu_halves, swiglu_reference
-from cpp_helpers import need_cpp
+from cpp_helpers import need_cpp, use_backend
 
 BACKENDS = ["torch", "triton", "cpp"]
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
-    if request.param == "cpp":
-        need_cpp("llama_ops")
-    monkeypatch.setenv("QRU_BACKEND", request.param)
-    return request.param
+    return use_backend(monkeypatch, request.param, "llama_ops")
 
 
 @pytest.fixture(params=["triton", "cpp"])
 def fused(request, monkeypatch):
     """The fused backends (``torch`` is the reference itself)."""
-    if request.param == "cpp":
-        need_cpp("llama_ops")
-    monkeypatch.setenv("QRU_BACKEND", request.param)
-    return request.param
+    return use_backend(monkeypatch, request.param, "llama_ops")
 
 
 def ext():

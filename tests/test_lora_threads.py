@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from qru.kernels import lora as K
-from cpp_helpers import need_cpp
+from cpp_helpers import use_backend
 from test_lora_kernels import TOL, make, nf4_of, reference, rel_err
 
 # (tokens, in, out, r): odd token counts, in/out not multiples of 8 or 16, ranks 1/3/16/64, and
@@ -15,10 +15,7 @@ SHAPES = [(301, 515, 33, 1), (67, 1027, 41, 3), (67, 257, 130, 16), (129, 100, 7
 
 @pytest.fixture(params=["cpp", "torch"])
 def cpu_backend(request, monkeypatch):
-    if request.param == "cpp":
-        need_cpp("lora")
-    monkeypatch.setenv("QRU_BACKEND", request.param)
-    return request.param
+    return use_backend(monkeypatch, request.param, "lora")
 
 
 @pytest.fixture
@@ -40,6 +37,26 @@ def restore_threads():
     torch.set_num_threads(n)
 
 
+def want_of(x, W, b, A, B, scale, gy, p, **kw):
+    """The reference (y, dX, dA, dB), with the dropout mask ``run`` samples at ``p``."""
+    mask, keep = (None, 1.0)
+    if p:
+        mask, keep = K.make_dropout_mask(tuple(x.shape), p, "cpu", torch.Generator().manual_seed(11))
+    return reference(x, W, b, A, B, scale, gy, mask=mask, keep=keep, **kw)
+
+
+def assert_same_across_threads(got, label):
+    """``got`` maps thread counts to (y, dX, dA, dB); every count gives 1 thread's bits."""
+    for t in got:
+        for name, a, c in zip(("y", "dX", "dA", "dB"), got[1], got[t]):
+            assert torch.equal(a, c), f"{label}: {name} at {t} threads differs from 1 thread"
+
+
+def assert_close_to(got, want, tol, label):
+    for name, g, w in zip(("y", "dX", "dA", "dB"), got, want):
+        assert rel_err(g, w) <= tol, f"{label} {name}: {rel_err(g, w):.2e}"
+
+
 def run(x, W, b, A, B, scale, gy, threads, **kw):
     """(y, dX, dA, dB) at ``threads`` torch threads; sampled dropout from a fixed generator seed."""
     torch.set_num_threads(threads)
@@ -54,14 +71,10 @@ def test_fp32_matches_reference_at_1_2_3_threads(cpu_backend, restore_threads, s
     M, n_in, n_out, r = shape
     x, W, b, A, B = make(M, n_in, n_out, r, torch.float32, bias=True, seed=r)
     gy = torch.randn(M, n_out, generator=torch.Generator().manual_seed(1))
-    mask, keep = (None, 1.0)
-    if p:
-        mask, keep = K.make_dropout_mask((M, n_in), p, "cpu", torch.Generator().manual_seed(11))
-    want = reference(x, W, b, A, B, 0.75, gy, mask=mask, keep=keep)
+    want = want_of(x, W, b, A, B, 0.75, gy, p)
     for t in (1, 2, 3):
         got = run(x, W, b, A, B, 0.75, gy, t, dropout_p=p, training=True)
-        for name, g, w in zip(("y", "dX", "dA", "dB"), got, want):
-            assert rel_err(g, w) <= TOL[torch.float32], f"{cpu_backend} {shape} p{p} t{t} {name}: {rel_err(g, w):.2e}"
+        assert_close_to(got, want, TOL[torch.float32], f"{cpu_backend} {shape} p{p} t{t}")
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3], ids=["p0", "p0.3"])
@@ -71,9 +84,7 @@ def test_fp32_bitwise_same_at_1_2_3_threads(cpu_backend, pinned_base, restore_th
     x, W, b, A, B = make(M, n_in, n_out, r, torch.float32, bias=True, seed=r)
     gy = torch.randn(M, n_out, generator=torch.Generator().manual_seed(1))
     got = {t: run(x, W, b, A, B, 0.75, gy, t, dropout_p=p, training=True) for t in (1, 2, 3)}
-    for t in (2, 3):
-        for name, a, c in zip(("y", "dX", "dA", "dB"), got[1], got[t]):
-            assert torch.equal(a, c), f"{cpu_backend} {shape} p{p}: {name} at {t} threads differs from 1 thread"
+    assert_same_across_threads(got, f"{cpu_backend} {shape} p{p}")
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3], ids=["p0", "p0.3"])
@@ -86,15 +97,8 @@ def test_bf16_autocast_same_at_1_2_3_threads(cpu_backend, pinned_base, restore_t
         with torch.autocast("cpu", dtype=torch.bfloat16):
             got[t] = run(x, W, b, A, B, 0.5, gy, t, dropout_p=p, training=True)
     assert got[1][0].dtype == torch.bfloat16
-    for t in (2, 3):
-        for name, a, c in zip(("y", "dX", "dA", "dB"), got[1], got[t]):
-            assert torch.equal(a, c), f"{cpu_backend} bf16 p{p}: {name} at {t} threads differs from 1 thread"
-    mask, keep = (None, 1.0)
-    if p:
-        mask, keep = K.make_dropout_mask((M, n_in), p, "cpu", torch.Generator().manual_seed(11))
-    want = reference(x, W, b, A, B, 0.5, gy, mask=mask, keep=keep)
-    for name, g, w in zip(("y", "dX", "dA", "dB"), got[1], want):
-        assert rel_err(g, w) <= TOL[torch.bfloat16], f"{cpu_backend} bf16 p{p} {name}: {rel_err(g, w):.2e}"
+    assert_same_across_threads(got, f"{cpu_backend} bf16 p{p}")
+    assert_close_to(got[1], want_of(x, W, b, A, B, 0.5, gy, p), TOL[torch.bfloat16], f"{cpu_backend} bf16 p{p}")
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3], ids=["p0", "p0.3"])
@@ -142,12 +146,6 @@ def test_nf4_base_same_at_1_2_3_threads(cpu_backend, pinned_base, restore_thread
     nf4 = nf4_of(W)
     gy = torch.randn(M, n_out, generator=torch.Generator().manual_seed(1))
     got = {t: run(x, None, b, A, B, 0.5, gy, t, dropout_p=p, training=True, nf4=nf4) for t in (1, 2, 3)}
-    for t in (2, 3):
-        for name, a, c in zip(("y", "dX", "dA", "dB"), got[1], got[t]):
-            assert torch.equal(a, c), f"{cpu_backend} nf4 p{p}: {name} at {t} threads differs from 1 thread"
-    mask, keep = (None, 1.0)
-    if p:
-        mask, keep = K.make_dropout_mask((M, n_in), p, "cpu", torch.Generator().manual_seed(11))
-    want = reference(x, None, b, A, B, 0.5, gy, mask=mask, keep=keep, nf4=nf4)
-    for name, g, w in zip(("y", "dX", "dA", "dB"), got[1], want):
-        assert rel_err(g, w) <= TOL[torch.float32], f"{cpu_backend} nf4 p{p} {name}: {rel_err(g, w):.2e}"
+    assert_same_across_threads(got, f"{cpu_backend} nf4 p{p}")
+    assert_close_to(got[1], want_of(x, None, b, A, B, 0.5, gy, p, nf4=nf4), TOL[torch.float32],
+                    f"{cpu_backend} nf4 p{p}")

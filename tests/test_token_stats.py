@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qru.kernels.token_stats import token_stats, token_stats_reference
-from cpp_helpers import need_cpp
+from cpp_helpers import need_cpp, use_backend
 
 BACKENDS = ["torch", "triton", "cpp"]
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=2e-5, rtol=2e-5)}
@@ -14,10 +14,7 @@ TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=2e-5
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
-    if request.param == "cpp":
-        need_cpp("token_stats")
-    monkeypatch.setenv("QRU_BACKEND", request.param)
-    return request.param
+    return use_backend(monkeypatch, request.param, "token_stats")
 
 
 def make(N, V, scale=3.0, dtype=torch.float32, seed=0):

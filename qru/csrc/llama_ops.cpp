@@ -348,6 +348,16 @@ std::tuple<at::Tensor, at::Tensor> swiglu_bwd(at::Tensor d, at::Tensor g, at::Te
 // for 8 keys at a time with 8 accumulators reduced together (hsum8x8); exp over the score row
 // in 8 lanes (exp256, within 2 ulp of expf); the weighted sum of values with the output row in
 // registers, 32 dims at a time. The scalar path: one (batch, head) at a time, plain loops.
+// Scores of masked keys (mrow[j] == 0) set to -inf; returns the largest score (-inf when all are masked).
+inline float mask_and_max(float* s, int64_t S, const uint8_t* mrow) {
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < S; ++j) {
+    if (mrow && !mrow[j]) s[j] = -std::numeric_limits<float>::infinity();
+    mx = std::max(mx, s[j]);
+  }
+  return mx;
+}
+
 #if QRU_AVX2
 // {sum(v[0]), ..., sum(v[7])}
 inline __m256 hsum8x8(const __m256* v) {
@@ -360,7 +370,6 @@ inline __m256 hsum8x8(const __m256* v) {
 template <typename T>
 void decode_attn_head_vec(const float* qf, const T* kp, int64_t ks, const T* vp, int64_t vs, const uint8_t* mrow,
                           int64_t S, int64_t D, float scale, float* s, T* op) {
-  const float ninf = -std::numeric_limits<float>::infinity();
   int64_t j = 0;
   for (; j + 8 <= S; j += 8) {
     __m256 acc[8];
@@ -376,11 +385,7 @@ void decode_attn_head_vec(const float* qf, const T* kp, int64_t ks, const T* vp,
     for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qf + d), load8(kp + j * ks + d), a);
     s[j] = hsum(a) * scale;
   }
-  float mx = ninf;
-  for (j = 0; j < S; ++j) {
-    if (mrow && !mrow[j]) s[j] = ninf;
-    mx = std::max(mx, s[j]);
-  }
+  const float mx = mask_and_max(s, S, mrow);
   // exp(s - mx); masked (-inf) -> 0. All masked: mx = -inf, every p 0, output 0/0 as the scalar path.
   const __m256 m8 = _mm256_set1_ps(mx);
   __m256 l8 = _mm256_setzero_ps();
@@ -419,7 +424,6 @@ inline void store16(uint16_t* p, __m512 v) {
 template <typename T>
 void decode_attn_head_512(const float* qf, const T* kp, int64_t ks, const T* vp, int64_t vs, const uint8_t* mrow,
                           int64_t S, int64_t D, float scale, float* s, T* op) {
-  const float ninf = -std::numeric_limits<float>::infinity();
   const __m512 sc = _mm512_set1_ps(scale);
   int64_t j = 0;
   const int64_t vrow = D * int64_t(sizeof(T));  // bytes of a value row
@@ -440,11 +444,7 @@ void decode_attn_head_512(const float* qf, const T* kp, int64_t ks, const T* vp,
     for (int64_t d = 0; d < D; d += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(qf + d), wide16(kp + j * ks + d), a);
     s[j] = _mm512_reduce_add_ps(a) * scale;
   }
-  float mx = ninf;
-  for (j = 0; j < S; ++j) {
-    if (mrow && !mrow[j]) s[j] = ninf;
-    mx = std::max(mx, s[j]);
-  }
+  const float mx = mask_and_max(s, S, mrow);
   const __m512 m16 = _mm512_set1_ps(mx);
   __m512 l16 = _mm512_setzero_ps();
   for (j = 0; j + 16 <= S; j += 16) {
