@@ -476,37 +476,30 @@ void decode_attn_impl(const T* q, int64_t qb, int64_t qh, const T* k, int64_t kb
                       const T* v, int64_t vb, int64_t vh, int64_t vs, const uint8_t* mask, T* out, int64_t B,
                       int64_t H, int64_t KV, int64_t S, int64_t D, float scale) {
   const int64_t G = H / KV;
-#if QRU_AVX512
-  if (D % 16 == 0) {
-    struct TagS5; struct TagQ5;
+  // The vector paths: one task per (batch, kv head) runs `head` for its G query heads.
+  [[maybe_unused]] auto per_kv_head = [&](auto head) {
+    struct TagSV; struct TagQV;
     parallel_work(B * KV, 1, B * H * S * D, [&](int64_t bg) {
-      float* s = scratch<TagS5>(S);
-      float* qf = scratch<TagQ5>(D);
+      float* s = scratch<TagSV>(S);
+      float* qf = scratch<TagQV>(D);
       const int64_t b = bg / KV, g = bg % KV;
       for (int64_t h = g * G; h < (g + 1) * G; ++h) {
         const T* qp = q + b * qb + h * qh;
         for (int64_t d = 0; d < D; ++d) qf[d] = ld(qp, d);
-        decode_attn_head_512(qf, k + b * kb + g * kh, ks, v + b * vb + g * vh, vs, mask ? mask + b * S : nullptr,
-                             S, D, scale, s, out + (b * H + h) * D);
+        head(qf, k + b * kb + g * kh, ks, v + b * vb + g * vh, vs, mask ? mask + b * S : nullptr, S, D, scale, s,
+             out + (b * H + h) * D);
       }
     });
+  };
+#if QRU_AVX512
+  if (D % 16 == 0) {
+    per_kv_head([](auto... a) { decode_attn_head_512(a...); });
     return;
   }
 #endif
 #if QRU_AVX2
   if (D % 8 == 0) {
-    struct TagS; struct TagQ;
-    parallel_work(B * KV, 1, B * H * S * D, [&](int64_t bg) {
-      float* s = scratch<TagS>(S);
-      float* qf = scratch<TagQ>(D);
-      const int64_t b = bg / KV, g = bg % KV;
-      for (int64_t h = g * G; h < (g + 1) * G; ++h) {
-        const T* qp = q + b * qb + h * qh;
-        for (int64_t d = 0; d < D; ++d) qf[d] = ld(qp, d);
-        decode_attn_head_vec(qf, k + b * kb + g * kh, ks, v + b * vb + g * vh, vs, mask ? mask + b * S : nullptr,
-                             S, D, scale, s, out + (b * H + h) * D);
-      }
-    });
+    per_kv_head([](auto... a) { decode_attn_head_vec(a...); });
     return;
   }
 #endif
