@@ -64,11 +64,11 @@ def cmd_doctor(args) -> int:
             if pool is None:
                 print("  parallel C++ loops: none (the C++ kernels are unavailable)")
             else:
+                where = "OpenMP (torch's pool)" if pool["pool"] == "omp" else "qru::Team"
                 others = "unknown" if pool["others"] < 0 else pool["others"]
                 forced = os.environ.get("QRU_CPU_POOL", "").strip()
-                print(f"  parallel C++ loops now on: {'OpenMP (torch' + chr(39) + 's pool)' if pool['pool'] == 'omp' else 'qru::Team'}"
-                      f" (other processes' runnable tasks: {others}; usable cores: {pool['cores']}"
-                      f"{'; QRU_CPU_POOL=' + forced if forced else ''})")
+                print(f"  parallel C++ loops now on: {where} (other processes' runnable tasks: {others}; "
+                      f"usable cores: {pool['cores']}{'; QRU_CPU_POOL=' + forced if forced else ''})")
         for choice, state in rows:
             if state == calibrate.LOAD_STATES[1] and t <= 1:
                 continue  # one thread: no thread rule, one row
